@@ -1,0 +1,93 @@
+"""The two tables of a run folder, declared once for real and simulated runs alike."""
+
+import dataclasses
+
+import pyarrow as pa
+
+from engine.stats import RequestRecord, StepRecord
+
+REQUESTS_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("arrival_time", pa.float64()),
+        ("first_scheduled_time", pa.float64()),
+        ("first_token_time", pa.float64()),
+        ("finish_time", pa.float64()),
+        ("prompt_len", pa.int64()),
+        ("output_len", pa.int64()),
+        ("max_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("num_preemptions", pa.int64()),
+        ("ttft", pa.float64()),
+        ("tpot", pa.float64()),
+        ("e2e", pa.float64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("token_times", pa.list_(pa.float64())),
+    ]
+)
+
+STEPS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("start_time", pa.float64()),
+        ("duration", pa.float64()),
+        ("num_prefill_seqs", pa.int64()),
+        ("num_prefill_tokens", pa.int64()),
+        ("num_decode_seqs", pa.int64()),
+        ("num_decode_tokens", pa.int64()),
+        ("decode_context_tokens", pa.int64()),
+        ("prefill_context_tokens", pa.int64()),
+        ("prefill_attention_work", pa.float64()),
+        ("num_running", pa.int64()),
+        ("num_waiting", pa.int64()),
+        ("kv_blocks_used", pa.int64()),
+        ("kv_blocks_total", pa.int64()),
+        ("num_preempted", pa.int64()),
+        ("prefix_cache_hit_tokens", pa.int64()),
+        ("cuda_graph_batch_size", pa.int64()),
+        ("num_batched_tokens", pa.int64()),
+    ]
+)
+
+assert [f.name for f in dataclasses.fields(StepRecord)] == STEPS_SCHEMA.names
+
+
+def requests_table(records: list[RequestRecord]) -> pa.Table:
+    """The requests table, with vLLM's per-request latencies derived from the timestamps."""
+    rows = []
+    for record in records:
+        ttft = e2e = tpot = None
+        if record.first_token_time is not None:
+            ttft = record.first_token_time - record.arrival_time
+        if record.status == "finished" and record.finish_time is not None:
+            e2e = record.finish_time - record.arrival_time
+            if record.output_len > 1 and ttft is not None:
+                tpot = (e2e - ttft) / (record.output_len - 1)
+        rows.append(
+            {
+                "request_id": record.request_id,
+                "arrival_time": record.arrival_time,
+                "first_scheduled_time": record.first_scheduled_time,
+                "first_token_time": record.first_token_time,
+                "finish_time": record.finish_time,
+                "prompt_len": record.prompt_len,
+                "output_len": record.output_len,
+                "max_tokens": record.max_tokens,
+                "cached_tokens": record.cached_tokens,
+                "num_preemptions": record.num_preemptions,
+                "ttft": ttft,
+                "tpot": tpot,
+                "e2e": e2e,
+                "status": record.status,
+                "reason": record.reason,
+                "token_times": list(record.token_times),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA)
+
+
+def steps_table(records: list[StepRecord]) -> pa.Table:
+    """The steps table, one row per engine step."""
+    columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=STEPS_SCHEMA)

@@ -1,0 +1,234 @@
+"""The engine loop: requests arrive on a clock, the scheduler decides, an executor runs, stats are kept."""
+
+import heapq
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.block_manager import BlockManager
+from engine.clock import Clock, VirtualClock
+from engine.config import EngineConfig
+from engine.executor import Executor
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.stats import RequestRecord, StepRecord, batch_features
+
+
+class Engine:
+    """Feeds arrived requests to the scheduler and runs each step on the executor."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, clock: Clock | None = None) -> None:
+        self.config = config
+        self.executor = executor
+        self.clock = clock if clock is not None else VirtualClock()
+        num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else executor.num_kv_blocks
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sequences: dict[str, Sequence] = {}
+        self.rejected: dict[str, RequestRecord] = {}
+        self.step_records: list[StepRecord] = []
+        self._pending: list[tuple[float, int, Sequence]] = []
+        self._seq_ids = itertools.count()
+        self._last_step_busy = False
+
+    # ---- requests
+
+    def add_request(
+        self,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        prompt_len: int | None = None,
+        sampling_params: SamplingParams,
+        arrival_time: float | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request to arrive at arrival_time (default now); returns its id.
+
+        A request that can never be served (too long for max_model_len, or needing more KV blocks than the
+        whole cache) is recorded as rejected with the reason, not raised.
+        """
+        seq_id = next(self._seq_ids)
+        request_id = str(seq_id) if request_id is None else str(request_id)
+        if request_id in self.sequences or request_id in self.rejected:
+            raise ValueError(f"request id {request_id!r} was already added")
+        if not isinstance(sampling_params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        if arrival_time is None:
+            arrival_time = self.clock.now()
+        if prompt_token_ids is None:
+            if prompt_len is None:
+                raise ValueError(f"request {request_id!r}: give prompt_token_ids or prompt_len")
+            if not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
+                raise ValueError(f"request {request_id!r}: prompt_len must be a non-negative integer, got {prompt_len!r}")
+            rng = np.random.default_rng(seq_id)
+            prompt_token_ids = rng.integers(0, self.config.vocab_size, int(prompt_len)).tolist()
+        elif prompt_len is not None and prompt_len != len(prompt_token_ids):
+            raise ValueError(
+                f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
+            )
+
+        reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
+        if reason:
+            self.rejected[request_id] = RequestRecord(
+                request_id=request_id,
+                arrival_time=float(arrival_time),
+                prompt_len=len(prompt_token_ids),
+                max_tokens=sampling_params.max_tokens,
+                status="rejected",
+                reason=reason,
+            )
+            return request_id
+        seq = Sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+        self.sequences[request_id] = seq
+        heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
+        return request_id
+
+    def _rejection_reason(self, prompt_len: int, max_tokens: int) -> str:
+        config = self.config
+        if prompt_len == 0:
+            return "empty prompt"
+        if prompt_len + max_tokens > config.max_model_len:
+            return (
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {prompt_len + max_tokens} "
+                f"exceeds max_model_len ({config.max_model_len})"
+            )
+        blocks = self.block_manager.blocks_needed(prompt_len + max_tokens)
+        if blocks > self.block_manager.num_blocks:
+            return (
+                f"needs {blocks} KV blocks of {config.block_size} tokens but the whole cache holds "
+                f"{self.block_manager.num_blocks}"
+            )
+        return ""
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        """Stop a request that has not finished; it is recorded as aborted with the reason."""
+        seq = self.sequences[request_id]
+        if seq.is_finished:
+            return
+        now = self.clock.now()
+        if seq.status is SequenceStatus.WAITING and seq not in self.scheduler.waiting:
+            self._pending = [entry for entry in self._pending if entry[2] is not seq]
+            heapq.heapify(self._pending)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            seq.finish_time = now
+        else:
+            self.scheduler.abort(seq, reason, now)
+        seq.finish_reason = f"aborted: {reason}"
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request not yet finished (an interrupted run keeps what finished)."""
+        for request_id, seq in self.sequences.items():
+            if not seq.is_finished:
+                self.abort(request_id, reason)
+
+    # ---- the loop
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending) or self.scheduler.has_unfinished()
+
+    @property
+    def num_pending(self) -> int:
+        """Requests added whose arrival time has not come yet."""
+        return len(self._pending)
+
+    def _admit_arrivals(self, now: float) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            self.scheduler.add(heapq.heappop(pending)[2])
+
+    def step(self) -> bool:
+        """Run one step, or wait for the next arrival when idle; False when there is nothing left."""
+        now = self.clock.now()
+        self._admit_arrivals(now)
+        if not self.scheduler.has_unfinished():
+            self._last_step_busy = False
+            if not self._pending:
+                return False
+            self.clock.sleep_until(self._pending[0][0])
+            return True
+        if self._last_step_busy and self.step_records:
+            # The gap since the last step's end (bookkeeping) belongs to that step.
+            last = self.step_records[-1]
+            last.duration = now - last.start_time
+
+        output = self.scheduler.schedule(now)
+        if output.is_empty:
+            raise RuntimeError(
+                f"step {output.step}: nothing schedulable with {len(self.scheduler.waiting)} waiting and "
+                f"{len(self.scheduler.running)} running requests"
+            )
+        result = self.executor.execute(output)
+        end = self.clock.advance(result.duration)
+        self.scheduler.update(output, result, end)
+        self._record_step(output, now, end - now, result.cuda_graph_batch_size)
+        self._last_step_busy = True
+        return True
+
+    def _record_step(self, output, start: float, duration: float, cuda_graph_batch_size: int) -> None:
+        features = batch_features(output)
+        stats = self.scheduler.last_stats
+        block_manager = self.block_manager
+        self.step_records.append(
+            StepRecord(
+                step=output.step,
+                start_time=start,
+                duration=duration,
+                num_prefill_seqs=features.num_prefill_seqs,
+                num_prefill_tokens=features.num_prefill_tokens,
+                num_decode_seqs=features.num_decode_seqs,
+                num_decode_tokens=features.num_decode_tokens,
+                decode_context_tokens=features.decode_context_tokens,
+                prefill_context_tokens=features.prefill_context_tokens,
+                prefill_attention_work=features.prefill_attention_work,
+                num_running=len(self.scheduler.running),
+                num_waiting=len(self.scheduler.waiting),
+                kv_blocks_used=block_manager.num_used_blocks,
+                kv_blocks_total=block_manager.num_blocks,
+                num_preempted=stats.num_preempted,
+                prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
+                cuda_graph_batch_size=cuda_graph_batch_size,
+                num_batched_tokens=features.num_batched_tokens,
+            )
+        )
+
+    def run(self, on_step: Callable[["Engine"], None] | None = None) -> None:
+        """Step until every added request has finished or been rejected."""
+        while self.step():
+            if on_step is not None:
+                on_step(self)
+
+    # ---- results
+
+    def output_token_ids(self, request_id: str) -> list[int]:
+        return self.sequences[request_id].output_token_ids
+
+    @property
+    def request_records(self) -> dict[str, RequestRecord]:
+        """One record per added request, served or rejected, in the order they were added."""
+        records: dict[str, RequestRecord] = {}
+        for request_id, seq in self.sequences.items():
+            if seq.is_finished:
+                aborted = seq.finish_reason is not None and seq.finish_reason.startswith("aborted")
+                status = "aborted" if aborted else "finished"
+            else:
+                status = seq.status.value
+            records[request_id] = RequestRecord(
+                request_id=request_id,
+                arrival_time=seq.arrival_time,
+                prompt_len=seq.num_prompt_tokens,
+                max_tokens=seq.sampling_params.max_tokens,
+                first_scheduled_time=seq.first_scheduled_time,
+                first_token_time=seq.first_token_time,
+                finish_time=seq.finish_time,
+                output_len=seq.num_output_tokens,
+                cached_tokens=seq.num_cached_tokens or 0,
+                num_preemptions=seq.num_preemptions,
+                status=status,
+                reason=seq.finish_reason or "",
+                token_times=seq.token_times,
+            )
+        records.update(self.rejected)
+        return records

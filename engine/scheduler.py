@@ -1,0 +1,192 @@
+"""Decides each step's batch under a token budget, in the manner of vLLM v1."""
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleStats:
+    """What happened while deciding a step, for the step log."""
+
+    num_preempted: int
+    prefix_cache_hit_tokens: int
+
+
+class Scheduler:
+    """Running requests first (decodes and unfinished prefill chunks), then waiting ones.
+
+    Chunked prefill lets prefills and decodes share a step. When blocks run out, the most recently
+    arrived running request is preempted (recompute): its blocks are freed, it goes back to the front
+    of the waiting queue, and no request is admitted in that step.
+    """
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        """Kept in arrival order, so the last one is the most recently arrived."""
+        self._running_keys: list[tuple[float, int]] = []
+        self._released_seq_ids: list[int] = []
+        self._step = 0
+        self.last_stats = ScheduleStats(0, 0)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        key = (seq.arrival_time, seq.seq_id)
+        index = bisect.bisect(self._running_keys, key)
+        self._running_keys.insert(index, key)
+        self.running.insert(index, seq)
+        seq.status = SequenceStatus.RUNNING
+
+    def _remove_running(self, seq: Sequence) -> None:
+        index = bisect.bisect_left(self._running_keys, (seq.arrival_time, seq.seq_id))
+        assert self.running[index] is seq
+        del self._running_keys[index]
+        del self.running[index]
+
+    def _preempt_last(self) -> Sequence:
+        victim = self.running.pop()
+        self._running_keys.pop()
+        self.block_manager.free(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        victim.status = SequenceStatus.WAITING
+        self.waiting.appendleft(victim)
+        self._released_seq_ids.append(victim.seq_id)
+        return victim
+
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+        config = self.config
+        block_manager = self.block_manager
+        budget = config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        num_preempted = 0
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not config.enable_chunked_prefill and num_new < seq.num_tokens - seq.num_computed_tokens:
+                index += 1
+                continue
+            while not block_manager.can_append(seq, num_new):
+                victim = self._preempt_last()
+                num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                block_manager.append_slots(seq, num_new)
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                index += 1
+
+        num_hit_tokens = 0
+        if num_preempted == 0:
+            while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
+                seq = self.waiting[0]
+                cached = block_manager.find_cached_prefix(seq)
+                num_cached = len(cached) * block_manager.block_size
+                num_new = seq.num_tokens - num_cached
+                if not config.enable_chunked_prefill and num_new > budget:
+                    break
+                num_new = min(num_new, budget)
+                if not block_manager.can_allocate(seq, cached, num_new):
+                    break
+                self.waiting.popleft()
+                block_manager.allocate(seq, cached, num_new)
+                block_manager.record_lookup(seq.num_tokens, num_cached)
+                seq.num_computed_tokens = num_cached
+                if seq.num_cached_tokens is None:
+                    seq.num_cached_tokens = num_cached
+                    seq.first_scheduled_time = now
+                num_hit_tokens += num_cached
+                self._insert_running(seq)
+                scheduled.append((seq, num_new))
+                budget -= num_new
+
+        self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
+        sequences = []
+        for seq, num_new in scheduled:
+            start = seq.num_computed_tokens
+            sequences.append(
+                ScheduledSequence(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.token_ids[start : start + num_new],
+                    num_computed_tokens=start,
+                    block_table=list(seq.block_table),
+                    is_decode=num_new == 1 and start >= seq.num_prompt_tokens,
+                    samples=start + num_new == seq.num_tokens,
+                    num_output_tokens=seq.num_output_tokens,
+                    sampling_params=seq.sampling_params,
+                )
+            )
+        released, self._released_seq_ids = self._released_seq_ids, []
+        output = SchedulerOutput(step=self._step, sequences=sequences, finished_seq_ids=released)
+        self._step += 1
+        self._scheduled = scheduled
+        return output
+
+    def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
+        """Apply a step's result: advance computed tokens, append samples, finish and free sequences."""
+        eos_ids = self.config.eos_token_ids
+        block_manager = self.block_manager
+        finished: list[Sequence] = []
+        sampled = result.sampled_token_ids
+        for seq, num_new in self._scheduled:
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:
+                try:
+                    token = sampled[seq.seq_id]
+                except KeyError:
+                    raise RuntimeError(
+                        f"the executor returned no token for sequence {seq.seq_id} at step {output.step}"
+                    ) from None
+                seq.token_ids.append(token)
+                seq.token_times.append(now)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                params = seq.sampling_params
+                if seq.num_output_tokens >= params.max_tokens:
+                    seq.finish_reason = "length"
+                elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+                    seq.finish_reason = "stop"
+            block_manager.commit_computed(seq)
+            if seq.finish_reason is not None:
+                finished.append(seq)
+        for seq in finished:
+            self._finish(seq, now)
+        self._scheduled = []
+        return finished
+
+    def _finish(self, seq: Sequence, now: float) -> None:
+        self._remove_running(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_time = now
+        self._released_seq_ids.append(seq.seq_id)
+
+    def abort(self, seq: Sequence, reason: str, now: float) -> None:
+        """Stop a waiting or running sequence and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self._remove_running(seq)
+            self.block_manager.free(seq)
+            self._released_seq_ids.append(seq.seq_id)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = now

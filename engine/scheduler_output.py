@@ -1,0 +1,65 @@
+"""The seam between deciding and doing: what the scheduler asks an executor to run."""
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step: which tokens to compute and where their KV lives."""
+
+    seq_id: int
+    token_ids: list[int]
+    """The new tokens to compute this step; their positions start at num_computed_tokens."""
+    num_computed_tokens: int
+    """Tokens whose KV is already in the cache (prefix-cache hits and earlier chunks)."""
+    block_table: list[int]
+    """KV block ids covering positions 0 .. num_computed_tokens + len(token_ids) - 1."""
+    is_decode: bool
+    """True for one generated token after the prompt; False for prompt (or recompute) chunks."""
+    samples: bool
+    """True when this step reaches the end of the known tokens, so the executor samples one."""
+    num_output_tokens: int
+    """Tokens generated so far; the index of the token sampled this step (for seeded sampling)."""
+    sampling_params: SamplingParams
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens attended to by the last new token: computed plus new."""
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """Everything an executor sees for one engine step."""
+
+    step: int
+    sequences: list[ScheduledSequence]
+    """Decodes and prefill chunks of running requests first, newly admitted ones after."""
+    finished_seq_ids: list[int] = field(default_factory=list)
+    """Sequences that finished, were preempted or aborted since the last step (free their state)."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(seq.token_ids) for seq in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """An executor's answer to one SchedulerOutput."""
+
+    sampled_token_ids: dict[int, int]
+    """A token for every sequence with samples=True, keyed by seq_id."""
+    duration: float
+    """Seconds the step took (measured on a real executor, predicted by the simulator)."""
+    cuda_graph_batch_size: int = 0
+    """Padded batch size of the CUDA graph replayed, or 0 when the step ran eagerly."""

@@ -1,0 +1,88 @@
+"""A request's tokens and progress as the scheduler and block manager see it."""
+
+from enum import Enum
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """The prompt plus generated tokens of one request, and how much of it has KV in the cache."""
+
+    __slots__ = (
+        "seq_id",
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "sampling_params",
+        "arrival_time",
+        "status",
+        "num_computed_tokens",
+        "block_table",
+        "block_hashes",
+        "num_committed_blocks",
+        "num_cached_tokens",
+        "num_preemptions",
+        "first_scheduled_time",
+        "first_token_time",
+        "token_times",
+        "finish_time",
+        "finish_reason",
+    )
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        arrival_time: float,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        """Chained prefix-cache hashes of the leading full blocks (computed lazily)."""
+        self.num_committed_blocks = 0
+        """Leading blocks of block_table already registered in the prefix cache."""
+        self.num_cached_tokens: int | None = None
+        """Prefix-cache hit tokens at the first admission (None until admitted)."""
+        self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.finish_time: float | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, status={self.status.value}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )

@@ -1,0 +1,92 @@
+"""What the engine records: one row per request and one per step (columns in analysis/run_schema.py)."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """A request's life from arrival to finish or rejection; times in seconds from the run's start."""
+
+    request_id: str
+    arrival_time: float
+    prompt_len: int
+    max_tokens: int
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    output_len: int = 0
+    cached_tokens: int = 0
+    num_preemptions: int = 0
+    status: str = "waiting"
+    """waiting, running, finished, rejected or aborted."""
+    reason: str = ""
+    """Why it finished (length, stop, eos) or why it was rejected or aborted."""
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step: its batch (the cost model's inputs), its timing and the engine's state."""
+
+    step: int
+    start_time: float
+    duration: float
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_decode_tokens: int
+    decode_context_tokens: int
+    """Sum over decoding sequences of the context length each reads."""
+    prefill_context_tokens: int
+    """Sum over prefill chunks of the context already cached before the chunk."""
+    prefill_attention_work: float
+    """Sum over prefill chunks of query-key pairs: new * (context + (new + 1) / 2)."""
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preempted: int
+    prefix_cache_hit_tokens: int
+    cuda_graph_batch_size: int
+    num_batched_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFeatures:
+    """What a step's batch costs to run, from its SchedulerOutput alone (the cost model's inputs)."""
+
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    num_decode_tokens: int
+    decode_context_tokens: int
+    prefill_context_tokens: int
+    prefill_attention_work: float
+    num_batched_tokens: int
+
+
+def batch_features(scheduler_output) -> BatchFeatures:
+    """Summarize a SchedulerOutput into the step columns that describe its batch."""
+    num_prefill_seqs = num_prefill_tokens = num_decode_seqs = 0
+    decode_context_tokens = prefill_context_tokens = 0
+    prefill_attention_work = 0.0
+    for seq in scheduler_output.sequences:
+        num_new = len(seq.token_ids)
+        if seq.is_decode:
+            num_decode_seqs += 1
+            decode_context_tokens += seq.num_computed_tokens + num_new
+        else:
+            num_prefill_seqs += 1
+            num_prefill_tokens += num_new
+            prefill_context_tokens += seq.num_computed_tokens
+            prefill_attention_work += num_new * (seq.num_computed_tokens + (num_new + 1) / 2)
+    return BatchFeatures(
+        num_prefill_seqs=num_prefill_seqs,
+        num_prefill_tokens=num_prefill_tokens,
+        num_decode_seqs=num_decode_seqs,
+        num_decode_tokens=num_decode_seqs,
+        decode_context_tokens=decode_context_tokens,
+        prefill_context_tokens=prefill_context_tokens,
+        prefill_attention_work=prefill_attention_work,
+        num_batched_tokens=num_prefill_tokens + num_decode_seqs,
+    )

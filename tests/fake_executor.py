@@ -1,0 +1,53 @@
+"""An executor for tests: a 'model' whose KV cache holds token ids and whose next token hashes its context.
+
+Because every sampled token is a function of the whole context read back through the block table,
+a wrong block table, a prefix-cache hit on the wrong block or a lost recompute changes the outputs.
+"""
+
+import xxhash
+
+from engine.scheduler_output import SchedulerOutput, StepResult
+
+
+class PagedEchoExecutor:
+    """Writes each new token into its KV slot, and samples hash(context) for sequences that sample."""
+
+    def __init__(self, num_kv_blocks: int, block_size: int, vocab_size: int = 1000, step_duration: float = 0.01):
+        self._num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.step_duration = step_duration
+        self.kv = [[-1] * block_size for _ in range(num_kv_blocks)]
+        self.steps: list[SchedulerOutput] = []
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
+        self.steps.append(scheduler_output)
+        size = self.block_size
+        sampled = {}
+        for seq in scheduler_output.sequences:
+            for offset, token in enumerate(seq.token_ids):
+                position = seq.num_computed_tokens + offset
+                self.kv[seq.block_table[position // size]][position % size] = token
+            if seq.samples:
+                context = [
+                    self.kv[seq.block_table[position // size]][position % size] for position in range(seq.context_len)
+                ]
+                assert -1 not in context, f"sequence {seq.seq_id} read a KV slot nothing wrote"
+                digest = xxhash.xxh64_intdigest(repr(context).encode())
+                sampled[seq.seq_id] = digest % self.vocab_size
+        return StepResult(sampled_token_ids=sampled, duration=self.step_duration)
+
+
+def reference_outputs(prompt: list[int], max_tokens: int, vocab_size: int = 1000) -> list[int]:
+    """What PagedEchoExecutor produces for a prompt when nothing goes wrong."""
+    context = list(prompt)
+    outputs = []
+    for _ in range(max_tokens):
+        token = xxhash.xxh64_intdigest(repr(context).encode()) % vocab_size
+        outputs.append(token)
+        context.append(token)
+    return outputs

@@ -1,0 +1,248 @@
+"""Property tests: the engine over random workloads with a paged echo executor."""
+
+import collections
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from engine.sequence import SequenceStatus
+from tests.fake_executor import PagedEchoExecutor, reference_outputs
+
+
+def check_invariants(engine: Engine) -> None:
+    """No block leaked or shared wrongly, and reference counts match the holders."""
+    manager = engine.block_manager
+    holders = collections.Counter()
+    for seq in engine.scheduler.running:
+        assert seq.status is SequenceStatus.RUNNING
+        assert len(set(seq.block_table)) == len(seq.block_table), "a sequence holds a block twice"
+        holders.update(seq.block_table)
+    for seq in engine.scheduler.waiting:
+        assert not seq.block_table, "a waiting sequence holds blocks"
+    for block in manager.blocks:
+        assert block.ref_count >= 0
+        assert block.ref_count == holders[block.block_id], f"block {block.block_id} refcount is off"
+        assert (block.ref_count == 0) == (block.block_id in manager.free_queue)
+    for digest, block_id in manager.hash_to_block.items():
+        assert manager.blocks[block_id].block_hash == digest
+
+
+workloads = st.fixed_dictionaries(
+    {
+        "block_size": st.sampled_from([1, 2, 4, 16]),
+        "num_kv_blocks": st.integers(4, 64),
+        "max_num_batched_tokens": st.integers(1, 64),
+        "max_num_seqs": st.integers(1, 8),
+        "prefix_caching": st.booleans(),
+        "prefix_len": st.integers(0, 40),
+        "requests": st.lists(
+            st.tuples(
+                st.integers(1, 40),  # prompt suffix length
+                st.integers(1, 12),  # max_tokens
+                st.floats(0, 2, allow_nan=False),  # arrival time
+                st.booleans(),  # shares the common prefix
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workloads)
+def test_random_workloads_finish_exactly_once_with_correct_outputs(workload):
+    import random
+
+    rng = random.Random(workload["seed"])
+    block_size = workload["block_size"]
+    config = EngineConfig(
+        block_size=block_size,
+        max_model_len=200,
+        max_num_seqs=workload["max_num_seqs"],
+        max_num_batched_tokens=workload["max_num_batched_tokens"],
+        enable_prefix_caching=workload["prefix_caching"],
+        num_kv_blocks=workload["num_kv_blocks"],
+    )
+    executor = PagedEchoExecutor(workload["num_kv_blocks"], block_size, step_duration=0.05)
+    engine = Engine(config, executor)
+    prefix = [rng.randrange(1000) for _ in range(workload["prefix_len"])]
+    prompts = {}
+    for suffix_len, max_tokens, arrival, shared in workload["requests"]:
+        prompt = (prefix if shared else []) + [rng.randrange(1000) for _ in range(suffix_len)]
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        request_id = engine.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=arrival)
+        prompts[request_id] = prompt
+
+    while engine.step():
+        check_invariants(engine)
+        output = executor.steps[-1] if executor.steps else None
+        if output is not None:
+            assert output.num_batched_tokens <= config.max_num_batched_tokens
+            assert len(output.sequences) <= config.max_num_seqs
+            assert len({seq.seq_id for seq in output.sequences}) == len(output.sequences)
+
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks, "blocks leaked after every request finished"
+    records = engine.request_records
+    assert set(records) == set(prompts)
+    for request_id, prompt in prompts.items():
+        record = records[request_id]
+        if record.status == "rejected":
+            assert record.reason
+            blocks = -(-(len(prompt) + record.max_tokens) // block_size)
+            assert blocks > manager.num_blocks
+            continue
+        assert record.status == "finished"
+        assert record.reason == "length"
+        assert record.output_len == record.max_tokens
+        assert len(record.token_times) == record.max_tokens
+        # Preempted or not, from the cache or recomputed, the outputs are what an undisturbed run gives.
+        assert engine.output_token_ids(request_id) == reference_outputs(prompt, record.max_tokens)
+        assert record.arrival_time <= record.first_scheduled_time < record.first_token_time <= record.finish_time
+
+
+def _shared_prefix_run(prefix_caching: bool) -> tuple[Engine, PagedEchoExecutor]:
+    config = EngineConfig(block_size=4, max_model_len=256, num_kv_blocks=200, enable_prefix_caching=prefix_caching)
+    executor = PagedEchoExecutor(200, 4)
+    engine = Engine(config, executor)
+    prefix = list(range(100, 164))
+    for index in range(6):
+        engine.add_request(
+            prompt_token_ids=prefix + [index, index + 1],
+            sampling_params=SamplingParams(max_tokens=4, ignore_eos=True),
+            arrival_time=index * 1.0,
+        )
+    engine.run()
+    return engine, executor
+
+
+def test_shared_prefixes_hit_the_cache_and_cut_the_tokens_computed():
+    cached, cached_executor = _shared_prefix_run(True)
+    uncached, uncached_executor = _shared_prefix_run(False)
+    computed_with_cache = sum(out.num_batched_tokens for out in cached_executor.steps)
+    computed_without = sum(out.num_batched_tokens for out in uncached_executor.steps)
+    assert computed_with_cache < computed_without - 4 * 60
+    records = cached.request_records
+    assert records["0"].cached_tokens == 0
+    assert all(records[str(i)].cached_tokens == 64 for i in range(1, 6))
+    assert cached.block_manager.hit_rate > 0.7
+    for request_id in records:
+        assert cached.output_token_ids(request_id) == uncached.output_token_ids(request_id)
+
+
+def test_a_whole_prompt_cache_hit_still_computes_the_last_token():
+    config = EngineConfig(block_size=4, max_model_len=64, num_kv_blocks=50)
+    engine = Engine(config, PagedEchoExecutor(50, 4))
+    prompt = list(range(16))
+    engine.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.add_request(
+        prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=2, ignore_eos=True), arrival_time=5.0
+    )
+    engine.run()
+    assert engine.request_records["1"].cached_tokens == 12  # three of four blocks: the last token is computed
+    assert engine.output_token_ids("0") == engine.output_token_ids("1")
+
+
+def test_preemption_happens_and_resumes_to_the_same_outputs():
+    config = EngineConfig(block_size=2, max_model_len=64, num_kv_blocks=12, max_num_batched_tokens=64)
+    executor = PagedEchoExecutor(12, 2)
+    engine = Engine(config, executor)
+    prompts = [[i * 10 + j for j in range(6)] for i in range(4)]
+    for prompt in prompts:
+        engine.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.run()
+    assert sum(record.num_preempted for record in engine.step_records) > 0
+    records = engine.request_records
+    assert sum(record.num_preemptions for record in records.values()) > 0
+    # The most recently arrived request is the one preempted.
+    assert records["3"].num_preemptions >= 1 and records["0"].num_preemptions == 0
+    for request_id, prompt in zip(records, prompts):
+        assert engine.output_token_ids(request_id) == reference_outputs(prompt, 12)
+
+
+def test_no_admission_in_a_step_that_preempted():
+    config = EngineConfig(block_size=2, max_model_len=64, num_kv_blocks=12, max_num_batched_tokens=64)
+    executor = PagedEchoExecutor(12, 2)
+    engine = Engine(config, executor)
+    for i in range(5):
+        engine.add_request(
+            prompt_token_ids=[i] * 5, sampling_params=SamplingParams(max_tokens=10, ignore_eos=True), arrival_time=0
+        )
+    running_before = set()
+    while engine.step():
+        record = engine.step_records[-1]
+        step = executor.steps[-1]
+        if record.num_preempted:
+            admitted = {seq.seq_id for seq in step.sequences} - running_before
+            assert not admitted
+        running_before = {seq.seq_id for seq in engine.scheduler.running}
+
+
+def test_stop_tokens_and_eos_end_requests_unless_eos_is_ignored():
+    vocab = 3  # the echo executor then returns tokens in 0..2: eos appears quickly
+    config = EngineConfig(block_size=4, max_model_len=64, num_kv_blocks=40, eos_token_ids=(0,))
+    engine = Engine(config, PagedEchoExecutor(40, 4, vocab_size=vocab))
+    prompt = [5, 6, 7]
+    expected = reference_outputs(prompt, 30, vocab)
+    engine.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=30), request_id="eos")
+    engine.add_request(
+        prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=30, ignore_eos=True), request_id="ignore"
+    )
+    engine.add_request(
+        prompt_token_ids=prompt,
+        sampling_params=SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=(2,)),
+        request_id="stop",
+    )
+    engine.run()
+    records = engine.request_records
+    assert engine.output_token_ids("eos") == expected[: expected.index(0) + 1]
+    assert records["eos"].reason == "stop"
+    assert engine.output_token_ids("ignore") == expected and records["ignore"].reason == "length"
+    assert engine.output_token_ids("stop") == expected[: expected.index(2) + 1]
+
+
+def test_requests_that_can_never_fit_are_rejected_with_a_reason():
+    config = EngineConfig(block_size=4, max_model_len=32, num_kv_blocks=5)
+    engine = Engine(config, PagedEchoExecutor(5, 4))
+    engine.add_request(prompt_token_ids=list(range(30)), sampling_params=SamplingParams(max_tokens=8), request_id="long")
+    engine.add_request(prompt_token_ids=list(range(20)), sampling_params=SamplingParams(max_tokens=4), request_id="big")
+    engine.add_request(prompt_token_ids=[], sampling_params=SamplingParams(max_tokens=4), request_id="empty")
+    engine.add_request(prompt_token_ids=[1, 2], sampling_params=SamplingParams(max_tokens=2), request_id="ok")
+    engine.run()
+    records = engine.request_records
+    assert records["long"].status == "rejected" and "max_model_len (32)" in records["long"].reason
+    assert records["big"].status == "rejected" and "6 KV blocks" in records["big"].reason
+    assert records["empty"].status == "rejected" and "empty" in records["empty"].reason
+    assert records["ok"].status == "finished" and records["ok"].output_len == 2
+
+
+def test_idle_engine_jumps_to_the_next_arrival_on_a_virtual_clock():
+    config = EngineConfig(block_size=4, num_kv_blocks=20)
+    engine = Engine(config, PagedEchoExecutor(20, 4, step_duration=0.5))
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=2), arrival_time=10.0)
+    engine.run()
+    record = engine.request_records["0"]
+    assert record.first_scheduled_time == 10.0
+    assert record.token_times == [10.5, 11.0]
+
+
+def test_abort_keeps_finished_requests_and_marks_the_rest():
+    config = EngineConfig(block_size=4, num_kv_blocks=20)
+    engine = Engine(config, PagedEchoExecutor(20, 4))
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=1), request_id="done")
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=50), request_id="busy")
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=5), request_id="later", arrival_time=99)
+    for _ in range(3):
+        engine.step()
+    engine.abort_all("interrupted")
+    records = engine.request_records
+    assert records["done"].status == "finished"
+    assert records["busy"].status == "aborted" and "interrupted" in records["busy"].reason
+    assert records["later"].status == "aborted"
+    assert engine.block_manager.num_free_blocks == 20
+    assert not engine.has_unfinished()
