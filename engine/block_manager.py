@@ -9,11 +9,8 @@ from engine.sequence import Sequence
 
 
 def block_hash(parent_hash: int, token_ids: list[int]) -> int:
-    """xxhash64 of the parent block's hash followed by this block's token ids."""
-    hasher = xxhash.xxh64()
-    hasher.update(parent_hash.to_bytes(8, "little"))
-    hasher.update(array("q", token_ids).tobytes())
-    return hasher.intdigest()
+    """xxhash64 of the parent block's hash followed by this block's token ids (int64, little-endian)."""
+    return xxhash.xxh64_intdigest(parent_hash.to_bytes(8, "little") + array("q", token_ids).tobytes())
 
 
 class Block:
@@ -76,10 +73,17 @@ class BlockManager:
 
     def _ensure_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         hashes = seq.block_hashes
+        first = len(hashes)
+        if first >= num_full_blocks:
+            return
         size = self.block_size
+        # One conversion to bytes for all new blocks; each block then hashes its slice after its parent.
+        data = array("q", seq.token_ids[first * size : num_full_blocks * size]).tobytes()
+        stride = 8 * size
         parent = hashes[-1] if hashes else 0
-        for index in range(len(hashes), num_full_blocks):
-            parent = block_hash(parent, seq.token_ids[index * size : (index + 1) * size])
+        digest = xxhash.xxh64_intdigest
+        for offset in range(0, len(data), stride):
+            parent = digest(parent.to_bytes(8, "little") + data[offset : offset + stride])
             hashes.append(parent)
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:

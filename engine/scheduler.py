@@ -76,20 +76,28 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         num_preempted = 0
 
+        block_size = block_manager.block_size
+        free_queue = block_manager.free_queue
+        chunked = config.enable_chunked_prefill
+        running = self.running
         index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not config.enable_chunked_prefill and num_new < seq.num_tokens - seq.num_computed_tokens:
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = remaining if remaining < budget else budget
+            if not chunked and num_new < remaining:
                 index += 1
                 continue
-            while not block_manager.can_append(seq, num_new):
+            # Blocks still missing for this step's tokens (usually none, or one at a block boundary).
+            missing = -(-(seq.num_computed_tokens + num_new) // block_size) - len(seq.block_table)
+            while missing > len(free_queue):
                 victim = self._preempt_last()
                 num_preempted += 1
                 if victim is seq:
                     break
             else:
-                block_manager.append_slots(seq, num_new)
+                if missing > 0:
+                    block_manager.append_slots(seq, num_new)
                 scheduled.append((seq, num_new))
                 budget -= num_new
                 index += 1
@@ -122,16 +130,17 @@ class Scheduler:
         sequences = []
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
+            token_ids = seq.token_ids
             sequences.append(
                 ScheduledSequence(
-                    seq_id=seq.seq_id,
-                    token_ids=seq.token_ids[start : start + num_new],
-                    num_computed_tokens=start,
-                    block_table=list(seq.block_table),
-                    is_decode=num_new == 1 and start >= seq.num_prompt_tokens,
-                    samples=start + num_new == seq.num_tokens,
-                    num_output_tokens=seq.num_output_tokens,
-                    sampling_params=seq.sampling_params,
+                    seq.seq_id,
+                    token_ids[start : start + num_new],
+                    start,
+                    seq.block_table,
+                    num_new == 1 and start >= seq.num_prompt_tokens,
+                    start + num_new == len(token_ids),
+                    len(token_ids) - seq.num_prompt_tokens,
+                    seq.sampling_params,
                 )
             )
         released, self._released_seq_ids = self._released_seq_ids, []
@@ -146,27 +155,32 @@ class Scheduler:
         block_manager = self.block_manager
         finished: list[Sequence] = []
         sampled = result.sampled_token_ids
+        commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
+        block_size = block_manager.block_size
         for seq, num_new in self._scheduled:
-            seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens == seq.num_tokens:
+            computed = seq.num_computed_tokens + num_new
+            seq.num_computed_tokens = computed
+            token_ids = seq.token_ids
+            if computed == len(token_ids):
                 try:
                     token = sampled[seq.seq_id]
                 except KeyError:
                     raise RuntimeError(
                         f"the executor returned no token for sequence {seq.seq_id} at step {output.step}"
                     ) from None
-                seq.token_ids.append(token)
+                token_ids.append(token)
                 seq.token_times.append(now)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 params = seq.sampling_params
-                if seq.num_output_tokens >= params.max_tokens:
+                if len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:
                     seq.finish_reason = "length"
+                    finished.append(seq)
                 elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
                     seq.finish_reason = "stop"
-            block_manager.commit_computed(seq)
-            if seq.finish_reason is not None:
-                finished.append(seq)
+                    finished.append(seq)
+            if commit is not None and computed // block_size > seq.num_committed_blocks:
+                commit(seq)
         for seq in finished:
             self._finish(seq, now)
         self._scheduled = []

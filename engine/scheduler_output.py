@@ -5,9 +5,12 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScheduledSequence:
-    """One sequence's share of a step: which tokens to compute and where their KV lives."""
+    """One sequence's share of a step: which tokens to compute and where their KV lives.
+
+    Not frozen because it is built hundreds of times per step; executors must treat it as read-only.
+    """
 
     seq_id: int
     token_ids: list[int]
@@ -15,7 +18,8 @@ class ScheduledSequence:
     num_computed_tokens: int
     """Tokens whose KV is already in the cache (prefix-cache hits and earlier chunks)."""
     block_table: list[int]
-    """KV block ids covering positions 0 .. num_computed_tokens + len(token_ids) - 1."""
+    """KV block ids covering positions 0 .. num_computed_tokens + len(token_ids) - 1 (the sequence's own
+    list, shared to save a copy per step: valid for the step, may grow afterwards)."""
     is_decode: bool
     """True for one generated token after the prompt; False for prompt (or recompute) chunks."""
     samples: bool

@@ -1,0 +1,1 @@
+"""Bundled config.json files of supported models, used with load_format="dummy"."""
