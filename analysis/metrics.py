@@ -1,0 +1,216 @@
+"""vLLM's serving metrics (TTFT, TPOT, ITL, E2EL, throughput, goodput) as pure functions of a run's tables.
+
+Definitions follow vLLM's benchmark_serving: latencies are taken over completed requests only; TPOT is
+(e2e - ttft) / (output_len - 1) for requests with more than one output token; ITL pools the gaps between
+consecutive tokens of every completed request; percentiles are numpy's linear interpolation.
+
+Duration: vLLM divides by the benchmark's wall time, from sending the first request to receiving the last
+response. A run's equivalent is the last finish time minus the first arrival time (over every request in
+the table, so an idle start before the first arrival is not counted and a rejected request still opens the
+window). Rejected and aborted requests count as failed, never in latencies or throughput.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STORED_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+"""SLO names accepted for goodput, as in vLLM's --goodput; values in milliseconds."""
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Summary statistics of one latency over requests or token gaps, in seconds."""
+
+    count: int
+    mean: float
+    std: float
+    median: float
+    p90: float
+    p95: float
+    p99: float
+    p99_9: float
+    samples: np.ndarray = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, values) -> "Distribution":
+        """Statistics of the values; all zero for no values, as vLLM reports an empty metric."""
+        samples = np.asarray(values, dtype=np.float64)
+        if samples.size == 0:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, samples)
+        p50, p90, p95, p99, p999 = np.percentile(samples, STORED_PERCENTILES)
+        return cls(
+            count=int(samples.size),
+            mean=float(samples.mean()),
+            std=float(samples.std()),
+            median=float(p50),
+            p90=float(p90),
+            p95=float(p95),
+            p99=float(p99),
+            p99_9=float(p999),
+            samples=samples,
+        )
+
+    def percentile(self, p: float) -> float:
+        """Any percentile (0..100) of the samples, in seconds; 0 when there are none."""
+        if not 0 <= p <= 100:
+            raise ValueError(f"percentile must be within 0..100, got {p}")
+        if self.samples.size == 0:
+            return 0.0
+        return float(np.percentile(self.samples, p))
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A run's vLLM serving metrics; times in seconds (the summary prints milliseconds)."""
+
+    num_requests: int
+    completed: int
+    failed: int
+    """Rejected plus aborted requests."""
+    num_rejected: int
+    num_aborted: int
+    num_unfinished: int
+    """Requests still waiting or running when the run stopped (an incomplete run)."""
+    total_input_tokens: int
+    total_output_tokens: int
+    start_time: float
+    end_time: float
+    duration: float
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    ttft: Distribution
+    tpot: Distribution
+    itl: Distribution
+    e2el: Distribution
+    max_output_tokens_per_s: float
+    """Most output tokens in any one-second bucket from the first arrival (vLLM's peak throughput)."""
+    max_concurrent_requests: int
+    goodput_slos_ms: dict[str, float] | None = None
+    num_good: int | None = None
+    request_goodput: float | None = None
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False)
+
+
+def _float_column(table: pa.Table, name: str) -> np.ndarray:
+    return pc.fill_null(table.column(name).cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+
+
+def inter_token_latencies(requests: pa.Table) -> np.ndarray:
+    """Gaps between consecutive token times of each request, pooled over the table's requests."""
+    token_times = requests.column("token_times")
+    lengths = pc.fill_null(pc.list_value_length(token_times), 0).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(token_times).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    if flat.size < 2:
+        return np.empty(0)
+    gaps = np.diff(flat)
+    # A gap that spans two requests starts at the first token of the next one.
+    starts = np.cumsum(lengths)[:-1]
+    starts = starts[(starts > 0) & (starts < flat.size)]
+    keep = np.ones(gaps.size, dtype=bool)
+    keep[starts - 1] = False
+    return gaps[keep]
+
+
+def _peak_output_tokens_per_s(requests: pa.Table, start_time: float) -> float:
+    flat = pc.list_flatten(requests.column("token_times")).to_numpy(zero_copy_only=False)
+    if flat.size == 0:
+        return 0.0
+    buckets = np.floor(flat - start_time).astype(np.int64)
+    buckets = buckets[buckets >= 0]
+    if buckets.size == 0:
+        return 0.0
+    return float(np.bincount(buckets).max())
+
+
+def _peak_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
+    if arrivals.size == 0:
+        return 0
+    # Half-open [arrival, finish): at equal times a departure goes before an arrival.
+    times = np.concatenate([arrivals, finishes])
+    deltas = np.concatenate([np.ones(arrivals.size, np.int64), -np.ones(finishes.size, np.int64)])
+    order = np.lexsort((deltas, times))
+    return int(np.cumsum(deltas[order]).max())
+
+
+def check_goodput_slos(slos_ms: dict[str, float]) -> dict[str, float]:
+    """The SLO dict validated: known metric names, non-negative numbers of milliseconds."""
+    checked = {}
+    for name, value in slos_ms.items():
+        if name not in GOODPUT_METRICS:
+            raise ValueError(f"unknown goodput SLO {name!r}: expected one of {', '.join(GOODPUT_METRICS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"goodput SLO {name} must be a non-negative number of milliseconds, got {value!r}")
+        checked[name] = float(value)
+    return checked
+
+
+def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
+    """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms."""
+    requests: pa.Table = run if isinstance(run, pa.Table) else run.requests
+    status = _column(requests, "status").astype(str)
+    done = status == "finished"
+    completed = requests.filter(pa.array(done))
+
+    arrivals_all = _float_column(requests, "arrival_time")
+    finishes_all = _float_column(requests, "finish_time")
+    start_time = float(np.nanmin(arrivals_all)) if arrivals_all.size else 0.0
+    finite_finishes = finishes_all[np.isfinite(finishes_all)]
+    end_time = float(finite_finishes.max()) if finite_finishes.size else start_time
+    duration = max(end_time - start_time, 0.0)
+
+    ttft = _float_column(completed, "ttft")
+    tpot = _float_column(completed, "tpot")
+    e2el = _float_column(completed, "e2e")
+    output_lens = _column(completed, "output_len").astype(np.int64)
+    total_input = int(_column(completed, "prompt_len").astype(np.int64).sum())
+    total_output = int(output_lens.sum())
+
+    def per_second(amount: float) -> float:
+        return amount / duration if duration > 0 else 0.0
+
+    num_good = request_goodput = slos = None
+    if goodput:
+        slos = check_goodput_slos(goodput)
+        good = np.ones(completed.num_rows, dtype=bool)
+        # As vLLM: a request with a single output token has TPOT 0 for goodput.
+        measured = {"ttft": ttft, "tpot": np.where(np.isnan(tpot), 0.0, tpot), "e2el": e2el}
+        for name, limit_ms in slos.items():
+            good &= measured[name] <= limit_ms / 1000.0
+        num_good = int(good.sum())
+        request_goodput = per_second(num_good)
+
+    return Metrics(
+        num_requests=requests.num_rows,
+        completed=int(done.sum()),
+        failed=int(np.isin(status, ("rejected", "aborted")).sum()),
+        num_rejected=int((status == "rejected").sum()),
+        num_aborted=int((status == "aborted").sum()),
+        num_unfinished=int(np.isin(status, ("waiting", "running")).sum()),
+        total_input_tokens=total_input,
+        total_output_tokens=total_output,
+        start_time=start_time,
+        end_time=end_time,
+        duration=duration,
+        request_throughput=per_second(int(done.sum())),
+        output_throughput=per_second(total_output),
+        total_token_throughput=per_second(total_input + total_output),
+        ttft=Distribution.of(ttft[~np.isnan(ttft)]),
+        tpot=Distribution.of(tpot[(output_lens > 1) & ~np.isnan(tpot)]),
+        itl=Distribution.of(inter_token_latencies(completed)),
+        e2el=Distribution.of(e2el[~np.isnan(e2el)]),
+        max_output_tokens_per_s=_peak_output_tokens_per_s(completed, start_time),
+        max_concurrent_requests=_peak_concurrency(
+            _float_column(completed, "arrival_time"), _float_column(completed, "finish_time")
+        ),
+        goodput_slos_ms=slos,
+        num_good=num_good,
+        request_goodput=request_goodput,
+    )

@@ -1,0 +1,228 @@
+"""A run folder on disk: requests.parquet, steps.parquet and metadata.json, written atomically."""
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from analysis.run_schema import REQUESTS_SCHEMA, STEPS_SCHEMA
+
+REQUESTS_FILE = "requests.parquet"
+STEPS_FILE = "steps.parquet"
+METADATA_FILE = "metadata.json"
+RUN_FILES = (REQUESTS_FILE, STEPS_FILE, METADATA_FILE)
+EXECUTOR_KINDS = ("gpu", "cpu", "sim")
+_SOFTWARE = ("twinfer", "torch", "triton", "transformers", "pyarrow", "numpy", "pandas", "plotly")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One stored run: its two tables, its metadata and where it lives."""
+
+    path: Path
+    requests: pa.Table
+    steps: pa.Table
+    metadata: dict
+
+    @property
+    def name(self) -> str:
+        """A short label for tables and legends: the metadata's name, else the folder's."""
+        return str(self.metadata.get("name") or self.path.name)
+
+    @property
+    def executor_kind(self) -> str | None:
+        """gpu, cpu or sim, as recorded in the metadata."""
+        return self.metadata.get("executor_kind")
+
+    @property
+    def trace_fingerprint(self) -> str | None:
+        """The sha256 of the trace the run replayed, when recorded."""
+        return self.metadata.get("trace_fingerprint")
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of Python and the packages a run's numbers depend on (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in _SOFTWARE:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def trace_fingerprint(source: pa.Table | str | os.PathLike) -> str:
+    """sha256 of a trace file's bytes, or of a trace table's values and schema (chunking ignored)."""
+    digest = hashlib.sha256()
+    if isinstance(source, pa.Table):
+        # One chunk per column and no schema metadata, so equal tables hash equal however they were built.
+        table = source.replace_schema_metadata(None).combine_chunks()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        digest.update(sink.getvalue().to_pybytes())
+    else:
+        with open(source, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def run_metadata(
+    *,
+    executor_kind: str,
+    engine_config=None,
+    model: str | None = None,
+    gpu: str | None = None,
+    profile: str | None = None,
+    calibrated: bool | None = None,
+    trace_name: str | None = None,
+    trace_fingerprint: str | None = None,
+    complete: bool = True,
+    started_at: str | None = None,
+    wall_duration: float | None = None,
+    **extra,
+) -> dict:
+    """The metadata dict of a run, with the keys every reader relies on and the software versions."""
+    if executor_kind not in EXECUTOR_KINDS:
+        raise ValueError(f"executor_kind must be one of {EXECUTOR_KINDS}, got {executor_kind!r}")
+    if engine_config is not None and not isinstance(engine_config, dict):
+        engine_config = dataclasses.asdict(engine_config)
+    metadata = {
+        "executor_kind": executor_kind,
+        "engine_config": engine_config,
+        "model": model,
+        "gpu": gpu,
+        "profile": profile,
+        "calibrated": calibrated,
+        "trace_name": trace_name,
+        "trace_fingerprint": trace_fingerprint,
+        "complete": bool(complete),
+        "started_at": started_at,
+        "wall_duration": wall_duration,
+        "software": software_versions(),
+    }
+    metadata.update(extra)
+    return metadata
+
+
+def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """The table with exactly the schema's columns, in order, cast to their types."""
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{what} table lacks column(s) {missing}; expected the columns of analysis/run_schema.py")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise ValueError(f"{what} table does not match analysis/run_schema.py: {error}") from error
+
+
+def _write_file(path: Path, write) -> None:
+    with open(path, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, metadata: dict) -> Path:
+    """Write a run folder atomically: into a temporary sibling, then renamed over any earlier run there."""
+    out_dir = Path(out_dir)
+    requests = _conform(requests, REQUESTS_SCHEMA, "requests")
+    steps = _conform(steps, STEPS_SCHEMA, "steps")
+    metadata = dict(metadata)
+    metadata.setdefault("software", software_versions())
+    metadata.setdefault("complete", True)
+    try:
+        metadata_text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"run metadata is not plain JSON: {error}") from error
+
+    if out_dir.exists() and not _is_replaceable(out_dir):
+        raise FileExistsError(
+            f"{out_dir} exists and is not a run folder (no {REQUESTS_FILE}); refusing to replace it"
+        )
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.writing-"))
+    try:
+        _write_file(staging / REQUESTS_FILE, lambda f: pq.write_table(requests, f))
+        _write_file(staging / STEPS_FILE, lambda f: pq.write_table(steps, f))
+        _write_file(staging / METADATA_FILE, lambda f: f.write(metadata_text.encode()))
+        if out_dir.exists():
+            # rename() cannot replace a non-empty folder: move the old run aside first, so readers see
+            # either the old run or the new one, never a mix.
+            retired = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.replaced-"))
+            os.rename(out_dir, retired / "run")
+            os.rename(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return out_dir
+
+
+def _is_replaceable(path: Path) -> bool:
+    """Only an earlier run folder (or an empty folder) may be replaced: never a user's other files."""
+    if not path.is_dir():
+        return False
+    return (path / REQUESTS_FILE).is_file() or not any(path.iterdir())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise ValueError(f"{path}: columns do not match the run schema ({error})") from error
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read a run folder; a clear error names what is missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run folder {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a run folder (a run is a folder holding {', '.join(RUN_FILES)})")
+    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a run folder: missing {', '.join(missing)}")
+    try:
+        metadata = json.loads((path / METADATA_FILE).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path / METADATA_FILE}: invalid JSON at line {error.lineno}: {error.msg}") from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path / METADATA_FILE}: expected a JSON object, got {type(metadata).__name__}")
+    requests = _read_table(path / REQUESTS_FILE, REQUESTS_SCHEMA)
+    steps = _read_table(path / STEPS_FILE, STEPS_SCHEMA)
+    return Run(path=path, requests=requests, steps=steps, metadata=metadata)

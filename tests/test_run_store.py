@@ -1,0 +1,134 @@
+"""Run folders: round trip, atomic replacement, a crash mid-write, and clear errors for non-runs."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pytest
+
+from analysis.run_store import read_run, run_metadata, trace_fingerprint, write_run
+from analysis.synthetic_run import synthetic_run
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return synthetic_run(30, request_rate=20.0, seed=1)
+
+
+def metadata(**extra):
+    return run_metadata(executor_kind="sim", model="qwen3-0.6b", gpu="h100", trace_name="t",
+                        trace_fingerprint="abc", **extra)
+
+
+def test_round_trip(tmp_path, tables):
+    requests, steps = tables
+    write_run(tmp_path / "run", requests, steps, metadata(note="first"))
+    run = read_run(tmp_path / "run")
+    assert run.requests.equals(requests)
+    assert run.steps.equals(steps)
+    assert run.metadata["note"] == "first"
+    assert run.metadata["complete"] is True
+    assert run.metadata["software"]["python"]
+    assert run.executor_kind == "sim" and run.trace_fingerprint == "abc"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left behind
+
+
+def test_replacing_a_run_is_atomic_and_clean(tmp_path, tables):
+    requests, steps = tables
+    write_run(tmp_path / "run", requests, steps, metadata(note="first"))
+    write_run(tmp_path / "run", requests.slice(0, 5), steps, metadata(note="second"))
+    run = read_run(tmp_path / "run")
+    assert run.metadata["note"] == "second" and run.requests.num_rows == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_error_while_writing_keeps_the_old_run(tmp_path, tables, monkeypatch):
+    requests, steps = tables
+    write_run(tmp_path / "run", requests, steps, metadata(note="old"))
+    import analysis.run_store as run_store
+
+    real_write_table = run_store.pq.write_table
+    calls = []
+
+    def failing_write_table(table, where, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write_table(table, where, **kwargs)
+
+    monkeypatch.setattr(run_store.pq, "write_table", failing_write_table)
+    with pytest.raises(OSError, match="disk full"):
+        write_run(tmp_path / "run", requests.slice(0, 3), steps, metadata(note="new"))
+    assert read_run(tmp_path / "run").metadata["note"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_process_killed_mid_write_leaves_no_half_run(tmp_path):
+    # The process dies (no cleanup, no exception handling) after writing requests.parquet.
+    script = textwrap.dedent(
+        f"""
+        import os
+        import analysis.run_store as run_store
+        from analysis.synthetic_run import synthetic_run
+        real = run_store.pq.write_table
+        def dying(table, where, **kwargs):
+            real(table, where, **kwargs)
+            if table.num_columns == len(run_store.REQUESTS_SCHEMA):
+                os._exit(9)
+        run_store.pq.write_table = dying
+        requests, steps = synthetic_run(10)
+        run_store.write_run({str(tmp_path / "run")!r}, requests, steps, {{"executor_kind": "sim"}})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 9, result.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_run(tmp_path / "run")
+
+
+def test_read_errors_name_the_problem(tmp_path, tables):
+    requests, steps = tables
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing requests.parquet, steps.parquet, metadata.json"):
+        read_run(tmp_path / "empty")
+    write_run(tmp_path / "run", requests, steps, metadata())
+    (tmp_path / "run" / "steps.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="missing steps.parquet"):
+        read_run(tmp_path / "run")
+    write_run(tmp_path / "run2", requests, steps, metadata())
+    (tmp_path / "run2" / "metadata.json").write_text("{\n  oops")
+    with pytest.raises(ValueError, match=r"metadata.json: invalid JSON at line 2"):
+        read_run(tmp_path / "run2")
+
+
+def test_write_refuses_bad_tables_and_foreign_folders(tmp_path, tables):
+    requests, steps = tables
+    with pytest.raises(ValueError, match=r"requests table lacks column\(s\) \['ttft'\]"):
+        write_run(tmp_path / "run", requests.drop_columns(["ttft"]), steps, metadata())
+    with pytest.raises(ValueError, match="not plain JSON"):
+        write_run(tmp_path / "run", requests, steps, {"executor_kind": "sim", "when": object()})
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a run folder"):
+        write_run(folder, requests, steps, metadata())
+    assert (folder / "notes.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="executor_kind"):
+        run_metadata(executor_kind="tpu")
+
+
+def test_trace_fingerprint(tmp_path):
+    table = pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    rechunked = pa.concat_tables([table.slice(0, 1), table.slice(1)])
+    assert trace_fingerprint(table) == trace_fingerprint(rechunked)
+    assert trace_fingerprint(table) != trace_fingerprint(table.slice(1))
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n1,x\n")
+    assert len(trace_fingerprint(path)) == 64
+    metadata_dict = json.loads(json.dumps(run_metadata(executor_kind="gpu", trace_fingerprint=trace_fingerprint(path))))
+    assert metadata_dict["trace_fingerprint"] == trace_fingerprint(str(path))
