@@ -9,6 +9,7 @@ import numpy as np
 from engine.block_manager import BlockManager
 from engine.clock import Clock, VirtualClock
 from engine.config import EngineConfig
+from engine.decode_fast_forward import fast_forward_decodes
 from engine.executor import Executor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -19,7 +20,10 @@ from engine.stats import RequestRecord, StepRecord, batch_features
 class Engine:
     """Feeds arrived requests to the scheduler and runs each step on the executor."""
 
-    def __init__(self, config: EngineConfig, executor: Executor, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, executor: Executor, clock: Clock | None = None, fast_forward: bool = True
+    ) -> None:
+        """fast_forward: apply runs of pure-decode steps in bulk when the executor predicts them (simulation)."""
         self.config = config
         self.executor = executor
         self.clock = clock if clock is not None else VirtualClock()
@@ -32,6 +36,9 @@ class Engine:
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seq_ids = itertools.count()
         self._last_step_busy = False
+        self._fast_forward = (
+            fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
+        )
 
     # ---- requests
 
@@ -153,6 +160,9 @@ class Engine:
             # The gap since the last step's end (bookkeeping) belongs to that step.
             last = self.step_records[-1]
             last.duration = now - last.start_time
+        if self._fast_forward and fast_forward_decodes(self, now):
+            self._last_step_busy = True
+            return True
 
         output = self.scheduler.schedule(now)
         if output.is_empty:

@@ -51,3 +51,34 @@ def reference_outputs(prompt: list[int], max_tokens: int, vocab_size: int = 1000
         outputs.append(token)
         context.append(token)
     return outputs
+
+
+class PredictingExecutor:
+    """A cost-model-like executor: constant tokens and durations that depend on the batch, predictable ahead."""
+
+    token_id = 7
+
+    def __init__(self, num_kv_blocks: int, block_size: int) -> None:
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.steps: list[SchedulerOutput] = []
+
+    def _duration(self, num_decode_seqs: int, decode_context_tokens: int, num_prefill_tokens: int) -> float:
+        return 0.003 + 1e-5 * num_decode_seqs + 3.1e-7 * decode_context_tokens + 2e-6 * num_prefill_tokens
+
+    def cuda_graph_batch_size_for(self, num_decode_seqs: int) -> int:
+        return num_decode_seqs if num_decode_seqs <= 8 else 0
+
+    def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
+        self.steps.append(scheduler_output)
+        decodes = [seq for seq in scheduler_output.sequences if seq.is_decode]
+        prefill_tokens = sum(len(seq.token_ids) for seq in scheduler_output.sequences if not seq.is_decode)
+        duration = self._duration(len(decodes), sum(seq.context_len for seq in decodes), prefill_tokens)
+        sampled = {seq.seq_id: self.token_id for seq in scheduler_output.sequences if seq.samples}
+        graph = self.cuda_graph_batch_size_for(len(decodes)) if not prefill_tokens else 0
+        return StepResult(sampled_token_ids=sampled, duration=duration, cuda_graph_batch_size=graph)
+
+    def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:
+        return [
+            self._duration(num_decode_seqs, decode_context_tokens + step * num_decode_seqs, 0) for step in range(num_steps)
+        ]

@@ -1,0 +1,73 @@
+"""Fast-forwarding runs of decode steps gives exactly what stepping one by one gives."""
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analysis.run_schema import requests_table, steps_table
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from tests.fake_executor import PredictingExecutor
+
+
+def run(workload, fast_forward: bool) -> Engine:
+    rng = random.Random(workload["seed"])
+    config = EngineConfig(
+        block_size=workload["block_size"],
+        max_model_len=400,
+        max_num_seqs=workload["max_num_seqs"],
+        max_num_batched_tokens=workload["budget"],
+        num_kv_blocks=workload["num_kv_blocks"],
+        enable_prefix_caching=workload["prefix_caching"],
+    )
+    engine = Engine(config, PredictingExecutor(workload["num_kv_blocks"], workload["block_size"]), fast_forward=fast_forward)
+    prefix = [rng.randrange(1000) for _ in range(24)]
+    for index in range(workload["num_requests"]):
+        prompt = (prefix if rng.random() < 0.5 else []) + [rng.randrange(1000) for _ in range(rng.randrange(1, 40))]
+        engine.add_request(
+            prompt_token_ids=prompt,
+            sampling_params=SamplingParams(max_tokens=rng.randrange(1, 120), ignore_eos=True),
+            arrival_time=rng.random() * workload["span"],
+        )
+    engine.run()
+    return engine
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.fixed_dictionaries(
+        {
+            "seed": st.integers(0, 10_000),
+            "block_size": st.sampled_from([1, 4, 16]),
+            "max_num_seqs": st.integers(1, 10),
+            "budget": st.integers(4, 128),
+            "num_kv_blocks": st.integers(30, 300),
+            "prefix_caching": st.booleans(),
+            "num_requests": st.integers(1, 14),
+            "span": st.sampled_from([0.0, 0.2, 2.0]),
+        }
+    )
+)
+def test_fast_forward_equals_stepping(workload):
+    stepped = run(workload, fast_forward=False)
+    skipped = run(workload, fast_forward=True)
+    assert requests_table(list(skipped.request_records.values())).equals(
+        requests_table(list(stepped.request_records.values()))
+    )
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    assert skipped.clock.now() == stepped.clock.now()
+    for request_id in stepped.sequences:
+        assert skipped.output_token_ids(request_id) == stepped.output_token_ids(request_id)
+    manager_a, manager_b = stepped.block_manager, skipped.block_manager
+    assert list(manager_a.free_queue) == list(manager_b.free_queue)
+    assert manager_a.hash_to_block == manager_b.hash_to_block
+
+
+def test_fast_forward_skips_most_decode_steps():
+    workload = dict(seed=1, block_size=16, max_num_seqs=4, budget=128, num_kv_blocks=300,
+                    prefix_caching=True, num_requests=4, span=0.0)
+    engine = run(workload, fast_forward=True)
+    calls = len(engine.executor.steps)
+    assert calls < len(engine.step_records) / 3
