@@ -24,7 +24,7 @@ class DecodeRunPredictor(Protocol):
         bit for bit what execute() would report for each."""
         ...
 
-    def cuda_graph_batch_size_for(self, num_decode_seqs: int) -> int:
+    def cuda_graph_batch_size(self, num_decode_seqs: int) -> int:
         """The CUDA-graph batch size execute() reports for a pure-decode step of this many sequences."""
         ...
 
@@ -76,7 +76,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
             return False
 
     num_seqs = len(running)
-    cuda_graph_batch_size = executor.cuda_graph_batch_size_for(num_seqs)
+    cuda_graph_batch_size = executor.cuda_graph_batch_size(num_seqs)
     context = sum(seq.num_computed_tokens + 1 for seq in running)
     durations = executor.predict_decode_run(num_seqs, context, max_steps)
     # Step j starts at starts[j]; a pending arrival at or before a start would be admitted there.

@@ -66,7 +66,7 @@ class PredictingExecutor:
     def _duration(self, num_decode_seqs: int, decode_context_tokens: int, num_prefill_tokens: int) -> float:
         return 0.003 + 1e-5 * num_decode_seqs + 3.1e-7 * decode_context_tokens + 2e-6 * num_prefill_tokens
 
-    def cuda_graph_batch_size_for(self, num_decode_seqs: int) -> int:
+    def cuda_graph_batch_size(self, num_decode_seqs: int) -> int:
         return num_decode_seqs if num_decode_seqs <= 8 else 0
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
@@ -75,7 +75,7 @@ class PredictingExecutor:
         prefill_tokens = sum(len(seq.token_ids) for seq in scheduler_output.sequences if not seq.is_decode)
         duration = self._duration(len(decodes), sum(seq.context_len for seq in decodes), prefill_tokens)
         sampled = {seq.seq_id: self.token_id for seq in scheduler_output.sequences if seq.samples}
-        graph = self.cuda_graph_batch_size_for(len(decodes)) if not prefill_tokens else 0
+        graph = self.cuda_graph_batch_size(len(decodes)) if not prefill_tokens else 0
         return StepResult(sampled_token_ids=sampled, duration=duration, cuda_graph_batch_size=graph)
 
     def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:
