@@ -1,0 +1,115 @@
+"""Which reader a trace file needs, told from its columns or named; read_trace is the one entry point."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from traces.azure import COLUMNS as AZURE_COLUMNS
+from traces.azure import read_azure
+from traces.burstgpt import COLUMNS as BURSTGPT_COLUMNS
+from traces.burstgpt import read_burstgpt
+from traces.bundled import bundled_trace_path
+from traces.csv_table import column_key, csv_header
+from traces.errors import TraceError
+from traces.length_table import COLUMNS as LENGTH_TABLE_COLUMNS
+from traces.length_table import read_length_table
+from traces.mooncake import read_mooncake
+from traces.native import REQUIRED as NATIVE_COLUMNS
+from traces.native import read_native
+from traces.schema import Trace
+from traces.source import TraceSource
+
+MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
+
+READERS = {
+    "azure": read_azure,
+    "mooncake": read_mooncake,
+    "burstgpt": read_burstgpt,
+    "length_table": read_length_table,
+    "native": read_native,
+}
+"""Format name -> reader; the columns (or JSON fields) that identify each are in FORMAT_COLUMNS."""
+
+FORMAT_COLUMNS = {
+    "azure": AZURE_COLUMNS,
+    "mooncake": MOONCAKE_FIELDS,
+    "burstgpt": BURSTGPT_COLUMNS,
+    "length_table": LENGTH_TABLE_COLUMNS,
+    "native": NATIVE_COLUMNS,
+}
+
+_ALIASES = {"vidur": "length_table", "sarathi": "length_table", "length-table": "length_table", "twinfer": "native"}
+
+
+def known_formats() -> str:
+    """'azure (TIMESTAMP, ContextTokens, GeneratedTokens), ...' for messages and --help."""
+    return "; ".join(f"{name} ({', '.join(columns)})" for name, columns in FORMAT_COLUMNS.items())
+
+
+def read_trace(path: str | Path, format: str | None = None, **options) -> Trace:
+    """Read any supported trace (or a bundled sample by name); the format is detected unless given."""
+    path = bundled_trace_path(path) or Path(path)
+    name = _format_name(format) if format is not None else detect_format(path)
+    reader = READERS[name]
+    accepted = set(inspect.signature(reader).parameters) - {"path"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"option {', '.join(unknown)} does not apply to the {name} format (it takes {', '.join(sorted(accepted))})"
+        )
+    return reader(path, **options)
+
+
+def detect_format(path: str | Path) -> str:
+    """The format whose identifying columns the file has; a TraceError names the columns found otherwise."""
+    path = Path(path)
+    columns = _columns_of(path)
+    keys = {column_key(column) for column in columns}
+    for name, wanted in FORMAT_COLUMNS.items():
+        if all(column_key(column) in keys for column in wanted):
+            return name
+    shown = ", ".join(columns) if columns else "none"
+    raise TraceError(
+        f"unknown trace format: columns found: {shown}. Known formats (with the columns that identify them): "
+        f"{known_formats()}. Pass the format explicitly if the file is one of these.",
+        path,
+    )
+
+
+def _format_name(format: str) -> str:
+    name = _ALIASES.get(format.strip().lower(), format.strip().lower())
+    if name not in READERS:
+        raise ValueError(f"unknown trace format {format!r}; known formats: {', '.join(READERS)}")
+    return name
+
+
+def _columns_of(path: Path) -> list[str]:
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except FileNotFoundError:
+        raise TraceError("no such file", path) from None
+    except OSError as error:
+        raise TraceError(f"cannot read: {error.strerror or error}", path) from None
+    if head == b"PAR1":
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a corrupt footer
+            raise TraceError(f"unreadable Parquet file: {error}", path) from None
+    source = TraceSource.open(path, kind="lines")
+    for number, line in enumerate(source.data.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith(b"{"):
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise TraceError(f"not a JSON object: {error}", path, number) from None
+            return list(record) if isinstance(record, dict) else []
+        break
+    source.kind = "csv"
+    return csv_header(source)
