@@ -12,6 +12,10 @@ class WallClock:
     def now(self) -> float:
         return time.perf_counter() - self._origin
 
+    def restart(self) -> None:
+        """Make this moment time zero (call just before the first request may arrive)."""
+        self._origin = time.perf_counter()
+
     def advance(self, duration: float) -> float:
         """The real step already took its time: just read the clock."""
         return self.now()

@@ -1,0 +1,287 @@
+"""What each `twinfer` subcommand does (the argument parser is in engine/cli.py)."""
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+from engine.clock import VirtualClock, WallClock
+from engine.config import EngineConfig, vllm_default_limits
+
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+
+
+# ---- shared pieces
+
+
+def load_trace(args: argparse.Namespace):
+    """Read the trace named on the command line and apply the requested transforms."""
+    from traces import transforms
+    from traces.arrivals import parse_arrival_process
+    from traces.formats import read_trace
+
+    options = {}
+    if getattr(args, "arrivals", None):
+        options["arrivals"] = parse_arrival_process(args.arrivals)
+    trace = read_trace(args.trace, getattr(args, "format", None), **options)
+    if getattr(args, "duration", None) is not None:
+        trace = transforms.slice_time(trace, 0.0, args.duration)
+    if getattr(args, "max_requests", None) is not None:
+        trace = transforms.slice_count(trace, args.max_requests)
+    if getattr(args, "time_scale", None) is not None:
+        trace = transforms.scale_time(trace, args.time_scale)
+    if getattr(args, "request_rate", None) is not None:
+        trace = transforms.with_request_rate(trace, args.request_rate)
+    if getattr(args, "max_prompt_len", None) is not None or getattr(args, "max_output_len", None) is not None:
+        trace = transforms.cap_lengths(trace, max_prompt_len=args.max_prompt_len, max_output_len=args.max_output_len)
+    for note in trace.notes:
+        print(f"trace {trace.name}: {note}")
+    if len(trace) == 0:
+        raise ValueError(f"trace {trace.name!r} has no requests left after slicing")
+    return trace
+
+
+def engine_config_from(args, *, model_max_len: int, eos_token_ids, vocab_size: int, gpu_memory_gib: float | None,
+                       num_kv_blocks: int | None = None) -> EngineConfig:
+    """The EngineConfig for these options, filling vLLM's GPU-dependent defaults."""
+    default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
+    max_model_len = args.max_model_len or min(model_max_len, DEFAULT_MAX_MODEL_LEN_CAP)
+    max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
+    if not args.enable_chunked_prefill:
+        max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
+    return EngineConfig(
+        block_size=args.block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=args.max_num_seqs or default_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        num_kv_blocks=num_kv_blocks if num_kv_blocks is not None else args.num_gpu_blocks_override,
+        eos_token_ids=tuple(eos_token_ids),
+        vocab_size=vocab_size,
+    )
+
+
+def _print_summary(run_path: Path, goodput, save_result) -> None:
+    from analysis.metrics import compute_metrics
+    from analysis.run_store import read_run
+    from analysis.summary import parse_goodput, print_summary, save_result_json
+
+    run = read_run(run_path)
+    metrics = compute_metrics(run, goodput=parse_goodput(goodput) if goodput else None)
+    print_summary(metrics)
+    if save_result:
+        save_result_json(metrics, save_result)
+        print(f"result JSON: {save_result}")
+
+
+def _dtype_name(dtype: str) -> str:
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
+    """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
+    from engine.engine import Engine
+    from engine.model_config import load_model_config
+    from simulator.executor import CostModelExecutor
+    from simulator.gpu_specs import gpu_spec
+    from simulator.kv_capacity import estimate_num_kv_blocks
+    from simulator.model_shape import ModelShape
+    from simulator.profile_library import cost_model_for
+
+    model_config = load_model_config(model)
+    spec = gpu_spec(gpu)
+    dtype = _dtype_name(args.dtype)
+    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
+    config = engine_config_from(
+        args,
+        model_max_len=model_config.max_position_embeddings,
+        eos_token_ids=model_config.eos_token_ids,
+        vocab_size=model_config.vocab_size,
+        gpu_memory_gib=spec.memory_bytes / 2**30,
+    )
+    num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
+        spec,
+        ModelShape.load(model),
+        tp=tp,
+        dtype=dtype,
+        block_size=config.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+    )
+    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=args.enforce_eager)
+    engine = Engine(config, executor, VirtualClock())
+    metadata = {
+        "model": model,
+        "gpu": spec.name,
+        "profile": cost_model.label,
+        "calibrated": bool(cost_model.calibrated),
+        "tensor_parallel_size": tp,
+        "dtype": dtype,
+    }
+    if not cost_model.calibrated:
+        print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+    return engine, metadata, model_config.vocab_size
+
+
+def build_real_engine(args, device: str):
+    """An engine over the real model executor on cuda or cpu, with a wall clock."""
+    from engine.engine import Engine
+    from engine.model_config import load_model_config
+    from engine.model_executor import ModelExecutor
+
+    model_config = load_model_config(args.model)
+    gpu_memory_gib = None
+    if device == "cuda":
+        import torch
+
+        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    config = engine_config_from(
+        args,
+        model_max_len=model_config.max_position_embeddings,
+        eos_token_ids=model_config.eos_token_ids,
+        vocab_size=model_config.vocab_size,
+        gpu_memory_gib=gpu_memory_gib,
+    )
+    executor = ModelExecutor(
+        args.model,
+        config,
+        dtype=args.dtype,
+        device=device,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        attention_backend=args.attention_backend,
+        load_format=args.load_format,
+        seed=args.seed,
+    )
+    engine = Engine(config, executor, WallClock())
+    metadata = {
+        "model": args.model,
+        "gpu": _device_name(device),
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
+        "attention_backend": getattr(executor, "attention_backend", args.attention_backend),
+    }
+    return engine, metadata, model_config.vocab_size
+
+
+def _device_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+# ---- subcommands
+
+
+def run_replay(args) -> int:
+    from traces.replay import replay
+
+    trace = load_trace(args)
+    if args.executor == "sim":
+        engine, metadata, vocab_size = build_simulated_engine(
+            args, gpu=args.gpu, model=args.model, profile=args.profile, tp=args.tensor_parallel_size
+        )
+    else:
+        engine, metadata, vocab_size = build_real_engine(args, "cuda" if args.executor == "gpu" else "cpu")
+    try:
+        path = replay(
+            trace,
+            engine,
+            args.out,
+            executor_kind=args.executor,
+            vocab_size=vocab_size,
+            seed=args.seed,
+            show_progress=not args.no_progress,
+            metadata=metadata,
+            before_start=getattr(engine.clock, "restart", None),
+        )
+    finally:
+        shutdown = getattr(engine.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    print(f"run written to {path}")
+    _print_summary(path, args.goodput, args.save_result)
+    return 0
+
+
+def run_simulate(args) -> int:
+    if args.replicas > 1:
+        from simulator.cluster import simulate_cluster_cli
+
+        return simulate_cluster_cli(args)
+    args.executor = "sim"
+    return run_replay(args)
+
+
+def run_summary(args) -> int:
+    from analysis.metrics import compute_metrics
+    from analysis.run_store import read_run
+    from analysis.summary import parse_goodput, print_summary, save_result_json
+
+    run = read_run(args.run)
+    percentiles = [float(p) for p in args.percentiles.split(",") if p]
+    metrics = compute_metrics(run, goodput=parse_goodput(args.goodput) if args.goodput else None)
+    print_summary(metrics, percentiles)
+    if args.save_result:
+        save_result_json(metrics, args.save_result, percentiles)
+    return 0
+
+
+def run_compare(args) -> int:
+    from analysis.compare import compare_runs
+    from analysis.run_store import read_run
+
+    comparison = compare_runs(read_run(args.real_run), read_run(args.sim_run))
+    print(comparison.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(comparison.to_dict(), indent=2))
+    return 0
+
+
+def run_report(args) -> int:
+    from analysis.report import build_report
+    from analysis.run_store import read_run
+
+    path = build_report([read_run(run) for run in args.runs], args.output)
+    print(f"report written to {path}")
+    return 0
+
+
+def run_profile(args) -> int:
+    from simulator.profile import profile
+
+    path = profile(args.model, args.out, tp=args.tp, dtype=args.dtype, max_seconds=args.max_seconds)
+    print(f"profile written to {path}")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from simulator.calibrate import calibrate_cli
+
+    return calibrate_cli(args)
+
+
+def run_plan(args) -> int:
+    from simulator.planner import plan_cli
+
+    return plan_cli(args)
+
+
+def run_bench(args) -> int:
+    from benchmarks_entry import throughput_cli  # noqa: F401  (replaced below when benchmarks are packaged)
+
+    return throughput_cli(args)
+
+
+def run_demo(args) -> int:
+    from analysis.demo import demo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return demo(args.out)

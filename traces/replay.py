@@ -1,0 +1,133 @@
+"""Replay a trace through an engine at its arrival times and store the run folder."""
+
+import datetime
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from analysis.run_schema import requests_table, steps_table
+from analysis.run_store import run_metadata, trace_fingerprint, write_run
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from traces.schema import Trace
+from traces.tokens import trace_prompt_token_ids
+
+
+def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: int = 0) -> int:
+    """Queue every trace request on the engine (ends at its output length, EOS ignored); returns the count."""
+    table = trace.table
+    token_ids = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed)
+    request_ids = table.column("request_id").to_pylist()
+    arrivals = table.column("arrival_time").to_pylist()
+    output_lens = table.column("output_len").to_pylist()
+    for request_id, arrival, prompt, output_len in zip(request_ids, arrivals, token_ids, output_lens):
+        engine.add_request(
+            prompt_token_ids=prompt.tolist() if hasattr(prompt, "tolist") else list(prompt),
+            sampling_params=SamplingParams(temperature=0.0, max_tokens=max(int(output_len), 1), ignore_eos=True),
+            arrival_time=float(arrival),
+            request_id=request_id,
+        )
+    return len(request_ids)
+
+
+class ReplayProgress:
+    """A progress bar: requests done, running, waiting and output tokens per second of run time."""
+
+    def __init__(self, total: int, enabled: bool, description: str) -> None:
+        self.bar = tqdm(total=total, desc=description, unit="req", disable=not enabled, dynamic_ncols=True)
+        self._done = 0
+        self._last_refresh = 0.0
+
+    def __call__(self, engine: Engine) -> None:
+        now = time.monotonic()
+        if now - self._last_refresh < 0.25:
+            return
+        self._last_refresh = now
+        self.refresh(engine)
+
+    def refresh(self, engine: Engine) -> None:
+        done = sum(1 for seq in engine.sequences.values() if seq.is_finished) + len(engine.rejected)
+        self.bar.update(done - self._done)
+        self._done = done
+        clock_time = engine.clock.now()
+        tokens = sum(seq.num_output_tokens for seq in engine.sequences.values())
+        self.bar.set_postfix(
+            running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting),
+            tok_s=f"{tokens / clock_time:.0f}" if clock_time > 0 else "-",
+            t=f"{clock_time:.1f}s",
+            refresh=False,
+        )
+
+    def close(self, engine: Engine) -> None:
+        self.refresh(engine)
+        self.bar.close()
+
+
+def replay(
+    trace: Trace,
+    engine: Engine,
+    out_dir: str | Path,
+    *,
+    executor_kind: str,
+    vocab_size: int,
+    seed: int = 0,
+    show_progress: bool = True,
+    metadata: dict | None = None,
+    before_start: Callable[[], None] | None = None,
+) -> Path:
+    """Feed the trace's requests at their arrival times, run to the end and write the run folder.
+
+    Ctrl-C or an error keeps what finished: the rest is recorded as aborted and the run marked incomplete.
+    """
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    wall_start = time.perf_counter()
+    total = add_trace_requests(engine, trace, vocab_size=vocab_size, seed=seed)
+    if before_start is not None:
+        before_start()
+    progress = ReplayProgress(total, show_progress, f"replay {trace.name}")
+    complete = True
+    failure: BaseException | None = None
+    try:
+        engine.run(on_step=progress)
+    except KeyboardInterrupt as interrupt:
+        complete = False
+        failure = interrupt
+        engine.abort_all("interrupted")
+    except Exception as error:  # keep the finished part, then re-raise
+        complete = False
+        failure = error
+        engine.abort_all(f"error: {type(error).__name__}: {error}")
+    finally:
+        progress.close(engine)
+
+    run_meta = run_metadata(
+        executor_kind=executor_kind,
+        engine_config=engine.config,
+        trace_name=trace.name,
+        trace_fingerprint=trace_fingerprint(trace.table),
+        complete=complete,
+        started_at=started_at,
+        wall_duration=time.perf_counter() - wall_start,
+        **{
+            "num_kv_blocks": engine.block_manager.num_blocks,
+            "prefix_cache_hit_rate": engine.block_manager.hit_rate,
+            "trace_source_format": trace.source_format,
+            "trace_notes": list(trace.notes),
+            "seed": seed,
+            **(metadata or {}),
+        },
+    )
+    path = write_run(
+        out_dir,
+        requests_table(list(engine.request_records.values())),
+        steps_table(engine.step_records),
+        run_meta,
+    )
+    if isinstance(failure, KeyboardInterrupt):
+        print(f"interrupted: the finished part is in {path} (marked incomplete)")
+    elif failure is not None:
+        raise RuntimeError(f"replay failed; the finished part is in {path} (marked incomplete)") from failure
+    return path
