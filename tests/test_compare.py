@@ -1,0 +1,91 @@
+"""Real-vs-simulated comparison on two runs whose errors are known by construction."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from analysis.compare import compare_runs
+from analysis.run_store import Run, run_metadata
+from analysis.synthetic_run import synthetic_run
+
+TIME_COLUMNS = ("arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "ttft", "tpot", "e2e")
+
+
+def scaled_requests(requests: pa.Table, factor: float) -> pa.Table:
+    """Every time (and so every latency) multiplied by factor."""
+    for name in TIME_COLUMNS:
+        requests = requests.set_column(requests.schema.get_field_index(name), name,
+                                       pc.multiply(requests.column(name), factor))
+    token_times = requests.column("token_times").combine_chunks()
+    scaled = pa.ListArray.from_arrays(token_times.offsets, pc.multiply(token_times.values, factor))
+    return requests.set_column(requests.schema.get_field_index("token_times"), "token_times", scaled)
+
+
+def with_durations(steps: pa.Table, durations) -> pa.Table:
+    return steps.set_column(steps.schema.get_field_index("duration"), "duration", pa.array(durations, pa.float64()))
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    requests, steps = synthetic_run(60, request_rate=30.0, seed=2)
+    return Run(tmp_path_factory.mktemp("real"), requests, steps,
+               run_metadata(executor_kind="gpu", trace_fingerprint="abc", name="real"))
+
+
+def sim_of(real: Run, requests: pa.Table, steps: pa.Table, fingerprint="abc") -> Run:
+    return Run(real.path.parent / "sim", requests, steps,
+               run_metadata(executor_kind="sim", trace_fingerprint=fingerprint, name="sim"))
+
+
+def test_uniformly_slower_simulation(real_run):
+    durations = real_run.steps.column("duration").to_numpy()
+    sim = sim_of(real_run, scaled_requests(real_run.requests, 1.1), with_durations(real_run.steps, durations * 1.1))
+    comparison = compare_runs(real_run, sim)
+    assert comparison.identical_schedules
+    assert comparison.num_matched_steps == real_run.steps.num_rows
+    assert comparison.step_mape == pytest.approx(0.10)
+    assert comparison.busy_time_error == pytest.approx(0.10)
+    errors = {(r["metric"], r["statistic"]): r["relative_error"] for r in comparison.metric_errors.to_pylist()}
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        for statistic in ("mean", "p50", "p90", "p99"):
+            assert errors[(metric, statistic)] == pytest.approx(0.10), (metric, statistic)
+    for metric in ("request_throughput", "output_throughput", "total_token_throughput"):
+        assert errors[(metric, "")] == pytest.approx(1 / 1.1 - 1)
+    text = comparison.to_text()
+    assert "Step duration MAPE:                      10.00%" in text
+    assert "Schedules:                               identical" in text
+    assert "+10.00%" in text and "-9.09%" in text
+
+
+def test_mixed_step_errors_give_their_mape(real_run):
+    durations = real_run.steps.column("duration").to_numpy()
+    factors = np.where(np.arange(durations.size) % 2 == 0, 1.2, 0.9)  # +20% and -10%: MAPE 15% when even count
+    sim = sim_of(real_run, real_run.requests, with_durations(real_run.steps, durations * factors))
+    comparison = compare_runs(real_run, sim)
+    expected = np.abs(factors - 1).mean()
+    assert comparison.step_mape == pytest.approx(expected)
+    assert comparison.step_errors.column("relative_error").to_numpy() == pytest.approx(factors - 1)
+
+
+def test_divergent_schedule_is_reported(real_run):
+    steps = real_run.steps
+    prefill = steps.column("num_prefill_tokens").to_numpy().copy()
+    prefill[5] += 1
+    diverged = steps.set_column(steps.schema.get_field_index("num_prefill_tokens"), "num_prefill_tokens",
+                                pa.array(prefill))
+    comparison = compare_runs(real_run, sim_of(real_run, real_run.requests, diverged.slice(0, steps.num_rows - 3)))
+    assert not comparison.identical_schedules
+    assert comparison.first_divergent_step == 5
+    assert comparison.num_matched_steps == steps.num_rows - 4
+    assert comparison.step_mape == pytest.approx(0.0)
+    assert "diverge at step 5" in comparison.to_text()
+    # Only a length difference: the first step the shorter run lacks.
+    shorter = compare_runs(real_run, sim_of(real_run, real_run.requests, steps.slice(0, 10)))
+    assert shorter.first_divergent_step == 10 and shorter.num_matched_steps == 10
+
+
+def test_different_traces_are_refused(real_run):
+    other = sim_of(real_run, real_run.requests, real_run.steps, fingerprint="xyz")
+    with pytest.raises(ValueError, match="different traces"):
+        compare_runs(real_run, other)

@@ -1,0 +1,116 @@
+"""The HTML report: self-contained, every plot present, real-vs-simulated views only for a matching pair."""
+
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from analysis.metrics import compute_metrics
+from analysis.report import build_report, real_sim_pairs
+from analysis.run_store import Run, read_run, run_metadata, write_run
+from analysis.synthetic_run import synthetic_run
+from analysis.timeseries import cdf_points, request_timeline, step_series, throughput_series
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return synthetic_run(300, request_rate=20.0, seed=3)
+
+
+def make_run(path, tables, kind, fingerprint="trace-1", **extra):
+    requests, steps = tables
+    return Run(path, requests, steps, run_metadata(executor_kind=kind, trace_fingerprint=fingerprint, **extra))
+
+
+def figure_names(html: str) -> list[str]:
+    return re.findall(r'<div class="twinfer-figure" data-figure="([^"]+)">', html)
+
+
+def test_single_run_report_has_every_plot(tmp_path, tables):
+    write_run(tmp_path / "run", *tables, run_metadata(executor_kind="cpu", model="tiny", trace_name="t"))
+    contents = build_report([read_run(tmp_path / "run")], tmp_path / "report.html")
+    html = contents.path.read_text()
+    assert figure_names(html) == ["cdfs", "over-time", "timeline-0"]
+    assert contents.num_figures == 3
+    assert html.count("Plotly.newPlot(") == 3
+    # plotly.js inlined exactly once and nothing fetched from elsewhere: the file works offline.
+    assert html.count("plotly.js v") == 1
+    assert not re.search(r"<script[^>]*\ssrc=", html)
+    assert "Real vs simulated" not in html
+    metrics = compute_metrics(read_run(tmp_path / "run"))
+    assert f"<td>{metrics.output_throughput:.2f}</td>" in html
+    for label in ("TTFT (ms)", "TPOT (ms)", "E2EL (ms)", "KV-cache usage (%)", "running (solid) and waiting",
+                  "tokens per step", "Request timeline"):
+        assert label in html, label
+
+
+def test_real_and_simulated_runs_get_a_comparison(tmp_path, tables):
+    requests, steps = tables
+    sim_steps = steps.set_column(steps.schema.get_field_index("duration"), "duration",
+                                 pa.array(steps.column("duration").to_numpy() * 1.05))
+    real = make_run(tmp_path / "real", tables, "gpu", name="H100 real")
+    sim = make_run(tmp_path / "sim", (requests, sim_steps), "sim", name="H100 sim", calibrated=False)
+    other = make_run(tmp_path / "other", tables, "sim", fingerprint="trace-2", name="other trace")
+    assert real_sim_pairs([real, sim, other]) == [(0, 1)]
+    contents = build_report([real, sim, other], tmp_path / "report.html")
+    html = contents.path.read_text()
+    assert figure_names(html) == ["real-vs-sim-1", "cdfs", "over-time", "timeline-0", "timeline-1", "timeline-2"]
+    assert "Real vs simulated: H100 sim (sim) against H100 real (gpu)" in html
+    assert "step duration MAPE 5.00%" in html
+    assert "UNCALIBRATED" in html
+    assert len(contents.comparisons) == 1
+
+
+def test_large_run_builds_quickly(tmp_path):
+    tables = synthetic_run(4000, request_rate=20.0, seed=4)
+    run = make_run(tmp_path / "big", tables, "sim")
+    started = time.perf_counter()
+    contents = build_report([run], tmp_path / "big.html", timeline_requests=150)
+    assert time.perf_counter() - started < 5.0
+    # Bounded output: a few MB of plotly.js plus thinned data, whatever the run's size.
+    assert contents.path.stat().st_size < 8_000_000
+
+
+def test_build_report_needs_runs(tmp_path):
+    with pytest.raises(ValueError, match="at least one run"):
+        build_report([], tmp_path / "r.html")
+
+
+def test_series_are_bounded_and_correct(tables):
+    requests, steps = tables
+    points = cdf_points(np.arange(10_000.0), max_points=100)
+    assert points.num_rows <= 100
+    assert points.column("value")[points.num_rows - 1].as_py() == 9999.0
+    assert points.column("fraction")[points.num_rows - 1].as_py() == 1.0
+    small = cdf_points([3.0, 1.0, 2.0])
+    assert small.column("value").to_pylist() == [1.0, 2.0, 3.0]
+    assert small.column("fraction").to_pylist() == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+    start, end = 0.0, float(np.nanmax(requests.column("finish_time").to_numpy(zero_copy_only=False)))
+    series = throughput_series(requests, start, end, num_bins=50)
+    width = (end - start) / 50
+    total_tokens = sum(len(t) for t in requests.column("token_times").to_pylist())
+    assert series.num_rows == 50
+    assert (series.column("output_tokens_per_s").to_numpy() * width).sum() == pytest.approx(total_tokens)
+
+    state = step_series(steps, start, end, num_bins=50)
+    usage = state.column("kv_cache_usage").to_numpy()
+    assert np.nanmax(usage) <= 1.0 and np.nanmin(usage) >= 0.0
+    assert np.nanmax(state.column("num_running").to_numpy()) <= steps.column("num_running").to_numpy().max()
+
+
+def test_timeline_merges_gaps_by_threshold():
+    requests = pa.table({
+        "request_id": ["a", "b"],
+        "arrival_time": [0.0, 0.5],
+        "status": ["finished", "finished"],
+        "token_times": [[1.0, 1.1, 1.2, 2.0, 2.1], [0.7, 0.8]],
+    })
+    segments = request_timeline(requests, itl_threshold=0.5).to_pylist()
+    a = [(s["kind"], s["start"], s["end"]) for s in segments if s["request_id"] == "a"]
+    assert a == [("ttft", 0.0, 1.0), ("itl_ok", 1.0, 1.2), ("itl_slow", 1.2, 2.0), ("itl_ok", 2.0, 2.1)]
+    b = [(s["kind"], s["start"], s["end"]) for s in segments if s["request_id"] == "b"]
+    assert b == [("ttft", 0.5, 0.7), ("itl_ok", 0.7, 0.8)]
+    assert len(request_timeline(requests, 0.5, max_requests=1).column("request_id").unique()) == 1
