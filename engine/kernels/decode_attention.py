@@ -1,0 +1,246 @@
+"""Triton split-K ("flash decoding") attention of one new token per sequence over the paged KV cache.
+
+A first kernel gives each (sequence, KV head, context partition) its own program, which
+attends all query heads of the KV head's group at once so K and V are read once per group;
+a second kernel merges the partitions' partial softmaxes. Grid and scratch sizes come
+from the block table's width alone, never from the data: CUDA-graph safe.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.attention_inputs import check_attention_inputs
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTiling:
+    """Partition and tile shape of the decode kernels."""
+
+    partition_size: int = 512
+    """Context tokens per program; grown for very long contexts so at most max_partitions remain."""
+    block_n: int = 64
+    """Keys per inner-loop step."""
+    max_partitions: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("partition_size", "block_n", "max_partitions"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"DecodeTiling.{name} must be a power of two, got {value}")
+        if self.block_n < 16 or self.partition_size % self.block_n:
+            raise ValueError(
+                f"DecodeTiling: block_n ({self.block_n}) must be >= 16 and divide partition_size ({self.partition_size})"
+            )
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    qk_scale,
+    num_q_heads,
+    num_partitions,
+    q_stride_seq,
+    q_stride_head,
+    cache_stride_block,
+    cache_stride_slot,
+    cache_stride_head,
+    block_tables_stride,
+    QUERIES_PER_KV: tl.constexpr,
+    HEADS_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    partition = tl.program_id(2)
+    context_len = tl.load(seq_lens_ptr + seq)
+    key_begin = partition * PARTITION_SIZE
+    if key_begin >= context_len:
+        return  # partitions past the context (and padding rows, context 0) do nothing
+    key_end = tl.minimum(key_begin + PARTITION_SIZE, context_len)
+
+    heads = tl.arange(0, HEADS_PADDED)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    head_valid = heads < QUERIES_PER_KV
+    dim_valid = dims < HEAD_DIM
+    q_heads = kv_head * QUERIES_PER_KV + heads
+    q_offsets = seq.to(tl.int64) * q_stride_seq + q_heads[:, None] * q_stride_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=head_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    acc = tl.zeros([HEADS_PADDED, HEAD_DIM_PADDED], dtype=tl.float32)
+    row_sum = tl.zeros([HEADS_PADDED], dtype=tl.float32)
+    row_max = tl.full([HEADS_PADDED], -1.0e30, dtype=tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
+    head_offset = kv_head * cache_stride_head
+    for key_start in range(key_begin, key_end, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        key_valid = keys < key_end
+        block_ids = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        slot_offsets = block_ids * cache_stride_block + (keys % BLOCK_SIZE) * cache_stride_slot + head_offset
+        # Keys past the context are zeroed: unwritten cache memory may hold NaNs.
+        k = tl.load(
+            k_cache_ptr + slot_offsets[None, :] + dims[:, None],
+            mask=key_valid[None, :] & dim_valid[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_cache_ptr + slot_offsets[:, None] + dims[None, :],
+            mask=key_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )
+        scores = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    rows = (seq * num_q_heads + q_heads).to(tl.int64) * num_partitions + partition
+    tl.store(partial_max_ptr + rows, row_max, mask=head_valid)
+    tl.store(partial_sum_ptr + rows, row_sum, mask=head_valid)
+    tl.store(
+        partial_out_ptr + rows[:, None] * HEAD_DIM_PADDED + dims[None, :],
+        acc / row_sum[:, None],
+        mask=head_valid[:, None],
+    )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    num_partitions,
+    out_stride_seq,
+    out_stride_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    PARTITIONS_PADDED: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    context_len = tl.load(seq_lens_ptr + seq)
+    used = tl.cdiv(context_len, PARTITION_SIZE)
+    partitions = tl.arange(0, PARTITIONS_PADDED)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    valid = partitions < used
+    rows = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions + partitions
+    maxes = tl.load(partial_max_ptr + rows, mask=valid, other=-1.0e30)
+    sums = tl.load(partial_sum_ptr + rows, mask=valid, other=0.0)
+    weights = tl.where(valid, tl.exp2(maxes - tl.max(maxes, 0)) * sums, 0.0)
+    total = tl.sum(weights, 0)
+    parts = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM_PADDED + dims[None, :], mask=valid[:, None], other=0.0)
+    # A padding row (context 0) has no partition: total is 0 and the output is zeros.
+    out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    out_offsets = seq.to(tl.int64) * out_stride_seq + head * out_stride_head + dims
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def decode_partition_size(max_context_len: int, tiling: DecodeTiling) -> int:
+    """Partition size for contexts up to max_context_len: tiling's, doubled until max_partitions suffice."""
+    size = tiling.partition_size
+    while triton.cdiv(max_context_len, size) > tiling.max_partitions:
+        size *= 2
+    return size
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    tiling: DecodeTiling | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence, q [B, Hq, D], over its whole cached context; empty rows give zeros."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    check_attention_inputs("paged_decode_attention", q, k_cache, v_cache, seq_lens, block_tables)
+    if seq_lens.shape != (num_seqs,):
+        raise ValueError(f"paged_decode_attention: seq_lens has {seq_lens.shape[0]} rows but q has {num_seqs}")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    tiling = tiling or DecodeTiling()
+    queries_per_kv = num_q_heads // num_kv_heads
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    partition_size = decode_partition_size(block_tables.shape[1] * block_size, tiling)
+    num_partitions = max(1, triton.cdiv(block_tables.shape[1] * block_size, partition_size))
+    # Scratch sized by the table's width: the same every replay of a CUDA graph.
+    partial_out = torch.empty(
+        (num_seqs, num_q_heads, num_partitions, head_dim_padded), dtype=torch.float32, device=q.device
+    )
+    partial_max = torch.empty((num_seqs, num_q_heads, num_partitions), dtype=torch.float32, device=q.device)
+    partial_sum = torch.empty_like(partial_max)
+    _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_tables,
+        partial_out,
+        partial_max,
+        partial_sum,
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        num_q_heads,
+        num_partitions,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        QUERIES_PER_KV=queries_per_kv,
+        # tl.dot needs at least 16 rows: small GQA groups are padded with masked heads.
+        HEADS_PADDED=max(16, triton.next_power_of_2(queries_per_kv)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=min(tiling.block_n, partition_size),
+        PARTITION_SIZE=partition_size,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    _decode_reduce_kernel[(num_seqs, num_q_heads)](
+        partial_out,
+        partial_max,
+        partial_sum,
+        seq_lens,
+        out,
+        num_partitions,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
+        PARTITIONS_PADDED=triton.next_power_of_2(num_partitions),
+        PARTITION_SIZE=partition_size,
+        num_warps=4,
+    )
+    return out

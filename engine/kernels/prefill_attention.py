@@ -1,0 +1,236 @@
+"""Triton flash attention of packed prompt chunks over the paged KV cache (chunked prefill, prefix-cache hits)."""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.attention_inputs import check_attention_inputs
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillTiling:
+    """Tile shape and launch settings of the prefill kernel."""
+
+    block_m: int = 128
+    """Queries of one head per program."""
+    block_n: int = 64
+    """Keys per inner-loop step; need not relate to the cache block size (each key looks up its block)."""
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"PrefillTiling.{name} must be a power of two >= 16, got {value}")
+
+
+def default_prefill_tiling(head_dim: int) -> PrefillTiling:
+    """A tiling that fits an H100's registers and shared memory for this head size."""
+    if head_dim <= 64:
+        return PrefillTiling(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return PrefillTiling(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    query_positions,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    key_start,
+    context_len,
+    head_offset,
+    cache_stride_block,
+    cache_stride_slot,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold one tile of BLOCK_N keys into the running softmax (row_max in log2 units, row_sum, acc)."""
+    keys = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    if CAUSAL_MASK:
+        # The last tile may run past the context: such keys read block 0 and are zeroed, since
+        # unwritten cache memory may hold NaNs that 0 * NaN would spread.
+        key_valid = keys < context_len
+        block_ids = tl.load(block_table_ptr + keys // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+    else:
+        block_ids = tl.load(block_table_ptr + keys // BLOCK_SIZE).to(tl.int64)
+    # Each key finds its own cache block, so BLOCK_N may span many blocks or part of one.
+    slot_offsets = block_ids * cache_stride_block + (keys % BLOCK_SIZE) * cache_stride_slot + head_offset
+    k_ptrs = k_cache_ptr + slot_offsets[None, :] + dims[:, None]
+    v_ptrs = v_cache_ptr + slot_offsets[:, None] + dims[None, :]
+    if CAUSAL_MASK:
+        k = tl.load(k_ptrs, mask=key_valid[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_ptrs, mask=key_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM == HEAD_DIM_PADDED:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
+    scores = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if CAUSAL_MASK:
+        scores = tl.where(keys[None, :] <= query_positions[:, None], scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    probs = tl.exp2(scores - new_max[:, None])
+    rescale = tl.exp2(row_max - new_max)
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    cu_seqlens_q_ptr,
+    cu_tiles_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    num_seqs,
+    q_stride_token,
+    q_stride_head,
+    out_stride_token,
+    out_stride_head,
+    cache_stride_block,
+    cache_stride_slot,
+    cache_stride_head,
+    block_tables_stride,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    # The grid is an upper bound on the tile count (no host sync): find this tile's sequence by
+    # binary search for the last seq with cu_tiles[seq] <= tile, then drop tiles past the end.
+    low = tile * 0
+    high = low + num_seqs
+    while low < high:
+        mid = (low + high + 1) // 2
+        before = tl.load(cu_tiles_ptr + mid) <= tile
+        low = tl.where(before, mid, low)
+        high = tl.where(before, high, mid - 1)
+    seq = low
+    if seq >= num_seqs:
+        return
+    query_begin = tl.load(cu_seqlens_q_ptr + seq)
+    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - query_begin
+    context_len = tl.load(seq_lens_ptr + seq)
+    first_row = (tile - tl.load(cu_tiles_ptr + seq)) * BLOCK_M
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    row_valid = rows < query_len
+    query_positions = context_len - query_len + rows
+    q_offsets = (query_begin + rows[:, None]).to(tl.int64) * q_stride_token + head * q_stride_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # A finite floor keeps exp2(old_max - new_max) well defined for rows that saw no key yet.
+    row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
+    head_offset = (head // QUERIES_PER_KV) * cache_stride_head
+    first_position = context_len - query_len + first_row
+    last_position = tl.minimum(first_position + BLOCK_M - 1, context_len - 1)
+    # Keys before the tile's first query are visible to every row: no mask there.
+    unmasked_end = (first_position + 1) // BLOCK_N * BLOCK_N
+    for key_start in range(0, unmasked_end, BLOCK_N):
+        acc, row_sum, row_max = _attend_key_tile(
+            acc, row_sum, row_max, q, query_positions, k_cache_ptr, v_cache_ptr, block_table_ptr, key_start,
+            context_len, head_offset, cache_stride_block, cache_stride_slot, qk_scale,
+            HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, False, PRECISION,
+        )  # fmt: skip
+    for key_start in range(unmasked_end, last_position + 1, BLOCK_N):
+        acc, row_sum, row_max = _attend_key_tile(
+            acc, row_sum, row_max, q, query_positions, k_cache_ptr, v_cache_ptr, block_table_ptr, key_start,
+            context_len, head_offset, cache_stride_block, cache_stride_slot, qk_scale,
+            HEAD_DIM, HEAD_DIM_PADDED, BLOCK_SIZE, BLOCK_N, True, PRECISION,
+        )  # fmt: skip
+
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out_offsets = (query_begin + rows[:, None]).to(tl.int64) * out_stride_token + head * out_stride_head + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM))
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    tiling: PrefillTiling | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed new tokens q [T, Hq, D] over each sequence's cached context (new tokens included)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    check_attention_inputs("paged_prefill_attention", q, k_cache, v_cache, seq_lens, block_tables)
+    if cu_seqlens_q.shape != (num_seqs + 1,):
+        raise ValueError(f"paged_prefill_attention: cu_seqlens_q shape {tuple(cu_seqlens_q.shape)}, expected ({num_seqs + 1},)")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    tiling = tiling or default_prefill_tiling(head_dim)
+    # Tiles per sequence, prefix-summed on the device so the launch needs no host sync.
+    query_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum((query_lens + tiling.block_m - 1) // tiling.block_m, 0, out=cu_tiles[1:])
+    max_tiles = triton.cdiv(num_tokens, tiling.block_m) + num_seqs
+    _prefill_attention_kernel[(max_tiles, num_q_heads)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        cu_tiles,
+        seq_lens,
+        block_tables,
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        num_seqs,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        QUERIES_PER_KV=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=tiling.block_m,
+        BLOCK_N=tiling.block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    return out
+

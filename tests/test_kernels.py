@@ -1,0 +1,309 @@
+"""Paged attention kernels (Triton and torch backends) against an independent float64 computation.
+
+On a machine without CUDA the Triton kernels run under Triton's interpreter, which must be
+switched on before triton is first imported. When another test module imported triton
+first, the Triton tests here rerun this file in a fresh interpreter process.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from engine.kernels import reference  # noqa: E402
+from engine.kernels.decode_attention import DecodeTiling, decode_partition_size  # noqa: E402
+from engine.kernels.decode_attention import paged_decode_attention as triton_decode  # noqa: E402
+from engine.kernels.prefill_attention import PrefillTiling  # noqa: E402
+from engine.kernels.prefill_attention import paged_prefill_attention as triton_prefill  # noqa: E402
+from engine.kernels.store_kvcache import store_kvcache as triton_store  # noqa: E402
+
+_INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
+_TRITON_RUNS_HERE = _CUDA or _INTERPRETED
+DEVICE = "cuda" if _CUDA else "cpu"
+# Small tiles so that the tiny test shapes still cross tile, block and partition edges.
+SMALL_PREFILL = PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1)
+SMALL_DECODE = DecodeTiling(partition_size=16, block_n=16, num_warps=4, num_stages=1)
+
+BACKENDS = ["triton", "torch"]
+
+
+def _backend(name: str):
+    """(store, prefill, decode) of a backend, skipping Triton where it cannot run in this process."""
+    if name == "torch":
+        return reference.store_kvcache, reference.paged_prefill_attention, reference.paged_decode_attention
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+
+    def prefill(*args):
+        return triton_prefill(*args, tiling=SMALL_PREFILL)
+
+    def decode(*args):
+        return triton_decode(*args, tiling=SMALL_DECODE)
+
+    return triton_store, prefill, decode
+
+
+@pytest.mark.skipif(_TRITON_RUNS_HERE, reason="the Triton tests run in this process")
+def test_triton_kernels_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- float64 truth and paged layout
+
+
+def attention_float64(q, keys, values, first_position: int, scale: float) -> torch.Tensor:
+    """Causal softmax attention in float64, written out: q [L, Hq, D] at first_position..; keys/values [C, Hkv, D]."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.double().repeat_interleave(group, dim=1)
+    values = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("lhd,chd->hlc", q.double(), keys) * scale
+    query_positions = first_position + torch.arange(q.shape[0])
+    visible = torch.arange(keys.shape[0])[None, :] <= query_positions[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("hlc,chd->lhd", weights, values)
+
+
+class PagedContexts:
+    """Random per-sequence K/V scattered into a NaN-filled paged cache through shuffled block tables.
+
+    Unused slots and the table's padding block hold NaN, so a kernel that reads past a
+    context or through a padding entry turns its output into NaN.
+    """
+
+    def __init__(self, context_lens, num_kv_heads, head_dim, block_size, generator, dtype=torch.float32):
+        self.context_lens = list(context_lens)
+        self.keys = [torch.randn(n, num_kv_heads, head_dim, generator=generator, dtype=torch.float64) for n in context_lens]
+        self.values = [torch.randn(n, num_kv_heads, head_dim, generator=generator, dtype=torch.float64) for n in context_lens]
+        blocks_per_seq = [-(-n // block_size) for n in context_lens]
+        num_blocks = sum(blocks_per_seq) + 2
+        order = torch.randperm(num_blocks, generator=generator)
+        padding_block = int(order[-1])  # never written: all NaN
+        max_blocks = max(blocks_per_seq) + 2
+        table = torch.full((len(context_lens), max_blocks), padding_block, dtype=torch.int32)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
+        next_block = 0
+        for seq, n in enumerate(context_lens):
+            table[seq, : blocks_per_seq[seq]] = order[next_block : next_block + blocks_per_seq[seq]].int()
+            next_block += blocks_per_seq[seq]
+            positions = torch.arange(n)
+            blocks = table[seq, positions // block_size].long()
+            self.k_cache[blocks, positions % block_size] = self.keys[seq].to(dtype)
+            self.v_cache[blocks, positions % block_size] = self.values[seq].to(dtype)
+        self.block_tables = table
+        self.k_cache, self.v_cache, self.block_tables = (
+            t.to(DEVICE) for t in (self.k_cache, self.v_cache, self.block_tables)
+        )
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return torch.tensor(self.context_lens, dtype=torch.int32, device=DEVICE)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    actual = actual.double().cpu()
+    assert torch.isfinite(actual).all(), "output holds NaN or inf"
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+
+
+# ---------------------------------------------------------------- store_kvcache
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_kvcache_writes_slots_and_skips_minus_one(backend):
+    store, _, _ = _backend(backend)
+    generator = torch.Generator().manual_seed(1)
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 4, 2, 24
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    # key/value as views of a fused qkv projection: rows are not contiguous.
+    qkv = torch.randn(5, 3 * num_kv_heads, head_dim, generator=generator).to(DEVICE)
+    key, value = qkv[:, num_kv_heads : 2 * num_kv_heads], qkv[:, 2 * num_kv_heads :]
+    slots = torch.tensor([7, -1, 0, 23, 12], dtype=torch.int64, device=DEVICE)
+    store(key, value, k_cache, v_cache, slots)
+
+    flat_k, flat_v = k_cache.flatten(0, 1).cpu(), v_cache.flatten(0, 1).cpu()
+    written = {7: 0, 0: 2, 23: 3, 12: 4}
+    for slot, row in written.items():
+        assert torch.equal(flat_k[slot], key[row].cpu())
+        assert torch.equal(flat_v[slot], value[row].cpu())
+    untouched = [s for s in range(num_blocks * block_size) if s not in written]
+    assert not flat_k[untouched].any() and not flat_v[untouched].any(), "the slot -1 row (or another) leaked"
+
+
+# ---------------------------------------------------------------- prefill
+
+PREFILL_CASES = {
+    # name: (query_lens, cached_prefix_lens, q_heads, kv_heads, head_dim, block_size)
+    "ragged_on_block_edges": ([1, 16, 17, 32], [0, 0, 0, 0], 2, 2, 16, 16),
+    "cached_prefix_gqa": ([5, 0, 1, 20], [4, 9, 7, 0], 4, 2, 32, 4),
+    "chunk_after_long_prefix_big_blocks": ([9, 33], [40, 31], 4, 1, 24, 32),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_matches_float64(backend, case):
+    _, prefill, _ = _backend(backend)
+    query_lens, prefix_lens, q_heads, kv_heads, head_dim, block_size = PREFILL_CASES[case]
+    generator = torch.Generator().manual_seed(2)
+    context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]
+    paged = PagedContexts(context_lens, kv_heads, head_dim, block_size, generator)
+    queries = [torch.randn(n, q_heads, head_dim, generator=generator, dtype=torch.float64) for n in query_lens]
+    q = torch.cat(queries).float().to(DEVICE)
+    cu_seqlens_q = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+
+    out = prefill(q, paged.k_cache, paged.v_cache, cu_seqlens_q, paged.seq_lens, paged.block_tables, scale)
+
+    expected = torch.cat(
+        [
+            attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], scale)
+            for s in range(len(query_lens))
+        ]
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _assert_close(out, expected, 1e-4)
+
+
+# ---------------------------------------------------------------- decode
+
+DECODE_CASES = {
+    # name: (context_lens (0 = padding row), q_heads, kv_heads, head_dim, block_size)
+    "several_partitions_gqa_with_padding_rows": ([1, 16, 70, 0, 33, 0], 4, 2, 32, 4),
+    "mha_big_blocks_partition_edges": ([64, 5, 32], 2, 2, 24, 32),
+    "wide_group": ([48, 17], 8, 1, 16, 16),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_matches_float64(backend, case):
+    _, _, decode = _backend(backend)
+    context_lens, q_heads, kv_heads, head_dim, block_size = DECODE_CASES[case]
+    generator = torch.Generator().manual_seed(3)
+    paged = PagedContexts(context_lens, kv_heads, head_dim, block_size, generator)
+    q64 = torch.randn(len(context_lens), q_heads, head_dim, generator=generator, dtype=torch.float64)
+    scale = head_dim**-0.5
+
+    out = decode(q64.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, scale)
+
+    expected = torch.zeros_like(q64)
+    for seq, n in enumerate(context_lens):
+        if n:
+            expected[seq] = attention_float64(q64[seq : seq + 1], paged.keys[seq], paged.values[seq], n - 1, scale)[0]
+    _assert_close(out, expected, 1e-4)
+
+
+def test_decode_partition_grows_for_long_tables():
+    tiling = DecodeTiling(partition_size=512, max_partitions=4)
+    assert decode_partition_size(2048, tiling) == 512
+    assert decode_partition_size(2049, tiling) == 1024
+    assert decode_partition_size(100_000, tiling) == 32768
+
+
+def test_decode_with_grown_partitions_matches_float64():
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+    generator = torch.Generator().manual_seed(4)
+    context_lens = [50, 3]
+    paged = PagedContexts(context_lens, 1, 16, 4, generator)
+    q64 = torch.randn(2, 2, 16, generator=generator, dtype=torch.float64)
+    tiling = DecodeTiling(partition_size=16, block_n=16, max_partitions=2, num_stages=1)
+    out = triton_decode(
+        q64.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, 0.25, tiling=tiling
+    )
+    expected = torch.stack(
+        [attention_float64(q64[s : s + 1], paged.keys[s], paged.values[s], n - 1, 0.25)[0] for s, n in enumerate(context_lens)]
+    )
+    _assert_close(out, expected, 1e-4)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_mismatched_heads_are_rejected_by_name():
+    q = torch.zeros(3, 3, 16, device=DEVICE)
+    cache = torch.zeros(2, 4, 2, 16, device=DEVICE)
+    seq_lens = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    cu = torch.tensor([0, 3], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="paged_prefill_attention: 3 query heads are not a multiple of 2 KV heads"):
+        triton_prefill(q, cache, cache, cu, seq_lens, tables, 1.0)
+    with pytest.raises(ValueError, match="paged_decode_attention: seq_lens has 1 rows but q has 3"):
+        triton_decode(torch.zeros(3, 2, 16, device=DEVICE), cache, cache, seq_lens, tables, 1.0)
+
+
+# ---------------------------------------------------------------- on the GPU: bf16, real shapes, CUDA graphs
+
+needs_cuda = pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_real_shapes_on_gpu(head_dim):
+    generator = torch.Generator().manual_seed(5)
+    q_heads, kv_heads, block_size = 16, 8, 16
+    prefix_lens, query_lens = [0, 100, 513, 0], [700, 37, 128, 1]
+    context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]
+    paged = PagedContexts(context_lens, kv_heads, head_dim, block_size, generator, dtype=torch.bfloat16)
+    queries = [torch.randn(n, q_heads, head_dim, generator=generator, dtype=torch.float64) for n in query_lens]
+    q = torch.cat(queries).to(DEVICE, torch.bfloat16)
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = triton_prefill(q, paged.k_cache, paged.v_cache, cu, paged.seq_lens, paged.block_tables, scale)
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], scale) for s in range(4)]
+    )
+    _assert_close(out, expected, 3e-2)
+
+    q_decode = torch.randn(4, q_heads, head_dim, generator=generator, dtype=torch.float64)
+    out = triton_decode(
+        q_decode.to(DEVICE, torch.bfloat16), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, scale
+    )
+    expected = torch.stack(
+        [
+            attention_float64(q_decode[s : s + 1], paged.keys[s], paged.values[s], n - 1, scale)[0]
+            for s, n in enumerate(context_lens)
+        ]
+    )
+    _assert_close(out, expected, 3e-2)
+
+
+@needs_cuda
+def test_decode_replays_in_a_cuda_graph():
+    generator = torch.Generator().manual_seed(6)
+    paged = PagedContexts([300, 1000, 17], 8, 128, 16, generator, dtype=torch.bfloat16)
+    q = torch.randn(3, 16, 128, generator=generator).to(DEVICE, torch.bfloat16)
+    seq_lens = paged.seq_lens.clone()
+    out = torch.empty_like(q)
+    args = (q, paged.k_cache, paged.v_cache, seq_lens, paged.block_tables, 128**-0.5)
+    triton_decode(*args, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_decode(*args, out=out)
+    for lens in ([300, 1000, 17], [1, 999, 0], [256, 512, 16]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        expected = reference.paged_decode_attention(*args)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
