@@ -82,6 +82,8 @@ def fast_forward_decodes(engine, now: float) -> bool:
     # Step j starts at starts[j]; a pending arrival at or before a start would be admitted there.
     pending = engine._pending
     next_arrival = pending[0][0] if pending else None
+    if engine.horizon is not None and (next_arrival is None or engine.horizon < next_arrival):
+        next_arrival = engine.horizon
     starts = [now]
     ends = []
     clock_time = now

@@ -36,6 +36,8 @@ class Engine:
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seq_ids = itertools.count()
         self._last_step_busy = False
+        self.horizon: float | None = None
+        """A time fast-forwarding must not step past (set by run_until, e.g. a router's next arrival)."""
         self._fast_forward = (
             fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
         )
@@ -209,6 +211,22 @@ class Engine:
         while self.step():
             if on_step is not None:
                 on_step(self)
+
+    def run_until(self, when: float) -> None:
+        """Run every step that starts before `when` (a step may end after it), then stop.
+
+        On a virtual clock an idle engine is moved to `when`, so requests added next arrive on time.
+        """
+        self.horizon = when
+        try:
+            while self.clock.now() < when:
+                if not self.scheduler.has_unfinished() and (not self._pending or self._pending[0][0] >= when):
+                    self._last_step_busy = False
+                    self.clock.sleep_until(when)
+                    break
+                self.step()
+        finally:
+            self.horizon = None
 
     # ---- results
 

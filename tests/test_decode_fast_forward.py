@@ -71,3 +71,31 @@ def test_fast_forward_skips_most_decode_steps():
     engine = run(workload, fast_forward=True)
     calls = len(engine.executor.steps)
     assert calls < len(engine.step_records) / 3
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.booleans())
+def test_adding_requests_as_they_arrive_equals_adding_them_up_front(seed, fast_forward):
+    """What a router does: run each replica up to the next arrival, then hand it the request."""
+    rng = random.Random(seed)
+    requests = sorted(
+        (rng.random() * 3.0, [rng.randrange(1000) for _ in range(rng.randrange(1, 60))], rng.randrange(1, 80))
+        for _ in range(rng.randrange(1, 12))
+    )
+    config = EngineConfig(block_size=4, max_model_len=400, max_num_batched_tokens=32, num_kv_blocks=120)
+
+    def engine():
+        return Engine(config, PredictingExecutor(120, 4), fast_forward=fast_forward)
+
+    upfront, incremental = engine(), engine()
+    for index, (arrival, prompt, max_tokens) in enumerate(requests):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        upfront.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=arrival, request_id=str(index))
+        incremental.run_until(arrival)
+        incremental.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=arrival, request_id=str(index))
+    upfront.run()
+    incremental.run()
+    assert requests_table(list(incremental.request_records.values())).equals(
+        requests_table(list(upfront.request_records.values()))
+    )
+    assert steps_table(incremental.step_records).equals(steps_table(upfront.step_records))
