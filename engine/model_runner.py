@@ -1,0 +1,363 @@
+"""Runs one model on one device: builds it, sizes and owns the paged KV cache, turns a SchedulerOutput into
+model inputs, runs the forward (CUDA graph or eager) and samples.
+
+Inputs for a step are packed into one pinned int32 host buffer and copied to the device in one transfer.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, load_backend, resolve_backend_name
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine.distributed import all_reduce_min, tp_rank, tp_size
+from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_weights, safetensors_tensors
+from engine.model_config import ModelConfig, is_preset, load_model_config, resolve_model_path
+from engine.models import attention_features, model_class
+from engine.sampler import Sampler, SamplingTensors, seed_key
+from engine.scheduler_output import SchedulerOutput
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The weights' dtype: "auto" is the checkpoint's on CUDA and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return _DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is unknown; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class _Staging:
+    """A growable pinned host buffer and its device twin, for one host-to-device copy per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self._allocate(1 << 16)
+
+    def _allocate(self, capacity: int) -> None:
+        self.host = torch.empty(capacity, dtype=torch.int32, pin_memory=self.pinned)
+        self.host_np = self.host.numpy()
+        self.device_buffer = torch.empty(capacity, dtype=torch.int32, device=self.device) if self.pinned else self.host
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Copy int32/float32 numpy arrays to the device in one transfer; device views in the same order."""
+        total = sum(a.size for a in arrays)
+        if total > self.host.numel():
+            self._allocate(1 << math.ceil(math.log2(total)))
+        offsets = []
+        offset = 0
+        for array in arrays:
+            flat = array.reshape(-1)
+            target = self.host_np[offset:offset + flat.size]
+            if flat.dtype == np.float32:
+                target.view(np.float32)[:] = flat
+            else:
+                target[:] = flat
+            offsets.append(offset)
+            offset += flat.size
+        if self.pinned:
+            self.device_buffer[:total].copy_(self.host[:total], non_blocking=True)
+            source = self.device_buffer
+        else:
+            # The CPU tensor itself: clone so the next step's writes cannot alias this step's inputs.
+            source = self.host[:total].clone()
+        views = []
+        for array, start in zip(arrays, offsets):
+            view = source[start:start + array.size]
+            if array.dtype == np.float32:
+                view = view.view(torch.float32)
+            views.append(view.view(array.shape))
+        return views
+
+
+class ModelRunner:
+    """One rank's model, KV cache, CUDA graphs and sampler."""
+
+    def __init__(
+        self,
+        model: str,
+        engine_config: EngineConfig,
+        *,
+        dtype: str = "auto",
+        device: str = "cuda",
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        attention_backend: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        cpu_kv_cache_bytes: int = 1 << 30,
+    ) -> None:
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format {load_format!r} is unknown; choose one of {', '.join(LOAD_FORMATS)}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.engine_config = engine_config
+        self.model_config = config = load_model_config(model)
+        self.dtype = resolve_dtype(dtype, config, self.device)
+        self.block_size = engine_config.block_size
+        self.max_model_len = engine_config.max_model_len
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.rank = tp_rank()
+        self.backend_name = resolve_backend_name(attention_backend, self.device, self.block_size)
+        backend = load_backend(self.backend_name)
+        self.qkv_bias, self.qk_norm = attention_features(config.architecture, config.attention_bias)
+
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(config.architecture)(config, self.max_model_len, backend)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        self.model.eval()
+        self._load_weights(model, load_format, seed)
+
+        self.sampler = Sampler(seed, self.device)
+        self.staging = _Staging(self.device)
+        self.num_kv_heads = config.num_key_value_heads // tp_size()
+        self.bytes_per_block = (
+            2 * config.num_hidden_layers * self.block_size * self.num_kv_heads * config.head_dim * self.dtype.itemsize
+        )
+        num_blocks = engine_config.num_kv_blocks
+        if num_blocks is None:
+            if self.device.type == "cuda":
+                num_blocks = self._profile_num_blocks(gpu_memory_utilization)
+            else:
+                most_needed = engine_config.max_num_seqs * self.max_blocks_per_seq
+                num_blocks = min(cpu_kv_cache_bytes // self.bytes_per_block, most_needed)
+            num_blocks = all_reduce_min(num_blocks, self.device)
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no memory left for the KV cache on {self.device} (one block needs {self.bytes_per_block} bytes); "
+                "raise gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model"
+            )
+        self.num_kv_blocks = int(num_blocks)
+        self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
+
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not enforce_eager:
+            sizes = graph_batch_sizes(engine_config.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
+            self.graphs.capture()
+
+    @property
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        return list(self.graphs.batch_sizes) if self.graphs is not None else []
+
+    def _load_weights(self, model: str, load_format: str, seed: int) -> None:
+        if load_format == "auto":
+            load_format = "dummy" if is_preset(model) else "safetensors"
+        if load_format == "dummy":
+            shapes = checkpoint_shapes(self.model_config, self.qkv_bias, self.qk_norm)
+            tensors = dummy_tensors(shapes, seed, self.device, self.dtype)
+            load_weights(self.model, tensors, f"dummy weights of {model}")
+        else:
+            if is_preset(model):
+                raise ValueError(f"model {model!r} is a bundled preset without weights; use load_format='dummy'")
+            folder = resolve_model_path(model).parent
+            load_weights(self.model, safetensors_tensors(folder), str(folder))
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        """[2, layers, blocks, block_size, kv_heads, head_dim], each layer's attention given its two slices."""
+        config = self.model_config
+        shape = (2, config.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, config.head_dim)
+        kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for index, attention in enumerate(self.model.attention_layers()):
+            attention.k_cache = kv_cache[0, index]
+            attention.v_cache = kv_cache[1, index]
+        return kv_cache
+
+    @torch.inference_mode()
+    def _profile_num_blocks(self, gpu_memory_utilization: float) -> int:
+        """Blocks that fit after the peak of a warm-up forward at the largest batch (vLLM's profiling)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free_before, total = torch.cuda.mem_get_info(self.device)
+        allocated_before = torch.cuda.memory_allocated(self.device)
+        num_tokens = self.engine_config.max_num_batched_tokens
+        seq_len = min(self.max_model_len, num_tokens)
+        num_seqs = min(-(-num_tokens // seq_len), self.engine_config.max_num_seqs)
+        lengths = [seq_len] * num_seqs
+        lengths[-1] = num_tokens - seq_len * (num_seqs - 1) if num_tokens > seq_len * (num_seqs - 1) else seq_len
+        blocks_needed = sum(-(-n // self.block_size) for n in lengths)
+        scratch = self._allocate_kv_cache(blocks_needed)
+        scratch_bytes = scratch.numel() * scratch.element_size()
+        next_block = 0
+        ids, positions, slots, tables = [], [], [], []
+        for n in lengths:
+            blocks = list(range(next_block, next_block + -(-n // self.block_size)))
+            next_block += len(blocks)
+            ids.append(np.zeros(n, np.int32))
+            pos = np.arange(n, dtype=np.int32)
+            positions.append(pos)
+            slots.append((np.asarray(blocks, np.int32)[pos // self.block_size] * self.block_size
+                          + pos % self.block_size).astype(np.int32))
+            tables.append(blocks)
+        width = max(len(t) for t in tables)
+        table = np.zeros((len(tables), width), np.int32)
+        for row, blocks in enumerate(tables):
+            table[row, :len(blocks)] = blocks
+        cu = np.zeros(len(lengths) + 1, np.int32)
+        cu[1:] = np.cumsum(lengths)
+        dev = self.staging.upload([np.concatenate(ids), np.concatenate(positions), np.concatenate(slots),
+                                   np.asarray(lengths, np.int32), cu, table])
+        metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[5], cu_seqlens_q=dev[4])
+        hidden = self.model(dev[0], dev[1], metadata)
+        # The sampler's peak at the most rows a step can sample, with every filter on.
+        rows = self.engine_config.max_num_seqs
+        logits = self.model.compute_logits(hidden[:1].expand(rows, -1).contiguous())
+        full = torch.ones(rows, device=self.device)
+        self.sampler(logits, SamplingTensors(temperatures=full * 0.5, top_k=full.int() * 5, top_p=full * 0.9))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden, logits
+        for attention in self.model.attention_layers():
+            attention.k_cache = attention.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        activation_peak = peak - allocated_before - scratch_bytes
+        used_before = total - free_before
+        budget = total * gpu_memory_utilization - used_before - activation_peak
+        return max(0, int(budget // self.bytes_per_block))
+
+    def _prepare(self, scheduler_output: SchedulerOutput):
+        """Device inputs for a step: (ids, positions, metadata, logit rows, sampling tensors, sampled seq ids, graph size)."""
+        seqs = scheduler_output.sequences
+        block_size = self.block_size
+        num_seqs = len(seqs)
+        single_token = all(len(seq.token_ids) == 1 for seq in seqs)
+        graph_size = None
+        if single_token and self.graphs is not None:
+            graph_size = self.graphs.padded_size(num_seqs)
+        rows = graph_size or num_seqs
+        width = max(len(seq.block_table) for seq in seqs)
+        block_tables = np.zeros((rows, width), np.int32)
+        seq_lens = np.zeros(rows, np.int32)
+        sampled_ids: list[int] = []
+        sampled_params = []
+        logit_rows: list[int] = []
+        if single_token:
+            ids = np.zeros(rows, np.int32)
+            positions = np.zeros(rows, np.int32)
+            slots = np.full(rows, -1, np.int32)
+            for row, seq in enumerate(seqs):
+                position = seq.num_computed_tokens
+                table = seq.block_table
+                ids[row] = seq.token_ids[0]
+                positions[row] = position
+                slots[row] = table[position // block_size] * block_size + position % block_size
+                seq_lens[row] = position + 1
+                block_tables[row, :len(table)] = table
+                if seq.samples:
+                    sampled_ids.append(seq.seq_id)
+                    sampled_params.append((seq.sampling_params, seq.num_output_tokens))
+                    logit_rows.append(row)
+            arrays = [ids, positions, slots, seq_lens, block_tables]
+        else:
+            id_parts, position_parts, slot_parts = [], [], []
+            cu = np.zeros(num_seqs + 1, np.int32)
+            total = 0
+            for row, seq in enumerate(seqs):
+                start, count = seq.num_computed_tokens, len(seq.token_ids)
+                table = np.asarray(seq.block_table, np.int32)
+                pos = np.arange(start, start + count, dtype=np.int32)
+                id_parts.append(np.asarray(seq.token_ids, np.int32))
+                position_parts.append(pos)
+                slot_parts.append(table[pos // block_size] * block_size + pos % block_size)
+                seq_lens[row] = start + count
+                block_tables[row, :len(table)] = table
+                total += count
+                cu[row + 1] = total
+                if seq.samples:
+                    sampled_ids.append(seq.seq_id)
+                    sampled_params.append((seq.sampling_params, seq.num_output_tokens))
+                    logit_rows.append(total - 1)
+            arrays = [np.concatenate(id_parts), np.concatenate(position_parts), np.concatenate(slot_parts),
+                      seq_lens, block_tables, cu]
+        sampling_arrays, sampling_layout = self._sampling_arrays(sampled_params)
+        arrays += [np.asarray(logit_rows, np.int32)] + sampling_arrays
+        dev = self.staging.upload(arrays)
+        cu_seqlens_q = None if single_token else dev[5]
+        base = 5 if single_token else 6
+        sampling = self._sampling_tensors(dev[base + 1:], sampling_layout)
+        metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=cu_seqlens_q)
+        return dev[0], dev[1], metadata, dev[base], sampling, sampled_ids, graph_size
+
+    @staticmethod
+    def _sampling_arrays(sampled_params) -> tuple[list[np.ndarray], tuple[bool, bool, bool, bool]]:
+        """Host arrays of the per-row sampling settings, only for the features some row uses."""
+        params = [p for p, _ in sampled_params]
+        any_random = any(not p.greedy for p in params)
+        if not any_random:
+            return [], (False, False, False, False)
+        temperatures = np.asarray([0.0 if p.greedy else p.temperature for p in params], np.float32)
+        arrays = [temperatures]
+        any_top_k = any(p.top_k > 0 and not p.greedy for p in params)
+        any_top_p = any(p.top_p < 1.0 and not p.greedy for p in params)
+        seeded = [row for row, p in enumerate(params) if p.seed is not None and not p.greedy]
+        if any_top_k:
+            arrays.append(np.asarray([max(p.top_k, 0) for p in params], np.int32))
+        if any_top_p:
+            arrays.append(np.asarray([p.top_p for p in params], np.float32))
+        if seeded:
+            arrays.append(np.asarray(seeded, np.int32))
+            arrays.append(np.asarray([seed_key(params[row].seed) for row in seeded], np.int32))
+            arrays.append(np.asarray([sampled_params[row][1] for row in seeded], np.int32))
+        return arrays, (True, any_top_k, any_top_p, bool(seeded))
+
+    @staticmethod
+    def _sampling_tensors(views: list[torch.Tensor], layout: tuple[bool, bool, bool, bool]) -> SamplingTensors:
+        any_random, any_top_k, any_top_p, any_seeded = layout
+        if not any_random:
+            return SamplingTensors()
+        views = list(views)
+        temperatures = views.pop(0)
+        top_k = views.pop(0) if any_top_k else None
+        top_p = views.pop(0) if any_top_p else None
+        seeded_rows = seed_keys = output_indices = None
+        if any_seeded:
+            seeded_rows, seed_keys, output_indices = views[0].long(), views[1], views[2]
+        return SamplingTensors(temperatures, top_k, top_p, seeded_rows, seed_keys, output_indices)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
+        """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
+        if not scheduler_output.sequences:
+            return {}, 0
+        ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size = self._prepare(scheduler_output)
+        if graph_size is not None:
+            logits = self.graphs.replay(graph_size, ids, positions, metadata.slot_mapping, metadata.seq_lens,
+                                        metadata.block_tables)
+            logits = logits[logit_rows] if len(sampled_ids) != graph_size else logits
+        else:
+            hidden = self.model(ids, positions, metadata)
+            if not sampled_ids:
+                return {}, 0
+            logits = self.model.compute_logits(hidden[logit_rows])
+        if not sampled_ids or self.rank != 0:
+            return {}, graph_size or 0
+        tokens = self.sampler(logits, sampling).tolist()
+        return dict(zip(sampled_ids, tokens)), graph_size or 0
+
+    def timed_execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int, float]:
+        """execute() plus its wall time including the device sync."""
+        start = time.perf_counter()
+        sampled, graph_size = self.execute(scheduler_output)
+        if self.device.type == "cuda" and not sampled:
+            torch.cuda.synchronize(self.device)
+        return sampled, graph_size, time.perf_counter() - start
