@@ -1,0 +1,211 @@
+"""Fit a CostModel from measured steps: a profiling grid's Parquet or real runs' steps.parquet (same columns)."""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simulator.cost_model import DEFAULT_KNOTS, FEATURE_COLUMNS, CostModel, design_matrix, term_names
+from simulator.nonnegative_least_squares import nonnegative_least_squares
+
+REQUIRED_COLUMNS = (*FEATURE_COLUMNS, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A fitted cost model and how well it predicts steps it was not fitted on."""
+
+    cost_model: CostModel
+    heldout_mape: float
+    """Mean absolute percentage error on held-out steps, as a fraction (0.03 = 3%)."""
+    heldout_mape_by_kind: dict[str, float]
+    num_train: int
+    num_heldout: int
+
+
+def step_kinds(columns: dict) -> np.ndarray:
+    """'decode', 'prefill' or 'mixed' for each step."""
+    prefill = np.asarray(columns["num_prefill_seqs"]) > 0
+    decode = np.asarray(columns["num_decode_seqs"]) > 0
+    return np.where(prefill & decode, "mixed", np.where(prefill, "prefill", "decode"))
+
+
+def mape(predicted: np.ndarray, measured: np.ndarray) -> float:
+    """Mean absolute percentage error as a fraction."""
+    return float(np.mean(np.abs(predicted - measured) / measured)) if len(measured) else float("nan")
+
+
+def _metadata(table: pa.Table) -> dict:
+    raw = table.schema.metadata or {}
+    return {key.decode(): value.decode() for key, value in raw.items() if not key.startswith(b"ARROW")}
+
+
+def _columns(table: pa.Table, source: str) -> dict:
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{source}: missing step columns {', '.join(missing)}")
+    return {name: table.column(name).to_numpy().astype(np.float64) for name in REQUIRED_COLUMNS}
+
+
+def engine_overhead_from_metadata(metadata: dict) -> dict:
+    """The engine CPU overhead a profile measured (empty for real runs, whose durations include it)."""
+    keys = {"engine_step_s": "step_s", "engine_per_seq_s": "per_seq_s", "engine_per_prefill_token_s": "per_prefill_token_s"}
+    return {ours: float(metadata[theirs]) for theirs, ours in keys.items() if theirs in metadata}
+
+
+def fit_profile_table(table: pa.Table, *, source: str = "profile", **overrides) -> Calibration:
+    """Fit from a profiling table as profile() returns it, taking gpu/model/tp/dtype from its metadata."""
+    metadata = _metadata(table)
+    settings = {
+        "gpu": metadata.get("gpu"),
+        "model": metadata.get("model"),
+        "tp": int(metadata.get("tp", 1)),
+        "dtype": metadata.get("dtype", "bfloat16"),
+        "engine_overhead": engine_overhead_from_metadata(metadata),
+    }
+    settings.update(overrides)
+    if not settings["gpu"] or not settings["model"]:
+        raise ValueError(f"{source}: no gpu/model in the Parquet metadata; pass gpu= and model=")
+    return fit(_columns(table, source), source=source, **settings)
+
+
+def read_steps(paths) -> tuple[dict, dict]:
+    """Concatenated step columns from Parquet files or run folders (steps.parquet inside), and the first file's metadata."""
+    parts, metadata = [], {}
+    for path in [Path(p) for p in paths]:
+        file = path / "steps.parquet" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no such Parquet file or run folder with steps.parquet")
+        table = pq.read_table(file)
+        parts.append(_columns(table, str(file)))
+        metadata = metadata or _metadata(table)
+    return {name: np.concatenate([part[name] for part in parts]) for name in REQUIRED_COLUMNS}, metadata
+
+
+def usable_steps(columns: dict) -> np.ndarray:
+    """Steps with a batch and a positive, finite measured duration."""
+    duration = columns["duration"]
+    return np.isfinite(duration) & (duration > 0) & (columns["num_batched_tokens"] > 0)
+
+
+def _fit_coefficients(columns: dict, rows: np.ndarray, knots) -> np.ndarray:
+    matrix = design_matrix({name: values[rows] for name, values in columns.items()}, knots)
+    duration = columns["duration"][rows]
+    # Dividing each row by its duration makes the squared error relative, which is what MAPE scores.
+    return nonnegative_least_squares(matrix / duration[:, None], np.ones(len(duration)))
+
+
+def fit(
+    columns: dict,
+    *,
+    gpu: str,
+    model: str,
+    tp: int = 1,
+    dtype: str = "bfloat16",
+    knots=None,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    source: str = "",
+    engine_overhead: dict | None = None,
+) -> Calibration:
+    """Fit on all usable steps; held-out MAPE comes from a fit without a random holdout_fraction of them."""
+    columns = {name: np.asarray(columns[name], dtype=np.float64) for name in REQUIRED_COLUMNS}
+    usable = np.flatnonzero(usable_steps(columns))
+    if len(usable) < 20:
+        raise ValueError(f"{source or 'calibration data'}: only {len(usable)} usable steps; need at least 20")
+    graph = columns["cuda_graph_batch_size"]
+    tokens = np.where(graph > 0, graph, columns["num_batched_tokens"])[usable]
+    if knots is None:
+        # A hinge needs steps beyond it to be fitted; knots past the data would be unconstrained.
+        knots = tuple(k for k in DEFAULT_KNOTS if np.count_nonzero(tokens > k) >= 3)
+    knots = tuple(int(k) for k in knots)
+
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(usable)
+    num_heldout = int(round(len(usable) * holdout_fraction))
+    heldout, train = shuffled[:num_heldout], shuffled[num_heldout:]
+    names = term_names(knots)
+    kinds = step_kinds(columns)
+    heldout_mape, by_kind = float("nan"), {}
+    if num_heldout:
+        trial = CostModel(gpu, model, tp, dtype, dict(zip(names, _fit_coefficients(columns, train, knots))), knots)
+        heldout_columns = {name: values[heldout] for name, values in columns.items()}
+        predicted = trial.predict_columns(heldout_columns)
+        measured = columns["duration"][heldout]
+        heldout_mape = mape(predicted, measured)
+        for kind in ("decode", "prefill", "mixed"):
+            mask = kinds[heldout] == kind
+            if mask.any():
+                by_kind[kind] = mape(predicted[mask], measured[mask])
+
+    coefficients = _fit_coefficients(columns, usable, knots)
+    all_columns = {name: values[usable] for name, values in columns.items()}
+    provisional = CostModel(gpu, model, tp, dtype, dict(zip(names, coefficients)), knots)
+    train_mape = mape(provisional.predict_columns(all_columns), columns["duration"][usable])
+    report = {
+        "source": source,
+        "num_steps": int(len(usable)),
+        "num_heldout": int(num_heldout),
+        "heldout_mape": round(heldout_mape, 5),
+        "heldout_mape_by_kind": {kind: round(value, 5) for kind, value in by_kind.items()},
+        "train_mape": round(train_mape, 5),
+    }
+    cost_model = CostModel(
+        gpu,
+        model,
+        tp,
+        dtype,
+        dict(zip(names, coefficients.tolist())),
+        knots,
+        fit_report=report,
+        engine_overhead=engine_overhead or {},
+    )
+    return Calibration(cost_model, heldout_mape, by_kind, len(usable) - num_heldout, num_heldout)
+
+
+def main(argv=None) -> int:
+    """CLI: python -m simulator.calibrate DATA.parquet [RUN_DIR ...] --out PROFILE.json."""
+    parser = argparse.ArgumentParser(prog="python -m simulator.calibrate", description=__doc__)
+    parser.add_argument("data", nargs="+", help="profiling Parquet files or run folders holding steps.parquet")
+    parser.add_argument("--out", help="where to write the cost model JSON (default: simulator/profiles/<key>.json)")
+    parser.add_argument("--gpu", help="GPU key (default: from the data's metadata)")
+    parser.add_argument("--model", help="model preset (default: from the data's metadata)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size (default: from metadata, else 1)")
+    parser.add_argument("--dtype", help="dtype (default: from metadata, else bfloat16)")
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of steps held out to score the fit")
+    args = parser.parse_args(argv)
+
+    from simulator.gpu_specs import gpu_key
+    from simulator.profile_library import PROFILES_DIR, profile_filename
+
+    columns, metadata = read_steps(args.data)
+    gpu = args.gpu or metadata.get("gpu")
+    model = args.model or metadata.get("model")
+    if not gpu or not model:
+        parser.error("the data carries no gpu/model metadata: pass --gpu and --model")
+    tp = args.tp or int(metadata.get("tp", 1))
+    dtype = args.dtype or metadata.get("dtype", "bfloat16")
+    calibration = fit(
+        columns,
+        engine_overhead=engine_overhead_from_metadata(metadata),
+        gpu=gpu_key(gpu),
+        model=model,
+        tp=tp,
+        dtype=dtype,
+        holdout_fraction=args.holdout,
+        source=", ".join(Path(p).name for p in args.data),
+    )
+    out = Path(args.out) if args.out else PROFILES_DIR / profile_filename(gpu, model, tp, dtype)
+    calibration.cost_model.save(out)
+    print(json.dumps(calibration.cost_model.fit_report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

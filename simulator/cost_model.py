@@ -1,0 +1,259 @@
+"""The calibrated step-time model: a sum of physically meaningful terms with fitted non-negative weights.
+
+A step's time is
+    step + eager_step * [ran eagerly]
+    + prefill_seq * prefill sequences + decode_seq * decode sequences            (per-row host and kernel work)
+    + token * T + sum_k token_over_k * max(0, T - k)                              (matmuls, T = padded tokens)
+    + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens read by prefill
+    + decode_context_token * context read by decode (pure-decode steps)
+      or mixed_decode_context_token * that context (steps with a prefill too).
+T is the CUDA-graph batch size when a graph ran (padded rows cost like real ones), else the batch's tokens.
+The convex piecewise-linear matmul term is flat while weights reads dominate and climbs once FLOPs do.
+The engine's own CPU time per step (measured when profiling) is added on top: see engine_overhead.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.stats import BatchFeatures
+
+FORMAT = "twinfer-cost-model"
+FORMAT_VERSION = 1
+
+BASE_TERMS = (
+    "step",
+    "eager_step",
+    "prefill_seq",
+    "decode_seq",
+    "token",
+    "prefill_attention_pair",
+    "prefill_context_token",
+    "decode_context_token",
+    "mixed_decode_context_token",
+)
+
+DEFAULT_KNOTS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+
+ENGINE_OVERHEAD_KEYS = ("step_s", "per_seq_s", "per_prefill_token_s")
+
+FEATURE_COLUMNS = (
+    "num_prefill_seqs",
+    "num_prefill_tokens",
+    "num_decode_seqs",
+    "decode_context_tokens",
+    "prefill_context_tokens",
+    "prefill_attention_work",
+    "num_batched_tokens",
+    "cuda_graph_batch_size",
+)
+
+
+def term_names(knots) -> list[str]:
+    """Names of the model's terms, in design-matrix order, for these hinge knots."""
+    return list(BASE_TERMS) + [f"token_over_{knot}" for knot in knots]
+
+
+def design_matrix(columns: dict, knots) -> np.ndarray:
+    """One row per step, one column per term, from step columns (arrays named as in steps.parquet)."""
+    get = {name: np.asarray(columns[name], dtype=np.float64) for name in FEATURE_COLUMNS}
+    graph = get["cuda_graph_batch_size"]
+    tokens = np.where(graph > 0, graph, get["num_batched_tokens"])
+    has_prefill = get["num_prefill_seqs"] > 0
+    decode_context = get["decode_context_tokens"]
+    base = [
+        np.ones_like(tokens),
+        (graph <= 0).astype(np.float64),
+        get["num_prefill_seqs"],
+        get["num_decode_seqs"],
+        tokens,
+        get["prefill_attention_work"],
+        get["prefill_context_tokens"],
+        np.where(has_prefill, 0.0, decode_context),
+        np.where(has_prefill, decode_context, 0.0),
+    ]
+    hinges = [np.maximum(tokens - knot, 0.0) for knot in knots]
+    return np.column_stack(base + hinges)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Fitted seconds per term for one (GPU, model, TP, dtype); predict() is plain float arithmetic."""
+
+    gpu: str
+    model: str
+    tp: int
+    dtype: str
+    coefficients: dict[str, float]
+    knots: tuple[int, ...] = DEFAULT_KNOTS
+    fit_report: dict = field(default_factory=dict)
+    """How the fit went: data source, rows, held-out MAPE (kept in the JSON for anyone who loads it)."""
+    engine_overhead: dict = field(default_factory=dict)
+    """The engine's own CPU time per step (step_s, per_seq_s, per_prefill_token_s), added to every prediction.
+
+    A real run's step duration runs from one step's start to the next, so it includes scheduling and
+    bookkeeping; profiling times only the executor and measures those separately. Empty when the
+    coefficients were fitted on real runs' steps, which already include them.
+    """
+
+    calibrated = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"cost model tp must be a positive integer, got {self.tp!r}")
+        object.__setattr__(self, "knots", tuple(int(k) for k in self.knots))
+        if list(self.knots) != sorted(set(self.knots)):
+            raise ValueError(f"cost model knots must be strictly increasing, got {self.knots}")
+        expected = term_names(self.knots)
+        unknown = sorted(set(self.coefficients) - set(expected))
+        if unknown:
+            raise ValueError(f"cost model has unknown terms {unknown}; known: {expected}")
+        for name, value in self.coefficients.items():
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"cost model term {name!r} must be a non-negative number, got {value!r}")
+        coefficient = {name: float(self.coefficients.get(name, 0.0)) for name in expected}
+        object.__setattr__(self, "coefficients", coefficient)
+        unknown = sorted(set(self.engine_overhead) - set(ENGINE_OVERHEAD_KEYS))
+        if unknown:
+            raise ValueError(f"cost model engine_overhead has unknown keys {unknown}; known: {list(ENGINE_OVERHEAD_KEYS)}")
+        overhead = {key: float(self.engine_overhead.get(key, 0.0)) for key in ENGINE_OVERHEAD_KEYS}
+        for key, value in overhead.items():
+            if not value >= 0:
+                raise ValueError(f"cost model engine_overhead {key!r} must be a non-negative number, got {value!r}")
+        object.__setattr__(self, "engine_overhead", overhead)
+        # Flattened for predict(): attribute lookups on a dict per call would cost more than the arithmetic.
+        self._set("_step", coefficient["step"] + overhead["step_s"])
+        self._set("_eager", coefficient["eager_step"])
+        self._set("_prefill_seq", coefficient["prefill_seq"] + overhead["per_seq_s"])
+        self._set("_decode_seq", coefficient["decode_seq"] + overhead["per_seq_s"])
+        self._set("_prefill_token", overhead["per_prefill_token_s"])
+        self._set("_token", coefficient["token"])
+        self._set("_pair", coefficient["prefill_attention_pair"])
+        self._set("_prefill_context", coefficient["prefill_context_token"])
+        self._set("_decode_context", coefficient["decode_context_token"])
+        self._set("_mixed_decode_context", coefficient["mixed_decode_context_token"])
+        # Zero-weight hinges are skipped: adding 0.0 would not change a single bit of the sum.
+        self._set(
+            "_hinges",
+            tuple((knot, coefficient[f"token_over_{knot}"]) for knot in self.knots if coefficient[f"token_over_{knot}"]),
+        )
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    @property
+    def label(self) -> str:
+        return f"calibrated {self.gpu} {self.model} tp{self.tp} {self.dtype}"
+
+    def _base(
+        self, num_prefill_seqs, num_prefill_tokens, num_decode_seqs, tokens, graph_size, attention_work, prefill_context
+    ) -> float:
+        seconds = self._step if graph_size else self._step + self._eager
+        seconds += self._prefill_seq * num_prefill_seqs + self._decode_seq * num_decode_seqs
+        seconds += self._prefill_token * num_prefill_tokens
+        seconds += self._token * tokens
+        for knot, slope in self._hinges:
+            if tokens <= knot:
+                break
+            seconds += slope * (tokens - knot)
+        return seconds + self._pair * attention_work + self._prefill_context * prefill_context
+
+    def predict(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> float:
+        """Predicted seconds of one step with this batch (cuda_graph_batch_size 0: ran eagerly)."""
+        tokens = cuda_graph_batch_size or features.num_batched_tokens
+        base = self._base(
+            features.num_prefill_seqs,
+            features.num_prefill_tokens,
+            features.num_decode_seqs,
+            tokens,
+            cuda_graph_batch_size,
+            features.prefill_attention_work,
+            features.prefill_context_tokens,
+        )
+        if features.num_prefill_seqs:
+            return base + self._mixed_decode_context * features.decode_context_tokens
+        return base + self._decode_context * features.decode_context_tokens
+
+    def predict_decode_run(
+        self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int, cuda_graph_batch_size: int = 0
+    ) -> list[float]:
+        """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step.
+
+        Bit for bit what predict() returns for each of those steps.
+        """
+        base = self._base(0, 0, num_decode_seqs, cuda_graph_batch_size or num_decode_seqs, cuda_graph_batch_size, 0.0, 0)
+        per_context = self._decode_context
+        return [
+            base + per_context * (decode_context_tokens + step * num_decode_seqs) for step in range(num_steps)
+        ]
+
+    def predict_columns(self, columns: dict) -> np.ndarray:
+        """Vectorized predictions for step columns (as in steps.parquet); equal to predict() up to rounding."""
+        coefficient_vector = np.array([self.coefficients[name] for name in term_names(self.knots)])
+        overhead = self.engine_overhead
+        num_seqs = np.asarray(columns["num_prefill_seqs"], np.float64) + np.asarray(columns["num_decode_seqs"], np.float64)
+        return (
+            design_matrix(columns, self.knots) @ coefficient_vector
+            + overhead["step_s"]
+            + overhead["per_seq_s"] * num_seqs
+            + overhead["per_prefill_token_s"] * np.asarray(columns["num_prefill_tokens"], np.float64)
+        )
+
+    def to_json(self) -> dict:
+        """The JSON-able form saved in profiles/."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "gpu": self.gpu,
+            "model": self.model,
+            "tp": self.tp,
+            "dtype": self.dtype,
+            "knots": list(self.knots),
+            "coefficients": self.coefficients,
+            "engine_overhead": self.engine_overhead,
+            "fit": self.fit_report,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write as a small JSON file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        temporary.replace(path)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "cost model") -> "CostModel":
+        """Build from to_json()'s form; errors name the source and the field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a twinfer cost model (field 'format' should be {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: field 'version' is {data.get('version')!r}, this twinfer reads {FORMAT_VERSION}")
+        for key in ("gpu", "model", "tp", "dtype", "knots", "coefficients"):
+            if key not in data:
+                raise ValueError(f"{source}: missing field {key!r}")
+        try:
+            return cls(
+                gpu=data["gpu"],
+                model=data["model"],
+                tp=data["tp"],
+                dtype=data["dtype"],
+                coefficients=data["coefficients"],
+                knots=tuple(data["knots"]),
+                fit_report=data.get("fit", {}),
+                engine_overhead=data.get("engine_overhead", {}),
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        """Read a JSON file written by save()."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}: not valid JSON: {error.msg}") from None
+        return cls.from_json(data, source=str(path))

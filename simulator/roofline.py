@@ -1,0 +1,134 @@
+"""An analytic, uncalibrated step-time estimate for any GPU spec and model shape.
+
+GPU time per step, per tensor-parallel rank:
+  matmuls     max(weights read once / bandwidth, matmul FLOPs / FLOP rate)
+  attention   KV read by decode and by prefill over cached context, KV written, at the bandwidth,
+              plus prefill query-key pairs at a (lower) attention FLOP rate
+  all-reduce  two per layer over the interconnect when TP > 1 (ring: 2 (tp-1)/tp of the bytes, plus latency)
+Host time: a fixed cost per step and per sequence (input preparation, sampling); an eager step also has to
+launch every kernel, which hides behind GPU work only when the GPU is the slower of the two.
+"""
+
+from dataclasses import dataclass
+
+from engine.stats import BatchFeatures
+from simulator.gpu_specs import GpuSpec
+from simulator.model_shape import ModelShape, dtype_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HostOverheads:
+    """CPU costs the roofline adds; rough figures for a Python engine like nano-vLLM's on a modern host."""
+
+    step_s: float = 300e-6
+    per_seq_s: float = 2e-6
+    launch_per_layer_s: float = 70e-6
+    """Eager only: ~14 kernel launches per layer at ~5 us each."""
+    allreduce_latency_s: float = 10e-6
+    attention_flops_efficiency: float = 0.5
+    """Attention kernels reach about half the matmul rate."""
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Predicts step time from datasheet figures; labelled uncalibrated wherever it is used."""
+
+    gpu: GpuSpec
+    shape: ModelShape
+    tp: int = 1
+    dtype: str = "bfloat16"
+    host: HostOverheads = HostOverheads()
+
+    calibrated = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"roofline tp must be a positive integer, got {self.tp!r}")
+        if self.shape.num_kv_heads % self.tp and self.tp % self.shape.num_kv_heads:
+            raise ValueError(
+                f"tp={self.tp} does not divide model {self.shape.name!r}'s {self.shape.num_kv_heads} KV heads"
+            )
+        element = dtype_bytes(self.dtype)
+        bandwidth = self.gpu.effective_memory_bandwidth
+        flops = self.gpu.effective_bf16_flops * (2 if element == 1 else 1)
+        tp = self.tp
+        # Per-rank seconds per unit of each feature, folded once so predict() is a handful of multiplies.
+        self._set("_weights_s", self.shape.step_weight_read_bytes(self.dtype) / tp / bandwidth)
+        self._set("_linear_flop_s_per_token", self.shape.linear_flops_per_token / tp / flops)
+        self._set("_lm_head_s_per_row", self.shape.lm_head_flops_per_token / tp / flops)
+        kv_heads_per_rank = max(1, self.shape.num_kv_heads // tp)
+        kv_bytes = 2 * self.shape.num_layers * kv_heads_per_rank * self.shape.head_dim * element
+        self._set("_kv_s_per_token", kv_bytes / bandwidth)
+        self._set(
+            "_pair_s",
+            self.shape.attention_flops_per_pair / tp / (self.gpu.effective_bf16_flops * self.host.attention_flops_efficiency),
+        )
+        if tp > 1:
+            ring_bytes_per_token = 2 * (tp - 1) / tp * self.shape.hidden_size * element
+            self._set("_allreduce_fixed_s", 2 * self.shape.num_layers * self.host.allreduce_latency_s)
+            self._set(
+                "_allreduce_s_per_token",
+                2 * self.shape.num_layers * ring_bytes_per_token / self.gpu.interconnect_bandwidth,
+            )
+        else:
+            self._set("_allreduce_fixed_s", 0.0)
+            self._set("_allreduce_s_per_token", 0.0)
+        self._set("_launch_s", self.shape.num_layers * self.host.launch_per_layer_s)
+
+    def _set(self, name: str, value: float) -> None:
+        object.__setattr__(self, name, value)
+
+    @property
+    def label(self) -> str:
+        return f"uncalibrated roofline {self.gpu.name} {self.shape.name} tp{self.tp} {self.dtype}"
+
+    def _predict_values(
+        self,
+        num_prefill_seqs: int,
+        num_decode_seqs: int,
+        num_batched_tokens: int,
+        graph_size: int,
+        decode_context: int,
+        prefill_context: int,
+        attention_work: float,
+    ) -> float:
+        tokens = graph_size or num_batched_tokens
+        num_seqs = num_prefill_seqs + num_decode_seqs
+        matmul = max(self._weights_s, self._linear_flop_s_per_token * tokens + self._lm_head_s_per_row * num_seqs)
+        kv_traffic = self._kv_s_per_token * (decode_context + prefill_context + num_batched_tokens)
+        gpu = matmul + kv_traffic + self._pair_s * attention_work
+        if self.tp > 1:
+            gpu += self._allreduce_fixed_s + self._allreduce_s_per_token * tokens
+        host = self.host.step_s + self.host.per_seq_s * num_seqs
+        if graph_size:
+            return host + gpu
+        return host + max(gpu, self._launch_s)
+
+    def predict(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> float:
+        """Predicted seconds of one step (uncalibrated)."""
+        return self._predict_values(
+            features.num_prefill_seqs,
+            features.num_decode_seqs,
+            features.num_batched_tokens,
+            cuda_graph_batch_size,
+            features.decode_context_tokens,
+            features.prefill_context_tokens,
+            features.prefill_attention_work,
+        )
+
+    def predict_decode_run(
+        self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int, cuda_graph_batch_size: int = 0
+    ) -> list[float]:
+        """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step."""
+        return [
+            self._predict_values(
+                0,
+                num_decode_seqs,
+                num_decode_seqs,
+                cuda_graph_batch_size,
+                decode_context_tokens + step * num_decode_seqs,
+                0,
+                0.0,
+            )
+            for step in range(num_steps)
+        ]

@@ -1,0 +1,148 @@
+"""Calibration recovers known costs from synthetic steps, from profiles and from run folders alike."""
+
+import random
+import warnings
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from analysis.run_schema import STEPS_SCHEMA
+from engine.scheduler_output import StepResult
+from simulator.calibrate import fit, fit_profile_table, main, read_steps
+from simulator.cost_model import CostModel
+from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
+from simulator.profile import profile
+from simulator.profile_library import cost_model_for, load_profile, profile_filename
+from simulator.roofline import Roofline
+
+TRUTH = CostModel(
+    "h100",
+    "qwen3-0.6b",
+    1,
+    "bfloat16",
+    {
+        "step": 2e-3,
+        "eager_step": 3e-3,
+        "decode_seq": 5e-6,
+        "prefill_seq": 2e-5,
+        "token": 1e-7,
+        "token_over_128": 1.5e-6,
+        "token_over_1024": 2e-7,
+        "prefill_attention_pair": 1e-11,
+        "decode_context_token": 4e-8,
+        "mixed_decode_context_token": 6e-8,
+        "prefill_context_token": 2e-8,
+    },
+)
+MAIN_TERMS = ("step", "eager_step", "prefill_attention_pair", "decode_context_token", "mixed_decode_context_token")
+
+
+class FakeGpuExecutor:
+    """Stands in for ModelExecutor: checks block tables and answers with TRUTH's durations plus 1% noise."""
+
+    cuda_graph_batch_sizes = VLLM_CUDA_GRAPH_SIZES
+
+    def __init__(self, num_kv_blocks: int = 20_000, noise: float = 0.01) -> None:
+        self.num_kv_blocks = num_kv_blocks
+        self.inner = CostModelExecutor(TRUTH, num_kv_blocks)
+        self.rng = random.Random(0)
+        self.noise = noise
+        self.steps = 0
+
+    def execute(self, output):
+        blocks = [block for seq in output.sequences for block in seq.block_table]
+        assert len(blocks) == len(set(blocks)) and all(0 <= b < self.num_kv_blocks for b in blocks)
+        for seq in output.sequences:
+            assert len(seq.block_table) * 16 >= seq.num_computed_tokens + len(seq.token_ids)
+        self.steps += 1
+        result = self.inner.execute(output)
+        return StepResult(result.sampled_token_ids, result.duration * (1 + self.rng.gauss(0, self.noise)), result.cuda_graph_batch_size)
+
+
+@pytest.fixture(scope="module")
+def profile_table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile") / "grid.parquet"
+    table = profile(
+        "qwen3-0.6b",
+        out,
+        executor=FakeGpuExecutor(),
+        gpu_name="NVIDIA H100 80GB HBM3",
+        max_model_len=4096,
+        max_num_batched_tokens=2048,
+        max_num_seqs=512,
+        repeats=1,
+        max_seconds=60,
+        log=lambda message: None,
+    )
+    return out, table
+
+
+def test_profile_writes_steps_columns_and_metadata(profile_table):
+    out, table = profile_table
+    stored = pq.read_table(out)
+    assert stored.num_rows == table.num_rows > 500
+    assert set(STEPS_SCHEMA.names) <= set(stored.column_names)
+    metadata = {k.decode(): v.decode() for k, v in stored.schema.metadata.items()}
+    assert metadata["gpu"] == "h100" and metadata["model"] == "qwen3-0.6b" and metadata["complete"] == "True"
+    assert float(metadata["engine_step_s"]) >= 0 and "torch_version" in metadata
+    grids = set(stored.column("grid").to_pylist())
+    assert grids == {"prefill", "decode", "mixed", "random"}
+    graph_sizes = set(stored.column("cuda_graph_batch_size").to_pylist())
+    assert {1, 2, 4, 8, 512} <= graph_sizes and 0 in graph_sizes
+    cached = np.asarray(stored.column("prefill_context_tokens"))
+    assert (cached > 0).any()
+    assert max(stored.column("num_batched_tokens").to_pylist()) <= 2048
+
+
+def test_profile_stops_at_its_time_budget(tmp_path):
+    executor = FakeGpuExecutor()
+    table = profile("qwen3-0.6b", tmp_path / "short.parquet", executor=executor, gpu_name="h100", max_seconds=10.5,
+                    measure_engine=False, log=lambda message: None)
+    metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert metadata["complete"] == "False" and float(metadata["seconds"]) < 12
+
+
+def test_fit_from_profile_recovers_the_costs(profile_table):
+    _, table = profile_table
+    calibration = fit_profile_table(table)
+    assert calibration.heldout_mape < 0.02  # the noise is 1%
+    fitted = calibration.cost_model
+    for term in MAIN_TERMS:
+        assert fitted.coefficients[term] == pytest.approx(TRUTH.coefficients[term], rel=0.1), term
+    assert fitted.engine_overhead["step_s"] == pytest.approx(float(table.schema.metadata[b"engine_step_s"]))
+    assert set(calibration.heldout_mape_by_kind) == {"decode", "prefill", "mixed"}
+
+
+def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
+    _, table = profile_table
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(table.select(STEPS_SCHEMA.names).cast(STEPS_SCHEMA).replace_schema_metadata(None), run / "steps.parquet")
+    columns, metadata = read_steps([run])
+    assert metadata == {} and len(columns["duration"]) == table.num_rows
+    out = tmp_path / "fitted.json"
+    assert main([str(run), "--gpu", "h100", "--model", "qwen3-0.6b", "--out", str(out)]) == 0
+    fitted = CostModel.load(out)
+    assert fitted.engine_overhead == {"step_s": 0.0, "per_seq_s": 0.0, "per_prefill_token_s": 0.0}
+    assert fitted.fit_report["heldout_mape"] < 0.02
+
+
+def test_too_little_data_is_refused():
+    columns = {name: np.ones(5) for name in ("num_prefill_seqs", "num_prefill_tokens", "num_decode_seqs",
+               "decode_context_tokens", "prefill_context_tokens", "prefill_attention_work", "num_batched_tokens",
+               "cuda_graph_batch_size", "duration")}
+    with pytest.raises(ValueError, match="only 5 usable steps"):
+        fit(columns, gpu="h100", model="m", source="tiny.parquet")
+
+
+def test_missing_profile_errors_clearly_and_roofline_is_the_labelled_fallback(tmp_path):
+    TRUTH.save(tmp_path / profile_filename("h100", "qwen3-0.6b", 1, "bfloat16"))
+    assert load_profile("NVIDIA H100 80GB HBM3", "qwen3-0.6b", directory=tmp_path).coefficients == TRUTH.coefficients
+    with pytest.raises(FileNotFoundError, match=r"gpu=a100-80g model=qwen3-8b tp=2.*available: h100_qwen3-0.6b_tp1_bfloat16"):
+        load_profile("a100-80g", "qwen3-8b", 2, directory=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = cost_model_for("a100-80g", "qwen3-8b", 2)
+    assert isinstance(fallback, Roofline) and not fallback.calibrated
+    assert any("uncalibrated roofline" in str(w.message) for w in caught)

@@ -1,0 +1,104 @@
+"""The calibrated cost model: scalar and vectorized predictions agree, JSON round trips, bad files are named."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from engine.stats import BatchFeatures
+from simulator.cost_model import CostModel, FEATURE_COLUMNS
+
+COEFFICIENTS = {
+    "step": 2e-3,
+    "eager_step": 3e-3,
+    "decode_seq": 5e-6,
+    "prefill_seq": 2e-5,
+    "token": 1e-7,
+    "token_over_128": 1.5e-6,
+    "token_over_1024": 2e-7,
+    "prefill_attention_pair": 1e-11,
+    "decode_context_token": 4e-8,
+    "mixed_decode_context_token": 6e-8,
+    "prefill_context_token": 2e-8,
+}
+
+
+def make_model(**overrides) -> CostModel:
+    return CostModel("h100", "qwen3-0.6b", 1, "bfloat16", COEFFICIENTS, **overrides)
+
+
+def random_features(rng: random.Random) -> tuple[BatchFeatures, int]:
+    num_decode = rng.randint(0, 600)
+    num_prefill = rng.randint(0 if num_decode else 1, 4)
+    prefill_tokens = sum(rng.randint(1, 2048) for _ in range(num_prefill))
+    prefill_context = rng.randint(0, 4096) * (num_prefill > 0)
+    features = BatchFeatures(
+        num_prefill_seqs=num_prefill,
+        num_prefill_tokens=prefill_tokens,
+        num_decode_seqs=num_decode,
+        num_decode_tokens=num_decode,
+        decode_context_tokens=num_decode * rng.randint(1, 4096),
+        prefill_context_tokens=prefill_context,
+        prefill_attention_work=prefill_tokens * (prefill_context + (prefill_tokens + 1) / 2),
+        num_batched_tokens=prefill_tokens + num_decode,
+    )
+    graph = 0 if num_prefill or num_decode > 512 or rng.random() < 0.2 else min(512, -(-num_decode // 8) * 8)
+    return features, graph
+
+
+def test_scalar_and_vectorized_predictions_agree():
+    rng = random.Random(1)
+    model = make_model(engine_overhead={"step_s": 1e-4, "per_seq_s": 1e-6, "per_prefill_token_s": 5e-8})
+    samples = [random_features(rng) for _ in range(300)]
+    columns = {name: [getattr(f, name) for f, _ in samples] for name in FEATURE_COLUMNS if name != "cuda_graph_batch_size"}
+    columns["cuda_graph_batch_size"] = [graph for _, graph in samples]
+    vectorized = model.predict_columns(columns)
+    scalar = np.array([model.predict(f, graph) for f, graph in samples])
+    np.testing.assert_allclose(scalar, vectorized, rtol=1e-12)
+
+
+def test_graph_steps_cost_the_padded_batch_and_skip_launch_overhead():
+    model = make_model()
+    features = BatchFeatures(0, 0, 130, 130, 130 * 100, 0, 0.0, 130)
+    eager = model.predict(features, 0)
+    graph = model.predict(features, 136)
+    # The graph runs 136 rows through the matmuls but saves the eager launch cost.
+    assert graph == pytest.approx(eager - 3e-3 + 136 * 1e-7 - 130 * 1e-7 + (136 - 130) * 1.5e-6)
+
+
+def test_engine_overhead_is_added_to_every_step():
+    bare, loaded = make_model(), make_model(engine_overhead={"step_s": 3e-4, "per_seq_s": 1e-6})
+    features = BatchFeatures(1, 100, 10, 10, 1000, 0, 5050.0, 110)
+    assert loaded.predict(features) - bare.predict(features) == pytest.approx(3e-4 + 11 * 1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model(fit_report={"heldout_mape": 0.02}, engine_overhead={"step_s": 1e-4})
+    path = tmp_path / "profile.json"
+    model.save(path)
+    loaded = CostModel.load(path)
+    rng = random.Random(2)
+    for _ in range(50):
+        features, graph = random_features(rng)
+        assert loaded.predict(features, graph) == model.predict(features, graph)
+    assert loaded.fit_report == {"heldout_mape": 0.02}
+    assert path.stat().st_size < 4096
+
+
+def test_bad_profile_files_name_the_problem(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json: line 1"):
+        CostModel.load(path)
+    data = make_model().to_json()
+    data["coefficients"]["token"] = -1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"bad.json: .*'token' must be a non-negative"):
+        CostModel.load(path)
+    del data["knots"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"missing field 'knots'"):
+        CostModel.load(path)
+    with pytest.raises(ValueError, match=r"unknown terms \['token_over_99'\]"):
+        CostModel("h100", "m", 1, "bfloat16", {"token_over_99": 1.0})

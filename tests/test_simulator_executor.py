@@ -1,0 +1,120 @@
+"""The cost-model executor: tokens for exactly the sampling sequences, CUDA-graph padding, and fast-forward
+durations identical to stepping one by one, alone and inside the engine."""
+
+import random
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from simulator.cost_model import CostModel
+from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
+from simulator.gpu_specs import gpu_spec
+from simulator.model_shape import ModelShape
+from simulator.roofline import Roofline
+
+PARAMS = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=64)
+
+CALIBRATED = CostModel(
+    "h100",
+    "qwen3-0.6b",
+    1,
+    "bfloat16",
+    {
+        "step": 1.7e-3,
+        "eager_step": 2.9e-3,
+        "decode_seq": 4.3e-6,
+        "prefill_seq": 2.1e-5,
+        "token": 1.3e-7,
+        "token_over_64": 7e-7,
+        "token_over_512": 3e-7,
+        "prefill_attention_pair": 1.1e-11,
+        "decode_context_token": 3.7e-8,
+        "mixed_decode_context_token": 5.3e-8,
+        "prefill_context_token": 1.9e-8,
+    },
+    engine_overhead={"step_s": 2e-4, "per_seq_s": 9e-7, "per_prefill_token_s": 7e-8},
+)
+ROOFLINE = Roofline(gpu_spec("h100"), ModelShape.load("qwen3-8b"))
+
+
+def sequence(seq_id, *, new, computed, decode, samples) -> ScheduledSequence:
+    blocks = list(range(-(-(computed + new) // 16)))
+    return ScheduledSequence(seq_id, [7] * new, computed, blocks, decode, samples, 1 if decode else 0, PARAMS)
+
+
+def decode_output(num_seqs: int, context: int) -> SchedulerOutput:
+    return SchedulerOutput(0, [sequence(i, new=1, computed=context - 1, decode=True, samples=True) for i in range(num_seqs)])
+
+
+def test_tokens_exactly_for_sampling_sequences():
+    executor = CostModelExecutor(CALIBRATED, 1000, token_id=42)
+    output = SchedulerOutput(
+        3,
+        [
+            sequence(0, new=1, computed=99, decode=True, samples=True),
+            sequence(5, new=64, computed=0, decode=False, samples=False),  # a chunk mid-prompt
+            sequence(9, new=30, computed=64, decode=False, samples=True),  # the prompt's last chunk
+        ],
+    )
+    result = executor.execute(output)
+    assert result.sampled_token_ids == {0: 42, 9: 42}
+    assert result.cuda_graph_batch_size == 0  # mixed steps run eagerly
+    assert result.duration > 0
+
+
+@pytest.mark.parametrize("num_seqs, expected", [(1, 1), (3, 4), (5, 8), (9, 16), (511, 512), (512, 512), (513, 0)])
+def test_pure_decode_steps_replay_the_padded_graph(num_seqs, expected):
+    executor = CostModelExecutor(CALIBRATED, 100_000)
+    assert executor.execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == expected
+    assert CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True).execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == 0
+
+
+def test_vllm_ladder():
+    assert VLLM_CUDA_GRAPH_SIZES[:5] == (1, 2, 4, 8, 16) and VLLM_CUDA_GRAPH_SIZES[-1] == 512
+    assert len(VLLM_CUDA_GRAPH_SIZES) == 67
+
+
+@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE], ids=["calibrated", "roofline"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_decode_run_is_bitwise_stepwise(cost_model, enforce_eager):
+    executor = CostModelExecutor(cost_model, 100_000, enforce_eager=enforce_eager)
+    rng = random.Random(0)
+    for _ in range(20):
+        num_seqs, context = rng.randint(1, 700), rng.randint(1, 3000)
+        run = executor.predict_decode_run(num_seqs, num_seqs * context, 25)
+        stepwise = [executor.execute(decode_output(num_seqs, context + step)).duration for step in range(25)]
+        assert run == stepwise  # exact float equality, not approx
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        CostModelExecutor(CALIBRATED, 0)
+    with pytest.raises(ValueError, match="cuda_graph_sizes"):
+        CostModelExecutor(CALIBRATED, 10, cuda_graph_sizes=(1, -2))
+
+
+def run_engine(fast_forward: bool, cost_model, seed: int = 0):
+    rng = random.Random(seed)
+    config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=2048, vocab_size=1000)
+    engine = Engine(config, CostModelExecutor(cost_model, 400), fast_forward=fast_forward)
+    arrival = 0.0
+    for index in range(60):
+        arrival += rng.expovariate(20.0)
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=rng.randint(1, 300))
+        engine.add_request(prompt_len=rng.randint(1, 700), sampling_params=params, arrival_time=arrival, request_id=str(index))
+    engine.run()
+    return engine
+
+
+@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE], ids=["calibrated", "roofline"])
+def test_engine_fast_forward_matches_stepping(cost_model):
+    stepped, skipped = run_engine(False, cost_model), run_engine(True, cost_model)
+    assert len(stepped.step_records) == len(skipped.step_records)
+    for one, other in zip(stepped.step_records, skipped.step_records):
+        assert one == other
+    for request_id, record in stepped.request_records.items():
+        assert record.status == "finished" and record.output_len == record.max_tokens
+        assert skipped.request_records[request_id] == record
