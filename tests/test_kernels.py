@@ -307,3 +307,23 @@ def test_decode_replays_in_a_cuda_graph():
         graph.replay()
         expected = reference.paged_decode_attention(*args)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- flash-attn backend (not installed here)
+
+
+def test_flash_attn_backend_refuses_small_blocks_before_importing():
+    from engine.kernels import flash_attn_backend
+
+    cache = torch.zeros(2, 16, 1, 16)
+    tables = torch.zeros(1, 1, dtype=torch.int32)
+    lens = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="divisible by 256, the cache has 16"):
+        flash_attn_backend.paged_decode_attention(torch.zeros(1, 1, 16), cache, cache, lens, tables, 1.0)
+    with pytest.raises(ValueError, match="divisible by 256, the cache has 16"):
+        flash_attn_backend.paged_prefill_attention(
+            torch.zeros(4, 1, 16), cache, cache, torch.tensor([0, 4], dtype=torch.int32), lens, tables, 1.0
+        )
+    assert flash_attn_backend.flash_attn_available() == (
+        _CUDA and __import__("importlib").util.find_spec("flash_attn") is not None
+    )

@@ -1,0 +1,177 @@
+"""Time the Triton paged-attention kernels on a GPU and print a short table.
+
+    python benchmarks/attention_kernels.py            # default tilings
+    python benchmarks/attention_kernels.py --sweep    # also try other tilings, fastest first
+
+Decode is memory-bound: its figure is KV bytes read per second, set against the device
+copy bandwidth measured in the same run. Prefill is compute-bound: causal attention
+FLOP/s, set against torch's scaled_dot_product_attention on the same (dense) problem.
+"""
+
+import argparse
+import math
+
+import torch
+import triton
+import triton.testing
+
+from engine.kernels import reference
+from engine.kernels.decode_attention import DecodeTiling, paged_decode_attention
+from engine.kernels.prefill_attention import PrefillTiling, default_prefill_tiling, paged_prefill_attention
+from engine.kernels.store_kvcache import store_kvcache
+
+DTYPE = torch.bfloat16
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of fn on the GPU."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * num_bytes / ms / 1e6
+
+
+def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, block_size: int):
+    """Random caches holding num_seqs contexts, with block tables in shuffled order."""
+    blocks_per_seq = math.ceil(context_len / block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(num_seqs, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+def bench_decode(batch, context_len, q_heads, kv_heads, head_dim, block_size, tiling=None):
+    """(ms, GB/s of KV read, max abs error vs the torch reference)."""
+    k_cache, v_cache, tables = paged_cache(batch, context_len, kv_heads, head_dim, block_size)
+    q = torch.randn(batch, q_heads, head_dim, dtype=DTYPE, device="cuda")
+    seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device="cuda")
+    args = (q, k_cache, v_cache, seq_lens, tables, head_dim**-0.5)
+    out = paged_decode_attention(*args, tiling=tiling)
+    rows = slice(0, 8)  # the reference loops in Python: check a few rows
+    expected = reference.paged_decode_attention(q[rows], k_cache, v_cache, seq_lens[rows], tables[rows], head_dim**-0.5)
+    error = (out[rows].float() - expected.float()).abs().max().item()
+    ms = bench_ms(lambda: paged_decode_attention(*args, tiling=tiling))
+    kv_bytes = 2 * batch * context_len * kv_heads * head_dim * k_cache.element_size()
+    return ms, kv_bytes / ms / 1e6, error
+
+
+def causal_flops(query_lens, prefix_lens, q_heads, head_dim) -> float:
+    """2 matmuls x 2 FLOP per multiply-add over every (query, visible key) pair."""
+    pairs = sum(n * p + n * (n + 1) // 2 for n, p in zip(query_lens, prefix_lens))
+    return 4.0 * pairs * q_heads * head_dim
+
+
+def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, block_size, tiling=None):
+    """(ms, TFLOP/s, max abs error vs the torch reference)."""
+    context_len = prefix_len + query_len
+    k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, block_size)
+    q = torch.randn(num_seqs * query_len, q_heads, head_dim, dtype=DTYPE, device="cuda")
+    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * query_len
+    seq_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device="cuda")
+    args = (q, k_cache, v_cache, cu, seq_lens, tables, head_dim**-0.5)
+    out = paged_prefill_attention(*args, tiling=tiling)
+    expected = reference.paged_prefill_attention(*args)
+    error = (out.float() - expected.float()).abs().max().item()
+    ms = bench_ms(lambda: paged_prefill_attention(*args, tiling=tiling))
+    flops = causal_flops([query_len] * num_seqs, [prefix_len] * num_seqs, q_heads, head_dim)
+    return ms, flops / ms / 1e9, error
+
+
+def bench_sdpa(num_seqs, seq_len, q_heads, kv_heads, head_dim):
+    """torch SDPA (flash) on the same causal prompts, dense and unpaged: (ms, TFLOP/s)."""
+    q = torch.randn(num_seqs, q_heads, seq_len, head_dim, dtype=DTYPE, device="cuda")
+    k = torch.randn(num_seqs, kv_heads, seq_len, head_dim, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    ms = bench_ms(fn)
+    return ms, causal_flops([seq_len] * num_seqs, [0] * num_seqs, q_heads, head_dim) / ms / 1e9
+
+
+def bench_store(num_tokens, kv_heads, head_dim, block_size):
+    """(ms, GB/s moved) for writing num_tokens rows of K and V into shuffled slots."""
+    k_cache, v_cache, _ = paged_cache(1, num_tokens * 2, kv_heads, head_dim, block_size)
+    key = torch.randn(num_tokens, kv_heads, head_dim, dtype=DTYPE, device="cuda")
+    value = torch.randn_like(key)
+    slots = torch.randperm(num_tokens * 2, device="cuda")[:num_tokens]
+    ms = bench_ms(lambda: store_kvcache(key, value, k_cache, v_cache, slots))
+    return ms, 2 * 2 * key.numel() * key.element_size() / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time other tilings")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+
+    print("\ndecode (split-K), bf16            ms     KV GB/s  % of copy  max err")
+    for label, shape in [
+        ("B256 ctx1024 32/8/128 bs16", (256, 1024, 32, 8, 128, 16)),
+        ("B256 ctx1024 16/8/128 bs16", (256, 1024, 16, 8, 128, 16)),
+        ("B64 ctx4096 32/8/128 bs16", (64, 4096, 32, 8, 128, 16)),
+        ("B8 ctx16384 32/8/128 bs16", (8, 16384, 32, 8, 128, 16)),
+        ("B256 ctx1024 32/8/128 bs256", (256, 1024, 32, 8, 128, 256)),
+        ("B256 ctx1024 32/8/64 bs16", (256, 1024, 32, 8, 64, 16)),
+    ]:
+        ms, gbs, err = bench_decode(*shape)
+        print(f"{label:32s} {ms:7.3f} {gbs:10.0f} {100 * gbs / copy_gbs:9.1f}%  {err:.1e}")
+
+    print("\nprefill (causal), bf16            ms     TFLOP/s   max err")
+    for label, shape in [
+        ("8 x 1024 new, 32/8/128 bs16", (8, 1024, 0, 32, 8, 128, 16)),
+        ("8 x 1024 new, 16/8/128 bs16", (8, 1024, 0, 16, 8, 128, 16)),
+        ("8 x 512 new + 1536 cached", (8, 512, 1536, 32, 8, 128, 16)),
+        ("1 x 8192 new, 32/8/128 bs16", (1, 8192, 0, 32, 8, 128, 16)),
+        ("8 x 1024 new, 32/8/64 bs16", (8, 1024, 0, 32, 8, 64, 16)),
+    ]:
+        ms, tflops, err = bench_prefill(*shape)
+        print(f"{label:32s} {ms:7.3f} {tflops:10.1f}   {err:.1e}")
+    ms, tflops = bench_sdpa(8, 1024, 32, 8, 128)
+    print(f"{'torch SDPA dense 8 x 1024 32/8':32s} {ms:7.3f} {tflops:10.1f}   (baseline)")
+
+    ms, gbs = bench_store(8192, 8, 128, 16)
+    print(f"\nstore_kvcache 8192 tokens 8x128: {ms:.3f} ms, {gbs:.0f} GB/s")
+
+    if args.sweep:
+        print("\nsweep: decode B256 ctx1024 32/8/128 bs16 (partition, block_n, warps, stages)")
+        results = []
+        for partition in (256, 512, 1024):
+            for block_n, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2)]:
+                tiling = DecodeTiling(partition_size=partition, block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    ms, gbs, _ = bench_decode(256, 1024, 32, 8, 128, 16, tiling)
+                except Exception as error:  # out of shared memory, say
+                    print(f"  {tiling}: failed: {type(error).__name__}")
+                    continue
+                results.append((ms, gbs, tiling))
+        for ms, gbs, tiling in sorted(results, key=lambda r: r[0])[:8]:
+            print(f"  {ms:.3f} ms {gbs:6.0f} GB/s  {tiling.partition_size} {tiling.block_n} {tiling.num_warps} {tiling.num_stages}")
+
+        print("\nsweep: prefill 8 x 1024 32/8/128 bs16 (block_m, block_n, warps, stages)")
+        results = []
+        for block_m, block_n, warps, stages in [
+            (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+            (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 32, 4, 4),
+        ]:  # fmt: skip
+            tiling = PrefillTiling(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                ms, tflops, _ = bench_prefill(8, 1024, 0, 32, 8, 128, 16, tiling)
+            except Exception as error:
+                print(f"  {tiling}: failed: {type(error).__name__}")
+                continue
+            results.append((ms, tflops, tiling))
+        for ms, tflops, tiling in sorted(results, key=lambda r: r[0]):
+            print(f"  {ms:.3f} ms {tflops:6.1f} TFLOP/s  {tiling.block_m} {tiling.block_n} {tiling.num_warps} {tiling.num_stages}")
+        print(f"  default for head_dim 128: {default_prefill_tiling(128)}")
+
+
+if __name__ == "__main__":
+    main()
