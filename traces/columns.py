@@ -19,7 +19,7 @@ def token_counts(values: pa.Array, column: str, source: TraceSource) -> np.ndarr
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         values = pc.utf8_trim_whitespace(values)
         _require_match(values, _INTEGER, column, source, "is not a whole number")
-        values = values.cast(pa.int64())
+        values = pc.replace_substring_regex(values, r"^\+", "").cast(pa.int64())
     elif pa.types.is_integer(values.type):
         values = values.cast(pa.int64())
     else:

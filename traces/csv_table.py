@@ -49,6 +49,8 @@ def read_csv_columns(source: TraceSource) -> dict[str, pa.Array]:
     except pa.ArrowInvalid as error:
         _locate_malformed_row(source, len(names))
         raise TraceError(f"malformed CSV: {error}", source.path) from None
+    if table.num_rows == 0:
+        raise TraceError("empty trace: the file has a header but no request rows", source.path)
     return {column_key(name): column.combine_chunks() for name, column in zip(table.column_names, table.columns)}
 
 

@@ -41,7 +41,7 @@ def read_mooncake(path: str | Path, *, hash_block_size: int = MOONCAKE_BLOCK_SIZ
     milliseconds = seconds(table.column("timestamp"), "timestamp", source)
     prompt_len = token_counts(table.column("input_length"), "input_length", source)
     output_len = token_counts(table.column("output_length"), "output_length", source)
-    hash_ids = _hash_ids(table.column("hash_ids").combine_chunks(), prompt_len, hash_block_size, source)
+    hash_ids = _hash_ids(table.column("hash_ids").combine_chunks(), source)
     return build_trace(
         source=source,
         arrival_time=milliseconds / 1000.0,
@@ -72,22 +72,11 @@ def _parse(source: TraceSource) -> pa.Table:
     return table
 
 
-def _hash_ids(hash_ids: pa.Array, prompt_len: np.ndarray, block_size: int, source: TraceSource) -> pa.Array:
+def _hash_ids(hash_ids: pa.Array, source: TraceSource) -> pa.Array:
     if hash_ids.null_count == len(hash_ids):
         return hash_ids
     if pc.list_flatten(hash_ids).null_count:
         raise source.error(_first_row_with_null_id(hash_ids), "hash_ids holds a null")
-    lengths = pc.fill_null(pc.list_value_length(hash_ids), 0).to_numpy(zero_copy_only=False)
-    # Ids beyond the prompt's last block would claim tokens the prompt does not have: most likely the
-    # trace's block size differs from hash_block_size.
-    too_many = np.flatnonzero(lengths > -(-prompt_len // block_size))
-    if too_many.size:
-        row = int(too_many[0])
-        raise source.error(
-            row,
-            f"hash_ids has {lengths[row]} blocks but input_length {prompt_len[row]} fills at most "
-            f"{-(-prompt_len[row] // block_size)} blocks of {block_size} tokens (is hash_block_size right?)",
-        )
     return hash_ids
 
 

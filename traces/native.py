@@ -114,6 +114,8 @@ def _parquet_columns(source: TraceSource) -> tuple[dict[str, pa.Array], dict]:
         table = pq.read_table(pa.BufferReader(source.data))
     except (pa.ArrowException, OSError) as error:
         raise TraceError(f"unreadable Parquet file: {error}", source.path) from None
+    if table.num_rows == 0:
+        raise TraceError("empty trace: the file has no request rows", source.path)
     metadata = {}
     raw = (table.schema.metadata or {}).get(_METADATA_KEY)
     if raw is not None:
@@ -145,9 +147,9 @@ def _id_lists(values: pa.Array | None, column: str, source: TraceSource) -> pa.A
     if values is None:
         return None
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        text = pc.replace_substring_regex(values, r"[\[\],]", " ")
-        empty = pc.equal(pc.utf8_trim_whitespace(text), "")
-        values = pc.if_else(empty, pa.scalar(None, pa.list_(pa.string())), pc.utf8_split_whitespace(text))
+        text = pc.utf8_trim(pc.replace_substring_regex(values, r"[\[\],\s]+", " "), " ")
+        empty = pc.equal(text, "")
+        values = pc.if_else(empty, pa.scalar(None, pa.list_(pa.string())), pc.split_pattern(text, " "))
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
         raise source.error(0, f"column {column!r} holds {values.type}, expected lists of ids")
     try:
@@ -194,6 +196,6 @@ def _check_unique(request_id: pa.Array, source: TraceSource) -> None:
     ids = request_id.to_numpy(zero_copy_only=False)
     unique, first, counts = np.unique(ids.astype(str), return_index=True, return_counts=True)
     if np.any(counts > 1):
-        duplicate = unique[np.flatnonzero(counts > 1)[0]]
+        duplicate = str(unique[np.flatnonzero(counts > 1)[0]])
         rows = np.flatnonzero(ids.astype(str) == duplicate)
         raise source.error(int(rows[1]), f"request_id {duplicate!r} also appears at {source.lines_of_rows(rows[:1])}")

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from traces.errors import TraceError, TraceWarning
 from traces.schema import TRACE_SCHEMA, Trace
@@ -34,6 +35,8 @@ def build_trace(
     num_rows = len(arrival_time)
     if num_rows == 0:
         raise TraceError("empty trace: the file has no request rows", None if source is None else source.path)
+    if prefix_block_ids is not None:
+        _check_block_counts(prefix_block_ids, prompt_len, hash_block_size, source)
     if request_id is None:
         request_id = pa.array(np.arange(num_rows).astype(str), pa.string())
     keep = np.ones(num_rows, dtype=bool)
@@ -78,6 +81,23 @@ def build_trace(
         [columns[field.name].cast(field.type) for field in TRACE_SCHEMA], schema=TRACE_SCHEMA
     )
     return Trace(table=table, name=name, source_format=source_format, hash_block_size=hash_block_size, notes=notes)
+
+
+def _check_block_counts(
+    prefix_block_ids: pa.Array, prompt_len: np.ndarray, block_size: int, source: TraceSource | None
+) -> None:
+    """Ids beyond the prompt's last block would claim tokens the prompt does not have: most likely the
+    trace's block size differs from hash_block_size."""
+    lengths = pc.fill_null(pc.list_value_length(prefix_block_ids), 0).to_numpy(zero_copy_only=False)
+    blocks_needed = -(-prompt_len // block_size)
+    too_many = np.flatnonzero(lengths > blocks_needed)
+    if too_many.size:
+        row = int(too_many[0])
+        message = (
+            f"{lengths[row]} prefix block ids (hash_ids) but a prompt of {prompt_len[row]} tokens fills at most "
+            f"{blocks_needed[row]} blocks of {block_size} tokens (is hash_block_size right?)"
+        )
+        raise TraceError(message) if source is None else source.error(row, message)
 
 
 def _optional(values: pa.Array | None, take: pa.Array, size: int, column: str) -> pa.Array:
