@@ -45,17 +45,26 @@ def _metadata(table: pa.Table) -> dict:
     return {key.decode(): value.decode() for key, value in raw.items() if not key.startswith(b"ARROW")}
 
 
-def _columns(table: pa.Table, source: str) -> dict:
+ENGINE_OVERHEAD_KEYS = ("engine_step_s", "engine_per_seq_s", "engine_per_prefill_token_s")
+
+
+def step_columns(table: pa.Table, source: str) -> dict:
+    """The cost model's input columns and duration as a real run records it.
+
+    A real run's step lasts from its start to the next step's start, so it includes the engine's
+    scheduling and bookkeeping. A profile times only the executor and stores the engine's CPU time
+    (measured on the same host) in its metadata; it is added here so both sources mean the same thing.
+    """
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
     if missing:
         raise ValueError(f"{source}: missing step columns {', '.join(missing)}")
-    return {name: table.column(name).to_numpy().astype(np.float64) for name in REQUIRED_COLUMNS}
-
-
-def engine_overhead_from_metadata(metadata: dict) -> dict:
-    """The engine CPU overhead a profile measured (empty for real runs, whose durations include it)."""
-    keys = {"engine_step_s": "step_s", "engine_per_seq_s": "per_seq_s", "engine_per_prefill_token_s": "per_prefill_token_s"}
-    return {ours: float(metadata[theirs]) for theirs, ours in keys.items() if theirs in metadata}
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64) for name in REQUIRED_COLUMNS}
+    metadata = _metadata(table)
+    if all(key in metadata for key in ENGINE_OVERHEAD_KEYS):
+        step_s, per_seq_s, per_token_s = (float(metadata[key]) for key in ENGINE_OVERHEAD_KEYS)
+        num_seqs = columns["num_prefill_seqs"] + columns["num_decode_seqs"]
+        columns["duration"] = columns["duration"] + step_s + per_seq_s * num_seqs + per_token_s * columns["num_prefill_tokens"]
+    return columns
 
 
 def fit_profile_table(table: pa.Table, *, source: str = "profile", **overrides) -> Calibration:
@@ -66,12 +75,11 @@ def fit_profile_table(table: pa.Table, *, source: str = "profile", **overrides) 
         "model": metadata.get("model"),
         "tp": int(metadata.get("tp", 1)),
         "dtype": metadata.get("dtype", "bfloat16"),
-        "engine_overhead": engine_overhead_from_metadata(metadata),
     }
     settings.update(overrides)
     if not settings["gpu"] or not settings["model"]:
         raise ValueError(f"{source}: no gpu/model in the Parquet metadata; pass gpu= and model=")
-    return fit(_columns(table, source), source=source, **settings)
+    return fit(step_columns(table, source), source=source, **settings)
 
 
 def read_steps(paths) -> tuple[dict, dict]:
@@ -82,7 +90,7 @@ def read_steps(paths) -> tuple[dict, dict]:
         if not file.is_file():
             raise FileNotFoundError(f"{path}: no such Parquet file or run folder with steps.parquet")
         table = pq.read_table(file)
-        parts.append(_columns(table, str(file)))
+        parts.append(step_columns(table, str(file)))
         metadata = metadata or _metadata(table)
     return {name: np.concatenate([part[name] for part in parts]) for name in REQUIRED_COLUMNS}, metadata
 
@@ -111,7 +119,6 @@ def fit(
     holdout_fraction: float = 0.2,
     seed: int = 0,
     source: str = "",
-    engine_overhead: dict | None = None,
 ) -> Calibration:
     """Fit on all usable steps; held-out MAPE comes from a fit without a random holdout_fraction of them."""
     columns = {name: np.asarray(columns[name], dtype=np.float64) for name in REQUIRED_COLUMNS}
@@ -155,56 +162,49 @@ def fit(
         "heldout_mape_by_kind": {kind: round(value, 5) for kind, value in by_kind.items()},
         "train_mape": round(train_mape, 5),
     }
-    cost_model = CostModel(
-        gpu,
-        model,
-        tp,
-        dtype,
-        dict(zip(names, coefficients.tolist())),
-        knots,
-        fit_report=report,
-        engine_overhead=engine_overhead or {},
-    )
+    cost_model = CostModel(gpu, model, tp, dtype, dict(zip(names, coefficients.tolist())), knots, fit_report=report)
     return Calibration(cost_model, heldout_mape, by_kind, len(usable) - num_heldout, num_heldout)
 
 
+def calibrate_cli(args: argparse.Namespace) -> int:
+    """`twinfer calibrate INPUTS --out FILE [--gpu --model --tp --dtype]`: fit, save and print the fit report."""
+    from simulator.gpu_specs import gpu_key
+    from simulator.profile_library import PROFILES_DIR, profile_filename
+
+    columns, metadata = read_steps(args.inputs)
+    gpu = getattr(args, "gpu", None) or metadata.get("gpu")
+    model = getattr(args, "model", None) or metadata.get("model")
+    if not gpu or not model:
+        raise ValueError("the data carries no gpu/model metadata: pass --gpu and --model")
+    tp = getattr(args, "tp", None) or int(metadata.get("tp", 1))
+    dtype = getattr(args, "dtype", None) or metadata.get("dtype", "bfloat16")
+    calibration = fit(
+        columns,
+        gpu=gpu_key(gpu),
+        model=model,
+        tp=tp,
+        dtype=dtype,
+        holdout_fraction=getattr(args, "holdout", 0.2),
+        source=", ".join(Path(p).name for p in args.inputs),
+    )
+    out = Path(args.out) if getattr(args, "out", None) else PROFILES_DIR / profile_filename(gpu, model, tp, dtype)
+    calibration.cost_model.save(out)
+    print(json.dumps(calibration.cost_model.fit_report, indent=1))
+    print(f"wrote {out} ({calibration.cost_model.label})")
+    return 0
+
+
 def main(argv=None) -> int:
-    """CLI: python -m simulator.calibrate DATA.parquet [RUN_DIR ...] --out PROFILE.json."""
+    """CLI: python -m simulator.calibrate DATA.parquet [RUN_DIR ...] [--out PROFILE.json]."""
     parser = argparse.ArgumentParser(prog="python -m simulator.calibrate", description=__doc__)
-    parser.add_argument("data", nargs="+", help="profiling Parquet files or run folders holding steps.parquet")
+    parser.add_argument("inputs", nargs="+", help="profiling Parquet files or run folders holding steps.parquet")
     parser.add_argument("--out", help="where to write the cost model JSON (default: simulator/profiles/<key>.json)")
     parser.add_argument("--gpu", help="GPU key (default: from the data's metadata)")
     parser.add_argument("--model", help="model preset (default: from the data's metadata)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default: from metadata, else 1)")
     parser.add_argument("--dtype", help="dtype (default: from metadata, else bfloat16)")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of steps held out to score the fit")
-    args = parser.parse_args(argv)
-
-    from simulator.gpu_specs import gpu_key
-    from simulator.profile_library import PROFILES_DIR, profile_filename
-
-    columns, metadata = read_steps(args.data)
-    gpu = args.gpu or metadata.get("gpu")
-    model = args.model or metadata.get("model")
-    if not gpu or not model:
-        parser.error("the data carries no gpu/model metadata: pass --gpu and --model")
-    tp = args.tp or int(metadata.get("tp", 1))
-    dtype = args.dtype or metadata.get("dtype", "bfloat16")
-    calibration = fit(
-        columns,
-        engine_overhead=engine_overhead_from_metadata(metadata),
-        gpu=gpu_key(gpu),
-        model=model,
-        tp=tp,
-        dtype=dtype,
-        holdout_fraction=args.holdout,
-        source=", ".join(Path(p).name for p in args.data),
-    )
-    out = Path(args.out) if args.out else PROFILES_DIR / profile_filename(gpu, model, tp, dtype)
-    calibration.cost_model.save(out)
-    print(json.dumps(calibration.cost_model.fit_report, indent=1))
-    print(f"wrote {out}")
-    return 0
+    return calibrate_cli(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 A step's time is
     step + eager_step * [ran eagerly]
     + prefill_seq * prefill sequences + decode_seq * decode sequences            (per-row host and kernel work)
+    + prefill_token * prefill tokens                                   (prompt hashing, input preparation)
     + token * T + sum_k token_over_k * max(0, T - k)                              (matmuls, T = padded tokens)
     + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens read by prefill
     + decode_context_token * context read by decode (pure-decode steps)
       or mixed_decode_context_token * that context (steps with a prefill too).
 T is the CUDA-graph batch size when a graph ran (padded rows cost like real ones), else the batch's tokens.
 The convex piecewise-linear matmul term is flat while weights reads dominate and climbs once FLOPs do.
-The engine's own CPU time per step (measured when profiling) is added on top: see engine_overhead.
+It predicts a step as a real run records it: from the step's start to the next step's start, so the
+engine's scheduling and bookkeeping are included (calibration adds them to profiled executor times).
 """
 
 import json
@@ -28,6 +30,7 @@ BASE_TERMS = (
     "eager_step",
     "prefill_seq",
     "decode_seq",
+    "prefill_token",
     "token",
     "prefill_attention_pair",
     "prefill_context_token",
@@ -36,8 +39,6 @@ BASE_TERMS = (
 )
 
 DEFAULT_KNOTS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
-
-ENGINE_OVERHEAD_KEYS = ("step_s", "per_seq_s", "per_prefill_token_s")
 
 FEATURE_COLUMNS = (
     "num_prefill_seqs",
@@ -68,6 +69,7 @@ def design_matrix(columns: dict, knots) -> np.ndarray:
         (graph <= 0).astype(np.float64),
         get["num_prefill_seqs"],
         get["num_decode_seqs"],
+        get["num_prefill_tokens"],
         tokens,
         get["prefill_attention_work"],
         get["prefill_context_tokens"],
@@ -90,13 +92,6 @@ class CostModel:
     knots: tuple[int, ...] = DEFAULT_KNOTS
     fit_report: dict = field(default_factory=dict)
     """How the fit went: data source, rows, held-out MAPE (kept in the JSON for anyone who loads it)."""
-    engine_overhead: dict = field(default_factory=dict)
-    """The engine's own CPU time per step (step_s, per_seq_s, per_prefill_token_s), added to every prediction.
-
-    A real run's step duration runs from one step's start to the next, so it includes scheduling and
-    bookkeeping; profiling times only the executor and measures those separately. Empty when the
-    coefficients were fitted on real runs' steps, which already include them.
-    """
 
     calibrated = True
 
@@ -115,20 +110,12 @@ class CostModel:
                 raise ValueError(f"cost model term {name!r} must be a non-negative number, got {value!r}")
         coefficient = {name: float(self.coefficients.get(name, 0.0)) for name in expected}
         object.__setattr__(self, "coefficients", coefficient)
-        unknown = sorted(set(self.engine_overhead) - set(ENGINE_OVERHEAD_KEYS))
-        if unknown:
-            raise ValueError(f"cost model engine_overhead has unknown keys {unknown}; known: {list(ENGINE_OVERHEAD_KEYS)}")
-        overhead = {key: float(self.engine_overhead.get(key, 0.0)) for key in ENGINE_OVERHEAD_KEYS}
-        for key, value in overhead.items():
-            if not value >= 0:
-                raise ValueError(f"cost model engine_overhead {key!r} must be a non-negative number, got {value!r}")
-        object.__setattr__(self, "engine_overhead", overhead)
         # Flattened for predict(): attribute lookups on a dict per call would cost more than the arithmetic.
-        self._set("_step", coefficient["step"] + overhead["step_s"])
+        self._set("_step", coefficient["step"])
         self._set("_eager", coefficient["eager_step"])
-        self._set("_prefill_seq", coefficient["prefill_seq"] + overhead["per_seq_s"])
-        self._set("_decode_seq", coefficient["decode_seq"] + overhead["per_seq_s"])
-        self._set("_prefill_token", overhead["per_prefill_token_s"])
+        self._set("_prefill_seq", coefficient["prefill_seq"])
+        self._set("_decode_seq", coefficient["decode_seq"])
+        self._set("_prefill_token", coefficient["prefill_token"])
         self._set("_token", coefficient["token"])
         self._set("_pair", coefficient["prefill_attention_pair"])
         self._set("_prefill_context", coefficient["prefill_context_token"])
@@ -192,14 +179,7 @@ class CostModel:
     def predict_columns(self, columns: dict) -> np.ndarray:
         """Vectorized predictions for step columns (as in steps.parquet); equal to predict() up to rounding."""
         coefficient_vector = np.array([self.coefficients[name] for name in term_names(self.knots)])
-        overhead = self.engine_overhead
-        num_seqs = np.asarray(columns["num_prefill_seqs"], np.float64) + np.asarray(columns["num_decode_seqs"], np.float64)
-        return (
-            design_matrix(columns, self.knots) @ coefficient_vector
-            + overhead["step_s"]
-            + overhead["per_seq_s"] * num_seqs
-            + overhead["per_prefill_token_s"] * np.asarray(columns["num_prefill_tokens"], np.float64)
-        )
+        return design_matrix(columns, self.knots) @ coefficient_vector
 
     def to_json(self) -> dict:
         """The JSON-able form saved in profiles/."""
@@ -212,7 +192,6 @@ class CostModel:
             "dtype": self.dtype,
             "knots": list(self.knots),
             "coefficients": self.coefficients,
-            "engine_overhead": self.engine_overhead,
             "fit": self.fit_report,
         }
 
@@ -243,7 +222,6 @@ class CostModel:
                 coefficients=data["coefficients"],
                 knots=tuple(data["knots"]),
                 fit_report=data.get("fit", {}),
-                engine_overhead=data.get("engine_overhead", {}),
             )
         except (ValueError, TypeError) as error:
             raise ValueError(f"{source}: {error}") from None

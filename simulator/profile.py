@@ -49,7 +49,8 @@ class Shape:
 
 
 def _decode_rows(rng: random.Random, num_seqs: int, mean_context: int, max_model_len: int):
-    low, high = max(1, mean_context // 2), min(max_model_len - 1, mean_context * 3 // 2)
+    high = max(1, min(max_model_len - 1, mean_context * 3 // 2))
+    low = max(1, min(mean_context // 2, high))
     return tuple((rng.randint(low, high), 1, True, True) for _ in range(num_seqs))
 
 

@@ -14,6 +14,7 @@ COEFFICIENTS = {
     "eager_step": 3e-3,
     "decode_seq": 5e-6,
     "prefill_seq": 2e-5,
+    "prefill_token": 3e-8,
     "token": 1e-7,
     "token_over_128": 1.5e-6,
     "token_over_1024": 2e-7,
@@ -49,7 +50,7 @@ def random_features(rng: random.Random) -> tuple[BatchFeatures, int]:
 
 def test_scalar_and_vectorized_predictions_agree():
     rng = random.Random(1)
-    model = make_model(engine_overhead={"step_s": 1e-4, "per_seq_s": 1e-6, "per_prefill_token_s": 5e-8})
+    model = make_model()
     samples = [random_features(rng) for _ in range(300)]
     columns = {name: [getattr(f, name) for f, _ in samples] for name in FEATURE_COLUMNS if name != "cuda_graph_batch_size"}
     columns["cuda_graph_batch_size"] = [graph for _, graph in samples]
@@ -67,14 +68,8 @@ def test_graph_steps_cost_the_padded_batch_and_skip_launch_overhead():
     assert graph == pytest.approx(eager - 3e-3 + 136 * 1e-7 - 130 * 1e-7 + (136 - 130) * 1.5e-6)
 
 
-def test_engine_overhead_is_added_to_every_step():
-    bare, loaded = make_model(), make_model(engine_overhead={"step_s": 3e-4, "per_seq_s": 1e-6})
-    features = BatchFeatures(1, 100, 10, 10, 1000, 0, 5050.0, 110)
-    assert loaded.predict(features) - bare.predict(features) == pytest.approx(3e-4 + 11 * 1e-6)
-
-
 def test_save_load_round_trip(tmp_path):
-    model = make_model(fit_report={"heldout_mape": 0.02}, engine_overhead={"step_s": 1e-4})
+    model = make_model(fit_report={"heldout_mape": 0.02})
     path = tmp_path / "profile.json"
     model.save(path)
     loaded = CostModel.load(path)

@@ -27,6 +27,7 @@ CALIBRATED = CostModel(
         "eager_step": 2.9e-3,
         "decode_seq": 4.3e-6,
         "prefill_seq": 2.1e-5,
+        "prefill_token": 7e-8,
         "token": 1.3e-7,
         "token_over_64": 7e-7,
         "token_over_512": 3e-7,
@@ -35,7 +36,6 @@ CALIBRATED = CostModel(
         "mixed_decode_context_token": 5.3e-8,
         "prefill_context_token": 1.9e-8,
     },
-    engine_overhead={"step_s": 2e-4, "per_seq_s": 9e-7, "per_prefill_token_s": 7e-8},
 )
 ROOFLINE = Roofline(gpu_spec("h100"), ModelShape.load("qwen3-8b"))
 
