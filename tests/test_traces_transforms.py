@@ -70,3 +70,36 @@ def test_caps_clip_lengths_and_their_lists_and_report_counts(trace):
 def test_bad_transform_arguments(trace, call):
     with pytest.raises(ValueError):
         call(trace)
+
+
+def test_load_trace_applies_the_options_in_order():
+    from traces import TraceOptions, load_trace
+
+    options = TraceOptions(max_requests=200, request_rate=10.0, duration=5.0, max_output_len=50)
+    trace = load_trace("azure-conv", options)
+    arrivals = trace.table.column("arrival_time").to_numpy()
+    assert arrivals.max() < 5.0 and 10 <= len(trace) <= 100  # about 10 req/s over 5 s, bursty
+    assert trace.table.column("output_len").to_numpy().max() <= 50
+    assert [note.split()[0] for note in trace.notes] == ["sliced", "arrival", "sliced", "clipped"]
+
+
+def test_load_trace_arrivals_for_length_tables_and_others(tmp_path):
+    from traces import TraceOptions, load_trace
+
+    path = tmp_path / "lengths.csv"
+    path.write_text("num_prefill_tokens,num_decode_tokens\n" + "10,5\n" * 50)
+    table = load_trace(path, TraceOptions(arrivals="constant:5"))
+    assert table.duration == pytest.approx(49 / 5)
+    redrawn = load_trace("azure-conv", TraceOptions(arrivals="constant:100", max_requests=11))
+    assert redrawn.duration == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"time_scale": 2.0, "request_rate": 3.0}, {"max_requests": 0}, {"arrivals": "sometimes"}, {"format": "csv"}, {"duration": -1.0}]
+)
+def test_bad_trace_options(kwargs):
+    from traces import TraceOptions
+
+    with pytest.raises(ValueError):
+        TraceOptions(**kwargs)
+

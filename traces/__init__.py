@@ -7,7 +7,8 @@ from traces.native import write_trace
 from traces.schema import TRACE_SCHEMA, Trace
 from traces.synthetic import random_workload, shared_prefix_workload
 from traces.tokens import prompt_token_ids_for, trace_prompt_token_ids
-from traces.transforms import cap_lengths, scale_time, slice_count, slice_time, with_request_rate
+from traces.trace_options import TraceOptions, load_trace
+from traces.transforms import cap_lengths, scale_time, slice_count, slice_time, with_arrivals, with_request_rate
 
 __all__ = [
     "TRACE_SCHEMA",
@@ -17,10 +18,12 @@ __all__ = [
     "Poisson",
     "Trace",
     "TraceError",
+    "TraceOptions",
     "TraceWarning",
     "cap_lengths",
     "detect_format",
     "known_formats",
+    "load_trace",
     "parse_arrival_process",
     "prompt_token_ids_for",
     "random_workload",
@@ -30,6 +33,7 @@ __all__ = [
     "slice_count",
     "slice_time",
     "trace_prompt_token_ids",
+    "with_arrivals",
     "with_request_rate",
     "write_trace",
 ]

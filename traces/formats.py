@@ -53,7 +53,7 @@ def known_formats() -> str:
 def read_trace(path: str | Path, format: str | None = None, **options) -> Trace:
     """Read any supported trace (or a bundled sample by name); the format is detected unless given."""
     path = bundled_trace_path(path) or Path(path)
-    name = _format_name(format) if format is not None else detect_format(path)
+    name = format_name(format) if format is not None else detect_format(path)
     reader = READERS[name]
     accepted = set(inspect.signature(reader).parameters) - {"path"}
     unknown = sorted(set(options) - accepted)
@@ -80,7 +80,8 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _format_name(format: str) -> str:
+def format_name(format: str) -> str:
+    """The canonical name of a format given by the user (aliases: vidur, sarathi, twinfer)."""
     name = _ALIASES.get(format.strip().lower(), format.strip().lower())
     if name not in READERS:
         raise ValueError(f"unknown trace format {format!r}; known formats: {', '.join(READERS)}")

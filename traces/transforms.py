@@ -16,8 +16,7 @@ def scale_time(trace: Trace, factor: float) -> Trace:
     """Multiply every arrival time by `factor`: 0.5 replays the trace twice as fast, 2 half as fast."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"time scale factor must be a positive number, got {factor!r}")
-    arrivals = pc.multiply(trace.table.column("arrival_time"), pa.scalar(float(factor)))
-    return _replace(trace, _set(trace.table, "arrival_time", arrivals), f"arrival times scaled by {factor:g}")
+    return _replace(trace, _scaled(trace.table, factor), f"arrival times scaled by {factor:g}")
 
 
 def with_request_rate(trace: Trace, rate: float) -> Trace:
@@ -30,9 +29,14 @@ def with_request_rate(trace: Trace, rate: float) -> Trace:
             "a request rate cannot be set by scaling it; draw arrivals from an arrival process instead"
         )
     current = (len(trace) - 1) / trace.duration
-    factor = current / rate
-    scaled = scale_time(trace, factor)
-    return _replace(scaled, scaled.table, f"rescaled from {current:.4g} to {rate:g} requests/s")
+    note = f"arrival times rescaled from {current:.4g} to {rate:g} requests/s"
+    return _replace(trace, _scaled(trace.table, current / rate), note)
+
+
+def with_arrivals(trace: Trace, arrivals, seed: int = 0) -> Trace:
+    """The same requests, in the same order, at arrival times drawn from an arrival process."""
+    times = pa.array(arrivals.arrival_times(len(trace), seed), pa.float64())
+    return _replace(trace, _set(trace.table, "arrival_time", times), f"arrival times redrawn from {arrivals} with seed {seed}")
 
 
 def slice_time(trace: Trace, start: float = 0.0, end: float | None = None) -> Trace:
@@ -92,6 +96,10 @@ def _clip_lists(table: pa.Table, max_prompt_len: int, hash_block_size: int) -> p
 def _check_cap(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _scaled(table: pa.Table, factor: float) -> pa.Table:
+    return _set(table, "arrival_time", pc.multiply(table.column("arrival_time"), pa.scalar(float(factor))))
 
 
 def _set(table: pa.Table, column: str, values) -> pa.Table:

@@ -1,0 +1,73 @@
+"""What a replay asks of its trace (the CLI's trace flags), and loading a trace with them applied."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from traces.arrivals import parse_arrival_process
+from traces.formats import format_name, detect_format, read_trace
+from traces.bundled import bundled_trace_path
+from traces.errors import TraceError
+from traces.schema import Trace
+from traces.transforms import cap_lengths, scale_time, slice_count, slice_time, with_arrivals, with_request_rate
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """Trace flags of `twinfer replay/simulate`; applied in order: count, arrivals, rate or scale, duration, caps."""
+
+    format: str | None = None
+    max_requests: int | None = None
+    arrivals: str | None = None
+    """An arrival process spec (poisson:RATE, gamma:RATE:CV, constant:RATE, all-at-once): required in spirit for
+    length tables, and for any other trace it replaces the recorded arrival times."""
+    time_scale: float | None = None
+    request_rate: float | None = None
+    duration: float | None = None
+    max_prompt_len: int | None = None
+    max_output_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.time_scale is not None and self.request_rate is not None:
+            raise ValueError("give either a time scale or a request rate, not both")
+        for name in ("max_requests", "max_prompt_len", "max_output_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("time_scale", "request_rate", "duration"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.arrivals is not None:
+            parse_arrival_process(self.arrivals)
+        if self.format is not None:
+            format_name(self.format)
+
+
+def load_trace(path: str | Path, options: TraceOptions = TraceOptions()) -> Trace:
+    """Read a trace (file or bundled sample name) and apply the options; each step adds a note."""
+    arrivals = parse_arrival_process(options.arrivals) if options.arrivals is not None else None
+    resolved = bundled_trace_path(path) or Path(path)
+    fmt = format_name(options.format) if options.format is not None else detect_format(resolved)
+    if fmt == "length_table":
+        trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed)
+    else:
+        trace = read_trace(resolved, format=fmt)
+        if arrivals is not None:
+            trace = with_arrivals(trace, arrivals, options.seed)
+    if options.max_requests is not None:
+        trace = slice_count(trace, options.max_requests)
+    if options.request_rate is not None:
+        trace = with_request_rate(trace, options.request_rate)
+    if options.time_scale is not None:
+        trace = scale_time(trace, options.time_scale)
+    if options.duration is not None:
+        trace = slice_time(trace, 0.0, options.duration)
+    if options.max_prompt_len is not None or options.max_output_len is not None:
+        trace = cap_lengths(trace, max_prompt_len=options.max_prompt_len, max_output_len=options.max_output_len)
+    if len(trace) == 0:
+        raise TraceError(f"no requests left after the trace options ({'; '.join(trace.notes)})", resolved)
+    return trace
