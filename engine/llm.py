@@ -1,0 +1,204 @@
+"""Offline batched generation in the manner of vLLM's LLM class: prompts in, completions out, in order."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.clock import WallClock
+from engine.config import EngineConfig, vllm_default_limits
+from engine.engine import Engine
+from engine.model_config import is_preset, load_model_config, resolve_model_path
+from engine.model_executor import ModelExecutor
+from engine.sampling_params import SamplingParams
+
+CPU_DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One prompt's completion."""
+
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+def _generation_eos_ids(model: str) -> tuple[int, ...]:
+    """EOS ids from generation_config.json when the model folder has one (chat models list several)."""
+    if is_preset(model):
+        return ()
+    path = Path(model) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+
+class LLM:
+    """A model with its KV cache and scheduler, ready to generate.
+
+    model is a local Hugging Face folder (config.json, *.safetensors, tokenizer files when present) or a
+    bundled preset name (qwen3-0.6b, qwen3-8b, llama-3-8b, qwen3-32b) run with dummy weights.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        num_gpu_blocks_override: int | None = None,
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        attention_backend: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        tokenizer: str | None = None,
+    ) -> None:
+        model = str(model)
+        model_config = load_model_config(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cuda = torch.device(device).type == "cuda"
+        if max_model_len is None:
+            max_model_len = model_config.max_position_embeddings
+            if not on_cuda:
+                max_model_len = min(max_model_len, CPU_DEFAULT_MAX_MODEL_LEN)
+        gpu_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30 if on_cuda else None
+        default_seqs, default_tokens = vllm_default_limits(gpu_gib)
+        max_num_seqs = max_num_seqs or default_seqs
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = default_tokens if enable_chunked_prefill else max(default_tokens, max_model_len)
+        eos_ids = tuple(dict.fromkeys(model_config.eos_token_ids + _generation_eos_ids(model)))
+        self.engine_config = EngineConfig(
+            block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            num_kv_blocks=num_gpu_blocks_override,
+            eos_token_ids=eos_ids,
+            vocab_size=model_config.vocab_size,
+        )
+        self.model_config = model_config
+        self.tokenizer = self._load_tokenizer(tokenizer or model)
+        self.executor = ModelExecutor(
+            model, self.engine_config, dtype=dtype, device=device, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+            attention_backend=attention_backend, load_format=load_format, seed=seed,
+        )
+        self.engine = Engine(self.engine_config, self.executor, clock=WallClock())
+        self._next_request = 0
+
+    @staticmethod
+    def _load_tokenizer(model: str):
+        if is_preset(model) or not Path(model).is_dir():
+            return None
+        folder = Path(model)
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+
+    def _prompt_ids(self, index: int, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"prompt {index} is a string but model {self.model_config.source!r} has no tokenizer; "
+                    "pass lists of token ids instead"
+                )
+            return prompt, list(self.tokenizer.encode(prompt))
+        try:
+            ids = [int(token) for token in prompt]
+        except (TypeError, ValueError):
+            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}") from None
+        vocab = self.model_config.vocab_size
+        bad = [token for token in ids if not 0 <= token < vocab]
+        if bad:
+            raise ValueError(f"prompt {index} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+        return None, ids
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt (strings or token-id lists); outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        max_len = self.engine_config.max_model_len
+        requests = []
+        for index, (prompt, param) in enumerate(zip(prompts, params)):
+            text, ids = self._prompt_ids(index, prompt)
+            if not ids:
+                raise ValueError(f"prompt {index} is empty")
+            if len(ids) + param.max_tokens > max_len:
+                raise ValueError(
+                    f"prompt {index} has {len(ids)} tokens; with max_tokens {param.max_tokens} that exceeds "
+                    f"max_model_len {max_len}"
+                )
+            requests.append((text, ids, param))
+
+        request_ids = []
+        for text, ids, param in requests:
+            request_ids.append(self.engine.add_request(
+                prompt_token_ids=ids, sampling_params=param, request_id=f"llm-{self._next_request}"))
+            self._next_request += 1
+
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(requests), desc="Generating", unit="req", dynamic_ncols=True)
+        sequences = [self.engine.sequences.get(rid) for rid in request_ids]
+        done = 0
+
+        def on_step(engine: Engine) -> None:
+            nonlocal done
+            finished = sum(1 for seq in sequences if seq is not None and seq.is_finished)
+            if progress is not None and finished > done:
+                progress.update(finished - done)
+            done = finished
+
+        try:
+            self.engine.run(on_step=on_step)
+        finally:
+            if progress is not None:
+                progress.close()
+
+        records = self.engine.request_records
+        outputs = []
+        for index, (rid, (text, ids, _)) in enumerate(zip(request_ids, requests)):
+            record = records[rid]
+            if record.status != "finished":
+                raise RuntimeError(f"prompt {index} was not served ({record.status}): {record.reason}")
+            token_ids = list(self.engine.output_token_ids(rid))
+            completion = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
+            outputs.append(RequestOutput(index, text, ids, token_ids, completion, record.reason))
+        return outputs
+
+    def shutdown(self) -> None:
+        """Release worker processes (tensor parallelism)."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

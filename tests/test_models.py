@@ -1,0 +1,165 @@
+"""twinfer's models against transformers on tiny random checkpoints (CPU, float32): same greedy tokens."""
+
+import json
+
+import pytest
+import torch
+
+from engine.clock import VirtualClock
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.loader import save_dummy_checkpoint
+from engine.model_config import load_model_config, model_config_from_dict
+from engine.model_executor import ModelExecutor
+from engine.models import attention_features
+from engine.sampling_params import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256
+NEW_TOKENS = 32
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def _make_model(arch: str):
+    if arch == "qwen3":  # tied embeddings
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, tie_word_embeddings=True))
+    if arch == "qwen2":  # untied, q/k/v biases
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY, tie_word_embeddings=False))
+    # Llama-3 rope scaling with a short original context, so the scaled band covers real positions.
+    config = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _prompts() -> list[list[int]]:
+    """Mixed lengths; three share a 40-token prefix (more than two full blocks) so the prefix cache can hit."""
+    prefix = [(13 * j + 5) % VOCAB for j in range(40)]
+    shared = [prefix + [(31 * i + 7 * j) % VOCAB for j in range(n)] for i, n in enumerate((3, 11, 20))]
+    others = [[(7 * i + 11 * j + 1) % VOCAB for j in range(n)] for i, n in enumerate((1, 5, 17, 33))]
+    return [shared[0], *others[:2], shared[1], others[2], shared[2], others[3]]
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen2", "llama"])
+def checkpoint(request, tmp_path_factory):
+    """(folder, transformers greedy completions) of one tiny random model saved as safetensors."""
+    torch.manual_seed({"qwen3": 0, "qwen2": 1, "llama": 2}[request.param])
+    model = _make_model(request.param).eval()
+    with torch.no_grad():
+        # Larger weights than the default init make the argmax decisive, so float32 summation order cannot flip it.
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2)
+            else:
+                param.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder, safe_serialization=True)
+    expected = []
+    with torch.no_grad():
+        for prompt in _prompts():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 do_sample=False)
+            expected.append(out[0, len(prompt):].tolist())
+    return str(folder), expected
+
+
+def _run_twinfer(folder: str, **config):
+    engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, **config)
+    executor = ModelExecutor(folder, engine_config, device="cpu", attention_backend="torch")
+    engine = Engine(engine_config, executor, clock=VirtualClock())
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    # The first prompt arrives alone so later prompts sharing its prefix can hit the cache.
+    ids = [engine.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=0.0 if i == 0 else 1e-6)
+           for i, prompt in enumerate(_prompts())]
+    engine.run()
+    return [engine.output_token_ids(rid) for rid in ids], engine
+
+
+def test_greedy_matches_transformers_with_prefix_caching(checkpoint):
+    folder, expected = checkpoint
+    outputs, engine = _run_twinfer(folder, enable_prefix_caching=True)
+    assert outputs == expected
+    assert sum(step.prefix_cache_hit_tokens for step in engine.step_records) > 0
+
+
+def test_greedy_matches_transformers_without_prefix_caching(checkpoint):
+    folder, expected = checkpoint
+    outputs, engine = _run_twinfer(folder, enable_prefix_caching=False)
+    assert outputs == expected
+    assert sum(step.prefix_cache_hit_tokens for step in engine.step_records) == 0
+
+
+def test_greedy_matches_transformers_with_tiny_prefill_chunks(checkpoint):
+    folder, expected = checkpoint
+    outputs, engine = _run_twinfer(folder, max_num_batched_tokens=7)
+    assert outputs == expected
+    assert all(step.num_batched_tokens <= 7 for step in engine.step_records)
+    assert any(step.num_prefill_seqs and step.num_decode_seqs for step in engine.step_records)
+
+
+def test_greedy_matches_transformers_under_preemption(checkpoint):
+    folder, expected = checkpoint
+    # 8 blocks of 16 tokens: 128 slots for prompts of up to 73 tokens plus 32 outputs each.
+    outputs, engine = _run_twinfer(folder, num_kv_blocks=8, max_num_batched_tokens=64)
+    assert outputs == expected
+    assert sum(record.num_preemptions for record in engine.request_records.values()) > 0
+
+
+def test_last_token_logits_match_transformers(checkpoint):
+    """One prefill step's logits, checked directly (not only their argmax)."""
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    folder, _ = checkpoint
+    engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=16)
+    executor = ModelExecutor(folder, engine_config, device="cpu")
+    prompt = _prompts()[4]
+    seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0,
+                            SamplingParams(temperature=0))
+    runner = executor.runner
+    ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+    with torch.no_grad():
+        ours = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+        reference_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        theirs = reference_model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_dummy_weights_equal_their_saved_checkpoint(tmp_path):
+    """load_format=dummy and the safetensors file written from the same dummy weights give the same model."""
+    raw = {"architectures": ["Qwen2ForCausalLM"], **TINY, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = load_model_config(str(tmp_path))
+    qkv_bias, qk_norm = attention_features(config.architecture, config.attention_bias)
+    save_dummy_checkpoint(config, tmp_path, qkv_bias=qkv_bias, qk_norm=qk_norm, seed=7, dtype=torch.float32)
+    engine_config = EngineConfig(max_model_len=128, vocab_size=VOCAB, num_kv_blocks=8)
+    dummy = ModelExecutor(str(tmp_path), engine_config, device="cpu", load_format="dummy", seed=7)
+    loaded = ModelExecutor(str(tmp_path), engine_config, device="cpu", load_format="safetensors", seed=7)
+    for (name, a), (_, b) in zip(dummy.runner.model.named_parameters(), loaded.runner.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], **TINY}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported: Qwen3ForCausalLM"):
+        load_model_config(str(tmp_path))
+
+
+def test_missing_safetensors_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **TINY}))
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        ModelExecutor(str(tmp_path), EngineConfig(max_model_len=64, num_kv_blocks=4), device="cpu")
+
+
+def test_bad_config_field_names_the_file():
+    with pytest.raises(ValueError, match="my/config.json.*num_key_value_heads"):
+        model_config_from_dict({"architectures": ["LlamaForCausalLM"], **TINY, "num_key_value_heads": 3},
+                               source="my/config.json")
+
+
+@pytest.mark.parametrize("preset, params_billion", [("qwen3-0.6b", 0.60), ("qwen3-8b", 8.19), ("llama-3-8b", 8.03),
+                                                    ("qwen3-32b", 32.8)])
+def test_presets_have_the_published_sizes(preset, params_billion):
+    config = load_model_config(preset)
+    assert config.num_params / 1e9 == pytest.approx(params_billion, rel=0.01)
