@@ -84,6 +84,35 @@ class Comparison:
         """A printable table of every error."""
         return format_comparison(self)
 
+    def format(self) -> str:
+        """Same as to_text()."""
+        return format_comparison(self)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: the step summary and every metric error (NaN as None)."""
+
+        def plain(value):
+            if isinstance(value, float) and not np.isfinite(value):
+                return None
+            return value
+
+        return {
+            "real_run": self.real_name,
+            "simulated_run": self.simulated_name,
+            "num_real_steps": self.num_real_steps,
+            "num_simulated_steps": self.num_simulated_steps,
+            "num_matched_steps": self.num_matched_steps,
+            "identical_schedules": self.identical_schedules,
+            "first_divergent_step": self.first_divergent_step,
+            "step_mape": plain(self.step_mape),
+            "real_busy_time": self.real_busy_time,
+            "simulated_busy_time": self.simulated_busy_time,
+            "busy_time_error": plain(self.busy_time_error),
+            "metric_errors": [
+                {key: plain(value) for key, value in row.items()} for row in self.metric_errors.to_pylist()
+            ],
+        }
+
 
 def _relative_error(real: float, simulated: float) -> float:
     if real == 0:

@@ -51,6 +51,12 @@ class ReportContents:
     num_figures: int
     comparisons: tuple[Comparison, ...]
 
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
 
 def real_sim_pairs(runs) -> list[tuple[int, int]]:
     """(real, simulated) run indices that replayed the same trace (equal trace_fingerprint)."""
@@ -257,7 +263,8 @@ def build_report(
     percentiles=(50.0, 90.0, 99.0),
     num_bins: int = 300,
 ) -> ReportContents:
-    """Write one self-contained HTML report of the runs; itl_threshold_ms defaults to the tpot SLO or p90 ITL."""
+    """Write one self-contained HTML report of the runs; itl_threshold_ms defaults to the tpot SLO, else each
+    run's p90 ITL."""
     runs = list(runs)
     if not runs:
         raise ValueError("build_report needs at least one run")
@@ -266,9 +273,9 @@ def build_report(
     metrics = [compute_metrics(run, goodput) for run in runs]
     if itl_threshold_ms is None and goodput and "tpot" in goodput:
         itl_threshold_ms = goodput["tpot"]
-    if itl_threshold_ms is None:
-        # The first run's p90 ITL: the slowest tenth of its gaps stand out, and every run shares one threshold.
-        itl_threshold_ms = metrics[0].itl.p90 * 1000
+    # Without an SLO each run gets its own p90 ITL: the slowest tenth of its gaps stand out, whatever its
+    # speed (a CPU run's gaps are seconds, a simulated H100's milliseconds).
+    thresholds = [itl_threshold_ms / 1000 if itl_threshold_ms is not None else m.itl.p90 for m in metrics]
     sections: list[str] = [f"<h2>Summary</h2>{_summary_table(runs, labels, metrics, percentiles)}"]
     figures: list[tuple[str, go.Figure]] = []
     comparisons = []
@@ -284,7 +291,7 @@ def build_report(
     figures.append(("cdfs", _cdf_figure(labels, metrics, colors)))
     figures.append(("over-time", _over_time_figure(runs, labels, colors, num_bins)))
     for index, (run, label) in enumerate(zip(runs, labels)):
-        figures.append((f"timeline-{index}", _timeline_figure(run, label, itl_threshold_ms / 1000, timeline_requests)))
+        figures.append((f"timeline-{index}", _timeline_figure(run, label, thresholds[index], timeline_requests)))
 
     figure_html = []
     for name, figure in figures:

@@ -89,3 +89,15 @@ def test_different_traces_are_refused(real_run):
     other = sim_of(real_run, real_run.requests, real_run.steps, fingerprint="xyz")
     with pytest.raises(ValueError, match="different traces"):
         compare_runs(real_run, other)
+
+
+def test_comparison_as_json(real_run):
+    import json
+
+    durations = real_run.steps.column("duration").to_numpy()
+    comparison = compare_runs(real_run, sim_of(real_run, real_run.requests, with_durations(real_run.steps, durations * 0.95)))
+    data = json.loads(json.dumps(comparison.to_dict(), allow_nan=False))
+    assert data["step_mape"] == pytest.approx(0.05)
+    assert data["identical_schedules"] is True
+    assert {"metric": "ttft", "statistic": "p99"}.items() <= data["metric_errors"][3].items()
+    assert comparison.format() == comparison.to_text()
