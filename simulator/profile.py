@@ -32,8 +32,8 @@ PROFILE_SCHEMA = pa.schema(list(STEPS_SCHEMA) + [pa.field("repeat", pa.int64()),
 GRID_VERSION = "1"
 
 PREFILL_LENGTHS = (1, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
-CACHED_CONTEXTS = (0, 256, 1024, 4096, 12288)
-DECODE_CONTEXTS = (64, 256, 1024, 2048, 4096, 8192, 16384)
+CACHED_CONTEXTS = (0, 256, 1024, 4096, 12288, 24576)
+DECODE_CONTEXTS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768)
 EAGER_DECODE_SIZES = (520, 576, 640, 768, 896, 1024)
 MIXED_DECODES = (1, 4, 16, 64, 128, 256, 512)
 MIXED_CONTEXTS = (256, 1024, 4096)
@@ -277,7 +277,7 @@ def profile(
     dtype: str = "bfloat16",
     max_seconds: float = 480,
     repeats: int = 3,
-    max_model_len: int = 16384,
+    max_model_len: int = 32768,
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 1024,
     block_size: int = 16,
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=480, help="total time budget, setup included")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-model-len", type=int, default=16384)
+    parser.add_argument("--max-model-len", type=int, default=32768, help="as twinfer replay picks by default")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -119,16 +119,22 @@ class Roofline:
     def predict_decode_run(
         self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int, cuda_graph_batch_size: int = 0
     ) -> list[float]:
-        """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step."""
-        return [
-            self._predict_values(
-                0,
-                num_decode_seqs,
-                num_decode_seqs,
-                cuda_graph_batch_size,
-                decode_context_tokens + step * num_decode_seqs,
-                0,
-                0.0,
-            )
-            for step in range(num_steps)
-        ]
+        """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step.
+
+        The same operations in the same order as _predict_values, with the step-invariant parts hoisted,
+        so every duration is bit for bit what predict() gives.
+        """
+        tokens = cuda_graph_batch_size or num_decode_seqs
+        matmul = max(self._weights_s, self._linear_flop_s_per_token * tokens + self._lm_head_s_per_row * num_decode_seqs)
+        kv_s = self._kv_s_per_token
+        pair_term = self._pair_s * 0.0
+        host = self.host.step_s + self.host.per_seq_s * num_decode_seqs
+        first = decode_context_tokens + num_decode_seqs
+        gpus = [matmul + kv_s * (first + step * num_decode_seqs) + pair_term for step in range(num_steps)]
+        if self.tp > 1:
+            fixed, per_token = self._allreduce_fixed_s, self._allreduce_s_per_token
+            gpus = [gpu + (fixed + per_token * tokens) for gpu in gpus]
+        if cuda_graph_batch_size:
+            return [host + gpu for gpu in gpus]
+        launch = self._launch_s
+        return [host + max(gpu, launch) for gpu in gpus]

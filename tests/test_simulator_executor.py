@@ -38,6 +38,7 @@ CALIBRATED = CostModel(
     },
 )
 ROOFLINE = Roofline(gpu_spec("h100"), ModelShape.load("qwen3-8b"))
+ROOFLINE_TP2 = Roofline(gpu_spec("a100-80g"), ModelShape.load("qwen3-0.6b"), tp=2)
 
 
 def sequence(seq_id, *, new, computed, decode, samples) -> ScheduledSequence:
@@ -77,7 +78,7 @@ def test_vllm_ladder():
     assert len(VLLM_CUDA_GRAPH_SIZES) == 67
 
 
-@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE], ids=["calibrated", "roofline"])
+@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE, ROOFLINE_TP2], ids=["calibrated", "roofline", "roofline-tp2"])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_decode_run_is_bitwise_stepwise(cost_model, enforce_eager):
     executor = CostModelExecutor(cost_model, 100_000, enforce_eager=enforce_eager)
