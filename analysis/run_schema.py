@@ -87,7 +87,10 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA)
 
 
-def steps_table(records: list[StepRecord]) -> pa.Table:
-    """The steps table, one row per engine step."""
-    columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}
+def steps_table(records) -> pa.Table:
+    """The steps table, one row per engine step, from an engine's StepLog or a list of StepRecord."""
+    if hasattr(records, "numpy_columns"):
+        columns = records.numpy_columns()
+    else:
+        columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}
     return pa.Table.from_pydict(columns, schema=STEPS_SCHEMA)

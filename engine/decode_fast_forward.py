@@ -8,8 +8,6 @@ boundaries, prefix-cache registrations, token times, clock arithmetic and one st
 
 from typing import Protocol
 
-from engine.stats import StepRecord
-
 MIN_STEPS = 2
 
 
@@ -119,13 +117,11 @@ def fast_forward_decodes(engine, now: float) -> bool:
         seq.token_times.extend(ends)
 
     used = manager.num_used_blocks
+    used_after_step = []
     event_index = 0
-    records = engine.step_records
-    first_step = scheduler._step
-    kv_total = manager.num_blocks
-    running_count = len(running)
+    num_events = len(events)
     for step in range(num_steps):
-        while event_index < len(events) and events[event_index][0] == step:
+        while event_index < num_events and events[event_index][0] == step:
             _, phase, index = events[event_index]
             seq = running[index]
             if phase == 0:
@@ -134,29 +130,30 @@ def fast_forward_decodes(engine, now: float) -> bool:
             else:
                 _register_through(manager, seq, (seq.num_computed_tokens + step + 1) // block_size)
             event_index += 1
-        start = starts[step]
-        records.append(
-            StepRecord(
-                first_step + step,
-                start,
-                ends[step] - start,
-                0,
-                0,
-                num_seqs,
-                num_seqs,
-                context + step * num_seqs,
-                0,
-                0.0,
-                running_count,
-                0,
-                used,
-                kv_total,
-                0,
-                0,
-                cuda_graph_batch_size,
-                num_seqs,
-            )
-        )
+        used_after_step.append(used)
+
+    first_step = scheduler._step
+    zeros = [0] * num_steps
+    engine.step_records.extend(
+        step=range(first_step, first_step + num_steps),
+        start_time=starts[:num_steps],
+        duration=[end - start for start, end in zip(starts, ends)],
+        num_prefill_seqs=zeros,
+        num_prefill_tokens=zeros,
+        num_decode_seqs=[num_seqs] * num_steps,
+        num_decode_tokens=[num_seqs] * num_steps,
+        decode_context_tokens=range(context, context + num_steps * num_seqs, num_seqs),
+        prefill_context_tokens=zeros,
+        prefill_attention_work=[0.0] * num_steps,
+        num_running=[num_seqs] * num_steps,
+        num_waiting=zeros,
+        kv_blocks_used=used_after_step,
+        kv_blocks_total=[manager.num_blocks] * num_steps,
+        num_preempted=zeros,
+        prefix_cache_hit_tokens=zeros,
+        cuda_graph_batch_size=[cuda_graph_batch_size] * num_steps,
+        num_batched_tokens=[num_seqs] * num_steps,
+    )
     for seq in running:
         seq.num_computed_tokens += num_steps
     scheduler._step += num_steps

@@ -14,7 +14,8 @@ from engine.executor import Executor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
-from engine.stats import RequestRecord, StepRecord, batch_features
+from engine.stats import RequestRecord, batch_features
+from engine.step_log import StepLog
 
 
 class Engine:
@@ -32,7 +33,9 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.sequences: dict[str, Sequence] = {}
         self.rejected: dict[str, RequestRecord] = {}
-        self.step_records: list[StepRecord] = []
+        self.step_records = StepLog()
+        self.num_finished = 0
+        """Requests finished or aborted so far (rejected ones are in self.rejected)."""
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seq_ids = itertools.count()
         self._last_step_busy = False
@@ -126,6 +129,7 @@ class Engine:
         else:
             self.scheduler.abort(seq, reason, now)
         seq.finish_reason = f"aborted: {reason}"
+        self.num_finished += 1
 
     def abort_all(self, reason: str) -> None:
         """Abort every request not yet finished (an interrupted run keeps what finished)."""
@@ -160,8 +164,8 @@ class Engine:
             return True
         if self._last_step_busy and self.step_records:
             # The gap since the last step's end (bookkeeping) belongs to that step.
-            last = self.step_records[-1]
-            last.duration = now - last.start_time
+            log = self.step_records
+            log.set_last_duration(now - log.columns["start_time"][-1])
         if self._fast_forward and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True
@@ -174,7 +178,7 @@ class Engine:
             )
         result = self.executor.execute(output)
         end = self.clock.advance(result.duration)
-        self.scheduler.update(output, result, end)
+        self.num_finished += len(self.scheduler.update(output, result, end))
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         self._last_step_busy = True
         return True
@@ -184,26 +188,24 @@ class Engine:
         stats = self.scheduler.last_stats
         block_manager = self.block_manager
         self.step_records.append(
-            StepRecord(
-                step=output.step,
-                start_time=start,
-                duration=duration,
-                num_prefill_seqs=features.num_prefill_seqs,
-                num_prefill_tokens=features.num_prefill_tokens,
-                num_decode_seqs=features.num_decode_seqs,
-                num_decode_tokens=features.num_decode_tokens,
-                decode_context_tokens=features.decode_context_tokens,
-                prefill_context_tokens=features.prefill_context_tokens,
-                prefill_attention_work=features.prefill_attention_work,
-                num_running=len(self.scheduler.running),
-                num_waiting=len(self.scheduler.waiting),
-                kv_blocks_used=block_manager.num_used_blocks,
-                kv_blocks_total=block_manager.num_blocks,
-                num_preempted=stats.num_preempted,
-                prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
-                cuda_graph_batch_size=cuda_graph_batch_size,
-                num_batched_tokens=features.num_batched_tokens,
-            )
+            output.step,
+            start,
+            duration,
+            features.num_prefill_seqs,
+            features.num_prefill_tokens,
+            features.num_decode_seqs,
+            features.num_decode_tokens,
+            features.decode_context_tokens,
+            features.prefill_context_tokens,
+            features.prefill_attention_work,
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            block_manager.num_used_blocks,
+            block_manager.num_blocks,
+            stats.num_preempted,
+            stats.prefix_cache_hit_tokens,
+            cuda_graph_batch_size,
+            features.num_batched_tokens,
         )
 
     def run(self, on_step: Callable[["Engine"], None] | None = None) -> None:

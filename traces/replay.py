@@ -33,7 +33,7 @@ def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: i
 
 
 class ReplayProgress:
-    """A progress bar: requests done, running, waiting and output tokens per second of run time."""
+    """A progress bar: requests done, running and waiting, steps taken and the run's clock."""
 
     def __init__(self, total: int, enabled: bool, description: str) -> None:
         self.bar = tqdm(total=total, desc=description, unit="req", disable=not enabled, dynamic_ncols=True)
@@ -48,15 +48,14 @@ class ReplayProgress:
         self.refresh(engine)
 
     def refresh(self, engine: Engine) -> None:
-        done = sum(1 for seq in engine.sequences.values() if seq.is_finished) + len(engine.rejected)
+        done = engine.num_finished + len(engine.rejected)
         self.bar.update(done - self._done)
         self._done = done
         clock_time = engine.clock.now()
-        tokens = sum(seq.num_output_tokens for seq in engine.sequences.values())
         self.bar.set_postfix(
             running=len(engine.scheduler.running),
             waiting=len(engine.scheduler.waiting),
-            tok_s=f"{tokens / clock_time:.0f}" if clock_time > 0 else "-",
+            steps=len(engine.step_records),
             t=f"{clock_time:.1f}s",
             refresh=False,
         )
