@@ -15,29 +15,23 @@ DEFAULT_MAX_MODEL_LEN_CAP = 32768
 
 
 def load_trace(args: argparse.Namespace):
-    """Read the trace named on the command line and apply the requested transforms."""
-    from traces import transforms
-    from traces.arrivals import parse_arrival_process
-    from traces.formats import read_trace
+    """Read the trace named on the command line with its trace flags applied, printing what they did."""
+    from traces.trace_options import TraceOptions, load_trace as load_with_options
 
-    options = {}
-    if getattr(args, "arrivals", None):
-        options["arrivals"] = parse_arrival_process(args.arrivals)
-    trace = read_trace(args.trace, getattr(args, "format", None), **options)
-    if getattr(args, "duration", None) is not None:
-        trace = transforms.slice_time(trace, 0.0, args.duration)
-    if getattr(args, "max_requests", None) is not None:
-        trace = transforms.slice_count(trace, args.max_requests)
-    if getattr(args, "time_scale", None) is not None:
-        trace = transforms.scale_time(trace, args.time_scale)
-    if getattr(args, "request_rate", None) is not None:
-        trace = transforms.with_request_rate(trace, args.request_rate)
-    if getattr(args, "max_prompt_len", None) is not None or getattr(args, "max_output_len", None) is not None:
-        trace = transforms.cap_lengths(trace, max_prompt_len=args.max_prompt_len, max_output_len=args.max_output_len)
+    options = TraceOptions(
+        format=args.format,
+        max_requests=getattr(args, "max_requests", None),
+        arrivals=getattr(args, "arrivals", None),
+        time_scale=getattr(args, "time_scale", None),
+        request_rate=getattr(args, "request_rate", None),
+        duration=getattr(args, "duration", None),
+        max_prompt_len=getattr(args, "max_prompt_len", None),
+        max_output_len=getattr(args, "max_output_len", None),
+        seed=getattr(args, "seed", 0),
+    )
+    trace = load_with_options(args.trace, options)
     for note in trace.notes:
         print(f"trace {trace.name}: {note}")
-    if len(trace) == 0:
-        raise ValueError(f"trace {trace.name!r} has no requests left after slicing")
     return trace
 
 
