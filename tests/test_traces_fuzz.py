@@ -153,3 +153,21 @@ def test_corrupted_parquet(flips):
                 return
         assert trace.table.schema.equals(TRACE_SCHEMA)
         assert trace.table.column("prompt_len").to_numpy().min() >= 1
+
+
+@SETTINGS
+@given(fmt=st.sampled_from(sorted(SEEDS)), edits=EDITS)
+def test_detection_of_mutated_files(fmt, edits):
+    """Without --format, a mangled header gets a TraceError naming the columns, never a crash."""
+    data = mutate(SEEDS[fmt][0], edits)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.dat"
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TraceWarning)
+            try:
+                trace = read_trace(path)
+            except TraceError as error:
+                assert error.path == str(path)
+                return
+    assert trace.table.schema.equals(TRACE_SCHEMA) and len(trace) >= 1
