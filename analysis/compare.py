@@ -1,11 +1,15 @@
 """How far a simulated run is from a real run of the same trace: per-step durations and serving metrics.
 
-Step durations are compared step by step where both runs scheduled the same batch at the same step index
-(a simulated run given the real run's KV block count schedules identically while its predicted times keep
-the same order of events); the aggregate (total busy time, mean step) is given either way.
+Step durations are compared two ways. Matched: step by step where both runs scheduled the same batch at
+the same step index (a simulated run given the real run's KV block count schedules identically as long as
+its predicted times keep the same order of events; with real arrival times the schedules usually drift
+apart). Predicted: when a step_predictor (the simulator's cost model) is given, it predicts every real
+step from that step's own batch columns, which measures the cost model whatever the schedules did.
+The aggregate (total busy time) is given either way.
 Relative error is (simulated - real) / real; MAPE is the mean of its absolute value.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +73,9 @@ class Comparison:
     metric_errors: pa.Table
     real_metrics: Metrics
     simulated_metrics: Metrics
+    predicted_step_errors: pa.Table | None = None
+    """Every real step against the step_predictor's prediction for its batch (None without a predictor)."""
+    predicted_step_mape: float | None = None
 
     @property
     def identical_schedules(self) -> bool:
@@ -108,6 +115,7 @@ class Comparison:
             "real_busy_time": self.real_busy_time,
             "simulated_busy_time": self.simulated_busy_time,
             "busy_time_error": plain(self.busy_time_error),
+            "predicted_step_mape": plain(self.predicted_step_mape),
             "metric_errors": [
                 {key: plain(value) for key, value in row.items()} for row in self.metric_errors.to_pylist()
             ],
@@ -171,8 +179,37 @@ def metric_errors(real: Metrics, simulated: Metrics) -> pa.Table:
     )
 
 
-def compare_runs(real, simulated, goodput: dict[str, float] | None = None) -> Comparison:
-    """Compare a real run with a simulated run of the same trace (Run objects)."""
+def predicted_step_errors(real_steps: pa.Table, step_predictor: Callable[[pa.Table], np.ndarray]) -> pa.Table:
+    """Each real step's measured duration against step_predictor(real_steps), its predicted durations (s)."""
+    predicted = np.asarray(step_predictor(real_steps), dtype=np.float64)
+    if predicted.shape != (real_steps.num_rows,):
+        raise ValueError(
+            f"step_predictor returned {predicted.shape} predictions for {real_steps.num_rows} steps"
+        )
+    measured = real_steps.column("duration").to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(measured > 0, (predicted - measured) / measured, np.nan)
+    return pa.table(
+        {"step": real_steps.column("step").to_numpy(), "real_duration": measured,
+         "simulated_duration": predicted, "relative_error": relative},
+        schema=STEP_ERRORS_SCHEMA,
+    )
+
+
+def _mape(step_errors: pa.Table) -> float | None:
+    errors = step_errors.column("relative_error").to_numpy()
+    errors = errors[np.isfinite(errors)]
+    return float(np.abs(errors).mean()) if errors.size else None
+
+
+def compare_runs(
+    real,
+    simulated,
+    goodput: dict[str, float] | None = None,
+    step_predictor: Callable[[pa.Table], np.ndarray] | None = None,
+) -> Comparison:
+    """Compare a real run with a simulated run of the same trace (Run objects); step_predictor maps a steps
+    table to predicted durations in seconds (e.g. the cost model's predict_columns over its columns)."""
     fingerprints = (real.metadata.get("trace_fingerprint"), simulated.metadata.get("trace_fingerprint"))
     if None not in fingerprints and fingerprints[0] != fingerprints[1]:
         raise ValueError(
@@ -180,8 +217,7 @@ def compare_runs(real, simulated, goodput: dict[str, float] | None = None) -> Co
             f"(trace_fingerprint {fingerprints[0][:12]}... vs {fingerprints[1][:12]}...)"
         )
     step_errors, first_divergent = match_steps(real.steps, simulated.steps)
-    errors = step_errors.column("relative_error").to_numpy()
-    errors = errors[np.isfinite(errors)]
+    predicted = predicted_step_errors(real.steps, step_predictor) if step_predictor is not None else None
     real_metrics = compute_metrics(real, goodput)
     simulated_metrics = compute_metrics(simulated, goodput)
     return Comparison(
@@ -191,13 +227,15 @@ def compare_runs(real, simulated, goodput: dict[str, float] | None = None) -> Co
         num_simulated_steps=simulated.steps.num_rows,
         num_matched_steps=step_errors.num_rows,
         first_divergent_step=first_divergent,
-        step_mape=float(np.abs(errors).mean()) if errors.size else None,
+        step_mape=_mape(step_errors),
         step_errors=step_errors,
         real_busy_time=float(np.sum(real.steps.column("duration").to_numpy())),
         simulated_busy_time=float(np.sum(simulated.steps.column("duration").to_numpy())),
         metric_errors=metric_errors(real_metrics, simulated_metrics),
         real_metrics=real_metrics,
         simulated_metrics=simulated_metrics,
+        predicted_step_errors=predicted,
+        predicted_step_mape=_mape(predicted) if predicted is not None else None,
     )
 
 
@@ -219,6 +257,9 @@ def format_comparison(comparison: Comparison) -> str:
     lines.append(f"{'Matched steps (same batch, same index):':<40} {c.num_matched_steps}")
     mape = "n/a" if c.step_mape is None else f"{c.step_mape * 100:.2f}%"
     lines.append(f"{'Step duration MAPE:':<40} {mape}")
+    if c.predicted_step_errors is not None:
+        predicted = "n/a" if c.predicted_step_mape is None else f"{c.predicted_step_mape * 100:.2f}%"
+        lines.append(f"{'Step MAPE, cost model on real batches:':<40} {predicted} ({c.num_real_steps} steps)")
     lines.append(
         f"{'Busy time (real / simulated, s):':<40} {c.real_busy_time:.3f} / {c.simulated_busy_time:.3f}"
         f" ({_percent(c.busy_time_error)})"

@@ -121,8 +121,11 @@ def _comparison_table(comparison: Comparison) -> str:
     facts = (
         f"<p class='note'>Schedules: {schedule}; {c.num_matched_steps} matched steps of "
         f"{c.num_real_steps} real / {c.num_simulated_steps} simulated; step duration MAPE {mape}; "
-        f"busy time {c.real_busy_time:.3f} s real vs {c.simulated_busy_time:.3f} s simulated.</p>"
+        f"busy time {c.real_busy_time:.3f} s real vs {c.simulated_busy_time:.3f} s simulated."
     )
+    if c.predicted_step_mape is not None:
+        facts += f" Cost model on the real run's own batches: step duration MAPE {c.predicted_step_mape * 100:.2f}%."
+    facts += "</p>"
     rows = []
     for row in c.metric_errors.to_pylist():
         error = row["relative_error"]
@@ -136,6 +139,11 @@ def _comparison_table(comparison: Comparison) -> str:
         facts + "<table class='comparison'><thead><tr><th>metric</th><th>real</th><th>simulated</th>"
         f"<th>relative error</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
+
+
+def _say_empty(figure: go.Figure, message: str) -> None:
+    figure.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                          font={"size": 16, "color": "#888"})
 
 
 def _cdf_figure(labels, metrics: list[Metrics], colors) -> go.Figure:
@@ -157,6 +165,8 @@ def _cdf_figure(labels, metrics: list[Metrics], colors) -> go.Figure:
                 row=1,
                 col=column,
             )
+    if not any(m.completed for m in metrics):
+        _say_empty(figure, "no finished request: no latency to draw")
     figure.update_yaxes(title_text="fraction of requests", range=[0, 1.02], row=1, col=1)
     figure.update_layout(title="Latency CDFs", height=420)
     return figure
@@ -218,6 +228,8 @@ def _timeline_figure(run, label: str, itl_threshold: float, max_requests: int) -
             )
         )
     count = len(set(segments.column("row").to_pylist()))
+    if count == 0:
+        _say_empty(figure, "no finished request to draw")
     figure.update_layout(
         title=f"Request timeline: {label} ({count} consecutive requests from the middle of the run)",
         xaxis_title="time from run start (s)",
@@ -229,7 +241,12 @@ def _timeline_figure(run, label: str, itl_threshold: float, max_requests: int) -
 
 
 def _step_scatter_figure(comparison: Comparison) -> go.Figure:
-    steps = comparison.step_errors
+    # The cost model's predictions for the real batches cover every real step; matched steps only
+    # cover the steps both schedules share.
+    predicted = comparison.predicted_step_errors is not None
+    steps = comparison.predicted_step_errors if predicted else comparison.step_errors
+    mape_value = comparison.predicted_step_mape if predicted else comparison.step_mape
+    which = "cost model on every real step's batch" if predicted else "steps with the same batch in both runs"
     real = steps.column("real_duration").to_numpy() * 1000
     simulated = steps.column("simulated_duration").to_numpy() * 1000
     if real.size > SCATTER_POINTS:
@@ -237,12 +254,12 @@ def _step_scatter_figure(comparison: Comparison) -> go.Figure:
         real, simulated = real[keep], simulated[keep]
     figure = go.Figure()
     figure.add_trace(
-        go.Scatter(x=real, y=simulated, mode="markers", name="matched steps", marker={"size": 4, "opacity": 0.5})
+        go.Scatter(x=real, y=simulated, mode="markers", name=which, marker={"size": 4, "opacity": 0.5})
     )
     top = float(max(real.max(initial=0.0), simulated.max(initial=0.0))) or 1.0
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured",
                                 line={"color": "#444", "dash": "dot"}))
-    mape = "n/a" if comparison.step_mape is None else f"{comparison.step_mape * 100:.2f}%"
+    mape = "n/a" if mape_value is None else f"{mape_value * 100:.2f}%"
     figure.update_layout(
         title=f"Step duration: predicted vs measured ({comparison.simulated_name} vs {comparison.real_name}; MAPE {mape})",
         xaxis_title="measured step duration (ms)",
@@ -262,9 +279,10 @@ def build_report(
     goodput: dict[str, float] | None = None,
     percentiles=(50.0, 90.0, 99.0),
     num_bins: int = 300,
+    step_predictor_for=None,
 ) -> ReportContents:
     """Write one self-contained HTML report of the runs; itl_threshold_ms defaults to the tpot SLO, else each
-    run's p90 ITL."""
+    run's p90 ITL. step_predictor_for(simulated_run) may return a step predictor for compare_runs (or None)."""
     runs = list(runs)
     if not runs:
         raise ValueError("build_report needs at least one run")
@@ -280,13 +298,14 @@ def build_report(
     figures: list[tuple[str, go.Figure]] = []
     comparisons = []
     for real_index, sim_index in real_sim_pairs(runs):
-        comparison = compare_runs(runs[real_index], runs[sim_index], goodput)
+        predictor = step_predictor_for(runs[sim_index]) if step_predictor_for is not None else None
+        comparison = compare_runs(runs[real_index], runs[sim_index], goodput, step_predictor=predictor)
         comparisons.append(comparison)
         sections.append(
             f"<h2>Real vs simulated: {_escape(labels[sim_index])} against {_escape(labels[real_index])}</h2>"
             + _comparison_table(comparison)
         )
-        if comparison.num_matched_steps:
+        if comparison.num_matched_steps or comparison.predicted_step_errors is not None:
             figures.append((f"real-vs-sim-{len(comparisons)}", _step_scatter_figure(comparison)))
     figures.append(("cdfs", _cdf_figure(labels, metrics, colors)))
     figures.append(("over-time", _over_time_figure(runs, labels, colors, num_bins)))

@@ -101,3 +101,16 @@ def test_comparison_as_json(real_run):
     assert data["identical_schedules"] is True
     assert {"metric": "ttft", "statistic": "p99"}.items() <= data["metric_errors"][3].items()
     assert comparison.format() == comparison.to_text()
+
+
+def test_step_predictor_measures_the_cost_model_on_real_batches(real_run):
+    # Schedules that diverged at step 0 have no matched step, but a predictor still scores every real step.
+    steps = real_run.steps
+    shuffled = steps.take(np.roll(np.arange(steps.num_rows), 1))
+    predictor = lambda table: table.column("duration").to_numpy() * 1.04  # noqa: E731
+    comparison = compare_runs(real_run, sim_of(real_run, real_run.requests, shuffled), step_predictor=predictor)
+    assert comparison.predicted_step_mape == pytest.approx(0.04)
+    assert comparison.predicted_step_errors.num_rows == steps.num_rows
+    assert f"cost model on real batches: 4.00% ({steps.num_rows} steps)" in " ".join(comparison.to_text().split())
+    with pytest.raises(ValueError, match="predictions for"):
+        compare_runs(real_run, real_run, step_predictor=lambda table: np.zeros(3))

@@ -114,3 +114,14 @@ def test_timeline_merges_gaps_by_threshold():
     b = [(s["kind"], s["start"], s["end"]) for s in segments if s["request_id"] == "b"]
     assert b == [("ttft", 0.5, 0.7), ("itl_ok", 0.7, 0.8)]
     assert len(request_timeline(requests, 0.5, max_requests=1).column("request_id").unique()) == 1
+
+
+def test_report_uses_a_step_predictor_when_given(tmp_path, tables):
+    real = make_run(tmp_path / "real", tables, "gpu")
+    sim = make_run(tmp_path / "sim", tables, "sim")
+    html = build_report(
+        [real, sim], tmp_path / "r.html",
+        step_predictor_for=lambda run: (lambda steps: steps.column("duration").to_numpy() * 0.9),
+    ).path.read_text()
+    assert "Cost model on the real run's own batches: step duration MAPE 10.00%" in html
+    assert "cost model on every real step" in html
