@@ -62,3 +62,9 @@ def test_given_token_ids_are_kept_and_checked(tmp_path):
     assert list(next(trace_prompt_token_ids(trace, vocab_size=100))) == [5, 6, 7]
     with pytest.raises(ValueError, match="outside the vocabulary of 6"):
         next(trace_prompt_token_ids(trace, vocab_size=6))
+
+
+def test_any_int64_block_id_works():
+    tokens = prompt_token_ids_for(32, [-5, 2**63 - 1], request_id="r", vocab_size=1000, hash_block_size=16)
+    again = prompt_token_ids_for(16, [-5], request_id="other", vocab_size=1000, hash_block_size=16)
+    assert np.array_equal(tokens[:16], again)

@@ -49,7 +49,7 @@ def seconds(values: pa.Array, column: str, source: TraceSource) -> np.ndarray:
                 values.slice(row, 1).cast(pa.float64())
             except pa.ArrowInvalid:
                 raise source.error(row, f"column {column!r} is not a finite number: {_shown(values[row].as_py())}") from None
-        raise
+        raise source.error(None, f"column {column!r} does not convert to numbers") from None
     bad = np.flatnonzero(~np.isfinite(numbers))
     if bad.size:
         row = int(bad[0])
@@ -82,7 +82,7 @@ def datetimes_ns(values: pa.Array, column: str, source: TraceSource) -> np.ndarr
                     raise source.error(
                         int(row), f"column {column!r} is not a date and time: {_shown(values[int(row)].as_py())}"
                     ) from None
-            raise
+            raise source.error(None, f"column {column!r} does not convert to dates and times") from None
     return result
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from traces.columns import seconds, token_counts
 from traces.csv_table import read_csv_columns
 from traces.errors import TraceError
-from traces.schema import TRACE_SCHEMA, Trace
+from traces.schema import Trace
 from traces.source import TraceSource
 from traces.trace_builder import build_trace
 

@@ -35,7 +35,8 @@ def prompt_token_ids_for(
     num_shared = min(len(prefix_block_ids or ()), prompt_len // hash_block_size)
     tokens = np.empty(prompt_len, dtype=np.int32)
     if num_shared:
-        block_keys = _mix(np.asarray(prefix_block_ids[:num_shared], dtype=np.uint64) ^ (seed_state ^ _BLOCK_DOMAIN))
+        block_ids = np.asarray(prefix_block_ids[:num_shared], dtype=np.int64).view(np.uint64)
+        block_keys = _mix(block_ids ^ (seed_state ^ _BLOCK_DOMAIN))
         positions = np.arange(hash_block_size, dtype=np.uint64) * _GOLDEN
         shared = _mix(block_keys[:, None] + positions[None, :])
         tokens[: num_shared * hash_block_size] = (shared % np.uint64(span)).ravel() + low
