@@ -68,3 +68,5 @@ def test_any_int64_block_id_works():
     tokens = prompt_token_ids_for(32, [-5, 2**63 - 1], request_id="r", vocab_size=1000, hash_block_size=16)
     again = prompt_token_ids_for(16, [-5], request_id="other", vocab_size=1000, hash_block_size=16)
     assert np.array_equal(tokens[:16], again)
+    from_array = prompt_token_ids_for(16, np.array([-5]), request_id="third", vocab_size=1000, hash_block_size=16, seed=-1)
+    assert len(from_array) == 16

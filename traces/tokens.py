@@ -29,10 +29,11 @@ def prompt_token_ids_for(
     if hash_block_size < 1:
         raise ValueError(f"hash_block_size must be positive, got {hash_block_size}")
     low, span = _token_range(vocab_size)
-    seed_state = _mix(np.array([seed], dtype=np.uint64) * _GOLDEN)[0]
+    seed_state = _mix(np.array([int(seed) % 2**64], dtype=np.uint64) * _GOLDEN)[0]
     # Only whole blocks are shared: the last partial block's tokens belong to this request alone,
     # as the trace cannot say whether another request's partial block of the same id matches.
-    num_shared = min(len(prefix_block_ids or ()), prompt_len // hash_block_size)
+    num_ids = 0 if prefix_block_ids is None else len(prefix_block_ids)
+    num_shared = min(num_ids, prompt_len // hash_block_size)
     tokens = np.empty(prompt_len, dtype=np.int32)
     if num_shared:
         block_ids = np.asarray(prefix_block_ids[:num_shared], dtype=np.int64).view(np.uint64)
