@@ -128,6 +128,7 @@ class ModelRunner:
         self._load_weights(model, load_format, seed)
 
         self.sampler = Sampler(seed, self.device)
+        self._block_table_rows: dict[int, np.ndarray] = {}
         self.staging = _Staging(self.device)
         self.num_kv_heads = config.num_key_value_heads // tp_size()
         self.bytes_per_block = (
@@ -252,17 +253,25 @@ class ModelRunner:
         sampled_params = []
         logit_rows: list[int] = []
         if single_token:
+            # The hot path (pure decode): list comprehensions, then one array per input.
             ids = np.zeros(rows, np.int32)
             positions = np.zeros(rows, np.int32)
             slots = np.full(rows, -1, np.int32)
+            position_list = [seq.num_computed_tokens for seq in seqs]
+            ids[:num_seqs] = [seq.token_ids[0] for seq in seqs]
+            positions[:num_seqs] = position_list
+            slots[:num_seqs] = [seq.block_table[p // block_size] * block_size + p % block_size
+                                for seq, p in zip(seqs, position_list)]
+            seq_lens[:num_seqs] = positions[:num_seqs] + 1
+            rows_cache = self._block_table_rows
             for row, seq in enumerate(seqs):
-                position = seq.num_computed_tokens
                 table = seq.block_table
-                ids[row] = seq.token_ids[0]
-                positions[row] = position
-                slots[row] = table[position // block_size] * block_size + position % block_size
-                seq_lens[row] = position + 1
-                block_tables[row, :len(table)] = table
+                cached = rows_cache.get(seq.seq_id)
+                # Tables only grow while a sequence runs (a preempted one is released first), so
+                # converting again is needed only when a block was added.
+                if cached is None or cached.size != len(table):
+                    cached = rows_cache[seq.seq_id] = np.asarray(table, np.int32)
+                block_tables[row, :cached.size] = cached
                 if seq.samples:
                     sampled_ids.append(seq.seq_id)
                     sampled_params.append((seq.sampling_params, seq.num_output_tokens))
@@ -337,6 +346,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
         """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
+        for seq_id in scheduler_output.finished_seq_ids:
+            self._block_table_rows.pop(seq_id, None)
         if not scheduler_output.sequences:
             return {}, 0
         ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size = self._prepare(scheduler_output)
