@@ -70,3 +70,27 @@ def test_any_int64_block_id_works():
     assert np.array_equal(tokens[:16], again)
     from_array = prompt_token_ids_for(16, np.array([-5]), request_id="third", vocab_size=1000, hash_block_size=16, seed=-1)
     assert len(from_array) == 16
+
+
+def test_shared_hash_ids_hit_the_engine_prefix_cache():
+    """What the tokens are for: a replay of a shared-prefix trace reuses KV blocks, a unique one does not."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from tests.fake_executor import PagedEchoExecutor
+    from traces import ConstantRate, random_workload
+    from traces.replay import add_trace_requests
+
+    def cached_tokens(trace):
+        config = EngineConfig(block_size=16, max_model_len=512, vocab_size=1000)
+        engine = Engine(config, PagedEchoExecutor(num_kv_blocks=256, block_size=16, vocab_size=1000))
+        add_trace_requests(engine, trace, vocab_size=1000)
+        engine.run()
+        return sum(record.cached_tokens for record in engine.request_records.values())
+
+    spaced = ConstantRate(1.0)  # each request arrives after the previous one's blocks are computed
+    shared = shared_prefix_workload(
+        num_groups=2, prompts_per_group=4, system_prompt_len=64, question_len=8, output_len=2, arrivals=spaced
+    )
+    # Every request after the first of its group finds the 64-token system prompt (4 blocks) cached.
+    assert cached_tokens(shared) == 2 * 3 * 64
+    assert cached_tokens(random_workload(num_prompts=8, input_len=72, output_len=2, arrivals=spaced)) == 0
