@@ -14,11 +14,13 @@ class PrefillTiling:
     """Tile shape and launch settings of the prefill kernel."""
 
     block_m: int = 128
-    """Queries of one head per program."""
+    """Rows per program: queries x the query heads packed with them (see pack_gqa)."""
     block_n: int = 64
     """Keys per inner-loop step; need not relate to the cache block size (each key looks up its block)."""
     num_warps: int = 8
     num_stages: int = 3
+    pack_gqa: bool = True
+    """One program serves all query heads of a KV head (rows = queries x heads), reading K/V once."""
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -98,11 +100,9 @@ def _prefill_attention_kernel(
     v_cache_ptr,
     out_ptr,
     cu_seqlens_q_ptr,
-    cu_tiles_ptr,
     seq_lens_ptr,
     block_tables_ptr,
     qk_scale,
-    num_seqs,
     q_stride_token,
     q_stride_head,
     out_stride_token,
@@ -112,37 +112,37 @@ def _prefill_attention_kernel(
     cache_stride_head,
     block_tables_stride,
     QUERIES_PER_KV: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
+    HEADS_PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
-    # The grid is an upper bound on the tile count (no host sync): find this tile's sequence by
-    # binary search for the last seq with cu_tiles[seq] <= tile, then drop tiles past the end.
-    low = tile * 0
-    high = low + num_seqs
-    while low < high:
-        mid = (low + high + 1) // 2
-        before = tl.load(cu_tiles_ptr + mid) <= tile
-        low = tl.where(before, mid, low)
-        high = tl.where(before, high, mid - 1)
-    seq = low
-    if seq >= num_seqs:
-        return
+    """One program: BLOCK_M rows = BLOCK_Q queries x HEADS_PADDED heads that share one KV head."""
+    head_program = tl.program_id(0)
+    seq = tl.program_id(1)
+    # Rank 0 is each sequence's last (longest, causal) query tile; the grid's slowest axis
+    # is the rank, so the longest tiles start first and the short ones fill the tail.
+    rank = tl.program_id(2)
     query_begin = tl.load(cu_seqlens_q_ptr + seq)
     query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - query_begin
+    tile = tl.cdiv(query_len, BLOCK_Q) - 1 - rank
+    if tile < 0:
+        return  # the grid is an upper bound, sized without a host sync
     context_len = tl.load(seq_lens_ptr + seq)
-    first_row = (tile - tl.load(cu_tiles_ptr + seq)) * BLOCK_M
+    first_query = tile * BLOCK_Q
 
-    rows = first_row + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM_PADDED)
-    row_valid = rows < query_len
-    query_positions = context_len - query_len + rows
-    q_offsets = (query_begin + rows[:, None]).to(tl.int64) * q_stride_token + head * q_stride_head + dims[None, :]
+    queries = first_query + rows // HEADS_PADDED
+    heads = head_program * HEADS_PER_PROGRAM + rows % HEADS_PADDED
+    row_valid = (queries < query_len) & (rows % HEADS_PADDED < HEADS_PER_PROGRAM)
+    query_positions = context_len - query_len + queries
+    q_offsets = (query_begin + queries[:, None]).to(tl.int64) * q_stride_token + heads[:, None] * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
@@ -151,9 +151,9 @@ def _prefill_attention_kernel(
     row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
 
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
-    head_offset = (head // QUERIES_PER_KV) * cache_stride_head
-    first_position = context_len - query_len + first_row
-    last_position = tl.minimum(first_position + BLOCK_M - 1, context_len - 1)
+    head_offset = (head_program * HEADS_PER_PROGRAM // QUERIES_PER_KV) * cache_stride_head
+    first_position = context_len - query_len + first_query
+    last_position = tl.minimum(first_position + BLOCK_Q - 1, context_len - 1)
     # Keys before the tile's first query are visible to every row: no mask there.
     unmasked_end = (first_position + 1) // BLOCK_N * BLOCK_N
     for key_start in range(0, unmasked_end, BLOCK_N):
@@ -170,7 +170,9 @@ def _prefill_attention_kernel(
         )  # fmt: skip
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    out_offsets = (query_begin + rows[:, None]).to(tl.int64) * out_stride_token + head * out_stride_head + dims[None, :]
+    out_offsets = (
+        (query_begin + queries[:, None]).to(tl.int64) * out_stride_token + heads[:, None] * out_stride_head + dims[None, :]
+    )
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM))
 
 
@@ -185,8 +187,13 @@ def paged_prefill_attention(
     *,
     out: torch.Tensor | None = None,
     tiling: PrefillTiling | None = None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of packed new tokens q [T, Hq, D] over each sequence's cached context (new tokens included)."""
+    """Causal attention of packed new tokens q [T, Hq, D] over each sequence's cached context (new tokens included).
+
+    max_query_len, an upper bound on any sequence's new tokens known to the caller without a
+    device sync, trims the grid; out lets a caller reuse a buffer.
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -198,22 +205,23 @@ def paged_prefill_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     tiling = tiling or default_prefill_tiling(head_dim)
-    # Tiles per sequence, prefix-summed on the device so the launch needs no host sync.
-    query_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    cu_tiles = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum((query_lens + tiling.block_m - 1) // tiling.block_m, 0, out=cu_tiles[1:])
-    max_tiles = triton.cdiv(num_tokens, tiling.block_m) + num_seqs
-    _prefill_attention_kernel[(max_tiles, num_q_heads)](
+    queries_per_kv = num_q_heads // num_kv_heads
+    # Packing a GQA group into one program reads each K/V tile once for all its query heads.
+    heads_per_program = queries_per_kv if tiling.pack_gqa else 1
+    heads_padded = triton.next_power_of_2(heads_per_program)
+    block_m = max(tiling.block_m, heads_padded)
+    # Query tiles per sequence: bounded by max_query_len when the caller knows it, else by T.
+    max_ranks = triton.cdiv(max_query_len or num_tokens, block_m // heads_padded)
+    grid = (num_q_heads // heads_per_program, num_seqs, max_ranks)
+    _prefill_attention_kernel[grid](
         q,
         k_cache,
         v_cache,
         out,
         cu_seqlens_q,
-        cu_tiles,
         seq_lens,
         block_tables,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        num_seqs,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -222,11 +230,14 @@ def paged_prefill_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
-        QUERIES_PER_KV=num_q_heads // num_kv_heads,
+        QUERIES_PER_KV=queries_per_kv,
+        HEADS_PER_PROGRAM=heads_per_program,
+        HEADS_PADDED=heads_padded,
         HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=tiling.block_m,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_m // heads_padded,
         BLOCK_N=tiling.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=tiling.num_warps,
