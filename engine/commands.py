@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 from engine.clock import VirtualClock, WallClock
@@ -84,15 +83,23 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     from simulator.profile_library import cost_model_for
 
     model_config = load_model_config(model)
-    spec = gpu_spec(gpu)
     dtype = _dtype_name(args.dtype)
     cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
+    try:
+        spec = gpu_spec(gpu)
+    except KeyError:
+        if profile is None or args.num_gpu_blocks_override is None:
+            raise ValueError(
+                f"unknown GPU {gpu!r}: simulating it needs --profile (its calibrated cost model) and "
+                "--num-gpu-blocks-override (its KV block count)"
+            ) from None
+        spec = None
     config = engine_config_from(
         args,
         model_max_len=model_config.max_position_embeddings,
         eos_token_ids=model_config.eos_token_ids,
         vocab_size=model_config.vocab_size,
-        gpu_memory_gib=spec.memory_bytes / 2**30,
+        gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None,
     )
     num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
         spec,
@@ -108,9 +115,10 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     engine = Engine(config, executor, VirtualClock())
     metadata = {
         "model": model,
-        "gpu": spec.name,
+        "gpu": spec.name if spec is not None else gpu,
         "profile": cost_model.label,
         "calibrated": bool(cost_model.calibrated),
+        "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
         "tensor_parallel_size": tp,
         "dtype": dtype,
     }
@@ -227,11 +235,23 @@ def run_summary(args) -> int:
     return 0
 
 
+def step_predictor_of(run):
+    """The cost model a simulated run used (kept in its metadata), as a predictor of step-table durations."""
+    from simulator.cost_model import CostModel
+
+    data = run.metadata.get("cost_model")
+    if not data:
+        return None
+    cost_model = CostModel.from_json(data, source=f"{run.path}/metadata.json")
+    return lambda steps: cost_model.predict_columns({name: steps.column(name).to_numpy() for name in steps.column_names})
+
+
 def run_compare(args) -> int:
     from analysis.compare import compare_runs
     from analysis.run_store import read_run
 
-    comparison = compare_runs(read_run(args.real_run), read_run(args.sim_run))
+    real, simulated = read_run(args.real_run), read_run(args.sim_run)
+    comparison = compare_runs(real, simulated, step_predictor=step_predictor_of(simulated))
     print(comparison.format())
     if args.json:
         Path(args.json).write_text(json.dumps(comparison.to_dict(), indent=2))
@@ -274,8 +294,6 @@ def run_bench(args) -> int:
 
 
 def run_demo(args) -> int:
-    from analysis.demo import demo
+    from engine.demo import demo
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        return demo(args.out)
+    return demo(args.out)
