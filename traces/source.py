@@ -79,6 +79,9 @@ class TraceSource:
         return [number for number, line in enumerate(self.data.splitlines(), 1) if line.strip()]
 
     def _csv_row_lines(self) -> list[int]:
+        if b'"' not in self.data:
+            # No quoting, so no record spans lines: every non-empty line is a record (the first the header).
+            return [number for number, line in enumerate(self.data.splitlines(), 1) if line][1:]
         reader = csv.reader(io.StringIO(self.data.decode("utf-8"), newline=""))
         starts: list[int] = []
         previous_end = 0
