@@ -10,7 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simulator.cost_model import DEFAULT_KNOTS, FEATURE_COLUMNS, CostModel, design_matrix, term_names
+from simulator.cost_model import (
+    DEFAULT_KNOTS,
+    FEATURE_COLUMNS,
+    HOST_TERMS,
+    CostModel,
+    design_matrix,
+    term_blocks,
+    term_names,
+)
 from simulator.nonnegative_least_squares import nonnegative_least_squares
 
 REQUIRED_COLUMNS = (*FEATURE_COLUMNS, "duration")
@@ -101,11 +109,52 @@ def usable_steps(columns: dict) -> np.ndarray:
     return np.isfinite(duration) & (duration > 0) & (columns["num_batched_tokens"] > 0)
 
 
-def _fit_coefficients(columns: dict, rows: np.ndarray, knots) -> np.ndarray:
-    matrix = design_matrix({name: values[rows] for name, values in columns.items()}, knots)
-    duration = columns["duration"][rows]
+def _relative_nnls(matrix: np.ndarray, duration: np.ndarray) -> np.ndarray:
     # Dividing each row by its duration makes the squared error relative, which is what MAPE scores.
     return nonnegative_least_squares(matrix / duration[:, None], np.ones(len(duration)))
+
+
+def _relative_loss(predicted: np.ndarray, duration: np.ndarray) -> float:
+    return float(np.mean(((predicted - duration) / duration) ** 2))
+
+
+def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int = 20) -> tuple[dict, bool]:
+    """Least relative-squared-error coefficients (all >= 0) and whether eager launches overlap GPU work.
+
+    The additive model is one NNLS fit. The overlap model, host + max(launch, gpu) on eager steps, is
+    piecewise linear: starting from several guesses of the launch time, alternate between deciding which
+    eager steps are launch-bound and refitting both pieces, until the split stops changing. The better of
+    the two (by relative squared error) wins.
+    """
+    duration = np.asarray(columns["duration"], dtype=np.float64)
+    names = term_names(knots)
+    num_host = len(HOST_TERMS)
+
+    def loss_of(coefficients: np.ndarray, overlap: bool) -> float:
+        model = CostModel("fit", "fit", 1, "fit", dict(zip(names, coefficients.tolist())), knots, eager_overlap=overlap)
+        return _relative_loss(model.predict_columns(columns), duration)
+
+    best = _relative_nnls(design_matrix(columns, knots), duration)
+    best_overlap = False
+    best_loss = loss_of(best, False)
+    _, eager, gpu_columns = term_blocks(columns, knots)
+    if eager.sum() >= 10:
+        additive_gpu = gpu_columns[eager] @ best[num_host + 1 :]
+        guesses = np.quantile(additive_gpu, np.linspace(0.1, 0.9, overlap_starts))
+        for launch in [best[num_host] + 0.0, *guesses]:
+            launch_bound = np.zeros(len(duration), dtype=bool)
+            launch_bound[eager] = additive_gpu < launch
+            for _ in range(max_rounds):
+                coefficients = _relative_nnls(design_matrix(columns, knots, launch_bound), duration)
+                gpu_seconds = gpu_columns @ coefficients[num_host + 1 :]
+                split = eager & (gpu_seconds < coefficients[num_host])
+                if np.array_equal(split, launch_bound):
+                    break
+                launch_bound = split
+            loss = loss_of(coefficients, True)
+            if loss < best_loss:
+                best, best_overlap, best_loss = coefficients, True, loss
+    return dict(zip(names, best.tolist())), best_overlap
 
 
 def fit(
@@ -132,17 +181,19 @@ def fit(
         knots = tuple(k for k in DEFAULT_KNOTS if np.count_nonzero(tokens > k) >= 3)
     knots = tuple(int(k) for k in knots)
 
+    def rows(selection: np.ndarray) -> dict:
+        return {name: values[selection] for name, values in columns.items()}
+
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(usable)
     num_heldout = int(round(len(usable) * holdout_fraction))
     heldout, train = shuffled[:num_heldout], shuffled[num_heldout:]
-    names = term_names(knots)
     kinds = step_kinds(columns)
     heldout_mape, by_kind = float("nan"), {}
     if num_heldout:
-        trial = CostModel(gpu, model, tp, dtype, dict(zip(names, _fit_coefficients(columns, train, knots))), knots)
-        heldout_columns = {name: values[heldout] for name, values in columns.items()}
-        predicted = trial.predict_columns(heldout_columns)
+        coefficients, overlap = fit_terms(rows(train), knots)
+        trial = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap)
+        predicted = trial.predict_columns(rows(heldout))
         measured = columns["duration"][heldout]
         heldout_mape = mape(predicted, measured)
         for kind in ("decode", "prefill", "mixed"):
@@ -150,10 +201,9 @@ def fit(
             if mask.any():
                 by_kind[kind] = mape(predicted[mask], measured[mask])
 
-    coefficients = _fit_coefficients(columns, usable, knots)
-    all_columns = {name: values[usable] for name, values in columns.items()}
-    provisional = CostModel(gpu, model, tp, dtype, dict(zip(names, coefficients)), knots)
-    train_mape = mape(provisional.predict_columns(all_columns), columns["duration"][usable])
+    coefficients, overlap = fit_terms(rows(usable), knots)
+    provisional = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap)
+    train_mape = mape(provisional.predict_columns(rows(usable)), columns["duration"][usable])
     report = {
         "source": source,
         "num_steps": int(len(usable)),
@@ -162,7 +212,7 @@ def fit(
         "heldout_mape_by_kind": {kind: round(value, 5) for kind, value in by_kind.items()},
         "train_mape": round(train_mape, 5),
     }
-    cost_model = CostModel(gpu, model, tp, dtype, dict(zip(names, coefficients.tolist())), knots, fit_report=report)
+    cost_model = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap, fit_report=report)
     return Calibration(cost_model, heldout_mape, by_kind, len(usable) - num_heldout, num_heldout)
 
 

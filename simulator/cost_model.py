@@ -1,13 +1,15 @@
-"""The calibrated step-time model: a sum of physically meaningful terms with fitted non-negative weights.
+"""The calibrated step-time model: physically meaningful terms with fitted non-negative weights.
 
-A step's time is
-    step + eager_step * [ran eagerly]
-    + prefill_seq * prefill sequences + decode_seq * decode sequences            (per-row host and kernel work)
-    + prefill_token * prefill tokens                                   (prompt hashing, input preparation)
-    + token * T + sum_k token_over_k * max(0, T - k)                              (matmuls, T = padded tokens)
-    + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens read by prefill
-    + decode_context_token * context read by decode (pure-decode steps)
-      or mixed_decode_context_token * that context (steps with a prefill too).
+A step's time is host + GPU work, where
+    host = step + prefill_seq * prefill sequences + decode_seq * decode sequences
+           + prefill_token * prefill tokens                      (input preparation, sampling, bookkeeping)
+    gpu  = token * T + sum_k token_over_k * max(0, T - k)                   (matmuls, T = padded tokens)
+           + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens prefill reads
+           + decode_context_token * context read by decode (pure-decode steps)
+             or mixed_decode_context_token * that context (steps with a prefill too)
+A CUDA-graph step takes host + gpu. An eager step must also launch every kernel (eager_step seconds):
+with eager_overlap the launches overlap the GPU work, host + max(eager_step, gpu), which is what small
+models show; without it they add, host + eager_step + gpu. Calibration picks whichever fits better.
 T is the CUDA-graph batch size when a graph ran (padded rows cost like real ones), else the batch's tokens.
 The convex piecewise-linear matmul term is flat while weights reads dominate and climbs once FLOPs do.
 It predicts a step as a real run records it: from the step's start to the next step's start, so the
@@ -25,12 +27,9 @@ from engine.stats import BatchFeatures
 FORMAT = "twinfer-cost-model"
 FORMAT_VERSION = 1
 
-BASE_TERMS = (
-    "step",
-    "eager_step",
-    "prefill_seq",
-    "decode_seq",
-    "prefill_token",
+HOST_TERMS = ("step", "prefill_seq", "decode_seq", "prefill_token")
+LAUNCH_TERM = "eager_step"
+GPU_TERMS = (
     "token",
     "prefill_attention_pair",
     "prefill_context_token",
@@ -53,31 +52,44 @@ FEATURE_COLUMNS = (
 
 
 def term_names(knots) -> list[str]:
-    """Names of the model's terms, in design-matrix order, for these hinge knots."""
-    return list(BASE_TERMS) + [f"token_over_{knot}" for knot in knots]
+    """Names of the model's terms, in design-matrix order (host, launch, GPU), for these hinge knots."""
+    return [*HOST_TERMS, LAUNCH_TERM, *GPU_TERMS] + [f"token_over_{knot}" for knot in knots]
 
 
-def design_matrix(columns: dict, knots) -> np.ndarray:
-    """One row per step, one column per term, from step columns (arrays named as in steps.parquet)."""
+def term_blocks(columns: dict, knots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: host-term columns, whether it ran eagerly, and GPU-term columns (hinges last)."""
     get = {name: np.asarray(columns[name], dtype=np.float64) for name in FEATURE_COLUMNS}
     graph = get["cuda_graph_batch_size"]
     tokens = np.where(graph > 0, graph, get["num_batched_tokens"])
     has_prefill = get["num_prefill_seqs"] > 0
     decode_context = get["decode_context_tokens"]
-    base = [
-        np.ones_like(tokens),
-        (graph <= 0).astype(np.float64),
-        get["num_prefill_seqs"],
-        get["num_decode_seqs"],
-        get["num_prefill_tokens"],
-        tokens,
-        get["prefill_attention_work"],
-        get["prefill_context_tokens"],
-        np.where(has_prefill, 0.0, decode_context),
-        np.where(has_prefill, decode_context, 0.0),
-    ]
-    hinges = [np.maximum(tokens - knot, 0.0) for knot in knots]
-    return np.column_stack(base + hinges)
+    host = np.column_stack(
+        [np.ones_like(tokens), get["num_prefill_seqs"], get["num_decode_seqs"], get["num_prefill_tokens"]]
+    )
+    gpu = np.column_stack(
+        [
+            tokens,
+            get["prefill_attention_work"],
+            get["prefill_context_tokens"],
+            np.where(has_prefill, 0.0, decode_context),
+            np.where(has_prefill, decode_context, 0.0),
+        ]
+        + [np.maximum(tokens - knot, 0.0) for knot in knots]
+    )
+    return host, graph <= 0, gpu
+
+
+def design_matrix(columns: dict, knots, launch_bound: np.ndarray | None = None) -> np.ndarray:
+    """One row per step, one column per term (term_names order).
+
+    launch_bound None: the additive model. Otherwise the overlap model's linear piece for each step:
+    a launch-bound eager step is host + eager_step, any other step host + gpu.
+    """
+    host, eager, gpu = term_blocks(columns, knots)
+    if launch_bound is None:
+        return np.column_stack([host, eager.astype(np.float64), gpu])
+    launch_bound = np.asarray(launch_bound, dtype=bool) & eager
+    return np.column_stack([host, launch_bound.astype(np.float64), gpu * ~launch_bound[:, None]])
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class CostModel:
     dtype: str
     coefficients: dict[str, float]
     knots: tuple[int, ...] = DEFAULT_KNOTS
+    eager_overlap: bool = False
+    """Eager steps take host + max(eager_step, gpu) rather than host + eager_step + gpu."""
     fit_report: dict = field(default_factory=dict)
     """How the fit went: data source, rows, held-out MAPE (kept in the JSON for anyone who loads it)."""
 
@@ -99,6 +113,8 @@ class CostModel:
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ValueError(f"cost model tp must be a positive integer, got {self.tp!r}")
         object.__setattr__(self, "knots", tuple(int(k) for k in self.knots))
+        if not isinstance(self.eager_overlap, bool):
+            raise ValueError(f"cost model eager_overlap must be true or false, got {self.eager_overlap!r}")
         if list(self.knots) != sorted(set(self.knots)):
             raise ValueError(f"cost model knots must be strictly increasing, got {self.knots}")
         expected = term_names(self.knots)
@@ -134,13 +150,16 @@ class CostModel:
     def label(self) -> str:
         return f"calibrated {self.gpu} {self.model} tp{self.tp} {self.dtype}"
 
-    def _base(
-        self, num_prefill_seqs, num_prefill_tokens, num_decode_seqs, tokens, graph_size, attention_work, prefill_context
-    ) -> float:
-        seconds = self._step if graph_size else self._step + self._eager
-        seconds += self._prefill_seq * num_prefill_seqs + self._decode_seq * num_decode_seqs
-        seconds += self._prefill_token * num_prefill_tokens
-        seconds += self._token * tokens
+    def _host(self, num_prefill_seqs, num_prefill_tokens, num_decode_seqs) -> float:
+        return (
+            self._step
+            + self._prefill_seq * num_prefill_seqs
+            + self._decode_seq * num_decode_seqs
+            + self._prefill_token * num_prefill_tokens
+        )
+
+    def _gpu(self, tokens, attention_work, prefill_context) -> float:
+        seconds = self._token * tokens
         for knot, slope in self._hinges:
             if tokens <= knot:
                 break
@@ -149,37 +168,51 @@ class CostModel:
 
     def predict(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> float:
         """Predicted seconds of one step with this batch (cuda_graph_batch_size 0: ran eagerly)."""
-        tokens = cuda_graph_batch_size or features.num_batched_tokens
-        base = self._base(
-            features.num_prefill_seqs,
-            features.num_prefill_tokens,
-            features.num_decode_seqs,
-            tokens,
-            cuda_graph_batch_size,
+        host = self._host(features.num_prefill_seqs, features.num_prefill_tokens, features.num_decode_seqs)
+        gpu = self._gpu(
+            cuda_graph_batch_size or features.num_batched_tokens,
             features.prefill_attention_work,
             features.prefill_context_tokens,
         )
         if features.num_prefill_seqs:
-            return base + self._mixed_decode_context * features.decode_context_tokens
-        return base + self._decode_context * features.decode_context_tokens
+            gpu = gpu + self._mixed_decode_context * features.decode_context_tokens
+        else:
+            gpu = gpu + self._decode_context * features.decode_context_tokens
+        if cuda_graph_batch_size:
+            return host + gpu
+        if self.eager_overlap:
+            return host + max(self._eager, gpu)
+        return host + (self._eager + gpu)
 
     def predict_decode_run(
         self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int, cuda_graph_batch_size: int = 0
     ) -> list[float]:
         """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step.
 
-        Bit for bit what predict() returns for each of those steps.
+        The same operations in the same order as predict(), step-invariant parts hoisted, so every
+        duration is bit for bit what predict() returns for that step.
         """
-        base = self._base(0, 0, num_decode_seqs, cuda_graph_batch_size or num_decode_seqs, cuda_graph_batch_size, 0.0, 0)
+        host = self._host(0, 0, num_decode_seqs)
+        gpu = self._gpu(cuda_graph_batch_size or num_decode_seqs, 0.0, 0)
         per_context = self._decode_context
-        return [
-            base + per_context * (decode_context_tokens + step * num_decode_seqs) for step in range(num_steps)
-        ]
+        gpus = [gpu + per_context * (decode_context_tokens + step * num_decode_seqs) for step in range(num_steps)]
+        if cuda_graph_batch_size:
+            return [host + step_gpu for step_gpu in gpus]
+        launch = self._eager
+        if self.eager_overlap:
+            return [host + max(launch, step_gpu) for step_gpu in gpus]
+        return [host + (launch + step_gpu) for step_gpu in gpus]
 
     def predict_columns(self, columns: dict) -> np.ndarray:
         """Vectorized predictions for step columns (as in steps.parquet); equal to predict() up to rounding."""
-        coefficient_vector = np.array([self.coefficients[name] for name in term_names(self.knots)])
-        return design_matrix(columns, self.knots) @ coefficient_vector
+        coefficients = np.array([self.coefficients[name] for name in term_names(self.knots)])
+        num_host = len(HOST_TERMS)
+        host, eager, gpu = term_blocks(columns, self.knots)
+        host_seconds = host @ coefficients[:num_host]
+        gpu_seconds = gpu @ coefficients[num_host + 1 :]
+        launch = coefficients[num_host]
+        eager_gpu = np.maximum(launch, gpu_seconds) if self.eager_overlap else launch + gpu_seconds
+        return host_seconds + np.where(eager, eager_gpu, gpu_seconds)
 
     def to_json(self) -> dict:
         """The JSON-able form saved in profiles/."""
@@ -191,6 +224,7 @@ class CostModel:
             "tp": self.tp,
             "dtype": self.dtype,
             "knots": list(self.knots),
+            "eager_overlap": self.eager_overlap,
             "coefficients": self.coefficients,
             "fit": self.fit_report,
         }
@@ -221,6 +255,7 @@ class CostModel:
                 dtype=data["dtype"],
                 coefficients=data["coefficients"],
                 knots=tuple(data["knots"]),
+                eager_overlap=data.get("eager_overlap", False),
                 fit_report=data.get("fit", {}),
             )
         except (ValueError, TypeError) as error:

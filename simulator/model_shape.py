@@ -31,6 +31,7 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool
     attention_bias: bool = False
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         for field_name in (
@@ -131,6 +132,7 @@ class ModelShape:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 has q/k/v biases without saying so in attention_bias.
             attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            max_position_embeddings=config.get("max_position_embeddings"),
         )
 
     @classmethod

@@ -277,7 +277,7 @@ def profile(
     dtype: str = "bfloat16",
     max_seconds: float = 480,
     repeats: int = 3,
-    max_model_len: int = 32768,
+    max_model_len: int | None = None,
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 1024,
     block_size: int = 16,
@@ -297,6 +297,9 @@ def profile(
     from simulator.model_shape import ModelShape
 
     shape = ModelShape.load(model)
+    if max_model_len is None:
+        # As `twinfer replay` picks it: the model's own limit, capped at 32768.
+        max_model_len = min(32768, shape.max_position_embeddings or 32768)
     config = EngineConfig(
         block_size=block_size,
         max_model_len=max_model_len,
@@ -414,7 +417,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-seconds", type=float, default=480, help="total time budget, setup included")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-model-len", type=int, default=32768, help="as twinfer replay picks by default")
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's, capped at 32768")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

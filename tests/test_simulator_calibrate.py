@@ -116,6 +116,21 @@ def test_fit_from_profile_recovers_the_costs(profile_table):
     assert set(calibration.heldout_mape_by_kind) == {"decode", "prefill", "mixed"}
 
 
+def test_fit_detects_launches_overlapping_gpu_work(profile_table):
+    # A small model in eager mode: kernel launches (3 ms) hide short GPU work and are hidden by long work.
+    _, table = profile_table
+    truth = CostModel("h100", "qwen3-0.6b", 1, "bfloat16", TRUTH.coefficients, eager_overlap=True)
+    columns = {name: table.column(name).to_numpy().astype(float) for name in table.column_names if name != "grid"}
+    noise = np.random.default_rng(0).normal(1.0, 0.01, table.num_rows)
+    columns["duration"] = truth.predict_columns(columns) * noise
+    calibration = fit(columns, gpu="h100", model="qwen3-0.6b")
+    assert calibration.cost_model.eager_overlap
+    assert calibration.heldout_mape < 0.02
+    assert calibration.cost_model.coefficients["eager_step"] == pytest.approx(3e-3, rel=0.05)
+    additive = fit_profile_table(table).cost_model
+    assert not additive.eager_overlap  # TRUTH itself adds its launches
+
+
 def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
     _, table = profile_table
     run = tmp_path / "run"

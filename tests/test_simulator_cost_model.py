@@ -48,9 +48,10 @@ def random_features(rng: random.Random) -> tuple[BatchFeatures, int]:
     return features, graph
 
 
-def test_scalar_and_vectorized_predictions_agree():
+@pytest.mark.parametrize("eager_overlap", [False, True])
+def test_scalar_and_vectorized_predictions_agree(eager_overlap):
     rng = random.Random(1)
-    model = make_model()
+    model = make_model(eager_overlap=eager_overlap)
     samples = [random_features(rng) for _ in range(300)]
     columns = {name: [getattr(f, name) for f, _ in samples] for name in FEATURE_COLUMNS if name != "cuda_graph_batch_size"}
     columns["cuda_graph_batch_size"] = [graph for _, graph in samples]
@@ -68,8 +69,17 @@ def test_graph_steps_cost_the_padded_batch_and_skip_launch_overhead():
     assert graph == pytest.approx(eager - 3e-3 + 136 * 1e-7 - 130 * 1e-7 + (136 - 130) * 1.5e-6)
 
 
+def test_overlapping_launches_hide_short_gpu_work():
+    model = make_model(eager_overlap=True)
+    tiny = BatchFeatures(1, 8, 0, 0, 0, 0, 36.0, 8)
+    huge = BatchFeatures(1, 8192, 0, 0, 0, 0, 8192 * 8193 / 2, 8192)
+    host = 2e-3 + 2e-5 + 3e-8 * 8
+    assert model.predict(tiny) == pytest.approx(host + 3e-3)  # launch-bound: GPU work hidden
+    assert make_model().predict(huge) - model.predict(huge) == pytest.approx(3e-3)  # launches hidden
+
+
 def test_save_load_round_trip(tmp_path):
-    model = make_model(fit_report={"heldout_mape": 0.02})
+    model = make_model(fit_report={"heldout_mape": 0.02}, eager_overlap=True)
     path = tmp_path / "profile.json"
     model.save(path)
     loaded = CostModel.load(path)

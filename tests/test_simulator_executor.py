@@ -37,6 +37,7 @@ CALIBRATED = CostModel(
         "prefill_context_token": 1.9e-8,
     },
 )
+OVERLAPPING = CostModel("h100", "qwen3-0.6b", 1, "bfloat16", CALIBRATED.coefficients, eager_overlap=True)
 ROOFLINE = Roofline(gpu_spec("h100"), ModelShape.load("qwen3-8b"))
 ROOFLINE_TP2 = Roofline(gpu_spec("a100-80g"), ModelShape.load("qwen3-0.6b"), tp=2)
 
@@ -78,7 +79,11 @@ def test_vllm_ladder():
     assert len(VLLM_CUDA_GRAPH_SIZES) == 67
 
 
-@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE, ROOFLINE_TP2], ids=["calibrated", "roofline", "roofline-tp2"])
+@pytest.mark.parametrize(
+    "cost_model",
+    [CALIBRATED, OVERLAPPING, ROOFLINE, ROOFLINE_TP2],
+    ids=["calibrated", "overlapping", "roofline", "roofline-tp2"],
+)
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_decode_run_is_bitwise_stepwise(cost_model, enforce_eager):
     executor = CostModelExecutor(cost_model, 100_000, enforce_eager=enforce_eager)
@@ -110,7 +115,7 @@ def run_engine(fast_forward: bool, cost_model, seed: int = 0):
     return engine
 
 
-@pytest.mark.parametrize("cost_model", [CALIBRATED, ROOFLINE], ids=["calibrated", "roofline"])
+@pytest.mark.parametrize("cost_model", [CALIBRATED, OVERLAPPING, ROOFLINE], ids=["calibrated", "overlapping", "roofline"])
 def test_engine_fast_forward_matches_stepping(cost_model):
     stepped, skipped = run_engine(False, cost_model), run_engine(True, cost_model)
     assert len(stepped.step_records) == len(skipped.step_records)
