@@ -152,3 +152,35 @@ def test_bad_native_rows(tmp_path, text, line, message):
 
 def test_corrupt_parquet(tmp_path):
     assert "unreadable Parquet" in str(error_of(write(tmp_path, "t.parquet", b"PAR1 this is not parquet")))
+
+
+def test_traces_built_by_code_are_checked_too():
+    import numpy as np
+
+    from traces.trace_builder import build_trace
+
+    def build(arrivals, prompts, outputs):
+        return build_trace(
+            source=None, arrival_time=np.array(arrivals), prompt_len=np.array(prompts), output_len=np.array(outputs),
+            name="code", source_format="synthetic",
+        )
+
+    with pytest.raises(TraceError, match="prompt_len is negative: -3"):
+        build([0.0], [-3], [1])
+    with pytest.raises(TraceError, match="arrival_time is not finite"):
+        build([float("nan")], [3], [1])
+    with pytest.raises(ValueError, match="columns differ in length"):
+        build([0.0, 1.0], [3], [1])
+    with pytest.raises(TypeError, match="output_len must be integers"):
+        build([0.0], [3], [1.5])
+
+
+def test_parquet_with_wrong_column_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"arrival_time": [0.0], "prompt_len": [2.5], "output_len": [1]}), path)
+    assert "column 'prompt_len' holds double, expected whole numbers" in str(error_of(path))
+    pq.write_table(pa.table({"arrival_time": [0.0], "prompt_len": pa.array([2**64 - 1], pa.uint64()), "output_len": [1]}), path)
+    assert "too large for int64" in str(error_of(path))

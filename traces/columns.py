@@ -21,9 +21,12 @@ def token_counts(values: pa.Array, column: str, source: TraceSource) -> np.ndarr
         _require_match(values, _INTEGER, column, source, "is not a whole number")
         values = pc.replace_substring_regex(values, r"^\+", "").cast(pa.int64())
     elif pa.types.is_integer(values.type):
-        values = values.cast(pa.int64())
+        try:
+            values = values.cast(pa.int64())
+        except pa.ArrowInvalid:
+            raise source.error(None, f"column {column!r} holds numbers too large for int64") from None
     else:
-        raise source.error(0, f"column {column!r} holds {values.type}, expected whole numbers")
+        raise source.error(None, f"column {column!r} holds {values.type}, expected whole numbers")
     counts = values.to_numpy(zero_copy_only=False)
     negative = np.flatnonzero(counts < 0)
     if negative.size:
@@ -39,7 +42,7 @@ def seconds(values: pa.Array, column: str, source: TraceSource) -> np.ndarray:
         values = pc.utf8_trim_whitespace(values)
         _require_match(values, _DECIMAL, column, source, "is not a number")
     elif not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
-        raise source.error(0, f"column {column!r} holds {values.type}, expected numbers")
+        raise source.error(None, f"column {column!r} holds {values.type}, expected numbers")
     try:
         numbers = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
     except pa.ArrowInvalid:

@@ -151,7 +151,7 @@ def _id_lists(values: pa.Array | None, column: str, source: TraceSource) -> pa.A
         empty = pc.equal(text, "")
         values = pc.if_else(empty, pa.scalar(None, pa.list_(pa.string())), pc.split_pattern(text, " "))
     if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
-        raise source.error(0, f"column {column!r} holds {values.type}, expected lists of ids")
+        raise source.error(None, f"column {column!r} holds {values.type}, expected lists of ids")
     try:
         ids = values.cast(pa.list_(pa.int64()))
         flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)

@@ -35,6 +35,7 @@ def build_trace(
     num_rows = len(arrival_time)
     if num_rows == 0:
         raise TraceError("empty trace: the file has no request rows", None if source is None else source.path)
+    _check_columns(arrival_time, prompt_len, output_len, source)
     if prefix_block_ids is not None:
         _check_block_counts(prefix_block_ids, prompt_len, hash_block_size, source)
     if request_id is None:
@@ -81,6 +82,26 @@ def build_trace(
         [columns[field.name].cast(field.type) for field in TRACE_SCHEMA], schema=TRACE_SCHEMA
     )
     return Trace(table=table, name=name, source_format=source_format, hash_block_size=hash_block_size, notes=notes)
+
+
+def _check_columns(arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray, source) -> None:
+    """Readers check their own columns with line numbers; this guards traces built by code."""
+    if not len(arrival_time) == len(prompt_len) == len(output_len):
+        raise ValueError(
+            f"columns differ in length: {len(arrival_time)} arrivals, {len(prompt_len)} prompt lengths, "
+            f"{len(output_len)} output lengths"
+        )
+    for column, values in (("prompt_len", prompt_len), ("output_len", output_len)):
+        if not np.issubdtype(np.asarray(values).dtype, np.integer):
+            raise TypeError(f"{column} must be integers, got {np.asarray(values).dtype}")
+        negative = np.flatnonzero(values < 0)
+        if negative.size:
+            message = f"{column} is negative: {values[negative[0]]}"
+            raise TraceError(message) if source is None else source.error(int(negative[0]), message)
+    bad = np.flatnonzero(~np.isfinite(np.asarray(arrival_time, dtype=np.float64)))
+    if bad.size:
+        message = f"arrival_time is not finite: {arrival_time[bad[0]]}"
+        raise TraceError(message) if source is None else source.error(int(bad[0]), message)
 
 
 def _check_block_counts(
