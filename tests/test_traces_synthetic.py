@@ -89,3 +89,26 @@ def test_shared_prefix_workload_groups_share_only_their_system_prompt():
 def test_bad_random_workload_arguments(kwargs):
     with pytest.raises(ValueError):
         random_workload(**kwargs)
+
+
+def test_workload_specs_as_the_command_line_gives_them():
+    from traces import TraceOptions, load_trace
+
+    trace = load_trace("random:num_prompts=40,input_len=100,output_len=10,range_ratio=0.5", TraceOptions(arrivals="poisson:4", seed=3))
+    assert len(trace) == 40 and trace.source_format == "synthetic" and trace.duration > 0
+    assert 50 <= min(trace.table.column("prompt_len").to_pylist())
+    grouped = load_trace("shared-prefix:num_groups=2,prompts_per_group=3,system_prompt_len=32", TraceOptions(max_requests=4))
+    assert len(grouped) == 4 and grouped.table.column("prompt_len").to_pylist()[0] == 32 + 128
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("random:num_prompts=x", "num_prompts must be a number"), ("random:num_prompts", "expected key=value"),
+     ("random:num_prompts=3,colour=2", "unexpected keyword argument 'colour'; random takes"),
+     ("random:input_len=3", "missing 1 required keyword-only argument: 'num_prompts'"), ("zipf:n=3", "unknown workload")],
+)
+def test_bad_workload_specs(spec, message):
+    from traces.synthetic import workload_from_spec
+
+    with pytest.raises(ValueError, match=message):
+        workload_from_spec(spec)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pyarrow as pa
 
@@ -100,6 +102,41 @@ def shared_prefix_workload(
             f"arrivals={arrivals} seed={seed}"
         ],
     )
+
+
+SPEC_FORMS = (
+    "random:num_prompts=N[,input_len=N,output_len=N,range_ratio=F,prefix_len=N] or "
+    "shared-prefix:[num_groups=N,prompts_per_group=N,system_prompt_len=N,question_len=N,output_len=N]"
+)
+
+
+def is_workload_spec(text: str) -> bool:
+    """Whether a trace argument names a synthetic workload rather than a file."""
+    return isinstance(text, str) and text.split(":", 1)[0] in ("random", "shared-prefix")
+
+
+def workload_from_spec(spec: str, *, arrivals: ArrivalProcess | None = None, seed: int = 0) -> Trace:
+    """The workload a command-line spec describes, e.g. random:num_prompts=100,input_len=512,range_ratio=0.5."""
+    kind, _, body = spec.partition(":")
+    builders = {"random": random_workload, "shared-prefix": shared_prefix_workload}
+    if kind not in builders:
+        raise ValueError(f"unknown workload {spec!r}; forms: {SPEC_FORMS}")
+    knobs: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, equals, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals:
+            raise ValueError(f"workload {spec!r}: expected key=value, got {item!r}; forms: {SPEC_FORMS}")
+        try:
+            knobs[key] = float(value) if key == "range_ratio" else int(value)
+        except ValueError:
+            raise ValueError(f"workload {spec!r}: {key} must be a number, got {value!r}") from None
+    try:
+        return builders[kind](**knobs, arrivals=arrivals, seed=seed)
+    except TypeError as error:
+        allowed = sorted(set(inspect.signature(builders[kind]).parameters) - {"arrivals", "seed"})
+        problem = str(error).split("() ", 1)[-1]
+        raise ValueError(f"workload {spec!r}: {problem}; {kind} takes {', '.join(allowed)}") from None
 
 
 def _uniform_lengths(rng: np.random.Generator, length: int, range_ratio: float, count: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from traces.formats import format_name, detect_format, read_trace
 from traces.bundled import bundled_trace_path
 from traces.errors import TraceError
 from traces.schema import Trace
+from traces.synthetic import is_workload_spec, workload_from_spec
 from traces.transforms import cap_lengths, scale_time, slice_count, slice_time, with_arrivals, with_request_rate
 
 
@@ -48,8 +49,10 @@ class TraceOptions:
 
 
 def load_trace(path: str | Path, options: TraceOptions = TraceOptions()) -> Trace:
-    """Read a trace (file or bundled sample name) and apply the options; each step adds a note."""
+    """Read a trace (file, bundled sample name or synthetic workload spec) and apply the options, each noted."""
     arrivals = parse_arrival_process(options.arrivals) if options.arrivals is not None else None
+    if is_workload_spec(path):
+        return _apply(workload_from_spec(str(path), arrivals=arrivals, seed=options.seed), options, Path(str(path)))
     resolved = bundled_trace_path(path) or Path(path)
     fmt = format_name(options.format) if options.format is not None else detect_format(resolved)
     if fmt == "length_table":
@@ -58,6 +61,10 @@ def load_trace(path: str | Path, options: TraceOptions = TraceOptions()) -> Trac
         trace = read_trace(resolved, format=fmt)
         if arrivals is not None:
             trace = with_arrivals(trace, arrivals, options.seed)
+    return _apply(trace, options, resolved)
+
+
+def _apply(trace: Trace, options: TraceOptions, resolved: Path) -> Trace:
     if options.max_requests is not None:
         trace = slice_count(trace, options.max_requests)
     if options.request_rate is not None:
