@@ -193,9 +193,10 @@ class ModelRunner:
         allocated_before = torch.cuda.memory_allocated(self.device)
         num_tokens = self.engine_config.max_num_batched_tokens
         seq_len = min(self.max_model_len, num_tokens)
-        num_seqs = min(-(-num_tokens // seq_len), self.engine_config.max_num_seqs)
-        lengths = [seq_len] * num_seqs
-        lengths[-1] = num_tokens - seq_len * (num_seqs - 1) if num_tokens > seq_len * (num_seqs - 1) else seq_len
+        lengths: list[int] = []
+        while num_tokens > 0 and len(lengths) < self.engine_config.max_num_seqs:
+            lengths.append(min(seq_len, num_tokens))
+            num_tokens -= lengths[-1]
         blocks_needed = sum(-(-n // self.block_size) for n in lengths)
         scratch = self._allocate_kv_cache(blocks_needed)
         scratch_bytes = scratch.numel() * scratch.element_size()

@@ -65,9 +65,9 @@ def checkpoint(request, tmp_path_factory):
     return str(folder), expected
 
 
-def _run_twinfer(folder: str, **config):
+def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", **config):
     engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, **config)
-    executor = ModelExecutor(folder, engine_config, device="cpu", attention_backend="torch")
+    executor = ModelExecutor(folder, engine_config, device=device, attention_backend=backend, dtype="float32")
     engine = Engine(engine_config, executor, clock=VirtualClock())
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     # The first prompt arrives alone so later prompts sharing its prefix can hit the cache.
@@ -105,6 +105,14 @@ def test_greedy_matches_transformers_under_preemption(checkpoint):
     outputs, engine = _run_twinfer(folder, num_kv_blocks=8, max_num_batched_tokens=64)
     assert outputs == expected
     assert sum(record.num_preemptions for record in engine.request_records.values()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint):
+    folder, expected = checkpoint
+    outputs, engine = _run_twinfer(folder, device="cuda", backend="triton", max_num_batched_tokens=16, max_num_seqs=8)
+    assert outputs == expected
+    assert any(step.cuda_graph_batch_size for step in engine.step_records)
 
 
 def test_last_token_logits_match_transformers(checkpoint):
