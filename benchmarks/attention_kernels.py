@@ -67,18 +67,19 @@ def causal_flops(query_lens, prefix_lens, q_heads, head_dim) -> float:
     return 4.0 * pairs * q_heads * head_dim
 
 
-def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, block_size, tiling=None):
-    """(ms, TFLOP/s, max abs error vs the torch reference)."""
+def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, block_size, tiling=None, hint=True):
+    """(ms, TFLOP/s, max abs error vs the torch reference); hint passes max_query_len as a model runner would."""
     context_len = prefix_len + query_len
     k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, block_size)
     q = torch.randn(num_seqs * query_len, q_heads, head_dim, dtype=DTYPE, device="cuda")
     cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * query_len
     seq_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device="cuda")
     args = (q, k_cache, v_cache, cu, seq_lens, tables, head_dim**-0.5)
-    out = paged_prefill_attention(*args, tiling=tiling)
+    max_query_len = query_len if hint else None
+    out = paged_prefill_attention(*args, tiling=tiling, max_query_len=max_query_len)
     expected = reference.paged_prefill_attention(*args)
     error = (out.float() - expected.float()).abs().max().item()
-    ms = bench_ms(lambda: paged_prefill_attention(*args, tiling=tiling))
+    ms = bench_ms(lambda: paged_prefill_attention(*args, tiling=tiling, max_query_len=max_query_len))
     flops = causal_flops([query_len] * num_seqs, [prefix_len] * num_seqs, q_heads, head_dim)
     return ms, flops / ms / 1e9, error
 
@@ -131,6 +132,7 @@ def main() -> None:
         ("8 x 512 new + 1536 cached", (8, 512, 1536, 32, 8, 128, 16)),
         ("1 x 8192 new, 32/8/128 bs16", (1, 8192, 0, 32, 8, 128, 16)),
         ("8 x 1024 new, 32/8/64 bs16", (8, 1024, 0, 32, 8, 64, 16)),
+        ("8 x 1024 new, no max_query_len", (8, 1024, 0, 32, 8, 128, 16, None, False)),
     ]:
         ms, tflops, err = bench_prefill(*shape)
         print(f"{label:32s} {ms:7.3f} {tflops:10.1f}   {err:.1e}")
@@ -141,37 +143,49 @@ def main() -> None:
     print(f"\nstore_kvcache 8192 tokens 8x128: {ms:.3f} ms, {gbs:.0f} GB/s")
 
     if args.sweep:
-        print("\nsweep: decode B256 ctx1024 32/8/128 bs16 (partition, block_n, warps, stages)")
-        results = []
-        for partition in (256, 512, 1024):
-            for block_n, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2)]:
-                tiling = DecodeTiling(partition_size=partition, block_n=block_n, num_warps=warps, num_stages=stages)
-                try:
-                    ms, gbs, _ = bench_decode(256, 1024, 32, 8, 128, 16, tiling)
-                except Exception as error:  # out of shared memory, say
-                    print(f"  {tiling}: failed: {type(error).__name__}")
-                    continue
-                results.append((ms, gbs, tiling))
-        for ms, gbs, tiling in sorted(results, key=lambda r: r[0])[:8]:
-            print(f"  {ms:.3f} ms {gbs:6.0f} GB/s  {tiling.partition_size} {tiling.block_n} {tiling.num_warps} {tiling.num_stages}")
+        sweep()
 
-        print("\nsweep: prefill 8 x 1024 32/8/128 bs16 (block_m, block_n, warps, stages)")
+
+def sweep() -> None:
+    """Time other tilings of the headline shapes and print them fastest first."""
+    decode_tilings = {
+        128: [(512, 64, 4, 3), (512, 32, 4, 3), (512, 128, 4, 2), (1024, 128, 4, 2), (256, 64, 4, 3)],
+        64: [(512, 64, 4, 3), (512, 128, 4, 2), (512, 128, 4, 3), (1024, 128, 4, 2), (512, 128, 8, 2)],
+    }
+    for head_dim, tilings in decode_tilings.items():
+        print(f"\nsweep: decode B256 ctx1024 32/8/{head_dim} bs16 (partition, block_n, warps, stages)")
         results = []
-        for block_m, block_n, warps, stages in [
-            (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
-            (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 32, 4, 4),
-        ]:  # fmt: skip
-            tiling = PrefillTiling(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        for partition, block_n, warps, stages in tilings:
+            tiling = DecodeTiling(partition_size=partition, block_n=block_n, num_warps=warps, num_stages=stages)
             try:
-                ms, tflops, _ = bench_prefill(8, 1024, 0, 32, 8, 128, 16, tiling)
-            except Exception as error:
-                print(f"  {tiling}: failed: {type(error).__name__}")
-                continue
-            results.append((ms, tflops, tiling))
-        for ms, tflops, tiling in sorted(results, key=lambda r: r[0]):
-            print(f"  {ms:.3f} ms {tflops:6.1f} TFLOP/s  {tiling.block_m} {tiling.block_n} {tiling.num_warps} {tiling.num_stages}")
-        print(f"  default for head_dim 128: {default_prefill_tiling(128)}")
+                results.append((*bench_decode(256, 1024, 32, 8, head_dim, 16, tiling), tiling))
+            except Exception as error:  # out of shared memory, say
+                print(f"  {tiling}: failed: {type(error).__name__}: {str(error)[:80]}")
+        for ms, gbs, err, t in sorted(results, key=lambda r: r[0]):
+            print(f"  {ms:.3f} ms {gbs:6.0f} GB/s err {err:.1e}  {t.partition_size} {t.block_n} {t.num_warps} {t.num_stages}")
 
+    prefill_tilings = {
+        128: [
+            (128, 64, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 2, True),
+            (128, 64, 8, 2, True), (128, 32, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 4, 3, False),
+        ],
+        64: [(128, 64, 8, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 2, True), (64, 64, 4, 3, True)],
+    }  # fmt: skip
+    for head_dim, tilings in prefill_tilings.items():
+        print(f"\nsweep: prefill 8 x 1024 32/8/{head_dim} bs16 (block_m, block_n, warps, stages, pack_gqa)")
+        results = []
+        for block_m, block_n, warps, stages, pack in tilings:
+            tiling = PrefillTiling(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, pack_gqa=pack)
+            try:
+                results.append((*bench_prefill(8, 1024, 0, 32, 8, head_dim, 16, tiling), tiling))
+            except Exception as error:
+                print(f"  {tiling}: failed: {type(error).__name__}: {str(error)[:80]}")
+        for ms, tflops, err, t in sorted(results, key=lambda r: r[0]):
+            print(
+                f"  {ms:.3f} ms {tflops:6.1f} TFLOP/s err {err:.1e}  "
+                f"{t.block_m} {t.block_n} {t.num_warps} {t.num_stages} {t.pack_gqa}"
+            )
+    print(f"  defaults: {default_prefill_tiling(128)} / {default_prefill_tiling(64)}")
 
 if __name__ == "__main__":
     main()

@@ -82,11 +82,12 @@ def _attend_key_tile(
     else:
         k = tl.load(k_ptrs, mask=dims[:, None] < HEAD_DIM, other=0.0)
         v = tl.load(v_ptrs, mask=dims[None, :] < HEAD_DIM, other=0.0)
-    scores = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    # Scaling inside exp2's argument lets scores * qk_scale - max compile to one FMA.
+    scores = tl.dot(q, k, input_precision=PRECISION)
     if CAUSAL_MASK:
         scores = tl.where(keys[None, :] <= query_positions[:, None], scores, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
-    probs = tl.exp2(scores - new_max[:, None])
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+    probs = tl.exp2(scores * qk_scale - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
@@ -200,6 +201,8 @@ def paged_prefill_attention(
     check_attention_inputs("paged_prefill_attention", q, k_cache, v_cache, seq_lens, block_tables)
     if cu_seqlens_q.shape != (num_seqs + 1,):
         raise ValueError(f"paged_prefill_attention: cu_seqlens_q shape {tuple(cu_seqlens_q.shape)}, expected ({num_seqs + 1},)")
+    if not scale > 0:
+        raise ValueError(f"paged_prefill_attention: scale must be positive, got {scale}")
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
