@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     check = slice_count(trace, min(args.check_requests, len(trace)))
     stepped = simulate(check, args.gpu, args.model, fast_forward=False).pop("engine")
     skipped = simulate(check, args.gpu, args.model, fast_forward=True).pop("engine")
-    identical = stepped.step_records == skipped.step_records and all(
+    identical = list(stepped.step_records) == list(skipped.step_records) and all(
         stepped.request_records[key] == record for key, record in skipped.request_records.items()
     )
 

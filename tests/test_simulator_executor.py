@@ -124,3 +124,46 @@ def test_engine_fast_forward_matches_stepping(cost_model):
     for request_id, record in stepped.request_records.items():
         assert record.status == "finished" and record.output_len == record.max_tokens
         assert skipped.request_records[request_id] == record
+
+
+class RecordedDurations(CostModelExecutor):
+    """Answers each step with the next duration of a recorded run (what a real run measured)."""
+
+    def __init__(self, durations, num_kv_blocks: int) -> None:
+        super().__init__(CALIBRATED, num_kv_blocks)
+        self.durations = iter(durations)
+
+    def execute(self, scheduler_output):
+        result = super().execute(scheduler_output)
+        return type(result)(result.sampled_token_ids, next(self.durations), result.cuda_graph_batch_size)
+
+
+class NoisyGpu(CostModelExecutor):
+    """Stands in for a real GPU: durations jitter by 20% around the cost model, as measurements do."""
+
+    def __init__(self, num_kv_blocks: int) -> None:
+        super().__init__(CALIBRATED, num_kv_blocks)
+        self.rng = random.Random(7)
+
+    def execute(self, scheduler_output):
+        result = super().execute(scheduler_output)
+        return type(result)(result.sampled_token_ids, result.duration * self.rng.uniform(0.8, 1.2), result.cuda_graph_batch_size)
+
+
+def test_fed_a_real_runs_durations_the_simulator_makes_the_same_batches():
+    def run(executor):
+        rng = random.Random(3)
+        config = EngineConfig(max_num_seqs=32, max_num_batched_tokens=256, max_model_len=1024, vocab_size=1000)
+        engine = Engine(config, executor, fast_forward=False)
+        arrival = 0.0
+        for index in range(80):
+            arrival += rng.expovariate(50.0)
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=rng.randint(1, 100))
+            engine.add_request(prompt_len=rng.randint(1, 400), sampling_params=params, arrival_time=arrival, request_id=str(index))
+        engine.run()
+        return engine
+
+    real = run(NoisyGpu(150))  # a small cache: preemptions happen too
+    simulated = run(RecordedDurations([record.duration for record in real.step_records], 150))
+    assert sum(record.num_preempted for record in real.step_records) > 0
+    assert list(real.step_records) == list(simulated.step_records)
