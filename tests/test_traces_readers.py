@@ -213,3 +213,21 @@ def test_bundled_samples_are_small():
 )
 def test_format_detected_from_columns(tmp_path, text, expected):
     assert detect_format(write(tmp_path, "t.txt", text)) == expected
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "file, rows, span",
+    [
+        ("mooncake_fast25_synthetic_trace.jsonl", 3993, 1022.025),
+        ("sharegpt_8k_filtered_stats_llama2_tokenizer.csv", 30731, None),
+    ],
+)
+def test_other_shared_traces_read_whole(file, rows, span):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TraceWarning)
+        trace = read_trace(SHARED / file)
+    assert len(trace) == rows
+    if span is not None:
+        assert trace.duration == pytest.approx(span)
+    assert_valid(trace)
