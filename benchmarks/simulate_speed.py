@@ -28,12 +28,12 @@ from traces.transforms import slice_count
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
-def build_engine(gpu: str, model: str, *, fast_forward: bool = True) -> Engine:
+def build_engine(gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True) -> Engine:
     """A simulated engine as `twinfer simulate` builds it: vLLM's limits for the GPU, KV sized from memory."""
     spec, shape = gpu_spec(gpu), ModelShape.load(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cost_model = cost_model_for(gpu, model)
+        cost_model = cost_model_for(gpu, model, profile_path=profile)
     max_num_seqs, max_num_batched_tokens = vllm_default_limits(spec.memory_gib)
     config = EngineConfig(
         max_model_len=32768,
@@ -57,9 +57,9 @@ def time_predict(engine: Engine, repeats: int = 200_000) -> float:
     return (time.perf_counter() - started) / repeats * 1e6
 
 
-def simulate(trace, gpu: str, model: str, *, fast_forward: bool = True) -> dict:
+def simulate(trace, gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True) -> dict:
     """Run the trace through a simulated engine; wall time and simulated time."""
-    engine = build_engine(gpu, model, fast_forward=fast_forward)
+    engine = build_engine(gpu, model, profile=profile, fast_forward=fast_forward)
     started = time.perf_counter()
     add_trace_requests(engine, trace, vocab_size=engine.config.vocab_size)
     added = time.perf_counter()
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--gpu", default="h100")
     parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--profile", default=None, help="cost model JSON (default: the bundled one for --gpu/--model)")
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--check-requests", type=int, default=1000, help="slice checked against stepping one by one")
     parser.add_argument("--json", default=None)
@@ -96,15 +97,15 @@ def main(argv=None) -> int:
         trace = slice_count(trace, args.max_requests)
     trace_span = float(max(trace.table.column("arrival_time").to_pylist()))
 
-    result = simulate(trace, args.gpu, args.model)
+    result = simulate(trace, args.gpu, args.model, profile=args.profile)
     engine = result.pop("engine")
     predict_us = time_predict(engine)
     ratio = trace_span / result["wall_seconds"]
     simulated_ratio = result["simulated_seconds"] / result["wall_seconds"]
 
     check = slice_count(trace, min(args.check_requests, len(trace)))
-    stepped = simulate(check, args.gpu, args.model, fast_forward=False).pop("engine")
-    skipped = simulate(check, args.gpu, args.model, fast_forward=True).pop("engine")
+    stepped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=False).pop("engine")
+    skipped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=True).pop("engine")
     identical = list(stepped.step_records) == list(skipped.step_records) and all(
         stepped.request_records[key] == record for key, record in skipped.request_records.items()
     )

@@ -109,12 +109,13 @@ def build_grid(
                 shapes.append(Shape("mixed", rows))
     # Random batches like a chunked-prefill scheduler makes: decodes first, then chunks filling the budget.
     for _ in range(num_random):
-        num_decodes = rng.choice((0, rng.randint(1, 32), rng.randint(1, min(512, max_num_seqs))))
+        most_decodes = min(512, max_num_seqs, budget)
+        num_decodes = rng.choice((0, rng.randint(1, min(32, most_decodes)), rng.randint(1, most_decodes)))
         rows = list(_decode_rows(rng, num_decodes, rng.choice((128, 512, 1024, 2048, 4096)), max_model_len))
         left = rng.randint(0, budget - num_decodes) if num_decodes else rng.randint(1, budget)
         while left > 0 and len(rows) < max_num_seqs:
             chunk = min(left, rng.choice((32, 128, 512, 1024, 2048, 4096)))
-            cached = rng.choice((0, 0, 0, 512, 2048))
+            cached = min(rng.choice((0, 0, 0, 512, 2048)), max_model_len - 1)
             chunk = min(chunk, max_model_len - cached)
             rows.append((cached, chunk, False, chunk == left or rng.random() < 0.8))
             left -= chunk
@@ -289,8 +290,8 @@ def profile(
     seed: int = 0,
     measure_engine: bool = True,
     log=print,
-) -> pa.Table:
-    """Time the real executor (or the given one) over the grid within max_seconds; write and return the table."""
+) -> Path:
+    """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path."""
     started = time.perf_counter()
     deadline = started + max_seconds
     out_path = Path(out_path)
@@ -403,9 +404,9 @@ def profile(
         metadata["complete"] = done_shapes == len(grid)
         metadata["num_shapes"] = f"{done_shapes}/{len(grid)}"
         metadata["seconds"] = round(time.perf_counter() - started, 1)
-        table = write_profile(rows, metadata, out_path)
+        write_profile(rows, metadata, out_path)
     log(f"profile: wrote {len(rows)} steps ({done_shapes}/{len(grid)} shapes) to {out_path} in {metadata['seconds']} s")
-    return table
+    return out_path
 
 
 def main(argv=None) -> int:
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit-out", help="also fit a cost model and write its JSON here")
     args = parser.parse_args(argv)
-    table = profile(
+    path = profile(
         args.model,
         args.out,
         tp=args.tp,
@@ -444,7 +445,7 @@ def main(argv=None) -> int:
     if args.fit_out:
         from simulator.calibrate import fit_profile_table
 
-        calibration = fit_profile_table(table, source=Path(args.out).name)
+        calibration = fit_profile_table(pq.read_table(path), source=path.name)
         calibration.cost_model.save(args.fit_out)
         print(json.dumps(calibration.cost_model.fit_report, indent=1))
         print(f"wrote {args.fit_out}")

@@ -12,7 +12,7 @@ from engine.scheduler_output import StepResult
 from simulator.calibrate import fit, fit_profile_table, main, read_steps
 from simulator.cost_model import CostModel
 from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
-from simulator.profile import profile
+from simulator.profile import build_grid, profile
 from simulator.profile_library import cost_model_for, load_profile, profile_filename
 from simulator.roofline import Roofline
 
@@ -63,7 +63,7 @@ class FakeGpuExecutor:
 @pytest.fixture(scope="module")
 def profile_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile") / "grid.parquet"
-    table = profile(
+    path = profile(
         "qwen3-0.6b",
         out,
         executor=FakeGpuExecutor(),
@@ -75,7 +75,7 @@ def profile_table(tmp_path_factory):
         max_seconds=60,
         log=lambda message: None,
     )
-    return out, table
+    return out, pq.read_table(path)
 
 
 def test_profile_writes_steps_columns_and_metadata(profile_table):
@@ -97,9 +97,9 @@ def test_profile_writes_steps_columns_and_metadata(profile_table):
 
 def test_profile_stops_at_its_time_budget(tmp_path):
     executor = FakeGpuExecutor()
-    table = profile("qwen3-0.6b", tmp_path / "short.parquet", executor=executor, gpu_name="h100", max_seconds=10.5,
+    path = profile("qwen3-0.6b", tmp_path / "short.parquet", executor=executor, gpu_name="h100", max_seconds=10.5,
                     measure_engine=False, log=lambda message: None)
-    metadata = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    metadata = {k.decode(): v.decode() for k, v in pq.read_table(path).schema.metadata.items()}
     assert metadata["complete"] == "False" and float(metadata["seconds"]) < 12
 
 
@@ -165,3 +165,21 @@ def test_missing_profile_errors_clearly_and_roofline_is_the_labelled_fallback(tm
         fallback = cost_model_for("a100-80g", "qwen3-8b", 2)
     assert isinstance(fallback, Roofline) and not fallback.calibrated
     assert any("uncalibrated roofline" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grid_respects_every_engine_limit(seed):
+    rng = random.Random(seed)
+    limits = dict(
+        max_model_len=rng.choice((256, 1024, 4096, 32768)),
+        max_num_batched_tokens=rng.choice((64, 512, 2048, 8192)),
+        max_num_seqs=rng.choice((8, 128, 1024)),
+        num_kv_blocks=rng.choice((200, 5000, 100_000)),
+    )
+    grid = build_grid(cuda_graph_sizes=VLLM_CUDA_GRAPH_SIZES, block_size=16, seed=seed, num_random=100, **limits)
+    assert grid
+    for shape in grid:
+        assert 1 <= len(shape.rows) <= limits["max_num_seqs"]
+        assert sum(new for _, new, _, _ in shape.rows) <= limits["max_num_batched_tokens"]
+        assert all(new >= 1 and cached + new <= limits["max_model_len"] for cached, new, _, _ in shape.rows)
+        assert sum(-(-(cached + new) // 16) for cached, new, _, _ in shape.rows) <= limits["num_kv_blocks"]
