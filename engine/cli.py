@@ -107,7 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target-rate", type=float, required=True, help="requests per second to serve")
     plan.add_argument("--price", default=None, help="e.g. h100=2.5,h200=3.5 ($ per GPU-hour)")
     plan.add_argument("--router", default="least-outstanding")
-    plan.add_argument("--max-requests", type=int, default=None)
+    plan.add_argument("--max-requests", type=int, default=None, help="keep the first N requests of the trace")
+    plan.add_argument("--search-requests", type=int, default=None,
+                      help="search each config's max rate on the first N requests (default 1000)")
+    plan.add_argument("--verify-top", type=int, default=3,
+                      help="verify the K cheapest configs on the whole trace at the target rate (0: none)")
+    plan.add_argument("--search-steps", type=int, default=5, help="bisection steps after bracketing the rate")
+    plan.add_argument("--max-num-batched-tokens", type=int, default=None)
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--no-progress", action="store_true")
     plan.add_argument("--out", default="plan")
     plan.add_argument("--workers", type=int, default=None)
     plan.add_argument("--ray", default=None, metavar="ADDRESS", help="run the sweep on a Ray cluster")

@@ -57,7 +57,7 @@ class ClusterRequests:
     name: str
     request_ids: tuple[str, ...]
     arrival_times: np.ndarray
-    prompt_token_ids: tuple[list[int], ...]
+    prompt_token_ids: tuple[np.ndarray, ...]
     output_lens: np.ndarray
     fingerprint: str = ""
 
@@ -65,7 +65,8 @@ class ClusterRequests:
     def from_trace(cls, trace: Trace, *, vocab_size: int, seed: int = 0) -> "ClusterRequests":
         """The trace's requests with the token ids replay would give them."""
         table = trace.table
-        tokens = tuple(ids.tolist() for ids in trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed))
+        # numpy int32 arrays (4 bytes a token, not a Python int each); lists are made as requests are added.
+        tokens = tuple(trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed))
         return cls(
             name=trace.name,
             request_ids=tuple(table.column("request_id").to_pylist()),
@@ -205,7 +206,7 @@ def simulate_cluster(
         if params is None:
             params = params_cache[output_len] = _sampling_params(output_len)
         replicas[replica].add_request(
-            prompt_token_ids=tokens[index], sampling_params=params, arrival_time=arrival, request_id=ids[index]
+            prompt_token_ids=tokens[index].tolist(), sampling_params=params, arrival_time=arrival, request_id=ids[index]
         )
         assignment[index] = replica
         if on_arrival is not None:

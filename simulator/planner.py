@@ -1,0 +1,862 @@
+"""Capacity planning: which GPU, TP degree and batch limit serve a trace at a target rate within SLOs, cheapest.
+
+For each configuration (gpu x tp x max_num_seqs):
+1. Search the highest request rate ONE replica sustains: the trace's arrivals are rescaled to a rate
+   (traces.transforms.with_request_rate's rule) and simulated; "sustains" means every SLO percentile is met
+   and no request is rejected. The rate is bracketed by doubling or halving from the target rate,
+   then bisected geometrically (`search_steps` times: 5 steps pin it within about 2%).
+2. Replicas = ceil(target / max rate), verified by simulating the cluster at the target rate behind the
+   router, adding replicas until the SLOs hold (so load imbalance counts).
+3. GPUs = replicas x tp; hourly cost = GPUs x price per GPU-hour.
+
+Speed: a probe that has already broken an SLO stops early (SloMonitor: once more requests exceed a limit
+than the percentile allows, no later request can repair it). The search runs on a window, the first
+`search_requests` requests of the trace (default 1000), since a replica's limit shows within a thousand
+requests; the `verify_top` cheapest configurations (default 3) are then verified on the whole trace at
+the target rate, adding replicas where the window was too optimistic, and the table is ranked again.
+Configurations run in parallel processes (or as Ray tasks with `--ray`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.router import ROUTERS, make_router
+from traces.schema import Trace
+
+DEFAULT_PRICES = {"h100": 3.00, "h200": 4.00}
+"""On-demand $ per GPU-hour used when --price does not name a GPU: the middle of the specialty-cloud
+(CoreWeave, Lambda, Crusoe, RunPod) on-demand ranges published in 2026: H100 SXM $2.49-3.99 / $2.50-3.50,
+H200 SXM $3.50-4.50 (pricegpu.pages.dev/blog/h100-vs-a100-cloud-price, early 2026;
+www.mercatus-ai.com/blog/cloud-gpu-pricing, May 2026). Hyperscalers list more; other GPUs need --price."""
+
+DEFAULT_SEARCH_REQUESTS = 1000
+DEFAULT_SEARCH_STEPS = 5
+DEFAULT_VERIFY_TOP = 3
+SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
+_MAX_BRACKET_PROBES = 12
+
+
+# ---- inputs
+
+
+@dataclass(frozen=True)
+class Slo:
+    """One latency objective: the `percentile` of `metric` must be at most `limit_ms` milliseconds."""
+
+    metric: str
+    percentile: float
+    limit_ms: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in SLO_METRICS:
+            raise ValueError(f"SLO metric {self.metric!r} unknown: expected one of {', '.join(SLO_METRICS)}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"SLO {self.metric}: percentile must be in (0, 100], got {self.percentile}")
+        if not (math.isfinite(self.limit_ms) and self.limit_ms > 0):
+            raise ValueError(f"SLO {self.name}: limit must be a positive number of ms, got {self.limit_ms}")
+
+    @property
+    def name(self) -> str:
+        """As written on the command line: ttft_p99, tpot_p99.9, ..."""
+        return f"{self.metric}_p{self.percentile:g}"
+
+
+def parse_slos(text: str) -> tuple[Slo, ...]:
+    """'ttft_p99=2000,tpot_p99=100' (milliseconds) -> SLOs; a clear error names the bad item."""
+    slos = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        metric, _, percentile = name.strip().partition("_p")
+        try:
+            if not sep or not percentile:
+                raise ValueError
+            slo = Slo(metric.strip().lower(), float(percentile), float(value))
+        except ValueError as error:
+            detail = f": {error}" if str(error) else ""
+            raise ValueError(
+                f"--slo item {item!r} is not METRIC_pPERCENTILE=MS (e.g. ttft_p99=2000; metrics "
+                f"{', '.join(SLO_METRICS)}){detail}"
+            ) from None
+        slos.append(slo)
+    if not slos:
+        raise ValueError("--slo names no objective; e.g. --slo ttft_p99=2000,tpot_p99=100")
+    if len({slo.name for slo in slos}) != len(slos):
+        raise ValueError(f"--slo names an objective twice: {text!r}")
+    return tuple(slos)
+
+
+def parse_prices(text: str | None) -> dict[str, float]:
+    """'h100=2.5,h200=3.5' -> {gpu: $ per GPU-hour}, over the documented defaults."""
+    from simulator.gpu_specs import gpu_key
+
+    prices = dict(DEFAULT_PRICES)
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        gpu, sep, value = item.partition("=")
+        try:
+            price = float(value)
+            if not sep or not math.isfinite(price) or price < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--price item {item!r} is not GPU=DOLLARS_PER_GPU_HOUR (e.g. h100=2.5)") from None
+        prices[gpu_key(gpu)] = price
+    return prices
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); each a positive integer."""
+    values = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"{option}: {item!r} is not a positive integer (give e.g. {option} 1,2,4)")
+        values.append(int(item))
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return tuple(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One candidate deployment of a replica: GPU type, tensor-parallel degree, max_num_seqs."""
+
+    gpu: str
+    tp: int
+    max_num_seqs: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.gpu} tp{self.tp} seqs{self.max_num_seqs}"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What every configuration is judged by, and how hard the search works."""
+
+    model: str
+    slos: tuple[Slo, ...]
+    target_rate: float
+    router: str = "least-outstanding"
+    dtype: str = "bfloat16"
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    search_steps: int = DEFAULT_SEARCH_STEPS
+    max_replicas: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target_rate) and self.target_rate > 0):
+            raise ValueError(f"--target-rate must be a positive number of requests/s, got {self.target_rate}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"--router {self.router!r} unknown: expected one of {', '.join(ROUTERS)}")
+        if not self.slos:
+            raise ValueError("a plan needs at least one SLO")
+        if self.search_steps < 0 or self.max_replicas < 1:
+            raise ValueError(f"need search_steps >= 0 and max_replicas >= 1, got {self.search_steps}, {self.max_replicas}")
+
+
+# ---- judging one simulation against the SLOs
+
+
+class SloMonitor:
+    """Stops a simulation as soon as an SLO is certainly broken, or a request is rejected.
+
+    A percentile p of n samples (numpy's linear interpolation) exceeds a limit as soon as at least
+    n - floor(p/100 * (n - 1)) samples do. TTFT and E2EL have lower bounds before they are known (time
+    since arrival), so a queue that has grown too long is caught while it grows; TPOT counts once known.
+    """
+
+    def __init__(self, slos: Sequence[Slo], requests: ClusterRequests) -> None:
+        self.slos = [slo for slo in slos if slo.metric in ("ttft", "tpot", "e2el")]
+        num_requests = len(requests)
+        num_tpot = int(np.count_nonzero(requests.output_lens > 1))
+        self._threshold = []
+        for slo in self.slos:
+            n = num_tpot if slo.metric == "tpot" else num_requests
+            self._threshold.append(n - math.floor(slo.percentile / 100 * (n - 1)) if n else math.inf)
+        self._limits = [slo.limit_ms / 1000 for slo in self.slos]
+        self._settled = [0] * len(self.slos)
+        self._open: list = []
+        self._seen: list[int] = []
+
+    def __call__(self, now: float, replicas: Sequence) -> str | None:
+        """A reason to stop, or None."""
+        if len(self._seen) < len(replicas):
+            self._seen.extend([0] * (len(replicas) - len(self._seen)))
+        for index, engine in enumerate(replicas):
+            if engine.rejected:
+                record = next(iter(engine.rejected.values()))
+                return f"{len(engine.rejected)} request(s) rejected ({record.reason})"
+            count = len(engine.sequences)
+            if count > self._seen[index]:
+                self._open.extend(list(engine.sequences.values())[self._seen[index]:])
+                self._seen[index] = count
+        pending = [0] * len(self.slos)
+        still_open = []
+        for seq in self._open:
+            finished = seq.finish_time is not None
+            first = seq.first_token_time
+            for k, slo in enumerate(self.slos):
+                value = _latency(slo.metric, seq, now, finished, first)
+                if value is not None and value > self._limits[k]:
+                    if finished:
+                        self._settled[k] += 1
+                    else:
+                        pending[k] += 1
+            if not finished:
+                still_open.append(seq)
+        self._open = still_open
+        for k, slo in enumerate(self.slos):
+            violators = self._settled[k] + pending[k]
+            if violators >= self._threshold[k]:
+                return f"{slo.name} > {slo.limit_ms:g} ms ({violators} requests over it)"
+        return None
+
+
+def _latency(metric: str, seq, now: float, finished: bool, first: float | None) -> float | None:
+    """The request's latency, a lower bound of it while unknown, or None when nothing is known yet."""
+    if metric == "ttft":
+        return (first if first is not None else max(now, seq.arrival_time)) - seq.arrival_time
+    if metric == "e2el":
+        return (seq.finish_time if finished else max(now, seq.arrival_time)) - seq.arrival_time
+    if finished and first is not None:  # tpot
+        outputs = len(seq.token_ids) - seq.num_prompt_tokens
+        return (seq.finish_time - first) / (outputs - 1) if outputs > 1 else None
+    return None
+
+
+def slo_values(slos: Sequence[Slo], replicas: Sequence, now: float) -> dict[str, float]:
+    """Each SLO's percentile in ms over the requests (vLLM's definitions, as analysis.metrics), plus the
+    p99 of TTFT, TPOT and E2EL for the curves. Unfinished requests count TTFT/E2EL lower bounds."""
+    ttft, tpot, e2el, gaps = [], [], [], []
+    want_itl = any(slo.metric == "itl" for slo in slos)
+    for engine in replicas:
+        for seq in engine.sequences.values():
+            finished = seq.finish_time is not None
+            first = seq.first_token_time
+            ttft.append(_latency("ttft", seq, now, finished, first))
+            e2el.append(_latency("e2el", seq, now, finished, first))
+            value = _latency("tpot", seq, now, finished, first)
+            if value is not None:
+                tpot.append(value)
+            if want_itl and finished and len(seq.token_times) > 1:
+                gaps.append(np.diff(seq.token_times))
+    samples = {"ttft": ttft, "tpot": tpot, "e2el": e2el,
+               "itl": np.concatenate(gaps) if gaps else []}
+
+    def percentile(metric: str, p: float) -> float:
+        values = np.asarray(samples[metric], dtype=np.float64)
+        return float(np.percentile(values, p)) * 1000 if values.size else 0.0
+
+    values = {slo.name: percentile(slo.metric, slo.percentile) for slo in slos}
+    for metric in ("ttft", "tpot", "e2el"):
+        values.setdefault(f"{metric}_p99", percentile(metric, 99))
+    return values
+
+
+# ---- one configuration
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One simulation of the search: a rate, a replica count, whether the SLOs held and the latencies."""
+
+    phase: str
+    """search (one replica), verify (cluster on the window) or full (cluster on the whole trace)."""
+    rate: float
+    replicas: int
+    num_requests: int
+    sustained: bool
+    reason: str
+    """Why it did not sustain ('' when it did)."""
+    stopped_early: bool
+    values_ms: dict[str, float]
+    """SLO percentiles and p99 TTFT/TPOT/E2EL (lower bounds when stopped early)."""
+    seconds: float
+    """CPU wall time of the simulation."""
+
+
+@dataclass(frozen=True)
+class ConfigPlan:
+    """What planning found for one configuration."""
+
+    config: PlanConfig
+    status: str
+    """ok, infeasible (no rate sustained, or SLO not reached with max_replicas), or error."""
+    calibrated: bool = False
+    cost_model: str = ""
+    num_kv_blocks: int = 0
+    max_rate: float = 0.0
+    """Highest request rate one replica sustains (requests/s), from the window."""
+    replicas: int = 0
+    verified_on: str = ""
+    note: str = ""
+    probes: tuple[Probe, ...] = ()
+
+    @property
+    def gpus(self) -> int:
+        return self.replicas * self.config.tp
+
+
+def _engine_args(config: PlanConfig, settings: PlanSettings):
+    """The option namespace engine.commands.build_simulated_engine reads, for this configuration."""
+    import argparse
+
+    return argparse.Namespace(
+        dtype=settings.dtype,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        enable_chunked_prefill=True,
+        num_gpu_blocks_override=None,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=False,
+    )
+
+
+def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callable, dict]:
+    """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
+    from engine.commands import build_simulated_engine
+
+    args = _engine_args(config, settings)
+
+    def build():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build_simulated_engine(args, gpu=config.gpu, model=settings.model, profile=None, tp=config.tp)
+
+    engine, metadata, _ = build()
+    metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
+    return (lambda: build()[0]), metadata
+
+
+def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: float, replicas: int,
+              phase: str) -> Probe:
+    """Simulate `replicas` replicas at `rate` and judge the SLOs (stopping early once one is broken)."""
+    start = time.perf_counter()
+    scaled = requests.at_rate(rate)
+    engines = [build() for _ in range(replicas)]
+    monitor = SloMonitor(settings.slos, scaled)
+    # The drain is checked about every TTFT budget, so a runaway queue is caught within one budget.
+    interval = max(0.25, min(slo.limit_ms for slo in settings.slos) / 1000)
+    result = simulate_cluster(scaled, engines, make_router(settings.router, settings.block_size),
+                              stop_check=monitor, drain_interval=interval)
+    now = max(engine.clock.now() for engine in engines)
+    values = slo_values(settings.slos, engines, now)
+    reason = result.stopped or ""
+    if not reason:
+        broken = [f"{slo.name} {values[slo.name]:.0f} > {slo.limit_ms:g} ms"
+                  for slo in settings.slos if values[slo.name] > slo.limit_ms]
+        reason = "; ".join(broken)
+    return Probe(phase, float(rate), replicas, len(scaled), not reason, reason, result.stopped is not None,
+                 values, time.perf_counter() - start)
+
+
+def search_config(config: PlanConfig, settings: PlanSettings, window: ClusterRequests) -> ConfigPlan:
+    """Highest sustained rate of one replica on the window, then the replicas the target rate needs."""
+    try:
+        build, metadata = replica_builder(config, settings)
+    except (ValueError, KeyError) as error:
+        return ConfigPlan(config, "error", note=str(error))
+    base = dict(calibrated=bool(metadata.get("calibrated")), cost_model=str(metadata.get("profile", "")),
+                num_kv_blocks=int(metadata["num_kv_blocks"]))
+    probes: list[Probe] = []
+
+    def probe(rate: float, replicas: int = 1, phase: str = "search") -> Probe:
+        result = run_probe(build, settings, window, rate, replicas, phase)
+        probes.append(result)
+        return result
+
+    # Starting at the target rate brackets in one or two probes for the configurations that matter.
+    low, high = _bracket(probe, settings.target_rate)
+    if low is None:
+        last = probes[-1]
+        return ConfigPlan(config, "infeasible", **base, note=f"no rate sustained: {last.reason}",
+                          probes=tuple(probes))
+    for _ in range(settings.search_steps if high is not None else 0):
+        middle = math.sqrt(low * high)
+        if probe(middle).sustained:
+            low = middle
+        else:
+            high = middle
+    max_rate = low
+    replicas = max(1, math.ceil(settings.target_rate / max_rate - 1e-9))
+    replicas, note = _verify(lambda n: probe(settings.target_rate, n, "verify"), replicas, settings.max_replicas)
+    status = "ok" if not note else "infeasible"
+    return ConfigPlan(config, status, **base, max_rate=max_rate, replicas=replicas,
+                      verified_on=f"first {len(window)} requests", note=note, probes=tuple(probes))
+
+
+def _bracket(probe: Callable[[float], Probe], start: float) -> tuple[float | None, float | None]:
+    """(sustained rate, broken rate) a factor 2 apart, by doubling or halving from start."""
+    rate = start
+    first = probe(rate)
+    if "rejected" in first.reason:
+        return None, rate  # rejections do not depend on the rate
+    if first.sustained:
+        for _ in range(_MAX_BRACKET_PROBES):
+            if not probe(rate * 2).sustained:
+                return rate, rate * 2
+            rate *= 2
+        return rate, None
+    for _ in range(_MAX_BRACKET_PROBES):
+        rate /= 2
+        if probe(rate).sustained:
+            return rate, rate * 2
+    return None, rate
+
+
+def _verify(probe: Callable[[int], Probe], replicas: int, max_replicas: int) -> tuple[int, str]:
+    """The fewest replicas from `replicas` up that sustain the target rate (note says if none does)."""
+    replicas = min(replicas, max_replicas)
+    while True:
+        result = probe(replicas)
+        if result.sustained:
+            return replicas, ""
+        if replicas >= max_replicas:
+            return replicas, f"SLO not met at the target rate with {replicas} replicas: {result.reason}"
+        replicas += 1
+
+
+def verify_config(plan: ConfigPlan, settings: PlanSettings, full: ClusterRequests) -> ConfigPlan:
+    """Check the replica count on the whole trace at the target rate, adding replicas until the SLOs hold."""
+    build, _ = replica_builder(plan.config, settings)
+    probes = list(plan.probes)
+
+    def probe(replicas: int) -> Probe:
+        result = run_probe(build, settings, full, settings.target_rate, replicas, "full")
+        probes.append(result)
+        return result
+
+    replicas, note = _verify(probe, plan.replicas, settings.max_replicas)
+    return dataclasses.replace(
+        plan, replicas=replicas, status="ok" if not note else "infeasible", note=note,
+        verified_on=f"all {len(full)} requests", probes=tuple(probes),
+    )
+
+
+# ---- running configurations in parallel (processes or Ray)
+
+
+@dataclass(frozen=True)
+class PlanTask:
+    """One unit of parallel work: search a configuration, or verify a plan on the whole trace."""
+
+    kind: str
+    settings: PlanSettings
+    search_requests: int
+    config: PlanConfig | None = None
+    plan: ConfigPlan | None = None
+
+
+_REQUESTS_CACHE: dict[tuple[str, int, int], ClusterRequests] = {}
+_WORKER_TRACE: list[Trace] = []
+
+
+def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> ClusterRequests:
+    """The trace's first `count` requests with their token ids, made once per process."""
+    from engine.model_config import load_model_config
+
+    vocab_size = load_model_config(settings.model).vocab_size
+    key = (trace.name, len(trace), vocab_size, settings.seed)
+    full = _REQUESTS_CACHE.get(key)
+    if full is None:
+        full = _REQUESTS_CACHE[key] = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
+    return full if count is None or count >= len(full) else full.head(count)
+
+
+def run_plan_task(task: PlanTask, trace: Trace | None = None) -> ConfigPlan:
+    """Do one task (the same function runs in a process pool and as a Ray task)."""
+    trace = trace if trace is not None else _WORKER_TRACE[0]
+    if task.kind == "search":
+        window = _requests_for(trace, task.settings, task.search_requests)
+        return search_config(task.config, task.settings, window)
+    if task.kind == "verify":
+        return verify_config(task.plan, task.settings, _requests_for(trace, task.settings, None))
+    raise ValueError(f"unknown plan task kind {task.kind!r}")
+
+
+def _init_worker(trace: Trace) -> None:
+    _WORKER_TRACE[:] = [trace]
+    warnings.simplefilter("ignore")
+
+
+def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_address: str | None,
+              description: str, show_progress: bool = True) -> list[ConfigPlan]:
+    """Run tasks across CPU cores (or on Ray), with a progress bar; results in task order."""
+    results: list[ConfigPlan | None] = [None] * len(tasks)
+    bar = tqdm(total=len(tasks), desc=description, unit="config", disable=not show_progress, dynamic_ncols=True)
+    with bar:
+        if ray_address is not None:
+            for index, plan in _run_on_ray(tasks, trace, ray_address):
+                results[index] = plan
+                bar.update()
+        elif (workers or os.cpu_count() or 1) == 1 or len(tasks) == 1:
+            for index, task in enumerate(tasks):
+                results[index] = run_plan_task(task, trace)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(tasks)),
+                                     initializer=_init_worker, initargs=(trace,)) as pool:
+                futures = {pool.submit(run_plan_task, task): index for index, task in enumerate(tasks)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+    return results
+
+
+def _run_on_ray(tasks: list[PlanTask], trace: Trace, address: str) -> Iterable[tuple[int, ConfigPlan]]:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs the ray package: pip install 'ray[default]' (or run without --ray)") from None
+    if not ray.is_initialized():
+        ray.init(address=None if address in ("", "local") else address, ignore_reinit_error=True,
+                 log_to_driver=False)
+    remote = ray.remote(run_plan_task)
+    trace_ref = ray.put(trace)
+    pending = {remote.remote(task, trace_ref): index for index, task in enumerate(tasks)}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            yield pending.pop(ref), ray.get(ref)
+
+
+# ---- the plan
+
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("rank", pa.int64()),
+        ("gpu", pa.string()),
+        ("tp", pa.int64()),
+        ("max_num_seqs", pa.int64()),
+        ("status", pa.string()),
+        ("replicas", pa.int64()),
+        ("gpus", pa.int64()),
+        ("max_rate_per_replica", pa.float64()),
+        ("target_rate", pa.float64()),
+        ("price_per_gpu_hour", pa.float64()),
+        ("hourly_cost", pa.float64()),
+        ("replica_hourly_cost", pa.float64()),
+        ("pareto", pa.bool_()),
+        ("cost_per_million_requests", pa.float64()),
+        ("calibration", pa.string()),
+        ("cost_model", pa.string()),
+        ("num_kv_blocks", pa.int64()),
+        ("verified_on", pa.string()),
+        ("num_probes", pa.int64()),
+        ("note", pa.string()),
+    ]
+)
+"""One row per configuration, ranked by hourly cost then GPUs (rank null for infeasible ones);
+calibration is 'calibrated' or 'uncalibrated' (roofline step times); pareto marks the configurations no
+other beats on both a replica's hourly cost and the rate one replica sustains."""
+
+PROBES_SCHEMA = pa.schema(
+    [
+        ("gpu", pa.string()),
+        ("tp", pa.int64()),
+        ("max_num_seqs", pa.int64()),
+        ("phase", pa.string()),
+        ("rate", pa.float64()),
+        ("replicas", pa.int64()),
+        ("num_requests", pa.int64()),
+        ("sustained", pa.bool_()),
+        ("stopped_early", pa.bool_()),
+        ("reason", pa.string()),
+        ("ttft_p99_ms", pa.float64()),
+        ("tpot_p99_ms", pa.float64()),
+        ("e2el_p99_ms", pa.float64()),
+        ("slo_values_ms", pa.list_(pa.float64())),
+        ("seconds", pa.float64()),
+    ]
+)
+"""Every simulation the planner ran; slo_values_ms follows the order of the plan's SLOs (plan.json)."""
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The ranked table, every probe, and what the plan was asked."""
+
+    table: pa.Table
+    probes: pa.Table
+    info: dict = field(default_factory=dict)
+
+    def best(self) -> dict | None:
+        """The top-ranked row, or None when no configuration meets the SLOs."""
+        rows = [row for row in self.table.to_pylist() if row["rank"] is not None]
+        return rows[0] if rows else None
+
+
+def _price(prices: dict[str, float], gpu: str) -> float | None:
+    from simulator.gpu_specs import gpu_key
+
+    return prices.get(gpu_key(gpu))
+
+
+def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict[str, float]) -> pa.Table:
+    """The plan table: feasible configurations by hourly cost, then GPUs, then headroom; the rest after."""
+    rows = []
+    for plan in plans:
+        price = _price(prices, plan.config.gpu)
+        ok = plan.status == "ok"
+        cost = plan.gpus * price if ok and price is not None else None
+        rows.append(
+            {
+                "rank": None,
+                "gpu": plan.config.gpu,
+                "tp": plan.config.tp,
+                "max_num_seqs": plan.config.max_num_seqs,
+                "status": plan.status,
+                "replicas": plan.replicas if ok else None,
+                "gpus": plan.gpus if ok else None,
+                "max_rate_per_replica": plan.max_rate if plan.max_rate > 0 else None,
+                "target_rate": settings.target_rate,
+                "price_per_gpu_hour": price,
+                "hourly_cost": cost,
+                "replica_hourly_cost": plan.config.tp * price if price is not None else None,
+                "pareto": False,
+                "cost_per_million_requests": cost / (settings.target_rate * 3600) * 1e6 if cost is not None else None,
+                "calibration": "calibrated" if plan.calibrated else "uncalibrated",
+                "cost_model": plan.cost_model,
+                "num_kv_blocks": plan.num_kv_blocks or None,
+                "verified_on": plan.verified_on,
+                "num_probes": len(plan.probes),
+                "note": plan.note,
+            }
+        )
+
+    def order(row):
+        feasible = row["status"] == "ok"
+        cost = row["hourly_cost"]
+        return (not feasible, cost is None, cost or 0.0, row["gpus"] or 0, -(row["max_rate_per_replica"] or 0.0))
+
+    rows.sort(key=order)
+    for row, on_front in zip(rows, pareto_front(rows)):
+        row["pareto"] = on_front
+    rank = 0
+    for row in rows:
+        if row["status"] == "ok":
+            rank += 1
+            row["rank"] = rank
+    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
+
+
+def pareto_front(rows: Sequence[dict]) -> list[bool]:
+    """Rows with a sustained rate that no other row beats: cheaper-or-equal replica and higher-or-equal
+    rate, strictly better in one."""
+    points = [(row["replica_hourly_cost"], row["max_rate_per_replica"]) for row in rows]
+    front = []
+    for cost, rate in points:
+        if cost is None or rate is None:
+            front.append(False)
+            continue
+        dominated = any(
+            other_cost is not None and other_rate is not None and other_cost <= cost and other_rate >= rate
+            and (other_cost < cost or other_rate > rate)
+            for other_cost, other_rate in points
+        )
+        front.append(not dominated)
+    return front
+
+
+def read_plan(out_dir: str | os.PathLike) -> PlanResult:
+    """A plan written by write_plan."""
+    out = Path(out_dir)
+    missing = [name for name in ("plan.parquet", "probes.parquet", "plan.json") if not (out / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out} is not a plan folder: missing {', '.join(missing)}")
+    return PlanResult(
+        pq.read_table(out / "plan.parquet").cast(PLAN_SCHEMA),
+        pq.read_table(out / "probes.parquet").cast(PROBES_SCHEMA),
+        json.loads((out / "plan.json").read_text()),
+    )
+
+
+def probes_table(plans: Sequence[ConfigPlan], settings: PlanSettings) -> pa.Table:
+    """Every probe of every configuration (for the latency-versus-rate curves)."""
+    rows = []
+    for plan in plans:
+        for probe in plan.probes:
+            rows.append(
+                {
+                    "gpu": plan.config.gpu,
+                    "tp": plan.config.tp,
+                    "max_num_seqs": plan.config.max_num_seqs,
+                    "phase": probe.phase,
+                    "rate": probe.rate,
+                    "replicas": probe.replicas,
+                    "num_requests": probe.num_requests,
+                    "sustained": probe.sustained,
+                    "stopped_early": probe.stopped_early,
+                    "reason": probe.reason,
+                    "ttft_p99_ms": probe.values_ms.get("ttft_p99"),
+                    "tpot_p99_ms": probe.values_ms.get("tpot_p99"),
+                    "e2el_p99_ms": probe.values_ms.get("e2el_p99"),
+                    "slo_values_ms": [probe.values_ms.get(slo.name) for slo in settings.slos],
+                    "seconds": probe.seconds,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
+
+
+def plan(
+    trace: Trace,
+    configs: Sequence[PlanConfig],
+    settings: PlanSettings,
+    *,
+    prices: dict[str, float] | None = None,
+    search_requests: int | None = DEFAULT_SEARCH_REQUESTS,
+    verify_top: int = DEFAULT_VERIFY_TOP,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    show_progress: bool = True,
+) -> PlanResult:
+    """Search every configuration (in parallel), verify the cheapest on the whole trace, rank them."""
+    if len(trace) < 2:
+        raise ValueError(f"trace {trace.name!r} has {len(trace)} request(s): planning needs at least 2")
+    if not configs:
+        raise ValueError("no configurations to plan")
+    prices = dict(DEFAULT_PRICES if prices is None else prices)
+    missing = sorted({config.gpu for config in configs if _price(prices, config.gpu) is None})
+    if missing:
+        raise ValueError(f"no price for GPU(s) {', '.join(missing)}: give --price {missing[0]}=DOLLARS_PER_GPU_HOUR "
+                         f"(defaults exist for {', '.join(DEFAULT_PRICES)})")
+    window = len(trace) if search_requests is None else max(2, min(search_requests, len(trace)))
+    start = time.perf_counter()
+    run = dict(workers=workers, ray_address=ray_address, show_progress=show_progress)
+    tasks = [PlanTask("search", settings, window, config=config) for config in configs]
+    plans = run_tasks(tasks, trace, description="plan: search", **run)
+    search_seconds = time.perf_counter() - start
+
+    if verify_top > 0 and window < len(trace):
+        ranked = rank_plans(plans, settings, prices)
+        top = [(row["gpu"], row["tp"], row["max_num_seqs"]) for row in ranked.to_pylist()[:verify_top]
+               if row["rank"] is not None]
+        index = {(p.config.gpu, p.config.tp, p.config.max_num_seqs): i for i, p in enumerate(plans)}
+        verify = [PlanTask("verify", settings, window, plan=plans[index[key]]) for key in top]
+        for key, verified in zip(top, run_tasks(verify, trace, description="plan: verify on the whole trace", **run)):
+            plans[index[key]] = verified
+    info = {
+        "trace": trace.name,
+        "trace_requests": len(trace),
+        "search_requests": window,
+        "verify_top": verify_top,
+        "model": settings.model,
+        "slos": [dataclasses.asdict(slo) | {"name": slo.name} for slo in settings.slos],
+        "target_rate": settings.target_rate,
+        "router": settings.router,
+        "prices_per_gpu_hour": prices,
+        "search_steps": settings.search_steps,
+        "search_seconds": search_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "num_simulations": sum(len(p.probes) for p in plans),
+    }
+    return PlanResult(rank_plans(plans, settings, prices), probes_table(plans, settings), info)
+
+
+def write_plan(result: PlanResult, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """plan.csv, plan.parquet, probes.parquet and plan.json in out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("plan.csv", "plan.parquet", "probes.parquet", "plan.json")}
+    pa_csv.write_csv(result.table, paths["plan.csv"])
+    pq.write_table(result.table, paths["plan.parquet"])
+    pq.write_table(result.probes, paths["probes.parquet"])
+    paths["plan.json"].write_text(json.dumps(result.info, indent=2, sort_keys=True))
+    return paths
+
+
+def format_plan(table: pa.Table, limit: int = 10) -> str:
+    """The top rows of the ranked table as aligned text."""
+    header = f"{'rank':>4} {'config':<22} {'replicas':>8} {'GPUs':>5} {'max req/s':>9} {'$/hour':>8}  calibration"
+    lines = [header, "-" * len(header)]
+    for row in table.to_pylist()[:limit]:
+        config = f"{row['gpu']} tp{row['tp']} seqs{row['max_num_seqs']}"
+        if row["rank"] is None:
+            lines.append(f"{'-':>4} {config:<22} {row['status']}: {row['note'][:70]}")
+            continue
+        lines.append(
+            f"{row['rank']:>4} {config:<22} {row['replicas']:>8} {row['gpus']:>5} "
+            f"{row['max_rate_per_replica']:>9.2f} {row['hourly_cost']:>8.2f}  {row['calibration']}"
+        )
+    return "\n".join(lines)
+
+
+def plan_cli(args) -> int:
+    """`twinfer plan TRACE ...`: the sweep, the ranked table (CSV, Parquet), the HTML report."""
+    from engine.commands import load_trace
+    from simulator.gpu_specs import gpu_key, gpu_spec
+
+    gpus = tuple(dict.fromkeys(gpu_key(g) for g in args.gpu.split(",") if g.strip()))
+    if not gpus:
+        raise ValueError("--gpu is empty; e.g. --gpu h100,h200")
+    for gpu in gpus:
+        try:
+            gpu_spec(gpu)
+        except KeyError as error:
+            raise ValueError(str(error.args[0])) from None
+    tps = parse_int_list(args.tp, "--tp")
+    if args.max_num_seqs is None:
+        from engine.config import vllm_default_limits
+
+        seqs_for = {gpu: (vllm_default_limits(gpu_spec(gpu).memory_gib)[0],) for gpu in gpus}
+    else:
+        seqs = parse_int_list(args.max_num_seqs, "--max-num-seqs")
+        seqs_for = {gpu: seqs for gpu in gpus}
+    configs = [PlanConfig(gpu, tp, seqs) for gpu in gpus for tp in tps for seqs in seqs_for[gpu]]
+    settings = PlanSettings(
+        model=args.model,
+        slos=parse_slos(args.slo),
+        target_rate=args.target_rate,
+        router=args.router,
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
+        search_steps=getattr(args, "search_steps", DEFAULT_SEARCH_STEPS),
+        seed=getattr(args, "seed", 0),
+    )
+    trace = load_trace(args)
+    search_requests = getattr(args, "search_requests", None) or DEFAULT_SEARCH_REQUESTS
+    print(f"planning {len(configs)} configurations of {settings.model} on {trace.name} ({len(trace)} requests), "
+          f"target {settings.target_rate:g} req/s, SLO {', '.join(f'{s.name}<={s.limit_ms:g}ms' for s in settings.slos)}")
+    result = plan(
+        trace, configs, settings,
+        prices=parse_prices(args.price),
+        search_requests=search_requests,
+        verify_top=getattr(args, "verify_top", DEFAULT_VERIFY_TOP),
+        workers=args.workers,
+        ray_address=args.ray,
+        show_progress=not getattr(args, "no_progress", False),
+    )
+    paths = write_plan(result, args.out)
+    from analysis.plan_report import build_plan_report
+
+    report = build_plan_report(result, Path(args.out) / "plan.html")
+    print(format_plan(result.table))
+    if any(row["calibration"] == "uncalibrated" for row in result.table.to_pylist()):
+        print("note: 'uncalibrated' rows use roofline step times (no calibrated profile for that GPU/model/TP)")
+    print(f"{result.info['num_simulations']} simulations in {result.info['total_seconds']:.1f} s")
+    print(f"plan written to {paths['plan.csv']}, {paths['plan.parquet']}; report {report}")
+    return 0

@@ -1,0 +1,212 @@
+"""Capacity planner: SLO parsing, the early-stop rule, the rate search, ranking, outputs, report, Ray."""
+
+import importlib.util
+import math
+import warnings
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from analysis.metrics import compute_metrics
+from analysis.plan_report import build_plan_report
+from engine.cli import main
+from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.planner import (
+    PlanConfig,
+    PlanSettings,
+    SloMonitor,
+    parse_int_list,
+    parse_prices,
+    parse_slos,
+    plan,
+    read_plan,
+    replica_builder,
+    run_probe,
+    search_config,
+    slo_values,
+    write_plan,
+)
+from simulator.router import make_router
+from traces.arrivals import Poisson
+from traces.synthetic import random_workload
+
+MODEL = "qwen3-0.6b"
+SLOS = "ttft_p99=150,tpot_p99=10"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _trace(count: int = 120):
+    return random_workload(num_prompts=count, input_len=512, output_len=64, range_ratio=0.5,
+                           arrivals=Poisson(rate=10.0), seed=3)
+
+
+def _settings(**overrides):
+    values = dict(model=MODEL, slos=parse_slos(SLOS), target_rate=100.0, search_steps=3)
+    values.update(overrides)
+    return PlanSettings(**values)
+
+
+def _requests(trace, settings):
+    return ClusterRequests.from_trace(trace, vocab_size=151936)
+
+
+def test_parse_slos_and_bad_input():
+    slos = parse_slos("ttft_p99=2000, tpot_p99.9=100,e2el_p50=9000")
+    assert [(s.metric, s.percentile, s.limit_ms) for s in slos] == [
+        ("ttft", 99.0, 2000.0), ("tpot", 99.9, 100.0), ("e2el", 50.0, 9000.0)]
+    assert slos[1].name == "tpot_p99.9"
+    for bad, message in [("ttft=2000", "METRIC_pPERCENTILE"), ("ttfb_p99=5", "unknown"),
+                         ("ttft_p99=-1", "positive"), ("ttft_p120=5", "percentile"), ("", "names no objective"),
+                         ("ttft_p99=1,ttft_p99=2", "twice")]:
+        with pytest.raises(ValueError, match=message):
+            parse_slos(bad)
+    assert parse_prices("h100=2.5")["h100"] == 2.5 and parse_prices(None)["h200"] > 0
+    with pytest.raises(ValueError, match="GPU=DOLLARS"):
+        parse_prices("h100:2")
+    assert parse_int_list("1,2,4,2", "--tp") == (1, 2, 4)
+    with pytest.raises(ValueError, match="--tp: 'x'"):
+        parse_int_list("1,x", "--tp")
+
+
+def test_slo_values_match_the_run_metrics(tmp_path):
+    settings = _settings()
+    requests = _requests(_trace(60), settings).at_rate(20.0)
+    build, _ = replica_builder(PlanConfig("h100", 1, 16), settings)
+    engines = [build(), build()]
+    result = simulate_cluster(requests, engines, make_router("least-outstanding"))
+    values = slo_values(settings.slos, engines, now=0.0)
+    metrics = compute_metrics(result.tables()[0])
+    assert values["ttft_p99"] == pytest.approx(metrics.ttft.p99 * 1000, rel=1e-9)
+    assert values["tpot_p99"] == pytest.approx(metrics.tpot.p99 * 1000, rel=1e-9)
+    assert values["e2el_p99"] == pytest.approx(metrics.e2el.p99 * 1000, rel=1e-9)
+
+
+def test_early_stop_only_when_the_slo_is_surely_broken():
+    settings = _settings()
+    requests = _requests(_trace(), settings)
+    build, _ = replica_builder(PlanConfig("h100", 1, 8), settings)
+    overloaded = run_probe(build, settings, requests, 400.0, 1, "search")
+    assert overloaded.stopped_early and not overloaded.sustained
+    # Run the same rate to the end: the SLO the monitor named is indeed broken.
+    scaled = requests.at_rate(400.0)
+    engines = [build()]
+    simulate_cluster(scaled, engines, make_router("round-robin"))
+    full = slo_values(settings.slos, engines, now=0.0)
+    broken = overloaded.reason.split(" ")[0]
+    assert full[broken] > {"ttft_p99": 150, "tpot_p99": 10}[broken]
+    easy = run_probe(build, settings, requests, 2.0, 1, "search")
+    assert easy.sustained and not easy.stopped_early
+
+
+def test_monitor_threshold_is_the_percentile_rule():
+    # p99 of 101 samples: broken once 2 samples exceed the limit (positions 99 and 100), not with 1.
+    requests = _requests(_trace(101), _settings())
+    monitor = SloMonitor(parse_slos("ttft_p99=100"), requests)
+    assert monitor._threshold == [2]
+    values = np.zeros(101)
+    values[-1] = 1.0
+    assert np.percentile(values, 99) <= 0.1 < np.percentile(np.r_[values[:-2], 1.0, 1.0], 99)
+
+
+def test_search_finds_the_edge_and_replicas_cover_the_target():
+    settings = _settings(target_rate=60.0)
+    window = _requests(_trace(), settings)
+    result = search_config(PlanConfig("h100", 1, 16), settings, window)
+    assert result.status == "ok", result.note
+    search = [p for p in result.probes if p.phase == "search"]
+    sustained = [p.rate for p in search if p.sustained]
+    broken = [p.rate for p in search if not p.sustained]
+    assert result.max_rate == max(sustained)
+    above = min(r for r in broken if r > result.max_rate)
+    assert above / result.max_rate <= 2 ** (1 / 2**settings.search_steps) + 1e-9
+    assert result.replicas >= math.ceil(settings.target_rate / result.max_rate)
+    verify = [p for p in result.probes if p.phase == "verify"]
+    assert verify[-1].sustained and verify[-1].replicas == result.replicas
+    assert all(not p.sustained for p in verify[:-1])
+
+
+def test_plan_ranks_by_cost_and_writes_table_and_report(tmp_path):
+    settings = _settings(target_rate=60.0)
+    configs = [PlanConfig("h100", 1, 16), PlanConfig("h200", 1, 16), PlanConfig("h100", 2, 16)]
+    result = plan(_trace(), configs, settings, prices={"h100": 2.0, "h200": 3.0}, search_requests=80,
+                  verify_top=1, workers=1, show_progress=False)
+    rows = result.table.to_pylist()
+    ranked = [row for row in rows if row["rank"] is not None]
+    assert [row["rank"] for row in ranked] == list(range(1, len(ranked) + 1))
+    costs = [(row["hourly_cost"], row["gpus"]) for row in ranked]
+    assert costs == sorted(costs)
+    for row in ranked:
+        assert row["hourly_cost"] == pytest.approx(row["gpus"] * {"h100": 2.0, "h200": 3.0}[row["gpu"]])
+        assert row["gpus"] == row["replicas"] * row["tp"]
+        assert row["calibration"] in ("calibrated", "uncalibrated")
+    assert ranked[0]["verified_on"] == "all 120 requests"
+    assert any(row["pareto"] for row in ranked)
+
+    paths = write_plan(result, tmp_path / "plan")
+    assert pq.read_table(paths["plan.parquet"]).equals(result.table)
+    assert paths["plan.csv"].read_text().startswith('"rank","gpu","tp"')
+    again = read_plan(tmp_path / "plan")
+    assert again.probes.num_rows == result.probes.num_rows > 0
+    report = build_plan_report(again, tmp_path / "plan" / "plan.html").read_text()
+    assert "fig-latency" in report and "fig-pareto" in report and "SLO ttft_p99" in report
+
+
+def test_config_that_does_not_fit_is_reported_not_ranked():
+    settings = _settings(model="qwen3-32b")
+    result = plan(_trace(10), [PlanConfig("l4", 1, 16)], settings, prices={"l4": 0.8}, workers=1,
+                  show_progress=False)
+    row = result.table.to_pylist()[0]
+    assert row["rank"] is None and row["status"] == "error" and "KV cache" in row["note"]
+
+
+def test_missing_price_is_a_clear_error():
+    with pytest.raises(ValueError, match="no price for GPU.*a100-80g.*--price"):
+        plan(_trace(10), [PlanConfig("a100-80g", 1, 16)], _settings(), workers=1, show_progress=False)
+
+
+def test_process_pool_gives_the_same_plan_as_one_process():
+    settings = _settings(target_rate=60.0, search_steps=1)
+    configs = [PlanConfig("h100", 1, 16), PlanConfig("h200", 1, 16)]
+    serial = plan(_trace(60), configs, settings, verify_top=0, workers=1, show_progress=False)
+    pooled = plan(_trace(60), configs, settings, verify_top=0, workers=2, show_progress=False)
+    assert serial.table.equals(pooled.table)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install ray)")
+def test_ray_runs_the_same_per_config_function():
+    import ray
+
+    settings = _settings(target_rate=60.0, search_steps=1)
+    configs = [PlanConfig("h100", 1, 16), PlanConfig("h200", 1, 16)]
+    serial = plan(_trace(60), configs, settings, verify_top=0, workers=1, show_progress=False)
+    try:
+        on_ray = plan(_trace(60), configs, settings, verify_top=0, ray_address="local", show_progress=False)
+    finally:
+        ray.shutdown()
+    assert serial.table.equals(on_ray.table)
+
+
+def test_plan_cli_writes_outputs(tmp_path, capsys):
+    trace_path = tmp_path / "trace.csv"
+    import pyarrow.csv as pa_csv
+
+    table = _trace(60).table.select(["request_id", "arrival_time", "prompt_len", "output_len"])
+    pa_csv.write_csv(table, trace_path)
+    out = tmp_path / "plan"
+    code = main(["plan", str(trace_path), "--model", MODEL, "--gpu", "h100,h200", "--tp", "1",
+                 "--max-num-seqs", "16", "--slo", SLOS, "--target-rate", "40", "--workers", "1",
+                 "--search-steps", "1", "--verify-top", "0", "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "rank config" in printed and "uncalibrated" in printed
+    assert {p.name for p in out.iterdir()} >= {"plan.csv", "plan.parquet", "probes.parquet", "plan.json", "plan.html"}
+    assert main(["plan", str(trace_path), "--model", MODEL, "--slo", "ttft=5", "--target-rate", "4",
+                 "--out", str(out)]) == 2
+    assert "METRIC_pPERCENTILE" in capsys.readouterr().err
