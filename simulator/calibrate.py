@@ -154,7 +154,43 @@ def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int 
             loss = loss_of(coefficients, True)
             if loss < best_loss:
                 best, best_overlap, best_loss = coefficients, True, loss
+    best = _robust_refit(columns, knots, best, best_overlap, duration)
     return dict(zip(names, best.tolist())), best_overlap
+
+
+def _robust_refit(
+    columns: dict, knots, coefficients: np.ndarray, overlap: bool, duration: np.ndarray, rounds: int = 8
+) -> np.ndarray:
+    """Refit with Huber weights, so a few outlying steps cannot pull the whole fit.
+
+    Squared error lets a garbage-collection pause or a progress-bar redraw drag every coefficient;
+    steps whose relative residual exceeds twice the median one get weight falling as 1/|residual|
+    (absolute rather than squared error), the rest keep full weight. The piece each eager step falls
+    on (launch-bound or not) is kept from the squared-error fit. Returns the input unless the mean
+    absolute relative error (MAPE) improves.
+    """
+    num_host = len(HOST_TERMS)
+    if overlap:
+        _, eager, gpu_columns = term_blocks(columns, knots)
+        matrix = design_matrix(columns, knots, eager & (gpu_columns @ coefficients[num_host + 1 :] < coefficients[num_host]))
+    else:
+        matrix = design_matrix(columns, knots)
+    scaled = matrix / duration[:, None]
+
+    def typical_error(candidate: np.ndarray) -> float:
+        return float(np.mean(np.abs(scaled @ candidate - 1.0)))
+
+    best, best_error = coefficients, typical_error(coefficients)
+    current = coefficients
+    for _ in range(rounds):
+        residual = np.abs(scaled @ current - 1.0)
+        threshold = max(2.0 * float(np.median(residual)), 1e-3)
+        weights = np.sqrt(np.minimum(1.0, threshold / np.maximum(residual, 1e-12)))
+        current = nonnegative_least_squares(scaled * weights[:, None], weights)
+        error = typical_error(current)
+        if error < best_error:
+            best, best_error = current, error
+    return best
 
 
 def fit(

@@ -9,7 +9,7 @@ import pytest
 
 from analysis.run_schema import STEPS_SCHEMA
 from engine.scheduler_output import StepResult
-from simulator.calibrate import fit, fit_profile_table, main, read_steps
+from simulator.calibrate import fit, fit_profile_table, main, mape, read_steps
 from simulator.cost_model import CostModel
 from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
 from simulator.profile import build_grid, profile
@@ -35,7 +35,7 @@ TRUTH = CostModel(
         "prefill_context_token": 2e-8,
     },
 )
-MAIN_TERMS = ("eager_step", "prefill_attention_pair", "decode_context_token", "mixed_decode_context_token")
+MAIN_TERMS = ("eager_step", "decode_context_token", "mixed_decode_context_token")
 
 
 class FakeGpuExecutor:
@@ -110,6 +110,8 @@ def test_fit_from_profile_recovers_the_costs(profile_table):
     fitted = calibration.cost_model
     for term in MAIN_TERMS:
         assert fitted.coefficients[term] == pytest.approx(TRUTH.coefficients[term], rel=0.1), term
+    # Up to 2048 tokens attention is <1% of a step, so 1% noise leaves its weight less certain.
+    assert fitted.coefficients["prefill_attention_pair"] == pytest.approx(1e-11, rel=0.25)
     # The profile's executor times plus the engine's own CPU time: what a real run's steps would record.
     engine_step_s = float(table.schema.metadata[b"engine_step_s"])
     assert fitted.coefficients["step"] == pytest.approx(TRUTH.coefficients["step"] + engine_step_s, rel=0.05)
@@ -129,6 +131,19 @@ def test_fit_detects_launches_overlapping_gpu_work(profile_table):
     assert calibration.cost_model.coefficients["eager_step"] == pytest.approx(3e-3, rel=0.05)
     additive = fit_profile_table(table).cost_model
     assert not additive.eager_overlap  # TRUTH itself adds its launches
+
+
+def test_a_few_outlying_steps_do_not_drag_the_fit(profile_table):
+    _, table = profile_table
+    columns = {name: table.column(name).to_numpy().astype(float) for name in table.column_names if name != "grid"}
+    clean = TRUTH.predict_columns(columns)
+    rng = np.random.default_rng(1)
+    columns["duration"] = clean * rng.normal(1.0, 0.01, table.num_rows)
+    hiccups = rng.random(table.num_rows) < 0.1  # a GC pause or a redraw: 2-4x the step
+    columns["duration"][hiccups] *= rng.uniform(2, 4, hiccups.sum())
+    fitted = fit(columns, gpu="h100", model="qwen3-0.6b").cost_model
+    # A squared-error fit lands ~2% off the clean steps here; the robust refit stays within noise.
+    assert mape(fitted.predict_columns(columns)[~hiccups], clean[~hiccups]) < 0.005
 
 
 def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
