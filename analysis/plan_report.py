@@ -91,11 +91,18 @@ def latency_figure(probes: list[dict], slos: list[dict]) -> go.Figure:
                 row=1,
                 col=column,
             )
+    rates = [p["rate"] for p in search]
     for slo in slos:
         column = {"ttft": 1, "tpot": 2}.get(slo["metric"])
-        if column is not None:
-            figure.add_hline(y=slo["limit_ms"], line={"color": "#d62728", "dash": "dash"}, row=1, col=column,
-                             annotation_text=f"SLO {slo['name']} {slo['limit_ms']:g} ms", annotation_position="top left")
+        if column is not None and rates:
+            # A line trace, not add_hline: hline annotations land at 10**y on log axes.
+            label = f"SLO {slo['name']} {slo['limit_ms']:g} ms"
+            figure.add_trace(
+                go.Scatter(x=[min(rates), max(rates)], y=[slo["limit_ms"]] * 2, mode="lines", name=label,
+                           line={"color": "#d62728", "dash": "dash", "width": 2}, hovertemplate=label + "<extra></extra>"),
+                row=1,
+                col=column,
+            )
     figure.update_xaxes(title_text="request rate per replica (req/s)", type="log")
     figure.update_yaxes(type="log")
     figure.update_layout(height=520, margin={"t": 60}, legend={"font": {"size": 11}},

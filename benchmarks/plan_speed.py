@@ -1,0 +1,43 @@
+"""Time `twinfer plan` over 24 configurations (2 GPUs x 3 TP x 4 max-num-seqs) of the Azure conversation
+trace (19,366 requests, about 58 minutes) on this machine's cores (target < 5 minutes)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from engine.cli import main as twinfer
+
+TARGET_SECONDS = 300.0
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def main() -> None:
+    """Run the plan, print its ranked table and the wall time against the target."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trace", default=str(DEFAULT_TRACE))
+    parser.add_argument("--model", default="qwen3-8b")
+    parser.add_argument("--slo", default="ttft_p99=2000,tpot_p99=100")
+    parser.add_argument("--target-rate", default="16", help="3x the trace's own 5.5 req/s, roughly")
+    parser.add_argument("--out", default="plan-speed")
+    parser.add_argument("--workers", default=None)
+    parser.add_argument("--ray", default=None)
+    args = parser.parse_args()
+
+    argv = ["plan", args.trace, "--model", args.model, "--gpu", "h100,h200", "--tp", "1,2,4",
+            "--max-num-seqs", "32,64,128,256", "--slo", args.slo, "--target-rate", args.target_rate,
+            "--out", args.out]
+    if args.workers:
+        argv += ["--workers", args.workers]
+    if args.ray:
+        argv += ["--ray", args.ray]
+    started = time.perf_counter()
+    code = twinfer(argv)
+    elapsed = time.perf_counter() - started
+    verdict = "within" if elapsed < TARGET_SECONDS else "OVER"
+    print(f"plan of 24 configurations: {elapsed:.1f} s wall ({verdict} the {TARGET_SECONDS:.0f} s target)")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
