@@ -3,8 +3,10 @@
 The grid covers prefills (with and without cached context, one or several prompts), pure decodes at every
 CUDA-graph size and in between, times context lengths, eager decodes past the ladder, mixed steps (decodes
 plus a prefill chunk) and random scheduler-like batches. Shapes run in a shuffled order until the time
-budget ends, so a cut-short run is still an even sample. The engine's own per-step CPU time (scheduling and
-bookkeeping, which a real run's step durations include) is measured on the same host and stored alongside.
+budget ends, so a cut-short run is still an even sample. Each step is timed around execute() on the wall
+clock, as a real run sees it (the executor's own figure is kept too). The engine's own per-step CPU time
+(scheduling and bookkeeping, which a real run's step durations include) is measured on the same host and
+stored in the metadata; calibration adds it.
 
 Runs on the GPU machines: numpy, pyarrow and torch only (no plotly, no pandas needed).
 """
@@ -28,7 +30,10 @@ from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from engine.stats import batch_features
 from simulator.executor import VLLM_CUDA_GRAPH_SIZES
 
-PROFILE_SCHEMA = pa.schema(list(STEPS_SCHEMA) + [pa.field("repeat", pa.int64()), pa.field("grid", pa.string())])
+PROFILE_SCHEMA = pa.schema(
+    list(STEPS_SCHEMA)
+    + [pa.field("executor_duration", pa.float64()), pa.field("repeat", pa.int64()), pa.field("grid", pa.string())]
+)
 GRID_VERSION = "1"
 
 PREFILL_LENGTHS = (1, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
@@ -172,13 +177,15 @@ class ShapeBuilder:
         return output
 
 
-def _row(output: SchedulerOutput, result, *, step: int, start: float, num_kv_blocks: int, block_size: int, repeat: int, grid: str) -> dict:
+def _row(
+    output: SchedulerOutput, result, *, step: int, start: float, duration: float, num_kv_blocks: int, repeat: int, grid: str
+) -> dict:
     features = batch_features(output)
     blocks_used = sum(len(seq.block_table) for seq in output.sequences)
     return {
         "step": step,
         "start_time": start,
-        "duration": float(result.duration),
+        "duration": duration,
         "num_prefill_seqs": features.num_prefill_seqs,
         "num_prefill_tokens": features.num_prefill_tokens,
         "num_decode_seqs": features.num_decode_seqs,
@@ -194,6 +201,7 @@ def _row(output: SchedulerOutput, result, *, step: int, start: float, num_kv_blo
         "prefix_cache_hit_tokens": features.prefill_context_tokens,
         "cuda_graph_batch_size": int(result.cuda_graph_batch_size),
         "num_batched_tokens": features.num_batched_tokens,
+        "executor_duration": float(result.duration),
         "repeat": repeat,
         "grid": grid,
     }
@@ -289,9 +297,12 @@ def profile(
     gpu_name: str | None = None,
     seed: int = 0,
     measure_engine: bool = True,
+    timing: str = "wall",
     log=print,
 ) -> Path:
     """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path."""
+    if timing not in ("wall", "executor"):
+        raise ValueError(f"timing must be 'wall' (around execute(), as a real run sees it) or 'executor', got {timing!r}")
     started = time.perf_counter()
     deadline = started + max_seconds
     out_path = Path(out_path)
@@ -345,6 +356,7 @@ def profile(
         "max_num_batched_tokens": max_num_batched_tokens,
         "enforce_eager": enforce_eager,
         "cuda_graph_sizes": json.dumps(list(graph_sizes)),
+        "timing": timing,
         "setup_seconds": round(time.perf_counter() - started, 2),
     }
     log(f"profile: {metadata['gpu_name']} {model} tp{tp} {dtype}: {num_kv_blocks} KV blocks, setup {metadata['setup_seconds']} s")
@@ -383,12 +395,21 @@ def profile(
             # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
             for repeat in range(-1, repeats):
                 output = builder.build(batch)
-                start = time.perf_counter() - started
+                before = time.perf_counter()
                 result = executor.execute(output)
+                wall = time.perf_counter() - before
                 if repeat >= 0:
                     rows.append(
-                        _row(output, result, step=step, start=start, num_kv_blocks=num_kv_blocks,
-                             block_size=block_size, repeat=repeat, grid=batch.grid)
+                        _row(
+                            output,
+                            result,
+                            step=step,
+                            start=before - started,
+                            duration=wall if timing == "wall" else float(result.duration),
+                            num_kv_blocks=num_kv_blocks,
+                            repeat=repeat,
+                            grid=batch.grid,
+                        )
                     )
                 step += 1
             done_shapes = shape_index + 1
