@@ -390,7 +390,8 @@ def profile(
     done_shapes = 0
     try:
         for shape_index, batch in enumerate(grid):
-            if time.perf_counter() > deadline - 10:
+            # Leave time to write the file (and for a caller's own time limit to not cut it off).
+            if time.perf_counter() > deadline - min(10.0, 0.05 * max_seconds):
                 break
             # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
             for repeat in range(-1, repeats):
