@@ -108,11 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--price", default=None, help="e.g. h100=2.5,h200=3.5 ($ per GPU-hour)")
     plan.add_argument("--router", default="least-outstanding")
     plan.add_argument("--max-requests", type=int, default=None, help="keep the first N requests of the trace")
+    plan.add_argument("--duration", type=float, default=None, help="keep requests arriving in the first S seconds")
+    plan.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
+    plan.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
     plan.add_argument("--search-requests", type=int, default=None,
                       help="search each config's max rate on the first N requests (default 1000)")
     plan.add_argument("--verify-top", type=int, default=3,
                       help="verify the K cheapest configs on the whole trace at the target rate (0: none)")
-    plan.add_argument("--search-steps", type=int, default=5, help="bisection steps after bracketing the rate")
+    plan.add_argument("--search-steps", type=int, default=6, help="bisection steps after bracketing the rate")
     plan.add_argument("--max-num-batched-tokens", type=int, default=None)
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--no-progress", action="store_true")

@@ -210,3 +210,10 @@ def test_plan_cli_writes_outputs(tmp_path, capsys):
     assert main(["plan", str(trace_path), "--model", MODEL, "--slo", "ttft=5", "--target-rate", "4",
                  "--out", str(out)]) == 2
     assert "METRIC_pPERCENTILE" in capsys.readouterr().err
+
+
+def test_an_slo_no_rate_can_meet_is_infeasible_after_a_few_probes():
+    settings = _settings(slos=parse_slos("ttft_p99=1"), target_rate=10.0)
+    result = search_config(PlanConfig("h100", 1, 16), settings, _requests(_trace(), settings))
+    assert result.status == "infeasible" and "no rate sustained" in result.note
+    assert result.replicas == 0 and len(result.probes) <= 6
