@@ -52,9 +52,9 @@ def run_logits_check(model: str = "qwen3-0.6b", *, num_prompts: int = 8, new_tok
     agree_prefix, exact = [], 0
     with torch.inference_mode():
         for prompt, tokens in zip(prompts, ours_tokens):
-            out = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            theirs = out[0, len(prompt):].tolist()
+            generated = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens,
+                                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            theirs = generated[0, len(prompt):].tolist()
             same = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), len(tokens))
             agree_prefix.append(same)
             exact += same == len(tokens)

@@ -14,6 +14,7 @@ from engine.attention import AttentionMetadata, load_backend, resolve_backend_na
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from engine.distributed import all_reduce_min, tp_rank, tp_size
+from engine.layers.fusion import enable_fusion
 from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_weights, safetensors_tensors
 from engine.model_config import ModelConfig, is_preset, load_model_config, resolve_model_path
 from engine.models import attention_features, model_class
@@ -117,6 +118,8 @@ class ModelRunner:
         backend = load_backend(self.backend_name)
         self.qkv_bias, self.qk_norm = attention_features(config.architecture, config.attention_bias)
 
+        if self.device.type == "cuda" and not enforce_eager:
+            enable_fusion()
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

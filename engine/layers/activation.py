@@ -4,10 +4,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.fusion import fusable
+
+
+@fusable
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu of the first half of the last dimension times the second half."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
 
 class SiluAndMul(nn.Module):
     """Split the last dimension in halves [gate, up] and return silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x)
