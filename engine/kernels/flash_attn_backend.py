@@ -7,8 +7,8 @@ csrc/flash_attn/flash_api.cpp; the flash_attn_with_kvcache docstring says the sa
 So this backend needs EngineConfig(block_size=256) (or 512, ...); the default 16 is refused here
 with a clear error rather than inside the extension.
 
-KV writes are not flash-attn's business: use engine.kernels.store_kvcache (Triton) or
-engine.kernels.reference.store_kvcache with this backend.
+flash-attn has no kernel for writing a paged cache slot by slot: store_kvcache here is
+the Triton one (a CUDA machine that runs flash-attn runs Triton).
 """
 
 import importlib.util
@@ -27,6 +27,19 @@ def flash_attn_available() -> bool:
     except ImportError:  # installed for another torch or CUDA: its extension fails to load
         return False
     return True
+
+
+def store_kvcache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value rows [N, num_kv_heads, head_dim] into their cache slots; slot -1 skips the row."""
+    from engine.kernels.store_kvcache import store_kvcache as triton_store_kvcache
+
+    triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
 
 def _check_block_size(where: str, k_cache: torch.Tensor) -> None:
