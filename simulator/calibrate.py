@@ -225,13 +225,15 @@ def fit(
     num_heldout = int(round(len(usable) * holdout_fraction))
     heldout, train = shuffled[:num_heldout], shuffled[num_heldout:]
     kinds = step_kinds(columns)
-    heldout_mape, by_kind = float("nan"), {}
+    heldout_mape, heldout_median, by_kind = float("nan"), float("nan"), {}
     if num_heldout:
         coefficients, overlap = fit_terms(rows(train), knots)
         trial = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap)
         predicted = trial.predict_columns(rows(heldout))
         measured = columns["duration"][heldout]
         heldout_mape = mape(predicted, measured)
+        # The median shows the typical step when a loaded host leaves a few wild ones in the mean.
+        heldout_median = float(np.median(np.abs(predicted - measured) / measured))
         for kind in ("decode", "prefill", "mixed"):
             mask = kinds[heldout] == kind
             if mask.any():
@@ -245,6 +247,7 @@ def fit(
         "num_steps": int(len(usable)),
         "num_heldout": int(num_heldout),
         "heldout_mape": round(heldout_mape, 5),
+        "heldout_median_ape": round(heldout_median, 5),
         "heldout_mape_by_kind": {kind: round(value, 5) for kind, value in by_kind.items()},
         "train_mape": round(train_mape, 5),
     }
