@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _CUDA = torch.cuda.is_available()
 if not _CUDA and "triton" not in sys.modules:
@@ -74,6 +76,8 @@ def test_triton_kernels_in_fresh_process():
 
 def attention_float64(q, keys, values, first_position: int, scale: float) -> torch.Tensor:
     """Causal softmax attention in float64, written out: q [L, Hq, D] at first_position..; keys/values [C, Hkv, D]."""
+    if q.shape[0] == 0:
+        return q.double()
     group = q.shape[1] // keys.shape[1]
     keys = keys.double().repeat_interleave(group, dim=1)
     values = values.double().repeat_interleave(group, dim=1)
@@ -257,6 +261,56 @@ def test_decode_with_grown_partitions_matches_float64():
     expected = torch.stack(
         [attention_float64(q64[s : s + 1], paged.keys[s], paged.values[s], n - 1, 0.25)[0] for s, n in enumerate(context_lens)]
     )
+    _assert_close(out, expected, 1e-4)
+
+
+# ---------------------------------------------------------------- random batches
+
+
+@st.composite
+def paged_batches(draw):
+    """A random prefill batch: per sequence a cached prefix and a chunk of new tokens, plus cache geometry."""
+    num_seqs = draw(st.integers(1, 4))
+    prefix_lens = draw(st.lists(st.integers(0, 40), min_size=num_seqs, max_size=num_seqs))
+    query_lens = draw(st.lists(st.integers(0, 24), min_size=num_seqs, max_size=num_seqs))
+    query_lens[draw(st.integers(0, num_seqs - 1))] += 1  # at least one new token in the batch
+    q_heads, kv_heads = draw(st.sampled_from([(2, 2), (4, 2), (4, 1), (6, 2)]))
+    head_dim = draw(st.sampled_from([16, 24]))
+    block_size = draw(st.sampled_from([4, 8, 16, 32]))
+    return prefix_lens, query_lens, q_heads, kv_heads, head_dim, block_size, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(batch=paged_batches())
+def test_triton_kernels_match_float64_on_random_batches(batch):
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+    prefix_lens, query_lens, q_heads, kv_heads, head_dim, block_size, seed = batch
+    generator = torch.Generator().manual_seed(seed)
+    context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]
+    paged = PagedContexts(context_lens, kv_heads, head_dim, block_size, generator)
+    queries = [torch.randn(n, q_heads, head_dim, generator=generator, dtype=torch.float64) for n in query_lens]
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = triton_prefill(
+        torch.cat(queries).float().to(DEVICE), paged.k_cache, paged.v_cache, cu, paged.seq_lens, paged.block_tables,
+        scale, tiling=SMALL_PREFILL,
+    )  # fmt: skip
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], scale) for s in range(len(query_lens))]
+    )
+    _assert_close(out, expected, 1e-4)
+
+    # Decode the next token of every sequence over the same cache (a context of 0 is a padding row).
+    q_decode = torch.randn(len(context_lens), q_heads, head_dim, generator=generator, dtype=torch.float64)
+    out = triton_decode(
+        q_decode.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, scale,
+        tiling=SMALL_DECODE,
+    )  # fmt: skip
+    expected = torch.zeros_like(q_decode)
+    for s, n in enumerate(context_lens):
+        if n:
+            expected[s] = attention_float64(q_decode[s : s + 1], paged.keys[s], paged.values[s], n - 1, scale)[0]
     _assert_close(out, expected, 1e-4)
 
 

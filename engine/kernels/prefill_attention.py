@@ -216,6 +216,11 @@ def paged_prefill_attention(
     # Query tiles per sequence: bounded by max_query_len when the caller knows it, else by T.
     max_ranks = triton.cdiv(max_query_len or num_tokens, block_m // heads_padded)
     grid = (num_q_heads // heads_per_program, num_seqs, max_ranks)
+    if max_ranks > 65535 or num_seqs > 65535:
+        raise ValueError(
+            f"paged_prefill_attention: {num_seqs} sequences x {max_ranks} query tiles exceed CUDA's grid limit "
+            "of 65535 per axis; pass max_query_len or split the batch"
+        )
     _prefill_attention_kernel[grid](
         q,
         k_cache,
