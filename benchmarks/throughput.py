@@ -103,8 +103,20 @@ def run_twinfer(model: str, prompts, output_lens, *, dtype: str, max_model_len: 
     tokens = sum(len(o.token_ids) for o in outputs)
     steps = llm.engine.step_records
     graph_steps = sum(1 for s in steps if s.cuda_graph_batch_size)
+    kinds: dict[str, list[float]] = {}
+    for step in steps:
+        kind = ("graph" if step.cuda_graph_batch_size else
+                "mixed" if step.num_prefill_seqs and step.num_decode_seqs else
+                "prefill" if step.num_prefill_seqs else "eager decode")
+        entry = kinds.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += step.duration
+    slowest = sorted(steps, key=lambda s: s.duration, reverse=True)[:8]
     result = {
         "output_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+        "step_seconds_by_kind": {k: {"steps": n, "seconds": t} for k, (n, t) in kinds.items()},
+        "slowest_steps": [{"duration": s.duration, "prefill_tokens": s.num_prefill_tokens,
+                           "decode_seqs": s.num_decode_seqs, "graph": s.cuda_graph_batch_size} for s in slowest],
         "init_seconds": init_seconds, "num_kv_blocks": llm.executor.num_kv_blocks,
         "attention_backend": llm.executor.attention_backend, "steps": len(steps), "cuda_graph_steps": graph_steps,
     }

@@ -1,7 +1,7 @@
 """Token sampling on the device: greedy, temperature, top-k, top-p, and per-request seeds.
 
 Sampling uses the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability
-p_i. Unseeded rows draw E from the engine's generator; a seeded row derives E from a counter-based hash of
+p_i (computed as argmax(logit_i - log E_i), the Gumbel-max trick, so no softmax is needed). Unseeded rows draw E from the engine's generator; a seeded row derives E from a counter-based hash of
 (its seed, the index of the token being sampled, the token id), so it gets the same token whatever else
 shares the batch.
 """
@@ -86,18 +86,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """Token ids [rows] (int64) for logits [rows, vocab]."""
-        logits = logits.float()
         greedy_tokens = logits.argmax(dim=-1)
         if params.temperatures is None:
             return greedy_tokens
         temperatures = params.temperatures
         is_greedy = temperatures == 0
-        logits = logits / torch.where(is_greedy, 1.0, temperatures)[:, None]
+        logits = logits.float() / torch.where(is_greedy, 1.0, temperatures)[:, None]
         if params.top_k is not None or params.top_p is not None:
             logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
-        probs = logits.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        noise = torch.empty_like(logits).exponential_(generator=self.generator)
         if params.seeded_rows is not None:
-            noise[params.seeded_rows] = seeded_exponential(params.seed_keys, params.output_indices, probs.shape[-1])
-        sampled = (probs / noise).argmax(dim=-1)
+            noise[params.seeded_rows] = seeded_exponential(params.seed_keys, params.output_indices, logits.shape[-1])
+        # argmax(p / E) = argmax(logits - log E): the softmax's normalization never changes the argmax.
+        sampled = (logits - noise.log_()).argmax(dim=-1)
         return torch.where(is_greedy, greedy_tokens, sampled)
