@@ -2,13 +2,18 @@
 
 A cost-model executor knows a decode step's duration without running anything, so long stretches
 where the same sequences just decode (no arrival, no finish, no preemption) can be applied in bulk.
-Every effect of stepping one by one is reproduced in the same order: block allocations at block
-boundaries, prefix-cache registrations, token times, clock arithmetic and one step record per step.
+Every effect of stepping one by one is reproduced: block allocations at block boundaries, prefix-cache
+registrations, token times, clock arithmetic and one step record per step.
 """
 
+from array import array
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Protocol
 
 MIN_STEPS = 2
+FIRST_CHUNK = 64
+"""Durations first predicted when an arrival may cut the run short (more are asked for if it does not)."""
 
 
 class DecodeRunPredictor(Protocol):
@@ -74,97 +79,133 @@ def fast_forward_decodes(engine, now: float) -> bool:
             return False
 
     num_seqs = len(running)
-    cuda_graph_batch_size = executor.cuda_graph_batch_size(num_seqs)
     context = sum(seq.num_computed_tokens + 1 for seq in running)
-    durations = executor.predict_decode_run(num_seqs, context, max_steps)
-    # Step j starts at starts[j]; a pending arrival at or before a start would be admitted there.
+    # A pending arrival at or before a step's start would be admitted there: the run ends with the step
+    # that ends at or after it.
     pending = engine._pending
     next_arrival = pending[0][0] if pending else None
     if engine.horizon is not None and (next_arrival is None or engine.horizon < next_arrival):
         next_arrival = engine.horizon
-    starts = [now]
-    ends = []
-    clock_time = now
-    for duration in durations:
-        clock_time += duration
-        ends.append(clock_time)
-        if next_arrival is not None and clock_time >= next_arrival:
-            break
-        starts.append(clock_time)
-    num_steps = len(ends)
+    times = _step_times(executor, now, num_seqs, context, max_steps, next_arrival)
+    num_steps = len(times) - 1
     if num_steps < MIN_STEPS:
         return False
 
-    # Block allocations (at schedule time) and prefix-cache registrations (at update time), in the
-    # order stepping would make them: by step, allocations before registrations, by running order.
-    events = []
-    commit = manager.enable_prefix_caching
-    for index, seq in enumerate(running):
-        computed = seq.num_computed_tokens
-        # Step j computes token position computed + j; it needs a block when that position starts one.
-        first = (-computed) % block_size
-        for step in range(first, num_steps, block_size):
-            events.append((step, 0, index))
-        if commit:
-            # After step j, computed + j + 1 tokens are in the cache; a block fills when that is a multiple.
-            first = (block_size - (computed + 1) % block_size) % block_size
-            for step in range(first, num_steps, block_size):
-                events.append((step, 1, index))
-    events.sort()
-
+    tokens = array("q", [token]) * num_steps
+    ends = times[1:]
     for seq in running:
-        seq.token_ids.extend([token] * num_steps)
+        seq.token_ids.extend(tokens)
         seq.token_times.extend(ends)
 
-    used = manager.num_used_blocks
-    used_after_step = []
-    event_index = 0
-    num_events = len(events)
-    for step in range(num_steps):
-        while event_index < num_events and events[event_index][0] == step:
-            _, phase, index = events[event_index]
-            seq = running[index]
-            if phase == 0:
-                seq.block_table.append(manager._take_free_block())
-                used += 1
-            else:
-                _register_through(manager, seq, (seq.num_computed_tokens + step + 1) // block_size)
-            event_index += 1
-        used_after_step.append(used)
+    # Step j computes token position computed + j, and takes a block when that position starts one.
+    allocations: list[tuple[int, int]] = []
+    for index, seq in enumerate(running):
+        first = len(seq.block_table) * block_size - seq.num_computed_tokens
+        allocations.extend((step, index) for step in range(first, num_steps, block_size))
+    if num_seqs > 1:
+        allocations.sort()
+    used_before = manager.num_used_blocks
+    if _registrations_commute(manager, running, num_steps):
+        taken = manager.take(len(allocations))
+        if num_seqs == 1:
+            running[0].block_table += taken
+        else:
+            for (_, index), block_id in zip(allocations, taken):
+                running[index].block_table.append(block_id)
+        if manager.enable_prefix_caching:
+            for seq in running:
+                manager.commit_blocks(seq, (seq.num_computed_tokens + num_steps) // block_size)
+    else:
+        _allocate_and_register_in_step_order(manager, running, allocations, num_steps)
 
-    first_step = scheduler._step
-    zeros = [0] * num_steps
-    engine.step_records.extend(
-        step=range(first_step, first_step + num_steps),
-        start_time=starts[:num_steps],
-        duration=[end - start for start, end in zip(starts, ends)],
-        num_prefill_seqs=zeros,
-        num_prefill_tokens=zeros,
-        num_decode_seqs=[num_seqs] * num_steps,
-        num_decode_tokens=[num_seqs] * num_steps,
-        decode_context_tokens=range(context, context + num_steps * num_seqs, num_seqs),
-        prefill_context_tokens=zeros,
-        prefill_attention_work=[0.0] * num_steps,
-        num_running=[num_seqs] * num_steps,
-        num_waiting=zeros,
-        kv_blocks_used=used_after_step,
-        kv_blocks_total=[manager.num_blocks] * num_steps,
-        num_preempted=zeros,
-        prefix_cache_hit_tokens=zeros,
-        cuda_graph_batch_size=[cuda_graph_batch_size] * num_steps,
-        num_batched_tokens=[num_seqs] * num_steps,
+    engine.step_records.append_decode_run(
+        scheduler._step,
+        times,
+        num_seqs,
+        context,
+        used_before,
+        [step for step, _ in allocations],
+        manager.num_blocks,
+        executor.cuda_graph_batch_size(num_seqs),
     )
     for seq in running:
         seq.num_computed_tokens += num_steps
     scheduler._step += num_steps
-    engine.clock.sleep_until(ends[-1])
+    engine.clock.sleep_until(times[-1])
     return True
 
 
-def _register_through(manager, seq, num_full_blocks: int) -> None:
-    """Register seq's full blocks up to num_full_blocks in the prefix cache (as commit_computed would)."""
-    saved = seq.num_computed_tokens
-    seq.num_computed_tokens = num_full_blocks * manager.block_size
-    manager.commit_computed(seq)
-    seq.num_computed_tokens = saved
+def _step_times(executor, now: float, num_seqs: int, context: int, max_steps: int, next_arrival) -> list[float]:
+    """[start, end of step 0, end of step 1, ...] up to max_steps steps, through the step that reaches next_arrival.
 
+    The clock adds one duration at a time (accumulate does the same float additions). Durations are
+    asked for in chunks when an arrival may come first: the durations of a later chunk are, by the
+    predictor's contract, those of the same steps asked for at once.
+    """
+    if next_arrival is None:
+        return list(accumulate(executor.predict_decode_run(num_seqs, context, max_steps), initial=now))
+    times = [now]
+    done = 0
+    chunk = min(max_steps, FIRST_CHUNK)
+    while True:
+        durations = executor.predict_decode_run(num_seqs, context + done * num_seqs, chunk)
+        times += accumulate(durations, initial=times[-1])
+        del times[done + 1]  # the chunk's start, already there
+        if min(durations) >= 0:
+            reached = bisect_left(times, next_arrival, done + 1)
+        else:  # times not sorted: scan
+            reached = next((i for i in range(done + 1, len(times)) if times[i] >= next_arrival), len(times))
+        if reached < len(times):
+            del times[reached + 1 :]
+            return times
+        done += chunk
+        if done >= max_steps:
+            return times
+        # Guess the steps left until the arrival from the mean duration so far, with a margin.
+        mean = (times[-1] - now) / done
+        guess = int((next_arrival - times[-1]) / mean) + 8 if mean > 0 else max_steps
+        chunk = min(max_steps - done, max(guess, FIRST_CHUNK))
+
+
+def _registrations_commute(manager, running, num_steps: int) -> bool:
+    """Whether this run's prefix-cache registrations may all follow its block allocations.
+
+    Stepping interleaves them (a step's allocations, then its registrations). Doing all allocations
+    first changes nothing unless a registered hash is also one an allocation may evict (a free cached
+    block owns it) or two sequences register the same hash (the first registration wins).
+    """
+    if not manager.enable_prefix_caching:
+        return True
+    block_size = manager.block_size
+    registered = []
+    for seq in running:
+        num_full = (seq.num_computed_tokens + num_steps) // block_size
+        first = seq.num_committed_blocks
+        if num_full > first:
+            manager._ensure_hashes(seq, num_full)
+            registered += seq.block_hashes[first:num_full]
+    if not registered:
+        return True
+    if len(set(registered)) < len(registered):
+        return False
+    return not any(manager.holds_free_cached_block(digest) for digest in registered)
+
+
+def _allocate_and_register_in_step_order(manager, running, allocations, num_steps: int) -> None:
+    """Block allocations and prefix-cache registrations one at a time, in the order stepping makes them:
+    by step, allocations before registrations, by running order."""
+    block_size = manager.block_size
+    events = [(step, 0, index) for step, index in allocations]
+    if manager.enable_prefix_caching:
+        for index, seq in enumerate(running):
+            # After step j, computed + j + 1 tokens are in the cache: a new block is full from the first j
+            # where that reaches past the committed blocks, then every block_size steps.
+            first = (seq.num_committed_blocks + 1) * block_size - seq.num_computed_tokens - 1
+            events.extend((step, 1, index) for step in range(max(first, 0), num_steps, block_size))
+    events.sort()
+    for step, phase, index in events:
+        seq = running[index]
+        if phase == 0:
+            seq.block_table += manager.take(1)
+        else:
+            manager.commit_blocks(seq, (seq.num_computed_tokens + step + 1) // block_size)

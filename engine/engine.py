@@ -165,7 +165,7 @@ class Engine:
         if self._last_step_busy and self.step_records:
             # The gap since the last step's end (bookkeeping) belongs to that step.
             log = self.step_records
-            log.set_last_duration(now - log.columns["start_time"][-1])
+            log.set_last_duration(now - log.last_start_time)
         if self._fast_forward and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True

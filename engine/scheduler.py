@@ -77,7 +77,6 @@ class Scheduler:
         num_preempted = 0
 
         block_size = block_manager.block_size
-        free_queue = block_manager.free_queue
         chunked = config.enable_chunked_prefill
         running = self.running
         index = 0
@@ -90,7 +89,7 @@ class Scheduler:
                 continue
             # Blocks still missing for this step's tokens (usually none, or one at a block boundary).
             missing = -(-(seq.num_computed_tokens + num_new) // block_size) - len(seq.block_table)
-            while missing > len(free_queue):
+            while missing > 0 and missing > block_manager.num_free_blocks:
                 victim = self._preempt_last()
                 num_preempted += 1
                 if victim is seq:

@@ -1,8 +1,22 @@
 """A request's tokens and progress as the scheduler and block manager see it."""
 
+from array import array
 from enum import Enum
 
+import numpy as np
+
 from engine.sampling_params import SamplingParams
+
+
+def token_array(token_ids) -> array:
+    """Token ids as an int64 array: a tenth of a list's memory, and its bytes hash without conversion."""
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be a 1-D integer array, got {token_ids.dtype} of shape {token_ids.shape}")
+        tokens = array("q")
+        tokens.frombytes(token_ids.astype("<i8", copy=False).tobytes())
+        return tokens
+    return array("q", token_ids)
 
 
 class SequenceStatus(Enum):
@@ -45,7 +59,8 @@ class Sequence:
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = token_array(prompt_token_ids)
+        """Prompt then generated tokens (int64 array; slices are arrays, convert with list() if needed)."""
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
@@ -75,7 +90,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self.num_prompt_tokens :].tolist()
 
     @property
     def is_finished(self) -> bool:

@@ -25,7 +25,7 @@ def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: i
     output_lens = table.column("output_len").to_pylist()
     for request_id, arrival, prompt, output_len in zip(request_ids, arrivals, token_ids, output_lens):
         engine.add_request(
-            prompt_token_ids=prompt.tolist() if hasattr(prompt, "tolist") else list(prompt),
+            prompt_token_ids=prompt,  # an int array: the engine keeps it as one, no list of ints
             sampling_params=SamplingParams(temperature=0.0, max_tokens=max(int(output_len), 1), ignore_eos=True),
             arrival_time=float(arrival),
             request_id=request_id,
