@@ -89,8 +89,7 @@ def bench_sdpa(num_seqs, seq_len, q_heads, kv_heads, head_dim):
     q = torch.randn(num_seqs, q_heads, seq_len, head_dim, dtype=DTYPE, device="cuda")
     k = torch.randn(num_seqs, kv_heads, seq_len, head_dim, dtype=DTYPE, device="cuda")
     v = torch.randn_like(k)
-    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-    ms = bench_ms(fn)
+    ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     return ms, causal_flops([seq_len] * num_seqs, [0] * num_seqs, q_heads, head_dim) / ms / 1e9
 
 
@@ -162,7 +161,8 @@ def sweep() -> None:
             except Exception as error:  # out of shared memory, say
                 print(f"  {tiling}: failed: {type(error).__name__}: {str(error)[:80]}")
         for ms, gbs, err, t in sorted(results, key=lambda r: r[0]):
-            print(f"  {ms:.3f} ms {gbs:6.0f} GB/s err {err:.1e}  {t.partition_size} {t.block_n} {t.num_warps} {t.num_stages}")
+            shape = f"{t.partition_size} {t.block_n} {t.num_warps} {t.num_stages}"
+            print(f"  {ms:.3f} ms {gbs:6.0f} GB/s err {err:.1e}  {shape}")
 
     prefill_tilings = {
         128: [

@@ -99,8 +99,11 @@ class PagedContexts:
 
     def __init__(self, context_lens, num_kv_heads, head_dim, block_size, generator, dtype=torch.float32):
         self.context_lens = list(context_lens)
-        self.keys = [torch.randn(n, num_kv_heads, head_dim, generator=generator, dtype=torch.float64) for n in context_lens]
-        self.values = [torch.randn(n, num_kv_heads, head_dim, generator=generator, dtype=torch.float64) for n in context_lens]
+        def rows(n):
+            return torch.randn(n, num_kv_heads, head_dim, generator=generator, dtype=torch.float64)
+
+        self.keys = [rows(n) for n in context_lens]
+        self.values = [rows(n) for n in context_lens]
         blocks_per_seq = [-(-n // block_size) for n in context_lens]
         num_blocks = sum(blocks_per_seq) + 2
         order = torch.randperm(num_blocks, generator=generator)
@@ -207,7 +210,9 @@ def test_prefill_with_max_query_len_hint_matches_float64():
         torch.cat(queries).float().to(DEVICE), paged.k_cache, paged.v_cache, cu, paged.seq_lens, paged.block_tables,
         0.25, tiling=SMALL_PREFILL, max_query_len=21,
     )  # fmt: skip
-    expected = torch.cat([attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(3)])
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(3)]
+    )
     _assert_close(out, expected, 1e-4)
 
 
@@ -259,7 +264,10 @@ def test_decode_with_grown_partitions_matches_float64():
         q64.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, 0.25, tiling=tiling
     )
     expected = torch.stack(
-        [attention_float64(q64[s : s + 1], paged.keys[s], paged.values[s], n - 1, 0.25)[0] for s, n in enumerate(context_lens)]
+        [
+            attention_float64(q64[s : s + 1], paged.keys[s], paged.values[s], n - 1, 0.25)[0]
+            for s, n in enumerate(context_lens)
+        ]
     )
     _assert_close(out, expected, 1e-4)
 
@@ -297,7 +305,10 @@ def test_triton_kernels_match_float64_on_random_batches(batch):
         scale, tiling=SMALL_PREFILL,
     )  # fmt: skip
     expected = torch.cat(
-        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], scale) for s in range(len(query_lens))]
+        [
+            attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], scale)
+            for s in range(len(query_lens))
+        ]
     )
     _assert_close(out, expected, 1e-4)
 

@@ -18,7 +18,9 @@ def check_attention_inputs(
             f"got {tuple(q.shape)} and {tuple(k_cache.shape)}"
         )
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError(f"{where}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape or strides")
+        raise ValueError(
+            f"{where}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape or strides"
+        )
     if k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"{where}: head_dim of q ({q.shape[2]}) and of the cache ({k_cache.shape[3]}) differ")
     if q.shape[1] % k_cache.shape[2]:
@@ -32,7 +34,8 @@ def check_attention_inputs(
     num_seqs = seq_lens.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.stride(1) != 1:
         raise ValueError(
-            f"{where}: block_tables must be [{num_seqs}, max_blocks] with contiguous rows, got {tuple(block_tables.shape)}"
+            f"{where}: block_tables must be [{num_seqs}, max_blocks] with contiguous rows, "
+            f"got {tuple(block_tables.shape)}"
         )
     for name, tensor in (("seq_lens", seq_lens), ("block_tables", block_tables)):
         if tensor.dtype not in (torch.int32, torch.int64):

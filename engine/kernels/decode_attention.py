@@ -37,7 +37,8 @@ class DecodeTiling:
                 raise ValueError(f"DecodeTiling.{name} must be a power of two, got {value}")
         if self.block_n < 16 or self.partition_size % self.block_n:
             raise ValueError(
-                f"DecodeTiling: block_n ({self.block_n}) must be >= 16 and divide partition_size ({self.partition_size})"
+                f"DecodeTiling: block_n ({self.block_n}) must be >= 16 "
+                f"and divide partition_size ({self.partition_size})"
             )
 
 

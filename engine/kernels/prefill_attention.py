@@ -143,8 +143,10 @@ def _prefill_attention_kernel(
     heads = head_program * HEADS_PER_PROGRAM + rows % HEADS_PADDED
     row_valid = (queries < query_len) & (rows % HEADS_PADDED < HEADS_PER_PROGRAM)
     query_positions = context_len - query_len + queries
-    q_offsets = (query_begin + queries[:, None]).to(tl.int64) * q_stride_token + heads[:, None] * q_stride_head + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    tokens = (query_begin + queries).to(tl.int64)
+    row_dim_valid = row_valid[:, None] & (dims[None, :] < HEAD_DIM)
+    q_offsets = tokens[:, None] * q_stride_token + heads[:, None] * q_stride_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_dim_valid, other=0.0)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -171,10 +173,8 @@ def _prefill_attention_kernel(
         )  # fmt: skip
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-    out_offsets = (
-        (query_begin + queries[:, None]).to(tl.int64) * out_stride_token + heads[:, None] * out_stride_head + dims[None, :]
-    )
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM))
+    out_offsets = tokens[:, None] * out_stride_token + heads[:, None] * out_stride_head + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_dim_valid)
 
 
 def paged_prefill_attention(
@@ -200,7 +200,9 @@ def paged_prefill_attention(
     num_kv_heads = k_cache.shape[2]
     check_attention_inputs("paged_prefill_attention", q, k_cache, v_cache, seq_lens, block_tables)
     if cu_seqlens_q.shape != (num_seqs + 1,):
-        raise ValueError(f"paged_prefill_attention: cu_seqlens_q shape {tuple(cu_seqlens_q.shape)}, expected ({num_seqs + 1},)")
+        raise ValueError(
+            f"paged_prefill_attention: cu_seqlens_q shape {tuple(cu_seqlens_q.shape)}, expected ({num_seqs + 1},)"
+        )
     if not scale > 0:
         raise ValueError(f"paged_prefill_attention: scale must be positive, got {scale}")
     if out is None:
