@@ -39,6 +39,9 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
     return _DTYPES[dtype]
 
 
+_ALIGN = 16  # int32 elements: 64 bytes
+
+
 class _Staging:
     """A growable pinned host buffer and its device twin, for one host-to-device copy per step."""
 
@@ -54,12 +57,15 @@ class _Staging:
 
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Copy int32/float32 numpy arrays to the device in one transfer; device views in the same order."""
-        total = sum(a.size for a in arrays)
+        # Every array starts on a 64-byte boundary: Triton specializes kernels on pointer alignment, so
+        # unaligned views would compile new kernel variants in the middle of a run.
+        sizes = [-(-a.size // _ALIGN) * _ALIGN for a in arrays]
+        total = sum(sizes)
         if total > self.host.numel():
             self._allocate(1 << math.ceil(math.log2(total)))
         offsets = []
         offset = 0
-        for array in arrays:
+        for array, size in zip(arrays, sizes):
             flat = array.reshape(-1)
             target = self.host_np[offset:offset + flat.size]
             if flat.dtype == np.float32:
@@ -67,7 +73,7 @@ class _Staging:
             else:
                 target[:] = flat
             offsets.append(offset)
-            offset += flat.size
+            offset += size
         if self.pinned:
             self.device_buffer[:total].copy_(self.host[:total], non_blocking=True)
             source = self.device_buffer
@@ -154,6 +160,8 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
 
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda":
+            self._warm_up_kernels()
         if self.device.type == "cuda" and not enforce_eager:
             sizes = graph_batch_sizes(engine_config.max_num_seqs)
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
@@ -239,6 +247,28 @@ class ModelRunner:
         used_before = total - free_before
         budget = total * gpu_memory_utilization - used_before - activation_peak
         return max(0, int(budget // self.bytes_per_block))
+
+    def _warm_up_kernels(self) -> None:
+        """Run the eager paths once per class of shapes Triton specializes on (a count of 1, a multiple
+        of 16, anything else), so no kernel compiles in the middle of serving."""
+        from engine.sampling_params import SamplingParams
+        from engine.scheduler_output import ScheduledSequence
+
+        greedy, random = SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.9, seed=1)
+        capacity = self.num_kv_blocks * self.block_size
+        for num_seqs, tokens_per_seq in ((1, 17), (1, 32), (1, 1), (2, 9), (2, 8), (16, 1), (16, 3), (17, 2), (3, 1)):
+            if num_seqs * max(tokens_per_seq, self.block_size) > capacity or num_seqs > self.engine_config.max_num_seqs:
+                continue
+            seqs = []
+            for index in range(num_seqs):
+                blocks = [index * (-(-tokens_per_seq // self.block_size)) + b
+                          for b in range(-(-tokens_per_seq // self.block_size))]
+                seqs.append(ScheduledSequence(index, [1] * tokens_per_seq, 0, blocks, tokens_per_seq == 1, True, 0,
+                                              greedy if index % 2 else random))
+            self.execute(SchedulerOutput(0, seqs, finished_seq_ids=list(range(num_seqs))))
+        self._block_table_rows.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _prepare(self, scheduler_output: SchedulerOutput):
         """Device inputs for a step: (ids, positions, metadata, logit rows, sampling tensors, sampled seq ids, graph size)."""
