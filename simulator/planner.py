@@ -143,6 +143,7 @@ class PlanConfig:
 
     @property
     def label(self) -> str:
+        """'h100 tp2 seqs128'."""
         return f"{self.gpu} tp{self.tp} seqs{self.max_num_seqs}"
 
 
@@ -315,6 +316,7 @@ class ConfigPlan:
 
     @property
     def gpus(self) -> int:
+        """GPUs the plan needs: replicas x tp."""
         return self.replicas * self.config.tp
 
 
@@ -488,6 +490,7 @@ class PlanTask:
 
 
 _REQUESTS_CACHE: dict[tuple[str, int, int], ClusterRequests] = {}
+"""Token ids per (trace fingerprint, vocabulary, seed), made once per worker process."""
 _WORKER_TRACE: list[Trace] = []
 
 
@@ -495,8 +498,10 @@ def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> Cl
     """The trace's first `count` requests with their token ids, made once per process."""
     from engine.model_config import load_model_config
 
+    from analysis.run_store import trace_fingerprint
+
     vocab_size = load_model_config(settings.model).vocab_size
-    key = (trace.name, len(trace), vocab_size, settings.seed)
+    key = (trace_fingerprint(trace.table), vocab_size, settings.seed)
     full = _REQUESTS_CACHE.get(key)
     if full is None:
         full = _REQUESTS_CACHE[key] = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
