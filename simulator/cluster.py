@@ -264,8 +264,9 @@ def read_replica_assignment(run_path: str | os.PathLike) -> pa.Table:
 
 
 def cluster_metadata(result: ClusterResult, *, engine_config, trace_name: str, fingerprint: str,
-                     started_at: str, wall_duration: float, extra: dict) -> dict:
+                     started_at: str, wall_duration: float, extra: dict, router=None) -> dict:
     """The run metadata of a cluster simulation: the usual keys plus replicas, router and per-replica counts."""
+    router_stats = (router.num_affinity, router.num_fallback) if hasattr(router, "num_fallback") else None
     return run_metadata(
         executor_kind="sim",
         engine_config=engine_config,
@@ -281,6 +282,7 @@ def cluster_metadata(result: ClusterResult, *, engine_config, trace_name: str, f
             "num_kv_blocks": result.replicas[0].block_manager.num_blocks,
             "prefix_cache_hit_rate": result.prefix_cache_hit_rate,
             "stopped_early": result.stopped,
+            **({"prefix_affinity": {"home": router_stats[0], "fallback": router_stats[1]}} if router_stats else {}),
             **extra,
         },
     )
@@ -330,6 +332,7 @@ def simulate_cluster_cli(args) -> int:
         fingerprint=requests.fingerprint,
         started_at=started_at,
         wall_duration=time.perf_counter() - wall_start,
+        router=router,
         extra={
             "trace_source_format": trace.source_format,
             "trace_notes": list(trace.notes),
@@ -342,6 +345,9 @@ def simulate_cluster_cli(args) -> int:
     counts = result.requests_per_replica()
     print(f"{args.replicas} replicas behind {args.router}: requests per replica {counts}, "
           f"prefix-cache hit rate {result.prefix_cache_hit_rate:.1%}")
+    if hasattr(router, "num_fallback"):
+        print(f"prefix affinity: {router.num_affinity} requests sent home, {router.num_fallback} to the "
+              f"least-loaded replica because home was overloaded")
     metrics = compute_metrics(read_run(path), goodput=parse_goodput(args.goodput) if args.goodput else None)
     print_summary(metrics)
     if args.save_result:
