@@ -29,6 +29,10 @@ def all_gather_last_dim(tensor: torch.Tensor) -> torch.Tensor:
     world = tp_size()
     if world == 1:
         return tensor
+    if dist.get_backend() == "gloo":  # CPU tests: gloo has no all_gather_into_tensor
+        shards = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(shards, tensor.contiguous())
+        return torch.cat(shards, dim=-1)
     gathered = torch.empty((world, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
     dist.all_gather_into_tensor(gathered, tensor.contiguous())
     return gathered.movedim(0, -2).flatten(-2)

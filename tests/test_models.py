@@ -171,3 +171,57 @@ def test_bad_config_field_names_the_file():
 def test_presets_have_the_published_sizes(preset, params_billion):
     config = load_model_config(preset)
     assert config.num_params / 1e9 == pytest.approx(params_billion, rel=0.01)
+
+
+def _tensor_parallel_logits(rank: int, world_size: int, port: int, folder: str, prompt: list[int], results) -> None:
+    """One rank of a CPU (gloo) tensor-parallel group: last-token logits of one prefill."""
+    import torch.distributed as dist
+
+    from engine.model_runner import ModelRunner
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        runner = ModelRunner(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=16),
+                             device="cpu", dtype="float32")
+        seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0,
+                                SamplingParams(temperature=0))
+        ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+        with torch.no_grad():
+            logits = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+        if rank == 0:
+            results.put(logits.numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_reproduce_the_whole_model(checkpoint):
+    """Column/row-parallel linears, sharded qkv/gate_up loading and the vocab-parallel head, over gloo."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from engine.model_runner import ModelRunner
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    folder, _ = checkpoint
+    prompt = _prompts()[3]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    processes = [context.Process(target=_tensor_parallel_logits, args=(rank, 2, port, folder, prompt, results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    sharded = torch.from_numpy(results.get())
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    runner = ModelRunner(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=16), device="cpu")
+    seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0, SamplingParams(temperature=0))
+    ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+    with torch.no_grad():
+        whole = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+    torch.testing.assert_close(sharded, whole, rtol=1e-4, atol=1e-4)
