@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.layers.fusion import fusable
+
 # Odd 64-bit constants (splitmix64 and golden-ratio multipliers) written as signed int64.
 _K_SEED = 0x9E3779B97F4A7C15 - (1 << 64)
 _K_INDEX = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -86,17 +88,29 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
         """Token ids [rows] (int64) for logits [rows, vocab]."""
-        greedy_tokens = logits.argmax(dim=-1)
         if params.temperatures is None:
-            return greedy_tokens
+            return logits.argmax(dim=-1)
         temperatures = params.temperatures
-        is_greedy = temperatures == 0
-        logits = logits.float() / torch.where(is_greedy, 1.0, temperatures)[:, None]
         if params.top_k is not None or params.top_p is not None:
-            logits = apply_top_k_top_p(logits, params.top_k, params.top_p)
-        noise = torch.empty_like(logits).exponential_(generator=self.generator)
+            # Filter the temperature-scaled logits; greedy rows keep their argmax (top-1 is never dropped).
+            is_greedy = temperatures == 0
+            scaled = logits.float() / torch.where(is_greedy, 1.0, temperatures)[:, None]
+            logits = apply_top_k_top_p(scaled, params.top_k, params.top_p)
+            temperatures = torch.where(is_greedy, 0.0, 1.0)
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(
+            generator=self.generator)
         if params.seeded_rows is not None:
             noise[params.seeded_rows] = seeded_exponential(params.seed_keys, params.output_indices, logits.shape[-1])
-        # argmax(p / E) = argmax(logits - log E): the softmax's normalization never changes the argmax.
-        sampled = (logits - noise.log_()).argmax(dim=-1)
-        return torch.where(is_greedy, greedy_tokens, sampled)
+        return perturbed_argmax(logits, temperatures, noise)
+
+
+@fusable
+def perturbed_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per row: argmax(logits / T - log E), which samples softmax(logits / T); rows with T = 0 take the argmax.
+
+    argmax(p / E) = argmax(logits / T - log E): the softmax's normalization never changes the argmax.
+    """
+    is_greedy = temperatures == 0
+    scaled = logits.float() / torch.where(is_greedy, 1.0, temperatures)[:, None]
+    sampled = (scaled - noise.log()).argmax(dim=-1)
+    return torch.where(is_greedy, scaled.argmax(dim=-1), sampled)
