@@ -173,7 +173,8 @@ def build_plan_report(result, output: str | os.PathLike) -> Path:
         f"Trace {html.escape(str(info.get('trace')))} ({info.get('trace_requests')} requests), model "
         f"{html.escape(str(info.get('model')))}, target {info.get('target_rate')} req/s, SLO {slo_text}, "
         f"router {html.escape(str(info.get('router')))}.",
-        f"Each configuration's max rate was searched on the first {info.get('search_requests')} requests; the "
+        f"Each configuration's max rate was searched on the trace's busiest {info.get('search_requests')} "
+        f"consecutive requests (scaled as the whole trace); the "
         f"{info.get('verify_top')} cheapest were verified on the whole trace. {info.get('num_simulations')} "
         f"simulations in {info.get('total_seconds', 0):.0f} s.",
         "Prices ($ per GPU-hour): " + ", ".join(f"{k} {v:g}" for k, v in info.get("prices_per_gpu_hour", {}).items()),

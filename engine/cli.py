@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
     plan.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
     plan.add_argument("--search-requests", type=int, default=None,
-                      help="search each config's max rate on the first N requests (default 1000)")
+                      help="search each config's max rate on the trace's busiest N consecutive requests (default 1000)")
     plan.add_argument("--verify-top", type=int, default=3,
                       help="verify the K cheapest configs on the whole trace at the target rate (0: none)")
     plan.add_argument("--search-steps", type=int, default=6, help="bisection steps after bracketing the rate")

@@ -15,6 +15,7 @@ per steps.parquet row in the same order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import os
@@ -60,6 +61,9 @@ class ClusterRequests:
     prompt_token_ids: tuple[np.ndarray, ...]
     output_lens: np.ndarray
     fingerprint: str = ""
+    reference_rate: float | None = None
+    """The mean rate that at_rate() rescales from (None: these requests' own). A window of a trace keeps the
+    whole trace's, so a rate means the same arrivals as for the whole trace."""
 
     @classmethod
     def from_trace(cls, trace: Trace, *, vocab_size: int, seed: int = 0) -> "ClusterRequests":
@@ -87,27 +91,45 @@ class ClusterRequests:
 
     def head(self, count: int) -> "ClusterRequests":
         """The first `count` requests, arrival times kept."""
-        return ClusterRequests(
-            self.name,
-            self.request_ids[:count],
-            self.arrival_times[:count],
-            self.prompt_token_ids[:count],
-            self.output_lens[:count],
-            self.fingerprint if count >= len(self) else f"{self.fingerprint}[:{count}]",
+        return self.window(0, count)
+
+    def window(self, start: int, count: int) -> "ClusterRequests":
+        """`count` consecutive requests from position `start`, arrivals shifted to start at 0; at_rate()
+        scales them as it would scale the whole trace."""
+        stop = min(start + count, len(self))
+        if start == 0 and stop == len(self):
+            return self
+        arrivals = self.arrival_times[start:stop]
+        return dataclasses.replace(
+            self,
+            request_ids=self.request_ids[start:stop],
+            arrival_times=arrivals - arrivals[0],
+            prompt_token_ids=self.prompt_token_ids[start:stop],
+            output_lens=self.output_lens[start:stop],
+            fingerprint=f"{self.fingerprint}[{start}:{stop}]",
+            reference_rate=self._reference_rate,
         )
 
+    def busiest_window(self, count: int) -> "ClusterRequests":
+        """The `count` consecutive requests arriving fastest: where a trace is hardest to serve."""
+        if count >= len(self):
+            return self
+        spans = self.arrival_times[count - 1:] - self.arrival_times[: len(self) - count + 1]
+        return self.window(int(np.argmin(spans)), count)
+
+    @property
+    def _reference_rate(self) -> float:
+        return self.reference_rate if self.reference_rate is not None else self.mean_rate
+
     def at_rate(self, rate: float) -> "ClusterRequests":
-        """Arrival times scaled so the mean rate is `rate` requests/s (with_request_rate's rule)."""
+        """Arrival times scaled so the mean rate is `rate` requests/s (with_request_rate's rule); for a
+        window, so that the whole trace's mean rate would be `rate`."""
         if not rate > 0 or not np.isfinite(rate):
             raise ValueError(f"request rate must be a positive number, got {rate!r}")
-        current = self.mean_rate
+        current = self._reference_rate
         if not np.isfinite(current):
             raise ValueError(f"{self.name}: {len(self)} requests with no time span cannot be set to a rate")
-        factor = current / rate
-        return ClusterRequests(
-            self.name, self.request_ids, self.arrival_times * factor, self.prompt_token_ids, self.output_lens,
-            self.fingerprint,
-        )
+        return dataclasses.replace(self, arrival_times=self.arrival_times * (current / rate))
 
 
 @dataclass

@@ -169,3 +169,18 @@ def test_simulate_cli_writes_one_run_with_replica_tables(tmp_path, capsys):
     step_replicas = pa.parquet.read_table(out / "step_replicas.parquet")
     assert step_replicas.num_rows == run.steps.num_rows
     assert np.all(np.diff(run.steps.column("start_time").to_numpy()) >= 0)
+
+
+def test_busiest_window_is_scaled_as_the_whole_trace():
+    # Ten requests a second, except a burst of five in 0.1 s from t=2.
+    arrivals = np.r_[np.arange(0, 2, 0.1), 2 + np.arange(5) * 0.025, 2.2 + np.arange(20) * 0.1]
+    trace = build_trace(source=None, arrival_time=arrivals, prompt_len=np.full(arrivals.size, 32),
+                        output_len=np.full(arrivals.size, 4), name="bursty", source_format="synthetic")
+    requests = ClusterRequests.from_trace(trace, vocab_size=1000)
+    window = requests.busiest_window(5)
+    assert window.request_ids == requests.request_ids[20:25]
+    assert window.arrival_times[0] == 0.0
+    # At twice the whole trace's mean rate, the burst is squeezed by the same factor as in the whole trace.
+    full, part = requests.at_rate(2 * requests.mean_rate), window.at_rate(2 * requests.mean_rate)
+    np.testing.assert_allclose(np.diff(part.arrival_times), np.diff(full.arrival_times[20:25]))
+    assert window.prompt_token_ids[0].tolist() == requests.prompt_token_ids[20].tolist()
