@@ -217,3 +217,18 @@ def test_an_slo_no_rate_can_meet_is_infeasible_after_a_few_probes():
     result = search_config(PlanConfig("h100", 1, 16), settings, _requests(_trace(), settings))
     assert result.status == "infeasible" and "no rate sustained" in result.note
     assert result.replicas == 0 and len(result.probes) <= 8  # not all 13 halvings
+
+
+def test_whole_trace_check_takes_the_top_and_near_misses():
+    from simulator.planner import _to_verify
+
+    def row(seqs, tp, replicas, rate, price=3.0):
+        return {"gpu": "h100", "tp": tp, "max_num_seqs": seqs, "rank": 1, "replicas": replicas,
+                "max_rate_per_replica": rate, "price_per_gpu_hour": price, "hourly_cost": replicas * tp * price}
+
+    rows = [row(1, 1, 1, 20.0), row(2, 1, 1, 25.0, 4.0),
+            row(3, 1, 2, 14.0),   # one replica fewer would tie the best, and 14 >= 0.8 * 16
+            row(4, 1, 2, 9.0),    # too far from 16 to hope
+            row(5, 2, 1, 40.0)]   # one fewer is none
+    assert [seqs for _, _, seqs in _to_verify(rows, 1, 16.0)] == [1, 3]
+    assert [seqs for _, _, seqs in _to_verify(rows, 2, 16.0)] == [1, 2, 3]
