@@ -232,3 +232,14 @@ def test_whole_trace_check_takes_the_top_and_near_misses():
             row(5, 2, 1, 40.0)]   # one fewer is none
     assert [seqs for _, _, seqs in _to_verify(rows, 1, 16.0)] == [1, 3]
     assert [seqs for _, _, seqs in _to_verify(rows, 2, 16.0)] == [1, 2, 3]
+
+
+def test_whole_trace_check_removes_replicas_a_pessimistic_window_asked_for():
+    from simulator.planner import ConfigPlan, verify_config
+
+    settings = _settings(target_rate=20.0)
+    too_many = ConfigPlan(PlanConfig("h100", 1, 16), "ok", max_rate=8.0, replicas=3)
+    verified = verify_config(too_many, settings, _requests(_trace(60), settings))
+    assert verified.status == "ok" and verified.replicas == 1
+    assert [p.replicas for p in verified.probes] == [3, 2, 1]
+    assert verified.verified_on == "all 60 requests"
