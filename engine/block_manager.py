@@ -1,7 +1,10 @@
 """Paged KV blocks: a free list with reference counts, and a prefix cache over chained block hashes."""
 
+import struct
 from array import array
+from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
 
 import xxhash
 
@@ -9,17 +12,18 @@ from engine.sequence import Sequence
 
 
 def block_hash(parent_hash: int, token_ids) -> int:
-    """xxhash64 of a block's token ids (int64, little-endian), seeded with its parent block's hash (0 for the first)."""
-    return xxhash.xxh64_intdigest(array("q", token_ids).tobytes(), parent_hash)
+    """xxhash64 of a block's token ids (int32, native order), seeded with its parent block's hash (0 for the first)."""
+    return xxhash.xxh64_intdigest(array("i", token_ids).tobytes(), parent_hash)
 
 
 @dataclass(frozen=True, slots=True)
 class BlockView:
-    """A snapshot of one KV block's state (for tests and debugging; the manager keeps parallel lists)."""
+    """A snapshot of one KV block (for tests and debugging; the manager keeps no object per block)."""
 
     block_id: int
     ref_count: int
     block_hash: int | None
+    """The hash the prefix cache finds this block by, None when it is not findable."""
 
 
 class BlockManager:
@@ -28,9 +32,15 @@ class BlockManager:
     A block with no holder is free; if it carries a hash it is still findable until it is reused, least
     recently freed first. Blocks without a hash are reused before any cached one.
 
-    Block state lives in parallel lists rather than one object per block, and the free blocks in two
-    queues (a stack of uncached blocks, a FIFO of cached ones), so that the hundreds of blocks of a prompt
-    are taken and given back with slices: a simulated trace moves millions of blocks.
+    A simulated trace moves millions of blocks, and a prompt's blocks come and go together, so the
+    bookkeeping works on whole block lists (slices, set and dict updates) rather than block by block:
+    - a free block is in the `_free` set; a held one has one holder plus `_extra_holders[b]` (prefix hits);
+    - free blocks without a hash wait on a stack, the next one to reuse at its end;
+    - free blocks with a hash wait in a FIFO with their hashes. A cached block taken back by a prefix hit
+      leaves a dead entry there, counted in `_dead_entries` and skipped when the FIFO is consumed;
+    - a sequence's first num_committed_blocks blocks are the ones with a hash (freed into the FIFO);
+    - a committed block whose hash another block already owns (a twin) is in `_twins`: it carries the
+      hash but is not findable, and reusing it must leave the owner's entry alone.
     """
 
     # Compact the cached FIFO once this many consumed entries sit at its head.
@@ -42,21 +52,21 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self._ref_counts = [0] * num_blocks
-        self._block_hashes: list[int | None] = [None] * num_blocks
-        # A cached block's tokens, to verify a hit: the token array of the sequence that computed it and
-        # the block's first position there (those positions never change once computed).
-        self._block_sources: list = [None] * num_blocks
-        self._block_starts = [0] * num_blocks
         self.hash_to_block: dict[int, int] = {}
-        # Free blocks without a hash, next to reuse at the end (a freed sequence's head reused first).
+        self._free = set(range(num_blocks))
+        self._extra_holders: dict[int, int] = {}
         self._uncached_free = list(range(num_blocks - 1, -1, -1))
-        # Free blocks with a hash, least recently freed first from _cached_head on. A cached block taken
-        # back by a prefix hit leaves a dead entry behind, counted per block in _dead_entries and skipped.
         self._cached_queue: list[int] = []
+        self._cached_queue_hashes: list[int] = []
         self._cached_head = 0
         self._dead_entries: dict[int, int] = {}
         self._num_cached_free = 0
+        self._twins: set[int] = set()
+        # A committed block's tokens, to verify a hit: (the token array of the sequence that computed it,
+        # the block's first position there); those positions never change once computed.
+        self._block_sources: list = [None] * num_blocks
+        # Splits a block-aligned run of int32 tokens into one bytes object per block, in C.
+        self._split_blocks = struct.Struct(f"{4 * block_size}s").iter_unpack
         self.num_query_tokens = 0
         """Prompt tokens looked up in the prefix cache (statistics)."""
         self.num_hit_tokens = 0
@@ -69,13 +79,8 @@ class BlockManager:
         return len(self._uncached_free) + self._num_cached_free
 
     @property
-    def num_uncached_free_blocks(self) -> int:
-        """Free blocks that carry no hash: reused before any cached block is evicted."""
-        return len(self._uncached_free)
-
-    @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
+        return self.num_blocks - len(self._uncached_free) - self._num_cached_free
 
     @property
     def usage(self) -> float:
@@ -93,9 +98,14 @@ class BlockManager:
     @property
     def blocks(self) -> list[BlockView]:
         """Every block's state, by block id (a snapshot)."""
+        registered = {block_id: digest for digest, block_id in self.hash_to_block.items()}
         return [
-            BlockView(block_id, ref_count, block_hash)
-            for block_id, (ref_count, block_hash) in enumerate(zip(self._ref_counts, self._block_hashes))
+            BlockView(
+                block_id,
+                0 if block_id in self._free else 1 + self._extra_holders.get(block_id, 0),
+                registered.get(block_id),
+            )
+            for block_id in range(self.num_blocks)
         ]
 
     @property
@@ -121,11 +131,9 @@ class BlockManager:
         parent = hashes[-1] if hashes else 0
         digest = xxhash.xxh64_intdigest
         append = hashes.append
-        # Slices of a memoryview of the int64 token array hash their bytes without copying them.
-        with memoryview(seq.token_ids) as tokens:
-            for start in range(first * size, num_full_blocks * size, size):
-                parent = digest(tokens[start : start + size], parent)
-                append(parent)
+        for (block,) in self._split_blocks(seq.token_ids[first * size : num_full_blocks * size]):
+            parent = digest(block, parent)
+            append(parent)
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of seq, leaving at least its last token to compute."""
@@ -136,14 +144,14 @@ class BlockManager:
         size = self.block_size
         found: list[int] = []
         lookup = self.hash_to_block.get
-        sources, starts = self._block_sources, self._block_starts
+        sources = self._block_sources
         tokens = seq.token_ids
         for index, digest in enumerate(seq.block_hashes[:max_blocks]):
             block_id = lookup(digest)
-            if block_id is None:
+            if block_id is None or sources[block_id] is None:
                 break
-            start = starts[block_id]
-            if sources[block_id][start : start + size] != tokens[index * size : (index + 1) * size]:
+            source, start = sources[block_id]
+            if source[start : start + size] != tokens[index * size : (index + 1) * size]:
                 break  # a hash collision: the tokens differ
             found.append(block_id)
         return found
@@ -164,24 +172,26 @@ class BlockManager:
             return
         self._ensure_hashes(seq, num_full_blocks)
         size = self.block_size
-        block_hashes, sources, starts = self._block_hashes, self._block_sources, self._block_starts
-        register = self.hash_to_block.setdefault
+        blocks = seq.block_table[first:num_full_blocks]
+        digests = seq.block_hashes[first:num_full_blocks]
+        sources = self._block_sources
         tokens = seq.token_ids
-        table, hashes = seq.block_table, seq.block_hashes
-        for index in range(first, num_full_blocks):
-            block_id = table[index]
-            digest = hashes[index]
-            block_hashes[block_id] = digest
-            sources[block_id] = tokens
-            starts[block_id] = index * size
-            # A twin computed earlier by another sequence keeps the existing entry.
-            register(digest, block_id)
+        for block_id, start in zip(blocks, range(first * size, num_full_blocks * size, size)):
+            sources[block_id] = (tokens, start)
+        hash_to_block = self.hash_to_block
+        expected = len(hash_to_block) + len(digests)
+        if hash_to_block.keys().isdisjoint(digests):
+            hash_to_block.update(zip(digests, blocks))
+        if len(hash_to_block) != expected:
+            # Some hash is taken already (or repeats): the first block to register a hash keeps it.
+            for digest, block_id in zip(digests, blocks):
+                if hash_to_block.setdefault(digest, block_id) != block_id:
+                    self._twins.add(block_id)
         seq.num_committed_blocks = num_full_blocks
 
     def holds_free_cached_block(self, digest: int) -> bool:
         """Whether digest is registered to a free block (one a later allocation may evict)."""
-        block_id = self.hash_to_block.get(digest)
-        return block_id is not None and self._ref_counts[block_id] == 0
+        return self.hash_to_block.get(digest) in self._free
 
     # ---- allocation
 
@@ -189,20 +199,21 @@ class BlockManager:
         """Whether seq can take cached_block_ids and room for num_new_tokens more tokens."""
         total_tokens = len(cached_block_ids) * self.block_size + num_new_tokens
         num_fresh = self.blocks_needed(total_tokens) - len(cached_block_ids) - len(seq.block_table)
-        ref_counts = self._ref_counts
-        num_cached_idle = sum(1 for b in cached_block_ids if ref_counts[b] == 0)
+        num_cached_idle = len(self._free.intersection(cached_block_ids)) if cached_block_ids else 0
         return num_fresh + num_cached_idle <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, cached_block_ids: list[int], num_new_tokens: int) -> None:
         """Give a newly admitted seq its cached prefix blocks plus fresh blocks for num_new_tokens."""
         assert not seq.block_table, "allocate() is for a sequence holding no blocks"
-        ref_counts = self._ref_counts
+        free, extra = self._free, self._extra_holders
         for block_id in cached_block_ids:
-            if ref_counts[block_id] == 0:
-                # Taken back from the cached queue: its entry there is now dead.
+            if block_id in free:
+                # Taken back from the cached FIFO: its entry there is now dead.
+                free.discard(block_id)
                 self._dead_entries[block_id] = self._dead_entries.get(block_id, 0) + 1
                 self._num_cached_free -= 1
-            ref_counts[block_id] += 1
+            else:
+                extra[block_id] = extra.get(block_id, 0) + 1
         seq.block_table = list(cached_block_ids)
         seq.num_committed_blocks = len(cached_block_ids)
         self._grow(seq, len(cached_block_ids) * self.block_size + num_new_tokens)
@@ -222,35 +233,33 @@ class BlockManager:
 
     def take(self, count: int) -> list[int]:
         """Hold count free blocks (uncached ones first, then evicting the least recently freed cached ones)."""
-        free = self._uncached_free
-        num_uncached = len(free)
+        stack = self._uncached_free
+        num_uncached = len(stack)
         if count > num_uncached + self._num_cached_free:
             raise RuntimeError(f"out of KV blocks: need {count}, {self.num_free_blocks} free")
         if count <= num_uncached:
-            taken = free[num_uncached - count :]
-            del free[num_uncached - count :]
+            taken = stack[num_uncached - count :]
+            del stack[num_uncached - count :]
             taken.reverse()
         else:
-            taken = free[::-1]
-            free.clear()
+            taken = stack[::-1]
+            stack.clear()
             taken += self._evict(count - num_uncached)
-        ref_counts = self._ref_counts
-        for block_id in taken:
-            ref_counts[block_id] = 1
+        self._free.difference_update(taken)
         return taken
 
     def _evict(self, count: int) -> list[int]:
         """Take the count least recently freed cached blocks, dropping them from the prefix cache."""
-        queue, head = self._cached_queue, self._cached_head
+        queue, queue_hashes, head = self._cached_queue, self._cached_queue_hashes, self._cached_head
         if not self._dead_entries:
             victims = queue[head : head + count]
+            digests = queue_hashes[head : head + count]
             head += count
         else:
-            victims = []
+            victims, digests = [], []
             dead = self._dead_entries
             while len(victims) < count:
                 block_id = queue[head]
-                head += 1
                 num_dead = dead.get(block_id)
                 if num_dead:
                     if num_dead == 1:
@@ -259,47 +268,62 @@ class BlockManager:
                         dead[block_id] = num_dead - 1
                 else:
                     victims.append(block_id)
+                    digests.append(queue_hashes[head])
+                head += 1
         if head >= self._COMPACT_AT and 2 * head >= len(queue):
             del queue[:head]
+            del queue_hashes[:head]
             head = 0
         self._cached_head = head
         self._num_cached_free -= count
         self.num_evictions += count
-        block_hashes = self._block_hashes
         hash_to_block = self.hash_to_block
-        for block_id in victims:
-            digest = block_hashes[block_id]
-            block_hashes[block_id] = None
-            # A twin (registered while another block held the hash) owns no entry to remove.
-            if hash_to_block.get(digest) == block_id:
-                del hash_to_block[digest]
+        twins = self._twins
+        if not twins or twins.isdisjoint(victims):
+            deque(map(hash_to_block.pop, digests, repeat(None)), maxlen=0)
+        else:
+            for digest, block_id in zip(digests, victims):
+                if block_id in twins:
+                    twins.discard(block_id)  # the hash belongs to another block
+                elif hash_to_block.get(digest) == block_id:
+                    del hash_to_block[digest]
         return victims
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; cached ones stay findable until evicted, the tail of seq evicted first."""
         table = seq.block_table
         num_committed = seq.num_committed_blocks
-        ref_counts = self._ref_counts
-        # Blocks past the committed ones carry no hash: they go on the uncached stack, head of seq on top.
-        push = self._uncached_free.append
-        for index in range(len(table) - 1, num_committed - 1, -1):
-            block_id = table[index]
-            count = ref_counts[block_id] - 1
-            ref_counts[block_id] = count
-            if count == 0:
-                push(block_id)
-            elif count < 0:
-                raise RuntimeError(f"block {block_id} freed more often than it was allocated")
-        queue = self._cached_queue
-        num_cached_free = len(queue)
-        for index in range(num_committed - 1, -1, -1):
-            block_id = table[index]
-            count = ref_counts[block_id] - 1
-            ref_counts[block_id] = count
-            if count == 0:
-                queue.append(block_id)
-            elif count < 0:
-                raise RuntimeError(f"block {block_id} freed more often than it was allocated")
-        self._num_cached_free += len(queue) - num_cached_free
+        free, extra = self._free, self._extra_holders
+        if not free.isdisjoint(table):
+            raise RuntimeError(f"blocks {sorted(free.intersection(table))} freed more often than they were allocated")
+        if extra and not extra.keys().isdisjoint(table):
+            # Blocks another sequence also holds stay held: release only this sequence's share of them.
+            released = []
+            for block_id in table:
+                holders = extra.get(block_id)
+                if holders is None:
+                    released.append(block_id)
+                elif holders == 1:
+                    del extra[block_id]
+                else:
+                    extra[block_id] = holders - 1
+            released_set = set(released)
+            uncached = [b for b in table[num_committed:] if b in released_set]
+            cached = [(b, d) for b, d in zip(table[:num_committed], seq.block_hashes) if b in released_set]
+        else:
+            released = table
+            uncached = table[num_committed:]
+            cached = None
+        # The head of seq is reused first among uncached blocks; its tail is evicted first among cached ones.
+        self._uncached_free += reversed(uncached)
+        if cached is None:
+            self._cached_queue += reversed(table[:num_committed])
+            self._cached_queue_hashes += reversed(seq.block_hashes[:num_committed])
+            self._num_cached_free += num_committed
+        else:
+            self._cached_queue += (block_id for block_id, _ in reversed(cached))
+            self._cached_queue_hashes += (digest for _, digest in reversed(cached))
+            self._num_cached_free += len(cached)
+        free.update(released)
         seq.block_table = []
         seq.num_committed_blocks = 0

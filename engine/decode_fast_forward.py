@@ -91,7 +91,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
     if num_steps < MIN_STEPS:
         return False
 
-    tokens = array("q", [token]) * num_steps
+    tokens = array("i", [token]) * num_steps
     ends = times[1:]
     for seq in running:
         seq.token_ids.extend(tokens)

@@ -138,68 +138,106 @@ class StepLog:
         }
         if not self._run_rows:
             return {name: values.copy() for name, values in plain.items()}
+        # The columns are millions of rows: each is written once, straight into its own array, with
+        # hardly any temporary of that size (fresh memory costs page faults that would dominate).
         total = self._num_rows
-        lengths = np.array([len(times) - 1 for times in self._run_times], dtype=np.int64)
-        run_starts = np.array(self._run_rows, dtype=np.int64)
-        num_run_rows = int(lengths.sum())
-        # Row j of run r lands at run_starts[r] + j; offset[r] is where run r begins among run rows.
-        offsets = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        within = np.arange(num_run_rows, dtype=np.int64) - np.repeat(offsets, lengths)
-        run_rows = np.repeat(run_starts, lengths) + within
-        is_plain = np.ones(total, dtype=bool)
-        is_plain[run_rows] = False
+        num_plain = total - self._num_run_rows
+        num_runs = len(self._run_rows)
+        run_rows = np.array(self._run_rows, dtype=np.int64)
+        run_lengths = np.array([len(times) - 1 for times in self._run_times], dtype=np.int64)
+        # Rows come in segments: each plain row alone, each run whole. Run r follows the plain rows
+        # appended before it; plain row i follows the runs appended before it.
+        plain_before_run = run_rows - np.array(self._run_rows_before, dtype=np.int64)
+        run_segment = plain_before_run + np.arange(num_runs)
+        plain_index = np.arange(num_plain)
+        plain_segment = plain_index + np.searchsorted(plain_before_run, plain_index, side="right")
+        segment_lengths = np.ones(num_plain + num_runs, dtype=np.int64)
+        segment_lengths[run_segment] = run_lengths
+        segment_rows = np.cumsum(segment_lengths) - segment_lengths
+        plain_rows = segment_rows[plain_segment]
 
-        def column(name: str, run_values: np.ndarray) -> np.ndarray:
-            values = np.empty(total, dtype=run_values.dtype)
-            values[is_plain] = plain[name]
-            values[run_rows] = run_values
+        def segments(plain_values: np.ndarray, run_values: list) -> np.ndarray:
+            values = np.empty(num_plain + num_runs, dtype=plain_values.dtype)
+            values[plain_segment] = plain_values
+            values[run_segment] = run_values
+            return np.repeat(values, segment_lengths)
+
+        def zero_in_runs(name: str) -> np.ndarray:
+            # Zeroed memory is only faulted in where a plain row writes a non-zero value.
+            values = np.zeros(total, dtype=plain[name].dtype)
+            nonzero = plain[name] != 0
+            values[plain_rows[nonzero]] = plain[name][nonzero]
             return values
 
-        def per_run(values: list) -> np.ndarray:
-            return np.repeat(np.array(values, dtype=np.int64), lengths)
-
-        # Times: each run's list holds its start and every step's end; a step ends where the next starts.
-        times = np.fromiter(chain.from_iterable(self._run_times), dtype=np.float64, count=num_run_rows + len(lengths))
-        last_of_run = offsets + lengths + np.arange(len(lengths))
-        starts = np.delete(times, last_of_run)
-        ends = np.delete(times, last_of_run - lengths)
-        seqs = per_run(self._run_seqs)
-        allocation_rows = np.fromiter(
-            chain.from_iterable(
-                (offset + step for step in steps)
-                for offset, steps in zip(offsets.tolist(), self._run_allocations)
-                if steps
+        result = {name: zero_in_runs(name) for name in _ZERO_IN_RUNS}
+        for name, run_values in (
+            ("num_decode_seqs", self._run_seqs),
+            ("num_decode_tokens", self._run_seqs),
+            ("num_running", self._run_seqs),
+            ("num_batched_tokens", self._run_seqs),
+            ("kv_blocks_total", self._run_total),
+            ("cuda_graph_batch_size", self._run_graph),
+        ):
+            result[name] = segments(plain[name], run_values)
+        # Position of each row within its segment (0 for plain rows).
+        within = np.arange(total, dtype=np.int64)
+        within -= np.repeat(segment_rows, segment_lengths)
+        step = segments(plain["step"], self._run_steps)
+        step += within
+        result["step"] = step
+        context = segments(plain["decode_context_tokens"], self._run_context)
+        context += np.multiply(within, result["num_decode_seqs"], out=within)
+        result["decode_context_tokens"] = context
+        del within
+        # Blocks used: a run's first count plus the allocations of its steps so far. Allocations are
+        # counted per row, and each run's total taken back on the row after it, so one cumulative sum
+        # restarts at every run.
+        allocations = np.bincount(
+            np.fromiter(
+                chain.from_iterable(
+                    (row + step for step in steps) for row, steps in zip(self._run_rows, self._run_allocations) if steps
+                ),
+                dtype=np.int64,
             ),
-            dtype=np.int64,
+            minlength=total + 1,
         )
-        allocated = np.bincount(allocation_rows, minlength=num_run_rows).cumsum()
-        allocated_before_run = np.concatenate(([0], allocated))[offsets]
-        zeros = np.zeros(num_run_rows, dtype=np.int64)
-        result = {
-            "step": column("step", per_run(self._run_steps) + within),
-            "start_time": column("start_time", starts),
-            "duration": column("duration", ends - starts),
-            "num_prefill_seqs": column("num_prefill_seqs", zeros),
-            "num_prefill_tokens": column("num_prefill_tokens", zeros),
-            "num_decode_seqs": column("num_decode_seqs", seqs),
-            "num_decode_tokens": column("num_decode_tokens", seqs),
-            "decode_context_tokens": column("decode_context_tokens", per_run(self._run_context) + within * seqs),
-            "prefill_context_tokens": column("prefill_context_tokens", zeros),
-            "prefill_attention_work": column("prefill_attention_work", np.zeros(num_run_rows)),
-            "num_running": column("num_running", seqs),
-            "num_waiting": column("num_waiting", zeros),
-            "kv_blocks_used": column(
-                "kv_blocks_used",
-                per_run(self._run_used) + allocated - np.repeat(allocated_before_run, lengths),
-            ),
-            "kv_blocks_total": column("kv_blocks_total", per_run(self._run_total)),
-            "num_preempted": column("num_preempted", zeros),
-            "prefix_cache_hit_tokens": column("prefix_cache_hit_tokens", zeros),
-            "cuda_graph_batch_size": column("cuda_graph_batch_size", per_run(self._run_graph)),
-            "num_batched_tokens": column("num_batched_tokens", seqs),
-        }
+        allocations[run_rows + run_lengths] -= [len(steps) for steps in self._run_allocations]
+        np.cumsum(allocations, out=allocations)
+        used = segments(plain["kv_blocks_used"], self._run_used)
+        used += allocations[:total]
+        result["kv_blocks_used"] = used
+        del allocations
+        # Times: a run holds its start and each step's end. A plain row reads as a zero-length step here,
+        # then gets its own duration.
+        plain_starts = plain["start_time"].tolist()
+        bounds = [0, *plain_before_run.tolist(), num_plain]
+        run_times = self._run_times
+
+        def row_times(skip_first: bool):
+            for run in range(num_runs + 1):
+                yield plain_starts[bounds[run] : bounds[run + 1]]
+                if run < num_runs:
+                    times = run_times[run]
+                    yield times[1:] if skip_first else times[:-1]
+
+        starts = np.fromiter(chain.from_iterable(row_times(False)), dtype=np.float64, count=total)
+        durations = np.fromiter(chain.from_iterable(row_times(True)), dtype=np.float64, count=total)
+        durations -= starts
+        durations[plain_rows] = plain["duration"]
         if self._duration_overrides:
             rows = np.fromiter(self._duration_overrides.keys(), dtype=np.int64)
-            result["duration"][rows] = np.fromiter(self._duration_overrides.values(), dtype=np.float64)
-        return result
+            durations[rows] = np.fromiter(self._duration_overrides.values(), dtype=np.float64)
+        result["start_time"] = starts
+        result["duration"] = durations
+        return {name: result[name] for name in COLUMNS}
+
+
+_ZERO_IN_RUNS = (
+    "num_prefill_seqs",
+    "num_prefill_tokens",
+    "prefill_context_tokens",
+    "prefill_attention_work",
+    "num_waiting",
+    "num_preempted",
+    "prefix_cache_hit_tokens",
+)
