@@ -97,11 +97,12 @@ def run_twinfer(model: str, prompts, output_lens, *, dtype: str, max_model_len: 
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    first_step = len(llm.engine.step_records)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outputs)
-    steps = llm.engine.step_records
+    steps = llm.engine.step_records[first_step:]
     graph_steps = sum(1 for s in steps if s.cuda_graph_batch_size)
     kinds: dict[str, list[float]] = {}
     for step in steps:

@@ -4,6 +4,7 @@ model inputs, runs the forward (CUDA graph or eager) and samples.
 Inputs for a step are packed into one pinned int32 host buffer and copied to the device in one transfer.
 """
 
+import itertools
 import math
 import time
 
@@ -254,17 +255,22 @@ class ModelRunner:
         from engine.sampling_params import SamplingParams
         from engine.scheduler_output import ScheduledSequence
 
-        greedy, random = SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.9, seed=1)
+        greedy = SamplingParams(temperature=0)
+        # The sampler has two paths (plain temperature, and top-k/top-p) and torch.compile specializes
+        # a single row apart from many: warm every combination.
+        random_kinds = (SamplingParams(temperature=0.5), SamplingParams(temperature=0.5, top_p=0.9, seed=1))
         capacity = self.num_kv_blocks * self.block_size
-        for num_seqs, tokens_per_seq in ((1, 17), (1, 32), (1, 1), (2, 9), (2, 8), (16, 1), (16, 3), (17, 2), (3, 1)):
+        shapes = ((1, 17), (1, 32), (1, 1), (2, 9), (2, 8), (16, 1), (16, 3), (17, 2), (3, 1))
+        for (num_seqs, tokens_per_seq), random in itertools.product(shapes, random_kinds):
             if num_seqs * max(tokens_per_seq, self.block_size) > capacity or num_seqs > self.engine_config.max_num_seqs:
                 continue
-            seqs = []
-            for index in range(num_seqs):
-                blocks = [index * (-(-tokens_per_seq // self.block_size)) + b
-                          for b in range(-(-tokens_per_seq // self.block_size))]
-                seqs.append(ScheduledSequence(index, [1] * tokens_per_seq, 0, blocks, tokens_per_seq == 1, True, 0,
-                                              greedy if index % 2 else random))
+            blocks_per_seq = -(-tokens_per_seq // self.block_size)
+            seqs = [
+                ScheduledSequence(index, [1] * tokens_per_seq, 0,
+                                  list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq)),
+                                  tokens_per_seq == 1, True, 0, greedy if index % 2 else random)
+                for index in range(num_seqs)
+            ]
             self.execute(SchedulerOutput(0, seqs, finished_seq_ids=list(range(num_seqs))))
         self._block_table_rows.clear()
         if self.device.type == "cuda":
