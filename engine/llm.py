@@ -9,7 +9,7 @@ import torch
 from engine.clock import WallClock
 from engine.config import EngineConfig, vllm_default_limits
 from engine.engine import Engine
-from engine.model_config import is_preset, load_model_config, resolve_model_path
+from engine.model_config import is_preset, load_model_config
 from engine.model_executor import ModelExecutor
 from engine.sampling_params import SamplingParams
 
