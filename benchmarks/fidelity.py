@@ -1,0 +1,78 @@
+"""Real versus simulated on the H100 runs in benchmarks/data/h100 (issue 5 item 6).
+
+Each real run was replayed on the GPU by benchmarks/gpu_fidelity.sh; here the same trace slice, with the same
+trace options and the real run's KV block count, goes through the simulator with the bundled calibrated
+profile (or --profile), and `twinfer compare` scores it. Neither test trace was used for calibration (the
+profile was fitted on the profiling grid and the Azure code slice).
+
+    python benchmarks/fidelity.py [--profile FILE] [--json OUT]
+"""
+
+import argparse
+import contextlib
+import io
+import json
+from pathlib import Path
+
+from analysis.compare import compare_runs
+from analysis.run_store import read_run
+from engine.cli import main as twinfer
+from engine.commands import step_predictor_of
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data" / "h100"
+CASES = {
+    # name: (trace slice as replayed on the GPU, its trace options)
+    "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
+    "mooncake-conv": ("mooncake_conv_head400.jsonl", ["--time-scale", "2", "--duration", "60"]),
+}
+SLICES = {
+    "azure_conv_rows3000_5500.csv": ("AzureLLMInferenceTrace_conv.csv", 3000, 2500),
+    "mooncake_conv_head400.jsonl": ("mooncake_fast25_conversation_trace.jsonl", 0, 400),
+}
+
+
+def trace_slice(name: str, shared_traces: Path, work: Path) -> Path:
+    """The slice file the GPU run used: rows [start, start + count) of a shared trace, header kept."""
+    source, start, count = SLICES[name]
+    lines = (shared_traces / source).read_text().splitlines(keepends=True)
+    path = work / name
+    if name.endswith(".csv"):
+        path.write_text("".join([lines[0], *lines[1 + start : 1 + start + count]]))
+    else:
+        path.write_text("".join(lines[start : start + count]))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default=None, help="cost model JSON (default: the bundled H100 profile)")
+    parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
+    parser.add_argument("--work", default="/tmp/twinfer-fidelity")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, (slice_name, options) in CASES.items():
+        real_path = DATA / "runs" / f"real-h100-qwen3-0.6b-{name}"
+        real = read_run(real_path)
+        sim_path = work / f"sim-{name}"
+        command = ["simulate", str(trace_slice(slice_name, Path(args.traces), work)), *options,
+                   "--model", "qwen3-0.6b", "--gpu", "h100", "--num-gpu-blocks-override",
+                   str(real.metadata["num_kv_blocks"]), "--out", str(sim_path), "--no-progress"]
+        if args.profile:
+            command += ["--profile", args.profile]
+        with contextlib.redirect_stdout(io.StringIO()):
+            twinfer(command)
+        simulated = read_run(sim_path)
+        comparison = compare_runs(real, simulated, step_predictor=step_predictor_of(simulated))
+        print(f"\n##### {name}")
+        print(comparison.format())
+        results[name] = comparison.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
