@@ -288,9 +288,13 @@ def run_plan(args) -> int:
 
 
 def run_bench(args) -> int:
-    from benchmarks_entry import throughput_cli  # noqa: F401  (replaced below when benchmarks are packaged)
+    from engine.throughput_benchmark import main as throughput
 
-    return throughput_cli(args)
+    argv = ["--model", args.model, "--num-seqs", str(args.num_seqs)]
+    if args.json:
+        argv += ["--out", args.json]
+    throughput(argv)
+    return 0
 
 
 def run_demo(args) -> int:
