@@ -62,9 +62,9 @@ class BlockManager:
         self._dead_entries: dict[int, int] = {}
         self._num_cached_free = 0
         self._twins: set[int] = set()
-        # A committed block's tokens, to verify a hit: (the token array of the sequence that computed it,
-        # the block's first position there); those positions never change once computed.
-        self._block_sources: list = [None] * num_blocks
+        # The sequence that committed each block, to verify a hit: at the depth looked up, its chain hash
+        # must be the one found and its tokens those of the sequence looking (computed tokens never change).
+        self._block_sources: list[Sequence | None] = [None] * num_blocks
         # Splits a block-aligned run of int32 tokens into one bytes object per block, in C.
         self._split_blocks = struct.Struct(f"{4 * block_size}s").iter_unpack
         self.num_query_tokens = 0
@@ -148,10 +148,16 @@ class BlockManager:
         tokens = seq.token_ids
         for index, digest in enumerate(seq.block_hashes[:max_blocks]):
             block_id = lookup(digest)
-            if block_id is None or sources[block_id] is None:
+            if block_id is None:
                 break
-            source, start = sources[block_id]
-            if source[start : start + size] != tokens[index * size : (index + 1) * size]:
+            source = sources[block_id]
+            start = index * size
+            if (
+                source is None
+                or index >= len(source.block_hashes)
+                or source.block_hashes[index] != digest
+                or source.token_ids[start : start + size] != tokens[start : start + size]
+            ):
                 break  # a hash collision: the tokens differ
             found.append(block_id)
         return found
@@ -171,13 +177,11 @@ class BlockManager:
         if num_full_blocks <= first:
             return
         self._ensure_hashes(seq, num_full_blocks)
-        size = self.block_size
         blocks = seq.block_table[first:num_full_blocks]
         digests = seq.block_hashes[first:num_full_blocks]
         sources = self._block_sources
-        tokens = seq.token_ids
-        for block_id, start in zip(blocks, range(first * size, num_full_blocks * size, size)):
-            sources[block_id] = (tokens, start)
+        for block_id in blocks:
+            sources[block_id] = seq
         hash_to_block = self.hash_to_block
         expected = len(hash_to_block) + len(digests)
         if hash_to_block.keys().isdisjoint(digests):
@@ -189,9 +193,13 @@ class BlockManager:
                     self._twins.add(block_id)
         seq.num_committed_blocks = num_full_blocks
 
-    def holds_free_cached_block(self, digest: int) -> bool:
-        """Whether digest is registered to a free block (one a later allocation may evict)."""
-        return self.hash_to_block.get(digest) in self._free
+    def registers_independently(self, digests: list[int]) -> bool:
+        """Whether registering digests commutes with allocations: none repeats, none is owned by a free
+        block (which an allocation may evict)."""
+        if len(set(digests)) < len(digests):
+            return False
+        lookup, free = self.hash_to_block.get, self._free
+        return not any(lookup(digest) in free for digest in digests)
 
     # ---- allocation
 

@@ -184,11 +184,7 @@ def _registrations_commute(manager, running, num_steps: int) -> bool:
         if num_full > first:
             manager._ensure_hashes(seq, num_full)
             registered += seq.block_hashes[first:num_full]
-    if not registered:
-        return True
-    if len(set(registered)) < len(registered):
-        return False
-    return not any(manager.holds_free_cached_block(digest) for digest in registered)
+    return not registered or manager.registers_independently(registered)
 
 
 def _allocate_and_register_in_step_order(manager, running, allocations, num_steps: int) -> None:

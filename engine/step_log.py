@@ -44,6 +44,8 @@ class StepLog:
         self._run_total: list[int] = []
         self._run_graph: list[int] = []
         self._num_run_rows = 0
+        self._num_run_rows_end = -1
+        """The row count right after the last run (so the last row is a run's when they are equal)."""
         self._duration_overrides: dict[int, float] = {}
 
     def append(self, *values) -> None:
@@ -81,9 +83,11 @@ class StepLog:
         num_steps = len(times) - 1
         self._num_rows += num_steps
         self._num_run_rows += num_steps
+        self._num_run_rows_end = self._num_rows
 
     def _last_run_covers_end(self) -> bool:
-        return bool(self._run_rows) and self._run_rows[-1] + len(self._run_times[-1]) - 1 == self._num_rows
+        return self._num_rows == self._num_run_rows_end
+
 
     @property
     def last_start_time(self) -> float:
