@@ -1,9 +1,10 @@
 """Skipping through runs of identical pure-decode steps when an executor can predict them.
 
 A cost-model executor knows a decode step's duration without running anything, so long stretches
-where the same sequences just decode (no arrival, no finish, no preemption) can be applied in bulk.
-Every effect of stepping one by one is reproduced: block allocations at block boundaries, prefix-cache
-registrations, token times, clock arithmetic and one step record per step.
+where the same sequences just decode (no arrival, no preemption) can be applied in bulk, up to and
+including the step where the first of them finish (by length). Every effect of stepping one by one is
+reproduced: block allocations at block boundaries, prefix-cache registrations, token times, finishes,
+clock arithmetic and one step record per step.
 """
 
 from array import array
@@ -42,7 +43,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
     executor = engine.executor
     token = executor.token_id
     eos_ids = config.eos_token_ids
-    max_steps = None
+    finish_step = None
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
@@ -50,10 +51,12 @@ def fast_forward_decodes(engine, now: float) -> bool:
         params = seq.sampling_params
         if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
             return False
-        # The step that finishes a sequence runs normally; stop one before it.
-        remaining = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1
-        if max_steps is None or remaining < max_steps:
-            max_steps = remaining
+        # Step j samples output number outputs + j + 1: the sequence finishes (by length) at this step.
+        last_step = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1
+        if finish_step is None or last_step < finish_step:
+            finish_step = last_step
+    # The run may end with the step where the first sequences finish.
+    max_steps = finish_step + 1
     if max_steps < MIN_STEPS:
         return False
 
@@ -118,20 +121,41 @@ def fast_forward_decodes(engine, now: float) -> bool:
     else:
         _allocate_and_register_in_step_order(manager, running, allocations, num_steps)
 
+    for seq in running:
+        seq.num_computed_tokens += num_steps
+    first_step = scheduler._step
+    scheduler._step += num_steps
+    cuda_graph_batch_size = executor.cuda_graph_batch_size(num_seqs)
+    finishes = num_steps == finish_step + 1
+    # A finishing step is logged as a row of its own: its running count and blocks used are taken after
+    # the finished sequences leave, as the engine records a step.
+    num_run_steps = num_steps - 1 if finishes else num_steps
     engine.step_records.append_decode_run(
-        scheduler._step,
-        times,
+        first_step,
+        times[: num_run_steps + 1],
         num_seqs,
         context,
         used_before,
-        [step for step, _ in allocations],
+        [step for step, _ in allocations if step < num_run_steps],
         manager.num_blocks,
-        executor.cuda_graph_batch_size(num_seqs),
+        cuda_graph_batch_size,
     )
-    for seq in running:
-        seq.num_computed_tokens += num_steps
-    scheduler._step += num_steps
-    engine.clock.sleep_until(times[-1])
+    end = times[-1]
+    if finishes:
+        # As the scheduler's update does: every sequence advanced (and committed), then the finished
+        # ones, in running order, marked and freed.
+        finished = [seq for seq in running if len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens]
+        for seq in finished:
+            seq.finish_reason = "length"
+        for seq in finished:
+            scheduler._finish(seq, end)
+        engine.num_finished += len(finished)
+        engine.step_records.append(
+            first_step + num_run_steps, times[num_run_steps], end - times[num_run_steps],
+            0, 0, num_seqs, num_seqs, context + num_run_steps * num_seqs, 0, 0.0,
+            len(running), 0, manager.num_used_blocks, manager.num_blocks, 0, 0, cuda_graph_batch_size, num_seqs,
+        )  # fmt: skip
+    engine.clock.sleep_until(end)
     return True
 
 

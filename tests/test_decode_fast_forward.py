@@ -99,3 +99,35 @@ def test_adding_requests_as_they_arrive_equals_adding_them_up_front(seed, fast_f
         requests_table(list(upfront.request_records.values()))
     )
     assert steps_table(incremental.step_records).equals(steps_table(upfront.step_records))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from([1, 2, 4]), st.integers(20, 120))
+def test_fast_forward_equals_stepping_when_identical_prompts_reuse_cached_decode_blocks(seed, block_size, num_kv_blocks):
+    """Identical prompts decode identical blocks: a run's registrations then meet cached twins and evictions."""
+    rng = random.Random(seed)
+    pool = [[rng.randrange(1000) for _ in range(rng.randrange(1, 30))] for _ in range(3)]
+    requests = [
+        (rng.choice(pool), rng.randrange(1, 90), rng.random() * rng.choice([0.0, 0.3, 3.0]))
+        for _ in range(rng.randrange(2, 16))
+    ]
+    config = EngineConfig(
+        block_size=block_size, max_model_len=400, max_num_seqs=rng.randint(1, 6),
+        max_num_batched_tokens=rng.randint(4, 64), num_kv_blocks=num_kv_blocks,
+    )  # fmt: skip
+
+    def run_engine(fast_forward: bool) -> Engine:
+        engine = Engine(config, PredictingExecutor(num_kv_blocks, block_size), fast_forward=fast_forward)
+        for prompt, max_tokens, arrival in requests:
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+            engine.add_request(prompt_token_ids=list(prompt), sampling_params=params, arrival_time=arrival)
+        engine.run()
+        return engine
+
+    stepped, skipped = run_engine(False), run_engine(True)
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    assert requests_table(list(skipped.request_records.values())).equals(
+        requests_table(list(stepped.request_records.values()))
+    )
+    assert stepped.block_manager.free_queue == skipped.block_manager.free_queue
+    assert stepped.block_manager.hash_to_block == skipped.block_manager.hash_to_block
