@@ -298,6 +298,7 @@ def profile(
     seed: int = 0,
     measure_engine: bool = True,
     timing: str = "wall",
+    max_shapes: int | None = None,
     log=print,
 ) -> Path:
     """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path."""
@@ -379,6 +380,8 @@ def profile(
         block_size=block_size,
         seed=seed,
     )
+    if max_shapes is not None:
+        grid = grid[:max_shapes]  # the grid is shuffled, so any prefix is an even sample
     builder = ShapeBuilder(num_kv_blocks=num_kv_blocks, block_size=block_size, vocab_size=shape.vocab_size, seed=seed)
     # Warm-up: one step of each kind compiles kernels and fills allocator caches before anything is timed.
     for warm in [s for s in grid if s.grid != "random"][:8]:
@@ -447,6 +450,7 @@ def main(argv=None) -> int:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shapes", type=int, default=None, help="stop after this many grid shapes (a quick check)")
     parser.add_argument("--fit-out", help="also fit a cost model and write its JSON here")
     args = parser.parse_args(argv)
     path = profile(
@@ -463,6 +467,7 @@ def main(argv=None) -> int:
         enforce_eager=args.enforce_eager,
         device=args.device,
         seed=args.seed,
+        max_shapes=args.max_shapes,
     )
     if args.fit_out:
         from simulator.calibrate import fit_profile_table
