@@ -44,8 +44,10 @@ def test_roofline_orders_gpus_batches_and_tp_sensibly():
     assert 0.1 < h100.predict(prefill(8192)) < 0.3
     # Long contexts cost KV reads.
     assert h100.predict(decode(64, 8000), 64) > h100.predict(decode(64, 100), 64) * 1.5
-    tp2 = Roofline(gpu_spec("h100"), shape, tp=2)
-    assert tp2.predict(decode(1, 1000), 1) < 0.7 * h100.predict(decode(1, 1000), 1)
+    # TP=2 halves each GPU's weight read; host time and the all-reduces do not shrink.
+    tp1_seconds = h100.predict(decode(1, 1000), 1)
+    tp2_seconds = Roofline(gpu_spec("h100"), shape, tp=2).predict(decode(1, 1000), 1)
+    assert 0.5 * tp1_seconds < tp2_seconds < 0.8 * tp1_seconds
 
 
 def test_kv_capacity_sizes_like_the_engine():
