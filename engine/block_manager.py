@@ -182,24 +182,16 @@ class BlockManager:
         sources = self._block_sources
         for block_id in blocks:
             sources[block_id] = seq
+        # The first block to register a hash keeps it: a later one with the same hash is a twin.
         hash_to_block = self.hash_to_block
-        expected = len(hash_to_block) + len(digests)
-        if hash_to_block.keys().isdisjoint(digests):
-            hash_to_block.update(zip(digests, blocks))
-        if len(hash_to_block) != expected:
-            # Some hash is taken already (or repeats): the first block to register a hash keeps it.
-            for digest, block_id in zip(digests, blocks):
-                if hash_to_block.setdefault(digest, block_id) != block_id:
-                    self._twins.add(block_id)
+        if list(map(hash_to_block.setdefault, digests, blocks)) != blocks:
+            self._twins.update(b for d, b in zip(digests, blocks) if hash_to_block[d] != b)
         seq.num_committed_blocks = num_full_blocks
 
     def registers_independently(self, digests: list[int]) -> bool:
         """Whether registering digests commutes with allocations: none repeats, none is owned by a free
         block (which an allocation may evict)."""
-        if len(set(digests)) < len(digests):
-            return False
-        lookup, free = self.hash_to_block.get, self._free
-        return not any(lookup(digest) in free for digest in digests)
+        return len(set(digests)) == len(digests) and self._free.isdisjoint(map(self.hash_to_block.get, digests))
 
     # ---- allocation
 
@@ -302,8 +294,6 @@ class BlockManager:
         table = seq.block_table
         num_committed = seq.num_committed_blocks
         free, extra = self._free, self._extra_holders
-        if not free.isdisjoint(table):
-            raise RuntimeError(f"blocks {sorted(free.intersection(table))} freed more often than they were allocated")
         if extra and not extra.keys().isdisjoint(table):
             # Blocks another sequence also holds stay held: release only this sequence's share of them.
             released = []
@@ -322,6 +312,10 @@ class BlockManager:
             released = table
             uncached = table[num_committed:]
             cached = None
+        num_free = len(free)
+        free.update(released)
+        if len(free) - num_free != len(released):
+            raise RuntimeError(f"blocks of sequence {seq.seq_id} freed more often than they were allocated")
         # The head of seq is reused first among uncached blocks; its tail is evicted first among cached ones.
         self._uncached_free += reversed(uncached)
         if cached is None:
@@ -332,6 +326,5 @@ class BlockManager:
             self._cached_queue += (block_id for block_id, _ in reversed(cached))
             self._cached_queue_hashes += (digest for _, digest in reversed(cached))
             self._num_cached_free += len(cached)
-        free.update(released)
         seq.block_table = []
         seq.num_committed_blocks = 0

@@ -9,7 +9,7 @@ clock arithmetic and one step record per step.
 
 from array import array
 from bisect import bisect_left
-from itertools import accumulate
+from itertools import accumulate, repeat
 from typing import Protocol
 
 MIN_STEPS = 2
@@ -104,7 +104,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
     allocations: list[tuple[int, int]] = []
     for index, seq in enumerate(running):
         first = len(seq.block_table) * block_size - seq.num_computed_tokens
-        allocations.extend((step, index) for step in range(first, num_steps, block_size))
+        allocations += zip(range(first, num_steps, block_size), repeat(index))
     if num_seqs > 1:
         allocations.sort()
     used_before = manager.num_used_blocks
