@@ -1,0 +1,93 @@
+"""Replay: every trace request lands in the run folder, interrupts keep the finished part, the CLI round trip."""
+
+import json
+
+import pytest
+
+from analysis.run_store import read_run
+from engine.cli import main
+from engine.config import EngineConfig
+from engine.engine import Engine
+from traces.arrivals import Poisson
+from traces.replay import replay
+from traces.synthetic import random_workload
+from tests.fake_executor import PredictingExecutor
+
+
+def _trace(num_prompts=30):
+    return random_workload(num_prompts=num_prompts, input_len=40, output_len=12, range_ratio=0.5,
+                           arrivals=Poisson(rate=50.0), seed=3)
+
+
+def test_every_request_is_in_the_run_finished_or_rejected(tmp_path):
+    trace = _trace()
+    # A cache of 4 blocks of 16 tokens cannot hold the longest prompts: those are rejected, with the reason.
+    engine = Engine(EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=4), PredictingExecutor(4, 16))
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+    run = read_run(path)
+    requests = run.requests.to_pylist()
+    assert sorted(r["request_id"] for r in requests) == sorted(trace.table.column("request_id").to_pylist())
+    rejected = [r for r in requests if r["status"] == "rejected"]
+    finished = [r for r in requests if r["status"] == "finished"]
+    assert rejected and finished and len(rejected) + len(finished) == len(requests)
+    assert all("KV blocks" in r["reason"] for r in rejected)
+    lengths = dict(zip(trace.table.column("request_id").to_pylist(), trace.table.column("output_len").to_pylist()))
+    assert all(r["output_len"] == lengths[r["request_id"]] for r in finished)
+    assert run.metadata["complete"] is True and run.metadata["executor_kind"] == "sim"
+    assert run.steps.num_rows == len(engine.step_records)
+
+
+class InterruptingExecutor(PredictingExecutor):
+    """Raises after some steps, as Ctrl-C or a failing GPU would."""
+
+    def __init__(self, *args, fail_after: int, error: BaseException) -> None:
+        super().__init__(*args)
+        self.fail_after = fail_after
+        self.error = error
+
+    def execute(self, scheduler_output):
+        if len(self.steps) == self.fail_after:
+            raise self.error
+        return super().execute(scheduler_output)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("device lost")])
+def test_an_interrupted_replay_keeps_what_finished(tmp_path, error):
+    trace = _trace(40)
+    executor = InterruptingExecutor(400, 16, fail_after=60, error=error)
+    engine = Engine(EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=400), executor, fast_forward=False)
+    if isinstance(error, KeyboardInterrupt):
+        path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+    else:
+        with pytest.raises(RuntimeError, match="finished part is in"):
+            replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+        path = tmp_path / "run"
+    run = read_run(path)
+    assert run.metadata["complete"] is False
+    statuses = run.requests.column("status").to_pylist()
+    assert len(statuses) == 40
+    assert "finished" in statuses and "aborted" in statuses
+    assert set(statuses) <= {"finished", "aborted"}
+    reasons = [r for r, s in zip(run.requests.column("reason").to_pylist(), statuses) if s == "aborted"]
+    assert all(("interrupted" in r) or ("device lost" in r) for r in reasons)
+
+
+def test_cli_replay_summary_and_result_json(tmp_path, capsys):
+    out = tmp_path / "sim"
+    result = tmp_path / "result.json"
+    assert main(["replay", "demo", "--executor", "sim", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out),
+                 "--no-progress", "--time-scale", "0.5", "--save-result", str(result), "--goodput", "ttft:500"]) == 0
+    printed = capsys.readouterr().out
+    assert "Serving Benchmark Result" in printed and "Mean TTFT (ms):" in printed
+    saved = json.loads(result.read_text())
+    assert saved["completed"] == 24 and "mean_ttft_ms" in saved and "request_goodput" in saved
+    assert main(["summary", str(out), "--percentiles", "50,99"]) == 0
+    assert "P50 TTFT (ms):" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["replay", str(tmp_path / "missing.csv"), "--executor", "sim", "--model", "qwen3-0.6b",
+                 "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert main(["simulate", "demo", "--model", "no-such-model", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
