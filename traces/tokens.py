@@ -160,7 +160,7 @@ def _synthesize(
     with np.errstate(over="ignore"):
         values = positions.view(np.uint64) * _GOLDEN
         values += np.repeat(keys, lengths)
-    values = _mix(values)
+    _mix_in_place(values)
     values %= np.uint64(span)
     values += np.uint64(low)
     return values.astype(np.int32)
@@ -180,3 +180,17 @@ def _mix(values: np.ndarray) -> np.ndarray:
         values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return values ^ (values >> np.uint64(31))
+
+
+def _mix_in_place(values: np.ndarray) -> None:
+    """_mix, overwriting values (uint64) with one scratch array: no fresh array per operation."""
+    scratch = np.empty_like(values)
+    with np.errstate(over="ignore"):
+        np.right_shift(values, np.uint64(30), out=scratch)
+        values ^= scratch
+        values *= np.uint64(0xBF58476D1CE4E5B9)
+        np.right_shift(values, np.uint64(27), out=scratch)
+        values ^= scratch
+        values *= np.uint64(0x94D049BB133111EB)
+        np.right_shift(values, np.uint64(31), out=scratch)
+        values ^= scratch
