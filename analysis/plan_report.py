@@ -1,6 +1,6 @@
 """The plotly HTML report of a capacity plan: the ranked table, latency-versus-rate curves from the
 search's probes with the SLO lines, and the cost/throughput Pareto front. It draws what
-simulator/planner.py computed; nothing is decided here."""
+simulator/planner.py computed (simulator/plan_table.py holds its tables); nothing is decided here."""
 
 from __future__ import annotations
 

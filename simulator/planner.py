@@ -27,103 +27,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.gpu_prices import DEFAULT_PRICES, parse_prices, price_of
+from simulator.plan_table import PlanResult, format_plan, probes_table, rank_plans, write_plan
 from simulator.router import ROUTERS, make_router
+from simulator.slo import Slo, SloMonitor, parse_slos, slo_values
 from traces.schema import Trace
-
-DEFAULT_PRICES = {"h100": 3.00, "h200": 4.00}
-"""On-demand $ per GPU-hour used when --price does not name a GPU: the middle of the specialty-cloud
-(CoreWeave, Lambda, Crusoe, RunPod) on-demand ranges published in 2026: H100 SXM $2.49-3.99 / $2.50-3.50,
-H200 SXM $3.50-4.50 (pricegpu.pages.dev/blog/h100-vs-a100-cloud-price, early 2026;
-www.mercatus-ai.com/blog/cloud-gpu-pricing, May 2026). Hyperscalers list more; other GPUs need --price."""
 
 DEFAULT_SEARCH_REQUESTS = 1000
 DEFAULT_SEARCH_STEPS = 6
 DEFAULT_VERIFY_TOP = 3
-SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
 _MAX_BRACKET_PROBES = 12
 
 
 # ---- inputs
-
-
-@dataclass(frozen=True)
-class Slo:
-    """One latency objective: the `percentile` of `metric` must be at most `limit_ms` milliseconds."""
-
-    metric: str
-    percentile: float
-    limit_ms: float
-
-    def __post_init__(self) -> None:
-        if self.metric not in SLO_METRICS:
-            raise ValueError(f"SLO metric {self.metric!r} unknown: expected one of {', '.join(SLO_METRICS)}")
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"SLO {self.metric}: percentile must be in (0, 100], got {self.percentile}")
-        if not (math.isfinite(self.limit_ms) and self.limit_ms > 0):
-            raise ValueError(f"SLO {self.name}: limit must be a positive number of ms, got {self.limit_ms}")
-
-    @property
-    def name(self) -> str:
-        """As written on the command line: ttft_p99, tpot_p99.9, ..."""
-        return f"{self.metric}_p{self.percentile:g}"
-
-
-def parse_slos(text: str) -> tuple[Slo, ...]:
-    """'ttft_p99=2000,tpot_p99=100' (milliseconds) -> SLOs; a clear error names the bad item."""
-    slos = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        metric, _, percentile = name.strip().partition("_p")
-        try:
-            if not sep or not percentile:
-                raise ValueError
-            slo = Slo(metric.strip().lower(), float(percentile), float(value))
-        except ValueError as error:
-            detail = f": {error}" if str(error) else ""
-            raise ValueError(
-                f"--slo item {item!r} is not METRIC_pPERCENTILE=MS (e.g. ttft_p99=2000; metrics "
-                f"{', '.join(SLO_METRICS)}){detail}"
-            ) from None
-        slos.append(slo)
-    if not slos:
-        raise ValueError("--slo names no objective; e.g. --slo ttft_p99=2000,tpot_p99=100")
-    if len({slo.name for slo in slos}) != len(slos):
-        raise ValueError(f"--slo names an objective twice: {text!r}")
-    return tuple(slos)
-
-
-def parse_prices(text: str | None) -> dict[str, float]:
-    """'h100=2.5,h200=3.5' -> {gpu: $ per GPU-hour}, over the documented defaults."""
-    from simulator.gpu_specs import gpu_key
-
-    prices = dict(DEFAULT_PRICES)
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        gpu, sep, value = item.partition("=")
-        try:
-            price = float(value)
-            if not sep or not math.isfinite(price) or price < 0:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"--price item {item!r} is not GPU=DOLLARS_PER_GPU_HOUR (e.g. h100=2.5)") from None
-        prices[gpu_key(gpu)] = price
-    return prices
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -179,105 +107,6 @@ class PlanSettings:
             raise ValueError("a plan needs at least one SLO")
         if self.search_steps < 0 or self.max_replicas < 1:
             raise ValueError(f"need search_steps >= 0 and max_replicas >= 1, got {self.search_steps}, {self.max_replicas}")
-
-
-# ---- judging one simulation against the SLOs
-
-
-class SloMonitor:
-    """Stops a simulation as soon as an SLO is certainly broken, or a request is rejected.
-
-    A percentile p of n samples (numpy's linear interpolation) exceeds a limit as soon as at least
-    n - floor(p/100 * (n - 1)) samples do. TTFT and E2EL have lower bounds before they are known (time
-    since arrival), so a queue that has grown too long is caught while it grows; TPOT counts once known.
-    """
-
-    def __init__(self, slos: Sequence[Slo], requests: ClusterRequests) -> None:
-        self.slos = [slo for slo in slos if slo.metric in ("ttft", "tpot", "e2el")]
-        num_requests = len(requests)
-        num_tpot = int(np.count_nonzero(requests.output_lens > 1))
-        self._threshold = []
-        for slo in self.slos:
-            n = num_tpot if slo.metric == "tpot" else num_requests
-            self._threshold.append(n - math.floor(slo.percentile / 100 * (n - 1)) if n else math.inf)
-        self._limits = [slo.limit_ms / 1000 for slo in self.slos]
-        self._settled = [0] * len(self.slos)
-        self._open: list = []
-        self._seen: list[int] = []
-
-    def __call__(self, now: float, replicas: Sequence) -> str | None:
-        """A reason to stop, or None."""
-        if len(self._seen) < len(replicas):
-            self._seen.extend([0] * (len(replicas) - len(self._seen)))
-        for index, engine in enumerate(replicas):
-            if engine.rejected:
-                record = next(iter(engine.rejected.values()))
-                return f"{len(engine.rejected)} request(s) rejected ({record.reason})"
-            count = len(engine.sequences)
-            if count > self._seen[index]:
-                self._open.extend(list(engine.sequences.values())[self._seen[index]:])
-                self._seen[index] = count
-        pending = [0] * len(self.slos)
-        still_open = []
-        for seq in self._open:
-            finished = seq.finish_time is not None
-            first = seq.first_token_time
-            for k, slo in enumerate(self.slos):
-                value = _latency(slo.metric, seq, now, finished, first)
-                if value is not None and value > self._limits[k]:
-                    if finished:
-                        self._settled[k] += 1
-                    else:
-                        pending[k] += 1
-            if not finished:
-                still_open.append(seq)
-        self._open = still_open
-        for k, slo in enumerate(self.slos):
-            violators = self._settled[k] + pending[k]
-            if violators >= self._threshold[k]:
-                return f"{slo.name} > {slo.limit_ms:g} ms ({violators} requests over it)"
-        return None
-
-
-def _latency(metric: str, seq, now: float, finished: bool, first: float | None) -> float | None:
-    """The request's latency, a lower bound of it while unknown, or None when nothing is known yet."""
-    if metric == "ttft":
-        return (first if first is not None else max(now, seq.arrival_time)) - seq.arrival_time
-    if metric == "e2el":
-        return (seq.finish_time if finished else max(now, seq.arrival_time)) - seq.arrival_time
-    if finished and first is not None:  # tpot
-        outputs = len(seq.token_ids) - seq.num_prompt_tokens
-        return (seq.finish_time - first) / (outputs - 1) if outputs > 1 else None
-    return None
-
-
-def slo_values(slos: Sequence[Slo], replicas: Sequence, now: float) -> dict[str, float]:
-    """Each SLO's percentile in ms over the requests (vLLM's definitions, as analysis.metrics), plus the
-    p99 of TTFT, TPOT and E2EL for the curves. Unfinished requests count TTFT/E2EL lower bounds."""
-    ttft, tpot, e2el, gaps = [], [], [], []
-    want_itl = any(slo.metric == "itl" for slo in slos)
-    for engine in replicas:
-        for seq in engine.sequences.values():
-            finished = seq.finish_time is not None
-            first = seq.first_token_time
-            ttft.append(_latency("ttft", seq, now, finished, first))
-            e2el.append(_latency("e2el", seq, now, finished, first))
-            value = _latency("tpot", seq, now, finished, first)
-            if value is not None:
-                tpot.append(value)
-            if want_itl and finished and len(seq.token_times) > 1:
-                gaps.append(np.diff(seq.token_times))
-    samples = {"ttft": ttft, "tpot": tpot, "e2el": e2el,
-               "itl": np.concatenate(gaps) if gaps else []}
-
-    def percentile(metric: str, p: float) -> float:
-        values = np.asarray(samples[metric], dtype=np.float64)
-        return float(np.percentile(values, p)) * 1000 if values.size else 0.0
-
-    values = {slo.name: percentile(slo.metric, slo.percentile) for slo in slos}
-    for metric in ("ttft", "tpot", "e2el"):
-        values.setdefault(f"{metric}_p99", percentile(metric, 99))
-    return values
 
 
 # ---- one configuration
@@ -577,182 +406,6 @@ def _run_on_ray(tasks: list[PlanTask], trace: Trace, address: str) -> Iterable[t
 # ---- the plan
 
 
-PLAN_SCHEMA = pa.schema(
-    [
-        ("rank", pa.int64()),
-        ("gpu", pa.string()),
-        ("tp", pa.int64()),
-        ("max_num_seqs", pa.int64()),
-        ("status", pa.string()),
-        ("replicas", pa.int64()),
-        ("gpus", pa.int64()),
-        ("max_rate_per_replica", pa.float64()),
-        ("target_rate", pa.float64()),
-        ("price_per_gpu_hour", pa.float64()),
-        ("hourly_cost", pa.float64()),
-        ("replica_hourly_cost", pa.float64()),
-        ("pareto", pa.bool_()),
-        ("cost_per_million_requests", pa.float64()),
-        ("calibration", pa.string()),
-        ("cost_model", pa.string()),
-        ("num_kv_blocks", pa.int64()),
-        ("verified_on", pa.string()),
-        ("num_probes", pa.int64()),
-        ("note", pa.string()),
-    ]
-)
-"""One row per configuration, ranked by hourly cost then GPUs (rank null for infeasible ones);
-calibration is 'calibrated' or 'uncalibrated' (roofline step times); pareto marks the configurations no
-other beats on both a replica's hourly cost and the rate one replica sustains."""
-
-PROBES_SCHEMA = pa.schema(
-    [
-        ("gpu", pa.string()),
-        ("tp", pa.int64()),
-        ("max_num_seqs", pa.int64()),
-        ("phase", pa.string()),
-        ("rate", pa.float64()),
-        ("replicas", pa.int64()),
-        ("num_requests", pa.int64()),
-        ("sustained", pa.bool_()),
-        ("stopped_early", pa.bool_()),
-        ("reason", pa.string()),
-        ("ttft_p99_ms", pa.float64()),
-        ("tpot_p99_ms", pa.float64()),
-        ("e2el_p99_ms", pa.float64()),
-        ("slo_values_ms", pa.list_(pa.float64())),
-        ("seconds", pa.float64()),
-    ]
-)
-"""Every simulation the planner ran; slo_values_ms follows the order of the plan's SLOs (plan.json)."""
-
-
-@dataclass(frozen=True)
-class PlanResult:
-    """The ranked table, every probe, and what the plan was asked."""
-
-    table: pa.Table
-    probes: pa.Table
-    info: dict = field(default_factory=dict)
-
-    def best(self) -> dict | None:
-        """The top-ranked row, or None when no configuration meets the SLOs."""
-        rows = [row for row in self.table.to_pylist() if row["rank"] is not None]
-        return rows[0] if rows else None
-
-
-def _price(prices: dict[str, float], gpu: str) -> float | None:
-    from simulator.gpu_specs import gpu_key
-
-    return prices.get(gpu_key(gpu))
-
-
-def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict[str, float]) -> pa.Table:
-    """The plan table: feasible configurations by hourly cost, then GPUs, then headroom; the rest after."""
-    rows = []
-    for plan in plans:
-        price = _price(prices, plan.config.gpu)
-        ok = plan.status == "ok"
-        cost = plan.gpus * price if ok and price is not None else None
-        rows.append(
-            {
-                "rank": None,
-                "gpu": plan.config.gpu,
-                "tp": plan.config.tp,
-                "max_num_seqs": plan.config.max_num_seqs,
-                "status": plan.status,
-                "replicas": plan.replicas if ok else None,
-                "gpus": plan.gpus if ok else None,
-                "max_rate_per_replica": plan.max_rate if plan.max_rate > 0 else None,
-                "target_rate": settings.target_rate,
-                "price_per_gpu_hour": price,
-                "hourly_cost": cost,
-                "replica_hourly_cost": plan.config.tp * price if price is not None else None,
-                "pareto": False,
-                "cost_per_million_requests": cost / (settings.target_rate * 3600) * 1e6 if cost is not None else None,
-                "calibration": "calibrated" if plan.calibrated else "uncalibrated",
-                "cost_model": plan.cost_model,
-                "num_kv_blocks": plan.num_kv_blocks or None,
-                "verified_on": plan.verified_on,
-                "num_probes": len(plan.probes),
-                "note": plan.note,
-            }
-        )
-
-    def order(row):
-        feasible = row["status"] == "ok"
-        cost = row["hourly_cost"]
-        return (not feasible, cost is None, cost or 0.0, row["gpus"] or 0, -(row["max_rate_per_replica"] or 0.0))
-
-    rows.sort(key=order)
-    for row, on_front in zip(rows, pareto_front(rows)):
-        row["pareto"] = on_front
-    rank = 0
-    for row in rows:
-        if row["status"] == "ok":
-            rank += 1
-            row["rank"] = rank
-    return pa.Table.from_pylist(rows, schema=PLAN_SCHEMA)
-
-
-def pareto_front(rows: Sequence[dict]) -> list[bool]:
-    """Rows with a sustained rate that no other row beats: cheaper-or-equal replica and higher-or-equal
-    rate, strictly better in one."""
-    points = [(row["replica_hourly_cost"], row["max_rate_per_replica"]) for row in rows]
-    front = []
-    for cost, rate in points:
-        if cost is None or rate is None:
-            front.append(False)
-            continue
-        dominated = any(
-            other_cost is not None and other_rate is not None and other_cost <= cost and other_rate >= rate
-            and (other_cost < cost or other_rate > rate)
-            for other_cost, other_rate in points
-        )
-        front.append(not dominated)
-    return front
-
-
-def read_plan(out_dir: str | os.PathLike) -> PlanResult:
-    """A plan written by write_plan."""
-    out = Path(out_dir)
-    missing = [name for name in ("plan.parquet", "probes.parquet", "plan.json") if not (out / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{out} is not a plan folder: missing {', '.join(missing)}")
-    return PlanResult(
-        pq.read_table(out / "plan.parquet").cast(PLAN_SCHEMA),
-        pq.read_table(out / "probes.parquet").cast(PROBES_SCHEMA),
-        json.loads((out / "plan.json").read_text()),
-    )
-
-
-def probes_table(plans: Sequence[ConfigPlan], settings: PlanSettings) -> pa.Table:
-    """Every probe of every configuration (for the latency-versus-rate curves)."""
-    rows = []
-    for plan in plans:
-        for probe in plan.probes:
-            rows.append(
-                {
-                    "gpu": plan.config.gpu,
-                    "tp": plan.config.tp,
-                    "max_num_seqs": plan.config.max_num_seqs,
-                    "phase": probe.phase,
-                    "rate": probe.rate,
-                    "replicas": probe.replicas,
-                    "num_requests": probe.num_requests,
-                    "sustained": probe.sustained,
-                    "stopped_early": probe.stopped_early,
-                    "reason": probe.reason,
-                    "ttft_p99_ms": probe.values_ms.get("ttft_p99"),
-                    "tpot_p99_ms": probe.values_ms.get("tpot_p99"),
-                    "e2el_p99_ms": probe.values_ms.get("e2el_p99"),
-                    "slo_values_ms": [probe.values_ms.get(slo.name) for slo in settings.slos],
-                    "seconds": probe.seconds,
-                }
-            )
-    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
-
-
 def plan(
     trace: Trace,
     configs: Sequence[PlanConfig],
@@ -771,7 +424,7 @@ def plan(
     if not configs:
         raise ValueError("no configurations to plan")
     prices = dict(DEFAULT_PRICES if prices is None else prices)
-    missing = sorted({config.gpu for config in configs if _price(prices, config.gpu) is None})
+    missing = sorted({config.gpu for config in configs if price_of(prices, config.gpu) is None})
     if missing:
         raise ValueError(f"no price for GPU(s) {', '.join(missing)}: give --price {missing[0]}=DOLLARS_PER_GPU_HOUR "
                          f"(defaults exist for {', '.join(DEFAULT_PRICES)})")
@@ -823,34 +476,6 @@ def _to_verify(rows: list[dict], verify_top: int, target_rate: float) -> list[tu
                     row["max_rate_per_replica"] >= (1 - WINDOW_MARGIN) * target_rate / fewer:
                 chosen.append(row)
     return [(row["gpu"], row["tp"], row["max_num_seqs"]) for row in chosen]
-
-
-def write_plan(result: PlanResult, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """plan.csv, plan.parquet, probes.parquet and plan.json in out_dir; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("plan.csv", "plan.parquet", "probes.parquet", "plan.json")}
-    pa_csv.write_csv(result.table, paths["plan.csv"])
-    pq.write_table(result.table, paths["plan.parquet"])
-    pq.write_table(result.probes, paths["probes.parquet"])
-    paths["plan.json"].write_text(json.dumps(result.info, indent=2, sort_keys=True))
-    return paths
-
-
-def format_plan(table: pa.Table, limit: int = 10) -> str:
-    """The top rows of the ranked table as aligned text."""
-    header = f"{'rank':>4} {'config':<22} {'replicas':>8} {'GPUs':>5} {'max req/s':>9} {'$/hour':>8}  calibration"
-    lines = [header, "-" * len(header)]
-    for row in table.to_pylist()[:limit]:
-        config = f"{row['gpu']} tp{row['tp']} seqs{row['max_num_seqs']}"
-        if row["rank"] is None:
-            lines.append(f"{'-':>4} {config:<22} {row['status']}: {row['note'][:70]}")
-            continue
-        lines.append(
-            f"{row['rank']:>4} {config:<22} {row['replicas']:>8} {row['gpus']:>5} "
-            f"{row['max_rate_per_replica']:>9.2f} {row['hourly_cost']:>8.2f}  {row['calibration']}"
-        )
-    return "\n".join(lines)
 
 
 def plan_cli(args) -> int:

@@ -12,22 +12,19 @@ from analysis.metrics import compute_metrics
 from analysis.plan_report import build_plan_report
 from engine.cli import main
 from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.gpu_prices import parse_prices
+from simulator.plan_table import read_plan, write_plan
 from simulator.planner import (
     PlanConfig,
     PlanSettings,
-    SloMonitor,
     parse_int_list,
-    parse_prices,
-    parse_slos,
     plan,
-    read_plan,
     replica_builder,
     run_probe,
     search_config,
-    slo_values,
-    write_plan,
 )
 from simulator.router import make_router
+from simulator.slo import SloMonitor, parse_slos, slo_values
 from traces.arrivals import Poisson
 from traces.synthetic import random_workload
 
