@@ -107,6 +107,9 @@ def replay(
         engine.abort_all(f"error: {type(error).__name__}: {error}")
     finally:
         if gc_was_enabled:
+            # The run's objects live on until the run is written: frozen meanwhile, the collections that
+            # building the tables triggers skip them instead of scanning millions of them again and again.
+            gc.freeze()
             gc.enable()
         progress.close(engine)
 
@@ -127,12 +130,16 @@ def replay(
             **(metadata or {}),
         },
     )
-    path = write_run(
-        out_dir,
-        requests_table(list(engine.request_records.values())),
-        steps_table(engine.step_records),
-        run_meta,
-    )
+    try:
+        path = write_run(
+            out_dir,
+            requests_table(list(engine.request_records.values())),
+            steps_table(engine.step_records),
+            run_meta,
+        )
+    finally:
+        if gc_was_enabled:
+            gc.unfreeze()
     if isinstance(failure, KeyboardInterrupt):
         print(f"interrupted: the finished part is in {path} (marked incomplete)")
     elif failure is not None:
