@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 from engine.clock import VirtualClock, WallClock
-from engine.config import EngineConfig, vllm_default_limits
-
-DEFAULT_MAX_MODEL_LEN_CAP = 32768
+from engine.config import EngineConfig, default_max_model_len, vllm_default_limits
 
 
 # ---- shared pieces
@@ -34,11 +32,10 @@ def load_trace(args: argparse.Namespace):
     return trace
 
 
-def engine_config_from(args, *, model_max_len: int, eos_token_ids, vocab_size: int, gpu_memory_gib: float | None,
-                       num_kv_blocks: int | None = None) -> EngineConfig:
-    """The EngineConfig for these options, filling vLLM's GPU-dependent defaults."""
+def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> EngineConfig:
+    """The EngineConfig for these options and this model, filling vLLM's GPU-dependent defaults."""
     default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
-    max_model_len = args.max_model_len or min(model_max_len, DEFAULT_MAX_MODEL_LEN_CAP)
+    max_model_len = args.max_model_len or default_max_model_len(model_config.max_position_embeddings)
     max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
     if not args.enable_chunked_prefill:
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
@@ -49,9 +46,9 @@ def engine_config_from(args, *, model_max_len: int, eos_token_ids, vocab_size: i
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
-        num_kv_blocks=num_kv_blocks if num_kv_blocks is not None else args.num_gpu_blocks_override,
-        eos_token_ids=tuple(eos_token_ids),
-        vocab_size=vocab_size,
+        num_kv_blocks=args.num_gpu_blocks_override,
+        eos_token_ids=tuple(model_config.eos_token_ids),
+        vocab_size=model_config.vocab_size,
     )
 
 
@@ -95,11 +92,7 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
             ) from None
         spec = None
     config = engine_config_from(
-        args,
-        model_max_len=model_config.max_position_embeddings,
-        eos_token_ids=model_config.eos_token_ids,
-        vocab_size=model_config.vocab_size,
-        gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None,
+        args, model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None
     )
     num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
         spec,
@@ -139,13 +132,7 @@ def build_real_engine(args, device: str):
         import torch
 
         gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    config = engine_config_from(
-        args,
-        model_max_len=model_config.max_position_embeddings,
-        eos_token_ids=model_config.eos_token_ids,
-        vocab_size=model_config.vocab_size,
-        gpu_memory_gib=gpu_memory_gib,
-    )
+    config = engine_config_from(args, model_config, gpu_memory_gib=gpu_memory_gib)
     executor = ModelExecutor(
         args.model,
         config,

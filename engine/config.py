@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+DEFAULT_MAX_MODEL_LEN_CAP = 32768
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -39,3 +41,8 @@ def vllm_default_limits(gpu_memory_gib: float | None) -> tuple[int, int]:
     if gpu_memory_gib is not None and gpu_memory_gib >= 70:
         return 1024, 8192
     return 256, 2048
+
+
+def default_max_model_len(model_max_len: int | None) -> int:
+    """max_model_len when none is given: the model's max_position_embeddings, capped at DEFAULT_MAX_MODEL_LEN_CAP."""
+    return min(model_max_len or DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_MAX_MODEL_LEN_CAP)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.run_schema import STEPS_SCHEMA
-from engine.config import EngineConfig
+from engine.config import EngineConfig, default_max_model_len
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from engine.stats import batch_features
@@ -311,8 +311,7 @@ def profile(
 
     shape = ModelShape.load(model)
     if max_model_len is None:
-        # As `twinfer replay` picks it: the model's own limit, capped at 32768.
-        max_model_len = min(32768, shape.max_position_embeddings or 32768)
+        max_model_len = default_max_model_len(shape.max_position_embeddings)  # as `twinfer replay` picks it
     config = EngineConfig(
         block_size=block_size,
         max_model_len=max_model_len,
