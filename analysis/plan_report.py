@@ -13,6 +13,8 @@ import plotly.offline
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from analysis.report import write_page
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
@@ -191,9 +193,4 @@ def build_plan_report(result, output: str | os.PathLike) -> Path:
         + "<h2>Cost and throughput</h2>" + divs["pareto"]
         + "</body></html>"
     )
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.writing")
-    staging.write_text(page, encoding="utf-8")
-    os.replace(staging, path)
-    return path
+    return write_page(page, output)

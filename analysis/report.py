@@ -330,9 +330,15 @@ def build_report(
         + "".join(figure_html)
         + "</body></html>"
     )
+    out_path = write_page(page, out_path)
+    return ReportContents(path=out_path, num_figures=len(figures), comparisons=tuple(comparisons))
+
+
+def write_page(page: str, out_path: str | os.PathLike) -> Path:
+    """Write an HTML page through a staging file, so that a reader never finds half a report."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_path.with_name(f".{out_path.name}.tmp")
     temporary.write_text(page, encoding="utf-8")
     os.replace(temporary, out_path)
-    return ReportContents(path=out_path, num_figures=len(figures), comparisons=tuple(comparisons))
+    return out_path
