@@ -23,19 +23,27 @@ class ConstantTokenExecutor:
         return StepResult(sampled_token_ids=sampled, duration=0.001)
 
 
+def _finish_prefills(engine: Engine) -> None:
+    """Step until every prompt is computed, so that what is timed next is decoding."""
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.sequences.values()):
+        engine.step()
+
+
+def _timed_step(engine: Engine) -> float:
+    """The CPU time of one engine step, in ms."""
+    start = time.process_time_ns()
+    engine.step()
+    return (time.process_time_ns() - start) / 1e6
+
+
 def decode_steps(num_seqs: int, prompt_len: int, num_steps: int) -> list[float]:
     config = EngineConfig(max_model_len=8192, max_num_seqs=num_seqs, max_num_batched_tokens=8192, num_kv_blocks=40000)
     engine = Engine(config, ConstantTokenExecutor(40000))
     params = SamplingParams(max_tokens=num_steps + 1000, ignore_eos=True)
     for _ in range(num_seqs):
         engine.add_request(prompt_len=prompt_len, sampling_params=params, arrival_time=0.0)
-    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.sequences.values()):
-        engine.step()
-    times = []
-    for _ in range(num_steps):
-        start = time.process_time_ns()
-        engine.step()
-        times.append((time.process_time_ns() - start) / 1e6)
+    _finish_prefills(engine)
+    times = [_timed_step(engine) for _ in range(num_steps)]
     assert all(rec.num_decode_seqs == num_seqs for rec in engine.step_records[-num_steps:])
     return times
 
@@ -47,16 +55,13 @@ def mixed_steps(num_decodes: int, chunk: int, num_steps: int) -> list[float]:
     params = SamplingParams(max_tokens=20000, ignore_eos=True)
     for _ in range(num_decodes):
         engine.add_request(prompt_len=512, sampling_params=params, arrival_time=0.0)
-    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.sequences.values()):
-        engine.step()
+    _finish_prefills(engine)
     # A long prompt keeps arriving chunk by chunk beside the decodes.
     engine.add_request(prompt_len=chunk * (num_steps + 2), sampling_params=SamplingParams(max_tokens=1000, ignore_eos=True))
     engine.step()
     times = []
     for _ in range(num_steps):
-        start = time.process_time_ns()
-        engine.step()
-        times.append((time.process_time_ns() - start) / 1e6)
+        times.append(_timed_step(engine))
         record = engine.step_records[-1]
         assert record.num_prefill_tokens == chunk and record.num_decode_seqs == num_decodes, record
     return times
