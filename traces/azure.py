@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from traces.csv_table import read_csv_columns
-from traces.errors import TraceError
 from traces.schema import Trace
 from traces.source import TraceSource
 from traces.columns import datetimes_ns, token_counts
@@ -19,10 +18,7 @@ COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 def read_azure(path: str | Path, *, name: str | None = None) -> Trace:
     """Read an Azure trace; arrival_time is seconds since its first row, both timestamp styles accepted."""
     source = TraceSource.open(path, kind="csv")
-    columns = read_csv_columns(source)
-    missing = [column for column in COLUMNS if column.lower() not in columns]
-    if missing:
-        raise TraceError(f"not an Azure trace: no column {', '.join(missing)} in the header", source.path, 1)
+    columns = read_csv_columns(source, required=COLUMNS, what="an Azure trace")
     timestamps = datetimes_ns(columns["timestamp"], "TIMESTAMP", source)
     prompt_len = token_counts(columns["contexttokens"], "ContextTokens", source)
     output_len = token_counts(columns["generatedtokens"], "GeneratedTokens", source)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from traces.columns import seconds, token_counts
 from traces.csv_table import read_csv_columns
-from traces.errors import TraceError
 from traces.schema import Trace
 from traces.source import TraceSource
 from traces.trace_builder import build_trace
@@ -19,10 +18,7 @@ SESSION_COLUMN = "Session ID"
 def read_burstgpt(path: str | Path, *, name: str | None = None) -> Trace:
     """Read a BurstGPT trace; failed requests (zero response tokens) are left out and reported in notes."""
     source = TraceSource.open(path, kind="csv")
-    columns = read_csv_columns(source)
-    missing = [column for column in COLUMNS if column.lower() not in columns]
-    if missing:
-        raise TraceError(f"not a BurstGPT trace: no column {', '.join(missing)} in the header", source.path, 1)
+    columns = read_csv_columns(source, required=COLUMNS, what="a BurstGPT trace")
     session = columns.get(SESSION_COLUMN.lower())
     return build_trace(
         source=source,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -36,8 +37,9 @@ def column_key(name: str) -> str:
     return name.strip().lower()
 
 
-def read_csv_columns(source: TraceSource) -> dict[str, pa.Array]:
-    """Every column as strings, keyed by column_key(name); rows with the wrong field count name their line."""
+def read_csv_columns(source: TraceSource, *, required: Sequence[str] = (), what: str = "a trace") -> dict[str, pa.Array]:
+    """Every column as strings, keyed by column_key(name); rows with the wrong field count name their line,
+    a header without a `required` column is refused as not `what`."""
     names = csv_header(source)
     try:
         table = pa_csv.read_csv(
@@ -51,7 +53,11 @@ def read_csv_columns(source: TraceSource) -> dict[str, pa.Array]:
         raise TraceError(f"malformed CSV: {error}", source.path) from None
     if table.num_rows == 0:
         raise TraceError("empty trace: the file has a header but no request rows", source.path)
-    return {column_key(name): column.combine_chunks() for name, column in zip(table.column_names, table.columns)}
+    columns = {column_key(name): column.combine_chunks() for name, column in zip(table.column_names, table.columns)}
+    missing = [name for name in required if column_key(name) not in columns]
+    if missing:
+        raise TraceError(f"not {what}: no column {', '.join(missing)} in the header", source.path, 1)
+    return columns
 
 
 def _locate_malformed_row(source: TraceSource, num_columns: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from traces.arrivals import AllAtOnce, ArrivalProcess
 from traces.columns import token_counts
 from traces.csv_table import read_csv_columns
-from traces.errors import TraceError, TraceWarning
+from traces.errors import TraceWarning
 from traces.schema import Trace
 from traces.source import TraceSource
 from traces.trace_builder import build_trace
@@ -21,10 +21,7 @@ def read_length_table(
 ) -> Trace:
     """Read a length table; arrival times are drawn from `arrivals` (all at once, with a warning, if None)."""
     source = TraceSource.open(path, kind="csv")
-    columns = read_csv_columns(source)
-    missing = [column for column in COLUMNS if column not in columns]
-    if missing:
-        raise TraceError(f"not a length table: no column {', '.join(missing)} in the header", source.path, 1)
+    columns = read_csv_columns(source, required=COLUMNS, what="a length table")
     prompt_len = token_counts(columns["num_prefill_tokens"], "num_prefill_tokens", source)
     output_len = token_counts(columns["num_decode_tokens"], "num_decode_tokens", source)
     notes = []
