@@ -112,6 +112,8 @@ def _is_parquet(path: Path) -> bool:
 def _parquet_columns(source: TraceSource) -> tuple[dict[str, pa.Array], dict]:
     try:
         table = pq.read_table(pa.BufferReader(source.data))
+        # A corrupted file can decode into invalid values (strings that are not UTF-8): catch them here.
+        table.validate(full=True)
     except (pa.ArrowException, OSError) as error:
         raise TraceError(f"unreadable Parquet file: {error}", source.path) from None
     if table.num_rows == 0:
