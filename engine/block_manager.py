@@ -23,7 +23,7 @@ class BlockView:
     block_id: int
     ref_count: int
     block_hash: int | None
-    """The hash the prefix cache finds this block by, None when it is not findable."""
+    """The hash the prefix cache finds this block by, None when it is not findable (or not yet registered)."""
 
 
 class BlockManager:
@@ -41,6 +41,14 @@ class BlockManager:
     - a sequence's first num_committed_blocks blocks are the ones with a hash (freed into the FIFO);
     - a committed block whose hash another block already owns (a twin) is in `_twins`: it carries the
       hash but is not findable, and reusing it must leave the owner's entry alone.
+
+    Registration is deferred for prefixes no other sequence shares. Blocks can only meet in the cache
+    (equal chained hashes) when their sequences start with the same first block. So the first sequence
+    with a given first-block ("root") hash registers only that root; its deeper blocks stay out of
+    hash_to_block, unhashed, until another sequence with the same root looks it up or registers it
+    (then they are registered, those not evicted since, and the root counts as shared from then on).
+    hash_to_block then holds what registering every block would have left in it for every key a lookup
+    can reach: most traces share no prefix, and most blocks are then never hashed nor registered.
     """
 
     # Compact the cached FIFO once this many consumed entries sit at its head.
@@ -62,6 +70,14 @@ class BlockManager:
         self._dead_entries: dict[int, int] = {}
         self._num_cached_free = 0
         self._twins: set[int] = set()
+        # Deferred registration (see the class docstring): the one sequence of each unshared root, the
+        # sequences deferring, the committed blocks of those freed since (and their count), roots shared,
+        # and the hashes of blocks registered late while free (their FIFO entries have no hash).
+        self._root_owners: dict[int, Sequence] = {}
+        self._deferring: set[int] = set()
+        self._freed_tables: dict[int, tuple[list[int], int]] = {}
+        self._shared_roots: set[int] = set()
+        self._late_hashes: dict[int, int] = {}
         # The sequence that committed each block, to verify a hit: at the depth looked up, its chain hash
         # must be the one found and its tokens those of the sequence looking (computed tokens never change).
         self._block_sources: list[Sequence | None] = [None] * num_blocks
@@ -140,6 +156,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        if max_blocks == 0:
+            return []
+        self._ensure_hashes(seq, 1)
+        root = seq.block_hashes[0]
+        owner = self._root_owners.get(root)
+        if owner is not None:
+            self._register_deferred(owner)
+        if root not in self.hash_to_block:
+            return []
         self._ensure_hashes(seq, max_blocks)
         size = self.block_size
         found: list[int] = []
@@ -176,17 +201,56 @@ class BlockManager:
         first = seq.num_committed_blocks
         if num_full_blocks <= first:
             return
-        self._ensure_hashes(seq, num_full_blocks)
         blocks = seq.block_table[first:num_full_blocks]
-        digests = seq.block_hashes[first:num_full_blocks]
         sources = self._block_sources
         for block_id in blocks:
             sources[block_id] = seq
+        if first == 0:
+            self._ensure_hashes(seq, 1)
+            root = seq.block_hashes[0]
+            owner = self._root_owners.get(root)
+            if owner is not None and owner is not seq:
+                self._register_deferred(owner)
+            elif owner is None and root not in self._shared_roots:
+                self._root_owners[root] = seq
+                self._deferring.add(seq.seq_id)
+        if seq.seq_id in self._deferring:
+            if first == 0:
+                self._register([seq.block_hashes[0]], blocks[:1])
+            seq.num_committed_blocks = num_full_blocks
+            return
+        self._ensure_hashes(seq, num_full_blocks)
+        self._register(seq.block_hashes[first:num_full_blocks], blocks)
+        seq.num_committed_blocks = num_full_blocks
+
+    def _register(self, digests: list[int], blocks: list[int]) -> None:
         # The first block to register a hash keeps it: a later one with the same hash is a twin.
         hash_to_block = self.hash_to_block
         if list(map(hash_to_block.setdefault, digests, blocks)) != blocks:
             self._twins.update(b for d, b in zip(digests, blocks) if hash_to_block[d] != b)
-        seq.num_committed_blocks = num_full_blocks
+
+    def defers(self, seq: Sequence) -> bool:
+        """Whether seq's deeper blocks are registered later (its prefix is shared by no other sequence)."""
+        return seq.seq_id in self._deferring
+
+    def _register_deferred(self, owner: Sequence) -> None:
+        """Register the deferred blocks of owner not evicted since; its root is shared from now on."""
+        root = owner.block_hashes[0]
+        del self._root_owners[root]
+        self._deferring.discard(owner.seq_id)
+        self._shared_roots.add(root)
+        table, num_committed = self._freed_tables.pop(owner.seq_id, (owner.block_table, owner.num_committed_blocks))
+        self._ensure_hashes(owner, num_committed)
+        sources, free, hash_to_block = self._block_sources, self._free, self.hash_to_block
+        for index in range(1, num_committed):
+            block_id = table[index]
+            if sources[block_id] is not owner:
+                continue  # evicted since (eviction clears the source)
+            digest = owner.block_hashes[index]
+            if hash_to_block.setdefault(digest, block_id) != block_id:
+                self._twins.add(block_id)
+            elif block_id in free:
+                self._late_hashes[block_id] = digest  # its FIFO entry has no hash to evict it by
 
     def registers_independently(self, digests: list[int]) -> bool:
         """Whether registering digests commutes with allocations: none repeats, none is owned by a free
@@ -277,6 +341,15 @@ class BlockManager:
         self._cached_head = head
         self._num_cached_free -= count
         self.num_evictions += count
+        sources = self._block_sources
+        for block_id in victims:
+            sources[block_id] = None
+        if self._late_hashes:
+            late = self._late_hashes
+            for index, block_id in enumerate(victims):
+                digest = late.pop(block_id, None)
+                if digests[index] is None:
+                    digests[index] = digest
         hash_to_block = self.hash_to_block
         twins = self._twins
         if not twins or twins.isdisjoint(victims):
@@ -320,7 +393,14 @@ class BlockManager:
         self._uncached_free += reversed(uncached)
         if cached is None:
             self._cached_queue += reversed(table[:num_committed])
-            self._cached_queue_hashes += reversed(seq.block_hashes[:num_committed])
+            if seq.seq_id in self._deferring:
+                # Only the root is registered: deeper entries carry no hash (see _register_deferred).
+                self._freed_tables[seq.seq_id] = (table, num_committed)
+                if num_committed:
+                    self._cached_queue_hashes += repeat(None, num_committed - 1)
+                    self._cached_queue_hashes.append(seq.block_hashes[0])
+            else:
+                self._cached_queue_hashes += reversed(seq.block_hashes[:num_committed])
             self._num_cached_free += num_committed
         else:
             self._cached_queue += (block_id for block_id, _ in reversed(cached))

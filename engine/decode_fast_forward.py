@@ -205,7 +205,8 @@ def _registrations_commute(manager, running, num_steps: int) -> bool:
     for seq in running:
         num_full = (seq.num_computed_tokens + num_steps) // block_size
         first = seq.num_committed_blocks
-        if num_full > first:
+        # A deferring sequence registers no hash another sequence can meet (see BlockManager).
+        if num_full > first and not manager.defers(seq):
             manager._ensure_hashes(seq, num_full)
             registered += seq.block_hashes[first:num_full]
     return not registered or manager.registers_independently(registered)
