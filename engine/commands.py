@@ -249,7 +249,7 @@ def run_report(args) -> int:
     from analysis.report import build_report
     from analysis.run_store import read_run
 
-    path = build_report([read_run(run) for run in args.runs], args.output)
+    path = build_report([read_run(run) for run in args.runs], args.output, step_predictor_for=step_predictor_of)
     print(f"report written to {path}")
     return 0
 
