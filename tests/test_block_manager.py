@@ -94,3 +94,19 @@ def test_bad_engine_config_is_rejected():
         EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=512, max_model_len=4096)
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(0, 16)
+
+
+def test_an_unshared_prefix_is_findable_once_another_sequence_shares_its_first_block():
+    manager = BlockManager(8, 2)
+    first = make_seq(0, [1, 2, 3, 4, 5, 6, 7])
+    manager.allocate(first, [], 7)
+    compute(manager, first, 7)
+    # No other sequence starts like it: only its first block is registered so far.
+    assert list(manager.hash_to_block.values()) == first.block_table[:1]
+    table = list(first.block_table)
+    manager.free(first)
+    # Reuse takes the 5 uncached blocks, then evicts first's tail block.
+    hog = make_seq(1, [99] * 12)
+    manager.allocate(hog, [], 12)
+    assert manager.find_cached_prefix(make_seq(2, [1, 2, 3, 4, 5, 6, 9])) == table[:2]
+    assert sorted(manager.hash_to_block.values()) == sorted(table[:2])
