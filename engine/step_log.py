@@ -1,8 +1,7 @@
-"""The engine's step records, kept as typed columns so millions of simulated steps stay cheap."""
+"""The engine's step records, kept compactly so millions of simulated steps stay cheap."""
 
 import bisect
 import dataclasses
-from array import array
 from itertools import chain
 
 import numpy as np
@@ -11,6 +10,7 @@ from engine.stats import StepRecord
 
 COLUMNS = [field.name for field in dataclasses.fields(StepRecord)]
 FLOAT_COLUMNS = {"start_time", "duration", "prefill_attention_work"}
+_START, _DURATION = COLUMNS.index("start_time"), COLUMNS.index("duration")
 
 
 class StepLog:
@@ -22,11 +22,8 @@ class StepLog:
     """
 
     def __init__(self) -> None:
-        self.columns: dict[str, array] = {
-            name: array("d" if name in FLOAT_COLUMNS else "q") for name in COLUMNS
-        }
-        """The rows appended one at a time (decode runs are kept apart, see append_decode_run)."""
-        self._appenders = [self.columns[name].append for name in COLUMNS]
+        self._rows: list[tuple] = []
+        """The steps appended one at a time, as value tuples (decode runs are kept apart, see append_decode_run)."""
         self._num_rows = 0
         # Decode runs, one entry per run in each list: the row where it starts, its first step number,
         # [start, end of step 0, end of step 1, ...], decoding sequences, context read by its first step,
@@ -50,8 +47,7 @@ class StepLog:
 
     def append(self, *values) -> None:
         """Add one step, values in StepRecord's field order."""
-        for append, value in zip(self._appenders, values):
-            append(value)
+        self._rows.append(values)
         self._num_rows += 1
 
     def append_decode_run(
@@ -94,13 +90,14 @@ class StepLog:
         """When the last step started."""
         if self._last_run_covers_end():
             return self._run_times[-1][-2]
-        return self.columns["start_time"][-1]
+        return self._rows[-1][_START]
 
     def set_last_duration(self, duration: float) -> None:
         if self._last_run_covers_end():
             self._duration_overrides[self._num_rows - 1] = duration
         else:
-            self.columns["duration"][-1] = duration
+            row = self._rows[-1]
+            self._rows[-1] = (*row[:_DURATION], float(duration), *row[_DURATION + 1 :])
 
     def __len__(self) -> int:
         return self._num_rows
@@ -119,7 +116,7 @@ class StepLog:
                 self._run_graph[run], num_seqs,
             )  # fmt: skip
         plain = index - (self._run_rows_before[run] + len(self._run_times[run]) - 1 if run >= 0 else 0)
-        return StepRecord(*(self.columns[name][plain] for name in COLUMNS))
+        return StepRecord(*self._rows[plain])
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -136,12 +133,13 @@ class StepLog:
 
     def numpy_columns(self) -> dict[str, np.ndarray]:
         """Every column as a numpy array (copies, so the log can keep growing)."""
+        values_by_column = zip(*self._rows) if self._rows else [()] * len(COLUMNS)
         plain = {
-            name: np.frombuffer(column, dtype=np.float64 if name in FLOAT_COLUMNS else np.int64)
-            for name, column in self.columns.items()
+            name: np.array(values, dtype=np.float64 if name in FLOAT_COLUMNS else np.int64)
+            for name, values in zip(COLUMNS, values_by_column)
         }
         if not self._run_rows:
-            return {name: values.copy() for name, values in plain.items()}
+            return plain
         # The columns are millions of rows: each is written once, straight into its own array, with
         # hardly any temporary of that size (fresh memory costs page faults that would dominate).
         total = self._num_rows
