@@ -53,6 +53,17 @@ def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> E
 
 
 def _print_summary(run_path: Path, goodput, save_result) -> None:
+    import gc
+
+    # The engine's millions of objects are still alive: keep the collector from scanning them again.
+    gc.freeze()
+    try:
+        _summarize(run_path, goodput, save_result)
+    finally:
+        gc.unfreeze()
+
+
+def _summarize(run_path: Path, goodput, save_result) -> None:
     from analysis.metrics import compute_metrics
     from analysis.run_store import read_run
     from analysis.summary import parse_goodput, print_summary, save_result_json
