@@ -154,8 +154,9 @@ def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, m
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.writing-"))
     try:
-        _write_file(staging / REQUESTS_FILE, lambda f: pq.write_table(requests, f))
-        _write_file(staging / STEPS_FILE, lambda f: pq.write_table(steps, f))
+        # zstd: smaller than the default snappy on these tables (about half) and no slower to write.
+        _write_file(staging / REQUESTS_FILE, lambda f: pq.write_table(requests, f, compression="zstd"))
+        _write_file(staging / STEPS_FILE, lambda f: pq.write_table(steps, f, compression="zstd"))
         _write_file(staging / METADATA_FILE, lambda f: f.write(metadata_text.encode()))
         if out_dir.exists():
             # rename() cannot replace a non-empty folder: move the old run aside first, so readers see
