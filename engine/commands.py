@@ -37,7 +37,8 @@ def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> E
     default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
     max_model_len = args.max_model_len or default_max_model_len(model_config.max_position_embeddings)
     max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
-    if not args.enable_chunked_prefill:
+    if not args.enable_chunked_prefill and args.max_num_batched_tokens is None:
+        # Without chunking every prompt must fit one step; an explicit smaller budget is an error (EngineConfig).
         max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
     return EngineConfig(
         block_size=args.block_size,

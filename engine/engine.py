@@ -33,6 +33,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.sequences: dict[str, Sequence] = {}
         self.rejected: dict[str, RequestRecord] = {}
+        self._request_order: list[str] = []
         self.step_records = StepLog()
         self.num_finished = 0
         """Requests finished or aborted so far (rejected ones are in self.rejected)."""
@@ -81,6 +82,7 @@ class Engine:
                 f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
             )
 
+        self._request_order.append(request_id)
         reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
         if reason:
             self.rejected[request_id] = RequestRecord(
@@ -116,23 +118,32 @@ class Engine:
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         """Stop a request that has not finished; it is recorded as aborted with the reason."""
+        if request_id in self.rejected:
+            return
         seq = self.sequences[request_id]
         if seq.is_finished:
             return
-        now = self.clock.now()
         if seq.status is SequenceStatus.WAITING and seq not in self.scheduler.waiting:
             self._pending = [entry for entry in self._pending if entry[2] is not seq]
             heapq.heapify(self._pending)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = reason
-            seq.finish_time = now
+            self._abort_pending(seq, reason)
         else:
-            self.scheduler.abort(seq, reason, now)
+            self.scheduler.abort(seq, reason, self.clock.now())
+            seq.finish_reason = f"aborted: {reason}"
+            self.num_finished += 1
+
+    def _abort_pending(self, seq: Sequence, reason: str) -> None:
+        # It never arrived: its finish is no earlier than its arrival, so its latency is not negative.
+        seq.status = SequenceStatus.FINISHED
         seq.finish_reason = f"aborted: {reason}"
+        seq.finish_time = max(self.clock.now(), seq.arrival_time)
         self.num_finished += 1
 
     def abort_all(self, reason: str) -> None:
         """Abort every request not yet finished (an interrupted run keeps what finished)."""
+        pending, self._pending = self._pending, []
+        for _, _, seq in pending:
+            self._abort_pending(seq, reason)
         for request_id, seq in self.sequences.items():
             if not seq.is_finished:
                 self.abort(request_id, reason)
@@ -261,4 +272,4 @@ class Engine:
                 token_times=seq.token_times,
             )
         records.update(self.rejected)
-        return records
+        return {request_id: records[request_id] for request_id in self._request_order}

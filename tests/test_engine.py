@@ -246,3 +246,19 @@ def test_abort_keeps_finished_requests_and_marks_the_rest():
     assert records["later"].status == "aborted"
     assert engine.block_manager.num_free_blocks == 20
     assert not engine.has_unfinished()
+
+
+def test_abort_of_rejected_and_not_yet_arrived_requests():
+    config = EngineConfig(block_size=4, max_model_len=16, num_kv_blocks=20)
+    engine = Engine(config, PagedEchoExecutor(20, 4))
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=2), request_id="a", arrival_time=0)
+    engine.add_request(prompt_len=30, sampling_params=SamplingParams(max_tokens=2), request_id="too-long")
+    engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=2), request_id="late", arrival_time=50)
+    engine.step()
+    engine.abort("too-long")  # already rejected: nothing to do, no error
+    engine.abort_all("interrupted")
+    records = engine.request_records
+    assert list(records) == ["a", "too-long", "late"]  # the order they were added, rejected ones included
+    assert records["too-long"].status == "rejected"
+    late = records["late"]
+    assert late.status == "aborted" and late.finish_time >= late.arrival_time
