@@ -40,7 +40,8 @@ class BlockManager:
       leaves a dead entry there, counted in `_dead_entries` and skipped when the FIFO is consumed;
     - a sequence's first num_committed_blocks blocks are the ones with a hash (freed into the FIFO);
     - a committed block whose hash another block already owns (a twin) is in `_twins`: it carries the
-      hash but is not findable, and reusing it must leave the owner's entry alone.
+      hash but is not findable while the owner is cached, and reusing it must leave the owner's entry
+      alone; when the owner is evicted, the oldest remaining twin becomes findable in its place.
 
     Registration is deferred for prefixes no other sequence shares. Blocks can only meet in the cache
     (equal chained hashes) when their sequences start with the same first block. So the first sequence
@@ -70,6 +71,9 @@ class BlockManager:
         self._dead_entries: dict[int, int] = {}
         self._num_cached_free = 0
         self._twins: set[int] = set()
+        # The twins of each hash in registration order: when the block owning a hash is evicted, the
+        # oldest remaining twin takes the hash over (as vLLM keeps a hash while any block with it remains).
+        self._twins_of: dict[int, list[int]] = {}
         # Deferred registration (see the class docstring): the one sequence of each unshared root, the
         # sequences deferring, the committed blocks of those freed since (and their count), roots shared,
         # and the hashes of blocks registered late while free (their FIFO entries have no hash).
@@ -227,7 +231,9 @@ class BlockManager:
         # The first block to register a hash keeps it: a later one with the same hash is a twin.
         hash_to_block = self.hash_to_block
         if list(map(hash_to_block.setdefault, digests, blocks)) != blocks:
-            self._twins.update(b for d, b in zip(digests, blocks) if hash_to_block[d] != b)
+            for digest, block_id in zip(digests, blocks):
+                if hash_to_block[digest] != block_id:
+                    self._add_twin(digest, block_id)
 
     def defers(self, seq: Sequence) -> bool:
         """Whether seq's deeper blocks are registered later (its prefix is shared by no other sequence)."""
@@ -248,7 +254,7 @@ class BlockManager:
                 continue  # evicted since (eviction clears the source)
             digest = owner.block_hashes[index]
             if hash_to_block.setdefault(digest, block_id) != block_id:
-                self._twins.add(block_id)
+                self._add_twin(digest, block_id)
             elif block_id in free:
                 self._late_hashes[block_id] = digest  # its FIFO entry has no hash to evict it by
 
@@ -352,15 +358,32 @@ class BlockManager:
                     digests[index] = digest
         hash_to_block = self.hash_to_block
         twins = self._twins
-        if not twins or twins.isdisjoint(victims):
+        if not twins:
             deque(map(hash_to_block.pop, digests, repeat(None)), maxlen=0)
         else:
             for digest, block_id in zip(digests, victims):
                 if block_id in twins:
-                    twins.discard(block_id)  # the hash belongs to another block
+                    self._drop_twin(digest, block_id)  # the hash belongs to another block
                 elif hash_to_block.get(digest) == block_id:
-                    del hash_to_block[digest]
+                    successors = self._twins_of.get(digest)
+                    if successors:
+                        successor = successors[0]
+                        self._drop_twin(digest, successor)
+                        hash_to_block[digest] = successor
+                    else:
+                        del hash_to_block[digest]
         return victims
+
+    def _add_twin(self, digest: int, block_id: int) -> None:
+        self._twins.add(block_id)
+        self._twins_of.setdefault(digest, []).append(block_id)
+
+    def _drop_twin(self, digest: int, block_id: int) -> None:
+        self._twins.discard(block_id)
+        successors = self._twins_of[digest]
+        successors.remove(block_id)
+        if not successors:
+            del self._twins_of[digest]
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; cached ones stay findable until evicted, the tail of seq evicted first."""

@@ -110,3 +110,19 @@ def test_an_unshared_prefix_is_findable_once_another_sequence_shares_its_first_b
     manager.allocate(hog, [], 12)
     assert manager.find_cached_prefix(make_seq(2, [1, 2, 3, 4, 5, 6, 9])) == table[:2]
     assert sorted(manager.hash_to_block.values()) == sorted(table[:2])
+
+
+def test_a_twin_keeps_the_prefix_findable_after_the_first_copy_is_evicted():
+    # Two requests compute the same blocks in the same step: the second copy is a twin. As in vLLM, the hash
+    # stays findable while any copy of the block remains cached.
+    manager = BlockManager(8, 2)
+    first, second = make_seq(0, [1, 2, 3, 4, 5]), make_seq(1, [1, 2, 3, 4, 5])
+    for seq in (first, second):
+        manager.allocate(seq, [], 5)
+    for seq in (first, second):
+        compute(manager, seq, 5)
+    twin_blocks = second.block_table[:2]
+    manager.free(first)
+    manager.free(second)
+    manager.take(6)  # the 4 uncached blocks, then the two least recently freed cached ones: the first copy
+    assert manager.find_cached_prefix(make_seq(2, [1, 2, 3, 4, 5])) == twin_blocks
