@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from engine.clock import VirtualClock, WallClock
-from engine.config import EngineConfig, default_max_model_len, vllm_default_limits
+from engine.config import EngineConfig, default_max_model_len, engine_config_for
 
 
 # ---- shared pieces
@@ -33,23 +33,17 @@ def load_trace(args: argparse.Namespace):
 
 
 def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> EngineConfig:
-    """The EngineConfig for these options and this model, filling vLLM's GPU-dependent defaults."""
-    default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
-    max_model_len = args.max_model_len or default_max_model_len(model_config.max_position_embeddings)
-    max_num_batched_tokens = args.max_num_batched_tokens or default_tokens
-    if not args.enable_chunked_prefill and args.max_num_batched_tokens is None:
-        # Without chunking every prompt must fit one step; an explicit smaller budget is an error (EngineConfig).
-        max_num_batched_tokens = max(max_num_batched_tokens, max_model_len)
-    return EngineConfig(
+    """The EngineConfig for these command-line options and this model."""
+    return engine_config_for(
+        model_config,
+        max_model_len=args.max_model_len or default_max_model_len(model_config.max_position_embeddings),
+        gpu_memory_gib=gpu_memory_gib,
         block_size=args.block_size,
-        max_model_len=max_model_len,
-        max_num_seqs=args.max_num_seqs or default_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
         num_kv_blocks=args.num_gpu_blocks_override,
-        eos_token_ids=tuple(model_config.eos_token_ids),
-        vocab_size=model_config.vocab_size,
     )
 
 
@@ -59,21 +53,23 @@ def _print_summary(run_path: Path, goodput, save_result) -> None:
     # The engine's millions of objects are still alive: keep the collector from scanning them again.
     gc.freeze()
     try:
-        _summarize(run_path, goodput, save_result)
+        summarize(run_path, goodput, save_result)
     finally:
         gc.unfreeze()
 
 
-def _summarize(run_path: Path, goodput, save_result) -> None:
+def summarize(run_path, goodput, save_result, percentiles=None) -> None:
+    """Print a run's metrics in vLLM's layout, and save them as vLLM-style JSON when asked."""
     from analysis.metrics import compute_metrics
     from analysis.run_store import read_run
-    from analysis.summary import parse_goodput, print_summary, save_result_json
+    from analysis.summary import DEFAULT_PERCENTILES, parse_goodput, print_summary, save_result_json
 
+    percentiles = percentiles or DEFAULT_PERCENTILES
     run = read_run(run_path)
     metrics = compute_metrics(run, goodput=parse_goodput(goodput) if goodput else None)
-    print_summary(metrics)
+    print_summary(metrics, percentiles)
     if save_result:
-        save_result_json(metrics, save_result)
+        save_result_json(metrics, save_result, percentiles)
         print(f"result JSON: {save_result}")
 
 
@@ -221,16 +217,7 @@ def run_simulate(args) -> int:
 
 
 def run_summary(args) -> int:
-    from analysis.metrics import compute_metrics
-    from analysis.run_store import read_run
-    from analysis.summary import parse_goodput, print_summary, save_result_json
-
-    run = read_run(args.run)
-    percentiles = [float(p) for p in args.percentiles.split(",") if p]
-    metrics = compute_metrics(run, goodput=parse_goodput(args.goodput) if args.goodput else None)
-    print_summary(metrics, percentiles)
-    if args.save_result:
-        save_result_json(metrics, args.save_result, percentiles)
+    summarize(args.run, args.goodput, args.save_result, [float(p) for p in args.percentiles.split(",") if p])
     return 0
 
 

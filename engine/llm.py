@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.clock import WallClock
-from engine.config import EngineConfig, vllm_default_limits
+from engine.config import engine_config_for
 from engine.engine import Engine
 from engine.model_config import is_preset, load_model_config
 from engine.model_executor import ModelExecutor
@@ -76,21 +76,18 @@ class LLM:
             if not on_cuda:
                 max_model_len = min(max_model_len, CPU_DEFAULT_MAX_MODEL_LEN)
         gpu_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30 if on_cuda else None
-        default_seqs, default_tokens = vllm_default_limits(gpu_gib)
-        max_num_seqs = max_num_seqs or default_seqs
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = default_tokens if enable_chunked_prefill else max(default_tokens, max_model_len)
         eos_ids = tuple(dict.fromkeys(model_config.eos_token_ids + _generation_eos_ids(model)))
-        self.engine_config = EngineConfig(
-            block_size=block_size,
+        self.engine_config = engine_config_for(
+            model_config,
             max_model_len=max_model_len,
+            gpu_memory_gib=gpu_gib,
+            block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
             enable_chunked_prefill=enable_chunked_prefill,
             num_kv_blocks=num_gpu_blocks_override,
             eos_token_ids=eos_ids,
-            vocab_size=model_config.vocab_size,
         )
         self.model_config = model_config
         self.tokenizer = self._load_tokenizer(tokenizer or model)

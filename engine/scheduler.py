@@ -8,6 +8,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import Sequence, SequenceStatus
+from engine.stats import summarize_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,9 @@ class Scheduler:
                 )
             )
         released, self._released_seq_ids = self._released_seq_ids, []
-        output = SchedulerOutput(step=self._step, sequences=sequences, finished_seq_ids=released)
+        output = SchedulerOutput(
+            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences)
+        )
         self._step += 1
         self._scheduled = scheduled
         return output

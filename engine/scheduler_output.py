@@ -1,6 +1,7 @@
 """The seam between deciding and doing: what the scheduler asks an executor to run."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -47,6 +48,9 @@ class SchedulerOutput:
     """Decodes and prefill chunks of running requests first, newly admitted ones after."""
     finished_seq_ids: list[int] = field(default_factory=list)
     """Sequences that finished, were preempted or aborted since the last step (free their state)."""
+    features: Any = None
+    """The batch's BatchFeatures (engine/stats.py), summarized once by the scheduler for the step log and
+    any cost model; None on outputs built elsewhere (engine.stats.batch_features then computes them)."""
 
     @property
     def num_batched_tokens(self) -> int:

@@ -66,11 +66,18 @@ class BatchFeatures:
 
 
 def batch_features(scheduler_output) -> BatchFeatures:
-    """Summarize a SchedulerOutput into the step columns that describe its batch."""
+    """The step columns that describe a SchedulerOutput's batch (the scheduler's summary when it has one)."""
+    if scheduler_output.features is not None:
+        return scheduler_output.features
+    return summarize_batch(scheduler_output.sequences)
+
+
+def summarize_batch(sequences) -> BatchFeatures:
+    """Summarize scheduled sequences into the step columns that describe their batch."""
     num_prefill_seqs = num_prefill_tokens = num_decode_seqs = 0
     decode_context_tokens = prefill_context_tokens = 0
     prefill_attention_work = 0.0
-    for seq in scheduler_output.sequences:
+    for seq in sequences:
         num_new = len(seq.token_ids)
         if seq.is_decode:
             num_decode_seqs += 1
