@@ -104,7 +104,7 @@ class Sampler:
         return perturbed_argmax(logits, temperatures, noise)
 
 
-@fusable
+@fusable("engine.kernels.perturbed_argmax:perturbed_argmax")
 def perturbed_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Per row: argmax(logits / T - log E), which samples softmax(logits / T); rows with T = 0 take the argmax.
 

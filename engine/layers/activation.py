@@ -7,7 +7,7 @@ from torch import nn
 from engine.layers.fusion import fusable
 
 
-@fusable
+@fusable("engine.kernels.silu_and_mul:silu_and_mul")
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu of the first half of the last dimension times the second half."""
     gate, up = x.chunk(2, dim=-1)

@@ -6,7 +6,7 @@ from torch import nn
 from engine.layers.fusion import fusable
 
 
-@fusable
+@fusable("engine.kernels.rms_norm:rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, normalizing in float32 and casting back before the weight, as transformers does."""
     x32 = x.float()
@@ -14,7 +14,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-@fusable
+@fusable("engine.kernels.rms_norm:add_rms_norm")
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual)."""
     x = x + residual

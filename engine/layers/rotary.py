@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.layers.fusion import fusable
+from engine.layers.norm import RMSNorm, rms_norm
 from engine.model_config import RopeConfig
 
 
@@ -39,8 +40,14 @@ class RotaryEmbedding(nn.Module):
         table = torch.cat([angles.cos(), angles.sin()], dim=-1)
         self.register_buffer("cos_sin", table.to(torch.get_default_device()), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(positions, q, k, self.cos_sin)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (q, k); given per-head norms (Qwen3), q and k are normalized first, in the same kernel when fused."""
+        if q_norm is None:
+            return apply_rotary(positions, q, k, self.cos_sin)
+        if q_norm.eps != k_norm.eps:
+            raise ValueError(f"RotaryEmbedding: q_norm eps {q_norm.eps} differs from k_norm eps {k_norm.eps}")
+        return norm_and_rotate(positions, q, k, self.cos_sin, q_norm.weight, k_norm.weight, q_norm.eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,8 +55,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-@fusable
+@fusable("engine.kernels.rotary:apply_rotary")
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     """Rotate q and k [tokens, heads, head_dim] by the angles of their positions (float32 math)."""
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@fusable("engine.kernels.rotary:norm_and_rotate")
+def norm_and_rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+                    q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float):
+    """Per-head RMSNorm of q and k (Qwen3's q_norm and k_norm over head_dim), then apply_rotary."""
+    return apply_rotary(positions, rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos_sin)

@@ -36,9 +36,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        # Qwen3's per-head q/k norms run inside the rotary kernel: one launch for both.
+        q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
         out = self.attn(q, k, v, metadata)
         return self.o_proj(out.flatten(1))
 

@@ -1,0 +1,128 @@
+"""Triton RMSNorm, optionally adding the residual first, in one launch.
+
+Same numerics as engine.layers.norm: the sum x + residual is rounded to its dtype, normalized in
+float32, cast back to that dtype, and only then multiplied by the weight. Rows are the last axis of
+x (up to 16384 wide); x may be [rows, width] or [tokens, heads, width] with any strides outside the
+last axis, so the per-head q/k norm can read straight from the packed qkv projection.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WIDTH = 16384
+# Elements one program normalizes: narrow rows (a head of q or k) are packed several to a program.
+_TILE_ELEMENTS = 2048
+
+
+@triton.jit(
+    do_not_specialize=["num_rows", "heads", "x_stride_token", "x_stride_head", "res_stride_token", "res_stride_head"],
+    do_not_specialize_on_alignment=["x_ptr", "residual_ptr"],
+)
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    sum_ptr,
+    num_rows,
+    heads,
+    x_stride_token,
+    x_stride_head,
+    res_stride_token,
+    res_stride_head,
+    eps,
+    WIDTH: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_WIDTH: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
+    cols = tl.arange(0, BLOCK_WIDTH)[None, :]
+    mask = (rows < num_rows) & (cols < WIDTH)
+    token = rows // heads
+    head = rows % heads
+    x = tl.load(x_ptr + token * x_stride_token + head * x_stride_head + cols, mask=mask, other=0.0)
+    out_offsets = rows * WIDTH + cols
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + token * res_stride_token + head * res_stride_head + cols, mask=mask, other=0.0
+        )
+        # Rounded to the sum's dtype before normalizing, as torch's x + residual is.
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + out_offsets, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) / WIDTH + eps)[:, None]
+    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+    # The product of two values of at most 16-bit dtypes is exact in float32: one rounding, as torch does.
+    tl.store(out_ptr + out_offsets, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, heads, stride per token, stride per head) reading t as [tokens, heads, width] rows."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    if t.dim() == 2:
+        return t, 1, t.stride(0), 0
+    if t.dim() == 3:
+        return t, t.shape[1], t.stride(0), t.stride(1)
+    t = t.reshape(-1, t.shape[-1])
+    return t, 1, t.stride(0), 0
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    width = x.shape[-1]
+    if width > MAX_WIDTH or weight.shape != (width,):
+        raise ValueError(
+            f"rms_norm: rows of width {width} need a weight of shape ({width},) and a width <= {MAX_WIDTH}, "
+            f"got weight {tuple(weight.shape)}"
+        )
+    x_rows, heads, x_stride_token, x_stride_head = _rows(x)
+    sum_dtype = x.dtype
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+        res_rows, _, res_stride_token, res_stride_head = _rows(residual)
+        sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    else:
+        res_rows, res_stride_token, res_stride_head = x_rows, 0, 0
+    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    total = torch.empty(x.shape, dtype=sum_dtype, device=x.device) if residual is not None else out
+    num_rows = out.numel() // width if width else 0
+    if num_rows == 0:
+        return out, total
+    block_width = triton.next_power_of_2(width)
+    block_rows = max(1, _TILE_ELEMENTS // block_width)
+    elements = block_rows * block_width
+    _rms_norm_kernel[(triton.cdiv(num_rows, block_rows),)](
+        x_rows,
+        res_rows,
+        weight,
+        out,
+        total,
+        num_rows,
+        heads,
+        x_stride_token,
+        x_stride_head,
+        res_stride_token,
+        res_stride_head,
+        eps,
+        WIDTH=width,
+        BLOCK_ROWS=block_rows,
+        BLOCK_WIDTH=block_width,
+        HAS_RESIDUAL=residual is not None,
+        num_warps=4 if elements <= 2048 else (8 if elements <= 8192 else 16),
+        enable_fp_fusion=False,
+    )
+    return out, total
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last axis, as engine.layers.norm.rms_norm computes it."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual) in one launch."""
+    return _launch(x, residual, weight, eps)
