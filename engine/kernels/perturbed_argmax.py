@@ -11,7 +11,10 @@ import triton.language as tl
 _MAX_BLOCK = 4096
 
 
-@triton.jit(do_not_specialize=["vocab_size", "logits_stride", "noise_stride"])
+@triton.jit(
+    do_not_specialize=["vocab_size", "logits_stride", "noise_stride"],
+    do_not_specialize_on_alignment=["temperatures_ptr"],
+)
 def _perturbed_argmax_kernel(
     logits_ptr,
     temperatures_ptr,
@@ -79,5 +82,6 @@ def perturbed_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: to
         noise.stride(0),
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
+        enable_fp_fusion=False,
     )
     return out

@@ -40,6 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(_BLOCK, triton.next_power_of_2(intermediate))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4
+        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4, enable_fp_fusion=False
     )
     return out
