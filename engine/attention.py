@@ -23,6 +23,10 @@ class AttentionMetadata:
     """[num_seqs, width] int32 block ids; entries past a sequence's blocks are never read."""
     cu_seqlens_q: torch.Tensor | None = None
     """[num_seqs + 1] offsets of each sequence's new tokens; None when every sequence has exactly one (decode)."""
+    max_query_len: int = 0
+    """The most new tokens of any sequence, known on the host (0: unknown); trims the prefill kernel's grid."""
+    num_single: int = 0
+    """In a batch with cu_seqlens_q: its leading rows that have one new token each (decodes, mostly)."""
 
     @property
     def is_decode(self) -> bool:
@@ -37,6 +41,9 @@ class AttentionBackend:
     store_kvcache: Callable
     paged_prefill_attention: Callable
     paged_decode_attention: Callable
+    splits_mixed_batches: bool = False
+    """Give a mixed batch's one-token rows to the decode kernel: the prefill kernel pads each sequence's
+    queries to a tile of many rows, wasted work for a row of one."""
 
 
 def _flash_attn_available() -> bool:
@@ -76,7 +83,7 @@ def load_backend(name: str) -> AttentionBackend:
         store = importlib.import_module("engine.kernels.store_kvcache").store_kvcache
         prefill = importlib.import_module("engine.kernels.prefill_attention").paged_prefill_attention
         decode = importlib.import_module("engine.kernels.decode_attention").paged_decode_attention
-        return AttentionBackend(name, store, prefill, decode)
+        return AttentionBackend(name, store, prefill, decode, splits_mixed_batches=True)
     raise ValueError(f"attention backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
 
 
@@ -99,6 +106,22 @@ class Attention(nn.Module):
             return self.backend.paged_decode_attention(
                 q, self.k_cache, self.v_cache, metadata.seq_lens, metadata.block_tables, self.scale
             )
-        return self.backend.paged_prefill_attention(
-            q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables, self.scale
+        backend = self.backend
+        if not backend.splits_mixed_batches:
+            return backend.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables,
+                self.scale,
+            )
+        single = metadata.num_single
+        # The prefill kernel reads each sequence's queries from cu_seqlens_q's absolute offsets, so the
+        # rows after the single ones need no copy; the single rows go to the decode kernel's split-K.
+        out = backend.paged_prefill_attention(
+            q, self.k_cache, self.v_cache, metadata.cu_seqlens_q[single:], metadata.seq_lens[single:],
+            metadata.block_tables[single:], self.scale, max_query_len=metadata.max_query_len or None,
         )
+        if single:
+            backend.paged_decode_attention(
+                q[:single], self.k_cache, self.v_cache, metadata.seq_lens[:single], metadata.block_tables[:single],
+                self.scale, out=out[:single],
+            )
+        return out

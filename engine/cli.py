@@ -14,6 +14,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     group.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the KV block count")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                       help="schedule the next step while one runs (give the same choice to replay and simulate)")
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     group.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     group.add_argument("--dtype", default="auto")

@@ -44,6 +44,7 @@ def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> E
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
         num_kv_blocks=args.num_gpu_blocks_override,
+        async_scheduling=getattr(args, "async_scheduling", False),
     )
 
 

@@ -20,6 +20,9 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int = 32000
     """Range of the token ids made up for requests given only a prompt length."""
+    async_scheduling: bool = False
+    """Schedule the next step while the current one runs (vLLM's --async-scheduling): the host's
+    scheduling and input preparation overlap the GPU's work; a stop token costs one extra step."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -60,6 +63,7 @@ def engine_config_for(
     enable_chunked_prefill: bool = True,
     num_kv_blocks: int | None = None,
     eos_token_ids: tuple[int, ...] | None = None,
+    async_scheduling: bool = False,
 ) -> EngineConfig:
     """The EngineConfig of a model (its ModelConfig), vLLM's GPU-dependent limits filling what is not given."""
     default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
@@ -76,4 +80,5 @@ def engine_config_for(
         num_kv_blocks=num_kv_blocks,
         eos_token_ids=tuple(model_config.eos_token_ids if eos_token_ids is None else eos_token_ids),
         vocab_size=model_config.vocab_size,
+        async_scheduling=async_scheduling,
     )

@@ -13,6 +13,7 @@ from engine.decode_fast_forward import fast_forward_decodes
 from engine.executor import Executor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import StepResult
 from engine.sequence import Sequence, SequenceStatus
 from engine.stats import RequestRecord, batch_features
 from engine.step_log import StepLog
@@ -44,7 +45,11 @@ class Engine:
         """A time fast-forwarding must not step past (set by run_until, e.g. a router's next arrival)."""
         self._fast_forward = (
             fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
+            and not config.async_scheduling
         )
+        self._in_flight: tuple | None = None
+        """Asynchronous scheduling: (output, pending result, time scheduled) of the step running now."""
+        self._last_finish_time = 0.0
 
     # ---- requests
 
@@ -151,7 +156,7 @@ class Engine:
     # ---- the loop
 
     def has_unfinished(self) -> bool:
-        return bool(self._pending) or self.scheduler.has_unfinished()
+        return bool(self._pending) or self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_pending(self) -> int:
@@ -165,6 +170,8 @@ class Engine:
 
     def step(self) -> bool:
         """Run one step, or wait for the next arrival when idle; False when there is nothing left."""
+        if self.config.async_scheduling:
+            return self._step_async()
         now = self.clock.now()
         self._admit_arrivals(now)
         if not self.scheduler.has_unfinished():
@@ -194,9 +201,45 @@ class Engine:
         self._last_step_busy = True
         return True
 
-    def _record_step(self, output, start: float, duration: float, cuda_graph_batch_size: int) -> None:
+    def _step_async(self) -> bool:
+        """Schedule and launch the next step, then apply the one in flight: the host's work for a step
+        overlaps the executor's previous one. A step lasts from the end of the one before (or its
+        scheduling, after an idle time) to when its result is applied."""
+        now = self.clock.now()
+        self._admit_arrivals(now)
+        scheduler = self.scheduler
+        in_flight = self._in_flight
+        if in_flight is None and not scheduler.has_unfinished():
+            if not self._pending:
+                return False
+            self.clock.sleep_until(self._pending[0][0])
+            return True
+        output = scheduler.schedule(now) if scheduler.has_unfinished() else None
+        if output is not None and output.is_empty:
+            scheduler.discard_empty_step(output)
+            output = None
+        if output is None and in_flight is None:
+            raise RuntimeError(
+                f"nothing schedulable with {len(scheduler.waiting)} waiting and {len(scheduler.running)} running requests"
+            )
+        self._in_flight = None
+        if output is not None:
+            submit = getattr(self.executor, "execute_async", None)
+            pending = submit(output) if submit is not None else self.executor.execute(output)
+            self._in_flight = (output, pending, now, scheduler.last_stats)
+        if in_flight is not None:
+            previous, pending, scheduled_at, stats = in_flight
+            result = pending if isinstance(pending, StepResult) else pending.result()
+            start = max(scheduled_at, self._last_finish_time)
+            end = self.clock.advance(result.duration)
+            self.num_finished += len(scheduler.update(previous, result, end))
+            self._record_step(previous, start, end - start, result.cuda_graph_batch_size, stats)
+            self._last_finish_time = end
+        return True
+
+    def _record_step(self, output, start: float, duration: float, cuda_graph_batch_size: int, stats=None) -> None:
         features = batch_features(output)
-        stats = self.scheduler.last_stats
+        stats = stats or self.scheduler.last_stats
         block_manager = self.block_manager
         self.step_records.append(
             output.step,
@@ -233,7 +276,8 @@ class Engine:
         self.horizon = when
         try:
             while self.clock.now() < when:
-                if not self.scheduler.has_unfinished() and (not self._pending or self._pending[0][0] >= when):
+                if (not self.scheduler.has_unfinished() and self._in_flight is None
+                        and (not self._pending or self._pending[0][0] >= when)):
                     self._last_step_busy = False
                     self.clock.sleep_until(when)
                     break

@@ -66,7 +66,10 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         tokenizer: str | None = None,
+        async_scheduling: bool | None = None,
     ) -> None:
+        """async_scheduling (default: on unless tensor_parallel_size > 1) schedules and prepares the next step
+        while the current one runs; see EngineConfig.async_scheduling."""
         model = str(model)
         model_config = load_model_config(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +91,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             num_kv_blocks=num_gpu_blocks_override,
             eos_token_ids=eos_ids,
+            async_scheduling=tensor_parallel_size == 1 if async_scheduling is None else async_scheduling,
         )
         self.model_config = model_config
         self.tokenizer = self._load_tokenizer(tokenizer or model)

@@ -1,13 +1,14 @@
 """The real executor: the Executor protocol over a model runner, in-process or as tensor-parallel ranks."""
 
 import socket
+import time
 
 import torch
 import torch.multiprocessing as mp
 
 from engine.config import EngineConfig
 from engine.model_config import load_model_config
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingStep
 from engine.scheduler_output import SchedulerOutput, StepResult
 
 
@@ -15,6 +16,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class PendingResult:
+    """The StepResult of a launched step, once its samples reach the host."""
+
+    def __init__(self, pending: PendingStep) -> None:
+        self._pending = pending
+        self._start = time.perf_counter()
+
+    def result(self) -> StepResult:
+        sampled, graph_size = self._pending.result()
+        return StepResult(sampled_token_ids=sampled, duration=time.perf_counter() - self._start,
+                          cuda_graph_batch_size=graph_size)
 
 
 class ModelExecutor:
@@ -112,6 +126,12 @@ class ModelExecutor:
             commands.put(("execute", scheduler_output))
         sampled, graph_size, duration = self.runner.timed_execute(scheduler_output)
         return StepResult(sampled_token_ids=sampled, duration=duration, cuda_graph_batch_size=graph_size)
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> "PendingResult":
+        """Queue one step and return at once (asynchronous scheduling; one process, so TP size 1)."""
+        if self._commands:
+            raise RuntimeError("asynchronous scheduling needs tensor_parallel_size 1: only rank 0 holds the samples")
+        return PendingResult(self.runner.launch(scheduler_output))
 
     def shutdown(self) -> None:
         """Stop the worker processes and leave the process group."""

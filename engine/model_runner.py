@@ -20,7 +20,7 @@ from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_w
 from engine.model_config import ModelConfig, is_preset, load_model_config, resolve_model_path
 from engine.models import attention_features, model_class
 from engine.sampler import Sampler, SamplingTensors, seed_key
-from engine.scheduler_output import SchedulerOutput
+from engine.scheduler_output import PENDING_TOKEN, SchedulerOutput
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -49,12 +49,15 @@ class _Staging:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pinned = device.type == "cuda"
+        self._turn = 0
         self._allocate(1 << 16)
 
     def _allocate(self, capacity: int) -> None:
-        self.host = torch.empty(capacity, dtype=torch.int32, pin_memory=self.pinned)
-        self.host_np = self.host.numpy()
-        self.device_buffer = torch.empty(capacity, dtype=torch.int32, device=self.device) if self.pinned else self.host
+        # Two host buffers taken in turn: with asynchronous scheduling the next step's inputs are written
+        # while the copy of this step's may not have run yet. (The step before that one has finished.)
+        self.hosts = [torch.empty(capacity, dtype=torch.int32, pin_memory=self.pinned) for _ in range(2)]
+        self.host_nps = [host.numpy() for host in self.hosts]
+        self.device_buffer = torch.empty(capacity, dtype=torch.int32, device=self.device) if self.pinned else None
 
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """Copy int32/float32 numpy arrays to the device in one transfer; device views in the same order."""
@@ -62,13 +65,17 @@ class _Staging:
         # unaligned views would compile new kernel variants in the middle of a run.
         sizes = [-(-a.size // _ALIGN) * _ALIGN for a in arrays]
         total = sum(sizes)
-        if total > self.host.numel():
+        if total > self.hosts[0].numel():
+            if self.pinned:
+                torch.cuda.synchronize(self.device)  # copies from the old buffers may be queued
             self._allocate(1 << math.ceil(math.log2(total)))
+        self._turn ^= 1
+        host, host_np = self.hosts[self._turn], self.host_nps[self._turn]
         offsets = []
         offset = 0
         for array, size in zip(arrays, sizes):
             flat = array.reshape(-1)
-            target = self.host_np[offset:offset + flat.size]
+            target = host_np[offset:offset + flat.size]
             if flat.dtype == np.float32:
                 target.view(np.float32)[:] = flat
             else:
@@ -76,11 +83,11 @@ class _Staging:
             offsets.append(offset)
             offset += size
         if self.pinned:
-            self.device_buffer[:total].copy_(self.host[:total], non_blocking=True)
+            self.device_buffer[:total].copy_(host[:total], non_blocking=True)
             source = self.device_buffer
         else:
             # The CPU tensor itself: clone so the next step's writes cannot alias this step's inputs.
-            source = self.host[:total].clone()
+            source = host[:total].clone()
         views = []
         for array, start in zip(arrays, offsets):
             view = source[start:start + array.size]
@@ -88,6 +95,32 @@ class _Staging:
                 view = view.view(torch.float32)
             views.append(view.view(array.shape))
         return views
+
+
+class PendingStep:
+    """A launched step's samples, on their way to the host."""
+
+    def __init__(self, tokens: torch.Tensor | None, sampled_ids: list[int], graph_size: int,
+                 host: torch.Tensor | None) -> None:
+        self.sampled_ids = sampled_ids
+        self.graph_size = graph_size
+        self._tokens = tokens
+        self._host = host
+        self._event = None
+        if host is not None:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> tuple[dict[int, int], int]:
+        """(sampled token per seq id, CUDA-graph batch size or 0), waiting for this step only."""
+        if self._tokens is None:
+            return {}, self.graph_size
+        if self._event is not None:
+            self._event.synchronize()
+            values = self._host.tolist()
+        else:
+            values = self._tokens.tolist()
+        return dict(zip(self.sampled_ids, values)), self.graph_size
 
 
 class ModelRunner:
@@ -140,6 +173,14 @@ class ModelRunner:
         self.sampler = Sampler(seed, self.device)
         self._block_table_rows: dict[int, np.ndarray] = {}
         self.staging = _Staging(self.device)
+        self._last_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._last_rows: dict[int, int] = {}
+        """seq id -> row of _last_tokens, the samples of the step launched last (PENDING_TOKEN's values)."""
+        self._token_turn = 0
+        self._token_buffers = [
+            torch.empty(engine_config.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            for _ in range(2)
+        ]
         self.num_kv_heads = config.num_key_value_heads // tp_size()
         self.bytes_per_block = (
             2 * config.num_hidden_layers * self.block_size * self.num_kv_heads * config.head_dim * self.dtype.itemsize
@@ -260,21 +301,42 @@ class ModelRunner:
         # a single row apart from many: warm every combination.
         random_kinds = (SamplingParams(temperature=0.5), SamplingParams(temperature=0.5, top_p=0.9, seed=1))
         capacity = self.num_kv_blocks * self.block_size
-        shapes = ((1, 17), (1, 32), (1, 1), (2, 9), (2, 8), (16, 1), (16, 3), (17, 2), (3, 1))
-        for (num_seqs, tokens_per_seq), random in itertools.product(shapes, random_kinds):
-            if num_seqs * max(tokens_per_seq, self.block_size) > capacity or num_seqs > self.engine_config.max_num_seqs:
+        # New tokens per sequence of each warm-up batch; the last three mix one-token rows with longer ones.
+        shapes = ((17,), (32,), (1,), (9, 9), (8, 8), (1,) * 16, (3,) * 16, (2,) * 17, (1,) * 3,
+                  (1, 5), (1,) * 16 + (16,), (1, 1, 1, 33))
+        for lengths, random in itertools.product(shapes, random_kinds):
+            if sum(max(n, self.block_size) for n in lengths) > capacity or len(lengths) > self.engine_config.max_num_seqs:
                 continue
-            blocks_per_seq = -(-tokens_per_seq // self.block_size)
-            seqs = [
-                ScheduledSequence(index, [1] * tokens_per_seq, 0,
-                                  list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq)),
-                                  tokens_per_seq == 1, True, 0, greedy if index % 2 else random)
-                for index in range(num_seqs)
-            ]
-            self.execute(SchedulerOutput(0, seqs, finished_seq_ids=list(range(num_seqs))))
+            seqs, next_block = [], 0
+            for index, tokens in enumerate(lengths):
+                blocks = -(-tokens // self.block_size)
+                seqs.append(ScheduledSequence(index, [1] * tokens, 0, list(range(next_block, next_block + blocks)),
+                                              tokens == 1, True, 0, greedy if index % 2 else random))
+                next_block += blocks
+            self.execute(SchedulerOutput(0, seqs, finished_seq_ids=list(range(len(lengths)))))
         self._block_table_rows.clear()
+        self._warm_up_decode_widths()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _warm_up_decode_widths(self) -> None:
+        """Eager mixed steps run the decode kernel on tables as wide as the batch's longest sequence, and its
+        partition count (a power of two per compiled variant) follows the width: compile each now."""
+        if self.backend_name != "triton":
+            return
+        attention = self.model.attention_layers()[0]
+        q = torch.zeros(1, attention.num_heads, attention.head_dim, dtype=self.dtype, device=self.device)
+        seq_lens = torch.ones(1, dtype=torch.int32, device=self.device)
+        widths = {self.max_blocks_per_seq}
+        width = 1
+        while width < self.max_blocks_per_seq:
+            widths.add(width)
+            width *= 2
+        for width in sorted(widths):
+            tables = torch.zeros(1, width, dtype=torch.int32, device=self.device)
+            attention.backend.paged_decode_attention(q, attention.k_cache, attention.v_cache, seq_lens, tables,
+                                                     attention.scale)
 
     def _prepare(self, scheduler_output: SchedulerOutput):
         """Device inputs for a step: (ids, positions, metadata, logit rows, sampling tensors, sampled seq ids, graph size)."""
@@ -304,20 +366,36 @@ class ModelRunner:
                                 for seq, p in zip(seqs, position_list)]
             seq_lens[:num_seqs] = positions[:num_seqs] + 1
             rows_cache = self._block_table_rows
-            for row, seq in enumerate(seqs):
+            table_rows = []
+            for seq in seqs:
                 table = seq.block_table
                 cached = rows_cache.get(seq.seq_id)
                 # Tables only grow while a sequence runs (a preempted one is released first), so
                 # converting again is needed only when a block was added.
                 if cached is None or cached.size != len(table):
                     cached = rows_cache[seq.seq_id] = np.asarray(table, np.int32)
-                block_tables[row, :cached.size] = cached
-                if seq.samples:
-                    sampled_ids.append(seq.seq_id)
-                    sampled_params.append((seq.sampling_params, seq.num_output_tokens))
-                    logit_rows.append(row)
+                table_rows.append(cached)
+            # One scatter of all rows: row-major order of the mask is the concatenation's order.
+            lengths = np.fromiter(map(len, table_rows), np.int32, num_seqs)
+            block_tables[:num_seqs][np.arange(width) < lengths[:, None]] = np.concatenate(table_rows)
+            if all(seq.samples for seq in seqs):  # decodes always sample
+                sampled_ids = [seq.seq_id for seq in seqs]
+                sampled_params = [(seq.sampling_params, seq.num_output_tokens) for seq in seqs]
+                logit_rows = list(range(num_seqs))
+            else:
+                for row, seq in enumerate(seqs):
+                    if seq.samples:
+                        sampled_ids.append(seq.seq_id)
+                        sampled_params.append((seq.sampling_params, seq.num_output_tokens))
+                        logit_rows.append(row)
             arrays = [ids, positions, slots, seq_lens, block_tables]
         else:
+            # One-token rows first: the attention backend may hand them to its decode kernel as a block.
+            singles = [seq for seq in seqs if len(seq.token_ids) == 1]
+            num_single = len(singles)
+            if num_single:
+                seqs = singles + [seq for seq in seqs if len(seq.token_ids) != 1]
+            max_query_len = max(len(seq.token_ids) for seq in seqs)
             id_parts, position_parts, slot_parts = [], [], []
             cu = np.zeros(num_seqs + 1, np.int32)
             total = 0
@@ -340,11 +418,22 @@ class ModelRunner:
                       seq_lens, block_tables, cu]
         sampling_arrays, sampling_layout = self._sampling_arrays(sampled_params)
         arrays += [np.asarray(logit_rows, np.int32)] + sampling_arrays
+        # Inputs still on the device (the previous step's samples): only one-token rows, which lead.
+        num_leading = num_seqs if single_token else num_single
+        pending_rows = np.flatnonzero(arrays[0][:num_leading] == PENDING_TOKEN).astype(np.int32)
+        if pending_rows.size:
+            last_rows = self._last_rows
+            arrays += [pending_rows, np.asarray([last_rows[seqs[row].seq_id] for row in pending_rows], np.int32)]
         dev = self.staging.upload(arrays)
-        cu_seqlens_q = None if single_token else dev[5]
+        if pending_rows.size:
+            dev[0][dev[-2].long()] = self._last_tokens[dev[-1].long()].to(torch.int32)
         base = 5 if single_token else 6
         sampling = self._sampling_tensors(dev[base + 1:], sampling_layout)
-        metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=cu_seqlens_q)
+        if single_token:
+            metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4])
+        else:
+            metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=dev[5],
+                                         max_query_len=max_query_len, num_single=num_single)
         return dev[0], dev[1], metadata, dev[base], sampling, sampled_ids, graph_size
 
     @staticmethod
@@ -384,12 +473,16 @@ class ModelRunner:
         return SamplingTensors(temperatures, top_k, top_p, seeded_rows, seed_keys, output_indices)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
-        """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
+    def launch(self, scheduler_output: SchedulerOutput) -> "PendingStep":
+        """Queue one step on the device and return at once; the PendingStep gives its samples.
+
+        A PENDING_TOKEN input is the token its sequence sampled in the step launched just before, taken
+        from the device: the next step can be queued before this one's samples reach the host.
+        """
         for seq_id in scheduler_output.finished_seq_ids:
             self._block_table_rows.pop(seq_id, None)
         if not scheduler_output.sequences:
-            return {}, 0
+            return PendingStep(None, [], 0, None)
         ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size = self._prepare(scheduler_output)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size, ids, positions, metadata.slot_mapping, metadata.seq_lens,
@@ -398,12 +491,24 @@ class ModelRunner:
         else:
             hidden = self.model(ids, positions, metadata)
             if not sampled_ids:
-                return {}, 0
+                return PendingStep(None, [], 0, None)
             logits = self.model.compute_logits(hidden[logit_rows])
         if not sampled_ids or self.rank != 0:
-            return {}, graph_size or 0
-        tokens = self.sampler(logits, sampling).tolist()
-        return dict(zip(sampled_ids, tokens)), graph_size or 0
+            return PendingStep(None, [], graph_size or 0, None)
+        tokens = self.sampler(logits, sampling)
+        self._last_tokens = tokens
+        self._last_rows = {seq_id: row for row, seq_id in enumerate(sampled_ids)}
+        host = None
+        if self.device.type == "cuda":
+            # Copy behind this step's kernels, before any later step's: the event marks exactly its end.
+            self._token_turn ^= 1
+            host = self._token_buffers[self._token_turn][:len(sampled_ids)]
+            host.copy_(tokens, non_blocking=True)
+        return PendingStep(tokens, sampled_ids, graph_size or 0, host)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
+        """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
+        return self.launch(scheduler_output).result()
 
     def timed_execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int, float]:
         """execute() plus its wall time including the device sync."""

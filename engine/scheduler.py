@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.scheduler_output import ScheduledSequence, SchedulerOutput, StepResult
+from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import Sequence, SequenceStatus
 from engine.stats import summarize_batch
 
@@ -25,6 +25,12 @@ class Scheduler:
     Chunked prefill lets prefills and decodes share a step. When blocks run out, the most recently
     arrived running request is preempted (recompute): its blocks are freed, it goes back to the front
     of the waiting queue, and no request is admitted in that step.
+
+    A step's computed tokens are counted when it is scheduled and its samples applied by update(), so the
+    next step may be scheduled while one is in flight (asynchronous scheduling): a sequence's token still
+    in flight is counted as pending and passed as PENDING_TOKEN. A sequence whose pending token is its
+    last by length is released before the next step is scheduled, so steps are the same as when each
+    step's samples are applied first; a stop token seen late costs one step computed and dropped.
     """
 
     def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
@@ -35,6 +41,10 @@ class Scheduler:
         """Kept in arrival order, so the last one is the most recently arrived."""
         self._running_keys: list[tuple[float, int]] = []
         self._released_seq_ids: list[int] = []
+        self._in_flight: deque[list[tuple[Sequence, int, bool]]] = deque()
+        """Per step scheduled and not yet updated: (sequence, tokens computed, samples)."""
+        self._finishing: list[Sequence] = []
+        """Sequences whose last token (by length) a step in flight samples."""
         self._step = 0
         self.last_stats = ScheduleStats(0, 0)
 
@@ -44,6 +54,32 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Steps scheduled whose results update() has not applied yet."""
+        return len(self._in_flight)
+
+    def _commit_in_flight(self) -> None:
+        """Make the blocks the step in flight computes findable now, as its update would before this
+        schedule when steps do not overlap (every token it computes is known by now)."""
+        if not self.block_manager.enable_prefix_caching:
+            return
+        commit = self.block_manager.commit_computed
+        block_size = self.block_manager.block_size
+        for seq, _, _ in self._in_flight[-1]:
+            if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
+                commit(seq)
+
+    def _release_finishing(self) -> None:
+        """Free the sequences whose last token is in flight: update() will only record it."""
+        for seq in self._finishing:
+            if seq.status is SequenceStatus.RUNNING:
+                self._remove_running(seq)
+                self.block_manager.free(seq)
+                seq.status = SequenceStatus.FINISHED
+                self._released_seq_ids.append(seq.seq_id)
+        self._finishing = []
 
     def _insert_running(self, seq: Sequence) -> None:
         key = (seq.arrival_time, seq.seq_id)
@@ -71,6 +107,10 @@ class Scheduler:
 
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+        if self._in_flight:
+            self._commit_in_flight()
+        if self._finishing:
+            self._release_finishing()
         config = self.config
         block_manager = self.block_manager
         budget = config.max_num_batched_tokens
@@ -83,7 +123,7 @@ class Scheduler:
         index = 0
         while index < len(running) and budget > 0:
             seq = running[index]
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
             num_new = remaining if remaining < budget else budget
             if not chunked and num_new < remaining:
                 index += 1
@@ -128,49 +168,73 @@ class Scheduler:
 
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
+        in_flight = []
+        finishing = self._finishing
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             token_ids = seq.token_ids
+            pending = seq.num_pending_tokens
+            num_known = len(token_ids)
+            samples = start + num_new == num_known + pending
+            new_tokens = token_ids[start : start + num_new]
+            if pending and samples:
+                new_tokens.append(PENDING_TOKEN)
+            num_outputs = num_known + pending - seq.num_prompt_tokens
             sequences.append(
                 ScheduledSequence(
                     seq.seq_id,
-                    token_ids[start : start + num_new],
+                    new_tokens,
                     start,
                     seq.block_table,
                     num_new == 1 and start >= seq.num_prompt_tokens,
-                    start + num_new == len(token_ids),
-                    len(token_ids) - seq.num_prompt_tokens,
+                    samples,
+                    num_outputs,
                     seq.sampling_params,
                 )
             )
+            seq.num_computed_tokens = start + num_new
+            if samples:
+                seq.num_pending_tokens = pending + 1
+                if num_outputs + 1 >= seq.sampling_params.max_tokens:
+                    finishing.append(seq)
+            in_flight.append((seq, num_new, samples))
         released, self._released_seq_ids = self._released_seq_ids, []
         output = SchedulerOutput(
             step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences)
         )
         self._step += 1
-        self._scheduled = scheduled
+        self._in_flight.append(in_flight)
         return output
 
+    def discard_empty_step(self, output: SchedulerOutput) -> None:
+        """Forget an output with nothing to run; the sequences it released go with the next step."""
+        if output.sequences or self._in_flight[-1]:
+            raise ValueError("only the last, empty output can be discarded")
+        self._in_flight.pop()
+        self._step -= 1
+        self._released_seq_ids = list(output.finished_seq_ids) + self._released_seq_ids
+
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
-        """Apply a step's result: advance computed tokens, append samples, finish and free sequences."""
+        """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks."""
         eos_ids = self.config.eos_token_ids
         block_manager = self.block_manager
         finished: list[Sequence] = []
         sampled = result.sampled_token_ids
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
         block_size = block_manager.block_size
-        for seq, num_new in self._scheduled:
-            computed = seq.num_computed_tokens + num_new
-            seq.num_computed_tokens = computed
-            token_ids = seq.token_ids
-            if computed == len(token_ids):
+        for seq, _, samples in self._in_flight.popleft():
+            if seq.finish_time is not None:
+                continue  # aborted, or stopped by a token while this step was in flight: its sample is dropped
+            if samples:
                 try:
                     token = sampled[seq.seq_id]
                 except KeyError:
                     raise RuntimeError(
                         f"the executor returned no token for sequence {seq.seq_id} at step {output.step}"
                     ) from None
+                token_ids = seq.token_ids
                 token_ids.append(token)
+                seq.num_pending_tokens -= 1
                 seq.token_times.append(now)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
@@ -181,19 +245,26 @@ class Scheduler:
                 elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
                     seq.finish_reason = "stop"
                     finished.append(seq)
-            if commit is not None and computed // block_size > seq.num_committed_blocks:
+            # A sequence released since (finishing or preempted) holds no blocks to commit; its blocks
+            # computed before were committed by the update of the step before.
+            if (commit is not None and seq.status is SequenceStatus.RUNNING
+                    and seq.num_computed_tokens // block_size > seq.num_committed_blocks):
                 commit(seq)
         for seq in finished:
             self._finish(seq, now)
-        self._scheduled = []
         return finished
 
     def _finish(self, seq: Sequence, now: float) -> None:
-        self._remove_running(seq)
-        self.block_manager.free(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self._remove_running(seq)
+            self.block_manager.free(seq)
+            self._released_seq_ids.append(seq.seq_id)
+        elif seq.status is SequenceStatus.WAITING:
+            # Preempted while the step that sampled its stop token was in flight.
+            self.waiting.remove(seq)
+        # else: released before this update (its last token by length was in flight).
         seq.status = SequenceStatus.FINISHED
         seq.finish_time = now
-        self._released_seq_ids.append(seq.seq_id)
 
     def abort(self, seq: Sequence, reason: str, now: float) -> None:
         """Stop a waiting or running sequence and free its blocks."""

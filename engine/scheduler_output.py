@@ -5,6 +5,10 @@ from typing import Any
 
 from engine.sampling_params import SamplingParams
 
+PENDING_TOKEN = -1
+"""Stands in token_ids for the token a sequence sampled in the step before, still in flight when this
+step was scheduled (asynchronous scheduling): the executor has its value, the scheduler not yet."""
+
 
 @dataclass(slots=True)
 class ScheduledSequence:
@@ -15,7 +19,8 @@ class ScheduledSequence:
 
     seq_id: int
     token_ids: list[int]
-    """The new tokens to compute this step; their positions start at num_computed_tokens."""
+    """The new tokens to compute this step; their positions start at num_computed_tokens. A decode may
+    hold PENDING_TOKEN: the token this sequence sampled in the previous step."""
     num_computed_tokens: int
     """Tokens whose KV is already in the cache (prefix-cache hits and earlier chunks)."""
     block_table: list[int]

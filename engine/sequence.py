@@ -43,6 +43,7 @@ class Sequence:
         "arrival_time",
         "status",
         "num_computed_tokens",
+        "num_pending_tokens",
         "block_table",
         "block_hashes",
         "num_committed_blocks",
@@ -72,6 +73,8 @@ class Sequence:
         self.arrival_time = arrival_time
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
+        """Tokens sampled by a step still in flight (asynchronous scheduling): counted, not yet known."""
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         """Chained prefix-cache hashes of the leading full blocks (computed lazily)."""

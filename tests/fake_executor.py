@@ -6,7 +6,7 @@ a wrong block table, a prefix-cache hit on the wrong block or a lost recompute c
 
 import xxhash
 
-from engine.scheduler_output import SchedulerOutput, StepResult
+from engine.scheduler_output import PENDING_TOKEN, SchedulerOutput, StepResult
 
 
 class PagedEchoExecutor:
@@ -19,6 +19,8 @@ class PagedEchoExecutor:
         self.step_duration = step_duration
         self.kv = [[-1] * block_size for _ in range(num_kv_blocks)]
         self.steps: list[SchedulerOutput] = []
+        self.last_sampled: dict[int, int] = {}
+        """The previous step's samples: what a PENDING_TOKEN stands for (asynchronous scheduling)."""
 
     @property
     def num_kv_blocks(self) -> int:
@@ -30,6 +32,8 @@ class PagedEchoExecutor:
         sampled = {}
         for seq in scheduler_output.sequences:
             for offset, token in enumerate(seq.token_ids):
+                if token == PENDING_TOKEN:
+                    token = self.last_sampled[seq.seq_id]
                 position = seq.num_computed_tokens + offset
                 self.kv[seq.block_table[position // size]][position % size] = token
             if seq.samples:
@@ -39,6 +43,7 @@ class PagedEchoExecutor:
                 assert -1 not in context, f"sequence {seq.seq_id} read a KV slot nothing wrote"
                 digest = xxhash.xxh64_intdigest(repr(context).encode())
                 sampled[seq.seq_id] = digest % self.vocab_size
+        self.last_sampled = sampled
         return StepResult(sampled_token_ids=sampled, duration=self.step_duration)
 
 

@@ -2,6 +2,7 @@
 
 import collections
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,9 +54,10 @@ workloads = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(workloads)
-def test_random_workloads_finish_exactly_once_with_correct_outputs(workload):
+@given(workload=workloads)
+def test_random_workloads_finish_exactly_once_with_correct_outputs(async_scheduling, workload):
     import random
 
     rng = random.Random(workload["seed"])
@@ -67,6 +69,7 @@ def test_random_workloads_finish_exactly_once_with_correct_outputs(workload):
         max_num_batched_tokens=workload["max_num_batched_tokens"],
         enable_prefix_caching=workload["prefix_caching"],
         num_kv_blocks=workload["num_kv_blocks"],
+        async_scheduling=async_scheduling,
     )
     executor = PagedEchoExecutor(workload["num_kv_blocks"], block_size, step_duration=0.05)
     engine = Engine(config, executor)
@@ -262,3 +265,53 @@ def test_abort_of_rejected_and_not_yet_arrived_requests():
     assert records["too-long"].status == "rejected"
     late = records["late"]
     assert late.status == "aborted" and late.finish_time >= late.arrival_time
+
+
+# ---------------------------------------------------------------- asynchronous scheduling
+
+
+def _batches_and_outputs(async_scheduling: bool, num_kv_blocks: int, max_tokens: list[int], stop: int | None = None):
+    config = EngineConfig(block_size=2, max_model_len=64, num_kv_blocks=num_kv_blocks, max_num_batched_tokens=16,
+                          max_num_seqs=4, async_scheduling=async_scheduling, eos_token_ids=() if stop is None else (stop,))
+    executor = PagedEchoExecutor(num_kv_blocks, 2, vocab_size=1000 if stop is None else 5)
+    engine = Engine(config, executor)
+    prompts = [[i * 10 + j for j in range(3 + i)] for i in range(len(max_tokens))]
+    for prompt, n in zip(prompts, max_tokens):
+        engine.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=n, ignore_eos=stop is None))
+    while engine.step():
+        check_invariants(engine)
+    batches = [[(seq.seq_id, len(seq.token_ids)) for seq in step.sequences] for step in executor.steps]
+    outputs = [engine.output_token_ids(request_id) for request_id in engine.request_records]
+    return engine, batches, outputs, prompts
+
+
+@pytest.mark.parametrize("num_kv_blocks", [200, 11])
+def test_async_scheduling_runs_the_same_batches_as_sync_when_requests_stop_by_length(num_kv_blocks):
+    """All arriving at once and stopping by length, overlapping the host changes nothing the scheduler
+    decides: the same batches, outputs and token times, preempting or not (11 blocks preempt)."""
+    lengths = [9, 3, 12, 5, 7, 1]
+    sync_engine, sync_batches, sync_outputs, prompts = _batches_and_outputs(False, num_kv_blocks, lengths)
+    async_engine, async_batches, async_outputs, _ = _batches_and_outputs(True, num_kv_blocks, lengths)
+    assert async_batches == sync_batches
+    assert async_outputs == sync_outputs == [reference_outputs(p, n) for p, n in zip(prompts, lengths)]
+    sync_records, async_records = sync_engine.request_records, async_engine.request_records
+    assert [r.token_times for r in async_records.values()] == [r.token_times for r in sync_records.values()]
+    assert [r.num_preemptions for r in async_records.values()] == [r.num_preemptions for r in sync_records.values()]
+    assert (sum(r.num_preemptions for r in sync_records.values()) > 0) == (num_kv_blocks == 11)
+    assert [s.duration for s in async_engine.step_records] == [s.duration for s in sync_engine.step_records]
+
+
+def test_async_scheduling_stop_token_costs_one_dropped_step():
+    """A stop token is seen a step late: the request was scheduled once more, its extra sample dropped."""
+    lengths = [30, 30]
+    sync_engine, sync_batches, sync_outputs, prompts = _batches_and_outputs(False, 200, lengths, stop=0)
+    async_engine, async_batches, async_outputs, _ = _batches_and_outputs(True, 200, lengths, stop=0)
+    assert async_outputs == sync_outputs
+    for prompt, output in zip(prompts, async_outputs):
+        expected = reference_outputs(prompt, 30, 5)
+        assert output == expected[: expected.index(0) + 1] and len(output) < 30
+    extra = sum(len(b) for b in async_batches) - sum(len(b) for b in sync_batches)
+    assert extra == len(lengths)
+    assert all(r.reason == "stop" for r in async_engine.request_records.values())
+    manager = async_engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks

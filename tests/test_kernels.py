@@ -216,6 +216,42 @@ def test_prefill_with_max_query_len_hint_matches_float64():
     _assert_close(out, expected, 1e-4)
 
 
+def test_mixed_batch_split_between_decode_and_prefill_kernels_matches_float64():
+    """A step of one-token rows (decodes, a one-token prompt) then prompt chunks: the triton backend gives the
+    one-token rows to its decode kernel and the rest to its prefill kernel, in one output."""
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+    from engine.attention import Attention, AttentionBackend, AttentionMetadata
+
+    generator = torch.Generator().manual_seed(11)
+    query_lens, prefix_lens = [1, 1, 1, 9, 12], [16, 0, 39, 5, 0]
+    context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]
+    paged = PagedContexts(context_lens, 2, 16, 4, generator)
+    queries = [torch.randn(n, 4, 16, generator=generator, dtype=torch.float64) for n in query_lens]
+    q = torch.cat(queries).float().to(DEVICE)
+    backend = AttentionBackend(
+        "triton", triton_store, lambda *a, **k: triton_prefill(*a, tiling=SMALL_PREFILL, **k),
+        lambda *a, **k: triton_decode(*a, tiling=SMALL_DECODE, **k), splits_mixed_batches=True,
+    )  # fmt: skip
+    layer = Attention(4, 2, 16, 0.25, backend)
+    layer.k_cache, layer.v_cache = paged.k_cache, paged.v_cache
+    total = sum(query_lens)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.full((total,), -1, dtype=torch.int32, device=DEVICE), seq_lens=paged.seq_lens,
+        block_tables=paged.block_tables,
+        cu_seqlens_q=torch.tensor([0, 1, 2, 3, 12, 24], dtype=torch.int32, device=DEVICE),
+        max_query_len=12, num_single=3,
+    )  # fmt: skip
+    unused_kv = torch.zeros(total, 2, 16, device=DEVICE)
+
+    out = layer(q, unused_kv, unused_kv, metadata)
+
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(5)]
+    )
+    _assert_close(out, expected, 1e-4)
+
+
 # ---------------------------------------------------------------- decode
 
 DECODE_CASES = {

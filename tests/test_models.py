@@ -77,9 +77,10 @@ def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", **con
     return [engine.output_token_ids(rid) for rid in ids], engine
 
 
-def test_greedy_matches_transformers_with_prefix_caching(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_matches_transformers_with_prefix_caching(checkpoint, async_scheduling):
     folder, expected = checkpoint
-    outputs, engine = _run_twinfer(folder, enable_prefix_caching=True)
+    outputs, engine = _run_twinfer(folder, enable_prefix_caching=True, async_scheduling=async_scheduling)
     assert outputs == expected
     assert sum(step.prefix_cache_hit_tokens for step in engine.step_records) > 0
 
@@ -91,26 +92,31 @@ def test_greedy_matches_transformers_without_prefix_caching(checkpoint):
     assert sum(step.prefix_cache_hit_tokens for step in engine.step_records) == 0
 
 
-def test_greedy_matches_transformers_with_tiny_prefill_chunks(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_matches_transformers_with_tiny_prefill_chunks(checkpoint, async_scheduling):
     folder, expected = checkpoint
-    outputs, engine = _run_twinfer(folder, max_num_batched_tokens=7)
+    outputs, engine = _run_twinfer(folder, max_num_batched_tokens=7, async_scheduling=async_scheduling)
     assert outputs == expected
     assert all(step.num_batched_tokens <= 7 for step in engine.step_records)
     assert any(step.num_prefill_seqs and step.num_decode_seqs for step in engine.step_records)
 
 
-def test_greedy_matches_transformers_under_preemption(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_matches_transformers_under_preemption(checkpoint, async_scheduling):
     folder, expected = checkpoint
     # 8 blocks of 16 tokens: 128 slots for prompts of up to 73 tokens plus 32 outputs each.
-    outputs, engine = _run_twinfer(folder, num_kv_blocks=8, max_num_batched_tokens=64)
+    outputs, engine = _run_twinfer(folder, num_kv_blocks=8, max_num_batched_tokens=64,
+                                   async_scheduling=async_scheduling)
     assert outputs == expected
     assert sum(record.num_preemptions for record in engine.request_records.values()) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint, async_scheduling):
     folder, expected = checkpoint
-    outputs, engine = _run_twinfer(folder, device="cuda", backend="triton", max_num_batched_tokens=16, max_num_seqs=8)
+    outputs, engine = _run_twinfer(folder, device="cuda", backend="triton", max_num_batched_tokens=16, max_num_seqs=8,
+                                   async_scheduling=async_scheduling)
     assert outputs == expected
     assert any(step.cuda_graph_batch_size for step in engine.step_records)
 

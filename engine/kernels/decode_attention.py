@@ -42,7 +42,9 @@ class DecodeTiling:
             )
 
 
-@triton.jit
+# The table's width and the partition count change with the batch in eager steps: specializing on
+# them (== 1, multiple of 16) would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["num_partitions", "block_tables_stride"])
 def _decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -127,7 +129,7 @@ def _decode_partition_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _decode_reduce_kernel(
     partial_out_ptr,
     partial_max_ptr,

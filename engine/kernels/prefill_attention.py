@@ -94,7 +94,13 @@ def _attend_key_tile(
     return acc, row_sum, new_max
 
 
-@triton.jit
+# The table's width changes with every batch, and a mixed batch passes its per-sequence inputs from an
+# offset (after the one-token rows): specializing on the width (== 1, multiple of 16) or on those
+# pointers' alignment would compile new variants in the middle of serving.
+@triton.jit(
+    do_not_specialize=["block_tables_stride"],
+    do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],
+)
 def _prefill_attention_kernel(
     q_ptr,
     k_cache_ptr,

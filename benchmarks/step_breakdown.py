@@ -1,0 +1,104 @@
+"""Where one engine step's time goes on a GPU: host phases, GPU kernel time and the busiest ops.
+
+For three batch shapes of the Qwen3-0.6B shape (dummy weights) it times the model runner's phases
+(input preparation, forward, sampling, the device sync) and, under torch.profiler, sums the GPU kernel
+time of the step: wall minus kernel time is what the host adds.
+
+    python benchmarks/step_breakdown.py --out breakdown.json
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def _batch(num_decodes: int, context: int, prefill_lens: list[int], params):
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    blocks_per_seq = -(-max([context + 1] + [n + 1 for n in prefill_lens]) // 16)
+    seqs = []
+    for index in range(num_decodes):
+        table = list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq))
+        seqs.append(ScheduledSequence(index, [5], context - 1, table, True, True, 10, params))
+    for offset, length in enumerate(prefill_lens):
+        index = num_decodes + offset
+        table = list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq))
+        seqs.append(ScheduledSequence(index, [7] * length, 0, table, False, True, 0, params))
+    return SchedulerOutput(0, seqs)
+
+
+def _time(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def _profile(fn, iters: int = 10) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_us = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / iters
+    top_gpu = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:8]
+    top_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "gpu_kernel_ms": kernel_us / 1e3,
+        "top_gpu": [(e.key[:60], round(e.device_time_total / iters / 1e3, 3), e.count // iters) for e in top_gpu],
+        "top_cpu_self": [(e.key[:60], round(e.self_cpu_time_total / iters / 1e3, 3), e.count // iters)
+                         for e in top_cpu],
+    }
+
+
+def run(out: str | None) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=4096, max_num_seqs=256)
+    runner = llm.executor.runner
+    params = SamplingParams(temperature=0.6, max_tokens=100, ignore_eos=True)
+    shapes = {
+        "decode 256 x ctx 1000 (graph)": _batch(256, 1000, [], params),
+        "decode 64 x ctx 1000 (graph)": _batch(64, 1000, [], params),
+        "mixed 150 decodes ctx 1000 + 256-token prefill": _batch(150, 1000, [256], params),
+        "mixed 16 decodes ctx 500 + 64-token prefill": _batch(16, 500, [64], params),
+        "prefill 4 x 512": _batch(0, 0, [512] * 4, params),
+        "prefill 4 x 2048": _batch(0, 0, [2048] * 4, params),
+    }
+    results = {"gpu": torch.cuda.get_device_name()}
+    for name, batch in shapes.items():
+        entry = {"execute_ms": 1e3 * _time(lambda: runner.execute(batch))}
+        entry["prepare_ms"] = 1e3 * _time(lambda: runner._prepare(batch))
+        entry.update(_profile(lambda: runner.execute(batch)))
+        results[name] = entry
+    print(f"GPU: {results['gpu']}")
+    print(f"{'batch':<48}{'step ms':>9}{'kernels ms':>12}{'prepare ms':>12}")
+    for name in shapes:
+        entry = results[name]
+        print(f"{name:<48}{entry['execute_ms']:>9.2f}{entry['gpu_kernel_ms']:>12.2f}{entry['prepare_ms']:>12.3f}")
+    if out:
+        with open(out, "w") as handle:
+            json.dump(results, handle, indent=1)
+    llm.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    run(args.out)
+
+
+if __name__ == "__main__":
+    main()
