@@ -208,26 +208,39 @@ def test_silu_and_mul_reads_a_row_strided_view():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, vocab", [(1, 7), (6, 300), (3, 9000)])
+# Rows of a small batch are split over programs (3 x 9000: 5 splits); many rows, or a small vocabulary, take one each.
+@pytest.mark.parametrize("rows, vocab", [(1, 7), (6, 300), (3, 9000), (130, 2500)])
 def test_perturbed_argmax_picks_the_same_tokens_as_torch(dtype, rows, vocab):
     logits = _randn(rows, vocab, dtype=dtype, seed=vocab, scale=3.0)
     generator = torch.Generator().manual_seed(rows)
     noise = torch.empty(rows, vocab).exponential_(generator=generator).to(DEVICE)
     # Greedy (0) and random rows alternate; the one-row case is random.
-    temperatures = torch.tensor([0.7, 0.0, 1.3, 0.0, 0.2, 0.0][:rows], device=DEVICE)
-    actual = argmax_kernel.perturbed_argmax(logits, temperatures, noise)
+    temperatures = torch.tensor([0.7, 0.0, 1.3, 0.0, 0.2, 0.0] * 22, device=DEVICE)[:rows]
     expected = perturbed_argmax.eager(logits, temperatures, noise)
-    assert actual.dtype == torch.int64 and torch.equal(actual, expected)
+    # Twice: the split rows' arrival counts must be back at zero after each call.
+    for _ in range(2):
+        actual = argmax_kernel.perturbed_argmax(logits, temperatures, noise)
+        assert actual.dtype == torch.int64 and torch.equal(actual, expected)
     greedy = temperatures == 0
     assert torch.equal(actual[greedy], logits[greedy].float().argmax(-1))
 
 
 @needs_triton
 def test_perturbed_argmax_greedy_ties_go_to_the_lowest_token():
-    logits = torch.zeros(2, 5000, device=DEVICE)
-    logits[:, [4500, 77, 4097]] = 1.0
-    tokens = argmax_kernel.perturbed_argmax(logits, torch.zeros(2, device=DEVICE), torch.ones(2, 5000, device=DEVICE))
-    assert tokens.tolist() == [77, 77]
+    logits = torch.zeros(4, 5000, device=DEVICE)
+    # Splits of 2048 tokens: ties across splits, inside the last split, across lanes of one split.
+    for row, tied in enumerate([[4500, 77, 4097], [4500, 4097], [4100, 2100], [4999, 2048 + 4999 - 4096]]):
+        logits[row, tied] = 1.0
+    tokens = argmax_kernel.perturbed_argmax(logits, torch.zeros(4, device=DEVICE), torch.ones(4, 5000, device=DEVICE))
+    assert tokens.tolist() == [77, 4097, 2100, 2951]
+
+
+@needs_triton
+def test_perturbed_argmax_of_a_row_of_minus_infinity_is_token_zero_as_in_torch():
+    logits = torch.full((2, 5000), float("-inf"), device=DEVICE)
+    temperatures, noise = torch.tensor([0.0, 1.0], device=DEVICE), torch.ones(2, 5000, device=DEVICE)
+    expected = perturbed_argmax.eager(logits, temperatures, noise)
+    assert torch.equal(argmax_kernel.perturbed_argmax(logits, temperatures, noise), expected)
 
 
 # ---------------------------------------------------------------- the layers with fusion enabled and disabled
