@@ -124,10 +124,10 @@ def perturbed_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: to
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
-    num_blocks = triton.cdiv(vocab_size, _BLOCK)
+    num_blocks = -(-vocab_size // _BLOCK)
     num_splits = max(1, min(num_blocks, _TARGET_PROGRAMS // num_rows))
-    split_size = triton.cdiv(num_blocks, num_splits) * _BLOCK
-    num_splits = triton.cdiv(vocab_size, split_size)  # no empty split
+    split_size = -(-num_blocks // num_splits) * _BLOCK
+    num_splits = -(-vocab_size // split_size)  # no empty split
     _perturbed_argmax_kernel[(num_rows, num_splits)](
         logits,
         temperatures,

@@ -6,6 +6,8 @@ x (up to 16384 wide); x may be [rows, width] or [tokens, heads, width] with any 
 last axis, so the per-head q/k norm can read straight from the packed qkv projection.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -63,39 +65,50 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(tensor, heads, stride per token, stride per head) reading t as [tokens, heads, width] rows."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    if t.dim() == 2:
+    dims = t.dim()
+    if dims == 2:
         return t, 1, t.stride(0), 0
-    if t.dim() == 3:
+    if dims == 3:
         return t, t.shape[1], t.stride(0), t.stride(1)
     t = t.reshape(-1, t.shape[-1])
     return t, 1, t.stride(0), 0
 
 
+@functools.lru_cache(maxsize=None)
+def _tiling(width: int) -> tuple[int, int, int]:
+    """(rows per program, padded width, warps) for rows of this width; plain ints, cheap per launch."""
+    if not 0 < width <= MAX_WIDTH:
+        raise ValueError(f"rms_norm: rows of width {width}; supported widths are 1 to {MAX_WIDTH}")
+    block_width = 1 << (width - 1).bit_length()
+    block_rows = max(1, _TILE_ELEMENTS // block_width)
+    elements = block_rows * block_width
+    return block_rows, block_width, 4 if elements <= 2048 else (8 if elements <= 8192 else 16)
+
+
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     width = x.shape[-1]
-    if width > MAX_WIDTH or weight.shape != (width,):
-        raise ValueError(
-            f"rms_norm: rows of width {width} need a weight of shape ({width},) and a width <= {MAX_WIDTH}, "
-            f"got weight {tuple(weight.shape)}"
-        )
+    block_rows, block_width, num_warps = _tiling(width)
+    if weight.shape != (width,):
+        raise ValueError(f"rms_norm: rows of width {width} need a weight of shape ({width},), got {tuple(weight.shape)}")
     x_rows, heads, x_stride_token, x_stride_head = _rows(x)
     sum_dtype = x.dtype
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
         res_rows, _, res_stride_token, res_stride_head = _rows(residual)
-        sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+        if residual.dtype != sum_dtype:
+            sum_dtype = torch.promote_types(sum_dtype, residual.dtype)
     else:
         res_rows, res_stride_token, res_stride_head = x_rows, 0, 0
-    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
-    total = torch.empty(x.shape, dtype=sum_dtype, device=x.device) if residual is not None else out
-    num_rows = out.numel() // width if width else 0
+    out_dtype = sum_dtype if weight.dtype == sum_dtype else torch.promote_types(sum_dtype, weight.dtype)
+    out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
+    total = out
+    if residual is not None:
+        total = torch.empty_like(x, dtype=sum_dtype, memory_format=torch.contiguous_format)
+    num_rows = x_rows.numel() // width
     if num_rows == 0:
         return out, total
-    block_width = triton.next_power_of_2(width)
-    block_rows = max(1, _TILE_ELEMENTS // block_width)
-    elements = block_rows * block_width
-    _rms_norm_kernel[(triton.cdiv(num_rows, block_rows),)](
+    _rms_norm_kernel[(-(-num_rows // block_rows),)](
         x_rows,
         res_rows,
         weight,
@@ -112,7 +125,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         BLOCK_ROWS=block_rows,
         BLOCK_WIDTH=block_width,
         HAS_RESIDUAL=residual is not None,
-        num_warps=4 if elements <= 2048 else (8 if elements <= 8192 else 16),
+        num_warps=num_warps,
         enable_fp_fusion=False,
     )
     return out, total

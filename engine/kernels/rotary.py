@@ -7,6 +7,8 @@ Numerics follow the torch code: the norm as engine.layers.norm.rms_norm (float32
 input dtype, then times the weight), the rotation in float32 on the (normed) values, rounded once.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,18 @@ def _rotary_kernel(
                   NUM_K_HEADS, HEAD_DIM, K_HEADS_PADDED, HALF_PADDED, NORM)  # fmt: skip
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _tiling(num_q_heads: int, num_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(padded q heads, padded k heads, padded half head_dim, warps); plain ints, cheap per launch."""
+    q_heads_padded, half_padded = _next_power_of_2(num_q_heads), _next_power_of_2(head_dim // 2)
+    num_warps = 4 if q_heads_padded * half_padded <= 2048 else 8
+    return q_heads_padded, _next_power_of_2(num_k_heads), half_padded, num_warps
+
+
 def _launch(positions, q, k, cos_sin, q_weight, k_weight, eps):
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
@@ -106,16 +120,19 @@ def _launch(positions, q, k, cos_sin, q_weight, k_weight, eps):
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
+    q_dtype, k_dtype = q.dtype, k.dtype
     if q_weight is None:
-        q_dtype, k_dtype, q_weight, k_weight = q.dtype, k.dtype, cos_sin, cos_sin
+        q_weight = k_weight = cos_sin  # unread
     else:
-        q_dtype, k_dtype = torch.promote_types(q.dtype, q_weight.dtype), torch.promote_types(k.dtype, k_weight.dtype)
-    q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q_dtype, device=q.device)
-    k_out = torch.empty((num_tokens, num_k_heads, head_dim), dtype=k_dtype, device=k.device)
+        if q_weight.dtype != q_dtype:
+            q_dtype = torch.promote_types(q_dtype, q_weight.dtype)
+        if k_weight.dtype != k_dtype:
+            k_dtype = torch.promote_types(k_dtype, k_weight.dtype)
+    q_out = torch.empty_like(q, dtype=q_dtype, memory_format=torch.contiguous_format)
+    k_out = torch.empty_like(k, dtype=k_dtype, memory_format=torch.contiguous_format)
     if num_tokens == 0:
         return q_out, k_out
-    half_padded = triton.next_power_of_2(head_dim // 2)
-    q_heads_padded = triton.next_power_of_2(num_q_heads)
+    q_heads_padded, k_heads_padded, half_padded, num_warps = _tiling(num_q_heads, num_k_heads, head_dim)
     _rotary_kernel[(num_tokens,)](
         positions,
         q,
@@ -134,10 +151,10 @@ def _launch(positions, q, k, cos_sin, q_weight, k_weight, eps):
         NUM_K_HEADS=num_k_heads,
         HEAD_DIM=head_dim,
         Q_HEADS_PADDED=q_heads_padded,
-        K_HEADS_PADDED=triton.next_power_of_2(num_k_heads),
+        K_HEADS_PADDED=k_heads_padded,
         HALF_PADDED=half_padded,
         NORM=q_weight is not cos_sin,
-        num_warps=4 if q_heads_padded * half_padded <= 2048 else 8,
+        num_warps=num_warps,
         enable_fp_fusion=False,
     )
     return q_out, k_out

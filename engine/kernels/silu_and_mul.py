@@ -32,14 +32,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if width % 2:
         raise ValueError(f"silu_and_mul: the last axis ({width}) must hold two equal halves [gate, up]")
     intermediate = width // 2
-    out = torch.empty((*x.shape[:-1], intermediate), dtype=x.dtype, device=x.device)
-    if x.dim() != 2 or x.stride(-1) != 1:
-        x = x.reshape(-1, width).contiguous()
+    if x.dim() == 2:
+        out = x.new_empty((x.shape[0], intermediate))
+    else:
+        out = x.new_empty((*x.shape[:-1], intermediate))
+        x = x.reshape(-1, width)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     num_tokens = x.shape[0]
     if num_tokens == 0 or intermediate == 0:
         return out
-    block = min(_BLOCK, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
+    block = min(_BLOCK, 1 << (intermediate - 1).bit_length())
+    _silu_and_mul_kernel[(num_tokens, -(-intermediate // block))](
         x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4, enable_fp_fusion=False
     )
     return out
