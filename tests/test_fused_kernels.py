@@ -128,6 +128,16 @@ def test_add_rms_norm_returns_the_norm_and_the_rounded_sum(dtype, rows, width):
 
 
 @needs_triton
+def test_add_rms_norm_reads_row_strided_views():
+    x = _randn(5, 80, seed=1)[:, 10:50]
+    residual = _randn(5, 64, seed=2)[:, :40]
+    weight = _randn(40, seed=3)
+    actual = norm_kernel.add_rms_norm(x, residual, weight, 1e-6)
+    for a, e in zip(actual, norm.add_rms_norm.eager(x, residual, weight, 1e-6)):
+        _assert_matches(a, e)
+
+
+@needs_triton
 def test_rms_norm_rejects_a_weight_of_the_wrong_width():
     with pytest.raises(ValueError, match="weight of shape"):
         norm_kernel.rms_norm(_randn(2, 8), _randn(9), 1e-6)
