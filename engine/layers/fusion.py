@@ -28,7 +28,7 @@ class _Fusable:
 
 def fusable(kernel: str):
     """Mark a pure function whose Triton twin, "module:function" with the same signature, enable_fusion() may use."""
-    if kernel.count(":") != 1:
+    if not isinstance(kernel, str) or kernel.count(":") != 1:
         raise ValueError(f"fusable: kernel {kernel!r} should be 'module:function'")
 
     def mark(fn):
