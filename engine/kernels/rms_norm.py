@@ -61,7 +61,8 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + out_offsets, x, mask=mask)
     x32 = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) / WIDTH + eps)[:, None]
+    # Times 1 / WIDTH, as torch's mean scales its sum (Triton's plain float32 "/" is not IEEE-rounded).
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) * (1.0 / WIDTH) + eps)[:, None]
     normed = (x32 * rstd).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
     # The product of two values of at most 16-bit dtypes is exact in float32: one rounding, as torch does.

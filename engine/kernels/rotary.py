@@ -41,7 +41,7 @@ def _rotate_heads(
     if NORM:
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(a * a + b * b, axis=1) / HEAD_DIM + eps)[:, None]
+        rstd = tl.rsqrt(tl.sum(a * a + b * b, axis=1) * (1.0 / HEAD_DIM) + eps)[:, None]
         w1 = tl.load(weight_ptr + dims, mask=dims < half, other=0.0).to(tl.float32)
         w2 = tl.load(weight_ptr + half + dims, mask=dims < half, other=0.0).to(tl.float32)
         # rms_norm's roundings: to the input dtype, then the weight product to the output dtype.

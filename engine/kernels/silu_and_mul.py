@@ -21,7 +21,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride_token, INTERMEDIATE: tl.conste
     up = tl.load(row + INTERMEDIATE + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     # Rounded to x's dtype after the silu and after the product, as the two torch ops round.
-    activated = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    activated = tl.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)  # IEEE division, as torch's silu
     out = (activated.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + token * INTERMEDIATE + cols, out, mask=mask)
 
