@@ -82,7 +82,7 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, 1, t.stride(0), 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiling(width: int) -> tuple[int, int, int]:
     """(rows per program, padded width, warps) for rows of this width; plain ints, cheap per launch."""
     if not 0 < width <= MAX_WIDTH:

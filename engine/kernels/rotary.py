@@ -98,7 +98,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiling(num_q_heads: int, num_k_heads: int, head_dim: int) -> tuple[int, int, int, int]:
     """(padded q heads, padded k heads, padded half head_dim, warps); plain ints, cheap per launch."""
     q_heads_padded, half_padded = _next_power_of_2(num_q_heads), _next_power_of_2(head_dim // 2)

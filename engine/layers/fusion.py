@@ -65,4 +65,3 @@ def disable_fusion() -> None:
     """Back to the plain torch functions."""
     for wrapper in _FUSABLE:
         wrapper.current = wrapper.eager
-
