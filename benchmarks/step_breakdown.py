@@ -61,7 +61,7 @@ def _profile(fn, iters: int = 10) -> dict:
     }
 
 
-def run(out: str | None) -> dict:
+def run(out: str | None, python_profile: bool = False) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=4096, max_num_seqs=256)
@@ -81,6 +81,22 @@ def run(out: str | None) -> dict:
         entry["prepare_ms"] = 1e3 * _time(lambda: runner._prepare(batch))
         entry.update(_profile(lambda: runner.execute(batch)))
         results[name] = entry
+    if python_profile:
+        import cProfile
+        import io
+        import pstats
+
+        batch = shapes["mixed 16 decodes ctx 500 + 64-token prefill"]
+        runner.execute(batch)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            runner.execute(batch)
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        results["python_profile_mixed"] = text.getvalue()
     print(f"GPU: {results['gpu']}")
     print(f"{'batch':<48}{'step ms':>9}{'kernels ms':>12}{'prepare ms':>12}")
     for name in shapes:
@@ -96,8 +112,9 @@ def run(out: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--python-profile", action="store_true", help="also cProfile an eager mixed step (host code)")
     args = parser.parse_args()
-    run(args.out)
+    run(args.out, args.python_profile)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class ModelRunner:
         backend = load_backend(self.backend_name)
         self.qkv_bias, self.qk_norm = attention_features(config.architecture, config.attention_bias)
 
-        if self.device.type == "cuda" and not enforce_eager:
+        if self.device.type == "cuda":
             enable_fusion()
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -297,8 +297,8 @@ class ModelRunner:
         from engine.scheduler_output import ScheduledSequence
 
         greedy = SamplingParams(temperature=0)
-        # The sampler has two paths (plain temperature, and top-k/top-p) and torch.compile specializes
-        # a single row apart from many: warm every combination.
+        # The sampler has two paths (plain temperature on model-dtype logits, top-k/top-p on float32
+        # ones): warm both, on every batch shape below.
         random_kinds = (SamplingParams(temperature=0.5), SamplingParams(temperature=0.5, top_p=0.9, seed=1))
         capacity = self.num_kv_blocks * self.block_size
         # New tokens per sequence of each warm-up batch; the last three mix one-token rows with longer ones.

@@ -188,7 +188,7 @@ def run_throughput(model: str = "qwen3-0.6b", *, num_seqs: int = 256, seed: int 
     model_config = load_model_config(model)
     prompts, output_lens = make_workload(num_seqs=num_seqs, seed=seed)
     llm_options.setdefault("max_num_seqs", num_seqs)
-    results = {"model": model, "gpu": torch.cuda.get_device_name(), "num_seqs": num_seqs,
+    results = {"model": model, "gpu": torch.cuda.get_device_name(), "num_seqs": num_seqs, "options": llm_options,
                "prompt_tokens": sum(map(len, prompts)), "output_tokens": sum(output_lens)}
     results["twinfer"] = run_twinfer(model, prompts, output_lens, dtype=dtype, max_model_len=max_model_len,
                                      enforce_eager=enforce_eager, **llm_options)
@@ -224,10 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="overlap the host's scheduling with the GPU (the LLM class's default)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     run_throughput(args.model, num_seqs=args.num_seqs, dtype=args.dtype, max_model_len=args.max_model_len,
-                   enforce_eager=args.enforce_eager, with_transformers=not args.no_transformers, out=args.out)
+                   enforce_eager=args.enforce_eager, with_transformers=not args.no_transformers, out=args.out,
+                   async_scheduling=args.async_scheduling)
 
 
 if __name__ == "__main__":
