@@ -41,8 +41,8 @@ class Scheduler:
         """Kept in arrival order, so the last one is the most recently arrived."""
         self._running_keys: list[tuple[float, int]] = []
         self._released_seq_ids: list[int] = []
-        self._in_flight: deque[list[tuple[Sequence, int, bool]]] = deque()
-        """Per step scheduled and not yet updated: (sequence, tokens computed, samples)."""
+        self._in_flight: deque[list[tuple[Sequence, int]]] = deque()
+        """Per step scheduled and not yet updated: (sequence, tokens computed), in the output's order."""
         self._finishing: list[Sequence] = []
         """Sequences whose last token (by length) a step in flight samples."""
         self._step = 0
@@ -67,7 +67,7 @@ class Scheduler:
             return
         commit = self.block_manager.commit_computed
         block_size = self.block_manager.block_size
-        for seq, _, _ in self._in_flight[-1]:
+        for seq, _ in self._in_flight[-1]:
             if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
                 commit(seq)
 
@@ -168,42 +168,32 @@ class Scheduler:
 
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
-        in_flight = []
+        append = sequences.append
         finishing = self._finishing
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
+            end = start + num_new
             token_ids = seq.token_ids
             pending = seq.num_pending_tokens
-            num_known = len(token_ids)
-            samples = start + num_new == num_known + pending
-            new_tokens = token_ids[start : start + num_new]
-            if pending and samples:
-                new_tokens.append(PENDING_TOKEN)
-            num_outputs = num_known + pending - seq.num_prompt_tokens
-            sequences.append(
-                ScheduledSequence(
-                    seq.seq_id,
-                    new_tokens,
-                    start,
-                    seq.block_table,
-                    num_new == 1 and start >= seq.num_prompt_tokens,
-                    samples,
-                    num_outputs,
-                    seq.sampling_params,
-                )
-            )
-            seq.num_computed_tokens = start + num_new
+            num_outputs = len(token_ids) + pending - seq.num_prompt_tokens
+            samples = end - seq.num_prompt_tokens == num_outputs
+            new_tokens = token_ids[start:end]
+            params = seq.sampling_params
             if samples:
+                if pending:
+                    new_tokens.append(PENDING_TOKEN)
                 seq.num_pending_tokens = pending + 1
-                if num_outputs + 1 >= seq.sampling_params.max_tokens:
+                if num_outputs + 1 >= params.max_tokens:
                     finishing.append(seq)
-            in_flight.append((seq, num_new, samples))
+            append(ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table,
+                                     num_new == 1 and start >= seq.num_prompt_tokens, samples, num_outputs, params))
+            seq.num_computed_tokens = end
         released, self._released_seq_ids = self._released_seq_ids, []
         output = SchedulerOutput(
             step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences)
         )
         self._step += 1
-        self._in_flight.append(in_flight)
+        self._in_flight.append(scheduled)
         return output
 
     def discard_empty_step(self, output: SchedulerOutput) -> None:
@@ -222,10 +212,11 @@ class Scheduler:
         sampled = result.sampled_token_ids
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
         block_size = block_manager.block_size
-        for seq, _, samples in self._in_flight.popleft():
+        running = SequenceStatus.RUNNING
+        for (seq, _), scheduled in zip(self._in_flight.popleft(), output.sequences):
             if seq.finish_time is not None:
                 continue  # aborted, or stopped by a token while this step was in flight: its sample is dropped
-            if samples:
+            if scheduled.samples:
                 try:
                     token = sampled[seq.seq_id]
                 except KeyError:
@@ -247,8 +238,8 @@ class Scheduler:
                     finished.append(seq)
             # A sequence released since (finishing or preempted) holds no blocks to commit; its blocks
             # computed before were committed by the update of the step before.
-            if (commit is not None and seq.status is SequenceStatus.RUNNING
-                    and seq.num_computed_tokens // block_size > seq.num_committed_blocks):
+            if (commit is not None and seq.num_computed_tokens // block_size > seq.num_committed_blocks
+                    and seq.status is running):
                 commit(seq)
         for seq in finished:
             self._finish(seq, now)

@@ -197,9 +197,9 @@ def test_plan_cli_writes_outputs(tmp_path, capsys):
     table = _trace(60).table.select(["request_id", "arrival_time", "prompt_len", "output_len"])
     pa_csv.write_csv(table, trace_path)
     out = tmp_path / "plan"
-    code = main(["plan", str(trace_path), "--model", MODEL, "--gpu", "h100,h200", "--tp", "1",
-                 "--max-num-seqs", "16", "--slo", SLOS, "--target-rate", "40", "--workers", "1",
-                 "--search-steps", "1", "--verify-top", "0", "--out", str(out), "--no-progress"])
+    code = main(["plan", str(trace_path), "--model", MODEL, "--gpu", "h100,a100-80g", "--tp", "1",
+                 "--max-num-seqs", "16", "--price", "a100-80g=2.0", "--slo", SLOS, "--target-rate", "40",
+                 "--workers", "1", "--search-steps", "1", "--verify-top", "0", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "rank config" in printed and "uncalibrated" in printed

@@ -91,3 +91,21 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "missing.csv" in capsys.readouterr().err
     assert main(["simulate", "demo", "--model", "no-such-model", "--out", str(tmp_path / "y"), "--no-progress"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
+    """--async-scheduling reaches the engine: recorded in the run, every request served, and with requests
+    arriving over time the batches differ from the synchronous run's (admissions wait for the step in flight)."""
+    runs = {}
+    for flag in ("--async-scheduling", "--no-async-scheduling"):
+        out = tmp_path / flag
+        assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out),
+                     "--no-progress", flag]) == 0
+        runs[flag] = read_run(out)
+    capsys.readouterr()
+    for flag, run in runs.items():
+        assert run.metadata["engine_config"]["async_scheduling"] is (flag == "--async-scheduling")
+        assert set(run.requests.column("status").to_pylist()) == {"finished"}
+    async_run, sync_run = runs["--async-scheduling"], runs["--no-async-scheduling"]
+    assert async_run.requests.column("output_len").to_pylist() == sync_run.requests.column("output_len").to_pylist()
+    assert async_run.steps.column("num_batched_tokens").to_pylist() != sync_run.steps.column("num_batched_tokens").to_pylist()
