@@ -3,6 +3,7 @@
 A step's time is host + GPU work, where
     host = step + prefill_seq * prefill sequences + decode_seq * decode sequences
            + prefill_token * prefill tokens                      (input preparation, sampling, bookkeeping)
+           + mixed_step on a step with both prefill and decode rows (its attention runs two kernels)
     gpu  = token * T + sum_k token_over_k * max(0, T - k)                   (matmuls, T = padded tokens)
            + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens prefill reads
            + decode_context_token * context read by decode (pure-decode steps)
@@ -27,7 +28,7 @@ from engine.stats import BatchFeatures
 FORMAT = "twinfer-cost-model"
 FORMAT_VERSION = 1
 
-HOST_TERMS = ("step", "prefill_seq", "decode_seq", "prefill_token")
+HOST_TERMS = ("step", "prefill_seq", "decode_seq", "prefill_token", "mixed_step")
 LAUNCH_TERM = "eager_step"
 GPU_TERMS = (
     "token",
@@ -63,8 +64,9 @@ def term_blocks(columns: dict, knots) -> tuple[np.ndarray, np.ndarray, np.ndarra
     tokens = np.where(graph > 0, graph, get["num_batched_tokens"])
     has_prefill = get["num_prefill_seqs"] > 0
     decode_context = get["decode_context_tokens"]
+    mixed = (has_prefill & (get["num_decode_seqs"] > 0)).astype(np.float64)
     host = np.column_stack(
-        [np.ones_like(tokens), get["num_prefill_seqs"], get["num_decode_seqs"], get["num_prefill_tokens"]]
+        [np.ones_like(tokens), get["num_prefill_seqs"], get["num_decode_seqs"], get["num_prefill_tokens"], mixed]
     )
     gpu = np.column_stack(
         [
@@ -132,6 +134,7 @@ class CostModel:
         self._set("_prefill_seq", coefficient["prefill_seq"])
         self._set("_decode_seq", coefficient["decode_seq"])
         self._set("_prefill_token", coefficient["prefill_token"])
+        self._set("_mixed_step", coefficient["mixed_step"])
         self._set("_token", coefficient["token"])
         self._set("_pair", coefficient["prefill_attention_pair"])
         self._set("_prefill_context", coefficient["prefill_context_token"])
@@ -151,12 +154,15 @@ class CostModel:
         return f"calibrated {self.gpu} {self.model} tp{self.tp} {self.dtype}"
 
     def _host(self, num_prefill_seqs, num_prefill_tokens, num_decode_seqs) -> float:
-        return (
+        host = (
             self._step
             + self._prefill_seq * num_prefill_seqs
             + self._decode_seq * num_decode_seqs
             + self._prefill_token * num_prefill_tokens
         )
+        if num_prefill_seqs and num_decode_seqs:
+            host += self._mixed_step
+        return host
 
     def _gpu(self, tokens, attention_work, prefill_context) -> float:
         seconds = self._token * tokens

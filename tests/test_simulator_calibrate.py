@@ -26,6 +26,7 @@ TRUTH = CostModel(
     {
         "step": 2e-3,
         "eager_step": 3e-3,
+        "mixed_step": 1.5e-3,
         "decode_seq": 5e-6,
         "prefill_seq": 2e-5,
         "token": 1e-7,
@@ -37,7 +38,7 @@ TRUTH = CostModel(
         "prefill_context_token": 2e-8,
     },
 )
-MAIN_TERMS = ("eager_step", "decode_context_token", "mixed_decode_context_token")
+MAIN_TERMS = ("eager_step", "mixed_step", "decode_context_token", "mixed_decode_context_token")
 
 
 class FakeGpuExecutor:

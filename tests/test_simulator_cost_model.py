@@ -12,6 +12,7 @@ from simulator.cost_model import CostModel, FEATURE_COLUMNS
 COEFFICIENTS = {
     "step": 2e-3,
     "eager_step": 3e-3,
+    "mixed_step": 1e-3,
     "decode_seq": 5e-6,
     "prefill_seq": 2e-5,
     "prefill_token": 3e-8,
@@ -58,6 +59,17 @@ def test_scalar_and_vectorized_predictions_agree(eager_overlap):
     vectorized = model.predict_columns(columns)
     scalar = np.array([model.predict(f, graph) for f, graph in samples])
     np.testing.assert_allclose(scalar, vectorized, rtol=1e-12)
+
+
+def test_a_step_mixing_prefill_and_decodes_costs_mixed_step_more():
+    model = make_model()
+    prefill_only = BatchFeatures(1, 64, 0, 0, 0, 0, 64 * 32.5, 64)
+    with_one_decode = BatchFeatures(1, 64, 1, 1, 100, 0, 64 * 32.5, 65)
+    decode_only = BatchFeatures(0, 0, 1, 1, 100, 0, 0.0, 1)
+    extra = model.predict(with_one_decode, 0) - model.predict(prefill_only, 0)
+    # One more decode row: its host and context costs, a token, and the mixed step's second kernel.
+    assert extra == pytest.approx(1e-3 + 5e-6 + 1e-7 + 100 * 6e-8)
+    assert model.predict(decode_only, 0) == pytest.approx(2e-3 + 3e-3 + 5e-6 + 1e-7 + 100 * 4e-8)
 
 
 def test_graph_steps_cost_the_padded_batch_and_skip_launch_overhead():
