@@ -126,8 +126,8 @@ class Engine:
         if request_id in self.rejected:
             return
         seq = self.sequences[request_id]
-        if seq.is_finished:
-            return
+        if seq.finish_time is not None:
+            return  # finished (one released while its last token is in flight is not, until update())
         if seq.status is SequenceStatus.WAITING and seq not in self.scheduler.waiting:
             self._pending = [entry for entry in self._pending if entry[2] is not seq]
             heapq.heapify(self._pending)
@@ -146,11 +146,14 @@ class Engine:
 
     def abort_all(self, reason: str) -> None:
         """Abort every request not yet finished (an interrupted run keeps what finished)."""
+        # A step in flight is never applied now: the requests whose samples it holds are aborted.
+        self._in_flight = None
+        self.scheduler.drop_in_flight()
         pending, self._pending = self._pending, []
         for _, _, seq in pending:
             self._abort_pending(seq, reason)
         for request_id, seq in self.sequences.items():
-            if not seq.is_finished:
+            if seq.finish_time is None:
                 self.abort(request_id, reason)
 
     # ---- the loop
@@ -215,6 +218,8 @@ class Engine:
             self.clock.sleep_until(self._pending[0][0])
             return True
         output = scheduler.schedule(now) if scheduler.has_unfinished() else None
+        # The previous step's record shows the state it left, as this schedule found it.
+        state = scheduler.state_before_schedule if output is not None else None
         if output is not None and output.is_empty:
             scheduler.discard_empty_step(output)
             output = None
@@ -233,14 +238,19 @@ class Engine:
             start = max(scheduled_at, self._last_finish_time)
             end = self.clock.advance(result.duration)
             self.num_finished += len(scheduler.update(previous, result, end))
-            self._record_step(previous, start, end - start, result.cuda_graph_batch_size, stats)
+            self._record_step(previous, start, end - start, result.cuda_graph_batch_size, stats, state)
             self._last_finish_time = end
         return True
 
-    def _record_step(self, output, start: float, duration: float, cuda_graph_batch_size: int, stats=None) -> None:
+    def _record_step(self, output, start: float, duration: float, cuda_graph_batch_size: int, stats=None,
+                     state=None) -> None:
         features = batch_features(output)
         stats = stats or self.scheduler.last_stats
         block_manager = self.block_manager
+        scheduler = self.scheduler
+        num_running, num_waiting, num_used_blocks = state or (
+            len(scheduler.running), len(scheduler.waiting), block_manager.num_used_blocks
+        )
         self.step_records.append(
             output.step,
             start,
@@ -252,9 +262,9 @@ class Engine:
             features.decode_context_tokens,
             features.prefill_context_tokens,
             features.prefill_attention_work,
-            len(self.scheduler.running),
-            len(self.scheduler.waiting),
-            block_manager.num_used_blocks,
+            num_running,
+            num_waiting,
+            num_used_blocks,
             block_manager.num_blocks,
             stats.num_preempted,
             stats.prefix_cache_hit_tokens,

@@ -47,6 +47,9 @@ class Scheduler:
         """Sequences whose last token (by length) a step in flight samples."""
         self._step = 0
         self.last_stats = ScheduleStats(0, 0)
+        self.state_before_schedule = (0, 0, 0)
+        """(running, waiting, KV blocks used) as the last schedule began: the state after the step before
+        it, which asynchronous scheduling records for that step (its update comes after this schedule)."""
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -113,6 +116,7 @@ class Scheduler:
             self._release_finishing()
         config = self.config
         block_manager = self.block_manager
+        self.state_before_schedule = (len(self.running), len(self.waiting), block_manager.num_used_blocks)
         budget = config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         num_preempted = 0
@@ -203,6 +207,11 @@ class Scheduler:
         self._in_flight.pop()
         self._step -= 1
         self._released_seq_ids = list(output.finished_seq_ids) + self._released_seq_ids
+
+    def drop_in_flight(self) -> None:
+        """Forget the steps in flight without applying their results (an interrupted run aborts the rest)."""
+        self._in_flight.clear()
+        self._finishing = []
 
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
         """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks."""

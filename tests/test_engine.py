@@ -288,7 +288,7 @@ def _batches_and_outputs(async_scheduling: bool, num_kv_blocks: int, max_tokens:
 @pytest.mark.parametrize("num_kv_blocks", [200, 11])
 def test_async_scheduling_runs_the_same_batches_as_sync_when_requests_stop_by_length(num_kv_blocks):
     """All arriving at once and stopping by length, overlapping the host changes nothing the scheduler
-    decides: the same batches, outputs and token times, preempting or not (11 blocks preempt)."""
+    decides: the same batches, outputs, token times and step records, preempting or not (11 blocks preempt)."""
     lengths = [9, 3, 12, 5, 7, 1]
     sync_engine, sync_batches, sync_outputs, prompts = _batches_and_outputs(False, num_kv_blocks, lengths)
     async_engine, async_batches, async_outputs, _ = _batches_and_outputs(True, num_kv_blocks, lengths)
@@ -298,7 +298,8 @@ def test_async_scheduling_runs_the_same_batches_as_sync_when_requests_stop_by_le
     assert [r.token_times for r in async_records.values()] == [r.token_times for r in sync_records.values()]
     assert [r.num_preemptions for r in async_records.values()] == [r.num_preemptions for r in sync_records.values()]
     assert (sum(r.num_preemptions for r in sync_records.values()) > 0) == (num_kv_blocks == 11)
-    assert [s.duration for s in async_engine.step_records] == [s.duration for s in sync_engine.step_records]
+    # Step records too, the state each step left (running, waiting, KV blocks used) included.
+    assert list(async_engine.step_records) == list(sync_engine.step_records)
 
 
 def test_async_scheduling_stop_token_costs_one_dropped_step():
@@ -315,3 +316,103 @@ def test_async_scheduling_stop_token_costs_one_dropped_step():
     assert all(r.reason == "stop" for r in async_engine.request_records.values())
     manager = async_engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+class _Pending:
+    def __init__(self, result, interrupt: bool) -> None:
+        self._result, self._interrupt = result, interrupt
+
+    def result(self):
+        if self._interrupt:
+            raise KeyboardInterrupt
+        return self._result
+
+
+class InterruptedExecutor(PagedEchoExecutor):
+    """Ctrl-C while the engine waits for one step's samples, with the next step already launched."""
+
+    def __init__(self, *args, interrupt_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.interrupt_at = interrupt_at
+
+    def execute_async(self, scheduler_output):
+        result = self.execute(scheduler_output)
+        return _Pending(result, scheduler_output.step == self.interrupt_at)
+
+
+@pytest.mark.parametrize("interrupt_at", range(8))
+def test_async_scheduling_abort_all_while_a_step_is_in_flight(interrupt_at):
+    """An interrupted run keeps what finished: a request whose last token was in flight is either finished
+    with all its tokens or aborted, never 'finished' without a finish time; nothing is left running."""
+    config = EngineConfig(block_size=2, num_kv_blocks=40, async_scheduling=True)
+    engine = Engine(config, InterruptedExecutor(40, 2, interrupt_at=interrupt_at))
+    for max_tokens in (1, 2, 3, 4, 6, 40):
+        engine.add_request(prompt_len=3, sampling_params=SamplingParams(max_tokens=max_tokens))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    engine.abort_all("interrupted")
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == 40
+    records = engine.request_records
+    assert engine.num_finished == len(records)
+    for record in records.values():
+        assert record.finish_time is not None
+        if record.status == "finished":
+            assert record.output_len == record.max_tokens == len(record.token_times)
+        else:
+            assert record.status == "aborted" and record.reason == "aborted: interrupted"
+    check_invariants(engine)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.floats(0, 1)), min_size=1, max_size=10),
+    aborts=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 9)), max_size=4),
+    num_kv_blocks=st.integers(8, 40),
+    max_num_batched_tokens=st.integers(1, 32),
+    prefix_caching=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_async_scheduling_with_stop_tokens_and_aborts_finishes_each_request_once(
+    requests, aborts, num_kv_blocks, max_num_batched_tokens, prefix_caching, seed
+):
+    """Stop tokens seen a step late (also by preempted requests) and aborts while a step is in flight:
+    every request ends once, its outputs those of an undisturbed run up to its end, and no block leaks."""
+    import random
+
+    rng = random.Random(seed)
+    config = EngineConfig(block_size=2, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_caching=prefix_caching, num_kv_blocks=num_kv_blocks, async_scheduling=True,
+                          eos_token_ids=(0,))
+    engine = Engine(config, PagedEchoExecutor(num_kv_blocks, 2, vocab_size=4))
+    prefix = [rng.randrange(1000) for _ in range(6)]
+    prompts = {}
+    for suffix_len, max_tokens, arrival in requests:
+        prompt = prefix + [rng.randrange(1000) for _ in range(suffix_len)]
+        request_id = engine.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=max_tokens),
+                                        arrival_time=arrival)
+        prompts[request_id] = prompt
+    abort_at = collections.defaultdict(list)
+    for step, index in aborts:
+        abort_at[step].append(str(index % len(prompts)))
+    step = 0
+    while engine.step():
+        for request_id in abort_at[step]:
+            engine.abort(request_id)
+        check_invariants(engine)
+        step += 1
+    assert engine.block_manager.num_free_blocks == num_kv_blocks
+    records = engine.request_records
+    assert engine.num_finished == sum(record.status != "rejected" for record in records.values())
+    for request_id, record in records.items():
+        if record.status == "rejected":
+            continue
+        expected = reference_outputs(prompts[request_id], record.max_tokens, 4)
+        if 0 in expected:
+            expected = expected[: expected.index(0) + 1]
+        output = engine.output_token_ids(request_id)
+        assert record.finish_time is not None and len(record.token_times) == len(output)
+        if record.status == "finished":
+            assert output == expected
+        else:
+            assert record.status == "aborted" and output == expected[: len(output)]
