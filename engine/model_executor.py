@@ -57,6 +57,11 @@ class ModelExecutor:
             )
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+        if engine_config.async_scheduling and tensor_parallel_size > 1:
+            raise ValueError(
+                f"asynchronous scheduling needs tensor_parallel_size 1 (got {tensor_parallel_size}): only rank 0 "
+                "holds the samples the next step reads; turn it off (--no-async-scheduling)"
+            )
         self.tensor_parallel_size = tensor_parallel_size
         self._workers: list = []
         self._commands: list = []

@@ -101,25 +101,25 @@ class PendingStep:
     """A launched step's samples, on their way to the host."""
 
     def __init__(self, tokens: torch.Tensor | None, sampled_ids: list[int], graph_size: int,
-                 host: torch.Tensor | None) -> None:
+                 host: torch.Tensor | None, on_cuda: bool) -> None:
         self.sampled_ids = sampled_ids
         self.graph_size = graph_size
         self._tokens = tokens
         self._host = host
         self._event = None
-        if host is not None:
+        if on_cuda:
+            # Every step is waited for, sampling or not: the staging buffers are reused on the
+            # promise that the step before last has finished (and durations include the GPU work).
             self._event = torch.cuda.Event()
             self._event.record()
 
     def result(self) -> tuple[dict[int, int], int]:
         """(sampled token per seq id, CUDA-graph batch size or 0), waiting for this step only."""
-        if self._tokens is None:
-            return {}, self.graph_size
         if self._event is not None:
             self._event.synchronize()
-            values = self._host.tolist()
-        else:
-            values = self._tokens.tolist()
+        if self._tokens is None:
+            return {}, self.graph_size
+        values = self._host.tolist() if self._host is not None else self._tokens.tolist()
         return dict(zip(self.sampled_ids, values)), self.graph_size
 
 
@@ -482,7 +482,7 @@ class ModelRunner:
         for seq_id in scheduler_output.finished_seq_ids:
             self._block_table_rows.pop(seq_id, None)
         if not scheduler_output.sequences:
-            return PendingStep(None, [], 0, None)
+            return PendingStep(None, [], 0, None, self.device.type == "cuda")
         ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size = self._prepare(scheduler_output)
         if graph_size is not None:
             logits = self.graphs.replay(graph_size, ids, positions, metadata.slot_mapping, metadata.seq_lens,
@@ -491,10 +491,10 @@ class ModelRunner:
         else:
             hidden = self.model(ids, positions, metadata)
             if not sampled_ids:
-                return PendingStep(None, [], 0, None)
+                return PendingStep(None, [], 0, None, self.device.type == "cuda")
             logits = self.model.compute_logits(hidden[logit_rows])
         if not sampled_ids or self.rank != 0:
-            return PendingStep(None, [], graph_size or 0, None)
+            return PendingStep(None, [], graph_size or 0, None, self.device.type == "cuda")
         tokens = self.sampler(logits, sampling)
         self._last_tokens = tokens
         self._last_rows = {seq_id: row for row, seq_id in enumerate(sampled_ids)}
@@ -504,16 +504,14 @@ class ModelRunner:
             self._token_turn ^= 1
             host = self._token_buffers[self._token_turn][:len(sampled_ids)]
             host.copy_(tokens, non_blocking=True)
-        return PendingStep(tokens, sampled_ids, graph_size or 0, host)
+        return PendingStep(tokens, sampled_ids, graph_size or 0, host, self.device.type == "cuda")
 
     def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
         """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
         return self.launch(scheduler_output).result()
 
     def timed_execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int, float]:
-        """execute() plus its wall time including the device sync."""
+        """execute() plus its wall time, which includes waiting for the device (execute waits for every step)."""
         start = time.perf_counter()
         sampled, graph_size = self.execute(scheduler_output)
-        if self.device.type == "cuda" and not sampled:
-            torch.cuda.synchronize(self.device)
         return sampled, graph_size, time.perf_counter() - start

@@ -90,3 +90,14 @@ def test_string_prompt_without_tokenizer_is_a_clear_error(tmp_path):
 def test_unknown_model_names_the_presets():
     with pytest.raises(FileNotFoundError, match="qwen3-0.6b"):
         LLM("no-such-model", device="cpu")
+
+
+def test_asynchronous_scheduling_with_tensor_parallelism_is_refused_before_any_worker_starts():
+    from engine.config import EngineConfig
+    from engine.model_executor import ModelExecutor
+
+    config = EngineConfig(max_model_len=256, async_scheduling=True)
+    with pytest.raises(ValueError, match="asynchronous scheduling needs tensor_parallel_size 1"):
+        ModelExecutor("tiny-qwen3", config, device="cpu", tensor_parallel_size=2, load_format="dummy")
+    # LLM picks synchronous scheduling itself above TP 1, and asynchronous at TP 1.
+    assert LLM("tiny-qwen3", device="cpu", max_model_len=256).engine_config.async_scheduling
