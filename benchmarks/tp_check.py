@@ -18,9 +18,13 @@ def _greedy(model: str, prompts, new_tokens: int, tensor_parallel_size: int, enf
     from engine import LLM, SamplingParams
 
     start = time.perf_counter()
+    # Progress goes out at once: when a run is cut off, the last line says which phase it was in.
+    print(f"TP={tensor_parallel_size}: building the engine (CUDA graphs {'off' if enforce_eager else 'on'})",
+          flush=True)
     llm = LLM(model, dtype="bfloat16", max_model_len=2048, tensor_parallel_size=tensor_parallel_size,
               gpu_memory_utilization=0.5, max_num_seqs=64, enforce_eager=enforce_eager)
     init = time.perf_counter() - start
+    print(f"TP={tensor_parallel_size}: built in {init:.1f} s; generating", flush=True)
     start = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
                            use_tqdm=False)
