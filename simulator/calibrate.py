@@ -68,7 +68,9 @@ def step_columns(table: pa.Table, source: str) -> dict:
         raise ValueError(f"{source}: missing step columns {', '.join(missing)}")
     columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64) for name in REQUIRED_COLUMNS}
     metadata = _metadata(table)
-    if all(key in metadata for key in ENGINE_OVERHEAD_KEYS):
+    is_profile = all(key in metadata for key in ENGINE_OVERHEAD_KEYS)
+    columns["serving"] = np.full(table.num_rows, 0.0 if is_profile else 1.0)
+    if is_profile:
         step_s, per_seq_s, per_token_s = (float(metadata[key]) for key in ENGINE_OVERHEAD_KEYS)
         num_seqs = columns["num_prefill_seqs"] + columns["num_decode_seqs"]
         columns["duration"] = columns["duration"] + step_s + per_seq_s * num_seqs + per_token_s * columns["num_prefill_tokens"]
@@ -100,7 +102,7 @@ def read_steps(paths) -> tuple[dict, dict]:
         table = pq.read_table(file)
         parts.append(step_columns(table, str(file)))
         metadata = metadata or _metadata(table)
-    return {name: np.concatenate([part[name] for part in parts]) for name in REQUIRED_COLUMNS}, metadata
+    return {name: np.concatenate([part[name] for part in parts]) for name in (*REQUIRED_COLUMNS, "serving")}, metadata
 
 
 def usable_steps(columns: dict) -> np.ndarray:
@@ -206,7 +208,9 @@ def fit(
     source: str = "",
 ) -> Calibration:
     """Fit on all usable steps; held-out MAPE comes from a fit without a random holdout_fraction of them."""
+    serving = columns.get("serving")
     columns = {name: np.asarray(columns[name], dtype=np.float64) for name in REQUIRED_COLUMNS}
+    columns["serving"] = np.ones(len(columns["duration"])) if serving is None else np.asarray(serving, np.float64)
     usable = np.flatnonzero(usable_steps(columns))
     if len(usable) < 20:
         raise ValueError(f"{source or 'calibration data'}: only {len(usable)} usable steps; need at least 20")

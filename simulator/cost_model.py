@@ -4,6 +4,9 @@ A step's time is host + GPU work, where
     host = step + prefill_seq * prefill sequences + decode_seq * decode sequences
            + prefill_token * prefill tokens                      (input preparation, sampling, bookkeeping)
            + mixed_step on a step with both prefill and decode rows (its attention runs two kernels)
+           + serving_eager_step on an eager step of a serving run: the host time a profile, which times
+             each batch shape on its own, does not see (fitted from real runs' steps when calibration
+             has some; every simulated step is a serving step)
     gpu  = token * T + sum_k token_over_k * max(0, T - k)                   (matmuls, T = padded tokens)
            + prefill_attention_pair * query-key pairs + prefill_context_token * cached tokens prefill reads
            + decode_context_token * context read by decode (pure-decode steps)
@@ -28,7 +31,7 @@ from engine.stats import BatchFeatures
 FORMAT = "twinfer-cost-model"
 FORMAT_VERSION = 1
 
-HOST_TERMS = ("step", "prefill_seq", "decode_seq", "prefill_token", "mixed_step")
+HOST_TERMS = ("step", "prefill_seq", "decode_seq", "prefill_token", "mixed_step", "serving_eager_step")
 LAUNCH_TERM = "eager_step"
 GPU_TERMS = (
     "token",
@@ -65,8 +68,12 @@ def term_blocks(columns: dict, knots) -> tuple[np.ndarray, np.ndarray, np.ndarra
     has_prefill = get["num_prefill_seqs"] > 0
     decode_context = get["decode_context_tokens"]
     mixed = (has_prefill & (get["num_decode_seqs"] > 0)).astype(np.float64)
+    eager = graph <= 0
+    # Rows of a profile carry serving 0; steps of real runs, and every step simulated, are serving steps.
+    serving = np.asarray(columns["serving"], dtype=np.float64) if "serving" in columns else 1.0
     host = np.column_stack(
-        [np.ones_like(tokens), get["num_prefill_seqs"], get["num_decode_seqs"], get["num_prefill_tokens"], mixed]
+        [np.ones_like(tokens), get["num_prefill_seqs"], get["num_decode_seqs"], get["num_prefill_tokens"], mixed,
+         eager * serving]
     )
     gpu = np.column_stack(
         [
@@ -78,7 +85,7 @@ def term_blocks(columns: dict, knots) -> tuple[np.ndarray, np.ndarray, np.ndarra
         ]
         + [np.maximum(tokens - knot, 0.0) for knot in knots]
     )
-    return host, graph <= 0, gpu
+    return host, eager, gpu
 
 
 def design_matrix(columns: dict, knots, launch_bound: np.ndarray | None = None) -> np.ndarray:
@@ -135,6 +142,7 @@ class CostModel:
         self._set("_decode_seq", coefficient["decode_seq"])
         self._set("_prefill_token", coefficient["prefill_token"])
         self._set("_mixed_step", coefficient["mixed_step"])
+        self._set("_serving_eager", coefficient["serving_eager_step"])
         self._set("_token", coefficient["token"])
         self._set("_pair", coefficient["prefill_attention_pair"])
         self._set("_prefill_context", coefficient["prefill_context_token"])
@@ -186,6 +194,7 @@ class CostModel:
             gpu = gpu + self._decode_context * features.decode_context_tokens
         if cuda_graph_batch_size:
             return host + gpu
+        host = host + self._serving_eager
         if self.eager_overlap:
             return host + max(self._eager, gpu)
         return host + (self._eager + gpu)
@@ -204,6 +213,7 @@ class CostModel:
         gpus = [gpu + per_context * (decode_context_tokens + step * num_decode_seqs) for step in range(num_steps)]
         if cuda_graph_batch_size:
             return [host + step_gpu for step_gpu in gpus]
+        host = host + self._serving_eager
         launch = self._eager
         if self.eager_overlap:
             return [host + max(launch, step_gpu) for step_gpu in gpus]

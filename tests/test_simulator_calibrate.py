@@ -5,6 +5,7 @@ import random
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,6 +186,32 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
     from_profile = fit_profile_table(table).cost_model
     assert fitted.coefficients["step"] < from_profile.coefficients["step"]
     assert fitted.fit_report["heldout_mape"] < 0.02
+
+
+def test_eager_steps_of_real_runs_teach_the_serving_overhead_a_profile_cannot_see(tmp_path, profile_table):
+    """A profile times each batch shape on its own; in a serving loop the same eager step takes longer. Given
+    both, calibration fits that difference as serving_eager_step, and simulation (always serving) adds it."""
+    profile_path, table = profile_table
+    run = tmp_path / "run"
+    run.mkdir()
+    steps = table.select(STEPS_SCHEMA.names).cast(STEPS_SCHEMA).replace_schema_metadata(None)
+    columns = {name: steps.column(name).to_numpy().astype(float) for name in steps.column_names if name != "grid"}
+    eager = columns["cuda_graph_batch_size"] <= 0
+    # As the real engine would record these batches in a run: engine time included, eager ones 4 ms slower.
+    engine_s = [float(table.schema.metadata[key.encode()]) for key in ("engine_step_s", "engine_per_seq_s",
+                                                                     "engine_per_prefill_token_s")]
+    seqs = columns["num_prefill_seqs"] + columns["num_decode_seqs"]
+    serving_duration = (TRUTH.predict_columns(columns) + engine_s[0] + engine_s[1] * seqs
+                        + engine_s[2] * columns["num_prefill_tokens"] + 4e-3 * eager)
+    pq.write_table(steps.set_column(steps.schema.get_field_index("duration"), "duration",
+                                    pa.array(serving_duration)), run / "steps.parquet")
+    merged, _ = read_steps([profile_path, run])
+    assert merged["serving"].tolist() == [0.0] * table.num_rows + [1.0] * table.num_rows
+    fitted = fit(merged, gpu="h100", model="qwen3-0.6b").cost_model
+    assert fitted.coefficients["serving_eager_step"] == pytest.approx(4e-3, rel=0.1)
+    # Simulated steps are serving steps: eager ones get the overhead, CUDA-graph ones do not.
+    assert mape(fitted.predict_columns(columns)[eager], serving_duration[eager]) < 0.02
+    assert mape(fitted.predict_columns(columns)[~eager], serving_duration[~eager]) < 0.02
 
 
 def test_too_little_data_is_refused():

@@ -72,6 +72,17 @@ def test_a_step_mixing_prefill_and_decodes_costs_mixed_step_more():
     assert model.predict(decode_only, 0) == pytest.approx(2e-3 + 3e-3 + 5e-6 + 1e-7 + 100 * 4e-8)
 
 
+def test_serving_overhead_applies_to_eager_steps_only():
+    plain = make_model()
+    serving = CostModel("h100", "qwen3-0.6b", 1, "bfloat16", {**COEFFICIENTS, "serving_eager_step": 7e-4})
+    mixed = BatchFeatures(1, 64, 1, 1, 100, 0, 64 * 32.5, 65)
+    decode = BatchFeatures(0, 0, 8, 8, 800, 0, 0.0, 8)
+    assert serving.predict(mixed, 0) - plain.predict(mixed, 0) == pytest.approx(7e-4)
+    assert serving.predict(decode, 8) == plain.predict(decode, 8)
+    # The bulk decode path adds it the same way, bit for bit.
+    assert serving.predict_decode_run(8, 800, 1)[0] == serving.predict(decode, 0)
+
+
 def test_graph_steps_cost_the_padded_batch_and_skip_launch_overhead():
     model = make_model()
     features = BatchFeatures(0, 0, 130, 130, 130 * 100, 0, 0.0, 130)
