@@ -48,7 +48,7 @@ class Engine:
             and not config.async_scheduling
         )
         self._in_flight: tuple | None = None
-        """Asynchronous scheduling: (output, pending result, time scheduled) of the step running now."""
+        """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
 
     # ---- requests
