@@ -2,7 +2,8 @@
 # On a GPU machine: profile models and replay trace slices on the real executor, in the order given.
 # Everything lands under $OUT; simulate and compare afterwards on any machine (see BENCHMARKS.md).
 # Usage: bash benchmarks/gpu_fidelity.sh TASK...   with TASK one of
-#   profile:MODEL:SECONDS   replay:MODEL:NAME:SECONDS   (NAME: azure-conv, mooncake-conv, azure-code)
+#   profile:MODEL:SECONDS[:SERVING_SECONDS]   replay:MODEL:NAME:SECONDS   (NAME: azure-conv, mooncake-conv, azure-code)
+#   (SERVING_SECONDS of the profile's SECONDS go to its serving phase: see simulator/profile.py)
 set -u
 OUT=${OUT:-out}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -15,7 +16,7 @@ for task in "$@"; do
     echo "=== $task ($(date +%T))"
     if [ "$kind" = profile ]; then
         timeout $((a + 120)) python3 -m simulator.profile --model "$model" --max-seconds "$a" \
-            --out "$OUT/profiles/${KEY}_${model}_tp1_bfloat16.parquet" 2>&1 | tail -8
+            --serving-seconds "${b:-0}" --out "$OUT/profiles/${KEY}_${model}_tp1_bfloat16.parquet" 2>&1 | tail -8
     else
         case $a in
             azure-conv) trace=gpu_data/azure_conv_rows3000_5500.csv; shape=(--time-scale 0.2) ;;

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--tp", type=int, default=1)
     profile.add_argument("--dtype", default="bfloat16")
     profile.add_argument("--max-seconds", type=float, default=480)
+    profile.add_argument("--serving-seconds", type=float, default=0.0,
+                         help="end with a serving phase this long (within --max-seconds): calibration learns the "
+                         "serving loop's extra eager-step time from it")
+    profile.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
 
     calibrate = commands.add_parser("calibrate", help="fit a cost model from profiles and/or runs' steps")
     calibrate.add_argument("inputs", nargs="+", help="profile Parquet files or run folders")

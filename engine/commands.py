@@ -257,7 +257,8 @@ def run_report(args) -> int:
 def run_profile(args) -> int:
     from simulator.profile import profile
 
-    path = profile(args.model, args.out, tp=args.tp, dtype=args.dtype, max_seconds=args.max_seconds)
+    path = profile(args.model, args.out, tp=args.tp, dtype=args.dtype, max_seconds=args.max_seconds,
+                   serving_seconds=args.serving_seconds, serving_rate=args.serving_rate)
     print(f"profile written to {path}")
     return 0
 

@@ -68,12 +68,17 @@ def step_columns(table: pa.Table, source: str) -> dict:
         raise ValueError(f"{source}: missing step columns {', '.join(missing)}")
     columns = {name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64) for name in REQUIRED_COLUMNS}
     metadata = _metadata(table)
-    is_profile = all(key in metadata for key in ENGINE_OVERHEAD_KEYS)
-    columns["serving"] = np.full(table.num_rows, 0.0 if is_profile else 1.0)
-    if is_profile:
+    if all(key in metadata for key in ENGINE_OVERHEAD_KEYS):
+        # A profile: its grid rows timed the executor alone; rows of its serving phase are engine steps.
+        grid = table.column("grid").to_pylist() if "grid" in table.column_names else [None] * table.num_rows
+        serving = np.array([name == "serving" for name in grid], dtype=np.float64)
         step_s, per_seq_s, per_token_s = (float(metadata[key]) for key in ENGINE_OVERHEAD_KEYS)
         num_seqs = columns["num_prefill_seqs"] + columns["num_decode_seqs"]
-        columns["duration"] = columns["duration"] + step_s + per_seq_s * num_seqs + per_token_s * columns["num_prefill_tokens"]
+        engine_s = step_s + per_seq_s * num_seqs + per_token_s * columns["num_prefill_tokens"]
+        columns["duration"] = columns["duration"] + engine_s * (1.0 - serving)
+    else:
+        serving = np.ones(table.num_rows)  # a real run's steps
+    columns["serving"] = serving
     return columns
 
 

@@ -8,10 +8,16 @@ clock, as a real run sees it (the executor's own figure is kept too). The engine
 (scheduling and bookkeeping, which a real run's step durations include) is measured on the same host and
 stored in the metadata; calibration adds it.
 
+With serving_seconds, the profile ends with a serving phase: the real engine replays a Poisson workload
+through the same executor and its steps are kept as rows of grid "serving", durations as the engine records
+them. An eager step inside a serving loop takes longer than the same shape timed on its own; calibration
+fits that difference (the cost model's serving_eager_step) from these rows, as it does from real runs.
+
 Runs on the GPU machines: numpy, pyarrow and torch only (no plotly, no pandas needed).
 """
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -43,6 +49,10 @@ EAGER_DECODE_SIZES = (520, 576, 640, 768, 896, 1024)
 MIXED_DECODES = (1, 4, 16, 64, 128, 256, 512)
 MIXED_CONTEXTS = (256, 1024, 4096)
 MIXED_CHUNKS = (16, 128, 512, 1024, 2048, 4096)
+
+
+GRID_SEQ_IDS_FROM = 1 << 40
+"""Grid sequences take ids from here up, apart from an engine's (the serving phase shares the executor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +154,7 @@ class ShapeBuilder:
         self.vocab_size = vocab_size
         self.rng = np.random.default_rng(seed)
         self.params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1 << 20)
-        self._next_seq_id = 0
+        self._next_seq_id = GRID_SEQ_IDS_FROM
         self._next_block = 0
         self._last_seq_ids: list[int] = []
         self._step = 0
@@ -217,6 +227,43 @@ def write_profile(rows: list[dict], metadata: dict, out_path: Path) -> pa.Table:
     pq.write_table(table, temporary)
     temporary.replace(out_path)
     return table
+
+
+def serving_steps(executor, config: EngineConfig, *, seconds: float, rate: float, seed: int = 0,
+                  start_step: int = 0, started: float | None = None) -> list[dict]:
+    """Rows of grid "serving": the real engine on this executor, serving Poisson arrivals for `seconds`.
+
+    Prompts of 64..1024 tokens and outputs of 32..256 (less when max_model_len is small) keep prompt chunks
+    arriving among running decodes; whatever is still running when the time is up is aborted (the steps run
+    are kept).
+    """
+    from engine.clock import WallClock
+    from engine.engine import Engine
+    from traces.arrivals import Poisson
+    from traces.replay import add_trace_requests
+    from traces.synthetic import random_workload
+
+    # Room for twice the expected arrivals; those arriving after the deadline are never admitted.
+    input_len = max(8, min(544, config.max_model_len // 4))
+    output_len = max(4, min(144, config.max_model_len // 8))
+    workload = random_workload(num_prompts=max(1, int(rate * seconds * 2)), input_len=input_len,
+                               output_len=output_len, range_ratio=0.88, arrivals=Poisson(rate), seed=seed)
+    clock = WallClock()
+    engine = Engine(dataclasses.replace(config, num_kv_blocks=executor.num_kv_blocks), executor, clock=clock)
+    add_trace_requests(engine, workload, vocab_size=config.vocab_size, seed=seed)
+    offset = (time.perf_counter() - started) if started is not None else 0.0
+    clock.restart()
+    engine.run_until(seconds)
+    engine.abort_all("profile serving phase over")
+    columns = engine.step_records.numpy_columns()
+    rows = []
+    for index in range(len(columns["step"])):
+        row = {name: values[index].item() for name, values in columns.items()}
+        row["step"] = start_step + index
+        row["start_time"] += offset
+        row.update(executor_duration=row["duration"], repeat=0, grid="serving")
+        rows.append(row)
+    return rows
 
 
 class _InstantExecutor:
@@ -299,9 +346,14 @@ def profile(
     measure_engine: bool = True,
     timing: str = "wall",
     max_shapes: int | None = None,
+    serving_seconds: float = 0.0,
+    serving_rate: float = 20.0,
     log=print,
 ) -> Path:
-    """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path."""
+    """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path.
+
+    serving_seconds (taken from max_seconds) ends the profile with a serving phase at serving_rate requests/s.
+    """
     if timing not in ("wall", "executor"):
         raise ValueError(f"timing must be 'wall' (around execute(), as a real run sees it) or 'executor', got {timing!r}")
     started = time.perf_counter()
@@ -358,6 +410,7 @@ def profile(
         "cuda_graph_sizes": json.dumps(list(graph_sizes)),
         "timing": timing,
         "setup_seconds": round(time.perf_counter() - started, 2),
+        "serving_seconds": serving_seconds,
     }
     log(f"profile: {metadata['gpu_name']} {model} tp{tp} {dtype}: {num_kv_blocks} KV blocks, setup {metadata['setup_seconds']} s")
     if measure_engine:
@@ -390,10 +443,11 @@ def profile(
     last_write = last_log = time.perf_counter()
     step = 0
     done_shapes = 0
+    grid_deadline = deadline - serving_seconds
     try:
         for shape_index, batch in enumerate(grid):
             # Leave time to write the file (and for a caller's own time limit to not cut it off).
-            if time.perf_counter() > deadline - min(10.0, 0.05 * max_seconds):
+            if time.perf_counter() > grid_deadline - min(10.0, 0.05 * max_seconds):
                 break
             # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
             for repeat in range(-1, repeats):
@@ -424,6 +478,12 @@ def profile(
                 # Checkpoint: a call killed at its time limit still leaves most of the data.
                 write_profile(rows, {**metadata, "complete": False}, out_path)
                 last_write = now
+        if serving_seconds > 0:
+            write_profile(rows, {**metadata, "complete": False}, out_path)
+            serving = serving_steps(executor, config, seconds=serving_seconds, rate=serving_rate, seed=seed,
+                                    start_step=step, started=started)
+            rows += serving
+            log(f"profile: serving phase, {len(serving)} steps at {serving_rate:g} requests/s")
     finally:
         metadata["complete"] = done_shapes == len(grid)
         metadata["num_shapes"] = f"{done_shapes}/{len(grid)}"
@@ -451,6 +511,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shapes", type=int, default=None, help="stop after this many grid shapes (a quick check)")
     parser.add_argument("--fit-out", help="also fit a cost model and write its JSON here")
+    parser.add_argument("--serving-seconds", type=float, default=0.0,
+                        help="end with this long a serving phase (part of --max-seconds): steps of the real engine "
+                        "serving Poisson arrivals, from which calibration learns the serving loop's eager-step cost")
+    parser.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
     args = parser.parse_args(argv)
     path = profile(
         args.model,
@@ -467,6 +531,8 @@ def main(argv=None) -> int:
         device=args.device,
         seed=args.seed,
         max_shapes=args.max_shapes,
+        serving_seconds=args.serving_seconds,
+        serving_rate=args.serving_rate,
     )
     if args.fit_out:
         from simulator.calibrate import fit_profile_table

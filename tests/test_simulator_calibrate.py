@@ -188,6 +188,34 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
     assert fitted.fit_report["heldout_mape"] < 0.02
 
 
+def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_serving(tmp_path):
+    config = json.loads((PRESETS_DIR / "qwen3-0.6b.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=1000, max_position_embeddings=512, torch_dtype="float32")
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    path = profile(str(model), tmp_path / "cpu.parquet", device="cpu", dtype="float32", max_seconds=60,
+                   max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4, max_shapes=6, serving_seconds=3,
+                   serving_rate=10, log=lambda message: None)
+    table = pq.read_table(path)
+    grid = np.array(table.column("grid").to_pylist())
+    serving = grid == "serving"
+    assert (~serving).sum() == 6 * 3 and serving.sum() >= 10
+    # The serving steps are the engine's own: prompt chunks among decodes, durations measured, step numbers
+    # following the grid's.
+    prefill, decode = (np.asarray(table.column(name)) for name in ("num_prefill_seqs", "num_decode_seqs"))
+    assert ((prefill > 0) & (decode > 0) & serving).any() and ((prefill == 0) & serving).any()
+    assert (np.asarray(table.column("duration"))[serving] > 0).all()
+    steps = np.asarray(table.column("step"))
+    assert steps[serving].min() > steps[~serving].max()
+    columns, _ = read_steps([path])
+    assert columns["serving"].tolist() == serving.astype(float).tolist()
+    # The engine's own time is added to the grid rows only: serving rows already include it.
+    np.testing.assert_array_equal(columns["duration"][serving], np.asarray(table.column("duration"))[serving])
+    assert (columns["duration"][~serving] > np.asarray(table.column("duration"))[~serving]).all()
+
+
 def test_eager_steps_of_real_runs_teach_the_serving_overhead_a_profile_cannot_see(tmp_path, profile_table):
     """A profile times each batch shape on its own; in a serving loop the same eager step takes longer. Given
     both, calibration fits that difference as serving_eager_step, and simulation (always serving) adds it."""
