@@ -27,6 +27,11 @@ class AttentionMetadata:
     """The most new tokens of any sequence, known on the host (0: unknown); trims the prefill kernel's grid."""
     num_single: int = 0
     """In a batch with cu_seqlens_q: its leading rows that have one new token each (decodes, mostly)."""
+    decode_seq_lens: torch.Tensor | None = None
+    """Fixed layout (a CUDA graph of a step with prompt chunks): per sequence row, the context of a
+    one-token row and 0 for the others (and for padding rows); None otherwise."""
+    tile_map: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Fixed layout: the prefill kernel's (sequence, query tile) map, -1 past the tiles of this step."""
 
     @property
     def is_decode(self) -> bool:
@@ -112,6 +117,8 @@ class Attention(nn.Module):
                 q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables,
                 self.scale,
             )
+        if metadata.tile_map is not None:
+            return self._fixed_layout(q, metadata)
         single = metadata.num_single
         # The prefill kernel reads each sequence's queries from cu_seqlens_q's absolute offsets, so the
         # rows after the single ones need no copy; the single rows go to the decode kernel's split-K.
@@ -125,3 +132,19 @@ class Attention(nn.Module):
                 self.scale, out=out[:single],
             )
         return out
+
+    def _fixed_layout(self, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """A step with prompt chunks in a CUDA graph: grids sized by the buffers, not by the batch. The decode
+        kernel runs over every sequence row (rows that are not one-token ones have context 0 and get zeros),
+        then the prefill kernel writes the prompt chunks' rows from its tile map."""
+        backend = self.backend
+        out = torch.empty_like(q)
+        rows = min(q.shape[0], metadata.decode_seq_lens.shape[0])
+        backend.paged_decode_attention(
+            q[:rows], self.k_cache, self.v_cache, metadata.decode_seq_lens[:rows], metadata.block_tables[:rows],
+            self.scale, out=out[:rows],
+        )
+        return backend.paged_prefill_attention(
+            q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables,
+            self.scale, out=out, tile_map=metadata.tile_map,
+        )

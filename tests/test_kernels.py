@@ -216,6 +216,34 @@ def test_prefill_with_max_query_len_hint_matches_float64():
     _assert_close(out, expected, 1e-4)
 
 
+def test_prefill_over_a_tile_map_computes_the_listed_tiles_only():
+    """The fixed-grid form (CUDA graphs): tiles of sequences 2.. are listed, padding entries are -1; the
+    one-token rows of sequences 0 and 1 are left to the decode kernel and stay untouched here."""
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+    from engine.kernels.prefill_attention import prefill_query_tile, prefill_tile_map
+
+    generator = torch.Generator().manual_seed(5)
+    query_lens, prefix_lens = [1, 1, 7, 20, 9], [12, 3, 0, 5, 17]
+    paged = PagedContexts([p + n for p, n in zip(prefix_lens, query_lens)], 2, 16, 4, generator)
+    queries = [torch.randn(n, 4, 16, generator=generator, dtype=torch.float64) for n in query_lens]
+    q = torch.cat(queries).float().to(DEVICE)
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    block_q = prefill_query_tile(4, 2, 16, SMALL_PREFILL)
+    tile_map = torch.from_numpy(prefill_tile_map(query_lens, block_q, capacity=12, first_seq=2)).to(DEVICE)
+    assert (tile_map[0] >= 0).sum() == 1 + 3 + 2  # 7, 20 and 9 queries in tiles of 8
+    out = torch.zeros_like(q)
+
+    triton_prefill(q, paged.k_cache, paged.v_cache, cu, paged.seq_lens, paged.block_tables, 0.25, out=out,
+                   tiling=SMALL_PREFILL, tile_map=(tile_map[0], tile_map[1]))
+
+    assert not out[:2].any()
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(2, 5)]
+    )
+    _assert_close(out[2:], expected, 1e-4)
+
+
 def test_mixed_batch_split_between_decode_and_prefill_kernels_matches_float64():
     """A step of one-token rows (decodes, a one-token prompt) then prompt chunks: the triton backend gives the
     one-token rows to its decode kernel and the rest to its prefill kernel, in one output."""
@@ -250,6 +278,48 @@ def test_mixed_batch_split_between_decode_and_prefill_kernels_matches_float64():
         [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(5)]
     )
     _assert_close(out, expected, 1e-4)
+
+
+def test_fixed_layout_of_a_mixed_batch_matches_float64():
+    """The CUDA-graph form of a mixed step: 3 token rows and 2 sequence rows of padding; one-token rows first,
+    decode context per sequence row (0 for the prompt chunks and padding), tile map over the chunks."""
+    if not _TRITON_RUNS_HERE:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+    from engine.attention import Attention, AttentionBackend, AttentionMetadata
+    from engine.kernels.prefill_attention import prefill_query_tile, prefill_tile_map
+
+    generator = torch.Generator().manual_seed(13)
+    query_lens, prefix_lens = [1, 1, 6, 11], [16, 0, 3, 0]
+    context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]
+    paged = PagedContexts(context_lens + [0, 0], 2, 16, 4, generator)  # two padding sequence rows
+    queries = [torch.randn(n, 4, 16, generator=generator, dtype=torch.float64) for n in query_lens]
+    total, padded = sum(query_lens), sum(query_lens) + 3
+    q = torch.cat([torch.cat(queries), torch.randn(3, 4, 16, generator=generator, dtype=torch.float64)]).float()
+    backend = AttentionBackend(
+        "triton", triton_store, lambda *a, **k: triton_prefill(*a, tiling=SMALL_PREFILL, **k),
+        lambda *a, **k: triton_decode(*a, tiling=SMALL_DECODE, **k), splits_mixed_batches=True,
+    )  # fmt: skip
+    layer = Attention(4, 2, 16, 0.25, backend)
+    layer.k_cache, layer.v_cache = paged.k_cache, paged.v_cache
+    cu = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
+    cu += [cu[-1]] * 2  # padding sequences: no queries
+    tile_map = torch.from_numpy(prefill_tile_map(query_lens + [0, 0], prefill_query_tile(4, 2, 16, SMALL_PREFILL),
+                                                 capacity=8, first_seq=2)).to(DEVICE)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.full((padded,), -1, dtype=torch.int32, device=DEVICE), seq_lens=paged.seq_lens,
+        block_tables=paged.block_tables, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEVICE),
+        decode_seq_lens=torch.tensor([17, 1, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE),
+        tile_map=(tile_map[0], tile_map[1]),
+    )  # fmt: skip
+    unused_kv = torch.zeros(padded, 2, 16, device=DEVICE)
+
+    out = layer(q.to(DEVICE), unused_kv, unused_kv, metadata)
+
+    expected = torch.cat(
+        [attention_float64(queries[s], paged.keys[s], paged.values[s], prefix_lens[s], 0.25) for s in range(4)]
+    )
+    assert out.shape == (padded, 4, 16)
+    _assert_close(out[:total], expected, 1e-4)
 
 
 # ---------------------------------------------------------------- decode

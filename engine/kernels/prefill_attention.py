@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +110,8 @@ def _prefill_attention_kernel(
     cu_seqlens_q_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    tile_seqs_ptr,
+    tile_indices_ptr,
     qk_scale,
     q_stride_token,
     q_stride_head,
@@ -128,18 +131,29 @@ def _prefill_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    TILE_MAP: tl.constexpr,
 ):
     """One program: BLOCK_M rows = BLOCK_Q queries x HEADS_PADDED heads that share one KV head."""
     head_program = tl.program_id(0)
-    seq = tl.program_id(1)
-    # Rank 0 is each sequence's last (longest, causal) query tile; the grid's slowest axis
-    # is the rank, so the longest tiles start first and the short ones fill the tail.
-    rank = tl.program_id(2)
-    query_begin = tl.load(cu_seqlens_q_ptr + seq)
-    query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - query_begin
-    tile = tl.cdiv(query_len, BLOCK_Q) - 1 - rank
-    if tile < 0:
-        return  # the grid is an upper bound, sized without a host sync
+    if TILE_MAP:
+        # A fixed grid (CUDA graphs): entry i of the map names a (sequence, query tile); -1 is no work.
+        entry = tl.program_id(1)
+        seq = tl.load(tile_seqs_ptr + entry)
+        if seq < 0:
+            return
+        tile = tl.load(tile_indices_ptr + entry)
+        query_begin = tl.load(cu_seqlens_q_ptr + seq)
+        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - query_begin
+    else:
+        seq = tl.program_id(1)
+        # Rank 0 is each sequence's last (longest, causal) query tile; the grid's slowest axis
+        # is the rank, so the longest tiles start first and the short ones fill the tail.
+        rank = tl.program_id(2)
+        query_begin = tl.load(cu_seqlens_q_ptr + seq)
+        query_len = tl.load(cu_seqlens_q_ptr + seq + 1) - query_begin
+        tile = tl.cdiv(query_len, BLOCK_Q) - 1 - rank
+        if tile < 0:
+            return  # the grid is an upper bound, sized without a host sync
     context_len = tl.load(seq_lens_ptr + seq)
     first_query = tile * BLOCK_Q
 
@@ -195,11 +209,14 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     tiling: PrefillTiling | None = None,
     max_query_len: int | None = None,
+    tile_map: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens q [T, Hq, D] over each sequence's cached context (new tokens included).
 
     max_query_len, an upper bound on any sequence's new tokens known to the caller without a
-    device sync, trims the grid; out lets a caller reuse a buffer.
+    device sync, trims the grid; out lets a caller reuse a buffer. tile_map (sequence, query tile)
+    int32 arrays from prefill_tile_map() fix the grid at their length, for CUDA graphs: only the
+    tiles listed are computed.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -221,13 +238,18 @@ def paged_prefill_attention(
     heads_per_program = queries_per_kv if tiling.pack_gqa else 1
     heads_padded = triton.next_power_of_2(heads_per_program)
     block_m = max(tiling.block_m, heads_padded)
-    # Query tiles per sequence: bounded by max_query_len when the caller knows it, else by T.
-    max_ranks = triton.cdiv(max_query_len or num_tokens, block_m // heads_padded)
-    grid = (num_q_heads // heads_per_program, num_seqs, max_ranks)
-    if max_ranks > 65535 or num_seqs > 65535:
+    if tile_map is not None:
+        tile_seqs, tile_indices = tile_map
+        grid = (num_q_heads // heads_per_program, tile_seqs.shape[0], 1)
+    else:
+        tile_seqs = tile_indices = cu_seqlens_q  # not read
+        # Query tiles per sequence: bounded by max_query_len when the caller knows it, else by T.
+        max_ranks = triton.cdiv(max_query_len or num_tokens, block_m // heads_padded)
+        grid = (num_q_heads // heads_per_program, num_seqs, max_ranks)
+    if grid[1] > 65535 or grid[2] > 65535:
         raise ValueError(
-            f"paged_prefill_attention: {num_seqs} sequences x {max_ranks} query tiles exceed CUDA's grid limit "
-            "of 65535 per axis; pass max_query_len or split the batch"
+            f"paged_prefill_attention: a grid of {grid[1]} x {grid[2]} programs exceeds CUDA's limit of 65535 "
+            "per axis; pass max_query_len or split the batch"
         )
     _prefill_attention_kernel[grid](
         q,
@@ -237,6 +259,8 @@ def paged_prefill_attention(
         cu_seqlens_q,
         seq_lens,
         block_tables,
+        tile_seqs,
+        tile_indices,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
         q.stride(0),
         q.stride(1),
@@ -256,8 +280,37 @@ def paged_prefill_attention(
         BLOCK_Q=block_m // heads_padded,
         BLOCK_N=tiling.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TILE_MAP=tile_map is not None,
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
     return out
+
+
+def prefill_query_tile(num_q_heads: int, num_kv_heads: int, head_dim: int, tiling: PrefillTiling | None = None) -> int:
+    """Queries per program (BLOCK_Q) of paged_prefill_attention for this head layout."""
+    tiling = tiling or default_prefill_tiling(head_dim)
+    heads_per_program = num_q_heads // num_kv_heads if tiling.pack_gqa else 1
+    heads_padded = triton.next_power_of_2(heads_per_program)
+    return max(tiling.block_m, heads_padded) // heads_padded
+
+
+def prefill_tile_map(query_lens: np.ndarray, block_q: int, capacity: int, first_seq: int = 0) -> np.ndarray:
+    """[2, capacity] int32: (sequence, query tile) for every tile of sequences first_seq.., then -1.
+
+    Each sequence's last tile (the longest, under the causal mask) comes first, so long work starts early.
+    """
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    counts = -(-query_lens // block_q)
+    counts[:first_seq] = 0
+    total = int(counts.sum())
+    if total > capacity:
+        raise ValueError(f"prefill_tile_map: {total} query tiles exceed the map's capacity of {capacity}")
+    result = np.full((2, capacity), -1, dtype=np.int32)
+    seqs = np.repeat(np.arange(len(query_lens)), counts)
+    starts = np.cumsum(counts) - counts
+    # Within a sequence: tile count-1, count-2, ..., 0.
+    result[0, :total] = seqs
+    result[1, :total] = np.repeat(counts - 1, counts) - (np.arange(total) - np.repeat(starts, counts))
+    return result
 
