@@ -61,10 +61,11 @@ def _profile(fn, iters: int = 10) -> dict:
     }
 
 
-def run(out: str | None, python_profile: bool = False) -> dict:
+def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool = False) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=4096, max_num_seqs=256)
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
+              mixed_cuda_graphs=mixed_cuda_graphs)
     runner = llm.executor.runner
     params = SamplingParams(temperature=0.6, max_tokens=100, ignore_eos=True)
     shapes = {
@@ -113,8 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--python-profile", action="store_true", help="also cProfile an eager mixed step (host code)")
+    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="steps with prompt chunks as CUDA graphs")
     args = parser.parse_args()
-    run(args.out, args.python_profile)
+    run(args.out, args.python_profile, args.mixed_cuda_graphs)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ def build_real_engine(args, device: str):
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
+        mixed_cuda_graphs=getattr(args, "mixed_cuda_graphs", False),
         load_format=args.load_format,
         seed=args.seed,
     )
@@ -161,6 +162,7 @@ def build_real_engine(args, device: str):
         "tensor_parallel_size": args.tensor_parallel_size,
         "dtype": args.dtype,
         "enforce_eager": args.enforce_eager,
+        "mixed_cuda_graphs": getattr(args, "mixed_cuda_graphs", False),
         "attention_backend": getattr(executor, "attention_backend", args.attention_backend),
     }
     return engine, metadata, model_config.vocab_size
@@ -258,7 +260,8 @@ def run_profile(args) -> int:
     from simulator.profile import profile
 
     path = profile(args.model, args.out, tp=args.tp, dtype=args.dtype, max_seconds=args.max_seconds,
-                   serving_seconds=args.serving_seconds, serving_rate=args.serving_rate)
+                   serving_seconds=args.serving_seconds, serving_rate=args.serving_rate,
+                   mixed_cuda_graphs=args.mixed_cuda_graphs)
     print(f"profile written to {path}")
     return 0
 

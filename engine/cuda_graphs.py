@@ -50,9 +50,8 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every batch size, largest first so smaller graphs reuse its pool memory."""
-        pool = None
+    def capture(self, pool=None):
+        """Capture every batch size, largest first so smaller graphs reuse its pool memory; returns the pool."""
         for batch_size in reversed(self.batch_sizes):
             self._run(batch_size)  # warm-up: compiles kernels and settles allocations outside the graph
             torch.cuda.synchronize()
@@ -62,6 +61,7 @@ class DecodeGraphs:
             pool = graph.pool() if pool is None else pool
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
+        return pool
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The smallest captured batch size holding num_seqs rows, or None when eager must run."""
@@ -80,3 +80,104 @@ class DecodeGraphs:
         self.block_tables[:batch_size, :block_tables.shape[1]].copy_(block_tables)
         self.graphs[batch_size].replay()
         return self.outputs[batch_size]
+
+
+def mixed_step_token_sizes(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
+    """Padded token counts of the graphs for steps with prompt chunks: powers of two and the halves between
+    them (at most a third of padding), up to max_num_batched_tokens (which is always one of them)."""
+    sizes = []
+    size = smallest
+    while size < max_num_batched_tokens:
+        sizes.append(size)
+        if size * 3 // 2 < max_num_batched_tokens and size >= 64:
+            sizes.append(size * 3 // 2)
+        size *= 2
+    return sorted(set(sizes + [max_num_batched_tokens]))
+
+
+class MixedStepGraphs:
+    """One CUDA graph of the model's forward (no LM head) per padded token count, for steps with prompt chunks.
+
+    The attention runs in its fixed layout (AttentionMetadata.decode_seq_lens and tile_map): the sequence
+    buffers hold max_seqs rows, so a graph serves any batch of up to that many sequences and its token
+    count; padding rows write no KV (slot -1) and attend to nothing. The LM head runs outside, on the rows
+    that sample.
+    """
+
+    def __init__(self, model, token_sizes: list[int], max_seqs: int, max_blocks_per_seq: int, block_q: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.token_sizes = sorted(token_sizes)
+        self.max_seqs = max_seqs
+        self.block_q = block_q
+        max_tokens = self.token_sizes[-1]
+        int32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(max_tokens, **int32)
+        self.positions = torch.zeros(max_tokens, **int32)
+        self.slot_mapping = torch.full((max_tokens,), -1, **int32)
+        self.seq_lens = torch.zeros(max_seqs, **int32)
+        self.decode_seq_lens = torch.zeros(max_seqs, **int32)
+        self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **int32)
+        self.cu_seqlens_q = torch.zeros(max_seqs + 1, **int32)
+        self.tile_map = torch.full((2, self.tile_capacity(max_tokens)), -1, **int32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def tile_capacity(self, num_tokens: int) -> int:
+        """Map entries a step of num_tokens may need: its query tiles, plus one partial tile per sequence."""
+        return -(-num_tokens // self.block_q) + self.max_seqs
+
+    def padded_tokens(self, num_tokens: int, num_seqs: int) -> int | None:
+        """The smallest graph's token count holding this step, or None when it must run eagerly."""
+        if num_seqs > self.max_seqs:
+            return None
+        for size in self.token_sizes:
+            if size >= num_tokens:
+                return size
+        return None
+
+    def _metadata(self, num_tokens: int) -> AttentionMetadata:
+        capacity = self.tile_capacity(num_tokens)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens],
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            cu_seqlens_q=self.cu_seqlens_q,
+            decode_seq_lens=self.decode_seq_lens,
+            tile_map=(self.tile_map[0, :capacity], self.tile_map[1, :capacity]),
+        )
+
+    def _run(self, num_tokens: int) -> torch.Tensor:
+        return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], self._metadata(num_tokens))
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every token count, largest first (smaller ones reuse its memory); returns the pool."""
+        for num_tokens in reversed(self.token_sizes):
+            self._run(num_tokens)  # warm-up: compiles kernels and settles allocations outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[num_tokens] = self._run(num_tokens)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[num_tokens] = graph
+        torch.cuda.synchronize()
+        return pool
+
+    def replay(self, num_tokens: int, input_ids: torch.Tensor, positions: torch.Tensor,
+               metadata: AttentionMetadata) -> torch.Tensor:
+        """Run the graph of num_tokens on inputs already padded to it (sequence arrays to max_seqs rows, the
+        tile map to tile_capacity(num_tokens)); hidden states [num_tokens, hidden]."""
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.positions[:num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping)
+        self.seq_lens.copy_(metadata.seq_lens)
+        self.decode_seq_lens.copy_(metadata.decode_seq_lens)
+        self.cu_seqlens_q.copy_(metadata.cu_seqlens_q)
+        rows, width = metadata.block_tables.shape
+        self.block_tables[:rows, :width].copy_(metadata.block_tables)
+        capacity = self.tile_capacity(num_tokens)
+        self.tile_map[0, :capacity].copy_(metadata.tile_map[0])
+        self.tile_map[1, :capacity].copy_(metadata.tile_map[1])
+        self.graphs[num_tokens].replay()
+        return self.outputs[num_tokens]

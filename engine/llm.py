@@ -67,9 +67,11 @@ class LLM:
         seed: int = 0,
         tokenizer: str | None = None,
         async_scheduling: bool | None = None,
+        mixed_cuda_graphs: bool = False,
     ) -> None:
         """async_scheduling (default: on unless tensor_parallel_size > 1) schedules and prepares the next step
-        while the current one runs; see EngineConfig.async_scheduling."""
+        while the current one runs; see EngineConfig.async_scheduling. mixed_cuda_graphs also runs steps with
+        prompt chunks as CUDA graphs (new; not yet measured on a GPU)."""
         model = str(model)
         model_config = load_model_config(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +101,7 @@ class LLM:
             model, self.engine_config, dtype=dtype, device=device, gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention_backend=attention_backend, load_format=load_format, seed=seed,
+            mixed_cuda_graphs=mixed_cuda_graphs,
         )
         self.engine = Engine(self.engine_config, self.executor, clock=WallClock())
         self._next_request = 0

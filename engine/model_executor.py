@@ -48,6 +48,7 @@ class ModelExecutor:
         load_format: str = "auto",
         seed: int = 0,
         cpu_kv_cache_bytes: int = 1 << 30,
+        mixed_cuda_graphs: bool = False,
     ) -> None:
         self.model_config = load_model_config(model)
         if engine_config.max_model_len > self.model_config.max_position_embeddings:
@@ -68,7 +69,7 @@ class ModelExecutor:
         runner_kwargs = dict(
             model=model, engine_config=engine_config, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager, attention_backend=attention_backend, load_format=load_format, seed=seed,
-            cpu_kv_cache_bytes=cpu_kv_cache_bytes,
+            cpu_kv_cache_bytes=cpu_kv_cache_bytes, mixed_cuda_graphs=mixed_cuda_graphs,
         )
         if tensor_parallel_size > 1:
             self._start_workers(tensor_parallel_size, runner_kwargs, device)

@@ -13,7 +13,7 @@ import torch
 
 from engine.attention import AttentionMetadata, load_backend, resolve_backend_name
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from engine.cuda_graphs import DecodeGraphs, MixedStepGraphs, graph_batch_sizes, mixed_step_token_sizes
 from engine.distributed import all_reduce_min, tp_rank, tp_size
 from engine.layers.fusion import enable_fusion
 from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_weights, safetensors_tensors
@@ -139,7 +139,10 @@ class ModelRunner:
         load_format: str = "auto",
         seed: int = 0,
         cpu_kv_cache_bytes: int = 1 << 30,
+        mixed_cuda_graphs: bool = False,
     ) -> None:
+        """mixed_cuda_graphs: also run steps with prompt chunks as CUDA graphs (MixedStepGraphs; triton
+        backend), not only decode-only steps."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format {load_format!r} is unknown; choose one of {', '.join(LOAD_FORMATS)}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -202,12 +205,25 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
 
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedStepGraphs | None = None
         if self.device.type == "cuda":
             self._warm_up_kernels()
         if self.device.type == "cuda" and not enforce_eager:
             sizes = graph_batch_sizes(engine_config.max_num_seqs)
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
-            self.graphs.capture()
+            pool = self.graphs.capture()
+            if mixed_cuda_graphs:
+                if self.backend_name != "triton":
+                    raise ValueError(f"mixed_cuda_graphs needs the triton attention backend, not {self.backend_name}")
+                from engine.kernels.prefill_attention import prefill_query_tile
+
+                attention = self.model.attention_layers()[0]
+                block_q = prefill_query_tile(attention.num_heads, attention.num_kv_heads, attention.head_dim)
+                self.mixed_graphs = MixedStepGraphs(
+                    self.model, mixed_step_token_sizes(engine_config.max_num_batched_tokens),
+                    engine_config.max_num_seqs, self.max_blocks_per_seq, block_q, self.device,
+                )
+                self.mixed_graphs.capture(pool)
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:
@@ -344,7 +360,7 @@ class ModelRunner:
         block_size = self.block_size
         num_seqs = len(seqs)
         single_token = all(len(seq.token_ids) == 1 for seq in seqs)
-        graph_size = None
+        graph_size = mixed_size = None
         if single_token and self.graphs is not None:
             graph_size = self.graphs.padded_size(num_seqs)
         rows = graph_size or num_seqs
@@ -416,6 +432,10 @@ class ModelRunner:
                     logit_rows.append(total - 1)
             arrays = [np.concatenate(id_parts), np.concatenate(position_parts), np.concatenate(slot_parts),
                       seq_lens, block_tables, cu]
+            if self.mixed_graphs is not None:
+                mixed_size = self.mixed_graphs.padded_tokens(total, num_seqs)
+                if mixed_size is not None:
+                    arrays = self._fixed_layout(arrays, mixed_size, num_single)
         sampling_arrays, sampling_layout = self._sampling_arrays(sampled_params)
         arrays += [np.asarray(logit_rows, np.int32)] + sampling_arrays
         # Inputs still on the device (the previous step's samples): only one-token rows, which lead.
@@ -427,14 +447,39 @@ class ModelRunner:
         dev = self.staging.upload(arrays)
         if pending_rows.size:
             dev[0][dev[-2].long()] = self._last_tokens[dev[-1].long()].to(torch.int32)
-        base = 5 if single_token else 6
+        base = 5 if single_token else 6 if mixed_size is None else 8
         sampling = self._sampling_tensors(dev[base + 1:], sampling_layout)
         if single_token:
             metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4])
-        else:
+        elif mixed_size is None:
             metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=dev[5],
                                          max_query_len=max_query_len, num_single=num_single)
-        return dev[0], dev[1], metadata, dev[base], sampling, sampled_ids, graph_size
+        else:
+            metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=dev[5],
+                                         decode_seq_lens=dev[6], tile_map=(dev[7][0], dev[7][1]))
+        return dev[0], dev[1], metadata, dev[base], sampling, sampled_ids, graph_size, mixed_size
+
+    def _fixed_layout(self, arrays: list[np.ndarray], num_tokens: int, num_single: int) -> list[np.ndarray]:
+        """A mixed step's host arrays padded for MixedStepGraphs: tokens to num_tokens (slot -1), sequences to
+        max_seqs rows (context 0), plus the one-token rows' contexts and the prefill tile map."""
+        from engine.kernels.prefill_attention import prefill_tile_map
+
+        ids, positions, slots, seq_lens, block_tables, cu = arrays
+        graphs = self.mixed_graphs
+        total, num_seqs = len(ids), len(seq_lens)
+        pad = num_tokens - total
+        if pad:
+            ids = np.concatenate([ids, np.zeros(pad, np.int32)])
+            positions = np.concatenate([positions, np.zeros(pad, np.int32)])
+            slots = np.concatenate([slots, np.full(pad, -1, np.int32)])
+        all_seq_lens = np.zeros(graphs.max_seqs, np.int32)
+        all_seq_lens[:num_seqs] = seq_lens
+        decode_seq_lens = np.zeros(graphs.max_seqs, np.int32)
+        decode_seq_lens[:num_single] = seq_lens[:num_single]
+        all_cu = np.full(graphs.max_seqs + 1, total, np.int32)
+        all_cu[:num_seqs + 1] = cu
+        tile_map = prefill_tile_map(np.diff(cu), graphs.block_q, graphs.tile_capacity(num_tokens), first_seq=num_single)
+        return [ids, positions, slots, all_seq_lens, block_tables, all_cu, decode_seq_lens, tile_map]
 
     @staticmethod
     def _sampling_arrays(sampled_params) -> tuple[list[np.ndarray], tuple[bool, bool, bool, bool]]:
@@ -483,18 +528,24 @@ class ModelRunner:
             self._block_table_rows.pop(seq_id, None)
         if not scheduler_output.sequences:
             return PendingStep(None, [], 0, None, self.device.type == "cuda")
-        ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size = self._prepare(scheduler_output)
+        ids, positions, metadata, logit_rows, sampling, sampled_ids, graph_size, mixed_size = self._prepare(
+            scheduler_output)
+        on_cuda = self.device.type == "cuda"
         if graph_size is not None:
             logits = self.graphs.replay(graph_size, ids, positions, metadata.slot_mapping, metadata.seq_lens,
                                         metadata.block_tables)
             logits = logits[logit_rows] if len(sampled_ids) != graph_size else logits
         else:
-            hidden = self.model(ids, positions, metadata)
+            if mixed_size is not None:
+                hidden = self.mixed_graphs.replay(mixed_size, ids, positions, metadata)
+                graph_size = mixed_size
+            else:
+                hidden = self.model(ids, positions, metadata)
             if not sampled_ids:
-                return PendingStep(None, [], 0, None, self.device.type == "cuda")
+                return PendingStep(None, [], graph_size or 0, None, on_cuda)
             logits = self.model.compute_logits(hidden[logit_rows])
         if not sampled_ids or self.rank != 0:
-            return PendingStep(None, [], graph_size or 0, None, self.device.type == "cuda")
+            return PendingStep(None, [], graph_size or 0, None, on_cuda)
         tokens = self.sampler(logits, sampling)
         self._last_tokens = tokens
         self._last_rows = {seq_id: row for row, seq_id in enumerate(sampled_ids)}
@@ -504,7 +555,7 @@ class ModelRunner:
             self._token_turn ^= 1
             host = self._token_buffers[self._token_turn][:len(sampled_ids)]
             host.copy_(tokens, non_blocking=True)
-        return PendingStep(tokens, sampled_ids, graph_size or 0, host, self.device.type == "cuda")
+        return PendingStep(tokens, sampled_ids, graph_size or 0, host, on_cuda)
 
     def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
         """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""

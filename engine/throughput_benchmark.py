@@ -226,11 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap the host's scheduling with the GPU (the LLM class's default)")
+    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="steps with prompt chunks as CUDA graphs too")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     run_throughput(args.model, num_seqs=args.num_seqs, dtype=args.dtype, max_model_len=args.max_model_len,
                    enforce_eager=args.enforce_eager, with_transformers=not args.no_transformers, out=args.out,
-                   async_scheduling=args.async_scheduling)
+                   async_scheduling=args.async_scheduling, mixed_cuda_graphs=args.mixed_cuda_graphs)
 
 
 if __name__ == "__main__":

@@ -348,6 +348,7 @@ def profile(
     max_shapes: int | None = None,
     serving_seconds: float = 0.0,
     serving_rate: float = 20.0,
+    mixed_cuda_graphs: bool = False,
     log=print,
 ) -> Path:
     """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path.
@@ -386,6 +387,7 @@ def profile(
             tensor_parallel_size=tp,
             load_format="dummy",
             seed=seed,
+            mixed_cuda_graphs=mixed_cuda_graphs,
         )
     if gpu_name is None:
         gpu_name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else device
@@ -407,6 +409,7 @@ def profile(
         "max_model_len": max_model_len,
         "max_num_batched_tokens": max_num_batched_tokens,
         "enforce_eager": enforce_eager,
+        "mixed_cuda_graphs": mixed_cuda_graphs,
         "cuda_graph_sizes": json.dumps(list(graph_sizes)),
         "timing": timing,
         "setup_seconds": round(time.perf_counter() - started, 2),
@@ -515,6 +518,7 @@ def main(argv=None) -> int:
                         help="end with this long a serving phase (part of --max-seconds): steps of the real engine "
                         "serving Poisson arrivals, from which calibration learns the serving loop's eager-step cost")
     parser.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
+    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="profile the engine run with this option")
     args = parser.parse_args(argv)
     path = profile(
         args.model,
@@ -533,6 +537,7 @@ def main(argv=None) -> int:
         max_shapes=args.max_shapes,
         serving_seconds=args.serving_seconds,
         serving_rate=args.serving_rate,
+        mixed_cuda_graphs=args.mixed_cuda_graphs,
     )
     if args.fit_out:
         from simulator.calibrate import fit_profile_table

@@ -65,9 +65,10 @@ def checkpoint(request, tmp_path_factory):
     return str(folder), expected
 
 
-def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", **config):
+def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", mixed_cuda_graphs: bool = False, **config):
     engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, **config)
-    executor = ModelExecutor(folder, engine_config, device=device, attention_backend=backend, dtype="float32")
+    executor = ModelExecutor(folder, engine_config, device=device, attention_backend=backend, dtype="float32",
+                             mixed_cuda_graphs=mixed_cuda_graphs)
     engine = Engine(engine_config, executor, clock=VirtualClock())
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     # The first prompt arrives alone so later prompts sharing its prefix can hit the cache.
@@ -113,12 +114,49 @@ def test_greedy_matches_transformers_under_preemption(checkpoint, async_scheduli
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint, async_scheduling):
+@pytest.mark.parametrize("mixed_cuda_graphs", [False, True])
+def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint, async_scheduling,
+                                                                         mixed_cuda_graphs):
     folder, expected = checkpoint
     outputs, engine = _run_twinfer(folder, device="cuda", backend="triton", max_num_batched_tokens=16, max_num_seqs=8,
-                                   async_scheduling=async_scheduling)
+                                   async_scheduling=async_scheduling, mixed_cuda_graphs=mixed_cuda_graphs)
     assert outputs == expected
     assert any(step.cuda_graph_batch_size for step in engine.step_records)
+    with_prompt_chunks = [step for step in engine.step_records if step.num_prefill_seqs]
+    assert all(bool(step.cuda_graph_batch_size) == mixed_cuda_graphs for step in with_prompt_chunks)
+
+
+def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
+    """The host side of MixedStepGraphs (checked here on the CPU; the graphs themselves need CUDA): one-token
+    rows first, tokens padded with slot -1, sequence rows padded with context 0, and a tile map listing each
+    prompt chunk's query tiles once."""
+    from engine.cuda_graphs import MixedStepGraphs
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    folder, _ = checkpoint
+    executor = ModelExecutor(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=32),
+                             device="cpu", dtype="float32")
+    runner = executor.runner
+    runner.mixed_graphs = MixedStepGraphs(runner.model, [16, 64], max_seqs=6, max_blocks_per_seq=16, block_q=8,
+                                          device=torch.device("cpu"))
+    greedy = SamplingParams(temperature=0)
+    chunk = ScheduledSequence(0, list(range(20)), 5, [0, 1], False, True, 0, greedy)
+    decode_a = ScheduledSequence(1, [7], 16, [2, 3], True, True, 1, greedy)
+    decode_b = ScheduledSequence(2, [9], 3, [4], True, True, 1, greedy)
+    ids, positions, metadata, rows, _, sampled_ids, graph_size, mixed_size = runner._prepare(
+        SchedulerOutput(0, [chunk, decode_a, decode_b]))
+    assert graph_size is None and mixed_size == 64
+    assert ids[:2].tolist() == [7, 9] and ids[2:22].tolist() == list(range(20)) and not ids[22:].any()
+    assert positions[:2].tolist() == [16, 3] and positions[2:22].tolist() == list(range(5, 25))
+    assert (metadata.slot_mapping[22:] == -1).all() and metadata.slot_mapping[0] == 3 * 16
+    assert metadata.seq_lens.tolist() == [17, 4, 25, 0, 0, 0]
+    assert metadata.decode_seq_lens.tolist() == [17, 4, 0, 0, 0, 0]
+    assert metadata.cu_seqlens_q.tolist() == [0, 1, 2, 22, 22, 22, 22]
+    tile_seqs, tile_indices = metadata.tile_map
+    assert tile_seqs.shape[0] == 64 // 8 + 6
+    assert tile_seqs[:3].tolist() == [2, 2, 2] and sorted(tile_indices[:3].tolist()) == [0, 1, 2]
+    assert (tile_seqs[3:] == -1).all()
+    assert sampled_ids == [1, 2, 0] and rows.tolist() == [0, 1, 21]
 
 
 def test_last_token_logits_match_transformers(checkpoint):

@@ -100,7 +100,8 @@ def _attend_key_tile(
 # pointers' alignment would compile new variants in the middle of serving.
 @triton.jit(
     do_not_specialize=["block_tables_stride"],
-    do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],
+    do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr", "tile_seqs_ptr",
+                                    "tile_indices_ptr"],
 )
 def _prefill_attention_kernel(
     q_ptr,
