@@ -113,7 +113,13 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
     )
-    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=args.enforce_eager)
+    mixed_sizes = ()
+    if getattr(args, "mixed_cuda_graphs", False):
+        from engine.cuda_graphs import mixed_step_token_sizes
+
+        mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens)
+    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=args.enforce_eager,
+                                 mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
     engine = Engine(config, executor, VirtualClock())
     metadata = {
         "model": model,

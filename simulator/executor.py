@@ -20,7 +20,11 @@ class CostModelExecutor:
         cuda_graph_sizes=VLLM_CUDA_GRAPH_SIZES,
         enforce_eager: bool = False,
         token_id: int = 0,
+        mixed_step_token_sizes=(),
+        max_num_seqs: int = 0,
     ) -> None:
+        """mixed_step_token_sizes: as the real engine with mixed_cuda_graphs, steps with prompt chunks of up to
+        the largest of these tokens (and max_num_seqs sequences) run as graphs padded to the next size."""
         if not isinstance(num_kv_blocks, int) or isinstance(num_kv_blocks, bool) or num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be a positive integer, got {num_kv_blocks!r}")
         sizes = () if enforce_eager else tuple(sorted(set(cuda_graph_sizes)))
@@ -33,6 +37,8 @@ class CostModelExecutor:
         # padded_size[n] for every batch a graph covers: a list index is cheaper than a bisect per step.
         max_size = sizes[-1] if sizes else 0
         self._padded = [0] + [sizes[bisect_left(sizes, n)] for n in range(1, max_size + 1)]
+        self._mixed_sizes = () if enforce_eager else tuple(sorted(set(mixed_step_token_sizes)))
+        self._max_num_seqs = max_num_seqs
 
     @property
     def num_kv_blocks(self) -> int:
@@ -53,7 +59,10 @@ class CostModelExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Predict the step's duration and give every sampling sequence token_id."""
         features = batch_features(scheduler_output)
-        graph_size = 0 if features.num_prefill_seqs else self.cuda_graph_batch_size(features.num_decode_seqs)
+        if features.num_prefill_seqs:
+            graph_size = self._mixed_graph_size(features)
+        else:
+            graph_size = self.cuda_graph_batch_size(features.num_decode_seqs)
         token_id = self.token_id
         sampled = {seq.seq_id: token_id for seq in scheduler_output.sequences if seq.samples}
         return StepResult(
@@ -61,6 +70,13 @@ class CostModelExecutor:
             duration=self.cost_model.predict(features, graph_size),
             cuda_graph_batch_size=graph_size,
         )
+
+    def _mixed_graph_size(self, features) -> int:
+        sizes = self._mixed_sizes
+        if not sizes or features.num_prefill_seqs + features.num_decode_seqs > self._max_num_seqs:
+            return 0
+        index = bisect_left(sizes, features.num_batched_tokens)
+        return sizes[index] if index < len(sizes) else 0
 
     def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:
         """Durations of num_steps consecutive pure-decode steps, context growing by num_decode_seqs a step.

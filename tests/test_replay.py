@@ -109,3 +109,16 @@ def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
     async_run, sync_run = runs["--async-scheduling"], runs["--no-async-scheduling"]
     assert async_run.requests.column("output_len").to_pylist() == sync_run.requests.column("output_len").to_pylist()
     assert async_run.steps.column("num_batched_tokens").to_pylist() != sync_run.steps.column("num_batched_tokens").to_pylist()
+
+
+def test_cli_simulate_with_mixed_cuda_graphs(tmp_path, capsys):
+    """--mixed-cuda-graphs in the simulator: steps with prompt chunks are recorded as graph steps (padded)."""
+    out = tmp_path / "sim"
+    assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out), "--no-progress",
+                 "--mixed-cuda-graphs"]) == 0
+    capsys.readouterr()
+    steps = read_run(out).steps
+    prefill = [n > 0 for n in steps.column("num_prefill_seqs").to_pylist()]
+    graphs, tokens = steps.column("cuda_graph_batch_size").to_pylist(), steps.column("num_batched_tokens").to_pylist()
+    assert any(prefill)
+    assert all(graph >= count for graph, count, has_prefill in zip(graphs, tokens, prefill) if has_prefill)

@@ -9,6 +9,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from engine.stats import batch_features
 from simulator.cost_model import CostModel
 from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
 from simulator.gpu_specs import gpu_spec
@@ -72,6 +73,24 @@ def test_pure_decode_steps_replay_the_padded_graph(num_seqs, expected):
     executor = CostModelExecutor(CALIBRATED, 100_000)
     assert executor.execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == expected
     assert CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True).execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == 0
+
+
+def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them():
+    sizes = (16, 32, 64, 96, 128)
+    executor = CostModelExecutor(CALIBRATED, 100_000, mixed_step_token_sizes=sizes, max_num_seqs=4)
+    mixed = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
+                                sequence(1, new=70, computed=0, decode=False, samples=True)])
+    result = executor.execute(mixed)
+    assert result.cuda_graph_batch_size == 96  # 71 tokens padded to the next graph
+    # A graph step costs the padded tokens and no eager launch.
+    assert result.duration == CALIBRATED.predict(batch_features(mixed), 96)
+    too_long = SchedulerOutput(0, [sequence(0, new=129, computed=0, decode=False, samples=True)])
+    too_many = SchedulerOutput(0, [sequence(i, new=3, computed=0, decode=False, samples=True) for i in range(5)])
+    assert executor.execute(too_long).cuda_graph_batch_size == 0
+    assert executor.execute(too_many).cuda_graph_batch_size == 0
+    assert CostModelExecutor(CALIBRATED, 100_000).execute(mixed).cuda_graph_batch_size == 0
+    eager = CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True, mixed_step_token_sizes=sizes, max_num_seqs=4)
+    assert eager.execute(mixed).cuda_graph_batch_size == 0
 
 
 def test_vllm_ladder():
