@@ -73,8 +73,13 @@ class CostModelExecutor:
 
     def _mixed_graph_size(self, features) -> int:
         sizes = self._mixed_sizes
-        if not sizes or features.num_prefill_seqs + features.num_decode_seqs > self._max_num_seqs:
+        num_seqs = features.num_prefill_seqs + features.num_decode_seqs
+        if not sizes or num_seqs > self._max_num_seqs:
             return 0
+        if features.num_batched_tokens == num_seqs:
+            # One new token per row (a prompt's one-token last chunk among decodes): the engine's runner
+            # sends such a step to its decode graphs, padded by sequences.
+            return self.cuda_graph_batch_size(num_seqs)
         index = bisect_left(sizes, features.num_batched_tokens)
         return sizes[index] if index < len(sizes) else 0
 

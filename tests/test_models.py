@@ -159,6 +159,54 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     assert sampled_ids == [1, 2, 0] and rows.tolist() == [0, 1, 21]
 
 
+
+class _ReplayByRerun:
+    """A stand-in for a captured CUDA graph on the CPU: replay reruns the captured forward on the static
+    buffers and writes the graph's output tensor, which is what a real replay amounts to."""
+
+    def __init__(self, graphs, num_tokens: int) -> None:
+        self.graphs, self.num_tokens = graphs, num_tokens
+
+    def replay(self) -> None:
+        self.graphs.outputs[self.num_tokens].copy_(self.graphs._run(self.num_tokens))
+
+
+def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
+    """The graph path of steps with prompt chunks end to end on the CPU: Triton kernels (interpreted) in the
+    fixed layout, static buffers reused by batches of every shape (fewer sequences than max_seqs, padding
+    tokens, PENDING_TOKEN inputs), graph replays emulated; the greedy tokens stay transformers'."""
+    from engine.attention import load_backend
+    from engine.cuda_graphs import MixedStepGraphs, mixed_step_token_sizes
+    from engine.kernels.prefill_attention import prefill_query_tile
+
+    folder, expected = checkpoint
+    if not folder.rstrip("/").split("/")[-1].startswith("qwen3"):
+        pytest.skip("one architecture is enough: the fixed layout does not depend on it")
+    engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, max_num_batched_tokens=24, max_num_seqs=4,
+                                 async_scheduling=True)
+    executor = ModelExecutor(folder, engine_config, device="cpu", attention_backend="torch", dtype="float32")
+    runner = executor.runner
+    triton_backend = load_backend("triton")
+    for attention in runner.model.attention_layers():
+        attention.backend = triton_backend
+    attention = runner.model.attention_layers()[0]
+    block_q = prefill_query_tile(attention.num_heads, attention.num_kv_heads, attention.head_dim)
+    graphs = MixedStepGraphs(runner.model, mixed_step_token_sizes(24), engine_config.max_num_seqs,
+                             runner.max_blocks_per_seq, block_q, torch.device("cpu"))
+    for num_tokens in graphs.token_sizes:
+        graphs.outputs[num_tokens] = torch.full((num_tokens, TINY["hidden_size"]), float("nan"))
+        graphs.graphs[num_tokens] = _ReplayByRerun(graphs, num_tokens)
+    runner.mixed_graphs = graphs
+    engine = Engine(engine_config, executor, clock=VirtualClock())
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ids = [engine.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=0.0 if i == 0 else 1e-6)
+           for i, prompt in enumerate(_prompts())]
+    engine.run()
+    assert [engine.output_token_ids(rid) for rid in ids] == expected
+    graph_steps = [step for step in engine.step_records if step.num_prefill_seqs and step.cuda_graph_batch_size]
+    assert any(step.num_decode_seqs for step in graph_steps)
+    assert all(step.cuda_graph_batch_size in graphs.token_sizes for step in graph_steps)
+
 def test_last_token_logits_match_transformers(checkpoint):
     """One prefill step's logits, checked directly (not only their argmax)."""
     from engine.scheduler_output import ScheduledSequence, SchedulerOutput

@@ -91,6 +91,11 @@ def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them()
     assert CostModelExecutor(CALIBRATED, 100_000).execute(mixed).cuda_graph_batch_size == 0
     eager = CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True, mixed_step_token_sizes=sizes, max_num_seqs=4)
     assert eager.execute(mixed).cuda_graph_batch_size == 0
+    # Every row one token (a one-token prompt chunk among decodes): the runner replays a decode graph.
+    one_token_rows = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
+                                         sequence(1, new=1, computed=16, decode=False, samples=True),
+                                         sequence(2, new=1, computed=40, decode=True, samples=True)])
+    assert executor.execute(one_token_rows).cuda_graph_batch_size == 4
 
 
 def test_vllm_ladder():
