@@ -223,6 +223,8 @@ class ModelRunner:
                     self.model, mixed_step_token_sizes(engine_config.max_num_batched_tokens),
                     engine_config.max_num_seqs, self.max_blocks_per_seq, block_q, self.device,
                 )
+                # The warm-up's blocks cached by the allocator would sit beside the graphs' pool: give them back.
+                torch.cuda.empty_cache()
                 self.mixed_graphs.capture(pool)
 
     @property

@@ -59,10 +59,13 @@ class CostModelExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Predict the step's duration and give every sampling sequence token_id."""
         features = batch_features(scheduler_output)
-        if features.num_prefill_seqs:
-            graph_size = self._mixed_graph_size(features)
+        num_seqs = features.num_prefill_seqs + features.num_decode_seqs
+        if features.num_batched_tokens == num_seqs:
+            # One new token per row, decodes or a prompt's one-token last chunk (a whole-prompt cache hit):
+            # the engine's runner sends such a step to its decode graphs, padded by sequences.
+            graph_size = self.cuda_graph_batch_size(num_seqs)
         else:
-            graph_size = self.cuda_graph_batch_size(features.num_decode_seqs)
+            graph_size = self._mixed_graph_size(features)
         token_id = self.token_id
         sampled = {seq.seq_id: token_id for seq in scheduler_output.sequences if seq.samples}
         return StepResult(
@@ -73,13 +76,8 @@ class CostModelExecutor:
 
     def _mixed_graph_size(self, features) -> int:
         sizes = self._mixed_sizes
-        num_seqs = features.num_prefill_seqs + features.num_decode_seqs
-        if not sizes or num_seqs > self._max_num_seqs:
+        if not sizes or features.num_prefill_seqs + features.num_decode_seqs > self._max_num_seqs:
             return 0
-        if features.num_batched_tokens == num_seqs:
-            # One new token per row (a prompt's one-token last chunk among decodes): the engine's runner
-            # sends such a step to its decode graphs, padded by sequences.
-            return self.cuda_graph_batch_size(num_seqs)
         index = bisect_left(sizes, features.num_batched_tokens)
         return sizes[index] if index < len(sizes) else 0
 

@@ -96,6 +96,8 @@ def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them()
                                          sequence(1, new=1, computed=16, decode=False, samples=True),
                                          sequence(2, new=1, computed=40, decode=True, samples=True)])
     assert executor.execute(one_token_rows).cuda_graph_batch_size == 4
+    # So does the engine without mixed-step graphs (a whole-prompt cache hit leaves one token to compute).
+    assert CostModelExecutor(CALIBRATED, 100_000).execute(one_token_rows).cuda_graph_batch_size == 4
 
 
 def test_vllm_ladder():
