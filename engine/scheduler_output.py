@@ -75,4 +75,5 @@ class StepResult:
     duration: float
     """Seconds the step took (measured on a real executor, predicted by the simulator)."""
     cuda_graph_batch_size: int = 0
-    """Padded batch size of the CUDA graph replayed, or 0 when the step ran eagerly."""
+    """Rows of the CUDA graph replayed (the padded batch of a decode graph, the padded token count of a
+    mixed-step graph: one row per token either way), or 0 when the step ran eagerly."""
