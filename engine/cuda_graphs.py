@@ -21,6 +21,22 @@ def graph_batch_sizes(max_num_seqs: int, largest: int = 512) -> list[int]:
     return sizes
 
 
+@torch.inference_mode()
+def capture_graphs(sizes, run, graphs: dict, outputs: dict, pool=None):
+    """Capture run(size) for every size into graphs/outputs, largest first so the smaller graphs reuse its
+    pool memory; returns the pool (pass it on to share it with another set of graphs)."""
+    for size in sorted(sizes, reverse=True):
+        run(size)  # warm-up: compiles kernels and settles allocations outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = run(size)
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return pool
+
+
 class DecodeGraphs:
     """One captured graph per batch size, sharing a memory pool and one set of static input buffers."""
 
@@ -49,19 +65,9 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:batch_size], self.positions[:batch_size], metadata)
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
     def capture(self, pool=None):
-        """Capture every batch size, largest first so smaller graphs reuse its pool memory; returns the pool."""
-        for batch_size in reversed(self.batch_sizes):
-            self._run(batch_size)  # warm-up: compiles kernels and settles allocations outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch_size] = self._run(batch_size)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[batch_size] = graph
-        torch.cuda.synchronize()
-        return pool
+        """Capture every batch size (see capture_graphs); returns the pool."""
+        return capture_graphs(self.batch_sizes, self._run, self.graphs, self.outputs, pool)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The smallest captured batch size holding num_seqs rows, or None when eager must run."""
@@ -150,19 +156,9 @@ class MixedStepGraphs:
     def _run(self, num_tokens: int) -> torch.Tensor:
         return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], self._metadata(num_tokens))
 
-    @torch.inference_mode()
     def capture(self, pool=None):
-        """Capture every token count, largest first (smaller ones reuse its memory); returns the pool."""
-        for num_tokens in reversed(self.token_sizes):
-            self._run(num_tokens)  # warm-up: compiles kernels and settles allocations outside the graph
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[num_tokens] = self._run(num_tokens)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[num_tokens] = graph
-        torch.cuda.synchronize()
-        return pool
+        """Capture every token count (see capture_graphs); returns the pool."""
+        return capture_graphs(self.token_sizes, self._run, self.graphs, self.outputs, pool)
 
     def replay(self, num_tokens: int, input_ids: torch.Tensor, positions: torch.Tensor,
                metadata: AttentionMetadata) -> torch.Tensor:

@@ -47,6 +47,9 @@ class Engine:
             fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
             and not config.async_scheduling
         )
+        # Asynchronous scheduling launches through execute_async where the executor has one (the GPU's);
+        # an executor that answers at once is simply called.
+        self._submit = getattr(executor, "execute_async", executor.execute)
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
@@ -212,12 +215,13 @@ class Engine:
         self._admit_arrivals(now)
         scheduler = self.scheduler
         in_flight = self._in_flight
-        if in_flight is None and not scheduler.has_unfinished():
+        schedulable = scheduler.has_unfinished()
+        if in_flight is None and not schedulable:
             if not self._pending:
                 return False
             self.clock.sleep_until(self._pending[0][0])
             return True
-        output = scheduler.schedule(now) if scheduler.has_unfinished() else None
+        output = scheduler.schedule(now) if schedulable else None
         # The previous step's record shows the state it left, as this schedule found it.
         state = scheduler.state_before_schedule if output is not None else None
         if output is not None and output.is_empty:
@@ -229,9 +233,7 @@ class Engine:
             )
         self._in_flight = None
         if output is not None:
-            submit = getattr(self.executor, "execute_async", None)
-            pending = submit(output) if submit is not None else self.executor.execute(output)
-            self._in_flight = (output, pending, now, scheduler.last_stats)
+            self._in_flight = (output, self._submit(output), now, scheduler.last_stats)
         if in_flight is not None:
             previous, pending, scheduled_at, stats = in_flight
             result = pending if isinstance(pending, StepResult) else pending.result()

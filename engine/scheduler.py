@@ -58,11 +58,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def num_in_flight(self) -> int:
-        """Steps scheduled whose results update() has not applied yet."""
-        return len(self._in_flight)
-
     def _commit_in_flight(self) -> None:
         """Make the blocks the step in flight computes findable now, as its update would before this
         schedule when steps do not overlap (every token it computes is known by now)."""

@@ -5,54 +5,38 @@ before triton is first imported. When another test module imported triton first 
 Triton tests here rerun this file in a fresh interpreter process.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# First: it switches Triton's interpreter on before any kernel module imports triton.
+from tests.triton_interpreter import (  # noqa: I001
+    CUDA as _CUDA,
+    DEVICE,
+    NOT_HERE,
+    TRITON_RUNS_HERE as _TRITON_RUNS_HERE,
+    needs_triton,
+    rerun_in_fresh_process,
+    runs_elsewhere,
+)
 
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+from engine.kernels import perturbed_argmax as argmax_kernel
+from engine.kernels import rms_norm as norm_kernel
+from engine.kernels import rotary as rotary_kernel
+from engine.kernels import silu_and_mul as silu_kernel
+from engine.layers import activation, norm, rotary
+from engine.layers.fusion import disable_fusion, enable_fusion
+from engine.model_config import RopeConfig
+from engine.sampler import Sampler, SamplingTensors, perturbed_argmax
 
-from engine.kernels import perturbed_argmax as argmax_kernel  # noqa: E402
-from engine.kernels import rms_norm as norm_kernel  # noqa: E402
-from engine.kernels import rotary as rotary_kernel  # noqa: E402
-from engine.kernels import silu_and_mul as silu_kernel  # noqa: E402
-from engine.layers import activation, norm, rotary  # noqa: E402
-from engine.layers.fusion import disable_fusion, enable_fusion  # noqa: E402
-from engine.model_config import RopeConfig  # noqa: E402
-from engine.sampler import Sampler, SamplingTensors, perturbed_argmax  # noqa: E402
-
-_INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-_TRITON_RUNS_HERE = _CUDA or _INTERPRETED
-DEVICE = "cuda" if _CUDA else "cpu"
 # float32: the kernels only sum in another order than torch. bfloat16: a few last-bit differences per rounding,
 # since Triton's interpreter truncates float32 -> bfloat16 where the GPU (and torch) round to nearest even.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=4e-2, rtol=2**-5)}
 
-needs_triton = pytest.mark.skipif(
-    not _TRITON_RUNS_HERE,
-    reason="triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process",
-)
 
-
-@pytest.mark.skipif(_TRITON_RUNS_HERE, reason="the Triton tests run in this process")
+@runs_elsewhere
 def test_triton_kernels_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -260,7 +244,7 @@ def test_perturbed_argmax_of_a_row_of_minus_infinity_is_token_zero_as_in_torch()
 def fused():
     """Layer functions routed to their kernels (CPU tensors too, under the interpreter), restored afterwards."""
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     yield lambda: enable_fusion(cpu_too=not _CUDA)
     disable_fusion()
 

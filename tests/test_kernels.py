@@ -5,32 +5,28 @@ switched on before triton is first imported. When another test module imported t
 first, the Triton tests here rerun this file in a fresh interpreter process.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+# First: it switches Triton's interpreter on before any kernel module imports triton.
+from tests.triton_interpreter import (  # noqa: I001
+    CUDA as _CUDA,
+    DEVICE,
+    NOT_HERE,
+    TRITON_RUNS_HERE as _TRITON_RUNS_HERE,
+    rerun_in_fresh_process,
+    runs_elsewhere,
+)
 
-triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
+from engine.kernels import reference
+from engine.kernels.decode_attention import DecodeTiling, decode_partition_size
+from engine.kernels.decode_attention import paged_decode_attention as triton_decode
+from engine.kernels.prefill_attention import PrefillTiling
+from engine.kernels.prefill_attention import paged_prefill_attention as triton_prefill
+from engine.kernels.store_kvcache import store_kvcache as triton_store
 
-from engine.kernels import reference  # noqa: E402
-from engine.kernels.decode_attention import DecodeTiling, decode_partition_size  # noqa: E402
-from engine.kernels.decode_attention import paged_decode_attention as triton_decode  # noqa: E402
-from engine.kernels.prefill_attention import PrefillTiling  # noqa: E402
-from engine.kernels.prefill_attention import paged_prefill_attention as triton_prefill  # noqa: E402
-from engine.kernels.store_kvcache import store_kvcache as triton_store  # noqa: E402
-
-_INTERPRETED = type(tl.zeros).__name__ == "InterpretedFunction"
-_TRITON_RUNS_HERE = _CUDA or _INTERPRETED
-DEVICE = "cuda" if _CUDA else "cpu"
 # Small tiles so that the tiny test shapes still cross tile, block and partition edges.
 SMALL_PREFILL = PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1)
 SMALL_DECODE = DecodeTiling(partition_size=16, block_n=16, num_warps=4, num_stages=1)
@@ -44,7 +40,7 @@ def _backend(name: str):
     if name == "torch":
         return reference.store_kvcache, reference.paged_prefill_attention, reference.paged_decode_attention
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     prefill_tiling = SMALL_PREFILL
     if name == "triton_one_head_per_program":
         prefill_tiling = PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1, pack_gqa=False)
@@ -58,17 +54,9 @@ def _backend(name: str):
     return triton_store, prefill, decode
 
 
-@pytest.mark.skipif(_TRITON_RUNS_HERE, reason="the Triton tests run in this process")
+@runs_elsewhere
 def test_triton_kernels_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
 # ---------------------------------------------------------------- float64 truth and paged layout
@@ -200,7 +188,7 @@ def test_prefill_matches_float64(backend, case):
 
 def test_prefill_with_max_query_len_hint_matches_float64():
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     generator = torch.Generator().manual_seed(7)
     query_lens, prefix_lens = [2, 21, 1], [30, 0, 5]
     paged = PagedContexts([p + n for p, n in zip(prefix_lens, query_lens)], 2, 16, 8, generator)
@@ -220,7 +208,7 @@ def test_prefill_over_a_tile_map_computes_the_listed_tiles_only():
     """The fixed-grid form (CUDA graphs): tiles of sequences 2.. are listed, padding entries are -1; the
     one-token rows of sequences 0 and 1 are left to the decode kernel and stay untouched here."""
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     from engine.kernels.prefill_attention import prefill_query_tile, prefill_tile_map
 
     generator = torch.Generator().manual_seed(5)
@@ -244,12 +232,26 @@ def test_prefill_over_a_tile_map_computes_the_listed_tiles_only():
     _assert_close(out[2:], expected, 1e-4)
 
 
+def _small_triton_layer(paged: PagedContexts):
+    """An attention layer (4 query heads, 2 KV heads, head_dim 16) over paged's cache, with the Triton backend at
+    the small tilings: mixed batches split between its decode and prefill kernels."""
+    from engine.attention import Attention, AttentionBackend
+
+    backend = AttentionBackend(
+        "triton", triton_store, lambda *a, **k: triton_prefill(*a, tiling=SMALL_PREFILL, **k),
+        lambda *a, **k: triton_decode(*a, tiling=SMALL_DECODE, **k), splits_mixed_batches=True,
+    )  # fmt: skip
+    layer = Attention(4, 2, 16, 0.25, backend)
+    layer.k_cache, layer.v_cache = paged.k_cache, paged.v_cache
+    return layer
+
+
 def test_mixed_batch_split_between_decode_and_prefill_kernels_matches_float64():
     """A step of one-token rows (decodes, a one-token prompt) then prompt chunks: the triton backend gives the
     one-token rows to its decode kernel and the rest to its prefill kernel, in one output."""
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
-    from engine.attention import Attention, AttentionBackend, AttentionMetadata
+        pytest.skip(NOT_HERE)
+    from engine.attention import AttentionMetadata
 
     generator = torch.Generator().manual_seed(11)
     query_lens, prefix_lens = [1, 1, 1, 9, 12], [16, 0, 39, 5, 0]
@@ -257,12 +259,7 @@ def test_mixed_batch_split_between_decode_and_prefill_kernels_matches_float64():
     paged = PagedContexts(context_lens, 2, 16, 4, generator)
     queries = [torch.randn(n, 4, 16, generator=generator, dtype=torch.float64) for n in query_lens]
     q = torch.cat(queries).float().to(DEVICE)
-    backend = AttentionBackend(
-        "triton", triton_store, lambda *a, **k: triton_prefill(*a, tiling=SMALL_PREFILL, **k),
-        lambda *a, **k: triton_decode(*a, tiling=SMALL_DECODE, **k), splits_mixed_batches=True,
-    )  # fmt: skip
-    layer = Attention(4, 2, 16, 0.25, backend)
-    layer.k_cache, layer.v_cache = paged.k_cache, paged.v_cache
+    layer = _small_triton_layer(paged)
     total = sum(query_lens)
     metadata = AttentionMetadata(
         slot_mapping=torch.full((total,), -1, dtype=torch.int32, device=DEVICE), seq_lens=paged.seq_lens,
@@ -284,8 +281,8 @@ def test_fixed_layout_of_a_mixed_batch_matches_float64():
     """The CUDA-graph form of a mixed step: 3 token rows and 2 sequence rows of padding; one-token rows first,
     decode context per sequence row (0 for the prompt chunks and padding), tile map over the chunks."""
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
-    from engine.attention import Attention, AttentionBackend, AttentionMetadata
+        pytest.skip(NOT_HERE)
+    from engine.attention import AttentionMetadata
     from engine.kernels.prefill_attention import prefill_query_tile, prefill_tile_map
 
     generator = torch.Generator().manual_seed(13)
@@ -295,12 +292,7 @@ def test_fixed_layout_of_a_mixed_batch_matches_float64():
     queries = [torch.randn(n, 4, 16, generator=generator, dtype=torch.float64) for n in query_lens]
     total, padded = sum(query_lens), sum(query_lens) + 3
     q = torch.cat([torch.cat(queries), torch.randn(3, 4, 16, generator=generator, dtype=torch.float64)]).float()
-    backend = AttentionBackend(
-        "triton", triton_store, lambda *a, **k: triton_prefill(*a, tiling=SMALL_PREFILL, **k),
-        lambda *a, **k: triton_decode(*a, tiling=SMALL_DECODE, **k), splits_mixed_batches=True,
-    )  # fmt: skip
-    layer = Attention(4, 2, 16, 0.25, backend)
-    layer.k_cache, layer.v_cache = paged.k_cache, paged.v_cache
+    layer = _small_triton_layer(paged)
     cu = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
     cu += [cu[-1]] * 2  # padding sequences: no queries
     tile_map = torch.from_numpy(prefill_tile_map(query_lens + [0, 0], prefill_query_tile(4, 2, 16, SMALL_PREFILL),
@@ -360,7 +352,7 @@ def test_decode_partition_grows_for_long_tables():
 
 def test_decode_with_grown_partitions_matches_float64():
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     generator = torch.Generator().manual_seed(4)
     context_lens = [50, 3]
     paged = PagedContexts(context_lens, 1, 16, 4, generator)
@@ -398,7 +390,7 @@ def paged_batches(draw):
 @given(batch=paged_batches())
 def test_triton_kernels_match_float64_on_random_batches(batch):
     if not _TRITON_RUNS_HERE:
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; covered by test_triton_kernels_in_fresh_process")
+        pytest.skip(NOT_HERE)
     prefix_lens, query_lens, q_heads, kv_heads, head_dim, block_size, seed = batch
     generator = torch.Generator().manual_seed(seed)
     context_lens = [p + n for p, n in zip(prefix_lens, query_lens)]

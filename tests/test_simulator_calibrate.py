@@ -109,14 +109,20 @@ def test_profile_stops_at_its_time_budget(tmp_path):
     assert pq.read_table(path).num_rows > 0
 
 
-def test_profile_runs_the_real_executor_on_cpu(tmp_path):
-    # The path `twinfer profile` takes on a GPU, here on a tiny random model on the CPU.
+def _tiny_model_folder(tmp_path):
+    """A two-layer Qwen3 config.json (random weights are made from it) in tmp_path/tiny."""
     config = json.loads((PRESETS_DIR / "qwen3-0.6b.json").read_text())
     config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=1000, max_position_embeddings=512, torch_dtype="float32")
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_profile_runs_the_real_executor_on_cpu(tmp_path):
+    # The path `twinfer profile` takes on a GPU, here on a tiny random model on the CPU.
+    model = _tiny_model_folder(tmp_path)
     path = profile(str(model), tmp_path / "cpu.parquet", device="cpu", dtype="float32", max_seconds=120,
                    max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4, measure_engine=False,
                    max_shapes=12, log=lambda message: None)
@@ -189,12 +195,7 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
 
 
 def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_serving(tmp_path):
-    config = json.loads((PRESETS_DIR / "qwen3-0.6b.json").read_text())
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=1000, max_position_embeddings=512, torch_dtype="float32")
-    model = tmp_path / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(config))
+    model = _tiny_model_folder(tmp_path)
     path = profile(str(model), tmp_path / "cpu.parquet", device="cpu", dtype="float32", max_seconds=60,
                    max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4, max_shapes=6, serving_seconds=3,
                    serving_rate=10, log=lambda message: None)
