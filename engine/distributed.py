@@ -62,6 +62,7 @@ def worker_main(rank: int, world_size: int, port: int, runner_kwargs: dict, comm
     """A follower rank: build the same runner, then run every step rank 0 sends until told to stop."""
     from engine.model_runner import ModelRunner
 
+    runner = None
     try:
         init_process_group(rank, world_size, port)
         runner = ModelRunner(**runner_kwargs, device=f"cuda:{rank}")
@@ -77,4 +78,6 @@ def worker_main(rank: int, world_size: int, port: int, runner_kwargs: dict, comm
         raise
     finally:
         if dist.is_initialized():
+            if runner is not None:
+                runner.release_graphs()
             dist.destroy_process_group()

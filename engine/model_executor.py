@@ -151,4 +151,5 @@ class ModelExecutor:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            self.runner.release_graphs()
             dist.destroy_process_group()

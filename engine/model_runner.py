@@ -4,6 +4,7 @@ model inputs, runs the forward (CUDA graph or eager) and samples.
 Inputs for a step are packed into one pinned int32 host buffer and copied to the device in one transfer.
 """
 
+import gc
 import itertools
 import math
 import time
@@ -226,6 +227,16 @@ class ModelRunner:
                 # The warm-up's blocks cached by the allocator would sit beside the graphs' pool: give them back.
                 torch.cuda.empty_cache()
                 self.mixed_graphs.capture(pool)
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs. Graphs with captured NCCL collectives hold on to the communicator: at tensor
+        parallelism destroy_process_group() waits for them forever, so they go first."""
+        if self.graphs is None and self.mixed_graphs is None:
+            return
+        torch.cuda.synchronize(self.device)
+        self.graphs = self.mixed_graphs = None
+        gc.collect()
+        torch.cuda.synchronize(self.device)
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:

@@ -182,6 +182,8 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
     folder, expected = checkpoint
     if not folder.rstrip("/").split("/")[-1].startswith("qwen3"):
         pytest.skip("one architecture is enough: the fixed layout does not depend on it")
+    if torch.cuda.is_available():
+        pytest.skip("interpreted Triton on CPU tensors; on CUDA the greedy test with mixed-step graphs runs them")
     engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, max_num_batched_tokens=24, max_num_seqs=4,
                                  async_scheduling=True)
     executor = ModelExecutor(folder, engine_config, device="cpu", attention_backend="torch", dtype="float32")
