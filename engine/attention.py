@@ -11,6 +11,11 @@ from torch import nn
 BACKENDS = ("auto", "triton", "flash-attn", "torch")
 
 
+FIXED_LAYOUT_DECODE_PROGRAMS = 16384
+"""Partition-grid bound of the decode kernel in a mixed-step CUDA graph (as many programs as a 256-sequence
+decode step at 4k tokens has): its rows cover every sequence slot, most of them padding in any one step."""
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """Where this step's tokens sit in the paged cache; passed explicitly through the model's forward."""
@@ -142,7 +147,7 @@ class Attention(nn.Module):
         rows = min(q.shape[0], metadata.decode_seq_lens.shape[0])
         backend.paged_decode_attention(
             q[:rows], self.k_cache, self.v_cache, metadata.decode_seq_lens[:rows], metadata.block_tables[:rows],
-            self.scale, out=out[:rows],
+            self.scale, out=out[:rows], max_programs=FIXED_LAYOUT_DECODE_PROGRAMS,
         )
         return backend.paged_prefill_attention(
             q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables,

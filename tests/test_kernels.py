@@ -21,7 +21,7 @@ from tests.triton_interpreter import (  # noqa: I001
 )
 
 from engine.kernels import reference
-from engine.kernels.decode_attention import DecodeTiling, decode_partition_size
+from engine.kernels.decode_attention import DecodeTiling, bounded_tiling, decode_partition_size
 from engine.kernels.decode_attention import paged_decode_attention as triton_decode
 from engine.kernels.prefill_attention import PrefillTiling
 from engine.kernels.prefill_attention import paged_prefill_attention as triton_prefill
@@ -348,6 +348,34 @@ def test_decode_partition_grows_for_long_tables():
     assert decode_partition_size(2048, tiling) == 512
     assert decode_partition_size(2049, tiling) == 1024
     assert decode_partition_size(100_000, tiling) == 32768
+
+
+def test_bounded_tiling_keeps_the_partition_grid_within_its_budget():
+    """The mixed-step graph's decode grid: 1,024 rows x 8 KV heads over a 32k-token table would be 64 partitions
+    per row (524,288 programs); bounded to 16,384 programs it gets 2 longer ones, and small batches keep theirs."""
+    tiling = DecodeTiling()
+    wide = bounded_tiling(tiling, 1024, 8, 16384)
+    assert wide.max_partitions == 2 and 1024 * 8 * wide.max_partitions <= 16384
+    assert decode_partition_size(32768, wide) == 16384
+    assert bounded_tiling(tiling, 16, 8, 16384).max_partitions == 128
+    assert bounded_tiling(tiling, 4096, 8, 16384).max_partitions == 1  # never below one partition
+
+
+def test_decode_bounded_by_max_programs_matches_float64():
+    if not _TRITON_RUNS_HERE:
+        pytest.skip(NOT_HERE)
+    generator = torch.Generator().manual_seed(5)
+    context_lens = [70, 0, 33]
+    paged = PagedContexts(context_lens, 1, 16, 4, generator)
+    q64 = torch.randn(3, 2, 16, generator=generator, dtype=torch.float64)
+    tiling = DecodeTiling(partition_size=16, block_n=16, num_stages=1)
+    out = triton_decode(q64.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables,
+                        0.25, tiling=tiling, max_programs=3)  # one partition per row: the whole context in one program
+    expected = torch.zeros_like(q64)
+    for s, n in enumerate(context_lens):
+        if n:
+            expected[s] = attention_float64(q64[s : s + 1], paged.keys[s], paged.values[s], n - 1, 0.25)[0]
+    _assert_close(out, expected, 1e-4)
 
 
 def test_decode_with_grown_partitions_matches_float64():
