@@ -25,6 +25,8 @@ CASES = {
     # name: (trace slice as replayed on the GPU, its trace options)
     "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
     "mooncake-conv": ("mooncake_conv_head400.jsonl", ["--time-scale", "2", "--duration", "60"]),
+    # session 3: the engine's default since then, steps with prompt chunks as CUDA graphs (30 s of arrivals)
+    "azure-conv-mixed-30s": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "30"]),
 }
 SLICES = {
     "azure_conv_rows3000_5500.csv": ("AzureLLMInferenceTrace_conv.csv", 3000, 2500),
@@ -50,12 +52,13 @@ def main() -> None:
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--runs", default=str(DATA / "runs"), help="folder of the real runs (real-h100-qwen3-0.6b-NAME)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, (slice_name, options) in CASES.items():
-        real_path = DATA / "runs" / f"real-h100-qwen3-0.6b-{name}"
+        real_path = Path(args.runs) / f"real-h100-qwen3-0.6b-{name}"
         real = read_run(real_path)
         sim_path = work / f"sim-{name}"
         command = ["simulate", str(trace_slice(slice_name, Path(args.traces), work)), *options,
@@ -63,6 +66,10 @@ def main() -> None:
                    str(real.metadata["num_kv_blocks"]), "--out", str(sim_path), "--no-progress"]
         if args.profile:
             command += ["--profile", args.profile]
+        # The simulated engine runs with the real run's options.
+        command.append("--mixed-cuda-graphs" if real.metadata.get("mixed_cuda_graphs") else "--no-mixed-cuda-graphs")
+        if (real.metadata.get("engine_config") or {}).get("async_scheduling"):
+            command.append("--async-scheduling")
         with contextlib.redirect_stdout(io.StringIO()):
             twinfer(command)
         simulated = read_run(sim_path)

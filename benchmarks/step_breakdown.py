@@ -61,10 +61,11 @@ def _profile(fn, iters: int = 10) -> dict:
     }
 
 
-def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool = False) -> dict:
+def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool | None = None,
+        max_num_seqs: int = 256, max_model_len: int = 4096) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
+    llm = LLM("qwen3-0.6b", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=max_num_seqs,
               mixed_cuda_graphs=mixed_cuda_graphs)
     runner = llm.executor.runner
     params = SamplingParams(temperature=0.6, max_tokens=100, ignore_eos=True)
@@ -73,10 +74,12 @@ def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool =
         "decode 64 x ctx 1000 (graph)": _batch(64, 1000, [], params),
         "mixed 150 decodes ctx 1000 + 256-token prefill": _batch(150, 1000, [256], params),
         "mixed 16 decodes ctx 500 + 64-token prefill": _batch(16, 500, [64], params),
+        "mixed 55 decodes ctx 1300 + 1091-token prefill": _batch(55, 1300, [1091], params),  # Azure conv's median
         "prefill 4 x 512": _batch(0, 0, [512] * 4, params),
         "prefill 4 x 2048": _batch(0, 0, [2048] * 4, params),
     }
-    results = {"gpu": torch.cuda.get_device_name()}
+    results = {"gpu": torch.cuda.get_device_name(), "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
+               "mixed_cuda_graphs": llm.executor.mixed_cuda_graphs}
     for name, batch in shapes.items():
         entry = {"execute_ms": 1e3 * _time(lambda: runner.execute(batch))}
         entry["prepare_ms"] = 1e3 * _time(lambda: runner._prepare(batch))
@@ -114,9 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--python-profile", action="store_true", help="also cProfile an eager mixed step (host code)")
-    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="steps with prompt chunks as CUDA graphs")
+    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="steps with prompt chunks as CUDA graphs (default: the LLM class's, on at TP 1)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="256: the throughput workload's; 1024: replay's")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="4096: the throughput workload's; replay: 32768")
     args = parser.parse_args()
-    run(args.out, args.python_profile, args.mixed_cuda_graphs)
+    run(args.out, args.python_profile, args.mixed_cuda_graphs, args.max_num_seqs, args.max_model_len)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     group.add_argument("--dtype", default="auto")
     group.add_argument("--enforce-eager", action="store_true")
-    group.add_argument("--mixed-cuda-graphs", action="store_true",
-                       help="also run steps with prompt chunks as CUDA graphs (new; not yet measured on a GPU)")
+    group.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                       help="also run steps with prompt chunks as CUDA graphs (default: on at TP 1 with CUDA graphs "
+                            "and the triton backend)")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "flash-attn", "torch"])
     group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="end with a serving phase this long (within --max-seconds): calibration learns the "
                          "serving loop's extra eager-step time from it")
     profile.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
-    profile.add_argument("--mixed-cuda-graphs", action="store_true", help="profile the engine run with this option")
+    profile.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                         help="profile the engine with this option (default: off, eager steps: see README)")
 
     calibrate = commands.add_parser("calibrate", help="fit a cost model from profiles and/or runs' steps")
     calibrate.add_argument("inputs", nargs="+", help="profile Parquet files or run folders")

@@ -113,8 +113,10 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
     )
+    mixed = getattr(args, "mixed_cuda_graphs", None)
+    mixed = (tp == 1 if mixed is None else mixed) and not args.enforce_eager  # the real engine's default
     mixed_sizes = ()
-    if getattr(args, "mixed_cuda_graphs", False):
+    if mixed:
         from engine.cuda_graphs import mixed_step_token_sizes
 
         mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens)
@@ -129,6 +131,8 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
         "tensor_parallel_size": tp,
         "dtype": dtype,
+        "enforce_eager": args.enforce_eager,
+        "mixed_cuda_graphs": bool(mixed),
     }
     if not cost_model.calibrated:
         print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
@@ -157,7 +161,7 @@ def build_real_engine(args, device: str):
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
-        mixed_cuda_graphs=getattr(args, "mixed_cuda_graphs", False),
+        mixed_cuda_graphs=getattr(args, "mixed_cuda_graphs", None),
         load_format=args.load_format,
         seed=args.seed,
     )
@@ -168,7 +172,7 @@ def build_real_engine(args, device: str):
         "tensor_parallel_size": args.tensor_parallel_size,
         "dtype": args.dtype,
         "enforce_eager": args.enforce_eager,
-        "mixed_cuda_graphs": getattr(args, "mixed_cuda_graphs", False),
+        "mixed_cuda_graphs": executor.mixed_cuda_graphs,
         "attention_backend": getattr(executor, "attention_backend", args.attention_backend),
     }
     return engine, metadata, model_config.vocab_size

@@ -67,11 +67,12 @@ class LLM:
         seed: int = 0,
         tokenizer: str | None = None,
         async_scheduling: bool | None = None,
-        mixed_cuda_graphs: bool = False,
+        mixed_cuda_graphs: bool | None = None,
     ) -> None:
         """async_scheduling (default: on unless tensor_parallel_size > 1) schedules and prepares the next step
-        while the current one runs; see EngineConfig.async_scheduling. mixed_cuda_graphs also runs steps with
-        prompt chunks as CUDA graphs (new; not yet measured on a GPU)."""
+        while the current one runs; see EngineConfig.async_scheduling. mixed_cuda_graphs (default: on at
+        tensor_parallel_size 1 with the triton backend, unless enforce_eager) also runs steps with prompt chunks
+        as CUDA graphs, one per padded token count, as decode steps are."""
         model = str(model)
         model_config = load_model_config(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

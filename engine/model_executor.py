@@ -48,7 +48,7 @@ class ModelExecutor:
         load_format: str = "auto",
         seed: int = 0,
         cpu_kv_cache_bytes: int = 1 << 30,
-        mixed_cuda_graphs: bool = False,
+        mixed_cuda_graphs: bool | None = None,
     ) -> None:
         self.model_config = load_model_config(model)
         if engine_config.max_model_len > self.model_config.max_position_embeddings:
@@ -125,6 +125,11 @@ class ModelExecutor:
     @property
     def attention_backend(self) -> str:
         return self.runner.backend_name
+
+    @property
+    def mixed_cuda_graphs(self) -> bool:
+        """Whether steps with prompt chunks run as CUDA graphs (the option once resolved)."""
+        return self.runner.mixed_graphs is not None
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step on every rank; rank 0 samples and times it (device sync included)."""

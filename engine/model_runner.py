@@ -140,10 +140,11 @@ class ModelRunner:
         load_format: str = "auto",
         seed: int = 0,
         cpu_kv_cache_bytes: int = 1 << 30,
-        mixed_cuda_graphs: bool = False,
+        mixed_cuda_graphs: bool | None = None,
     ) -> None:
         """mixed_cuda_graphs: also run steps with prompt chunks as CUDA graphs (MixedStepGraphs; triton
-        backend), not only decode-only steps."""
+        backend), not only decode-only steps. None (the default): on with the triton backend at TP 1 whenever
+        CUDA graphs are on."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format {load_format!r} is unknown; choose one of {', '.join(LOAD_FORMATS)}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -213,6 +214,8 @@ class ModelRunner:
             sizes = graph_batch_sizes(engine_config.max_num_seqs)
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
             pool = self.graphs.capture()
+            if mixed_cuda_graphs is None:
+                mixed_cuda_graphs = self.backend_name == "triton" and tp_size() == 1
             if mixed_cuda_graphs:
                 if self.backend_name != "triton":
                     raise ValueError(f"mixed_cuda_graphs needs the triton attention backend, not {self.backend_name}")

@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="overlap the host's scheduling with the GPU (the LLM class's default)")
-    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="steps with prompt chunks as CUDA graphs too")
+    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="steps with prompt chunks as CUDA graphs too (default: the LLM class's, on at TP 1)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     run_throughput(args.model, num_seqs=args.num_seqs, dtype=args.dtype, max_model_len=args.max_model_len,

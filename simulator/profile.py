@@ -409,7 +409,7 @@ def profile(
         "max_model_len": max_model_len,
         "max_num_batched_tokens": max_num_batched_tokens,
         "enforce_eager": enforce_eager,
-        "mixed_cuda_graphs": mixed_cuda_graphs,
+        "mixed_cuda_graphs": bool(getattr(executor, "mixed_cuda_graphs", mixed_cuda_graphs)),
         "cuda_graph_sizes": json.dumps(list(graph_sizes)),
         "timing": timing,
         "setup_seconds": round(time.perf_counter() - started, 2),
@@ -518,7 +518,8 @@ def main(argv=None) -> int:
                         help="end with this long a serving phase (part of --max-seconds): steps of the real engine "
                         "serving Poisson arrivals, from which calibration learns the serving loop's eager-step cost")
     parser.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
-    parser.add_argument("--mixed-cuda-graphs", action="store_true", help="profile the engine run with this option")
+    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                        help="profile the engine with this option (default: off, eager steps: see README)")
     args = parser.parse_args(argv)
     path = profile(
         args.model,

@@ -111,14 +111,23 @@ def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
     assert async_run.steps.column("num_batched_tokens").to_pylist() != sync_run.steps.column("num_batched_tokens").to_pylist()
 
 
-def test_cli_simulate_with_mixed_cuda_graphs(tmp_path, capsys):
-    """--mixed-cuda-graphs in the simulator: steps with prompt chunks are recorded as graph steps (padded)."""
+@pytest.mark.parametrize("flags, graphs_expected", [([], True), (["--no-mixed-cuda-graphs"], False),
+                                                     (["--enforce-eager"], False), (["--tp", "2"], False)])
+def test_cli_simulate_mixed_cuda_graphs_as_the_real_engine(tmp_path, capsys, flags, graphs_expected):
+    """As the real engine: steps with prompt chunks run as (padded) CUDA graphs by default at TP 1, eagerly
+    with --no-mixed-cuda-graphs, --enforce-eager or TP > 1; the run records which."""
     out = tmp_path / "sim"
     assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out), "--no-progress",
-                 "--mixed-cuda-graphs"]) == 0
+                 *flags]) == 0
     capsys.readouterr()
-    steps = read_run(out).steps
-    prefill = [n > 0 for n in steps.column("num_prefill_seqs").to_pylist()]
-    graphs, tokens = steps.column("cuda_graph_batch_size").to_pylist(), steps.column("num_batched_tokens").to_pylist()
+    run = read_run(out)
+    assert run.metadata["mixed_cuda_graphs"] is graphs_expected
+    prefill = [n > 0 for n in run.steps.column("num_prefill_seqs").to_pylist()]
+    graphs = run.steps.column("cuda_graph_batch_size").to_pylist()
+    tokens = run.steps.column("num_batched_tokens").to_pylist()
     assert any(prefill)
-    assert all(graph >= count for graph, count, has_prefill in zip(graphs, tokens, prefill) if has_prefill)
+    with_prefill = [(graph, count) for graph, count, has_prefill in zip(graphs, tokens, prefill) if has_prefill]
+    if graphs_expected:
+        assert all(graph >= count for graph, count in with_prefill)
+    else:
+        assert all(graph == 0 for graph, _ in with_prefill)
