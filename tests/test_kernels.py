@@ -537,3 +537,80 @@ def test_flash_attn_backend_refuses_small_blocks_before_importing():
             torch.zeros(4, 1, 16), cache, cache, torch.tensor([0, 4], dtype=torch.int32), lens, tables, 1.0
         )
     assert not flash_attn_backend.flash_attn_available() or _CUDA, "flash-attn claimed usable without CUDA"
+
+
+class _FlashAttnStandIn:
+    """flash_attn's two paged entry points as its docstrings define them, written out in float64 for a CPU test:
+    block_table rows list each sequence's cache blocks, causal masks align bottom-right (query i of L sees keys
+    <= i + K - L), and a decode row sees its first cache_seqlens keys."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    @staticmethod
+    def _context(cache, table, length):
+        return cache[table.long()].flatten(0, 1)[:length]
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                               softmax_scale, causal, block_table):
+        self.calls.append(("varlen", max_seqlen_q, max_seqlen_k))
+        assert causal and isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == block_table.dtype == torch.int32
+        out = torch.empty_like(q)
+        for seq in range(block_table.shape[0]):
+            q_begin, q_end = int(cu_seqlens_q[seq]), int(cu_seqlens_q[seq + 1])
+            keys = int(cu_seqlens_k[seq + 1] - cu_seqlens_k[seq])
+            assert q_end - q_begin <= max_seqlen_q and keys <= max_seqlen_k
+            out[q_begin:q_end] = attention_float64(
+                q[q_begin:q_end], self._context(k, block_table[seq], keys), self._context(v, block_table[seq], keys),
+                keys - (q_end - q_begin), softmax_scale).to(q.dtype)
+        return out
+
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, block_table, softmax_scale, causal):
+        self.calls.append(("kvcache",))
+        assert q.dim() == 4 and q.shape[1] == 1 and cache_seqlens.dtype == torch.int32
+        out = torch.zeros_like(q)
+        for seq, length in enumerate(cache_seqlens.tolist()):
+            if length:
+                out[seq] = attention_float64(
+                    q[seq], self._context(k_cache, block_table[seq], length),
+                    self._context(v_cache, block_table[seq], length), length - 1, softmax_scale).to(q.dtype)
+        return out
+
+
+def test_flash_attn_backend_calls_follow_its_documented_interface(monkeypatch):
+    """The flash-attn package is on no machine here: through a stand-in that follows its documented interface,
+    the backend's prefill (chunks over cached prefixes, ragged, GQA) and decode (an empty row too) give the
+    attention written out in float64."""
+    import sys
+    import types
+
+    from engine.kernels import flash_attn_backend
+
+    stand_in = _FlashAttnStandIn()
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = stand_in.flash_attn_varlen_func
+    module.flash_attn_with_kvcache = stand_in.flash_attn_with_kvcache
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    generator = torch.Generator().manual_seed(11)
+    prefix_lens, query_lens = [0, 250, 300], [5, 20, 1]
+    paged = PagedContexts([p + n for p, n in zip(prefix_lens, query_lens)], 2, 16, 256, generator)
+    q64 = torch.randn(sum(query_lens), 4, 16, generator=generator, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 25, 26], dtype=torch.int64)  # the engine's dtype: the backend converts it
+    out = flash_attn_backend.paged_prefill_attention(
+        q64.float(), paged.k_cache, paged.v_cache, cu, paged.seq_lens, paged.block_tables, 0.25)
+    for seq, (prefix, length) in enumerate(zip(prefix_lens, query_lens)):
+        expected = attention_float64(q64[cu[seq]:cu[seq + 1]], paged.keys[seq], paged.values[seq], prefix, 0.25)
+        _assert_close(out[cu[seq]:cu[seq + 1]], expected, 1e-4)
+    assert stand_in.calls == [("varlen", 20, 301)]
+
+    decode_lens = [257, 0, 3]
+    paged = PagedContexts(decode_lens, 2, 16, 256, generator)
+    q64 = torch.randn(3, 4, 16, generator=generator, dtype=torch.float64)
+    out = flash_attn_backend.paged_decode_attention(
+        q64.float(), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, 0.25)
+    assert out.shape == (3, 4, 16)
+    for seq, length in enumerate(decode_lens):
+        expected = (attention_float64(q64[seq:seq + 1], paged.keys[seq], paged.values[seq], length - 1, 0.25)[0]
+                    if length else torch.zeros(4, 16, dtype=torch.float64))
+        _assert_close(out[seq], expected, 1e-4)
