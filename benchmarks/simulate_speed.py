@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from engine.config import EngineConfig, vllm_default_limits
+from engine.cuda_graphs import mixed_step_token_sizes
 from engine.engine import Engine
 from engine.stats import BatchFeatures
 from simulator.executor import CostModelExecutor
@@ -28,7 +29,8 @@ from traces.transforms import slice_count
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
-def build_engine(gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True) -> Engine:
+def build_engine(gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True,
+                 mixed_cuda_graphs: bool = True) -> Engine:
     """A simulated engine as `twinfer simulate` builds it: vLLM's limits for the GPU, KV sized from memory."""
     spec, shape = gpu_spec(gpu), ModelShape.load(model)
     with warnings.catch_warnings():
@@ -44,7 +46,10 @@ def build_engine(gpu: str, model: str, *, profile: str | None = None, fast_forwa
     num_blocks = estimate_num_kv_blocks(
         spec, shape, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
     )
-    return Engine(config, CostModelExecutor(cost_model, num_blocks), fast_forward=fast_forward)
+    # As `twinfer simulate` at TP 1: steps with prompt chunks as (padded) CUDA graphs unless told otherwise.
+    mixed_sizes = mixed_step_token_sizes(max_num_batched_tokens) if mixed_cuda_graphs else ()
+    executor = CostModelExecutor(cost_model, num_blocks, mixed_step_token_sizes=mixed_sizes, max_num_seqs=max_num_seqs)
+    return Engine(config, executor, fast_forward=fast_forward)
 
 
 def time_predict(engine: Engine, repeats: int = 200_000) -> float:
@@ -57,9 +62,10 @@ def time_predict(engine: Engine, repeats: int = 200_000) -> float:
     return (time.perf_counter() - started) / repeats * 1e6
 
 
-def simulate(trace, gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True) -> dict:
+def simulate(trace, gpu: str, model: str, *, profile: str | None = None, fast_forward: bool = True,
+             mixed_cuda_graphs: bool = True) -> dict:
     """Run the trace through a simulated engine; wall time and simulated time."""
-    engine = build_engine(gpu, model, profile=profile, fast_forward=fast_forward)
+    engine = build_engine(gpu, model, profile=profile, fast_forward=fast_forward, mixed_cuda_graphs=mixed_cuda_graphs)
     started = time.perf_counter()
     add_trace_requests(engine, trace, vocab_size=engine.config.vocab_size)
     added = time.perf_counter()
@@ -88,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-requests", type=int, default=None)
     parser.add_argument("--check-requests", type=int, default=1000, help="slice checked against stepping one by one")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="steps with prompt chunks as CUDA graphs (simulate's default at TP 1)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -97,20 +105,24 @@ def main(argv=None) -> int:
         trace = slice_count(trace, args.max_requests)
     trace_span = float(max(trace.table.column("arrival_time").to_pylist()))
 
-    result = simulate(trace, args.gpu, args.model, profile=args.profile)
+    mixed = args.mixed_cuda_graphs
+    result = simulate(trace, args.gpu, args.model, profile=args.profile, mixed_cuda_graphs=mixed)
     engine = result.pop("engine")
     predict_us = time_predict(engine)
     ratio = trace_span / result["wall_seconds"]
     simulated_ratio = result["simulated_seconds"] / result["wall_seconds"]
 
     check = slice_count(trace, min(args.check_requests, len(trace)))
-    stepped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=False).pop("engine")
-    skipped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=True).pop("engine")
+    stepped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=False,
+                       mixed_cuda_graphs=mixed).pop("engine")
+    skipped = simulate(check, args.gpu, args.model, profile=args.profile, fast_forward=True,
+                       mixed_cuda_graphs=mixed).pop("engine")
     identical = list(stepped.step_records) == list(skipped.step_records) and all(
         stepped.request_records[key] == record for key, record in skipped.request_records.items()
     )
 
     report = {
+        "mixed_cuda_graphs": mixed,
         **result,
         "trace": Path(args.trace).name,
         "trace_read_seconds": round(read_seconds, 3),
