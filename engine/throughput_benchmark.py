@@ -120,6 +120,7 @@ def run_twinfer(model: str, prompts, output_lens, *, dtype: str, max_model_len: 
                            "decode_seqs": s.num_decode_seqs, "graph": s.cuda_graph_batch_size} for s in slowest],
         "init_seconds": init_seconds, "num_kv_blocks": llm.executor.num_kv_blocks,
         "attention_backend": llm.executor.attention_backend, "steps": len(steps), "cuda_graph_steps": graph_steps,
+        "mixed_cuda_graphs": llm.executor.mixed_cuda_graphs,  # resolved: options may hold None (the default)
     }
     llm.shutdown()
     del llm
