@@ -113,14 +113,16 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
     )
+    # The CPU executor has no CUDA graphs: its twin runs every step eagerly, as it does.
+    eager = args.enforce_eager or gpu.lower() == "cpu"
     mixed = getattr(args, "mixed_cuda_graphs", None)
-    mixed = (tp == 1 if mixed is None else mixed) and not args.enforce_eager  # the real engine's default
+    mixed = (tp == 1 if mixed is None else mixed) and not eager  # the real engine's default
     mixed_sizes = ()
     if mixed:
         from engine.cuda_graphs import mixed_step_token_sizes
 
         mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens)
-    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=args.enforce_eager,
+    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
                                  mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
     engine = Engine(config, executor, VirtualClock())
     metadata = {
@@ -131,7 +133,7 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
         "tensor_parallel_size": tp,
         "dtype": dtype,
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": eager,
         "mixed_cuda_graphs": bool(mixed),
     }
     if not cost_model.calibrated:

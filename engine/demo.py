@@ -85,4 +85,6 @@ def demo(out_dir: str | Path) -> int:
     print(f"  CPU cost model:          {profile}")
     print(f"  comparison:              {out / 'comparison.json'}")
     print(f"  report (open in a browser): {report}")
+    print("  (the CPU twin's errors show the loop, not the simulator's accuracy: millisecond steps on a shared CPU\n"
+          "   vary by tens of percent from one run to the next; BENCHMARKS.md gives real-vs-simulated on GPUs)")
     return 0

@@ -131,3 +131,18 @@ def test_cli_simulate_mixed_cuda_graphs_as_the_real_engine(tmp_path, capsys, fla
         assert all(graph >= count for graph, count in with_prefill)
     else:
         assert all(graph == 0 for graph, _ in with_prefill)
+
+
+def test_cli_simulate_of_the_cpu_executor_runs_every_step_eagerly(tmp_path, capsys):
+    """The CPU executor has no CUDA graphs, so its twin (--gpu cpu) records none either."""
+    from simulator.cost_model import CostModel
+
+    profile = tmp_path / "cpu.json"
+    CostModel("cpu", "qwen3-0.6b", 1, "bfloat16", {"step": 1e-3, "prefill_token": 1e-6, "eager_step": 2e-4}).save(profile)
+    out = tmp_path / "sim"
+    assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "cpu", "--profile", str(profile),
+                 "--num-gpu-blocks-override", "64", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    run = read_run(out)
+    assert run.metadata["enforce_eager"] is True and run.metadata["mixed_cuda_graphs"] is False
+    assert set(run.steps.column("cuda_graph_batch_size").to_pylist()) == {0}
