@@ -115,8 +115,14 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     )
     # The CPU executor has no CUDA graphs: its twin runs every step eagerly, as it does.
     eager = args.enforce_eager or gpu.lower() == "cpu"
+    # As the real engine: mixed-step graphs need the triton backend ("auto" picks it at the usual block
+    # sizes) and are on by default at TP 1.
     mixed = getattr(args, "mixed_cuda_graphs", None)
-    mixed = (tp == 1 if mixed is None else mixed) and not eager  # the real engine's default
+    backend = getattr(args, "attention_backend", "auto")
+    triton = backend in ("auto", "triton")
+    if mixed and not triton and not eager:
+        raise ValueError(f"--mixed-cuda-graphs needs the triton attention backend, not {backend}")
+    mixed = (tp == 1 and triton if mixed is None else mixed) and not eager
     mixed_sizes = ()
     if mixed:
         from engine.cuda_graphs import mixed_step_token_sizes

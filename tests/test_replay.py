@@ -112,10 +112,12 @@ def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, graphs_expected", [([], True), (["--no-mixed-cuda-graphs"], False),
-                                                     (["--enforce-eager"], False), (["--tp", "2"], False)])
+                                                     (["--enforce-eager"], False), (["--tp", "2"], False),
+                                                     (["--attention-backend", "flash-attn"], False),
+                                                     (["--attention-backend", "torch"], False)])
 def test_cli_simulate_mixed_cuda_graphs_as_the_real_engine(tmp_path, capsys, flags, graphs_expected):
     """As the real engine: steps with prompt chunks run as (padded) CUDA graphs by default at TP 1, eagerly
-    with --no-mixed-cuda-graphs, --enforce-eager or TP > 1; the run records which."""
+    with --no-mixed-cuda-graphs, --enforce-eager, TP > 1 or a backend other than triton; the run records which."""
     out = tmp_path / "sim"
     assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out), "--no-progress",
                  *flags]) == 0
@@ -131,6 +133,13 @@ def test_cli_simulate_mixed_cuda_graphs_as_the_real_engine(tmp_path, capsys, fla
         assert all(graph >= count for graph, count in with_prefill)
     else:
         assert all(graph == 0 for graph, _ in with_prefill)
+
+
+def test_cli_simulate_mixed_cuda_graphs_need_the_triton_backend(tmp_path, capsys):
+    """As the real engine, which refuses the option with another backend."""
+    assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--out", str(tmp_path / "sim"), "--no-progress",
+                 "--mixed-cuda-graphs", "--attention-backend", "flash-attn"]) == 2
+    assert "needs the triton attention backend, not flash-attn" in capsys.readouterr().err
 
 
 def test_cli_simulate_of_the_cpu_executor_runs_every_step_eagerly(tmp_path, capsys):
