@@ -116,7 +116,7 @@ def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--python-profile", action="store_true", help="also cProfile an eager mixed step (host code)")
+    parser.add_argument("--python-profile", action="store_true", help="also cProfile a mixed step (host code; a graph replay unless --no-mixed-cuda-graphs)")
     parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="steps with prompt chunks as CUDA graphs (default: the LLM class's, on at TP 1)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="256: the throughput workload's; 1024: replay's")

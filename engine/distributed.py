@@ -62,7 +62,7 @@ def worker_main(rank: int, world_size: int, port: int, runner_kwargs: dict, comm
     """A follower rank: build the same runner, then run every step rank 0 sends until told to stop."""
     from engine.model_runner import ModelRunner
 
-    runner = None
+    runner, failed = None, False
     try:
         init_process_group(rank, world_size, port)
         runner = ModelRunner(**runner_kwargs, device=f"cuda:{rank}")
@@ -74,10 +74,15 @@ def worker_main(rank: int, world_size: int, port: int, runner_kwargs: dict, comm
             elif command == "stop":
                 break
     except Exception:  # the parent must hear about it or it would wait forever on a collective
+        failed = True
         replies.put(("error", traceback.format_exc()))
         raise
     finally:
         if dist.is_initialized():
             if runner is not None:
-                runner.release_graphs()
+                try:
+                    runner.release_graphs()
+                except RuntimeError:
+                    if not failed:  # after a reported failure the device may hold its error still: leave anyway
+                        raise
             dist.destroy_process_group()

@@ -129,7 +129,7 @@ class ModelExecutor:
     @property
     def mixed_cuda_graphs(self) -> bool:
         """Whether steps with prompt chunks run as CUDA graphs (the option once resolved)."""
-        return self.runner.mixed_graphs is not None
+        return self.runner.mixed_cuda_graphs
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step on every rank; rank 0 samples and times it (device sync included)."""

@@ -208,6 +208,8 @@ class ModelRunner:
 
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.mixed_cuda_graphs = False
+        """Whether steps with prompt chunks run as CUDA graphs (the option resolved; stays after release_graphs)."""
         if self.device.type == "cuda":
             self._warm_up_kernels()
         if self.device.type == "cuda" and not enforce_eager:
@@ -216,6 +218,7 @@ class ModelRunner:
             pool = self.graphs.capture()
             if mixed_cuda_graphs is None:
                 mixed_cuda_graphs = self.backend_name == "triton" and tp_size() == 1
+            self.mixed_cuda_graphs = bool(mixed_cuda_graphs)
             if mixed_cuda_graphs:
                 if self.backend_name != "triton":
                     raise ValueError(f"mixed_cuda_graphs needs the triton attention backend, not {self.backend_name}")

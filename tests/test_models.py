@@ -65,7 +65,8 @@ def checkpoint(request, tmp_path_factory):
     return str(folder), expected
 
 
-def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", mixed_cuda_graphs: bool = False, **config):
+def _run_twinfer(folder: str, device: str = "cpu", backend: str = "torch", mixed_cuda_graphs: bool | None = False,
+                 **config):
     engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, **config)
     executor = ModelExecutor(folder, engine_config, device=device, attention_backend=backend, dtype="float32",
                              mixed_cuda_graphs=mixed_cuda_graphs)
@@ -114,16 +115,19 @@ def test_greedy_matches_transformers_under_preemption(checkpoint, async_scheduli
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("async_scheduling", [False, True])
-@pytest.mark.parametrize("mixed_cuda_graphs", [False, True])
+@pytest.mark.parametrize("mixed_cuda_graphs", [False, True, None])
 def test_greedy_matches_transformers_on_cuda_with_triton_and_cuda_graphs(checkpoint, async_scheduling,
                                                                          mixed_cuda_graphs):
+    """None: the default, mixed-step graphs on at TP 1 with the triton backend."""
     folder, expected = checkpoint
     outputs, engine = _run_twinfer(folder, device="cuda", backend="triton", max_num_batched_tokens=16, max_num_seqs=8,
                                    async_scheduling=async_scheduling, mixed_cuda_graphs=mixed_cuda_graphs)
+    graphs_expected = mixed_cuda_graphs is not False
     assert outputs == expected
+    assert engine.executor.mixed_cuda_graphs is graphs_expected
     assert any(step.cuda_graph_batch_size for step in engine.step_records)
     with_prompt_chunks = [step for step in engine.step_records if step.num_prefill_seqs]
-    assert all(bool(step.cuda_graph_batch_size) == mixed_cuda_graphs for step in with_prompt_chunks)
+    assert all(bool(step.cuda_graph_batch_size) == graphs_expected for step in with_prompt_chunks)
 
 
 def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
