@@ -115,6 +115,7 @@ def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
                                                      (["--enforce-eager"], False), (["--tp", "2"], False),
                                                      (["--attention-backend", "flash-attn"], False),
                                                      (["--attention-backend", "torch"], False)])
+@pytest.mark.filterwarnings("ignore:no calibrated profile")  # TP 2 has none: the roofline, as intended
 def test_cli_simulate_mixed_cuda_graphs_as_the_real_engine(tmp_path, capsys, flags, graphs_expected):
     """As the real engine: steps with prompt chunks run as (padded) CUDA graphs by default at TP 1, eagerly
     with --no-mixed-cuda-graphs, --enforce-eager, TP > 1 or a backend other than triton; the run records which."""
