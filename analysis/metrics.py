@@ -7,7 +7,8 @@ consecutive tokens of every completed request; percentiles are numpy's linear in
 Duration: vLLM divides by the benchmark's wall time, from sending the first request to receiving the last
 response. A run's equivalent is the last finish time minus the first arrival time (over every request in
 the table, so an idle start before the first arrival is not counted and a rejected request still opens the
-window). Rejected and aborted requests count as failed, never in latencies or throughput.
+window; requests an interrupted run never reached do not extend it). Rejected and aborted requests count as
+failed, never in latencies or throughput.
 """
 
 from dataclasses import dataclass, field
@@ -140,6 +141,22 @@ def _peak_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
     return int(np.cumsum(deltas[order]).max())
 
 
+def run_window(requests: pa.Table) -> tuple[float, float]:
+    """The benchmark window of a requests table: first arrival to last finish, in seconds."""
+    arrivals = _float_column(requests, "arrival_time")
+    finishes = _float_column(requests, "finish_time")
+    start_time = float(np.nanmin(arrivals)) if arrivals.size else 0.0
+    # An interrupted run records the requests still to come as aborted at their arrival time, however far
+    # in the future: they never reached the engine, so they do not stretch the window past the interruption.
+    status = _column(requests, "status").astype(str)
+    never_arrived = (
+        (status == "aborted") & np.isnan(_float_column(requests, "first_scheduled_time")) & ~(finishes > arrivals)
+    )
+    finishes = finishes[np.isfinite(finishes) & ~never_arrived]
+    end_time = float(finishes.max()) if finishes.size else start_time
+    return start_time, max(end_time, start_time)
+
+
 def check_goodput_slos(slos_ms: dict[str, float]) -> dict[str, float]:
     """The SLO dict validated: known metric names, non-negative numbers of milliseconds."""
     checked = {}
@@ -159,11 +176,7 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
     done = status == "finished"
     completed = requests.filter(pa.array(done))
 
-    arrivals_all = _float_column(requests, "arrival_time")
-    finishes_all = _float_column(requests, "finish_time")
-    start_time = float(np.nanmin(arrivals_all)) if arrivals_all.size else 0.0
-    finite_finishes = finishes_all[np.isfinite(finishes_all)]
-    end_time = float(finite_finishes.max()) if finite_finishes.size else start_time
+    start_time, end_time = run_window(requests)
     duration = max(end_time - start_time, 0.0)
 
     ttft = _float_column(completed, "ttft")

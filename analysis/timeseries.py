@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis.metrics import run_window
+
 DEFAULT_BINS = 300
 STEP_SERIES_COLUMNS = ("num_running", "num_waiting", "num_batched_tokens", "num_prefill_tokens", "num_decode_tokens")
 
@@ -36,8 +38,9 @@ def run_time_range(requests: pa.Table, steps: pa.Table) -> tuple[float, float]:
     """From the first arrival (or step) to the last finish (or step end), in seconds."""
     starts, ends = [], []
     if requests.num_rows:
-        starts.append(pc.min(requests.column("arrival_time")).as_py())
-        ends.append(pc.max(requests.column("finish_time")).as_py())
+        start, end = run_window(requests)
+        starts.append(start)
+        ends.append(end)
     if steps.num_rows:
         starts.append(pc.min(steps.column("start_time")).as_py())
         ends.append(pc.max(pc.add(steps.column("start_time"), steps.column("duration"))).as_py())

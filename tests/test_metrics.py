@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from analysis.metrics import compute_metrics, inter_token_latencies
-from analysis.run_schema import requests_table
+from analysis.run_schema import STEPS_SCHEMA, requests_table
 from analysis.summary import format_summary, parse_goodput, save_result_json
 from engine.stats import RequestRecord
 
@@ -131,3 +131,28 @@ def test_parse_goodput():
         parse_goodput(["ttft:-1"])
     with pytest.raises(ValueError, match="twice"):
         parse_goodput(["ttft:1", "ttft:2"])
+
+
+def test_interrupted_run_duration_ends_at_the_interruption():
+    # Interrupted at 3.2 s: the in-flight request is aborted then, the requests still to come are recorded
+    # as aborted at their (later) arrival times. They never ran, so they must not stretch the duration.
+    from analysis.timeseries import run_time_range
+
+    records = [
+        RequestRecord("r0", 0.0, prompt_len=10, max_tokens=3, first_scheduled_time=0.1, first_token_time=0.5,
+                      finish_time=1.0, output_len=3, status="finished", reason="length", token_times=[0.5, 0.7, 1.0]),
+        RequestRecord("r1", 2.0, prompt_len=10, max_tokens=9, first_scheduled_time=2.0, first_token_time=2.5,
+                      finish_time=3.2, output_len=2, status="aborted", reason="interrupted", token_times=[2.5, 3.0]),
+        RequestRecord("r2", 3.1, prompt_len=10, max_tokens=9, finish_time=3.2, status="aborted", reason="interrupted"),
+        RequestRecord("r3", 40.0, prompt_len=10, max_tokens=9, finish_time=40.0, status="aborted",
+                      reason="interrupted"),
+        RequestRecord("r4", 90.0, prompt_len=10, max_tokens=9, finish_time=90.0, status="aborted",
+                      reason="interrupted"),
+    ]
+    table = requests_table(records)
+    m = compute_metrics(table)
+    assert m.duration == pytest.approx(3.2)
+    assert m.request_throughput == pytest.approx(1 / 3.2)
+    assert m.failed == 4
+    empty_steps = STEPS_SCHEMA.empty_table()
+    assert run_time_range(table, empty_steps) == pytest.approx((0.0, 3.2))
