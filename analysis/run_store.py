@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.run_schema import REQUESTS_SCHEMA, STEPS_SCHEMA
@@ -21,6 +22,14 @@ STEPS_FILE = "steps.parquet"
 METADATA_FILE = "metadata.json"
 RUN_FILES = (REQUESTS_FILE, STEPS_FILE, METADATA_FILE)
 EXECUTOR_KINDS = ("gpu", "cpu", "sim")
+REQUEST_STATUSES = ("finished", "rejected", "aborted", "waiting", "running")
+"""A request's status in requests.parquet: waiting or running only in a run stopped before the end."""
+# Columns every reader relies on (metrics, compare, reports); the rest may be null (a request never
+# scheduled has no first token time).
+_NOT_NULL = {
+    "request_id": ("request_id", "arrival_time", "prompt_len", "output_len", "status"),
+    "step": tuple(STEPS_SCHEMA.names),
+}
 _SOFTWARE = ("twinfer", "torch", "triton", "transformers", "pyarrow", "numpy", "pandas", "plotly")
 
 
@@ -115,15 +124,37 @@ def run_metadata(
     return metadata
 
 
-def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
-    """The table with exactly the schema's columns, in order, cast to their types."""
+def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """The table with exactly the schema's columns, in order, cast to their types and checked; a mismatch
+    raises a ValueError naming where (the file or table), the column and the offending value."""
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"{what} table lacks column(s) {missing}; expected the columns of analysis/run_schema.py")
-    try:
-        return table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise ValueError(f"{what} table does not match analysis/run_schema.py: {error}") from error
+        raise ValueError(f"{where} lacks column(s) {missing}; expected the columns of analysis/run_schema.py")
+    columns = []
+    for field in schema:
+        column = table.column(field.name)
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+            raise ValueError(
+                f"{where}: column {field.name!r} is {column.type}, expected {field.type} ({error})"
+            ) from error
+    table = pa.Table.from_arrays(columns, schema=schema)
+    for name in _NOT_NULL[schema.names[0]]:
+        nulls = table.column(name).null_count
+        if nulls:
+            row = pc.index(pc.is_null(table.column(name)), True).as_py()
+            raise ValueError(f"{where}: column {name!r} has {nulls} null value(s), the first at row {row}")
+    if "status" in schema.names:
+        status = table.column("status")
+        unknown = pc.invert(pc.is_in(status, value_set=pa.array(REQUEST_STATUSES)))
+        if pc.any(unknown).as_py():
+            row = pc.index(unknown, True).as_py()
+            raise ValueError(
+                f"{where}: column 'status' holds {status[row].as_py()!r} at row {row}; "
+                f"expected one of {', '.join(REQUEST_STATUSES)}"
+            )
+    return table
 
 
 def _write_file(path: Path, write) -> None:
@@ -136,8 +167,8 @@ def _write_file(path: Path, write) -> None:
 def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, metadata: dict) -> Path:
     """Write a run folder atomically: into a temporary sibling, then renamed over any earlier run there."""
     out_dir = Path(out_dir)
-    requests = _conform(requests, REQUESTS_SCHEMA, "requests")
-    steps = _conform(steps, STEPS_SCHEMA, "steps")
+    requests = _conform(requests, REQUESTS_SCHEMA, "requests table")
+    steps = _conform(steps, STEPS_SCHEMA, "steps table")
     metadata = dict(metadata)
     metadata.setdefault("software", software_versions())
     metadata.setdefault("complete", True)
@@ -199,13 +230,7 @@ def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
-    missing = [name for name in schema.names if name not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    try:
-        return table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-        raise ValueError(f"{path}: columns do not match the run schema ({error})") from error
+    return _conform(table, schema, str(path))
 
 
 def read_run(path: str | os.PathLike) -> Run:

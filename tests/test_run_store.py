@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from analysis.run_store import read_run, run_metadata, trace_fingerprint, write_run
@@ -132,3 +133,34 @@ def test_trace_fingerprint(tmp_path):
     assert len(trace_fingerprint(path)) == 64
     metadata_dict = json.loads(json.dumps(run_metadata(executor_kind="gpu", trace_fingerprint=trace_fingerprint(path))))
     assert metadata_dict["trace_fingerprint"] == trace_fingerprint(str(path))
+
+
+def test_schema_errors_name_the_file_the_column_and_the_row(tmp_path, tables):
+    requests, steps = tables
+    write_run(tmp_path / "run", requests, steps, metadata())
+    requests_path = tmp_path / "run" / "requests.parquet"
+
+    def read_with(table, path=requests_path):
+        write_run(tmp_path / "run", requests, steps, metadata())
+        pq.write_table(table, path)
+        read_run(tmp_path / "run")
+
+    index = requests.schema.get_field_index("ttft")
+    with pytest.raises(ValueError, match=r"requests.parquet: column 'ttft' is string, expected double"):
+        read_with(requests.set_column(index, "ttft", pa.array(["fast"] * requests.num_rows)))
+    # A status no reader knows would silently count the request as neither completed nor failed.
+    index = requests.schema.get_field_index("status")
+    statuses = requests.column("status").to_pylist()
+    statuses[3] = "done"
+    with pytest.raises(ValueError, match=r"requests.parquet: column 'status' holds 'done' at row 3"):
+        read_with(requests.set_column(index, "status", pa.array(statuses)))
+    index = steps.schema.get_field_index("num_running")
+    running = steps.column("num_running").to_pylist()
+    running[2] = None
+    with pytest.raises(ValueError, match=r"steps.parquet: column 'num_running' has 1 null value\(s\), the first at row 2"):
+        read_with(steps.set_column(index, "num_running", pa.array(running, pa.int64())),
+                  tmp_path / "run" / "steps.parquet")
+    with pytest.raises(ValueError, match=r"steps table: column 'duration' is string"):
+        write_run(tmp_path / "other", requests,
+                  steps.set_column(steps.schema.get_field_index("duration"), "duration",
+                                   pa.array(["x"] * steps.num_rows)), metadata())
