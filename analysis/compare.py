@@ -76,6 +76,8 @@ class Comparison:
     predicted_step_errors: pa.Table | None = None
     """Every real step against the step_predictor's prediction for its batch (None without a predictor)."""
     predicted_step_mape: float | None = None
+    warnings: tuple[str, ...] = ()
+    """What makes the comparison less than like for like (an incomplete run, requests only one run holds)."""
 
     @property
     def identical_schedules(self) -> bool:
@@ -116,6 +118,7 @@ class Comparison:
             "simulated_busy_time": self.simulated_busy_time,
             "busy_time_error": plain(self.busy_time_error),
             "predicted_step_mape": plain(self.predicted_step_mape),
+            "warnings": list(self.warnings),
             "metric_errors": [
                 {key: plain(value) for key, value in row.items()} for row in self.metric_errors.to_pylist()
             ],
@@ -163,17 +166,23 @@ def metric_errors(real: Metrics, simulated: Metrics) -> pa.Table:
     """Relative error of each latency statistic (ms) and each throughput."""
     rows = []
     for metric in COMPARED_LATENCIES:
+        # A latency with no sample in a run (no finished request, or none with two tokens) reads 0 there: an
+        # error against it would claim a perfect match (0 vs 0) or a -100% miss, so it has none.
+        measured = getattr(real, metric).count > 0 and getattr(simulated, metric).count > 0
         for statistic, attribute in LATENCY_STATISTICS:
             real_value = getattr(getattr(real, metric), attribute) * 1000
             simulated_value = getattr(getattr(simulated, metric), attribute) * 1000
-            rows.append((metric, statistic, "ms", real_value, simulated_value))
+            error = _relative_error(real_value, simulated_value) if measured else float("nan")
+            rows.append((metric, statistic, "ms", real_value, simulated_value, error))
     for attribute, unit in COMPARED_THROUGHPUTS:
-        rows.append((attribute, "", unit, getattr(real, attribute), getattr(simulated, attribute)))
-    rows.append(("duration", "", "s", real.duration, simulated.duration))
+        real_value, simulated_value = getattr(real, attribute), getattr(simulated, attribute)
+        rows.append((attribute, "", unit, real_value, simulated_value, _relative_error(real_value, simulated_value)))
+    rows.append(("duration", "", "s", real.duration, simulated.duration,
+                 _relative_error(real.duration, simulated.duration)))
     return pa.Table.from_pylist(
         [
-            {"metric": m, "statistic": s, "unit": u, "real": r, "simulated": v, "relative_error": _relative_error(r, v)}
-            for m, s, u, r, v in rows
+            {"metric": m, "statistic": s, "unit": u, "real": r, "simulated": v, "relative_error": e}
+            for m, s, u, r, v, e in rows
         ],
         schema=METRIC_ERRORS_SCHEMA,
     )
@@ -216,6 +225,7 @@ def compare_runs(
             f"runs {real.path} and {simulated.path} replayed different traces "
             f"(trace_fingerprint {fingerprints[0][:12]}... vs {fingerprints[1][:12]}...)"
         )
+    warnings = _warnings(real, simulated, None not in fingerprints)
     step_errors, first_divergent = match_steps(real.steps, simulated.steps)
     predicted = predicted_step_errors(real.steps, step_predictor) if step_predictor is not None else None
     real_metrics = compute_metrics(real, goodput)
@@ -236,7 +246,32 @@ def compare_runs(
         simulated_metrics=simulated_metrics,
         predicted_step_errors=predicted,
         predicted_step_mape=_mape(predicted) if predicted is not None else None,
+        warnings=warnings,
     )
+
+
+def _warnings(real, simulated, same_trace: bool) -> tuple[str, ...]:
+    """What makes the two runs less than like for like; requests that differ without a common trace
+    fingerprint mean they replayed different traces, an error."""
+    warnings = []
+    for label, run in (("real", real), ("simulated", simulated)):
+        if run.metadata.get("complete") is False:
+            warnings.append(
+                f"the {label} run {run.path} is incomplete (stopped early): its metrics cover only what it ran"
+            )
+    real_ids = set(real.requests.column("request_id").to_pylist())
+    simulated_ids = set(simulated.requests.column("request_id").to_pylist())
+    if real_ids != simulated_ids:
+        common = len(real_ids & simulated_ids)
+        counts = f"{len(real_ids)} real and {len(simulated_ids)} simulated requests, {common} in common"
+        subset = real_ids <= simulated_ids or simulated_ids <= real_ids
+        if not same_trace and not (subset and warnings):
+            raise ValueError(
+                f"runs {real.path} and {simulated.path} hold different requests ({counts}) and do not both "
+                "record a trace fingerprint: they do not look like replays of the same trace"
+            )
+        warnings.append(f"the runs hold different requests ({counts}): their metrics are not like for like")
+    return tuple(warnings)
 
 
 def _percent(value: float | None) -> str:
@@ -264,6 +299,8 @@ def format_comparison(comparison: Comparison) -> str:
         f"{'Busy time (real / simulated, s):':<40} {c.real_busy_time:.3f} / {c.simulated_busy_time:.3f}"
         f" ({_percent(c.busy_time_error)})"
     )
+    for warning in c.warnings:
+        lines.append(f"WARNING: {warning}")
     lines.append("{s:{c}^{n}}".format(s="", n=72, c="-"))
     lines.append(f"{'Metric':<30} {'Real':>12} {'Simulated':>12} {'Rel. error':>12}")
     for row in c.metric_errors.to_pylist():

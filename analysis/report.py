@@ -126,6 +126,7 @@ def _comparison_table(comparison: Comparison) -> str:
     if c.predicted_step_mape is not None:
         facts += f" Cost model on the real run's own batches: step duration MAPE {c.predicted_step_mape * 100:.2f}%."
     facts += "</p>"
+    facts += "".join(f"<p class='note'><b>Warning:</b> {_escape(warning)}</p>" for warning in c.warnings)
     rows = []
     for row in c.metric_errors.to_pylist():
         error = row["relative_error"]

@@ -114,3 +114,40 @@ def test_step_predictor_measures_the_cost_model_on_real_batches(real_run):
     assert f"cost model on real batches: 4.00% ({steps.num_rows} steps)" in " ".join(comparison.to_text().split())
     with pytest.raises(ValueError, match="predictions for"):
         compare_runs(real_run, real_run, step_predictor=lambda table: np.zeros(3))
+
+
+def test_incomplete_runs_and_different_requests_are_flagged(real_run):
+    # The simulation stopped early: the first 40 requests only, marked incomplete.
+    partial = real_run.requests.slice(0, 40)
+    stopped = Run(real_run.path.parent / "sim", partial, real_run.steps,
+                  run_metadata(executor_kind="sim", trace_fingerprint="abc", name="sim", complete=False))
+    comparison = compare_runs(real_run, stopped)
+    text = comparison.to_text()
+    assert "WARNING: the simulated run" in text and "is incomplete" in text
+    assert "60 real and 40 simulated requests, 40 in common" in text
+    assert comparison.to_dict()["warnings"] == list(comparison.warnings)
+    assert not compare_runs(real_run, sim_of(real_run, real_run.requests, real_run.steps)).warnings
+    # Without trace fingerprints, different requests mean different traces: refused, not compared.
+    renamed = real_run.requests.set_column(0, "request_id", pa.array([f"x{i}" for i in range(60)]))
+    unknown = Run(real_run.path.parent / "sim", renamed, real_run.steps, run_metadata(executor_kind="sim"))
+    with pytest.raises(ValueError, match="hold different requests .* do not both record a trace fingerprint"):
+        compare_runs(real_run, unknown)
+
+
+def test_a_latency_without_samples_has_no_error(real_run):
+    # Every request of the simulated run produced one token: it has no TPOT or ITL at all, which is not a
+    # -100% error (nor, when neither run has any, a perfect match).
+    requests = real_run.requests
+    one_token = requests.set_column(requests.schema.get_field_index("tpot"), "tpot",
+                                    pa.nulls(requests.num_rows, pa.float64()))
+    one_token = one_token.set_column(one_token.schema.get_field_index("output_len"), "output_len",
+                                     pa.array(np.ones(requests.num_rows, np.int64)))
+    first_only = pc.list_slice(one_token.column("token_times"), 0, 1)
+    one_token = one_token.set_column(one_token.schema.get_field_index("token_times"), "token_times", first_only)
+    comparison = compare_runs(real_run, sim_of(real_run, one_token, real_run.steps))
+    errors = {(r["metric"], r["statistic"]): r["relative_error"] for r in comparison.metric_errors.to_pylist()}
+    assert np.isnan(errors[("tpot", "mean")]) and np.isnan(errors[("itl", "p99")])
+    assert errors[("ttft", "mean")] == pytest.approx(0.0)
+    assert "p99 tpot (ms)" in comparison.to_text()
+    both = compare_runs(sim_of(real_run, one_token, real_run.steps), sim_of(real_run, one_token, real_run.steps))
+    assert all(np.isnan(r["relative_error"]) for r in both.metric_errors.to_pylist() if r["metric"] == "tpot")
