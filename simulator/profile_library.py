@@ -51,6 +51,11 @@ def cost_model_for(
     except FileNotFoundError as missing:
         if not allow_roofline:
             raise
-        roofline = Roofline(gpu_spec(gpu), ModelShape.load(model), tp=tp, dtype=dtype)
+        try:
+            spec = gpu_spec(gpu)
+        except KeyError as unknown:
+            # A ValueError, so the CLI prints it as an error rather than a traceback.
+            raise ValueError(f"{unknown.args[0]}; for another GPU pass --profile FILE (its calibrated cost model)") from None
+        roofline = Roofline(spec, ModelShape.load(model), tp=tp, dtype=dtype)
         warnings.warn(f"{missing} Using the {roofline.label}.", stacklevel=2)
         return roofline
