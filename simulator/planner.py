@@ -201,7 +201,9 @@ def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: fl
                               stop_check=monitor, drain_interval=interval)
     now = max(engine.clock.now() for engine in engines)
     values = slo_values(settings.slos, engines, now)
-    reason = result.stopped or ""
+    # The monitor runs every few arrivals and while draining: a request rejected after its last look (one
+    # of the final arrivals, the others already done) would otherwise pass unseen.
+    reason = result.stopped or monitor(now, engines) or ""
     if not reason:
         broken = [f"{slo.name} {values[slo.name]:.0f} > {slo.limit_ms:g} ms"
                   for slo in settings.slos if values[slo.name] > slo.limit_ms]

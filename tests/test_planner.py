@@ -102,6 +102,22 @@ def test_early_stop_only_when_the_slo_is_surely_broken():
     assert easy.sustained and not easy.stopped_early
 
 
+def test_a_request_rejected_after_the_monitors_last_look_still_fails_the_probe():
+    # 201 requests: the monitor looks every 2 arrivals, so not after the last one, a prompt too long for
+    # max_model_len arriving when every other request is done. No rate can serve it.
+    settings = _settings(slos=parse_slos("ttft_p99=2000"), target_rate=1.0, max_model_len=1024)
+    count = 201
+    rng = np.random.default_rng(0)
+    lens = [64] * (count - 1) + [2000]
+    requests = ClusterRequests("late-long", tuple(str(i) for i in range(count)),
+                               np.r_[np.arange(count - 1) * 0.01, 1000.0],
+                               tuple(rng.integers(0, 1000, n).astype(np.int32) for n in lens),
+                               np.full(count, 4, dtype=np.int64))
+    build, _ = replica_builder(PlanConfig("h100", 1, 16), settings)
+    probe = run_probe(build, settings, requests, requests.mean_rate, 1, "search")
+    assert not probe.sustained and "1 request(s) rejected" in probe.reason and "max_model_len" in probe.reason
+
+
 def test_monitor_threshold_is_the_percentile_rule():
     # p99 of 101 samples: broken once 2 samples exceed the limit (positions 99 and 100), not with 1.
     requests = _requests(_trace(101), _settings())
