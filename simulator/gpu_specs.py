@@ -1,5 +1,6 @@
 """Datasheet figures of the GPUs the roofline knows, plus what was measured on the ones we could run on."""
 
+import re
 from dataclasses import dataclass
 
 GIB = 1024**3
@@ -133,7 +134,8 @@ def gpu_key(device_name: str) -> str:
     if lowered in GPU_SPECS:
         return lowered
     for fragment, key in _DEVICE_NAME_KEYS:
-        if fragment in lowered:
+        # Whole names only: an L40 is no L4 and a GH200 no H200.
+        if re.search(rf"(?<![a-z0-9]){re.escape(fragment)}(?![a-z0-9])", lowered):
             return key
     # Unknown cards keep a filesystem-safe version of their name so their profiles still get a stable key.
     return "-".join(lowered.replace("nvidia", "").split()) or "unknown"

@@ -90,6 +90,13 @@ def test_gpu_names_and_unknown_models():
     assert gpu_key("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_key("NVIDIA H200") == "h200"
     assert gpu_key("NVIDIA A100-SXM4-80GB") == "a100-80g"
+    assert gpu_key("NVIDIA A100-SXM4-40GB") == "a100-40g"
+    assert gpu_key("NVIDIA H100 PCIe") == "h100-pcie"
+    assert gpu_key("NVIDIA L4") == "l4" and gpu_key("NVIDIA L40S") == "l40s"
+    # Other cards that merely contain a known name keep their own key, not a wrong spec.
+    assert gpu_key("NVIDIA L40") == "l40" and gpu_key("NVIDIA GH200 480GB") == "gh200-480gb"
+    with pytest.raises(KeyError, match="unknown GPU 'l40'"):
+        gpu_spec("l40")
     with pytest.raises(KeyError, match="known GPUs: .*h100"):
         gpu_spec("tpu-v5")
     with pytest.raises(FileNotFoundError, match="neither a preset .*qwen3-8b"):
