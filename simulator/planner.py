@@ -304,9 +304,12 @@ def verify_config(plan: ConfigPlan, settings: PlanSettings, full: ClusterRequest
         probes.append(result)
         return result
 
-    replicas, note = _verify(probe, plan.replicas, settings.max_replicas)
-    # The window may also have been pessimistic (its burst is harder than the whole trace): try fewer.
-    while not note and replicas > 1 and probe(replicas - 1).sustained:
+    start = min(plan.replicas, settings.max_replicas)
+    replicas, note = _verify(probe, start, settings.max_replicas)
+    # The window may also have been pessimistic (its burst is harder than the whole trace): try fewer,
+    # unless replicas had to be added (one fewer has just failed).
+    added = replicas > start
+    while not note and not added and replicas > 1 and probe(replicas - 1).sustained:
         replicas -= 1
     return dataclasses.replace(
         plan, replicas=replicas, status="ok" if not note else "infeasible", note=note,

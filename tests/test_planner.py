@@ -256,3 +256,14 @@ def test_whole_trace_check_removes_replicas_a_pessimistic_window_asked_for():
     assert verified.status == "ok" and verified.replicas == 1
     assert [p.replicas for p in verified.probes] == [3, 2, 1]
     assert verified.verified_on == "all 60 requests"
+
+
+def test_whole_trace_check_that_adds_a_replica_does_not_rerun_the_count_that_failed():
+    from simulator.planner import ConfigPlan, verify_config
+
+    settings = _settings(target_rate=120.0)
+    too_few = ConfigPlan(PlanConfig("h100", 1, 16), "ok", max_rate=100.0, replicas=1)
+    verified = verify_config(too_few, settings, _requests(_trace(60), settings))
+    assert verified.status == "ok" and verified.replicas == 2
+    # Each probe is a simulation of the whole trace: one replica failed once, it is not simulated again.
+    assert [(p.replicas, p.sustained) for p in verified.probes] == [(1, False), (2, True)]
