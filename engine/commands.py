@@ -68,6 +68,10 @@ def summarize(run_path, goodput, save_result, percentiles=None) -> None:
     percentiles = percentiles or DEFAULT_PERCENTILES
     run = read_run(run_path)
     metrics = compute_metrics(run, goodput=parse_goodput(goodput) if goodput else None)
+    if not run.metadata.get("complete", True):
+        statuses = run.requests.column("status").to_pylist()
+        print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
+              "finished; the rest are counted as failed")
     print_summary(metrics, percentiles)
     if save_result:
         save_result_json(metrics, save_result, percentiles)

@@ -52,7 +52,7 @@ class InterruptingExecutor(PredictingExecutor):
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("device lost")])
-def test_an_interrupted_replay_keeps_what_finished(tmp_path, error):
+def test_an_interrupted_replay_keeps_what_finished(tmp_path, capsys, error):
     trace = _trace(40)
     executor = InterruptingExecutor(400, 16, fail_after=60, error=error)
     engine = Engine(EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=400), executor, fast_forward=False)
@@ -70,6 +70,8 @@ def test_an_interrupted_replay_keeps_what_finished(tmp_path, error):
     assert set(statuses) <= {"finished", "aborted"}
     reasons = [r for r, s in zip(run.requests.column("reason").to_pylist(), statuses) if s == "aborted"]
     assert all(("interrupted" in r) or ("device lost" in r) for r in reasons)
+    assert main(["summary", str(path)]) == 0
+    assert f"interrupted run: {statuses.count('finished')} of 40 requests finished" in capsys.readouterr().out
 
 
 def test_cli_replay_summary_and_result_json(tmp_path, capsys):
