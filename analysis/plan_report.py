@@ -31,7 +31,7 @@ _TABLE_COLUMNS = (
     ("config", "config", "{}"),
     ("replicas", "replicas", "{}"),
     ("gpus", "GPUs", "{}"),
-    ("max_rate_per_replica", "max req/s per replica", "{:.2f}"),
+    ("max_rate_per_replica", "max req/s per replica", "{}"),
     ("hourly_cost", "$ / hour", "{:.2f}"),
     ("cost_per_million_requests", "$ / M requests", "{:.2f}"),
     ("calibration", "calibration", "{}"),
@@ -49,6 +49,7 @@ def _cell(value, fmt: str) -> str:
 
 
 def _plan_table(rows: list[dict]) -> str:
+    """The ranked table; a max rate the search never saw broken is shown as a lower bound (>=)."""
     head = "".join(
         f"<th class='{'text' if key in ('config', 'calibration', 'verified_on', 'note') else ''}'>{title}</th>"
         for key, title, _ in _TABLE_COLUMNS
@@ -56,6 +57,9 @@ def _plan_table(rows: list[dict]) -> str:
     body = []
     for row in rows:
         row = {**row, "config": _config_label(row)}
+        rate = row["max_rate_per_replica"]
+        if rate is not None:
+            row["max_rate_per_replica"] = f"{'>=' if row.get('max_rate_is_lower_bound') else ''}{rate:.2f}"
         cells = "".join(
             f"<td class='{'text' if key in ('config', 'calibration', 'verified_on', 'note') else ''}'>"
             f"{_cell(row[key], fmt)}</td>"

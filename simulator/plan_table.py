@@ -29,6 +29,7 @@ PLAN_SCHEMA = pa.schema(
         ("replicas", pa.int64()),
         ("gpus", pa.int64()),
         ("max_rate_per_replica", pa.float64()),
+        ("max_rate_is_lower_bound", pa.bool_()),
         ("target_rate", pa.float64()),
         ("price_per_gpu_hour", pa.float64()),
         ("hourly_cost", pa.float64()),
@@ -101,6 +102,7 @@ def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict
                 "replicas": plan.replicas if ok else None,
                 "gpus": plan.gpus if ok else None,
                 "max_rate_per_replica": plan.max_rate if plan.max_rate > 0 else None,
+                "max_rate_is_lower_bound": plan.max_rate_is_lower_bound,
                 "target_rate": settings.target_rate,
                 "price_per_gpu_hour": price,
                 "hourly_cost": cost,
@@ -212,8 +214,10 @@ def format_plan(table: pa.Table, limit: int = 10) -> str:
         if row["rank"] is None:
             lines.append(f"{'-':>4} {config:<22} {row['status']}: {row['note'][:70]}")
             continue
+        # ">=": every rate the search tried was sustained, so the replica's limit lies above.
+        rate = f"{'>=' if row['max_rate_is_lower_bound'] else ''}{row['max_rate_per_replica']:.2f}"
         lines.append(
             f"{row['rank']:>4} {config:<22} {row['replicas']:>8} {row['gpus']:>5} "
-            f"{row['max_rate_per_replica']:>9.2f} {row['hourly_cost']:>8.2f}  {row['calibration']}"
+            f"{rate:>9} {row['hourly_cost']:>8.2f}  {row['calibration']}"
         )
     return "\n".join(lines)

@@ -143,6 +143,8 @@ class ConfigPlan:
     num_kv_blocks: int = 0
     max_rate: float = 0.0
     """Highest request rate one replica sustains (requests/s), from the window."""
+    max_rate_is_lower_bound: bool = False
+    """The search sustained every rate it tried: the replica takes at least max_rate, how much more is unknown."""
     replicas: int = 0
     verified_on: str = ""
     note: str = ""
@@ -251,8 +253,9 @@ def search_config(config: PlanConfig, settings: PlanSettings, window: ClusterReq
     replicas = max(1, math.ceil(settings.target_rate / max_rate - 1e-9))
     replicas, note = _verify(lambda n: probe(settings.target_rate, n, "verify"), replicas, settings.max_replicas)
     status = "ok" if not note else "infeasible"
-    return ConfigPlan(config, status, **base, max_rate=max_rate, replicas=replicas,
-                      verified_on=f"busiest {len(window)} requests", note=note, probes=tuple(probes))
+    return ConfigPlan(config, status, **base, max_rate=max_rate, max_rate_is_lower_bound=high is None,
+                      replicas=replicas, verified_on=f"busiest {len(window)} requests", note=note,
+                      probes=tuple(probes))
 
 
 def _bracket(probe: Callable[[float], Probe], start: float) -> tuple[float | None, float | None]:

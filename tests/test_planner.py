@@ -267,3 +267,22 @@ def test_whole_trace_check_that_adds_a_replica_does_not_rerun_the_count_that_fai
     assert verified.status == "ok" and verified.replicas == 2
     # Each probe is a simulation of the whole trace: one replica failed once, it is not simulated again.
     assert [(p.replicas, p.sustained) for p in verified.probes] == [(1, False), (2, True)]
+
+
+def test_a_rate_never_seen_broken_is_shown_as_a_lower_bound(tmp_path):
+    """With SLOs no rate breaks, the search stops at its ceiling: the table and the report say '>=', not a limit."""
+    from simulator.plan_table import format_plan
+
+    settings = _settings(slos=parse_slos("ttft_p99=1000000,tpot_p99=1000000"), target_rate=5.0)
+    result = plan(_trace(40), [PlanConfig("h100", 1, 16)], settings, prices={"h100": 2.0}, search_requests=40,
+                  verify_top=0, workers=1, show_progress=False)
+    row = result.table.to_pylist()[0]
+    assert row["status"] == "ok" and row["max_rate_is_lower_bound"] is True
+    assert f">={row['max_rate_per_replica']:.2f}" in format_plan(result.table)
+    write_plan(result, tmp_path / "plan")
+    report = build_plan_report(read_plan(tmp_path / "plan"), tmp_path / "plan" / "plan.html").read_text()
+    assert f"&gt;={row['max_rate_per_replica']:.2f}" in report
+
+    settings = _settings(target_rate=60.0)  # SLOs that break: a measured limit, shown plainly
+    broken = search_config(PlanConfig("h100", 1, 16), settings, _requests(_trace(), settings))
+    assert not broken.max_rate_is_lower_bound
