@@ -103,3 +103,13 @@ def test_bad_trace_options(kwargs):
     with pytest.raises(ValueError):
         TraceOptions(**kwargs)
 
+
+
+def test_rescaling_keeps_the_first_arrival_of_a_trace_that_starts_late(tmp_path):
+    # A native trace keeps its arrival times as written, so its first request may come at 2 s, not 0.
+    path = tmp_path / "late.csv"
+    path.write_text("arrival_time,prompt_len,output_len\n2,40,3\n5,20,3\n11,30,3\n")
+    late = read_trace(path)
+    assert late.table.column("arrival_time").to_pylist() == [2.0, 5.0, 11.0]
+    assert scale_time(late, 2.0).table.column("arrival_time").to_pylist() == [2.0, 8.0, 20.0]
+    assert with_request_rate(late, 1.0).table.column("arrival_time").to_pylist() == pytest.approx([2.0, 2.0 + 2 / 3, 4.0])
