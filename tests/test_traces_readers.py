@@ -144,6 +144,36 @@ def test_burstgpt_third_release_columns_found_by_name(tmp_path):
     ]
 
 
+def test_blank_session_ids_are_no_session(tmp_path):
+    # API-log rows of BurstGPT's third release carry no session; a CSV writes a missing session as ''.
+    path = write(
+        tmp_path,
+        "burst3_blank.csv",
+        "Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "10,s1,0.5,ChatGPT,100,20,120,Conversation log\n"
+        "11,,0.7,GPT-4,150,10,160,API log\n"
+        "12, ,0.7,GPT-4,150,10,160,API log\n",
+    )
+    assert read_trace(path).table.column("session_id").to_pylist() == ["s1", None, None]
+    native = read_trace(write(tmp_path, "n.csv", "arrival_time,prompt_len,output_len,session_id\n0,5,2,a\n1,5,2,\n"))
+    assert native.table.column("session_id").to_pylist() == ["a", None]
+
+
+def test_native_csv_round_trip_keeps_requests_without_a_session(tmp_path):
+    import dataclasses
+
+    import pyarrow as pa
+
+    from traces import random_workload
+
+    trace = random_workload(num_prompts=3, input_len=20, output_len=4)
+    sessions = pa.array(["a", None, "b"], pa.string())
+    column = trace.table.schema.get_field_index("session_id")
+    trace = dataclasses.replace(trace, table=trace.table.set_column(column, TRACE_SCHEMA.field("session_id"), sessions))
+    back = read_trace(write_trace(trace, tmp_path / "s.csv"))
+    assert back.table.column("session_id").to_pylist() == ["a", None, "b"]
+
+
 @needs_shared
 def test_length_table_takes_arrivals_from_a_process():
     from traces import Poisson

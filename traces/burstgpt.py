@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from traces.columns import seconds, token_counts
+from traces.columns import optional_strings, seconds, token_counts
 from traces.csv_table import read_csv_columns
 from traces.schema import Trace
 from traces.source import TraceSource
@@ -19,7 +19,7 @@ def read_burstgpt(path: str | Path, *, name: str | None = None) -> Trace:
     """Read a BurstGPT trace; failed requests (zero response tokens) are left out and reported in notes."""
     source = TraceSource.open(path, kind="csv")
     columns = read_csv_columns(source, required=COLUMNS, what="a BurstGPT trace")
-    session = columns.get(SESSION_COLUMN.lower())
+    session = optional_strings(columns.get(SESSION_COLUMN.lower()))
     return build_trace(
         source=source,
         arrival_time=seconds(columns["timestamp"], "Timestamp", source),

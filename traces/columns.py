@@ -89,6 +89,17 @@ def datetimes_ns(values: pa.Array, column: str, source: TraceSource) -> np.ndarr
     return result
 
 
+def optional_strings(values: pa.Array | None) -> pa.Array | None:
+    """Strings with blank cells as null: a CSV writes a missing value (a request without a session) as ''."""
+    if values is None:
+        return None
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    values = values.cast(pa.string())
+    blank = pc.equal(pc.utf8_trim_whitespace(values), "")
+    return pc.if_else(blank, pa.scalar(None, pa.string()), values)
+
+
 def _not_null(values: pa.Array, column: str, source: TraceSource) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()

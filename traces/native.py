@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from traces.columns import seconds, token_counts
+from traces.columns import optional_strings, seconds, token_counts
 from traces.csv_table import read_csv_columns
 from traces.errors import TraceError
 from traces.schema import Trace
@@ -55,7 +55,7 @@ def read_native(path: str | Path, *, hash_block_size: int | None = None, name: s
         output_len=token_counts(columns["output_len"], "output_len", source),
         prefix_block_ids=lists["prefix_block_ids"],
         prompt_token_ids=lists["prompt_token_ids"],
-        session_id=_strings(columns.get("session_id")),
+        session_id=optional_strings(columns.get("session_id")),
         request_id=request_id,
         name=name or metadata.get("name") or source.path.stem,
         source_format="native",
