@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from traces import TRACE_SCHEMA, TraceWarning, read_trace, write_trace
+from traces import TRACE_SCHEMA, TraceError, TraceWarning, read_trace, write_trace
 from traces.formats import detect_format
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -261,3 +261,13 @@ def test_other_shared_traces_read_whole(file, rows, span):
     if span is not None:
         assert trace.duration == pytest.approx(span)
     assert_valid(trace)
+
+
+def test_parquet_with_another_formats_columns_says_what_is_read_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "azure.parquet"
+    pq.write_table(pa.table({"TIMESTAMP": ["2023-11-16 18:15:46.6805900"], "ContextTokens": [3], "GeneratedTokens": [4]}), path)
+    with pytest.raises(TraceError, match="Parquet file is read only in twinfer's native format .* not as azure"):
+        read_trace(path)

@@ -54,6 +54,13 @@ def read_trace(path: str | Path, format: str | None = None, **options) -> Trace:
     """Read any supported trace (or a bundled sample by name); the format is detected unless given."""
     path = bundled_trace_path(path) or Path(path)
     name = format_name(format) if format is not None else detect_format(path)
+    if name != "native" and _is_parquet(path):
+        # The other readers read text; given Parquet bytes they would only say "not UTF-8 text".
+        raise TraceError(
+            f"a Parquet file is read only in twinfer's native format ({', '.join(NATIVE_COLUMNS)}), not as {name}: "
+            "rename the columns or write the table as CSV",
+            path,
+        )
     reader = READERS[name]
     accepted = set(inspect.signature(reader).parameters) - {"path"}
     unknown = sorted(set(options) - accepted)
@@ -86,6 +93,14 @@ def format_name(format: str) -> str:
     if name not in READERS:
         raise ValueError(f"unknown trace format {format!r}; known formats: {', '.join(READERS)}")
     return name
+
+
+def _is_parquet(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PAR1"
+    except OSError:
+        return False  # the reader names the problem
 
 
 def _columns_of(path: Path) -> list[str]:
