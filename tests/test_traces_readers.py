@@ -195,6 +195,16 @@ def test_length_table_without_process_arrives_at_once_with_a_warning(tmp_path):
     assert trace.table.column("prompt_len").to_pylist() == [5, 9]
 
 
+def test_length_table_rows_left_out_leave_no_hole_in_the_arrivals(tmp_path):
+    from traces import ConstantRate
+
+    path = write(tmp_path, "lengths0.csv", "num_prefill_tokens,num_decode_tokens\n5,2\n7,0\n9,3\n4,4\n")
+    with pytest.warns(TraceWarning, match="left out 1 of 4 rows with zero output tokens"):
+        trace = read_trace(path, arrivals=ConstantRate(2.0))
+    assert trace.table.column("prompt_len").to_pylist() == [5, 9, 4]
+    assert trace.table.column("arrival_time").to_pylist() == [0.0, 0.5, 1.0]
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_native_round_trip_keeps_everything_parquet_keeps_notes(tmp_path, suffix):
     from traces import shared_prefix_workload

@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from traces.arrivals import AllAtOnce, ArrivalProcess
 from traces.columns import token_counts
 from traces.csv_table import read_csv_columns
@@ -32,9 +34,14 @@ def read_length_table(
         notes.append(note)
     else:
         notes.append(f"arrival times drawn from {arrivals} with seed {seed}")
+    # Rows build_trace leaves out (zero lengths) get no arrival: the kept rows alone follow the process,
+    # so a constant or Poisson rate is the one asked for, with no holes where a row was left out.
+    kept = (output_len > 0) & (prompt_len > 0)
+    arrival_time = np.zeros(len(prompt_len), dtype=np.float64)
+    arrival_time[kept] = arrivals.arrival_times(int(kept.sum()), seed)
     return build_trace(
         source=source,
-        arrival_time=arrivals.arrival_times(len(prompt_len), seed),
+        arrival_time=arrival_time,
         prompt_len=prompt_len,
         output_len=output_len,
         name=name or source.path.stem,
