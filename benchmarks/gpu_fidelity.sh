@@ -24,9 +24,13 @@ for task in "$@"; do
             azure-code) trace=gpu_data/azure_code_head1200.csv; shape=(--time-scale 0.12) ;;
             mooncake-conv) trace=gpu_data/mooncake_conv_head400.jsonl; shape=(--time-scale 2) ;;
         esac
+        # A slice replayed again (the real engine's own spread) lands beside the first: NAME-repeat, -repeat2, ...
+        run="$OUT/runs/real-${KEY}-${model}-${a}"
+        n=1
+        while [ -e "$run" ]; do run="$OUT/runs/real-${KEY}-${model}-${a}-repeat$([ $n -gt 1 ] && echo $n)"; n=$((n + 1)); done
         timeout $((b + 150)) python3 -m engine.cli replay "$trace" "${shape[@]}" --duration "$b" --executor gpu \
             --model "$model" --load-format dummy --dtype bfloat16 --no-progress ${ENGINE_FLAGS:-} \
-            --out "$OUT/runs/real-${KEY}-${model}-${a}" 2>&1 | grep -v "^\(Mean\|Median\)" | tail -14
+            --out "$run" 2>&1 | grep -v "^\(Mean\|Median\)" | tail -14
     fi
 done
 echo "=== done ($(date +%T))"
