@@ -374,7 +374,8 @@ def profile(
     )
     import torch
 
-    if executor is None:
+    own_executor = executor is None
+    if own_executor:
         from engine.model_executor import ModelExecutor
 
         executor = ModelExecutor(
@@ -492,6 +493,8 @@ def profile(
         metadata["num_shapes"] = f"{done_shapes}/{len(grid)}"
         metadata["seconds"] = round(time.perf_counter() - started, 1)
         write_profile(rows, metadata, out_path)
+        if own_executor:  # at TP > 1 its worker processes and process group go with it
+            executor.shutdown()
     log(f"profile: wrote {len(rows)} steps ({done_shapes}/{len(grid)} shapes) to {out_path} in {metadata['seconds']} s")
     return out_path
 
