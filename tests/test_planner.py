@@ -286,3 +286,13 @@ def test_a_rate_never_seen_broken_is_shown_as_a_lower_bound(tmp_path):
     settings = _settings(target_rate=60.0)  # SLOs that break: a measured limit, shown plainly
     broken = search_config(PlanConfig("h100", 1, 16), settings, _requests(_trace(), settings))
     assert not broken.max_rate_is_lower_bound
+
+
+def test_a_tp_the_engine_cannot_shard_is_an_error_row_not_a_plan():
+    """qwen3-0.6b has 8 key/value heads: TP 16 (or 3) cannot shard them, so the real engine refuses it."""
+    settings = _settings()
+    window = _requests(_trace(40), settings)
+    for tp in (3, 16):
+        result = search_config(PlanConfig("h100", tp, 16), settings, window)
+        assert result.status == "error" and "does not divide" in result.note and "8 key/value heads" in result.note
+    assert search_config(PlanConfig("h100", 2, 16), settings, window).status != "error"
