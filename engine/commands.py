@@ -95,8 +95,8 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     model_config = load_model_config(model)
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % tp or kv_heads % tp:  # the real engine shards both and refuses such a TP at start-up
-        raise ValueError(f"tensor_parallel_size {tp} does not divide {model}'s {heads} attention heads and "
-                         f"{kv_heads} key/value heads: use a TP that divides both")
+        raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
+                         f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
     cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
     try:

@@ -294,5 +294,5 @@ def test_a_tp_the_engine_cannot_shard_is_an_error_row_not_a_plan():
     window = _requests(_trace(40), settings)
     for tp in (3, 16):
         result = search_config(PlanConfig("h100", tp, 16), settings, window)
-        assert result.status == "error" and "does not divide" in result.note and "8 key/value heads" in result.note
+        assert result.status == "error" and "must divide" in result.note and "key/value heads (8)" in result.note
     assert search_config(PlanConfig("h100", 2, 16), settings, window).status != "error"
