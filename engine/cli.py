@@ -86,18 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+")
     report.add_argument("-o", "--output", default="report.html")
 
+    from simulator.profile import add_profile_arguments
+
     profile = commands.add_parser("profile", help="time the real executor over a grid of batch shapes (GPU)")
-    profile.add_argument("--model", required=True)
-    profile.add_argument("--out", required=True)
-    profile.add_argument("--tp", type=int, default=1)
-    profile.add_argument("--dtype", default="bfloat16")
-    profile.add_argument("--max-seconds", type=float, default=480)
-    profile.add_argument("--serving-seconds", type=float, default=0.0,
-                         help="end with a serving phase this long (within --max-seconds): calibration learns the "
-                         "serving loop's extra eager-step time from it")
-    profile.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
-    profile.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                         help="profile the engine with this option (default: off, eager steps: see README)")
+    add_profile_arguments(profile)
 
     calibrate = commands.add_parser("calibrate", help="fit a cost model from profiles and/or runs' steps")
     calibrate.add_argument("inputs", nargs="+", help="profile Parquet files or run folders")

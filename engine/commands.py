@@ -283,12 +283,9 @@ def run_report(args) -> int:
 
 
 def run_profile(args) -> int:
-    from simulator.profile import profile
+    from simulator.profile import profile_from_args
 
-    path = profile(args.model, args.out, tp=args.tp, dtype=args.dtype, max_seconds=args.max_seconds,
-                   serving_seconds=args.serving_seconds, serving_rate=args.serving_rate,
-                   mixed_cuda_graphs=args.mixed_cuda_graphs)
-    print(f"profile written to {path}")
+    print(f"profile written to {profile_from_args(args)}")
     return 0
 
 

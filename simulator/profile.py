@@ -499,9 +499,8 @@ def profile(
     return out_path
 
 
-def main(argv=None) -> int:
-    """CLI: python -m simulator.profile --model qwen3-0.6b --out FILE.parquet [--fit-out PROFILE.json]."""
-    parser = argparse.ArgumentParser(prog="python -m simulator.profile", description=__doc__.split("\n")[0])
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The profiling options, for `twinfer profile` and `python -m simulator.profile` alike."""
     parser.add_argument("--model", required=True, help="preset name or model folder (dummy weights are used)")
     parser.add_argument("--out", required=True, help="Parquet file to write")
     parser.add_argument("--tp", type=int, default=1)
@@ -523,7 +522,10 @@ def main(argv=None) -> int:
     parser.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
     parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                         help="profile the engine with this option (default: off, eager steps: see README)")
-    args = parser.parse_args(argv)
+
+
+def profile_from_args(args: argparse.Namespace) -> Path:
+    """Run profile() with add_profile_arguments' options; with --fit-out also fit and save a cost model."""
     path = profile(
         args.model,
         args.out,
@@ -550,6 +552,14 @@ def main(argv=None) -> int:
         calibration.cost_model.save(args.fit_out)
         print(json.dumps(calibration.cost_model.fit_report, indent=1))
         print(f"wrote {args.fit_out}")
+    return path
+
+
+def main(argv=None) -> int:
+    """CLI: python -m simulator.profile --model qwen3-0.6b --out FILE.parquet [--fit-out PROFILE.json]."""
+    parser = argparse.ArgumentParser(prog="python -m simulator.profile", description=__doc__.split("\n")[0])
+    add_profile_arguments(parser)
+    profile_from_args(parser.parse_args(argv))
     return 0
 
 
