@@ -84,6 +84,7 @@ def _dtype_name(dtype: str) -> str:
 
 def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
     """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
+    from engine.cuda_graphs import mixed_graphs_by_default, mixed_step_token_sizes
     from engine.engine import Engine
     from engine.model_config import load_model_config
     from simulator.executor import CostModelExecutor
@@ -123,18 +124,16 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     )
     # The CPU executor has no CUDA graphs: its twin runs every step eagerly, as it does.
     eager = args.enforce_eager or gpu.lower() == "cpu"
-    # As the real engine: mixed-step graphs need the triton backend ("auto" picks it at the usual block
-    # sizes) and are on by default at TP 1.
+    # As the real engine, whose mixed-step graphs need the triton backend ("auto" picks it at the usual
+    # block sizes).
     mixed = getattr(args, "mixed_cuda_graphs", None)
     backend = getattr(args, "attention_backend", "auto")
-    triton = backend in ("auto", "triton")
-    if mixed and not triton and not eager:
+    backend = "triton" if backend == "auto" else backend
+    if mixed and backend != "triton" and not eager:
         raise ValueError(f"--mixed-cuda-graphs needs the triton attention backend, not {backend}")
-    mixed = (tp == 1 and triton if mixed is None else mixed) and not eager
+    mixed = (mixed_graphs_by_default(backend, tp) if mixed is None else mixed) and not eager
     mixed_sizes = ()
     if mixed:
-        from engine.cuda_graphs import mixed_step_token_sizes
-
         mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens)
     executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
                                  mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)

@@ -88,6 +88,12 @@ class DecodeGraphs:
         return self.outputs[batch_size]
 
 
+def mixed_graphs_by_default(attention_backend: str, tensor_parallel_size: int) -> bool:
+    """Whether steps with prompt chunks run as CUDA graphs when not told: with the triton backend (the only
+    one with a fixed layout) at TP 1 (not yet run above). The real runner and the simulator both ask here."""
+    return attention_backend == "triton" and tensor_parallel_size == 1
+
+
 def mixed_step_token_sizes(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
     """Padded token counts of the graphs for steps with prompt chunks: powers of two and the halves between
     them (at most a third of padding), up to max_num_batched_tokens (which is always one of them)."""

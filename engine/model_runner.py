@@ -14,7 +14,13 @@ import torch
 
 from engine.attention import AttentionMetadata, load_backend, resolve_backend_name
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, MixedStepGraphs, graph_batch_sizes, mixed_step_token_sizes
+from engine.cuda_graphs import (
+    DecodeGraphs,
+    MixedStepGraphs,
+    graph_batch_sizes,
+    mixed_graphs_by_default,
+    mixed_step_token_sizes,
+)
 from engine.distributed import all_reduce_min, tp_rank, tp_size
 from engine.layers.fusion import enable_fusion
 from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_weights, safetensors_tensors
@@ -217,7 +223,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
             pool = self.graphs.capture()
             if mixed_cuda_graphs is None:
-                mixed_cuda_graphs = self.backend_name == "triton" and tp_size() == 1
+                mixed_cuda_graphs = mixed_graphs_by_default(self.backend_name, tp_size())
             self.mixed_cuda_graphs = bool(mixed_cuda_graphs)
             if mixed_cuda_graphs:
                 if self.backend_name != "triton":
