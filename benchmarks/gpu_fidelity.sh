@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/gpu_fidelity.sh TASK...   with TASK one of
 #   profile:MODEL:SECONDS[:SERVING_SECONDS]   replay:MODEL:NAME:SECONDS   (NAME: azure-conv, mooncake-conv, azure-code)
 #   (SERVING_SECONDS of the profile's SECONDS go to its serving phase: see simulator/profile.py)
-# ENGINE_FLAGS (e.g. --no-mixed-cuda-graphs) go to every profile and replay.
+# ENGINE_FLAGS (e.g. --no-mixed-cuda-graphs) go to every profile and replay, PROFILE_FLAGS (e.g. --repeats 2) to profiles.
 set -u
 OUT=${OUT:-out}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -17,7 +17,7 @@ for task in "$@"; do
     echo "=== $task ($(date +%T))"
     if [ "$kind" = profile ]; then
         timeout $((a + 120)) python3 -m simulator.profile --model "$model" --max-seconds "$a" \
-            --serving-seconds "${b:-0}" ${ENGINE_FLAGS:-} --out "$OUT/profiles/${KEY}_${model}_tp1_bfloat16.parquet" 2>&1 | tail -8
+            --serving-seconds "${b:-0}" ${ENGINE_FLAGS:-} ${PROFILE_FLAGS:-} --out "$OUT/profiles/${KEY}_${model}_tp1_bfloat16.parquet" 2>&1 | tail -8
     else
         case $a in
             azure-conv) trace=gpu_data/azure_conv_rows3000_5500.csv; shape=(--time-scale 0.2) ;;

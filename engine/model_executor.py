@@ -131,6 +131,13 @@ class ModelExecutor:
         """Whether steps with prompt chunks run as CUDA graphs (the option once resolved)."""
         return self.runner.mixed_cuda_graphs
 
+    def eager_prompt_steps(self):
+        """A context in which steps with prompt chunks run eagerly (ModelRunner.eager_prompt_steps); TP 1 only,
+        as the other ranks would go on replaying their graphs."""
+        if self._workers:
+            raise RuntimeError("eager_prompt_steps needs tensor_parallel_size 1")
+        return self.runner.eager_prompt_steps()
+
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         """Run one step on every rank; rank 0 samples and times it (device sync included)."""
         for commands in self._commands:

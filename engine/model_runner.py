@@ -4,6 +4,7 @@ model inputs, runs the forward (CUDA graph or eager) and samples.
 Inputs for a step are packed into one pinned int32 host buffer and copied to the device in one transfer.
 """
 
+import contextlib
 import gc
 import itertools
 import math
@@ -249,6 +250,16 @@ class ModelRunner:
         self.graphs = self.mixed_graphs = None
         gc.collect()
         torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def eager_prompt_steps(self):
+        """Within: steps with prompt chunks run eagerly although their graphs stay captured (profiling times a
+        batch both ways, so one cost model predicts the engine with and without mixed-step graphs)."""
+        graphs, self.mixed_graphs = self.mixed_graphs, None
+        try:
+            yield
+        finally:
+            self.mixed_graphs = graphs
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:

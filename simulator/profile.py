@@ -17,6 +17,7 @@ Runs on the GPU machines: numpy, pyarrow and torch only (no plotly, no pandas ne
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
@@ -348,12 +349,15 @@ def profile(
     max_shapes: int | None = None,
     serving_seconds: float = 0.0,
     serving_rate: float = 20.0,
-    mixed_cuda_graphs: bool = False,
+    mixed_cuda_graphs: bool | None = None,
     log=print,
 ) -> Path:
     """Time the real executor (or the given one) over the grid within max_seconds; write the Parquet, return its path.
 
     serving_seconds (taken from max_seconds) ends the profile with a serving phase at serving_rate requests/s.
+    mixed_cuda_graphs None: the engine's default. With mixed-step graphs on and an executor that can turn them off
+    for a while (eager_prompt_steps, TP 1), every shape with a prompt chunk is timed both as a graph and eagerly,
+    and the first half of the serving phase runs eagerly: one cost model then predicts the engine either way.
     """
     if timing not in ("wall", "executor"):
         raise ValueError(f"timing must be 'wall' (around execute(), as a real run sees it) or 'executor', got {timing!r}")
@@ -411,6 +415,7 @@ def profile(
         "max_num_batched_tokens": max_num_batched_tokens,
         "enforce_eager": enforce_eager,
         "mixed_cuda_graphs": bool(getattr(executor, "mixed_cuda_graphs", mixed_cuda_graphs)),
+        "eager_twins": False,
         "cuda_graph_sizes": json.dumps(list(graph_sizes)),
         "timing": timing,
         "setup_seconds": round(time.perf_counter() - started, 2),
@@ -438,6 +443,8 @@ def profile(
     )
     if max_shapes is not None:
         grid = grid[:max_shapes]  # the grid is shuffled, so any prefix is an even sample
+    twins = metadata["mixed_cuda_graphs"] and tp == 1 and hasattr(executor, "eager_prompt_steps")
+    metadata["eager_twins"] = twins
     builder = ShapeBuilder(num_kv_blocks=num_kv_blocks, block_size=block_size, vocab_size=shape.vocab_size, seed=seed)
     # Warm-up: one step of each kind compiles kernels and fills allocator caches before anything is timed.
     for warm in [s for s in grid if s.grid != "random"][:8]:
@@ -453,26 +460,29 @@ def profile(
             # Leave time to write the file (and for a caller's own time limit to not cut it off).
             if time.perf_counter() > grid_deadline - min(10.0, 0.05 * max_seconds):
                 break
-            # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
-            for repeat in range(-1, repeats):
-                output = builder.build(batch)
-                before = time.perf_counter()
-                result = executor.execute(output)
-                wall = time.perf_counter() - before
-                if repeat >= 0:
-                    rows.append(
-                        _row(
-                            output,
-                            result,
-                            step=step,
-                            start=before - started,
-                            duration=wall if timing == "wall" else float(result.duration),
-                            num_kv_blocks=num_kv_blocks,
-                            repeat=repeat,
-                            grid=batch.grid,
-                        )
-                    )
-                step += 1
+            has_prompt = any(not is_decode for _, _, is_decode, _ in batch.rows)
+            for eager in (False, True) if twins and has_prompt else (False,):
+                # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
+                with executor.eager_prompt_steps() if eager else contextlib.nullcontext():
+                    for repeat in range(-1, repeats):
+                        output = builder.build(batch)
+                        before = time.perf_counter()
+                        result = executor.execute(output)
+                        wall = time.perf_counter() - before
+                        if repeat >= 0:
+                            rows.append(
+                                _row(
+                                    output,
+                                    result,
+                                    step=step,
+                                    start=before - started,
+                                    duration=wall if timing == "wall" else float(result.duration),
+                                    num_kv_blocks=num_kv_blocks,
+                                    repeat=repeat,
+                                    grid=batch.grid,
+                                )
+                            )
+                        step += 1
             done_shapes = shape_index + 1
             now = time.perf_counter()
             if now - last_log > 15:
@@ -484,8 +494,13 @@ def profile(
                 last_write = now
         if serving_seconds > 0:
             write_profile(rows, {**metadata, "complete": False}, out_path)
-            serving = serving_steps(executor, config, seconds=serving_seconds, rate=serving_rate, seed=seed,
-                                    start_step=step, started=started)
+            serving = []
+            # With twins, the first half serves with eager prompt steps: both kinds of step inside a serving loop.
+            halves = ((True, serving_seconds / 2), (False, serving_seconds / 2)) if twins else ((False, serving_seconds),)
+            for eager, seconds in halves:
+                with executor.eager_prompt_steps() if eager else contextlib.nullcontext():
+                    serving += serving_steps(executor, config, seconds=seconds, rate=serving_rate, seed=seed + eager,
+                                             start_step=step + len(serving), started=started)
             rows += serving
             log(f"profile: serving phase, {len(serving)} steps at {serving_rate:g} requests/s")
     finally:
@@ -520,8 +535,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                         help="end with this long a serving phase (part of --max-seconds): steps of the real engine "
                         "serving Poisson arrivals, from which calibration learns the serving loop's eager-step cost")
     parser.add_argument("--serving-rate", type=float, default=20.0, help="requests/s in the serving phase")
-    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                        help="profile the engine with this option (default: off, eager steps: see README)")
+    parser.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="profile the engine with this option (default: the engine's; when on at TP 1, each "
+                        "shape with a prompt chunk is also timed eagerly, so the fit predicts both)")
 
 
 def profile_from_args(args: argparse.Namespace) -> Path:

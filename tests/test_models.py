@@ -161,6 +161,13 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     assert tile_seqs[:3].tolist() == [2, 2, 2] and sorted(tile_indices[:3].tolist()) == [0, 1, 2]
     assert (tile_seqs[3:] == -1).all()
     assert sampled_ids == [1, 2, 0] and rows.tolist() == [0, 1, 21]
+    # Profiling times such a step eagerly too: inside eager_prompt_steps() it takes the eager layout, after it
+    # the graphs again.
+    graphs = runner.mixed_graphs
+    with executor.eager_prompt_steps():
+        *_, graph_size, mixed_size = runner._prepare(SchedulerOutput(1, [chunk, decode_a, decode_b]))
+        assert graph_size is None and mixed_size is None
+    assert runner.mixed_graphs is graphs
 
 
 

@@ -1,5 +1,6 @@
 """Calibration recovers known costs from synthetic steps, from profiles and from run folders alike."""
 
+import contextlib
 import json
 import random
 import warnings
@@ -98,6 +99,49 @@ def test_profile_writes_steps_columns_and_metadata(profile_table):
     cached = np.asarray(stored.column("prefill_context_tokens"))
     assert (cached > 0).any()
     assert max(stored.column("num_batched_tokens").to_pylist()) <= 2048
+
+
+class FakeMixedGraphExecutor(FakeGpuExecutor):
+    """FakeGpuExecutor whose steps with prompt chunks run as graphs, eagerly inside eager_prompt_steps()."""
+
+    mixed_cuda_graphs = True
+
+    def __init__(self) -> None:
+        super().__init__(noise=0.0)
+        self.graph_executor = CostModelExecutor(TRUTH, self.num_kv_blocks, mixed_step_token_sizes=(64, 128, 256, 512, 1024, 2048),
+                                                max_num_seqs=512)
+        self.inner = self.graph_executor
+
+    @contextlib.contextmanager
+    def eager_prompt_steps(self):
+        self.inner = CostModelExecutor(TRUTH, self.num_kv_blocks)
+        try:
+            yield
+        finally:
+            self.inner = self.graph_executor
+
+
+def test_profile_with_mixed_graphs_times_prompt_shapes_both_ways_and_the_fit_predicts_both(tmp_path):
+    path = profile("qwen3-0.6b", tmp_path / "twins.parquet", executor=FakeMixedGraphExecutor(), gpu_name="h100",
+                   max_model_len=4096, max_num_batched_tokens=2048, max_num_seqs=512, repeats=1, max_seconds=60,
+                   timing="executor", measure_engine=False, log=lambda message: None)
+    table = pq.read_table(path)
+    assert table.schema.metadata[b"eager_twins"] == b"True" and table.schema.metadata[b"mixed_cuda_graphs"] == b"True"
+    num_seqs = np.asarray(table.column("num_prefill_seqs")) + np.asarray(table.column("num_decode_seqs"))
+    graph = np.asarray(table.column("cuda_graph_batch_size"))
+    tokens = np.asarray(table.column("num_batched_tokens"))
+    # Every shape with a prompt chunk (of more than one token: a one-token row goes to the decode graphs)
+    # appears once as a padded mixed-step graph and once eagerly.
+    prefill = (np.asarray(table.column("num_prefill_seqs")) > 0) & (tokens > num_seqs)
+    assert (graph[prefill] > 0).sum() == (graph[prefill] == 0).sum() > 100
+    assert (graph[prefill & (graph > 0)] >= tokens[prefill & (graph > 0)]).all()
+    assert (graph[~prefill] == 0).sum() < (~prefill).sum()  # decode-only shapes: once, on the decode graphs
+    model = fit_profile_table(table).cost_model
+    columns, _ = read_steps([path])
+    for kind in (graph > 0, graph == 0):
+        rows = prefill & kind
+        part = {name: values[rows] for name, values in columns.items()}
+        assert mape(model.predict_columns(part), part["duration"]) < 0.02
 
 
 def test_profile_stops_at_its_time_budget(tmp_path):
