@@ -53,11 +53,14 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
     parser.add_argument("--json", default=None)
     parser.add_argument("--runs", default=str(DATA / "runs"), help="folder of the real runs (real-h100-qwen3-0.6b-NAME)")
+    parser.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, (slice_name, options) in CASES.items():
+        if args.cases and name not in args.cases:
+            continue
         real_path = Path(args.runs) / f"real-h100-qwen3-0.6b-{name}"
         real = read_run(real_path)
         sim_path = work / f"sim-{name}"

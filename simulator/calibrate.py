@@ -166,15 +166,18 @@ def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int 
 
 
 def _robust_refit(
-    columns: dict, knots, coefficients: np.ndarray, overlap: bool, duration: np.ndarray, rounds: int = 8
+    columns: dict, knots, coefficients: np.ndarray, overlap: bool, duration: np.ndarray, rounds: int = 8,
+    wild: float = 10.0,
 ) -> np.ndarray:
-    """Refit with Huber weights, so a few outlying steps cannot pull the whole fit.
+    """Refit so that the predictions are right on average, leaving out only wild steps.
 
-    Squared error lets a garbage-collection pause or a progress-bar redraw drag every coefficient;
-    steps whose relative residual exceeds twice the median one get weight falling as 1/|residual|
-    (absolute rather than squared error), the rest keep full weight. The piece each eager step falls
-    on (launch-bound or not) is kept from the squared-error fit. Returns the input unless the mean
-    absolute relative error (MAPE) improves.
+    Squared error relative to the measured duration (the first fit) favours predicting low: a step measured
+    longer than its prediction counts less than one measured shorter. A serving run's time is the sum of its
+    steps, so this refit divides each row by its prediction instead (iterated; variance proportional to
+    the mean squared), whose errors average to zero. Steps taking more than `wild` times their prediction (a
+    kernel compiled, the machine stalled) get no weight; every other step counts, the occasional slow one
+    (a garbage collection: 2-4x the step) included, since a real run has those too. The piece each eager
+    step falls on (launch-bound or not) is kept from the first fit.
     """
     num_host = len(HOST_TERMS)
     if overlap:
@@ -182,22 +185,14 @@ def _robust_refit(
         matrix = design_matrix(columns, knots, eager & (gpu_columns @ coefficients[num_host + 1 :] < coefficients[num_host]))
     else:
         matrix = design_matrix(columns, knots)
-    scaled = matrix / duration[:, None]
-
-    def typical_error(candidate: np.ndarray) -> float:
-        return float(np.mean(np.abs(scaled @ candidate - 1.0)))
-
-    best, best_error = coefficients, typical_error(coefficients)
     current = coefficients
     for _ in range(rounds):
-        residual = np.abs(scaled @ current - 1.0)
-        threshold = max(2.0 * float(np.median(residual)), 1e-3)
-        weights = np.sqrt(np.minimum(1.0, threshold / np.maximum(residual, 1e-12)))
-        current = nonnegative_least_squares(scaled * weights[:, None], weights)
-        error = typical_error(current)
-        if error < best_error:
-            best, best_error = current, error
-    return best
+        predicted = matrix @ current
+        if not (predicted > 0).all():
+            break  # a zero prediction cannot scale a row; keep the last fit
+        kept = duration <= wild * predicted
+        current = nonnegative_least_squares(matrix[kept] / predicted[kept, None], duration[kept] / predicted[kept])
+    return current
 
 
 def fit(
