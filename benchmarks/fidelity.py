@@ -2,10 +2,10 @@
 
 Each real run was replayed on the GPU by benchmarks/gpu_fidelity.sh; here the same trace slice, with the same
 trace options and the real run's KV block count, goes through the simulator with the bundled calibrated
-profile (or --profile), and `twinfer compare` scores it. Neither test trace was used for calibration (the
-profile was fitted on the profiling grid and the Azure code slice).
+profile (or --profile), and `twinfer compare` scores it. The bundled profile was fitted on its profiling
+run alone (grid and serving phase), so no replayed trace was used for calibration.
 
-    python benchmarks/fidelity.py [--profile FILE] [--json OUT]
+    python benchmarks/fidelity.py [--profile FILE] [--json OUT] [--cases NAME ...]
 """
 
 import argparse
@@ -24,9 +24,9 @@ DATA = ROOT / "data" / "h100"
 CASES = {
     # name: (trace slice as replayed on the GPU, its trace options)
     "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
+    # the same slice replayed again by the same engine, on the next machine lent (the real engine's own spread)
+    "azure-conv-repeat": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
     "mooncake-conv": ("mooncake_conv_head400.jsonl", ["--time-scale", "2", "--duration", "60"]),
-    # session 3: the engine's default since then, steps with prompt chunks as CUDA graphs (30 s of arrivals)
-    "azure-conv-mixed-30s": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "30"]),
 }
 SLICES = {
     "azure_conv_rows3000_5500.csv": ("AzureLLMInferenceTrace_conv.csv", 3000, 2500),
