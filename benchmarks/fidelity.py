@@ -24,8 +24,6 @@ DATA = ROOT / "data" / "h100"
 CASES = {
     # name: (trace slice as replayed on the GPU, its trace options)
     "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
-    # the same slice replayed again by the same engine, on the next machine lent (the real engine's own spread)
-    "azure-conv-repeat": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
     "mooncake-conv": ("mooncake_conv_head400.jsonl", ["--time-scale", "2", "--duration", "60"]),
 }
 SLICES = {
