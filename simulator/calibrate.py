@@ -131,7 +131,7 @@ def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int 
     The additive model is one NNLS fit. The overlap model, host + max(launch, gpu) on eager steps, is
     piecewise linear: starting from several guesses of the launch time, alternate between deciding which
     eager steps are launch-bound and refitting both pieces, until the split stops changing. The better of
-    the two (by relative squared error) wins.
+    the two (by relative squared error) wins, and is refitted to be right on average (_refit_on_average).
     """
     duration = np.asarray(columns["duration"], dtype=np.float64)
     names = term_names(knots)
@@ -161,11 +161,11 @@ def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int 
             loss = loss_of(coefficients, True)
             if loss < best_loss:
                 best, best_overlap, best_loss = coefficients, True, loss
-    best = _robust_refit(columns, knots, best, best_overlap, duration)
+    best = _refit_on_average(columns, knots, best, best_overlap, duration)
     return dict(zip(names, best.tolist())), best_overlap
 
 
-def _robust_refit(
+def _refit_on_average(
     columns: dict, knots, coefficients: np.ndarray, overlap: bool, duration: np.ndarray, rounds: int = 8,
     wild: float = 10.0,
 ) -> np.ndarray:
