@@ -109,6 +109,9 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
                 "--num-gpu-blocks-override (its KV block count)"
             ) from None
         spec = None
+    if spec is not None and tp > spec.gpus_per_host:
+        raise ValueError(f"tensor_parallel_size {tp} needs more than one {spec.name} host ({spec.gpus_per_host} GPUs "
+                         "each): tensor parallelism runs within one host, as the real engine does")
     config = engine_config_from(
         args, model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None
     )

@@ -23,8 +23,13 @@ class GpuSpec:
     """Device-to-device copy bandwidth measured on the GPU machine, bytes/s (None: never measured)."""
     measured_bf16_flops: float | None = None
     """Large bf16 matmul rate measured on the GPU machine, FLOP/s (None: never measured)."""
+    gpus_per_host: int = 8
+    """The most of these GPUs one server holds (HGX boards and PCIe servers alike: 8); tensor parallelism
+    runs within one host."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gpus_per_host, int) or self.gpus_per_host < 1:
+            raise ValueError(f"GpuSpec {self.name!r}: gpus_per_host must be a positive integer, got {self.gpus_per_host!r}")
         for field_name in ("memory_gib", "bf16_flops", "memory_bandwidth", "interconnect_bandwidth"):
             value = getattr(self, field_name)
             if not value > 0:

@@ -1,6 +1,7 @@
 """Capacity planner: SLO parsing, the early-stop rule, the rate search, ranking, outputs, report, Ray."""
 
 import importlib.util
+import json
 import math
 import warnings
 
@@ -13,6 +14,7 @@ from analysis.plan_report import build_plan_report
 from engine.cli import main
 from simulator.cluster import ClusterRequests, simulate_cluster
 from simulator.gpu_prices import parse_prices
+from simulator.model_shape import PRESETS_DIR
 from simulator.plan_table import read_plan, write_plan
 from simulator.planner import (
     PlanConfig,
@@ -296,3 +298,17 @@ def test_a_tp_the_engine_cannot_shard_is_an_error_row_not_a_plan():
         result = search_config(PlanConfig("h100", tp, 16), settings, window)
         assert result.status == "error" and "must divide" in result.note and "key/value heads (8)" in result.note
     assert search_config(PlanConfig("h100", 2, 16), settings, window).status != "error"
+
+
+def test_a_tp_wider_than_one_host_is_an_error_row(tmp_path):
+    """A model whose heads TP 16 could shard still cannot run over 16 H100s: the engine's TP is one host's GPUs."""
+    config = json.loads((PRESETS_DIR / "qwen3-0.6b.json").read_text())
+    config.update(num_attention_heads=32, num_key_value_heads=16)
+    model = tmp_path / "wide-heads"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    settings = _settings(model=str(model))
+    window = _requests(_trace(40), settings)
+    result = search_config(PlanConfig("h100", 16, 16), settings, window)
+    assert result.status == "error" and "more than one h100 host (8 GPUs each)" in result.note
+    assert search_config(PlanConfig("h100", 8, 16), settings, window).status != "error"
