@@ -2,8 +2,8 @@
 
 Each real run was replayed on the GPU by benchmarks/gpu_fidelity.sh; here the same trace slice, with the same
 trace options and the real run's KV block count, goes through the simulator with the bundled calibrated
-profile (or --profile), and `twinfer compare` scores it. The bundled profile was fitted on its profiling
-run alone (grid and serving phase), so no replayed trace was used for calibration.
+profile (or --profile), and `twinfer compare` scores it. The bundled profile was fitted on its profiling run
+(grid and serving phase) and the Azure code replay: neither trace scored here was used for calibration.
 
     python benchmarks/fidelity.py [--profile FILE] [--json OUT] [--cases NAME ...]
 """
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="cost model JSON (default: the bundled H100 profile)")
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write the comparisons run (all cases, or --cases) here")
     parser.add_argument("--runs", default=str(DATA / "runs"), help="folder of the real runs (real-h100-qwen3-0.6b-NAME)")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
     args = parser.parse_args()

@@ -126,7 +126,7 @@ def _relative_loss(predicted: np.ndarray, duration: np.ndarray) -> float:
 
 
 def fit_terms(columns: dict, knots, *, overlap_starts: int = 6, max_rounds: int = 20) -> tuple[dict, bool]:
-    """Least relative-squared-error coefficients (all >= 0) and whether eager launches overlap GPU work.
+    """Coefficients (all >= 0) right on average over the steps, and whether eager launches overlap GPU work.
 
     The additive model is one NNLS fit. The overlap model, host + max(launch, gpu) on eager steps, is
     piecewise linear: starting from several guesses of the launch time, alternate between deciding which
@@ -188,9 +188,10 @@ def _refit_on_average(
     current = coefficients
     for _ in range(rounds):
         predicted = matrix @ current
-        if not (predicted > 0).all():
-            break  # a zero prediction cannot scale a row; keep the last fit
-        kept = duration <= wild * predicted
+        # A row predicted at 0 cannot scale its error (the first fit gives each step a host time, so none is).
+        kept = (predicted > 0) & (duration <= wild * predicted)
+        if kept.sum() < matrix.shape[1]:
+            break  # too few rows left to pin every term: keep the last fit
         current = nonnegative_least_squares(matrix[kept] / predicted[kept, None], duration[kept] / predicted[kept])
     return current
 

@@ -256,6 +256,10 @@ def serving_steps(executor, config: EngineConfig, *, seconds: float, rate: float
     clock.restart()
     engine.run_until(seconds)
     engine.abort_all("profile serving phase over")
+    # Aborting tells the executor nothing, and the next engine on it numbers its sequences from 0 again:
+    # release this one's sequences, or the runner's per-sequence state (block tables) would serve the next.
+    executor.execute(SchedulerOutput(step=len(engine.step_records), sequences=[],
+                                     finished_seq_ids=[seq.seq_id for seq in engine.sequences.values()]))
     columns = engine.step_records.numpy_columns()
     rows = []
     for index in range(len(columns["step"])):
@@ -443,7 +447,8 @@ def profile(
     )
     if max_shapes is not None:
         grid = grid[:max_shapes]  # the grid is shuffled, so any prefix is an even sample
-    twins = metadata["mixed_cuda_graphs"] and tp == 1 and hasattr(executor, "eager_prompt_steps")
+    twins = (metadata["mixed_cuda_graphs"] and getattr(executor, "tensor_parallel_size", tp) == 1
+             and hasattr(executor, "eager_prompt_steps"))
     metadata["eager_twins"] = twins
     builder = ShapeBuilder(num_kv_blocks=num_kv_blocks, block_size=block_size, vocab_size=shape.vocab_size, seed=seed)
     # Warm-up: one step of each kind compiles kernels and fills allocator caches before anything is timed.
@@ -460,7 +465,8 @@ def profile(
             # Leave time to write the file (and for a caller's own time limit to not cut it off).
             if time.perf_counter() > grid_deadline - min(10.0, 0.05 * max_seconds):
                 break
-            has_prompt = any(not is_decode for _, _, is_decode, _ in batch.rows)
+            # A step of one-token rows only (a one-token prompt among decodes) takes the decode graphs either way.
+            has_prompt = sum(new for _, new, _, _ in batch.rows) > len(batch.rows)
             for eager in (False, True) if twins and has_prompt else (False,):
                 # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
                 with executor.eager_prompt_steps() if eager else contextlib.nullcontext():

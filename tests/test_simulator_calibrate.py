@@ -270,6 +270,22 @@ def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_
     assert (columns["duration"][~serving] > np.asarray(table.column("duration"))[~serving]).all()
 
 
+def test_a_serving_phase_releases_its_sequences_so_the_next_engine_on_the_executor_starts_clean(tmp_path):
+    """With twins the serving phase runs two engines on one executor, each numbering sequences from 0: the
+    first one's sequences must be released, or the runner would give the second one's their block tables."""
+    from engine.config import EngineConfig
+    from engine.model_executor import ModelExecutor
+    from simulator.profile import serving_steps
+
+    model = _tiny_model_folder(tmp_path)
+    config = EngineConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, vocab_size=1000)
+    executor = ModelExecutor(str(model), config, device="cpu", dtype="float32", load_format="dummy")
+    for half in range(2):
+        rows = serving_steps(executor, config, seconds=1.5, rate=10, seed=half)
+        assert any(row["num_decode_seqs"] for row in rows)
+        assert executor.runner._block_table_rows == {}  # nothing of this engine's sequences is left
+
+
 def test_eager_steps_of_real_runs_teach_the_serving_overhead_a_profile_cannot_see(tmp_path, profile_table):
     """A profile times each batch shape on its own; in a serving loop the same eager step takes longer. Given
     both, calibration fits that difference as serving_eager_step, and simulation (always serving) adds it."""
