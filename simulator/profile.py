@@ -6,7 +6,8 @@ plus a prefill chunk) and random scheduler-like batches. Shapes run in a shuffle
 budget ends, so a cut-short run is still an even sample. Each step is timed around execute() on the wall
 clock, as a real run sees it (the executor's own figure is kept too). The engine's own per-step CPU time
 (scheduling and bookkeeping, which a real run's step durations include) is measured on the same host and
-stored in the metadata; calibration adds it.
+stored in the metadata; calibration adds it. With mixed-step CUDA graphs on (the engine's default at TP 1),
+each shape with a prompt chunk is timed twice, as a graph and eagerly, so one fit predicts either engine.
 
 With serving_seconds, the profile ends with a serving phase: the real engine replays a Poisson workload
 through the same executor and its steps are kept as rows of grid "serving", durations as the engine records
