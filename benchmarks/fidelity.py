@@ -14,7 +14,7 @@ import io
 import json
 from pathlib import Path
 
-from analysis.compare import compare_runs
+from analysis.compare import COMPARED_THROUGHPUTS, compare_runs
 from analysis.run_store import read_run
 from engine.cli import main as twinfer
 from engine.commands import step_predictor_of
@@ -28,7 +28,7 @@ CASES = {
 }
 # Issue 5's targets: |relative error| at most this, per statistic ("step": the cost model on the real batches).
 TARGETS = {"step": 0.05, "mean": 0.05, "p50": 0.05, "p99": 0.10, "throughput": 0.03}
-THROUGHPUT_METRICS = ("request_throughput", "output_throughput", "total_token_throughput")
+THROUGHPUT_METRICS = tuple(name for name, _ in COMPARED_THROUGHPUTS)
 
 
 def missed_targets(comparison: dict) -> list[str]:

@@ -84,7 +84,7 @@ def _dtype_name(dtype: str) -> str:
 
 def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
     """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
-    from engine.cuda_graphs import mixed_graphs_by_default, mixed_step_token_sizes
+    from engine.cuda_graphs import mixed_step_token_sizes, resolve_mixed_cuda_graphs
     from engine.engine import Engine
     from engine.model_config import load_model_config
     from simulator.executor import CostModelExecutor
@@ -129,15 +129,10 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     eager = args.enforce_eager or gpu.lower() == "cpu"
     # As the real engine, whose mixed-step graphs need the triton backend ("auto" picks it at the usual
     # block sizes).
-    mixed = getattr(args, "mixed_cuda_graphs", None)
     backend = getattr(args, "attention_backend", "auto")
     backend = "triton" if backend == "auto" else backend
-    if mixed and backend != "triton" and not eager:
-        raise ValueError(f"--mixed-cuda-graphs needs the triton attention backend, not {backend}")
-    mixed = (mixed_graphs_by_default(backend, tp) if mixed is None else mixed) and not eager
-    mixed_sizes = ()
-    if mixed:
-        mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens)
+    mixed = not eager and resolve_mixed_cuda_graphs(getattr(args, "mixed_cuda_graphs", None), backend, tp)
+    mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens) if mixed else ()
     executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
                                  mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
     engine = Engine(config, executor, VirtualClock())

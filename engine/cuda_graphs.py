@@ -88,10 +88,16 @@ class DecodeGraphs:
         return self.outputs[batch_size]
 
 
-def mixed_graphs_by_default(attention_backend: str, tensor_parallel_size: int) -> bool:
-    """Whether steps with prompt chunks run as CUDA graphs when not told: with the triton backend (the only
-    one with a fixed layout) at TP 1 (not yet run above). The real runner and the simulator both ask here."""
-    return attention_backend == "triton" and tensor_parallel_size == 1
+def resolve_mixed_cuda_graphs(requested: bool | None, attention_backend: str, tensor_parallel_size: int) -> bool:
+    """Whether steps with prompt chunks run as CUDA graphs (CUDA graphs being on): as requested, and when not
+    told with the triton backend (the only one with a fixed layout) at TP 1 (not yet run above); requested
+    with another backend is an error. The real runner and the simulator both ask here."""
+    if requested is None:
+        return attention_backend == "triton" and tensor_parallel_size == 1
+    if requested and attention_backend != "triton":
+        raise ValueError(f"mixed_cuda_graphs (--mixed-cuda-graphs) needs the triton attention backend, "
+                         f"not {attention_backend}")
+    return bool(requested)
 
 
 def mixed_step_token_sizes(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:

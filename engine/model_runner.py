@@ -19,8 +19,8 @@ from engine.cuda_graphs import (
     DecodeGraphs,
     MixedStepGraphs,
     graph_batch_sizes,
-    mixed_graphs_by_default,
     mixed_step_token_sizes,
+    resolve_mixed_cuda_graphs,
 )
 from engine.distributed import all_reduce_min, tp_rank, tp_size
 from engine.layers.fusion import enable_fusion
@@ -223,12 +223,8 @@ class ModelRunner:
             sizes = graph_batch_sizes(engine_config.max_num_seqs)
             self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self.device)
             pool = self.graphs.capture()
-            if mixed_cuda_graphs is None:
-                mixed_cuda_graphs = mixed_graphs_by_default(self.backend_name, tp_size())
-            self.mixed_cuda_graphs = bool(mixed_cuda_graphs)
-            if mixed_cuda_graphs:
-                if self.backend_name != "triton":
-                    raise ValueError(f"mixed_cuda_graphs needs the triton attention backend, not {self.backend_name}")
+            self.mixed_cuda_graphs = resolve_mixed_cuda_graphs(mixed_cuda_graphs, self.backend_name, tp_size())
+            if self.mixed_cuda_graphs:
                 from engine.kernels.prefill_attention import prefill_query_tile
 
                 attention = self.model.attention_layers()[0]

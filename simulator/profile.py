@@ -456,6 +456,14 @@ def profile(
     for warm in [s for s in grid if s.grid != "random"][:8]:
         executor.execute(builder.build(warm))
 
+    def time_step(output: SchedulerOutput, step: int, repeat: int, grid_name: str) -> dict:
+        before = time.perf_counter()
+        result = executor.execute(output)
+        wall = time.perf_counter() - before
+        return _row(output, result, step=step, start=before - started,
+                    duration=wall if timing == "wall" else float(result.duration), num_kv_blocks=num_kv_blocks,
+                    repeat=repeat, grid=grid_name)
+
     rows: list[dict] = []
     last_write = last_log = time.perf_counter()
     step = 0
@@ -469,26 +477,12 @@ def profile(
             # A step of one-token rows only (a one-token prompt among decodes) takes the decode graphs either way.
             has_prompt = sum(new for _, new, _, _ in batch.rows) > len(batch.rows)
             for eager in (False, True) if twins and has_prompt else (False,):
-                # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
-                with executor.eager_prompt_steps() if eager else contextlib.nullcontext():
+                with _prompt_steps(executor, eager):
+                    # The first run of a shape is discarded: first calls can pick kernels or grow buffers.
                     for repeat in range(-1, repeats):
-                        output = builder.build(batch)
-                        before = time.perf_counter()
-                        result = executor.execute(output)
-                        wall = time.perf_counter() - before
+                        row = time_step(builder.build(batch), step, repeat, batch.grid)
                         if repeat >= 0:
-                            rows.append(
-                                _row(
-                                    output,
-                                    result,
-                                    step=step,
-                                    start=before - started,
-                                    duration=wall if timing == "wall" else float(result.duration),
-                                    num_kv_blocks=num_kv_blocks,
-                                    repeat=repeat,
-                                    grid=batch.grid,
-                                )
-                            )
+                            rows.append(row)
                         step += 1
             done_shapes = shape_index + 1
             now = time.perf_counter()
@@ -505,7 +499,7 @@ def profile(
             # With twins, the first half serves with eager prompt steps: both kinds of step inside a serving loop.
             halves = ((True, serving_seconds / 2), (False, serving_seconds / 2)) if twins else ((False, serving_seconds),)
             for eager, seconds in halves:
-                with executor.eager_prompt_steps() if eager else contextlib.nullcontext():
+                with _prompt_steps(executor, eager):
                     serving += serving_steps(executor, config, seconds=seconds, rate=serving_rate, seed=seed + eager,
                                              start_step=step + len(serving), started=started)
             rows += serving
@@ -519,6 +513,11 @@ def profile(
             executor.shutdown()
     log(f"profile: wrote {len(rows)} steps ({done_shapes}/{len(grid)} shapes) to {out_path} in {metadata['seconds']} s")
     return out_path
+
+
+def _prompt_steps(executor, eager: bool):
+    """A context in which steps with prompt chunks run eagerly (eager) or as the executor runs them."""
+    return executor.eager_prompt_steps() if eager else contextlib.nullcontext()
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
