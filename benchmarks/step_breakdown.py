@@ -14,16 +14,18 @@ import time
 import torch
 
 
-def _batch(num_decodes: int, context: int, prefill_lens: list[int], params):
+def _batch(num_decodes: int, context: int | list[int], prefill_lens: list[int], params):
+    """num_decodes one-token rows at context (or at each of a list's contexts), then the prompt chunks."""
     from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 
-    blocks_per_seq = -(-max([context + 1] + [n + 1 for n in prefill_lens]) // 16)
+    contexts = context if isinstance(context, list) else [context] * num_decodes
+    blocks_per_seq = -(-max([c + 1 for c in contexts] + [n + 1 for n in prefill_lens]) // 16)
     seqs = []
-    for index in range(num_decodes):
+    for index, ctx in enumerate(contexts):
         table = list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq))
-        seqs.append(ScheduledSequence(index, [5], context - 1, table, True, True, 10, params))
+        seqs.append(ScheduledSequence(index, [5], ctx - 1, table, True, True, 10, params))
     for offset, length in enumerate(prefill_lens):
-        index = num_decodes + offset
+        index = len(contexts) + offset
         table = list(range(index * blocks_per_seq, (index + 1) * blocks_per_seq))
         seqs.append(ScheduledSequence(index, [7] * length, 0, table, False, True, 0, params))
     return SchedulerOutput(0, seqs)
@@ -81,6 +83,8 @@ def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool |
     if max_model_len > 16384:
         # Mooncake-like: a few long conversations decoding beside a prompt chunk.
         shapes["mixed 14 decodes ctx 16000 + 512-token prefill"] = _batch(14, 16000, [512], params)
+        # Azure-like: one long conversation among short ones; a step's cost should follow the summed context.
+        shapes["mixed 1 x ctx 12000 + 49 x ctx 800 + 512 prefill"] = _batch(50, [12000] + [800] * 49, [512], params)
     results = {"gpu": torch.cuda.get_device_name(), "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
                "mixed_cuda_graphs": llm.executor.mixed_cuda_graphs}
     for name, batch in shapes.items():

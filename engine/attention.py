@@ -11,11 +11,6 @@ from torch import nn
 BACKENDS = ("auto", "triton", "flash-attn", "torch")
 
 
-FIXED_LAYOUT_DECODE_PROGRAMS = 16384
-"""Partition-grid bound of the decode kernel in a mixed-step CUDA graph (as many programs as a 256-sequence
-decode step at 4k tokens has): its rows cover every sequence slot, most of them padding in any one step."""
-
-
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """Where this step's tokens sit in the paged cache; passed explicitly through the model's forward."""
@@ -37,6 +32,9 @@ class AttentionMetadata:
     one-token row and 0 for the others (and for padding rows); None otherwise."""
     tile_map: tuple[torch.Tensor, torch.Tensor] | None = None
     """Fixed layout: the prefill kernel's (sequence, query tile) map, -1 past the tiles of this step."""
+    decode_work: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """Fixed layout: the decode kernel's work map over the one-token rows (decode_work_map's map, per-row
+    starts and partition size)."""
 
     @property
     def is_decode(self) -> bool:
@@ -140,14 +138,15 @@ class Attention(nn.Module):
 
     def _fixed_layout(self, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """A step with prompt chunks in a CUDA graph: grids sized by the buffers, not by the batch. The decode
-        kernel runs over every sequence row (rows that are not one-token ones have context 0 and get zeros),
-        then the prefill kernel writes the prompt chunks' rows from its tile map."""
+        kernel runs over its work map, the partitions of the one-token rows (the other sequence rows have
+        context 0 and get zeros), then the prefill kernel writes the prompt chunks' rows from its tile map."""
         backend = self.backend
         out = torch.empty_like(q)
         rows = min(q.shape[0], metadata.decode_seq_lens.shape[0])
+        work_map, starts, partition_size = metadata.decode_work
         backend.paged_decode_attention(
             q[:rows], self.k_cache, self.v_cache, metadata.decode_seq_lens[:rows], metadata.block_tables[:rows],
-            self.scale, out=out[:rows], max_programs=FIXED_LAYOUT_DECODE_PROGRAMS,
+            self.scale, out=out[:rows], work=(work_map, starts[:rows], partition_size),
         )
         return backend.paged_prefill_attention(
             q, self.k_cache, self.v_cache, metadata.cu_seqlens_q, metadata.seq_lens, metadata.block_tables,

@@ -116,15 +116,16 @@ def mixed_step_token_sizes(max_num_batched_tokens: int, smallest: int = 16) -> l
 class MixedStepGraphs:
     """One CUDA graph of the model's forward (no LM head) per padded token count, for steps with prompt chunks.
 
-    The attention runs in its fixed layout (AttentionMetadata.decode_seq_lens and tile_map): the sequence
+    The attention runs in its fixed layout (AttentionMetadata.decode_seq_lens, decode_work and tile_map): the sequence
     buffers hold max_seqs rows, so a graph serves any batch of up to that many sequences and its token
     count; padding rows write no KV (slot -1) and attend to nothing. The LM head runs outside, on the rows
     that sample.
     """
 
     def __init__(self, model, token_sizes: list[int], max_seqs: int, max_blocks_per_seq: int, block_q: int,
-                 device: torch.device) -> None:
+                 device: torch.device, min_work_capacity: int = 1024) -> None:
         self.model = model
+        self.min_work_capacity = min_work_capacity
         self.token_sizes = sorted(token_sizes)
         self.max_seqs = max_seqs
         self.block_q = block_q
@@ -138,12 +139,20 @@ class MixedStepGraphs:
         self.block_tables = torch.zeros(max_seqs, max_blocks_per_seq, **int32)
         self.cu_seqlens_q = torch.zeros(max_seqs + 1, **int32)
         self.tile_map = torch.full((2, self.tile_capacity(max_tokens)), -1, **int32)
+        self.decode_work = torch.full((2, self.work_capacity(max_tokens)), -1, **int32)
+        self.decode_work_starts = torch.zeros(max_seqs, **int32)
+        self.decode_partition_size = torch.full((1,), 512, **int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
     def tile_capacity(self, num_tokens: int) -> int:
         """Map entries a step of num_tokens may need: its query tiles, plus one partial tile per sequence."""
         return -(-num_tokens // self.block_q) + self.max_seqs
+
+    def work_capacity(self, num_tokens: int) -> int:
+        """Decode work-map entries of a step of num_tokens: two partitions per possible one-token row, and at
+        least min_work_capacity (a few long rows then keep 512-token partitions: see decode_work_map)."""
+        return max(2 * min(num_tokens, self.max_seqs), self.min_work_capacity)
 
     def padded_tokens(self, num_tokens: int, num_seqs: int) -> int | None:
         """The smallest graph's token count holding this step, or None when it must run eagerly."""
@@ -163,6 +172,8 @@ class MixedStepGraphs:
             cu_seqlens_q=self.cu_seqlens_q,
             decode_seq_lens=self.decode_seq_lens,
             tile_map=(self.tile_map[0, :capacity], self.tile_map[1, :capacity]),
+            decode_work=(self.decode_work[:, :self.work_capacity(num_tokens)], self.decode_work_starts,
+                         self.decode_partition_size),
         )
 
     def _run(self, num_tokens: int) -> torch.Tensor:
@@ -175,7 +186,8 @@ class MixedStepGraphs:
     def replay(self, num_tokens: int, input_ids: torch.Tensor, positions: torch.Tensor,
                metadata: AttentionMetadata) -> torch.Tensor:
         """Run the graph of num_tokens on inputs already padded to it (sequence arrays to max_seqs rows, the
-        tile map to tile_capacity(num_tokens)); hidden states [num_tokens, hidden]."""
+        tile map to tile_capacity(num_tokens), the decode work map to work_capacity(num_tokens)); hidden
+        states [num_tokens, hidden]."""
         self.input_ids[:num_tokens].copy_(input_ids)
         self.positions[:num_tokens].copy_(positions)
         self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping)
@@ -187,5 +199,9 @@ class MixedStepGraphs:
         capacity = self.tile_capacity(num_tokens)
         self.tile_map[0, :capacity].copy_(metadata.tile_map[0])
         self.tile_map[1, :capacity].copy_(metadata.tile_map[1])
+        work_map, starts, partition_size = metadata.decode_work
+        self.decode_work[:, :work_map.shape[1]].copy_(work_map)
+        self.decode_work_starts.copy_(starts)
+        self.decode_partition_size.copy_(partition_size)
         self.graphs[num_tokens].replay()
         return self.outputs[num_tokens]

@@ -479,7 +479,7 @@ class ModelRunner:
         dev = self.staging.upload(arrays)
         if pending_rows.size:
             dev[0][dev[-2].long()] = self._last_tokens[dev[-1].long()].to(torch.int32)
-        base = 5 if single_token else 6 if mixed_size is None else 8
+        base = 5 if single_token else 6 if mixed_size is None else 11
         sampling = self._sampling_tensors(dev[base + 1:], sampling_layout)
         if single_token:
             metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4])
@@ -488,12 +488,15 @@ class ModelRunner:
                                          max_query_len=max_query_len, num_single=num_single)
         else:
             metadata = AttentionMetadata(slot_mapping=dev[2], seq_lens=dev[3], block_tables=dev[4], cu_seqlens_q=dev[5],
-                                         decode_seq_lens=dev[6], tile_map=(dev[7][0], dev[7][1]))
+                                         decode_seq_lens=dev[6], tile_map=(dev[7][0], dev[7][1]),
+                                         decode_work=(dev[8], dev[9], dev[10]))
         return dev[0], dev[1], metadata, dev[base], sampling, sampled_ids, graph_size, mixed_size
 
     def _fixed_layout(self, arrays: list[np.ndarray], num_tokens: int, num_single: int) -> list[np.ndarray]:
         """A mixed step's host arrays padded for MixedStepGraphs: tokens to num_tokens (slot -1), sequences to
-        max_seqs rows (context 0), plus the one-token rows' contexts and the prefill tile map."""
+        max_seqs rows (context 0), plus the one-token rows' contexts, the prefill tile map and the decode work
+        map (its map, each row's first entry, its partition size)."""
+        from engine.kernels.decode_attention import decode_work_map
         from engine.kernels.prefill_attention import prefill_tile_map
 
         ids, positions, slots, seq_lens, block_tables, cu = arrays
@@ -511,7 +514,9 @@ class ModelRunner:
         all_cu = np.full(graphs.max_seqs + 1, total, np.int32)
         all_cu[:num_seqs + 1] = cu
         tile_map = prefill_tile_map(np.diff(cu), graphs.block_q, graphs.tile_capacity(num_tokens), first_seq=num_single)
-        return [ids, positions, slots, all_seq_lens, block_tables, all_cu, decode_seq_lens, tile_map]
+        work_map, starts, partition_size = decode_work_map(decode_seq_lens, graphs.work_capacity(num_tokens))
+        return [ids, positions, slots, all_seq_lens, block_tables, all_cu, decode_seq_lens, tile_map, work_map, starts,
+                np.asarray([partition_size], np.int32)]
 
     @staticmethod
     def _sampling_arrays(sampled_params) -> tuple[list[np.ndarray], tuple[bool, bool, bool, bool]]:
@@ -568,11 +573,8 @@ class ModelRunner:
                                         metadata.block_tables)
             logits = logits[logit_rows] if len(sampled_ids) != graph_size else logits
         else:
-            if mixed_size is not None:
-                hidden = self.mixed_graphs.replay(mixed_size, ids, positions, metadata)
-                graph_size = mixed_size
-            else:
-                hidden = self.model(ids, positions, metadata)
+            hidden = self.hidden_states(ids, positions, metadata, mixed_size)
+            graph_size = mixed_size
             if not sampled_ids:
                 return PendingStep(None, [], graph_size or 0, None, on_cuda)
             logits = self.model.compute_logits(hidden[logit_rows])
@@ -588,6 +590,14 @@ class ModelRunner:
             host = self._token_buffers[self._token_turn][:len(sampled_ids)]
             host.copy_(tokens, non_blocking=True)
         return PendingStep(tokens, sampled_ids, graph_size or 0, host, on_cuda)
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                      mixed_size: int | None) -> torch.Tensor:
+        """The model's forward (no LM head) over inputs from _prepare: in its mixed-step CUDA graph when _prepare
+        padded them for one (mixed_size), else eagerly."""
+        if mixed_size is not None:
+            return self.mixed_graphs.replay(mixed_size, ids, positions, metadata)
+        return self.model(ids, positions, metadata)
 
     def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
         """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""

@@ -21,7 +21,7 @@ from tests.triton_interpreter import (  # noqa: I001
 )
 
 from engine.kernels import reference
-from engine.kernels.decode_attention import DecodeTiling, bounded_tiling, decode_partition_size
+from engine.kernels.decode_attention import DecodeTiling, decode_partition_size, decode_work_map
 from engine.kernels.decode_attention import paged_decode_attention as triton_decode
 from engine.kernels.prefill_attention import PrefillTiling
 from engine.kernels.prefill_attention import paged_prefill_attention as triton_prefill
@@ -301,7 +301,7 @@ def test_fixed_layout_of_a_mixed_batch_matches_float64():
         slot_mapping=torch.full((padded,), -1, dtype=torch.int32, device=DEVICE), seq_lens=paged.seq_lens,
         block_tables=paged.block_tables, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEVICE),
         decode_seq_lens=torch.tensor([17, 1, 0, 0, 0, 0], dtype=torch.int32, device=DEVICE),
-        tile_map=(tile_map[0], tile_map[1]),
+        tile_map=(tile_map[0], tile_map[1]), decode_work=_device_work_map([17, 1, 0, 0, 0, 0], 4, partition_size=16),
     )  # fmt: skip
     unused_kv = torch.zeros(padded, 2, 16, device=DEVICE)
 
@@ -350,27 +350,43 @@ def test_decode_partition_grows_for_long_tables():
     assert decode_partition_size(100_000, tiling) == 32768
 
 
-def test_bounded_tiling_keeps_the_partition_grid_within_its_budget():
-    """The mixed-step graph's decode grid: 1,024 rows x 8 KV heads over a 32k-token table would be 64 partitions
-    per row (524,288 programs); bounded to 16,384 programs it gets 2 longer ones, and small batches keep theirs."""
-    tiling = DecodeTiling()
-    wide = bounded_tiling(tiling, 1024, 8, 16384)
-    assert wide.max_partitions == 2 and 1024 * 8 * wide.max_partitions <= 16384
-    assert decode_partition_size(32768, wide) == 16384
-    assert bounded_tiling(tiling, 16, 8, 16384).max_partitions == 128
-    assert bounded_tiling(tiling, 4096, 8, 16384).max_partitions == 1  # never below one partition
+def _device_work_map(context_lens, capacity, partition_size=512):
+    work_map, starts, size = decode_work_map(context_lens, capacity, partition_size)
+    as_tensor = lambda array: torch.as_tensor(array, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return as_tensor(work_map), as_tensor(starts), as_tensor([size])
 
 
-def test_decode_bounded_by_max_programs_matches_float64():
+def test_decode_work_map_lists_each_rows_partitions_and_grows_them_to_fit():
+    work_map, starts, size = decode_work_map([1200, 0, 512, 1], capacity=8)
+    assert size == 512
+    assert work_map[0].tolist() == [0, 0, 0, 2, 3, -1, -1, -1] and work_map[1].tolist() == [0, 1, 2, 0, 0, -1, -1, -1]
+    assert starts.tolist() == [0, 3, 3, 4]
+    # 16k-token rows: 32 partitions of 512 each would need 96 entries; 8 fit with partitions of 4,096.
+    work_map, starts, size = decode_work_map([16384, 16384, 100], capacity=8)
+    assert size == 8192 and work_map[0].tolist() == [0, 0, 1, 1, 2, -1, -1, -1] and starts.tolist() == [0, 2, 4]
+    with pytest.raises(ValueError, match="3 decode rows do not fit its capacity 2"):
+        decode_work_map([5, 5, 5], capacity=2)
+
+
+@pytest.mark.parametrize("capacity", [16, 5])  # 5: too few entries for partitions of 16, so they grow
+def test_decode_over_a_work_map_matches_float64(capacity):
+    """The mixed-step graph's decode: the grid runs over the map's entries (spare ones do nothing), padding
+    rows get zeros, and a map forced to longer partitions gives the same attention."""
     if not _TRITON_RUNS_HERE:
         pytest.skip(NOT_HERE)
     generator = torch.Generator().manual_seed(5)
-    context_lens = [70, 0, 33]
+    context_lens = [70, 0, 33, 1]
     paged = PagedContexts(context_lens, 1, 16, 4, generator)
-    q64 = torch.randn(3, 2, 16, generator=generator, dtype=torch.float64)
+    q64 = torch.randn(4, 2, 16, generator=generator, dtype=torch.float64)
     tiling = DecodeTiling(partition_size=16, block_n=16, num_stages=1)
+    work_map, starts, partition_size = _device_work_map(context_lens, capacity, partition_size=16)
+    assert (partition_size.item() > 16) == (capacity == 5)
+    # The graphs pass a column slice of a wider buffer: its rows are not capacity apart.
+    wider = torch.full((2, capacity + 7), -1, dtype=torch.int32, device=DEVICE)
+    wider[:, :capacity] = work_map
+    work = (wider[:, :capacity], starts, partition_size)
     out = triton_decode(q64.float().to(DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables,
-                        0.25, tiling=tiling, max_programs=3)  # one partition per row: the whole context in one program
+                        0.25, tiling=tiling, work=work)
     expected = torch.zeros_like(q64)
     for s, n in enumerate(context_lens):
         if n:

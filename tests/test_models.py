@@ -155,6 +155,9 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     assert (metadata.slot_mapping[22:] == -1).all() and metadata.slot_mapping[0] == 3 * 16
     assert metadata.seq_lens.tolist() == [17, 4, 25, 0, 0, 0]
     assert metadata.decode_seq_lens.tolist() == [17, 4, 0, 0, 0, 0]
+    work_map, starts, partition_size = metadata.decode_work  # one 512-token partition for each one-token row
+    assert work_map.shape == (2, runner.mixed_graphs.work_capacity(64)) and partition_size.tolist() == [512]
+    assert work_map[0, :3].tolist() == [0, 1, -1] and work_map[1, :2].tolist() == [0, 0] and starts[:2].tolist() == [0, 1]
     assert metadata.cu_seqlens_q.tolist() == [0, 1, 2, 22, 22, 22, 22]
     tile_seqs, tile_indices = metadata.tile_map
     assert tile_seqs.shape[0] == 64 // 8 + 6
@@ -195,7 +198,7 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
         pytest.skip("one architecture is enough: the fixed layout does not depend on it")
     if torch.cuda.is_available():
         pytest.skip("interpreted Triton on CPU tensors; on CUDA the greedy test with mixed-step graphs runs them")
-    engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, max_num_batched_tokens=24, max_num_seqs=4,
+    engine_config = EngineConfig(max_model_len=256, vocab_size=VOCAB, max_num_batched_tokens=24, max_num_seqs=20,
                                  async_scheduling=True)
     executor = ModelExecutor(folder, engine_config, device="cpu", attention_backend="torch", dtype="float32")
     runner = executor.runner
@@ -204,8 +207,11 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
         attention.backend = triton_backend
     attention = runner.model.attention_layers()[0]
     block_q = prefill_query_tile(attention.num_heads, attention.num_kv_heads, attention.head_dim)
+    # No floor on the work maps' capacity: the graphs' maps are then column slices of different widths of one
+    # buffer, as on a GPU for graphs below 512 tokens.
     graphs = MixedStepGraphs(runner.model, mixed_step_token_sizes(24), engine_config.max_num_seqs,
-                             runner.max_blocks_per_seq, block_q, torch.device("cpu"))
+                             runner.max_blocks_per_seq, block_q, torch.device("cpu"), min_work_capacity=1)
+    assert len({graphs.work_capacity(size) for size in graphs.token_sizes}) > 1
     for num_tokens in graphs.token_sizes:
         graphs.outputs[num_tokens] = torch.full((num_tokens, TINY["hidden_size"]), float("nan"))
         graphs.graphs[num_tokens] = _ReplayByRerun(graphs, num_tokens)
