@@ -1,11 +1,12 @@
-"""Real versus simulated on the H100 runs in benchmarks/data/h100 (issue 5 item 6).
+"""Real versus simulated on the runs of one card in benchmarks/data/GPU (issue 5 item 6; H100 by default).
 
 Each real run was replayed on the GPU by benchmarks/gpu_fidelity.sh; here the same trace slice, with the same
 trace options and the real run's KV block count, goes through the simulator with the bundled calibrated
-profile (or --profile), and `twinfer compare` scores it. The bundled profile was fitted on its profiling run
-(grid and serving phase) and the Azure code replay: neither trace scored here was used for calibration.
+profile of that card (or --profile), and `twinfer compare` scores it. The bundled profiles were fitted on
+their profiling run (grid and serving phase) and the card's Azure code replay: neither trace scored here was
+used for calibration.
 
-    python benchmarks/fidelity.py [--profile FILE] [--json OUT] [--cases NAME ...]
+    python benchmarks/fidelity.py [--gpu h100|h200] [--profile FILE] [--json OUT] [--cases NAME ...]
 """
 
 import argparse
@@ -20,7 +21,6 @@ from engine.cli import main as twinfer
 from engine.commands import step_predictor_of
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT / "data" / "h100"
 CASES = {
     # name: (trace slice as replayed on the GPU, its trace options)
     "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
@@ -68,11 +68,13 @@ def trace_slice(name: str, shared_traces: Path, work: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default=None, help="cost model JSON (default: the bundled H100 profile)")
+    parser.add_argument("--gpu", default="h100", help="the card whose real runs are scored (benchmarks/data/GPU)")
+    parser.add_argument("--profile", default=None, help="cost model JSON (default: the card's bundled profile)")
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
     parser.add_argument("--json", default=None, help="write the comparisons run (all cases, or --cases) here")
-    parser.add_argument("--runs", default=str(DATA / "runs"), help="folder of the real runs (real-h100-qwen3-0.6b-NAME)")
+    parser.add_argument("--runs", default=None, help="folder of the real runs, real-GPU-qwen3-0.6b-NAME (default: "
+                        "benchmarks/data/GPU/runs)")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
     args = parser.parse_args()
     work = Path(args.work)
@@ -81,11 +83,11 @@ def main() -> None:
     for name, (slice_name, options) in CASES.items():
         if args.cases and name not in args.cases:
             continue
-        real_path = Path(args.runs) / f"real-h100-qwen3-0.6b-{name}"
+        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-qwen3-0.6b-{name}"
         real = read_run(real_path)
         sim_path = work / f"sim-{name}"
         command = ["simulate", str(trace_slice(slice_name, Path(args.traces), work)), *options,
-                   "--model", "qwen3-0.6b", "--gpu", "h100", "--num-gpu-blocks-override",
+                   "--model", "qwen3-0.6b", "--gpu", args.gpu, "--num-gpu-blocks-override",
                    str(real.metadata["num_kv_blocks"]), "--out", str(sim_path), "--no-progress"]
         if args.profile:
             command += ["--profile", args.profile]
