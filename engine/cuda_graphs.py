@@ -124,6 +124,8 @@ class MixedStepGraphs:
 
     def __init__(self, model, token_sizes: list[int], max_seqs: int, max_blocks_per_seq: int, block_q: int,
                  device: torch.device, min_work_capacity: int = 1024) -> None:
+        from engine.kernels.decode_attention import DecodeTiling  # Triton only where the graphs are built
+
         self.model = model
         self.min_work_capacity = min_work_capacity
         self.token_sizes = sorted(token_sizes)
@@ -141,7 +143,7 @@ class MixedStepGraphs:
         self.tile_map = torch.full((2, self.tile_capacity(max_tokens)), -1, **int32)
         self.decode_work = torch.full((2, self.work_capacity(max_tokens)), -1, **int32)
         self.decode_work_starts = torch.zeros(max_seqs, **int32)
-        self.decode_partition_size = torch.full((1,), 512, **int32)
+        self.decode_partition_size = torch.full((1,), DecodeTiling().partition_size, **int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -200,7 +202,8 @@ class MixedStepGraphs:
         self.tile_map[0, :capacity].copy_(metadata.tile_map[0])
         self.tile_map[1, :capacity].copy_(metadata.tile_map[1])
         work_map, starts, partition_size = metadata.decode_work
-        self.decode_work[:, :work_map.shape[1]].copy_(work_map)
+        # Exactly this graph's width (a narrower map would leave another step's entries behind it).
+        self.decode_work[:, :self.work_capacity(num_tokens)].copy_(work_map)
         self.decode_work_starts.copy_(starts)
         self.decode_partition_size.copy_(partition_size)
         self.graphs[num_tokens].replay()

@@ -361,7 +361,7 @@ def test_decode_work_map_lists_each_rows_partitions_and_grows_them_to_fit():
     assert size == 512
     assert work_map[0].tolist() == [0, 0, 0, 2, 3, -1, -1, -1] and work_map[1].tolist() == [0, 1, 2, 0, 0, -1, -1, -1]
     assert starts.tolist() == [0, 3, 3, 4]
-    # 16k-token rows: 32 partitions of 512 each would need 96 entries; 8 fit with partitions of 4,096.
+    # 16k-token rows: partitions of 512 would need 65 entries, of 4,096 still 9; 8 fit with partitions of 8,192.
     work_map, starts, size = decode_work_map([16384, 16384, 100], capacity=8)
     assert size == 8192 and work_map[0].tolist() == [0, 0, 1, 1, 2, -1, -1, -1] and starts.tolist() == [0, 2, 4]
     with pytest.raises(ValueError, match="3 decode rows do not fit its capacity 2"):

@@ -208,7 +208,7 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
     attention = runner.model.attention_layers()[0]
     block_q = prefill_query_tile(attention.num_heads, attention.num_kv_heads, attention.head_dim)
     # No floor on the work maps' capacity: the graphs' maps are then column slices of different widths of one
-    # buffer, as on a GPU for graphs below 512 tokens.
+    # buffer, as on a GPU for graphs above 512 tokens when max_num_seqs is above 512.
     graphs = MixedStepGraphs(runner.model, mixed_step_token_sizes(24), engine_config.max_num_seqs,
                              runner.max_blocks_per_seq, block_q, torch.device("cpu"), min_work_capacity=1)
     assert len({graphs.work_capacity(size) for size in graphs.token_sizes}) > 1

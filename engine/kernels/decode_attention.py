@@ -28,7 +28,8 @@ class DecodeTiling:
     """
 
     partition_size: int = 512
-    """Context tokens per program; grown for very long contexts so at most max_partitions remain."""
+    """Context tokens per program; grown for very long contexts so at most max_partitions remain (over a work
+    map: grown until the step's partitions fit the map, max_partitions aside)."""
     block_n: int = 128
     """Keys per inner-loop step."""
     max_partitions: int = 128
@@ -245,7 +246,9 @@ def paged_decode_attention(
     work: decode_work_map's (map [2, capacity], starts [B], partition size [1]) on the device. The grid then
     runs over the map's entries instead of every row times the widest table's partitions: for a CUDA graph's
     fixed layout, whose rows are mostly padding, that grid would be mostly idle programs, and any bound on it
-    gives long rows one long partition (a 16k-token context in one program took milliseconds per step).
+    gives long rows one long partition (a 16k-token context in one program took milliseconds per step). The
+    map's partition size must be at least tiling's (the reduce's width comes from it): decode_work_map's
+    default is DecodeTiling's.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
