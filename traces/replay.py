@@ -42,6 +42,8 @@ class ReplayProgress:
         self._last_refresh = 0.0
 
     def __call__(self, engine: Engine) -> None:
+        if self.bar.disable:
+            return  # no bar: the refresh's sum over every sequence would cost a real run's step its time
         now = time.monotonic()
         if now - self._last_refresh < 0.25:
             return
