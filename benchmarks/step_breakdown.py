@@ -14,11 +14,10 @@ import time
 import torch
 
 
-def _batch(num_decodes: int, context: int | list[int], prefill_lens: list[int], params):
-    """num_decodes one-token rows at context (or at each of a list's contexts), then the prompt chunks."""
+def _batch(contexts: list[int], prefill_lens: list[int], params):
+    """A one-token row at each of these contexts, then the prompt chunks."""
     from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 
-    contexts = context if isinstance(context, list) else [context] * num_decodes
     blocks_per_seq = -(-max([c + 1 for c in contexts] + [n + 1 for n in prefill_lens]) // 16)
     seqs = []
     for index, ctx in enumerate(contexts):
@@ -72,19 +71,19 @@ def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool |
     runner = llm.executor.runner
     params = SamplingParams(temperature=0.6, max_tokens=100, ignore_eos=True)
     shapes = {
-        "decode 256 x ctx 1000 (graph)": _batch(256, 1000, [], params),
-        "decode 64 x ctx 1000 (graph)": _batch(64, 1000, [], params),
-        "mixed 150 decodes ctx 1000 + 256-token prefill": _batch(150, 1000, [256], params),
-        "mixed 16 decodes ctx 500 + 64-token prefill": _batch(16, 500, [64], params),
-        "mixed 55 decodes ctx 1300 + 1091-token prefill": _batch(55, 1300, [1091], params),  # Azure conv's median
-        "prefill 4 x 512": _batch(0, 0, [512] * 4, params),
-        "prefill 4 x 2048": _batch(0, 0, [2048] * 4, params),
+        "decode 256 x ctx 1000 (graph)": _batch([1000] * 256, [], params),
+        "decode 64 x ctx 1000 (graph)": _batch([1000] * 64, [], params),
+        "mixed 150 decodes ctx 1000 + 256-token prefill": _batch([1000] * 150, [256], params),
+        "mixed 16 decodes ctx 500 + 64-token prefill": _batch([500] * 16, [64], params),
+        "mixed 55 decodes ctx 1300 + 1091-token prefill": _batch([1300] * 55, [1091], params),  # Azure conv's median
+        "prefill 4 x 512": _batch([], [512] * 4, params),
+        "prefill 4 x 2048": _batch([], [2048] * 4, params),
     }
     if max_model_len > 16384:
         # Mooncake-like: a few long conversations decoding beside a prompt chunk.
-        shapes["mixed 14 decodes ctx 16000 + 512-token prefill"] = _batch(14, 16000, [512], params)
+        shapes["mixed 14 decodes ctx 16000 + 512-token prefill"] = _batch([16000] * 14, [512], params)
         # Azure-like: one long conversation among short ones; a step's cost should follow the summed context.
-        shapes["mixed 1 x ctx 12000 + 49 x ctx 800 + 512 prefill"] = _batch(50, [12000] + [800] * 49, [512], params)
+        shapes["mixed 1 x ctx 12000 + 49 x ctx 800 + 512 prefill"] = _batch([12000] + [800] * 49, [512], params)
     results = {"gpu": torch.cuda.get_device_name(), "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
                "mixed_cuda_graphs": llm.executor.mixed_cuda_graphs}
     for name, batch in shapes.items():

@@ -1,6 +1,19 @@
-"""Shape, dtype and layout checks shared by the Triton attention kernels' launchers."""
+"""Shape, dtype and layout checks shared by the Triton attention kernels' launchers, and the work maps (lists of
+(owner, item) entries) that their fixed-layout grids run over."""
 
+import numpy as np
 import torch
+
+
+def entries_by_owner(counts: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """[2, capacity] int32: (owner, index within the owner) for counts[i] consecutive entries of each owner i,
+    -1 past the last; and each owner's first entry. The caller makes sure counts.sum() <= capacity."""
+    total = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    entries = np.full((2, capacity), -1, dtype=np.int32)
+    entries[0, :total] = np.repeat(np.arange(len(counts)), counts)
+    entries[1, :total] = np.arange(total) - np.repeat(starts, counts)
+    return entries, starts
 
 
 def check_attention_inputs(

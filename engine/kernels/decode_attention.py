@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.attention_inputs import check_attention_inputs
+from engine.kernels.attention_inputs import check_attention_inputs, entries_by_owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +221,7 @@ def decode_work_map(
     while counts.sum() > capacity:
         partition_size *= 2
         counts = -(-lens // partition_size)
-    total = int(counts.sum())
-    starts = np.cumsum(counts) - counts
-    work = np.full((2, capacity), -1, dtype=np.int32)
-    work[0, :total] = np.repeat(np.arange(len(lens)), counts)
-    work[1, :total] = np.arange(total) - np.repeat(starts, counts)
+    work, starts = entries_by_owner(counts, capacity)
     return work, starts.astype(np.int32), partition_size
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.attention_inputs import check_attention_inputs
+from engine.kernels.attention_inputs import check_attention_inputs, entries_by_owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,11 +307,8 @@ def prefill_tile_map(query_lens: np.ndarray, block_q: int, capacity: int, first_
     total = int(counts.sum())
     if total > capacity:
         raise ValueError(f"prefill_tile_map: {total} query tiles exceed the map's capacity of {capacity}")
-    result = np.full((2, capacity), -1, dtype=np.int32)
-    seqs = np.repeat(np.arange(len(query_lens)), counts)
-    starts = np.cumsum(counts) - counts
+    result, _ = entries_by_owner(counts, capacity)
     # Within a sequence: tile count-1, count-2, ..., 0.
-    result[0, :total] = seqs
-    result[1, :total] = np.repeat(counts - 1, counts) - (np.arange(total) - np.repeat(starts, counts))
+    result[1, :total] = np.repeat(counts - 1, counts) - result[1, :total]
     return result
 
