@@ -6,7 +6,10 @@ profile of that card (or --profile), and `twinfer compare` scores it. The bundle
 their profiling run (grid and serving phase) and the card's Azure code replay: neither trace scored here was
 used for calibration.
 
-    python benchmarks/fidelity.py [--gpu h100|h200] [--profile FILE] [--json OUT] [--cases NAME ...]
+    python benchmarks/fidelity.py [--gpu h100|h200] [--model qwen3-0.6b|qwen3-8b] [--profile FILE] [--json OUT]
+                                  [--cases NAME ...]
+
+A larger model replays the Azure slice slower (TIME_SCALES), so that the GPU is loaded as much, not swamped.
 """
 
 import argparse
@@ -22,10 +25,12 @@ from engine.commands import step_predictor_of
 
 ROOT = Path(__file__).resolve().parent
 CASES = {
-    # name: (trace slice as replayed on the GPU, its trace options)
-    "azure-conv": ("azure_conv_rows3000_5500.csv", ["--time-scale", "0.2", "--duration", "60"]),
-    "mooncake-conv": ("mooncake_conv_head400.jsonl", ["--time-scale", "2", "--duration", "60"]),
+    # name: (trace slice as replayed on the GPU for 60 s, its time scale as gpu_fidelity.sh's default)
+    "azure-conv": ("azure_conv_rows3000_5500.csv", "0.2"),
+    "mooncake-conv": ("mooncake_conv_head400.jsonl", "2"),
 }
+# The time scale for another model, as given to gpu_fidelity.sh (replay:MODEL:NAME:60:SCALE).
+TIME_SCALES = {("qwen3-8b", "azure-conv"): "0.5"}
 # Issue 5's targets: |relative error| at most this, per statistic ("step": the cost model on the real batches).
 TARGETS = {"step": 0.05, "mean": 0.05, "p50": 0.05, "p99": 0.10, "throughput": 0.03}
 THROUGHPUT_METRICS = tuple(name for name, _ in COMPARED_THROUGHPUTS)
@@ -69,25 +74,27 @@ def trace_slice(name: str, shared_traces: Path, work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", default="h100", help="the card whose real runs are scored (benchmarks/data/GPU)")
+    parser.add_argument("--model", default="qwen3-0.6b", help="the model of the real runs (real-GPU-MODEL-NAME)")
     parser.add_argument("--profile", default=None, help="cost model JSON (default: the card's bundled profile)")
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
     parser.add_argument("--json", default=None, help="write the comparisons run (all cases, or --cases) here")
-    parser.add_argument("--runs", default=None, help="folder of the real runs, real-GPU-qwen3-0.6b-NAME (default: "
+    parser.add_argument("--runs", default=None, help="folder of the real runs, real-GPU-MODEL-NAME (default: "
                         "benchmarks/data/GPU/runs)")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, (slice_name, options) in CASES.items():
+    for name, (slice_name, time_scale) in CASES.items():
         if args.cases and name not in args.cases:
             continue
-        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-qwen3-0.6b-{name}"
+        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-{args.model}-{name}"
         real = read_run(real_path)
-        sim_path = work / f"sim-{name}"
+        options = ["--time-scale", TIME_SCALES.get((args.model, name), time_scale), "--duration", "60"]
+        sim_path = work / f"sim-{args.model}-{name}"
         command = ["simulate", str(trace_slice(slice_name, Path(args.traces), work)), *options,
-                   "--model", "qwen3-0.6b", "--gpu", args.gpu, "--num-gpu-blocks-override",
+                   "--model", args.model, "--gpu", args.gpu, "--num-gpu-blocks-override",
                    str(real.metadata["num_kv_blocks"]), "--out", str(sim_path), "--no-progress"]
         if args.profile:
             command += ["--profile", args.profile]

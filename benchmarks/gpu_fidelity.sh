@@ -2,7 +2,8 @@
 # On a GPU machine: profile models and replay trace slices on the real executor, in the order given.
 # Everything lands under $OUT; simulate and compare afterwards on any machine (see BENCHMARKS.md).
 # Usage: bash benchmarks/gpu_fidelity.sh TASK...   with TASK one of
-#   profile:MODEL:SECONDS[:SERVING_SECONDS]   replay:MODEL:NAME:SECONDS   (NAME: azure-conv, mooncake-conv, azure-code)
+#   profile:MODEL:SECONDS[:SERVING_SECONDS]   replay:MODEL:NAME:SECONDS[:TIME_SCALE]
+#   (NAME: azure-conv, mooncake-conv, azure-code; TIME_SCALE replaces the slice's default, for a larger model)
 #   (SERVING_SECONDS of the profile's SECONDS go to its serving phase: see simulator/profile.py)
 # ENGINE_FLAGS (e.g. --no-mixed-cuda-graphs) go to every profile and replay, PROFILE_FLAGS (e.g. --repeats 2) to profiles.
 set -u
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 KEY=$(python3 -c "import torch; from simulator.gpu_specs import gpu_key; print(gpu_key(torch.cuda.get_device_name(0)))")
 
 for task in "$@"; do
-    IFS=: read -r kind model a b <<<"$task"
+    IFS=: read -r kind model a b c <<<"$task"
     echo "=== $task ($(date +%T))"
     if [ "$kind" = profile ]; then
         timeout $((a + 120)) python3 -m simulator.profile --model "$model" --max-seconds "$a" \
@@ -24,6 +25,7 @@ for task in "$@"; do
             azure-code) trace=gpu_data/azure_code_head1200.csv; shape=(--time-scale 0.12) ;;
             mooncake-conv) trace=gpu_data/mooncake_conv_head400.jsonl; shape=(--time-scale 2) ;;
         esac
+        [ -n "${c:-}" ] && shape=(--time-scale "$c")
         # A slice replayed again (the real engine's own spread) lands beside the first: NAME-repeat, -repeat2, ...
         run="$OUT/runs/real-${KEY}-${model}-${a}"
         n=1
