@@ -3,8 +3,8 @@
 Each real run was replayed on the GPU by benchmarks/gpu_fidelity.sh; here the same trace slice, with the same
 trace options and the real run's KV block count, goes through the simulator with the bundled calibrated
 profile of that card (or --profile), and `twinfer compare` scores it. The bundled profiles were fitted on
-their profiling run (grid and serving phase) and the card's Azure code replay: neither trace scored here was
-used for calibration.
+their profiling run (grid and serving phase), the Qwen3-0.6B ones with the card's Azure code replay too:
+neither trace scored here was used for calibration.
 
     python benchmarks/fidelity.py [--gpu h100|h200] [--model qwen3-0.6b|qwen3-8b] [--profile FILE] [--json OUT]
                                   [--cases NAME ...]
@@ -74,7 +74,7 @@ def trace_slice(name: str, shared_traces: Path, work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", default="h100", help="the card whose real runs are scored (benchmarks/data/GPU)")
-    parser.add_argument("--model", default="qwen3-0.6b", help="the model of the real runs (real-GPU-MODEL-NAME)")
+    parser.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-8b"], help="the model of the real runs (real-GPU-MODEL-NAME)")
     parser.add_argument("--profile", default=None, help="cost model JSON (default: the card's bundled profile)")
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
@@ -91,7 +91,11 @@ def main() -> None:
             continue
         real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-{args.model}-{name}"
         real = read_run(real_path)
-        options = ["--time-scale", TIME_SCALES.get((args.model, name), time_scale), "--duration", "60"]
+        time_scale = TIME_SCALES.get((args.model, name), time_scale)
+        if f"arrival times scaled by {time_scale}" not in real.metadata.get("trace_notes", []):
+            raise SystemExit(f"{real_path}: not replayed at time scale {time_scale} (its trace notes: "
+                             f"{real.metadata.get('trace_notes')}); simulating it so would compare different loads")
+        options = ["--time-scale", time_scale, "--duration", "60"]
         sim_path = work / f"sim-{args.model}-{name}"
         command = ["simulate", str(trace_slice(slice_name, Path(args.traces), work)), *options,
                    "--model", args.model, "--gpu", args.gpu, "--num-gpu-blocks-override",
