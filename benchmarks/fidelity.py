@@ -7,7 +7,7 @@ their profiling run (grid and serving phase), the Qwen3-0.6B ones with the card'
 neither trace scored here was used for calibration.
 
     python benchmarks/fidelity.py [--gpu h100|h200] [--model qwen3-0.6b|qwen3-8b] [--profile FILE] [--json OUT]
-                                  [--cases NAME ...]
+                                  [--cases NAME ...] [--suffix repeat]
 
 A larger model replays the Azure slice slower (TIME_SCALES), so that the GPU is loaded as much, not swamped.
 """
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help="folder of the real runs, real-GPU-MODEL-NAME (default: "
                         "benchmarks/data/GPU/runs)")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), help="only these cases (default: all)")
+    parser.add_argument("--suffix", default="", help="score the real runs named real-GPU-MODEL-NAME-SUFFIX (e.g. "
+                        "repeat: the slice replayed again by gpu_fidelity.sh)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ def main() -> None:
     for name, (slice_name, time_scale) in CASES.items():
         if args.cases and name not in args.cases:
             continue
-        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-{args.model}-{name}"
+        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-{args.model}-{name}{'-' + args.suffix if args.suffix else ''}"
         real = read_run(real_path)
         time_scale = TIME_SCALES.get((args.model, name), time_scale)
         if f"arrival times scaled by {time_scale}" not in real.metadata.get("trace_notes", []):
