@@ -22,6 +22,7 @@ from analysis.compare import COMPARED_THROUGHPUTS, compare_runs
 from analysis.run_store import read_run
 from engine.cli import main as twinfer
 from engine.commands import step_predictor_of
+from traces.transforms import time_scale_note
 
 ROOT = Path(__file__).resolve().parent
 CASES = {
@@ -74,7 +75,8 @@ def trace_slice(name: str, shared_traces: Path, work: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", default="h100", help="the card whose real runs are scored (benchmarks/data/GPU)")
-    parser.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-8b"], help="the model of the real runs (real-GPU-MODEL-NAME)")
+    parser.add_argument("--model", default="qwen3-0.6b", choices=["qwen3-0.6b", "qwen3-8b"],
+                        help="the model of the real runs (real-GPU-MODEL-NAME)")
     parser.add_argument("--profile", default=None, help="cost model JSON (default: the card's bundled profile)")
     parser.add_argument("--traces", default=str(ROOT.parents[1] / "shared" / "traces"), help="the shared traces")
     parser.add_argument("--work", default="/tmp/twinfer-fidelity")
@@ -91,10 +93,11 @@ def main() -> None:
     for name, (slice_name, time_scale) in CASES.items():
         if args.cases and name not in args.cases:
             continue
-        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / f"real-{args.gpu}-{args.model}-{name}{'-' + args.suffix if args.suffix else ''}"
+        run_name = f"real-{args.gpu}-{args.model}-{name}" + (f"-{args.suffix}" if args.suffix else "")
+        real_path = Path(args.runs or ROOT / "data" / args.gpu / "runs") / run_name
         real = read_run(real_path)
         time_scale = TIME_SCALES.get((args.model, name), time_scale)
-        if f"arrival times scaled by {time_scale}" not in real.metadata.get("trace_notes", []):
+        if time_scale_note(float(time_scale)) not in real.metadata.get("trace_notes", []):
             raise SystemExit(f"{real_path}: not replayed at time scale {time_scale} (its trace notes: "
                              f"{real.metadata.get('trace_notes')}); simulating it so would compare different loads")
         options = ["--time-scale", time_scale, "--duration", "60"]

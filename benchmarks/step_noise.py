@@ -9,10 +9,12 @@ The fit is in-sample with three terms per graph size, so the floor it gives is, 
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from pathlib import Path
+
+from analysis.run_store import read_run
 
 BLOCK_SECONDS = 2.5
 MIN_STEPS = 50
@@ -35,8 +37,8 @@ def decode_residuals(steps) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_decode_steps(path: Path):
-    table = pq.read_table(path / "steps.parquet" if path.is_dir() else path)
-    steps = table.to_pandas()
+    """The CUDA-graph decode steps of a run folder, or of a profile's serving phase."""
+    steps = (read_run(path).steps if path.is_dir() else pq.read_table(path)).to_pandas()
     if "grid" in steps.columns:  # a profile: only its serving phase is a run of the engine
         steps = steps[steps.grid == "serving"]
     return steps[(steps.duration > 0) & (steps.num_prefill_seqs == 0) & (steps.cuda_graph_batch_size > 0)]

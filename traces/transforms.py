@@ -12,11 +12,16 @@ import pyarrow.compute as pc
 from traces.schema import Trace
 
 
+def time_scale_note(factor: float) -> str:
+    """The note scale_time leaves on a trace (and a run keeps in its metadata's trace_notes)."""
+    return f"arrival times scaled by {factor:g}"
+
+
 def scale_time(trace: Trace, factor: float) -> Trace:
     """Multiply every inter-arrival time by `factor` (the first arrival stays): 0.5 replays twice as fast."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"time scale factor must be a positive number, got {factor!r}")
-    return _replace(trace, _scaled(trace.table, factor), f"arrival times scaled by {factor:g}")
+    return _replace(trace, _scaled(trace.table, factor), time_scale_note(factor))
 
 
 def with_request_rate(trace: Trace, rate: float) -> Trace:
