@@ -20,8 +20,8 @@ from pathlib import Path
 
 from analysis.compare import COMPARED_THROUGHPUTS, compare_runs
 from analysis.run_store import read_run
-from engine.cli import main as twinfer
-from engine.commands import step_predictor_of
+from twinfer.cli import main as twinfer
+from simulator.profile_library import step_predictor_of
 from traces.transforms import time_scale_note
 
 ROOT = Path(__file__).resolve().parent

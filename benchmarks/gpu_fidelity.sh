@@ -30,7 +30,7 @@ for task in "$@"; do
         run="$OUT/runs/real-${KEY}-${model}-${a}"
         n=1
         while [ -e "$run" ]; do run="$OUT/runs/real-${KEY}-${model}-${a}-repeat$([ $n -gt 1 ] && echo $n)"; n=$((n + 1)); done
-        timeout $((b + 150)) python3 -m engine.cli replay "$trace" "${shape[@]}" --duration "$b" --executor gpu \
+        timeout $((b + 150)) python3 -m twinfer replay "$trace" "${shape[@]}" --duration "$b" --executor gpu \
             --model "$model" --load-format dummy --dtype bfloat16 --no-progress ${ENGINE_FLAGS:-} \
             --out "$run" 2>&1 | grep -v "^\(Mean\|Median\)" | tail -14
     fi

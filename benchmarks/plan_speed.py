@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import main as twinfer
+from twinfer.cli import main as twinfer
 
 TARGET_SECONDS = 300.0
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"

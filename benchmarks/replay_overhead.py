@@ -13,7 +13,8 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.engine import Engine
 from traces.formats import read_trace
-from traces.replay import ReplayProgress, add_trace_requests
+from simulator.trace_requests import add_trace_requests
+from twinfer.replay import ReplayProgress
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 

@@ -42,18 +42,18 @@ def child(trace: str, model: str, gpu: str, gc_off: bool) -> dict:
     """Run `twinfer simulate` once in this process; CPU seconds of main() and of its phases."""
     import analysis.metrics
     import analysis.run_store
-    import engine.commands
     import engine.engine
-    import traces.replay
-    from engine.cli import main
+    import twinfer.cli.replay
+    import twinfer.replay
+    from twinfer.cli import main
 
     phases: dict[str, float] = {}
-    _timed(engine.commands, "load_trace", "load trace", phases)
-    _timed(traces.replay, "add_trace_requests", "add requests", phases)
+    _timed(twinfer.cli.replay, "load_trace", "load trace", phases)
+    _timed(twinfer.replay, "add_trace_requests", "add requests", phases)
     _timed(engine.engine.Engine, "run", "engine run", phases)
-    _timed(traces.replay, "requests_table", "requests table", phases)
-    _timed(traces.replay, "steps_table", "steps table", phases)
-    _timed(traces.replay, "write_run", "write run", phases)
+    _timed(twinfer.replay, "requests_table", "requests table", phases)
+    _timed(twinfer.replay, "steps_table", "steps table", phases)
+    _timed(twinfer.replay, "write_run", "write run", phases)
     _timed(analysis.run_store, "read_run", "summary: read run", phases)
     _timed(analysis.metrics, "compute_metrics", "summary: metrics", phases)
     if gc_off:

@@ -23,7 +23,7 @@ from simulator.kv_capacity import estimate_num_kv_blocks
 from simulator.model_shape import ModelShape
 from simulator.profile_library import cost_model_for
 from traces.formats import read_trace
-from traces.replay import add_trace_requests
+from simulator.trace_requests import add_trace_requests
 from traces.transforms import slice_count
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"

@@ -35,6 +35,7 @@ from analysis.run_store import run_metadata, trace_fingerprint, write_run
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from simulator.router import RoutedRequest, make_router
+from simulator.trace_requests import trace_sampling_params
 from traces.schema import Trace
 from traces.tokens import trace_prompt_token_ids
 
@@ -185,11 +186,6 @@ class ClusterResult:
         return requests, steps, replicas, step_replicas
 
 
-def _sampling_params(output_len: int) -> SamplingParams:
-    # As replay: a request ends at its trace output length, EOS ignored.
-    return SamplingParams(temperature=0.0, max_tokens=max(int(output_len), 1), ignore_eos=True)
-
-
 def simulate_cluster(
     requests: ClusterRequests,
     replicas: list[Engine],
@@ -226,7 +222,7 @@ def simulate_cluster(
         output_len = int(output_lens[index])
         params = params_cache.get(output_len)
         if params is None:
-            params = params_cache[output_len] = _sampling_params(output_len)
+            params = params_cache[output_len] = trace_sampling_params(output_len)
         replicas[replica].add_request(
             prompt_token_ids=tokens[index].tolist(), sampling_params=params, arrival_time=arrival, request_id=ids[index]
         )
@@ -327,7 +323,8 @@ def simulate_cluster_cli(args) -> int:
     from analysis.metrics import compute_metrics
     from analysis.run_store import read_run
     from analysis.summary import parse_goodput, print_summary, save_result_json
-    from engine.commands import build_simulated_engine, load_trace
+    from simulator.simulated_engine import build_simulated_engine
+    from twinfer.cli.options import load_trace
 
     trace = load_trace(args)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

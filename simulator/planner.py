@@ -157,7 +157,7 @@ class ConfigPlan:
 
 
 def _engine_args(config: PlanConfig, settings: PlanSettings):
-    """The option namespace engine.commands.build_simulated_engine reads, for this configuration."""
+    """The option namespace simulator.simulated_engine.build_simulated_engine reads, for this configuration."""
     import argparse
 
     return argparse.Namespace(
@@ -176,7 +176,7 @@ def _engine_args(config: PlanConfig, settings: PlanSettings):
 
 def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callable, dict]:
     """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
-    from engine.commands import build_simulated_engine
+    from simulator.simulated_engine import build_simulated_engine
 
     args = _engine_args(config, settings)
 
@@ -488,7 +488,7 @@ def _to_verify(rows: list[dict], verify_top: int, target_rate: float) -> list[tu
 
 def plan_cli(args) -> int:
     """`twinfer plan TRACE ...`: the sweep, the ranked table (CSV, Parquet), the HTML report."""
-    from engine.commands import load_trace
+    from twinfer.cli.options import load_trace
     from simulator.gpu_specs import gpu_key, gpu_spec
 
     gpus = tuple(dict.fromkeys(gpu_key(g) for g in args.gpu.split(",") if g.strip()))

@@ -242,7 +242,7 @@ def serving_steps(executor, config: EngineConfig, *, seconds: float, rate: float
     from engine.clock import WallClock
     from engine.engine import Engine
     from traces.arrivals import Poisson
-    from traces.replay import add_trace_requests
+    from simulator.trace_requests import add_trace_requests
     from traces.synthetic import random_workload
 
     # Room for twice the expected arrivals; those arriving after the deadline are never admitted.

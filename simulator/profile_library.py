@@ -59,3 +59,12 @@ def cost_model_for(
         roofline = Roofline(spec, ModelShape.load(model), tp=tp, dtype=dtype)
         warnings.warn(f"{missing} Using the {roofline.label}.", stacklevel=2)
         return roofline
+
+
+def step_predictor_of(run):
+    """The cost model a simulated run used (kept in its metadata), as a predictor of step-table durations."""
+    data = run.metadata.get("cost_model")
+    if not data:
+        return None
+    cost_model = CostModel.from_json(data, source=f"{run.path}/metadata.json")
+    return lambda steps: cost_model.predict_columns({name: steps.column(name).to_numpy() for name in steps.column_names})

@@ -8,8 +8,8 @@ import pytest
 
 from analysis.metrics import compute_metrics
 from analysis.run_store import read_run
-from engine.cli import build_parser, main
-from engine.commands import build_simulated_engine
+from twinfer.cli import build_parser, main
+from simulator.simulated_engine import build_simulated_engine
 from simulator.cluster import ClusterRequests, read_replica_assignment, simulate_cluster, write_cluster_run
 from simulator.router import (
     LeastOutstandingRouter,
@@ -19,7 +19,7 @@ from simulator.router import (
     make_router,
 )
 from traces.arrivals import ConstantRate, Poisson
-from traces.replay import replay
+from twinfer.replay import replay
 from traces.synthetic import random_workload, shared_prefix_workload
 from traces.trace_builder import build_trace
 

@@ -11,7 +11,7 @@ import pytest
 
 from analysis.metrics import compute_metrics
 from analysis.plan_report import build_plan_report
-from engine.cli import main
+from twinfer.cli import main
 from simulator.cluster import ClusterRequests, simulate_cluster
 from simulator.gpu_prices import parse_prices
 from simulator.model_shape import PRESETS_DIR

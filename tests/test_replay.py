@@ -5,11 +5,11 @@ import json
 import pytest
 
 from analysis.run_store import read_run
-from engine.cli import main
+from twinfer.cli import main
 from engine.config import EngineConfig
 from engine.engine import Engine
 from traces.arrivals import Poisson
-from traces.replay import replay
+from twinfer.replay import replay
 from traces.synthetic import random_workload
 from tests.fake_executor import PredictingExecutor
 

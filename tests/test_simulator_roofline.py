@@ -113,7 +113,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_simulating_an_unknown_gpu_is_an_error_naming_the_known_ones(tmp_path, capsys):
-    from engine.cli import main
+    from twinfer.cli import main
 
     code = main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "tpu-v5", "--out", str(tmp_path / "run"),
                  "--no-progress"])

@@ -1,6 +1,6 @@
 """The throughput benchmark's engine half on CPU: the figures it records."""
 
-from engine.throughput_benchmark import run_twinfer
+from twinfer.throughput_benchmark import run_twinfer
 
 
 def test_run_twinfer_records_the_resolved_mixed_graph_option():

@@ -78,7 +78,7 @@ def test_shared_hash_ids_hit_the_engine_prefix_cache():
     from engine.engine import Engine
     from tests.fake_executor import PagedEchoExecutor
     from traces import ConstantRate, random_workload
-    from traces.replay import add_trace_requests
+    from simulator.trace_requests import add_trace_requests
 
     def cached_tokens(trace):
         config = EngineConfig(block_size=16, max_model_len=512, vocab_size=1000)

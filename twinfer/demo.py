@@ -10,7 +10,7 @@
 import time
 from pathlib import Path
 
-from engine.cli import main as twinfer
+from twinfer.cli import main as twinfer
 
 TINY_MODEL = "tiny-qwen3"
 CPU_KV_BLOCKS = "512"

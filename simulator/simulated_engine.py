@@ -1,0 +1,96 @@
+"""An engine whose executor is a cost model: the simulator's twin of the real engine, as the CLI configures it."""
+
+from engine.clock import VirtualClock
+from engine.config import EngineConfig, default_max_model_len, engine_config_for
+
+
+def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> EngineConfig:
+    """The EngineConfig for these command-line options and this model."""
+    return engine_config_for(
+        model_config,
+        max_model_len=args.max_model_len or default_max_model_len(model_config.max_position_embeddings),
+        gpu_memory_gib=gpu_memory_gib,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        num_kv_blocks=args.num_gpu_blocks_override,
+        async_scheduling=getattr(args, "async_scheduling", False),
+    )
+
+
+def _dtype_name(dtype: str) -> str:
+    return "bfloat16" if dtype == "auto" else dtype
+
+
+def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
+    """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
+    from engine.cuda_graphs import mixed_step_token_sizes, resolve_mixed_cuda_graphs
+    from engine.engine import Engine
+    from engine.model_config import load_model_config
+    from simulator.executor import CostModelExecutor
+    from simulator.gpu_specs import gpu_spec
+    from simulator.kv_capacity import estimate_num_kv_blocks
+    from simulator.model_shape import ModelShape
+    from simulator.profile_library import cost_model_for
+
+    model_config = load_model_config(model)
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % tp or kv_heads % tp:  # the real engine shards both and refuses such a TP at start-up
+        raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
+                         f"its key/value heads ({kv_heads}), as the real engine shards them")
+    dtype = _dtype_name(args.dtype)
+    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
+    try:
+        spec = gpu_spec(gpu)
+    except KeyError:
+        if profile is None or args.num_gpu_blocks_override is None:
+            raise ValueError(
+                f"unknown GPU {gpu!r}: simulating it needs --profile (its calibrated cost model) and "
+                "--num-gpu-blocks-override (its KV block count)"
+            ) from None
+        spec = None
+    if spec is not None and tp > spec.gpus_per_host:
+        raise ValueError(f"tensor_parallel_size {tp} needs more than one {spec.name} host ({spec.gpus_per_host} GPUs "
+                         "each): tensor parallelism runs within one host, as the real engine does")
+    config = engine_config_from(
+        args, model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None
+    )
+    num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
+        spec,
+        ModelShape.load(model),
+        tp=tp,
+        dtype=dtype,
+        block_size=config.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+    )
+    # The CPU executor has no CUDA graphs: its twin runs every step eagerly, as it does.
+    eager = args.enforce_eager or gpu.lower() == "cpu"
+    # As the real engine, whose mixed-step graphs need the triton backend ("auto" picks it at the usual
+    # block sizes).
+    backend = getattr(args, "attention_backend", "auto")
+    backend = "triton" if backend == "auto" else backend
+    mixed = not eager and resolve_mixed_cuda_graphs(getattr(args, "mixed_cuda_graphs", None), backend, tp)
+    mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens) if mixed else ()
+    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
+                                 mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
+    engine = Engine(config, executor, VirtualClock())
+    metadata = {
+        "model": model,
+        "gpu": spec.name if spec is not None else gpu,
+        "profile": cost_model.label,
+        "calibrated": bool(cost_model.calibrated),
+        "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
+        "tensor_parallel_size": tp,
+        "dtype": dtype,
+        "enforce_eager": eager,
+        "mixed_cuda_graphs": bool(mixed),
+    }
+    if not cost_model.calibrated:
+        print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+    return engine, metadata, model_config.vocab_size
+
+

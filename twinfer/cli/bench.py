@@ -1,0 +1,21 @@
+"""`twinfer bench throughput`: offline throughput on nano-vLLM's workload, against the roofline (GPU)."""
+
+import argparse
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("bench", help="benchmarks")
+    parser.add_argument("which", choices=["throughput"])
+    parser.add_argument("--model", default="qwen3-0.6b")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--num-seqs", type=int, default=256)
+
+
+def run(args: argparse.Namespace) -> int:
+    from twinfer.throughput_benchmark import main as throughput
+
+    argv = ["--model", args.model, "--num-seqs", str(args.num_seqs)]
+    if args.json:
+        argv += ["--out", args.json]
+    throughput(argv)
+    return 0

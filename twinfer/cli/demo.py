@@ -1,0 +1,14 @@
+"""`twinfer demo`: the whole loop on a CPU in a few minutes, with nothing to download."""
+
+import argparse
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("demo", help="the whole loop on a CPU in a few minutes")
+    parser.add_argument("--out", default="twinfer-demo")
+
+
+def run(args: argparse.Namespace) -> int:
+    from twinfer.demo import demo
+
+    return demo(args.out)

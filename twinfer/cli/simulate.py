@@ -1,0 +1,29 @@
+"""`twinfer simulate`: a trace through the simulator (cost-model executor, virtual clock); no GPU needed."""
+
+import argparse
+
+from twinfer.cli.options import add_engine_options, add_output_options, add_trace_options
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("simulate", help="replay a trace through the simulator (no GPU needed)")
+    add_trace_options(parser)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--gpu", default="h100")
+    parser.add_argument("--profile", default=None, help="calibrated profile JSON (default: the bundled one)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--router", default="round-robin",
+                        choices=["round-robin", "least-outstanding", "prefix-affinity"])
+    add_engine_options(parser)
+    add_output_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.replicas > 1:
+        from simulator.cluster import simulate_cluster_cli
+
+        return simulate_cluster_cli(args)
+    from twinfer.cli import replay
+
+    args.executor = "sim"
+    return replay.run(args)
