@@ -1,0 +1,96 @@
+"""Issue 15's held-out validation: real replays (benchmarks/gpu_replays.sh) against the composed twin.
+
+Each case is a model and a trace at a load chosen for that model (LOADS). The real run was replayed on a
+GPU with dummy weights; here the same trace options go through `twinfer simulate` with the cost model asked
+for (--kind composed: built from the operator profile, no step of the model in any fit; calibrated: the
+bundled profile), the real run's KV block count and engine options, and `twinfer compare` scores it.
+
+    python benchmarks/composed_validation.py --runs DIR [--kind composed|calibrated] [--json OUT]
+    python benchmarks/composed_validation.py --print-load MODEL CASE      (gpu_replays.sh's trace options)
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+CASE_TRACES = {
+    "azure-conv": "gpu_data/azure_conv_rows3000_5500.csv",
+    "sharegpt": "gpu_data/sharegpt_8k.csv",
+}
+# Trace options per (model, case): a load that keeps the GPU busy without swamping it.
+LOADS = {
+    ("qwen3-0.6b", "azure-conv"): "--time-scale 0.2",
+    ("qwen3-8b", "azure-conv"): "--time-scale 0.5",
+    ("llama-3-8b", "azure-conv"): "--time-scale 0.5",
+    ("qwen3-32b", "azure-conv"): "--time-scale 2",
+    ("qwen3-0.6b", "sharegpt"): "--arrivals poisson:16",
+    ("qwen3-8b", "sharegpt"): "--arrivals poisson:5",
+    ("llama-3-8b", "sharegpt"): "--arrivals poisson:5",
+    ("qwen3-32b", "sharegpt"): "--arrivals poisson:1.5",
+}
+
+
+def load_options(model: str, case: str) -> list[str]:
+    """The trace file and options of a case, as gpu_replays.sh passes them to `twinfer replay`."""
+    return [CASE_TRACES[case], *LOADS[(model, case)].split()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--print-load", nargs=2, metavar=("MODEL", "CASE"))
+    parser.add_argument("--runs", help="folder of real runs named real-MODEL-CASE (from gpu_replays.sh)")
+    parser.add_argument("--kind", default="composed", choices=["composed", "calibrated"])
+    parser.add_argument("--gpu", default="h200")
+    parser.add_argument("--profile", default=None, help="a cost model JSON instead of --kind's")
+    parser.add_argument("--duration", default="40", help="seconds of arrivals, as replayed")
+    parser.add_argument("--work", default="/tmp/twinfer-composed-validation")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.print_load:
+        print(" ".join(load_options(*args.print_load)))
+        return
+
+    from analysis.compare import compare_runs
+    from analysis.run_store import read_run
+    from fidelity import missed_targets
+    from simulator.profile_library import step_predictor_of
+    from twinfer.cli import main as twinfer
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for real_path in sorted(Path(args.runs).glob("real-*")):
+        model, case = next((m, c) for (m, c) in LOADS if real_path.name == f"real-{m}-{c}")
+        real = read_run(real_path)
+        sim_path = work / f"sim-{args.kind}-{model}-{case}"
+        command = ["simulate", *load_options(model, case), "--duration", args.duration, "--model", model,
+                   "--gpu", args.gpu, "--num-gpu-blocks-override", str(real.metadata["num_kv_blocks"]),
+                   "--out", str(sim_path), "--no-progress"]
+        if args.profile:
+            command += ["--profile", args.profile]
+        elif args.kind == "composed":
+            command += ["--cost-model", "composed"]
+        command.append("--mixed-cuda-graphs" if real.metadata.get("mixed_cuda_graphs") else "--no-mixed-cuda-graphs")
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = twinfer(command)
+        if status:
+            raise SystemExit(f"simulate failed for {real_path.name}: {' '.join(command)}")
+        simulated = read_run(sim_path)
+        comparison = compare_runs(real, simulated, step_predictor=step_predictor_of(simulated))
+        print(f"\n##### {model} {case} ({args.kind})")
+        print(comparison.format())
+        results[f"{model}/{case}"] = comparison.to_dict()
+        misses = missed_targets(results[f"{model}/{case}"])
+        print("targets: " + ("all met" if not misses else "missed " + "; ".join(misses)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
