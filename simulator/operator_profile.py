@@ -941,6 +941,8 @@ def host_step_table(run: TableRun, context: ProfileContext) -> None:
     """Serve a Poisson load on the probe with the real engine, take each step's duration less its wait for the
     device, and fit HOST_TERMS to it."""
     grid = context.grid
+    if not run.open():
+        return
     _release_memory(context.device, collect=True)
     with tempfile.TemporaryDirectory() as folder:
         executor, config = _probe_executor(context, probe_model_path(grid.probe, Path(folder)))

@@ -1,0 +1,193 @@
+"""The operator profiler run end to end on the CPU with its tiny grid: the file the composed cost model reads.
+
+The GPU-only parts (CUDA graphs, events, NCCL) cannot run here; the Triton kernels' variants run under Triton's
+interpreter, which must be switched on before triton is first imported (another module may have imported it
+first: those tests then rerun this file in a fresh interpreter process).
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+# First: it switches Triton's interpreter on before any kernel module imports triton.
+from tests.triton_interpreter import needs_triton, rerun_in_fresh_process, runs_elsewhere  # noqa: I001
+
+from simulator import operator_profile as profiler
+from simulator.operator_profile_schema import FORMAT, OPERATORS, VERSION
+
+EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce"}  # all-reduce needs several GPUs
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory):
+    """(rows as a dict of columns, metadata, log lines) of one quick profile on the CPU."""
+    path = tmp_path_factory.mktemp("operators") / "cpu_operators.parquet"
+    lines = []
+    profiler.profile_operators(path, device="cpu", dtype="float32", max_seconds=120,
+                               grid=profiler.quick_grid(), log=lines.append)
+    table = profiler.read_operator_profile(path)
+    metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+    return table.to_pydict(), metadata, lines
+
+
+def _rows(columns: dict, **where) -> list[dict]:
+    names = list(columns)
+    rows = [dict(zip(names, values)) for values in zip(*columns.values())]
+    return [row for row in rows if all(row[key] == value for key, value in where.items())]
+
+
+def test_file_reads_with_the_schema_and_names_the_machine(quick_profile):
+    columns, metadata, lines = quick_profile
+    assert metadata["format"] == FORMAT and metadata["version"] == VERSION
+    assert metadata["gpu"] == "cpu" and metadata["gpu_name"].startswith("cpu")
+    assert metadata["torch_version"] == torch.__version__ and metadata["date"].startswith("20")
+    assert metadata["complete"] == "True" and metadata["errors"] == "0"
+    assert metadata["all_reduce"].startswith("not measured")
+    assert 0 < float(metadata["seconds"]) < 120
+    assert any(line.startswith("wrote ") for line in lines)  # the summary the GPU log ends with
+
+
+def test_every_operator_the_composer_needs_is_there_with_positive_times(quick_profile):
+    columns, _, _ = quick_profile
+    assert set(columns["op"]) == EXPECTED_OPERATORS
+    timed = [row for row in _rows(columns) if row["op"] != "host_step"]
+    assert all(row["seconds"] > 0 and row["repeats"] > 0 for row in timed)
+    assert not any(row["graph"] for row in timed)  # no CUDA graphs on the CPU, and the rows say so
+    variants = {(row["op"], row["variant"]) for row in _rows(columns)}
+    assert {("decode_attention", ""), ("decode_attention", "exact_table"), ("rotary", ""), ("rotary", "qk_norm"),
+            ("sampler", "greedy"), ("sampler", "random"), ("launch", "torch"), ("launch", "triton")} <= variants
+
+
+def test_gemm_covers_every_linear_layer_of_every_model_at_every_tp(quick_profile):
+    columns, _, _ = quick_profile
+    timed = {(row["n"], row["k"]) for row in _rows(columns, op="gemm")}
+    grid = profiler.quick_grid()
+    for dims in grid.models:
+        for tp in dims.tp_degrees(grid.tp_candidates):
+            assert set(dims.linear_shapes(tp).values()) <= timed, (dims.name, tp)
+
+
+def test_gemm_time_grows_with_m(quick_profile):
+    columns, _, _ = quick_profile
+    n, k = 384 * 2, 128  # tiny-qwen3's gate_up at TP 1
+    seconds = {row["m"]: row["seconds"] for row in _rows(columns, op="gemm", n=n, k=k)}
+    assert sorted(seconds) == [1, 16, 128, 512]
+    assert seconds[512] > 4 * seconds[1]
+    assert seconds[512] > seconds[128] > seconds[1]
+
+
+def test_attention_rows_carry_their_shapes(quick_profile):
+    columns, _, _ = quick_profile
+    decode = _rows(columns, op="decode_attention", variant="")
+    assert {(row["num_heads"], row["num_kv_heads"], row["head_dim"]) for row in decode} == {
+        (4, 2, 32), (8, 2, 32), (2, 1, 32), (4, 1, 32)}
+    assert {(row["num_seqs"], row["context_len"]) for row in decode} == {(1, 40), (3, 40)}
+    prefill = _rows(columns, op="prefill_attention")
+    assert {(row["num_seqs"], row["query_len"], row["context_len"]) for row in prefill} == {
+        (1, 8, 40), (2, 8, 40), (1, 33, 40)}  # 2 x 33 new tokens exceed the grid's 64-token budget
+
+
+def test_host_step_is_fitted_from_the_probe_serving(quick_profile):
+    columns, metadata, _ = quick_profile
+    host = {row["variant"]: row["seconds"] for row in _rows(columns, op="host_step")}
+    assert set(host) <= set(profiler.HOST_TERMS) and {"step", "decode_seq", "prefill_token"} <= set(host)
+    assert all(value >= 0 for value in host.values()) and sum(host.values()) > 0
+    assert '"probe": "tiny-qwen3"' in metadata["host_step"]
+
+
+def test_a_short_budget_stops_cleanly_and_says_so(tmp_path):
+    path = tmp_path / "short.parquet"
+    lines = []
+    profiler.profile_operators(path, device="cpu", dtype="float32", max_seconds=0.5, grid=profiler.quick_grid(),
+                               log=lines.append)
+    table = profiler.read_operator_profile(path)
+    metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+    assert metadata["complete"] == "False"
+    assert '"cut": true' in metadata["tables"]
+    assert "host_step" not in set(table.column("op").to_pylist())  # no probe built once its time is gone
+
+
+def test_shapes_of_the_full_grid():
+    models = {dims.name: dims for dims in profiler.supported_models()}
+    assert {"qwen3-0.6b", "qwen3-8b", "qwen3-32b", "llama-3-8b", "qwen3-1.7b", "qwen3-4b", "qwen3-14b",
+            "llama-3-70b", "qwen2.5-7b", "qwen2.5-72b"} <= set(models)
+    assert "tiny-qwen3" not in models
+    assert models["qwen2.5-7b"].tp_degrees((1, 2, 4, 8)) == [1, 2, 4]  # 28 heads and 4 KV heads
+    assert models["qwen3-8b"].linear_shapes(2) == {
+        "qkv": ((16 + 2 * 4) * 128, 4096), "o": (4096, 16 * 128), "gate_up": (12288, 4096), "down": (4096, 6144),
+        "lm_head": (151936 // 2, 4096)}
+    grid = profiler.FULL_GRID
+    shapes = profiler.preset_gemm_shapes(tuple(models.values()), grid.tp_candidates, grid.lm_head_max_m)
+    assert len({(n, k) for n, k, _ in shapes}) == len(shapes)
+    largest_m = {(n, k): limit for n, k, limit in shapes}
+    assert largest_m[(151936, 4096)] == grid.lm_head_max_m  # an LM head runs on sampled rows only
+    assert largest_m[(12288 * 2, 4096)] > max(grid.gemm_m)  # qwen3-8b's gate_up: the whole m grid
+    general = profiler.general_gemm_shapes(grid, shapes)
+    assert not {(n, k) for n, k, _ in general} & set(largest_m)
+    assert all(n * k <= grid.general_max_weight for n, k, _ in general)
+    coarse, rest = profiler.coarse_first(grid.gemm_m)
+    assert coarse[0] == 1 and coarse[-1] == 16384 and sorted(coarse + rest) == sorted(grid.gemm_m)
+
+
+def test_fit_host_terms_recovers_known_costs():
+    rng = np.random.default_rng(0)
+    truth = {"step": 200e-6, "decode_seq": 3e-6, "prefill_seq": 40e-6, "prefill_token": 50e-9, "mixed_step": 30e-6,
+             "eager_step": 2e-3}
+    steps = []
+    for _ in range(400):
+        decodes, prefills = int(rng.integers(0, 200)), int(rng.integers(0, 3))
+        tokens = int(rng.integers(1, 2000)) * prefills
+        eager = bool(prefills and rng.random() < 0.5)
+        host = (truth["step"] + truth["decode_seq"] * decodes + truth["prefill_seq"] * prefills
+                + truth["prefill_token"] * tokens + truth["mixed_step"] * (decodes > 0 and prefills > 0)
+                + truth["eager_step"] * eager) * rng.normal(1.0, 0.01)
+        wait = float(rng.uniform(1e-3, 2e-2))
+        steps.append({"duration": host + wait, "device_wait": wait, "num_decode_seqs": decodes,
+                      "num_prefill_seqs": prefills, "num_prefill_tokens": tokens,
+                      "cuda_graph_batch_size": 0 if eager else 8})
+    fitted, report = profiler.fit_host_terms(steps)
+    assert report["median_relative_error"] < 0.02 and report["unmeasured"] == []
+    for term, value in truth.items():
+        assert fitted[term] == pytest.approx(value, rel=0.15), term
+
+
+@pytest.mark.slow
+def test_all_reduce_workers_report_each_message_size():
+    timings = profiler.time_all_reduce(2, (1024, 1 << 16), "float32", timeout=120)
+    assert [size for size, _ in timings] == [1024, 1 << 16]
+    assert all(seconds > 0 for _, seconds in timings)
+
+
+@runs_elsewhere
+def test_triton_variants_in_fresh_process():
+    rerun_in_fresh_process(__file__)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_triton_variants_run_under_the_interpreter():
+    """The Triton backend's variants (decode work map, prefill tile map) and the fused kernels, on tiny shapes."""
+    from engine.layers.fusion import disable_fusion, enable_fusion
+
+    tiny = profiler.quick_grid().models[0]
+    grid = dataclasses.replace(profiler.quick_grid(), models=(tiny,), tp_candidates=(1,), attention_backend="triton",
+                               decode_seqs=(2,), prefill_seqs=(2,), prefill_query_lens=(17,), elementwise_m=(5,),
+                               sampler_rows=(3,))
+    enable_fusion(cpu_too=True)
+    try:
+        with torch.inference_mode():
+            context = profiler._context(torch.device("cpu"), torch.float32, grid)
+            rows, errors = [], []
+            for name, _, table in profiler.TABLES[:9]:
+                run = profiler.TableRun(name, float("inf"), context, errors.append)
+                table(run, context)
+                rows += run.rows
+    finally:
+        disable_fusion()
+    assert not errors, errors
+    variants = {(row["op"], row["variant"]) for row in rows}
+    assert {("decode_attention", ""), ("decode_attention", "exact_table"), ("decode_attention", "work_map"),
+            ("prefill_attention", ""), ("prefill_attention", "tile_map"), ("kv_store", ""), ("rms_norm", ""),
+            ("rotary", "qk_norm"), ("silu_and_mul", ""), ("sampler", "random")} <= variants
