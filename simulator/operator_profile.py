@@ -770,8 +770,9 @@ def embedding_table(run: TableRun, context: ProfileContext) -> None:
     for width, vocab in distinct((dims.hidden, dims.vocab) for dims in context.models):
         if not run.open():
             return
-        with run.guard(f"embedding width={width}"), _default_dtype(context.dtype), torch.device(context.device):
-            module = VocabParallelEmbedding(vocab, width)
+        with run.guard(f"embedding width={width}"):
+            with _default_dtype(context.dtype), torch.device(context.device):
+                module = VocabParallelEmbedding(vocab, width)
             module.weight.normal_()
             for m in context.grid.elementwise_m:
                 if not run.open():

@@ -6,6 +6,7 @@ first: those tests then rerun this file in a fresh interpreter process).
 """
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -151,6 +152,56 @@ def test_fit_host_terms_recovers_known_costs():
     assert report["median_relative_error"] < 0.02 and report["unmeasured"] == []
     for term, value in truth.items():
         assert fitted[term] == pytest.approx(value, rel=0.15), term
+
+
+class _HostClockEvent:
+    """torch.cuda.Event on the host clock, so the GPU timing path runs here."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.seconds = None
+
+    def record(self) -> None:
+        self.seconds = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_HostClockEvent") -> float:
+        return (end.seconds - self.seconds) * 1e3
+
+
+def test_the_gpu_timing_path_with_cuda_stood_in_for(monkeypatch):
+    """What the GPU run does (graphs of many calls sized by the roofline, inputs rotated past the L2, replays timed by
+    events), with CUDA's graph capture and events replaced by plain calls and the host clock."""
+    from engine.attention import load_backend
+
+    captured = []
+
+    def capture(call, calls):
+        captured.append(calls)
+        return lambda: [call(index) for index in range(calls)]
+
+    monkeypatch.setattr(torch.cuda, "Event", _HostClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(profiler, "capture_graph", capture)
+    grid = profiler.quick_grid()
+    ceilings = profiler.Ceilings(flops=2e10, bandwidth=5e9, l2_bytes=256 << 10)
+    timer = profiler.OperatorTimer(on_cuda=True, sample_seconds=2e-5)
+    context = profiler.ProfileContext(torch.device("cpu"), torch.float32, grid, timer, ceilings, load_backend("torch"),
+                                      grid.models)
+    rows, errors = [], []
+    with profiler._one_thread_on_cpu(context.device), torch.inference_mode():
+        for name, _, table in profiler.TABLES:
+            if name not in ("host_step", "all_reduce"):
+                run = profiler.TableRun(name, time.perf_counter() + 60, context, errors.append)
+                table(run, context)
+                rows += run.rows
+    assert not errors, errors
+    eager = {"sampler", "launch"}  # the engine runs these outside its graphs
+    assert all(row["graph"] == (row["op"] not in eager) and row["seconds"] > 0 for row in rows)
+    # The smallest weight (128 x 64 floats, 32 KiB) takes 24 copies to span three times the 256 KiB L2, each
+    # called once a replay; a KV cache's copies stop at 64.
+    assert 24 in captured and max(captured) == 64
 
 
 @pytest.mark.slow
