@@ -16,7 +16,12 @@ import torch
 from tests.triton_interpreter import needs_triton, rerun_in_fresh_process, runs_elsewhere  # noqa: I001
 
 from simulator import operator_profile as profiler
+from simulator.all_reduce_profile import time_all_reduce
+from simulator.host_step_profile import HOST_TERMS, fit_host_terms
 from simulator.operator_profile_schema import FORMAT, OPERATORS, VERSION
+from simulator.operator_shapes import (FULL_GRID, coarse_first, general_gemm_shapes, preset_gemm_shapes, quick_grid,
+                                       supported_models)
+from simulator.operator_timing import Ceilings, OperatorTimer, ProfileContext, TableRun
 
 EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce"}  # all-reduce needs several GPUs
 
@@ -27,7 +32,7 @@ def quick_profile(tmp_path_factory):
     path = tmp_path_factory.mktemp("operators") / "cpu_operators.parquet"
     lines = []
     profiler.profile_operators(path, device="cpu", dtype="float32", max_seconds=120,
-                               grid=profiler.quick_grid(), log=lines.append)
+                               grid=quick_grid(), log=lines.append)
     table = profiler.read_operator_profile(path)
     metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
     return table.to_pydict(), metadata, lines
@@ -64,7 +69,7 @@ def test_every_operator_the_composer_needs_is_there_with_positive_times(quick_pr
 def test_gemm_covers_every_linear_layer_of_every_model_at_every_tp(quick_profile):
     columns, _, _ = quick_profile
     timed = {(row["n"], row["k"]) for row in _rows(columns, op="gemm")}
-    grid = profiler.quick_grid()
+    grid = quick_grid()
     for dims in grid.models:
         for tp in dims.tp_degrees(grid.tp_candidates):
             assert set(dims.linear_shapes(tp).values()) <= timed, (dims.name, tp)
@@ -93,7 +98,7 @@ def test_attention_rows_carry_their_shapes(quick_profile):
 def test_host_step_is_fitted_from_the_probe_serving(quick_profile):
     columns, metadata, _ = quick_profile
     host = {row["variant"]: row["seconds"] for row in _rows(columns, op="host_step")}
-    assert set(host) <= set(profiler.HOST_TERMS) and {"step", "decode_seq", "prefill_token"} <= set(host)
+    assert set(host) <= set(HOST_TERMS) and {"step", "decode_seq", "prefill_token"} <= set(host)
     assert all(value >= 0 for value in host.values()) and sum(host.values()) > 0
     assert '"probe": "tiny-qwen3"' in metadata["host_step"]
 
@@ -101,7 +106,7 @@ def test_host_step_is_fitted_from_the_probe_serving(quick_profile):
 def test_a_short_budget_stops_cleanly_and_says_so(tmp_path):
     path = tmp_path / "short.parquet"
     lines = []
-    profiler.profile_operators(path, device="cpu", dtype="float32", max_seconds=0.5, grid=profiler.quick_grid(),
+    profiler.profile_operators(path, device="cpu", dtype="float32", max_seconds=0.5, grid=quick_grid(),
                                log=lines.append)
     table = profiler.read_operator_profile(path)
     metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
@@ -111,7 +116,7 @@ def test_a_short_budget_stops_cleanly_and_says_so(tmp_path):
 
 
 def test_shapes_of_the_full_grid():
-    models = {dims.name: dims for dims in profiler.supported_models()}
+    models = {dims.name: dims for dims in supported_models()}
     assert {"qwen3-0.6b", "qwen3-8b", "qwen3-32b", "llama-3-8b", "qwen3-1.7b", "qwen3-4b", "qwen3-14b",
             "llama-3-70b", "qwen2.5-7b", "qwen2.5-72b"} <= set(models)
     assert "tiny-qwen3" not in models
@@ -119,16 +124,16 @@ def test_shapes_of_the_full_grid():
     assert models["qwen3-8b"].linear_shapes(2) == {
         "qkv": ((16 + 2 * 4) * 128, 4096), "o": (4096, 16 * 128), "gate_up": (12288, 4096), "down": (4096, 6144),
         "lm_head": (151936 // 2, 4096)}
-    grid = profiler.FULL_GRID
-    shapes = profiler.preset_gemm_shapes(tuple(models.values()), grid.tp_candidates, grid.lm_head_max_m)
+    grid = FULL_GRID
+    shapes = preset_gemm_shapes(tuple(models.values()), grid.tp_candidates, grid.lm_head_max_m)
     assert len({(n, k) for n, k, _ in shapes}) == len(shapes)
     largest_m = {(n, k): limit for n, k, limit in shapes}
     assert largest_m[(151936, 4096)] == grid.lm_head_max_m  # an LM head runs on sampled rows only
     assert largest_m[(12288 * 2, 4096)] > max(grid.gemm_m)  # qwen3-8b's gate_up: the whole m grid
-    general = profiler.general_gemm_shapes(grid, shapes)
+    general = general_gemm_shapes(grid, shapes)
     assert not {(n, k) for n, k, _ in general} & set(largest_m)
     assert all(n * k <= grid.general_max_weight for n, k, _ in general)
-    coarse, rest = profiler.coarse_first(grid.gemm_m)
+    coarse, rest = coarse_first(grid.gemm_m)
     assert coarse[0] == 1 and coarse[-1] == 16384 and sorted(coarse + rest) == sorted(grid.gemm_m)
 
 
@@ -148,7 +153,7 @@ def test_fit_host_terms_recovers_known_costs():
         steps.append({"duration": host + wait, "device_wait": wait, "num_decode_seqs": decodes,
                       "num_prefill_seqs": prefills, "num_prefill_tokens": tokens,
                       "cuda_graph_batch_size": 0 if eager else 8})
-    fitted, report = profiler.fit_host_terms(steps)
+    fitted, report = fit_host_terms(steps)
     assert report["median_relative_error"] < 0.02 and report["unmeasured"] == []
     for term, value in truth.items():
         assert fitted[term] == pytest.approx(value, rel=0.15), term
@@ -183,17 +188,17 @@ def test_the_gpu_timing_path_with_cuda_stood_in_for(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", _HostClockEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-    monkeypatch.setattr(profiler, "capture_graph", capture)
-    grid = profiler.quick_grid()
-    ceilings = profiler.Ceilings(flops=2e10, bandwidth=5e9, l2_bytes=256 << 10)
-    timer = profiler.OperatorTimer(on_cuda=True, sample_seconds=2e-5)
-    context = profiler.ProfileContext(torch.device("cpu"), torch.float32, grid, timer, ceilings, load_backend("torch"),
+    monkeypatch.setattr(OperatorTimer, "capture", staticmethod(capture))
+    grid = quick_grid()
+    ceilings = Ceilings(flops=2e10, bandwidth=5e9, l2_bytes=256 << 10)
+    timer = OperatorTimer(on_cuda=True, sample_seconds=2e-5)
+    context = ProfileContext(torch.device("cpu"), torch.float32, grid, timer, ceilings, load_backend("torch"),
                                       grid.models)
     rows, errors = [], []
-    with profiler._one_thread_on_cpu(context.device), torch.inference_mode():
+    with profiler.one_thread_on_cpu(context.device), torch.inference_mode():
         for name, _, table in profiler.TABLES:
             if name not in ("host_step", "all_reduce"):
-                run = profiler.TableRun(name, time.perf_counter() + 60, context, errors.append)
+                run = TableRun(name, time.perf_counter() + 60, context, errors.append)
                 table(run, context)
                 rows += run.rows
     assert not errors, errors
@@ -206,7 +211,7 @@ def test_the_gpu_timing_path_with_cuda_stood_in_for(monkeypatch):
 
 @pytest.mark.slow
 def test_all_reduce_workers_report_each_message_size():
-    timings = profiler.time_all_reduce(2, (1024, 1 << 16), "float32", timeout=120)
+    timings = time_all_reduce(2, (1024, 1 << 16), "float32", timeout=120)
     assert [size for size, _ in timings] == [1024, 1 << 16]
     assert all(seconds > 0 for _, seconds in timings)
 
@@ -222,17 +227,17 @@ def test_triton_variants_run_under_the_interpreter():
     """The Triton backend's variants (decode work map, prefill tile map) and the fused kernels, on tiny shapes."""
     from engine.layers.fusion import disable_fusion, enable_fusion
 
-    tiny = profiler.quick_grid().models[0]
-    grid = dataclasses.replace(profiler.quick_grid(), models=(tiny,), tp_candidates=(1,), attention_backend="triton",
+    tiny = quick_grid().models[0]
+    grid = dataclasses.replace(quick_grid(), models=(tiny,), tp_candidates=(1,), attention_backend="triton",
                                decode_seqs=(2,), prefill_seqs=(2,), prefill_query_lens=(17,), elementwise_m=(5,),
                                sampler_rows=(3,))
     enable_fusion(cpu_too=True)
     try:
         with torch.inference_mode():
-            context = profiler._context(torch.device("cpu"), torch.float32, grid)
+            context = profiler.profile_context(torch.device("cpu"), torch.float32, grid)
             rows, errors = [], []
             for name, _, table in profiler.TABLES[:9]:
-                run = profiler.TableRun(name, float("inf"), context, errors.append)
+                run = TableRun(name, float("inf"), context, errors.append)
                 table(run, context)
                 rows += run.rows
     finally:
