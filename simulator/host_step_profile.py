@@ -63,7 +63,8 @@ def probe_model_path(probe: str, folder: Path) -> str:
 
 
 def _probe_executor(context: ProfileContext, model: str):
-    """The real executor on the probe (dummy weights, CUDA graphs as the engine's defaults make them)."""
+    """(the real executor on the probe (dummy weights, CUDA graphs as the engine's defaults make them), its engine
+    config, the probe's layers)."""
     import torch
     from engine.config import EngineConfig, default_max_model_len, engine_config_for
     from engine.model_config import load_model_config
@@ -79,7 +80,7 @@ def _probe_executor(context: ProfileContext, model: str):
     # Less than the engine's 0.9 of the memory: whatever the executor leaves behind, the tables after it still fit.
     executor = ModelExecutor(model, config, dtype=context.dtype_name, device=str(context.device),
                              gpu_memory_utilization=0.6, load_format="dummy", seed=0)
-    return executor, config
+    return executor, config, model_config.num_hidden_layers
 
 
 def host_step_table(run: TableRun, context: ProfileContext) -> None:
@@ -90,14 +91,14 @@ def host_step_table(run: TableRun, context: ProfileContext) -> None:
         return
     release_memory(context.device, collect=True)
     with tempfile.TemporaryDirectory() as folder:
-        executor, config = _probe_executor(context, probe_model_path(grid.probe, Path(folder)))
+        executor, config, layers = _probe_executor(context, probe_model_path(grid.probe, Path(folder)))
     try:
         steps = _serve_probe(run, executor, config, grid)
         coefficients, report = fit_host_terms(steps)
         run.log(f"host_step: {len(steps)} serving steps, fit {report}")
         for term, seconds_per_unit in coefficients.items():
             run.add("host_step", seconds_per_unit, report["steps"], variant=term, graph=False, tp=1)
-        context.host_report = dict(report, probe=grid.probe, probe_layers=executor.model_config.num_hidden_layers)
+        context.host_report = dict(report, probe=grid.probe, probe_layers=layers)
     finally:
         _release_executor(executor)
         del executor

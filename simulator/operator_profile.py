@@ -33,12 +33,13 @@ import pyarrow.parquet as pq
 
 from simulator.all_reduce_profile import all_reduce_table
 from simulator.host_step_profile import host_step_table
-from simulator.operator_attention import decode_attention_table, prefill_attention_table
+from simulator.attention_profile import decode_attention_table, prefill_attention_table
+from simulator.elementwise_profile import (embedding_table, kv_store_table, rms_norm_table, rotary_table, sampler_table,
+                                           silu_and_mul_table)
+from simulator.gemm_profile import gemm_table, general_gemm_table
 from simulator.operator_profile_schema import FORMAT, OPERATOR_PROFILE_SCHEMA, VERSION
 from simulator.operator_shapes import BLOCK_SIZE, FULL_GRID, OperatorGrid, quick_grid, supported_models
-from simulator.operator_tables import (embedding_table, gemm_table, general_gemm_table, graph_replay_table,
-                                       kv_store_table, launch_table, rms_norm_table, rotary_table, sampler_table,
-                                       silu_and_mul_table)
+from simulator.overhead_profile import graph_replay_table, launch_table
 from simulator.operator_timing import OperatorTimer, ProfileContext, TableRun, measure_ceilings, release_memory
 
 MAX_FILE_BYTES = 16 << 20
@@ -175,10 +176,29 @@ def _metadata(context: ProfileContext, max_seconds: float) -> dict:
         "matmul_flops_per_s": round(context.ceilings.flops), "copy_bytes_per_s": round(context.ceilings.bandwidth),
         "decode_table_tokens": grid.decode_table_tokens, "mixed_graph_seqs": grid.mixed_graph_seqs,
         "mixed_graph_tokens": grid.mixed_graph_tokens,
-        "timing": "median seconds per call; graph rows: a replayed CUDA graph of many calls over their count; "
-                  "graph_replay: host clock per replay of a graph of m kernels, until done; launch: host clock of m "
-                  "eager launches, until done; host_step: fitted seconds per unit of the term",
+        "timing": TIMING_NOTE, "variants": json.dumps(VARIANT_NOTES),
     }
+
+
+TIMING_NOTE = (
+    "seconds per call, the median of repeated samples; graph rows: a replayed CUDA graph of many calls divided by "
+    "their count (weights and KV caches rotated past the L2); other rows eager, one launch after another; "
+    "graph_replay: host clock from replay to done, for a graph of m one-element kernels; launch: host clock of m "
+    "eager launches until done (one row is the whole burst); host_step: a fitted coefficient, seconds per unit")
+VARIANT_NOTES = {
+    "decode_attention/": "block tables as wide as decode CUDA graphs make them (decode_table_tokens)",
+    "decode_attention/exact_table": "block tables as wide as the context (eager steps)",
+    "decode_attention/work_map": "as inside a mixed-step CUDA graph: mixed_graph_seqs rows (padding after the "
+                                 "decodes), the decode work map of a graph of mixed_graph_tokens tokens",
+    "prefill_attention/": "as eager steps run it, the grid bounded by the longest chunk",
+    "prefill_attention/tile_map": "as inside a mixed-step CUDA graph: mixed_graph_seqs rows, the prefill tile map",
+    "rotary/qk_norm": "with Qwen3's per-head q/k RMSNorm in the same kernel",
+    "launch/torch": "a one-element torch kernel", "launch/triton": "the engine's Triton SwiGLU gate on one token",
+    "host_step/*": "the probe's host seconds per step (step), per decode sequence (decode_seq), per prefill chunk "
+                   "(prefill_seq), per prefill token (prefill_token), per step with both (mixed_step), per eager step "
+                   "(eager_step: launching the probe's forward, which overlaps its GPU work; scale by layers, "
+                   "metadata host_step's probe_layers); measured at TP 1",
+}
 
 
 def _finish_metadata(metadata: dict, context: ProfileContext, summary, started: float) -> None:

@@ -1,49 +1,10 @@
-"""The operator profile's tables other than attention and the host: gemm as the linear layers call it, the
-elementwise operators and the sampler, and the overheads of graph replays and eager launches."""
+"""The operator profile's per-token tables: the KV-cache store, the fused residual-add RMSNorm, rotary (with and
+without Qwen3's q/k norms), SwiGLU's gate, the embedding and the sampler, each through the engine's own code."""
 
 import contextlib
-import time
 
-import numpy as np
-
-from simulator.operator_shapes import (BLOCK_SIZE, attention_layouts, coarse_first, distinct, general_gemm_shapes,
-                                       preset_gemm_shapes)
+from simulator.operator_shapes import BLOCK_SIZE, attention_layouts, distinct
 from simulator.operator_timing import ProfileContext, TableRun
-
-
-def gemm_table(run: TableRun, context: ProfileContext) -> None:
-    """The presets' linear layers at every TP, over the m grid: a coarse pass over every shape, then the rest."""
-    grid = context.grid
-    shapes = preset_gemm_shapes(context.models, grid.tp_candidates, grid.lm_head_max_m)
-    for ms in coarse_first(grid.gemm_m):
-        _gemm_shapes(run, context, shapes, ms)
-
-
-def general_gemm_table(run: TableRun, context: ProfileContext) -> None:
-    """Powers of two and 1.5x steps of n and k, for sizes no preset has."""
-    grid = context.grid
-    exclude = preset_gemm_shapes(context.models, grid.tp_candidates, grid.lm_head_max_m)
-    _gemm_shapes(run, context, general_gemm_shapes(grid, exclude), grid.general_m)
-
-
-def _gemm_shapes(run: TableRun, context: ProfileContext, shapes, ms) -> None:
-    """F.linear(x[m, k], w[n, k]) as the engine's linear layers call it, the weight rotated over copies."""
-    import torch.nn.functional as F
-
-    for n, k, largest_m in shapes:
-        if not run.open():
-            return
-        with run.guard(f"gemm n={n} k={k}"):
-            copies = context.copies(n * k * context.itemsize)
-            weights = context.random(copies, n, k)
-            for m in [m for m in ms if m <= largest_m]:
-                if not run.open():
-                    return
-                x = context.random(m, k)
-                estimate = context.ceilings.estimate(2 * m * n * k, context.itemsize * (n * k + m * k + m * n))
-                run.time("gemm", lambda i: F.linear(x, weights[i % copies]), calls=context.calls(estimate, copies),
-                         m=m, n=n, k=k)
-            del weights
 
 
 def _elementwise_calls(context: ProfileContext, bytes_per_call: int) -> int:
@@ -184,65 +145,3 @@ def sampler_table(run: TableRun, context: ProfileContext) -> None:
                 for variant, params in (("greedy", SamplingTensors()), ("random", SamplingTensors(temperatures))):
                     run.time("sampler", lambda i: sampler(logits, params), calls=1, graph=False, variant=variant,
                              m=rows, width=vocab)
-
-
-
-
-def graph_replay_table(run: TableRun, context: ProfileContext) -> None:
-    """A CUDA graph of m one-element kernels, replayed and waited for on the host clock: the seconds a step pays
-    for its graph beyond the kernels' work (on the CPU, the m kernels run eagerly)."""
-    import torch
-
-    x = context.random(1)
-    for nodes in context.grid.replay_nodes:
-        if not run.open():
-            return
-        with run.guard(f"graph_replay m={nodes}"):
-            def burst():
-                for _ in range(nodes):
-                    x.neg_()
-
-            replay, graph = burst, False
-            if context.timer.on_cuda:
-                replay, graph = context.timer.capture(lambda i: burst(), 1), True
-            seconds, repeats = _host_seconds(replay, context)
-            run.add("graph_replay", seconds, repeats, graph=graph, m=nodes)
-
-
-def launch_table(run: TableRun, context: ProfileContext) -> None:
-    """m kernels launched eagerly one after another and waited for on the host clock: a torch one ("torch") and
-    one of the engine's Triton kernels through its Python launcher ("triton", the SwiGLU gate of one token)."""
-    from engine.layers.activation import silu_and_mul
-
-    x, gate_up = context.random(1), context.random(1, 128)
-    kernels = {"torch": lambda: x.neg_(), "triton": lambda: silu_and_mul(gate_up)}
-    for count in context.grid.launch_counts:
-        for variant, kernel in kernels.items():
-            if not run.open():
-                return
-            with run.guard(f"launch {variant} m={count}"):
-                def burst():
-                    for _ in range(count):
-                        kernel()
-
-                seconds, repeats = _host_seconds(burst, context)
-                run.add("launch", seconds, repeats, variant=variant, graph=False, m=count)
-
-
-def _host_seconds(run, context: ProfileContext, repeats: int = 20) -> tuple[float, int]:
-    """Median host-clock seconds of run() up to the device being done with it."""
-    import torch
-
-    def wait():
-        if context.timer.on_cuda:
-            torch.cuda.synchronize()
-
-    run()
-    wait()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        wait()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples)), repeats
