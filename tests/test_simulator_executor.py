@@ -79,7 +79,8 @@ def test_pure_decode_steps_replay_the_padded_graph(num_seqs, expected):
 
 def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them():
     sizes = (16, 32, 64, 96, 128)
-    executor = CostModelExecutor(CALIBRATED, 100_000, graphs=GraphDispatch(decode_graph_sizes(), sizes, max_mixed_seqs=4))
+    graphs = GraphDispatch(decode_graph_sizes(), sizes, max_mixed_seqs=4)
+    executor = CostModelExecutor(CALIBRATED, 100_000, graphs=graphs)
     mixed = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
                                 sequence(1, new=70, computed=0, decode=False, samples=True)])
     result = executor.execute(mixed)
@@ -91,7 +92,8 @@ def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them()
     assert executor.execute(too_long).cuda_graph_batch_size == 0
     assert executor.execute(too_many).cuda_graph_batch_size == 0
     assert CostModelExecutor(CALIBRATED, 100_000).execute(mixed).cuda_graph_batch_size == 0
-    eager = CostModelExecutor(CALIBRATED, 100_000, graphs=GraphDispatch.for_engine(4, 128, cuda_graphs=False, mixed=True))
+    eager_graphs = GraphDispatch.for_engine(4, 128, cuda_graphs=False, mixed=True)  # --enforce-eager wins
+    eager = CostModelExecutor(CALIBRATED, 100_000, graphs=eager_graphs)
     assert eager.execute(mixed).cuda_graph_batch_size == 0
     # Every row one token (a one-token prompt chunk among decodes): the runner replays a decode graph.
     one_token_rows = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
