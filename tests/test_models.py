@@ -175,6 +175,31 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     assert runner.mixed_graphs is graphs
 
 
+def test_decode_inputs_padded_for_a_cuda_graph(checkpoint):
+    """The host side of DecodeGraphs (checked on the CPU; the graphs need CUDA): a step of one-token rows, a
+    one-token prompt chunk among them too, padded to the next captured batch size with rows that write no KV
+    (slot -1) and attend to nothing (context 0)."""
+    from engine.graph_dispatch import GraphDispatch
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    folder, _ = checkpoint
+    executor = ModelExecutor(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=32),
+                             device="cpu", dtype="float32")
+    runner = executor.runner
+    runner.dispatch = GraphDispatch(decode_sizes=(1, 2, 4, 8))
+    greedy = SamplingParams(temperature=0)
+    decode_a = ScheduledSequence(1, [7], 16, [2, 3], True, True, 1, greedy)
+    last_chunk = ScheduledSequence(2, [9], 3, [4], False, True, 0, greedy)
+    decode_b = ScheduledSequence(3, [5], 20, [5, 6], True, True, 1, greedy)
+    step = runner.prepare(SchedulerOutput(0, [decode_a, last_chunk, decode_b]))
+    assert step.decode_graph_size == 4 and step.mixed_graph_size == 0
+    assert step.input_ids.tolist() == [7, 9, 5, 0] and step.positions.tolist() == [16, 3, 20, 0]
+    assert step.metadata.slot_mapping.tolist() == [3 * 16, 4 * 16 + 3, 6 * 16 + 4, -1]
+    assert step.metadata.seq_lens.tolist() == [17, 4, 21, 0] and step.metadata.cu_seqlens_q is None
+    assert step.metadata.block_tables.tolist() == [[2, 3], [4, 0], [5, 6], [0, 0]]
+    assert step.sampled_ids == [1, 2, 3] and step.logit_rows.tolist() == [0, 1, 2]
+
+
 
 class _ReplayByRerun:
     """A stand-in for a captured CUDA graph on the CPU: replay reruns the captured forward on the static
