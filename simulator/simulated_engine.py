@@ -26,8 +26,8 @@ def _dtype_name(dtype: str) -> str:
 
 def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
     """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
-    from engine.cuda_graphs import mixed_step_token_sizes, resolve_mixed_cuda_graphs
     from engine.engine import Engine
+    from engine.graph_dispatch import GraphDispatch, resolve_mixed_cuda_graphs
     from engine.model_config import load_model_config
     from simulator.executor import CostModelExecutor
     from simulator.gpu_specs import gpu_spec
@@ -74,9 +74,9 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     backend = getattr(args, "attention_backend", "auto")
     backend = "triton" if backend == "auto" else backend
     mixed = not eager and resolve_mixed_cuda_graphs(getattr(args, "mixed_cuda_graphs", None), backend, tp)
-    mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens) if mixed else ()
-    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
-                                 mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
+    graphs = GraphDispatch.for_engine(config.max_num_seqs, config.max_num_batched_tokens, cuda_graphs=not eager,
+                                      mixed=mixed)
+    executor = CostModelExecutor(cost_model, num_blocks, graphs=graphs)
     engine = Engine(config, executor, VirtualClock())
     metadata = {
         "model": model,
