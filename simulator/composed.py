@@ -1,0 +1,377 @@
+"""The composed cost model: a step's time summed from operators timed once per GPU, for any model, size, dtype and TP.
+
+A step is seen as the executor sees it (engine/stats.py BatchFeatures and the CUDA-graph size G). With P prefill
+and D decode sequences, N batched tokens, T = G or N the padded tokens, R = P + D the rows sampled, L layers and
+all shapes per tensor-parallel rank (simulator/model_operators.py says which operators at which shapes):
+
+  tokens(T)  = L * (gemm qkv + gemm o + gemm gate_up + gemm down + 2 rms_norm + rotary + kv_store + silu_and_mul
+                    + 2 all_reduce(T * hidden bytes))  + embedding + rms_norm + all_reduce(T * hidden bytes)
+               (all-reduces only at tp > 1: measured by message size where the profile has them, else NCCL's
+               ring formula over the card's interconnect)
+  head(H)    = gemm(H, vocab / tp, hidden) + all_gather of the logits (as an all-reduce of half their bytes)
+               H = G inside a decode graph (the LM head is captured in it), else R
+  attention  = a step of one-token rows only (N == R): the decode kernel over R rows at their mean context
+               ((decode_context + prefill_context + P) / R); else the prefill kernel at P sequences of mean query
+               N_prefill / P and mean context prefill_context / P, scaled by prefill_attention_work over the
+               work of P such mean sequences, plus the decode kernel over D rows at mean context (its "work_map"
+               variant inside a mixed-step graph)
+  gpu        = tokens(T) + (head(H) + sampler(R)) + attention
+  host       = step + decode_seq D + prefill_seq P + prefill_token N_prefill + mixed_step [P and D]
+               + eager_step [no graph]                                       (the profile's host_step terms)
+  duration   = host + (gpu + graph_replay(kernels in the graph))           in a CUDA graph
+             = host + max(launch(kernels launched), gpu)                     eagerly: launches overlap the GPU
+
+Every operator is interpolated from its table by simulator/operator_tables.py's rules. The token-proportional
+terms are precomputed per T (arrays grown on demand), so predict() is a few list lookups and one small
+interpolation per attention kernel.
+"""
+
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.stats import BatchFeatures
+from simulator.gpu_specs import gpu_key
+from simulator.model_operators import (
+    ATTENTION_KERNELS,
+    EMBEDDING_KERNELS,
+    HEAD_KERNELS,
+    LAYER_KERNELS,
+    ROW_GATHER_KERNELS,
+    SAMPLER_KERNELS,
+    ModelOperators,
+    activation_bytes,
+    all_reduce_ring_seconds,
+    find_model_operators,
+)
+from simulator.model_shape import ModelShape
+from simulator.operator_tables import OperatorProfile
+
+FORMAT = "twinfer-composed-cost-model"
+FORMAT_VERSION = 1
+INITIAL_TOKENS = 8193
+"""Per-token tables start covering this many tokens (vLLM's largest default batch) and double when a step needs more."""
+
+
+@dataclass(frozen=True)
+class ComposedCostModel:
+    """Step times composed from an operator profile for one (model shape, tp, dtype); never fitted on the model."""
+
+    shape: ModelShape
+    profile: OperatorProfile
+    tp: int = 1
+    dtype: str = "bfloat16"
+    interconnect_bandwidth: float | None = None
+    """Bytes/s per GPU to its peers, for the ring formula when the profile has no all_reduce rows at this tp."""
+    sampler: str = "greedy"
+    """The sampler variant timed (trace replays sample greedily)."""
+
+    calibrated = False
+    provenance = "composed"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise ValueError(f"composed cost model tp must be a positive integer, got {self.tp!r}")
+        for what, count in (("attention heads", self.shape.num_attention_heads),
+                            ("key/value heads", self.shape.num_kv_heads)):
+            if count % self.tp:
+                raise ValueError(f"tp={self.tp} does not divide model {self.shape.name!r}'s {count} {what}")
+        operators = find_model_operators(self.profile, self.shape, self.tp, self.dtype, self.sampler,
+                                         self.interconnect_bandwidth)
+        self._set("operators", operators)
+        self._set("_host_terms", operators.host)
+        self._set_kernel_costs()
+        self._set("_decode_rows", {variant: {} for variant in operators.decode_attention})
+        self._set("_prefill_planes", {})
+        self._set("_decode_knots", {variant: grid.axes[1].tolist()
+                                    for variant, grid in operators.decode_attention.items()})
+        prefill_axes = operators.prefill_attention.axes
+        self._set("_query_knots", prefill_axes[1].tolist())
+        self._set("_prefill_context_knots", prefill_axes[2].tolist())
+        self._grow(INITIAL_TOKENS - 1)
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+
+    @property
+    def gpu(self) -> str:
+        return gpu_key(self.profile.gpu)
+
+    @property
+    def all_reduce_source(self) -> str:
+        """"measured", "nccl-ring-formula" or "none" (tp 1): where the all-reduce times come from."""
+        return self.operators.all_reduce_source
+
+    @property
+    def label(self) -> str:
+        source = Path(self.profile.source).name
+        reduce = "" if self.tp == 1 else f"; all-reduce {self.all_reduce_source}"
+        return f"composed {self.gpu} {self.shape.name} tp{self.tp} {self.dtype} (operators {source}{reduce})"
+
+    # --- tables -------------------------------------------------------------------------------------------
+
+    def _all_reduce(self, message_bytes: np.ndarray) -> np.ndarray:
+        if self.tp == 1:
+            return np.zeros(np.shape(message_bytes))
+        measured = self.operators.all_reduce_measured
+        if measured is not None:
+            return measured.at(message_bytes)
+        return all_reduce_ring_seconds(message_bytes, self.tp, self.interconnect_bandwidth)
+
+    def _token_parts(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Seconds per step of each token-proportional operator at these padded token counts."""
+        parts = {name: calls * curve.at(tokens) for name, (curve, calls) in self.operators.token_curves.items()}
+        if self.tp > 1:
+            message = tokens * (self.shape.hidden_size * activation_bytes(self.dtype))
+            parts["all_reduce"] = (2 * self.shape.num_layers + 1) * self._all_reduce(message)
+        return parts
+
+    def _grow(self, tokens: int) -> None:
+        """(Re)build the per-token tables to cover `tokens`; each entry depends on its index alone."""
+        size = max(2 * getattr(self, "_size", 0), tokens + 1)
+        counts = np.arange(size, dtype=np.float64)
+        token = np.zeros(size)
+        for part in self._token_parts(counts).values():
+            token = token + part
+        logits_bytes = counts * (-(-self.shape.vocab_size // self.tp) * self.tp * activation_bytes(self.dtype))
+        head = self.operators.lm_head.at(counts)
+        if self.tp > 1:
+            head = head + self._all_reduce(logits_bytes / 2)
+        sampler = self.operators.sampler.at(counts)
+        for table in (token, head, sampler):
+            table[0] = 0.0
+        self._set("_size", size)
+        self._set("_token_np", token)
+        self._set("_head_np", head)
+        self._set("_sampler_np", sampler)
+        self._set("_token", token.tolist())
+        self._set("_head", head.tolist())
+        self._set("_sampler", sampler.tolist())
+
+    def _set_kernel_costs(self) -> None:
+        """Graph replay and eager launch seconds of each kind of step, from its kernel count."""
+        layers, sharded = self.shape.num_layers, self.tp > 1
+        per_layer = LAYER_KERNELS + (2 if sharded else 0)
+        around = EMBEDDING_KERNELS[sharded] + 1  # embedding and the final norm
+        head = HEAD_KERNELS[sharded]
+
+        def kernels(attention: str) -> int:
+            return layers * (per_layer + ATTENTION_KERNELS[attention]) + around
+
+        replay, launch = self.operators.graph_replay, self.operators.launch
+        eager_tail = ROW_GATHER_KERNELS + head + SAMPLER_KERNELS
+        self._set("_replay_decode", float(replay.at(kernels("decode") + head)))
+        self._set("_replay_mixed", float(replay.at(kernels("mixed"))))
+        self._set("_launch_single", float(launch.at(kernels("decode") + eager_tail)))
+        self._set("_launch_prefill", float(launch.at(kernels("prefill") + eager_tail)))
+        self._set("_launch_mixed", float(launch.at(kernels("mixed") + eager_tail)))
+
+    def _decode_row(self, variant: str, num_seqs: int) -> list[float]:
+        rows = self._decode_rows[variant]
+        row = rows.get(num_seqs)
+        if row is None:
+            row = rows[num_seqs] = self.operators.decode_attention[variant].along_first([num_seqs])[0].tolist()
+        return row
+
+    def _prefill_plane(self, num_seqs: int) -> list[list[float]]:
+        plane = self._prefill_planes.get(num_seqs)
+        if plane is None:
+            plane = self._prefill_planes[num_seqs] = self.operators.prefill_attention.along_first([num_seqs])[0].tolist()
+        return plane
+
+    # --- one step -----------------------------------------------------------------------------------------
+
+    def _host(self, num_prefill_seqs: int, num_prefill_tokens: int, num_decode_seqs: int, eager: bool) -> float:
+        terms = self._host_terms
+        host = (terms["step"] + terms["prefill_seq"] * num_prefill_seqs + terms["decode_seq"] * num_decode_seqs
+                + terms["prefill_token"] * num_prefill_tokens)
+        if num_prefill_seqs and num_decode_seqs:
+            host += terms["mixed_step"]
+        if eager:
+            host += terms["eager_step"]
+        return host
+
+    def _fixed(self, tokens: int, head_rows: int, sampled_rows: int) -> float:
+        return self._token[tokens] + (self._head[head_rows] + self._sampler[sampled_rows])
+
+    def _decode(self, variant: str, num_seqs: int, context_tokens: int) -> float:
+        return _linear(self._decode_knots[variant], self._decode_row(variant, num_seqs), context_tokens / num_seqs)
+
+    def _prefill(self, num_seqs: int, num_tokens: int, context_tokens: int, attention_work: float) -> float:
+        query, context = num_tokens / num_seqs, context_tokens / num_seqs
+        plane = self._prefill_plane(num_seqs)
+        low, high, weight = _position(self._query_knots, query)
+        knots = self._prefill_context_knots
+        below, above = _linear(knots, plane[low], context), _linear(knots, plane[high], context)
+        seconds = below + weight * (above - below)
+        # Sequences of unequal lengths do more query-key work than P sequences of the mean length.
+        mean_work = num_seqs * query * (context + (query + 1) / 2)
+        return seconds * (attention_work / mean_work) if mean_work > 0 and attention_work > 0 else seconds
+
+    def predict(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> float:
+        """Predicted seconds of one step with this batch (cuda_graph_batch_size 0: ran eagerly)."""
+        num_prefill, num_decode = features.num_prefill_seqs, features.num_decode_seqs
+        graph = cuda_graph_batch_size
+        tokens = graph or features.num_batched_tokens
+        if tokens >= self._size:
+            self._grow(tokens)
+        rows = num_prefill + num_decode
+        single = features.num_batched_tokens == rows  # every row one token: the decode kernel takes them all
+        host = self._host(num_prefill, features.num_prefill_tokens, num_decode, not graph)
+        fixed = self._fixed(tokens, graph if graph and single else rows, rows)
+        if single:
+            context = features.decode_context_tokens + features.prefill_context_tokens + num_prefill
+            attention = self._decode("", rows, context)
+        else:
+            attention = 0.0
+            if num_prefill:
+                attention = self._prefill(num_prefill, features.num_prefill_tokens, features.prefill_context_tokens,
+                                          features.prefill_attention_work)
+            if num_decode:
+                attention = attention + self._decode("work_map" if graph else "", num_decode,
+                                                     features.decode_context_tokens)
+        gpu = fixed + attention
+        if graph:
+            return host + (gpu + (self._replay_decode if single else self._replay_mixed))
+        launches = self._launch_single if single else self._launch_mixed if num_decode else self._launch_prefill
+        return host + max(launches, gpu)
+
+    def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int,
+                           cuda_graph_batch_size: int = 0) -> list[float]:
+        """Durations of num_steps pure-decode steps whose context grows by num_decode_seqs a step.
+
+        predict()'s operations in predict()'s order with the step-invariant ones hoisted: bit for bit its answers.
+        """
+        graph = cuda_graph_batch_size
+        tokens = graph or num_decode_seqs
+        if tokens >= self._size:
+            self._grow(tokens)
+        host = self._host(0, 0, num_decode_seqs, not graph)
+        fixed = self._fixed(tokens, graph or num_decode_seqs, num_decode_seqs)
+        knots, row = self._decode_knots[""], self._decode_row("", num_decode_seqs)
+        gpus = [fixed + _linear(knots, row, (decode_context_tokens + step * num_decode_seqs) / num_decode_seqs)
+                for step in range(num_steps)]
+        if graph:
+            replay = self._replay_decode
+            return [host + (gpu + replay) for gpu in gpus]
+        launches = self._launch_single
+        return [host + max(launches, gpu) for gpu in gpus]
+
+    # --- many steps ---------------------------------------------------------------------------------------
+
+    def predict_columns(self, columns: dict) -> np.ndarray:
+        """Vectorized predictions for step columns (as in steps.parquet); equal to predict() up to rounding."""
+        get = {name: np.asarray(columns[name], dtype=np.float64) for name in (
+            "num_prefill_seqs", "num_prefill_tokens", "num_decode_seqs", "decode_context_tokens",
+            "prefill_context_tokens", "prefill_attention_work", "num_batched_tokens", "cuda_graph_batch_size")}
+        graph = get["cuda_graph_batch_size"]
+        prefill, decode, batched = get["num_prefill_seqs"], get["num_decode_seqs"], get["num_batched_tokens"]
+        tokens = np.where(graph > 0, graph, batched).astype(np.int64)
+        if len(tokens) and tokens.max() >= self._size:
+            self._grow(int(tokens.max()))
+        rows = (prefill + decode).astype(np.int64)
+        single, eager = batched == rows, graph <= 0
+        head_rows = np.where(~eager & single, tokens, rows)
+        gpu = self._token_np[tokens] + (self._head_np[head_rows] + self._sampler_np[rows])
+        gpu = gpu + self._attention_columns(get, single, eager)
+        terms = self._host_terms
+        host = (terms["step"] + terms["prefill_seq"] * prefill + terms["decode_seq"] * decode
+                + terms["prefill_token"] * get["num_prefill_tokens"]
+                + terms["mixed_step"] * ((prefill > 0) & (decode > 0)) + terms["eager_step"] * eager)
+        replay = np.where(single, self._replay_decode, self._replay_mixed)
+        launches = np.where(single, self._launch_single, np.where(decode > 0, self._launch_mixed, self._launch_prefill))
+        return host + np.where(eager, np.maximum(launches, gpu), gpu + replay)
+
+    def _attention_columns(self, get: dict, single: np.ndarray, eager: np.ndarray) -> np.ndarray:
+        prefill, decode = get["num_prefill_seqs"], get["num_decode_seqs"]
+        decode_grids = self.operators.decode_attention
+        seconds = np.zeros(len(prefill))
+        rows = prefill + decode
+        with np.errstate(divide="ignore", invalid="ignore"):
+            context = get["decode_context_tokens"] + get["prefill_context_tokens"] + prefill
+            seconds += np.where(single & (rows > 0), decode_grids[""].at(rows, context / rows), 0.0)
+            mean_context = get["decode_context_tokens"] / decode
+            split = ~single & (decode > 0)
+            seconds += np.where(split & eager, decode_grids[""].at(decode, mean_context), 0.0)
+            seconds += np.where(split & ~eager, decode_grids["work_map"].at(decode, mean_context), 0.0)
+            query, prefill_context = get["num_prefill_tokens"] / prefill, get["prefill_context_tokens"] / prefill
+            attention = self.operators.prefill_attention.at(prefill, query, prefill_context)
+            mean_work = prefill * query * (prefill_context + (query + 1) / 2)
+            work = get["prefill_attention_work"]
+            attention = np.where((mean_work > 0) & (work > 0), attention * (work / mean_work), attention)
+        return seconds + np.where(~single & (prefill > 0), attention, 0.0)
+
+    def step_breakdown(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> dict[str, float]:
+        """Seconds of each part of one step (per-token operators, head, sampler, attention, host, graph or launch),
+        to see which operator a prediction's error comes from."""
+        tokens = cuda_graph_batch_size or features.num_batched_tokens
+        parts = {name: float(values[0]) for name, values in self._token_parts(np.array([float(tokens)])).items()}
+        columns = {name: [getattr(features, name)] for name in BatchFeatures.__dataclass_fields__}
+        columns["cuda_graph_batch_size"] = [cuda_graph_batch_size]
+        rows = features.num_prefill_seqs + features.num_decode_seqs
+        single = features.num_batched_tokens == rows
+        head_rows = tokens if cuda_graph_batch_size and single else rows
+        if tokens >= self._size:
+            self._grow(tokens)
+        parts["lm_head"] = self._head[head_rows]
+        parts["sampler"] = self._sampler[rows]
+        get = {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+        parts["attention"] = float(self._attention_columns(get, np.array([single]), np.array([not cuda_graph_batch_size]))[0])
+        parts["host"] = self._host(features.num_prefill_seqs, features.num_prefill_tokens, features.num_decode_seqs,
+                                   not cuda_graph_batch_size)
+        if cuda_graph_batch_size:
+            parts["graph_replay"] = self._replay_decode if single else self._replay_mixed
+        else:
+            parts["launch (overlaps the GPU)"] = (self._launch_single if single else self._launch_mixed
+                                                  if features.num_decode_seqs else self._launch_prefill)
+        return parts
+
+    # --- storage ------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        """The JSON-able form a simulated run keeps in its metadata: the shape and the profile rows it used."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "gpu": self.gpu,
+            "model": asdict(self.shape),
+            "tp": self.tp,
+            "dtype": self.dtype,
+            "sampler": self.sampler,
+            "interconnect_bandwidth": self.interconnect_bandwidth,
+            "all_reduce_source": self.all_reduce_source,
+            "operator_profile": self.profile.subset(self.operators.used_rows).to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "composed cost model") -> "ComposedCostModel":
+        """Build from to_json()'s form; errors name the source and the field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a composed cost model (field 'format' should be {FORMAT!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: field 'version' is {data.get('version')!r}, this twinfer reads {FORMAT_VERSION}")
+        for key in ("model", "tp", "dtype", "operator_profile"):
+            if key not in data:
+                raise ValueError(f"{source}: missing field {key!r}")
+        try:
+            return cls(ModelShape(**data["model"]), OperatorProfile.from_json(data["operator_profile"]), tp=data["tp"],
+                       dtype=data["dtype"], interconnect_bandwidth=data.get("interconnect_bandwidth"),
+                       sampler=data.get("sampler", "greedy"))
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+
+def _position(knots: list[float], x: float) -> tuple[int, int, float]:
+    """Lower and upper knot indices around x and x's position between them (operator_tables.bracket's rule)."""
+    if len(knots) == 1 or x <= knots[0]:
+        return 0, min(1, len(knots) - 1), 0.0
+    low = min(bisect_right(knots, x) - 1, len(knots) - 2)
+    return low, low + 1, (x - knots[low]) / (knots[low + 1] - knots[low])
+
+
+def _linear(knots: list[float], values: list[float], x: float) -> float:
+    low, high, weight = _position(knots, x)
+    below = values[low]
+    return below + weight * (values[high] - below)
