@@ -26,8 +26,7 @@ terms are precomputed per T (arrays grown on demand), so predict() is a few list
 interpolation per attention kernel.
 """
 
-from bisect import bisect_right
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ from simulator.model_operators import (
     find_model_operators,
 )
 from simulator.model_shape import ModelShape
-from simulator.operator_tables import OperatorProfile
+from simulator.operator_tables import OperatorProfile, linear, linear_increasing, position
 
 FORMAT = "twinfer-composed-cost-model"
 FORMAT_VERSION = 1
@@ -55,12 +54,12 @@ INITIAL_TOKENS = 8193
 """Per-token tables start covering this many tokens (vLLM's largest default batch) and double when a step needs more."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ComposedCostModel:
     """Step times composed from an operator profile for one (model shape, tp, dtype); never fitted on the model."""
 
     shape: ModelShape
-    profile: OperatorProfile
+    profile: OperatorProfile = field(repr=False)
     tp: int = 1
     dtype: str = "bfloat16"
     interconnect_bandwidth: float | None = None
@@ -197,46 +196,52 @@ class ComposedCostModel:
         return self._token[tokens] + (self._head[head_rows] + self._sampler[sampled_rows])
 
     def _decode(self, variant: str, num_seqs: int, context_tokens: int) -> float:
-        return _linear(self._decode_knots[variant], self._decode_row(variant, num_seqs), context_tokens / num_seqs)
+        return linear(self._decode_knots[variant], self._decode_row(variant, num_seqs), context_tokens / num_seqs)
 
     def _prefill(self, num_seqs: int, num_tokens: int, context_tokens: int, attention_work: float) -> float:
         query, context = num_tokens / num_seqs, context_tokens / num_seqs
         plane = self._prefill_plane(num_seqs)
-        low, high, weight = _position(self._query_knots, query)
-        knots = self._prefill_context_knots
-        below, above = _linear(knots, plane[low], context), _linear(knots, plane[high], context)
-        seconds = below + weight * (above - below)
+        query_low, query_high, query_weight = position(self._query_knots, query)
+        low, high, weight = position(self._prefill_context_knots, context)
+        row = plane[query_low]
+        below = row[low] + weight * (row[high] - row[low])
+        row = plane[query_high]
+        above = row[low] + weight * (row[high] - row[low])
+        seconds = below + query_weight * (above - below)
         # Sequences of unequal lengths do more query-key work than P sequences of the mean length.
         mean_work = num_seqs * query * (context + (query + 1) / 2)
         return seconds * (attention_work / mean_work) if mean_work > 0 and attention_work > 0 else seconds
 
+    def _attention(self, features: BatchFeatures, graph: int, single: bool) -> float:
+        num_prefill, num_decode = features.num_prefill_seqs, features.num_decode_seqs
+        if single:  # every row one token: the decode kernel takes them all, one-token prompt chunks too
+            context = features.decode_context_tokens + features.prefill_context_tokens + num_prefill
+            return self._decode("", num_prefill + num_decode, context)
+        attention = 0.0
+        if num_prefill:
+            attention = self._prefill(num_prefill, features.num_prefill_tokens, features.prefill_context_tokens,
+                                      features.prefill_attention_work)
+        if num_decode:
+            attention = attention + self._decode("work_map" if graph else "", num_decode, features.decode_context_tokens)
+        return attention
+
+    def _launches(self, single: bool, num_decode: int) -> float:
+        return self._launch_single if single else self._launch_mixed if num_decode else self._launch_prefill
+
     def predict(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> float:
         """Predicted seconds of one step with this batch (cuda_graph_batch_size 0: ran eagerly)."""
-        num_prefill, num_decode = features.num_prefill_seqs, features.num_decode_seqs
         graph = cuda_graph_batch_size
         tokens = graph or features.num_batched_tokens
         if tokens >= self._size:
             self._grow(tokens)
+        num_prefill, num_decode = features.num_prefill_seqs, features.num_decode_seqs
         rows = num_prefill + num_decode
-        single = features.num_batched_tokens == rows  # every row one token: the decode kernel takes them all
+        single = features.num_batched_tokens == rows
         host = self._host(num_prefill, features.num_prefill_tokens, num_decode, not graph)
-        fixed = self._fixed(tokens, graph if graph and single else rows, rows)
-        if single:
-            context = features.decode_context_tokens + features.prefill_context_tokens + num_prefill
-            attention = self._decode("", rows, context)
-        else:
-            attention = 0.0
-            if num_prefill:
-                attention = self._prefill(num_prefill, features.num_prefill_tokens, features.prefill_context_tokens,
-                                          features.prefill_attention_work)
-            if num_decode:
-                attention = attention + self._decode("work_map" if graph else "", num_decode,
-                                                     features.decode_context_tokens)
-        gpu = fixed + attention
+        gpu = self._fixed(tokens, graph if graph and single else rows, rows) + self._attention(features, graph, single)
         if graph:
             return host + (gpu + (self._replay_decode if single else self._replay_mixed))
-        launches = self._launch_single if single else self._launch_mixed if num_decode else self._launch_prefill
-        return host + max(launches, gpu)
+        return host + max(self._launches(single, num_decode), gpu)
 
     def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int,
                            cuda_graph_batch_size: int = 0) -> list[float]:
@@ -250,9 +255,9 @@ class ComposedCostModel:
             self._grow(tokens)
         host = self._host(0, 0, num_decode_seqs, not graph)
         fixed = self._fixed(tokens, graph or num_decode_seqs, num_decode_seqs)
-        knots, row = self._decode_knots[""], self._decode_row("", num_decode_seqs)
-        gpus = [fixed + _linear(knots, row, (decode_context_tokens + step * num_decode_seqs) / num_decode_seqs)
-                for step in range(num_steps)]
+        contexts = [(decode_context_tokens + step * num_decode_seqs) / num_decode_seqs for step in range(num_steps)]
+        attention = linear_increasing(self._decode_knots[""], self._decode_row("", num_decode_seqs), contexts)
+        gpus = [fixed + seconds for seconds in attention]
         if graph:
             replay = self._replay_decode
             return [host + (gpu + replay) for gpu in gpus]
@@ -304,28 +309,24 @@ class ComposedCostModel:
         return seconds + np.where(~single & (prefill > 0), attention, 0.0)
 
     def step_breakdown(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> dict[str, float]:
-        """Seconds of each part of one step (per-token operators, head, sampler, attention, host, graph or launch),
-        to see which operator a prediction's error comes from."""
-        tokens = cuda_graph_batch_size or features.num_batched_tokens
-        parts = {name: float(values[0]) for name, values in self._token_parts(np.array([float(tokens)])).items()}
-        columns = {name: [getattr(features, name)] for name in BatchFeatures.__dataclass_fields__}
-        columns["cuda_graph_batch_size"] = [cuda_graph_batch_size]
-        rows = features.num_prefill_seqs + features.num_decode_seqs
-        single = features.num_batched_tokens == rows
-        head_rows = tokens if cuda_graph_batch_size and single else rows
+        """Seconds of each part of one step, to find which operator a prediction's error comes from: the
+        per-token operators, head, sampler and attention run on the GPU; host; graph replay or eager launches."""
+        graph = cuda_graph_batch_size
+        tokens = graph or features.num_batched_tokens
         if tokens >= self._size:
             self._grow(tokens)
-        parts["lm_head"] = self._head[head_rows]
+        rows = features.num_prefill_seqs + features.num_decode_seqs
+        single = features.num_batched_tokens == rows
+        parts = {name: float(seconds[0]) for name, seconds in self._token_parts(np.array([float(tokens)])).items()}
+        parts["lm_head"] = self._head[graph if graph and single else rows]
         parts["sampler"] = self._sampler[rows]
-        get = {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
-        parts["attention"] = float(self._attention_columns(get, np.array([single]), np.array([not cuda_graph_batch_size]))[0])
+        parts["attention"] = self._attention(features, graph, single)
         parts["host"] = self._host(features.num_prefill_seqs, features.num_prefill_tokens, features.num_decode_seqs,
-                                   not cuda_graph_batch_size)
-        if cuda_graph_batch_size:
+                                   not graph)
+        if graph:
             parts["graph_replay"] = self._replay_decode if single else self._replay_mixed
         else:
-            parts["launch (overlaps the GPU)"] = (self._launch_single if single else self._launch_mixed
-                                                  if features.num_decode_seqs else self._launch_prefill)
+            parts["launch (overlaps the GPU)"] = self._launches(single, features.num_decode_seqs)
         return parts
 
     # --- storage ------------------------------------------------------------------------------------------
@@ -362,16 +363,3 @@ class ComposedCostModel:
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{source}: {error}") from None
 
-
-def _position(knots: list[float], x: float) -> tuple[int, int, float]:
-    """Lower and upper knot indices around x and x's position between them (operator_tables.bracket's rule)."""
-    if len(knots) == 1 or x <= knots[0]:
-        return 0, min(1, len(knots) - 1), 0.0
-    low = min(bisect_right(knots, x) - 1, len(knots) - 2)
-    return low, low + 1, (x - knots[low]) / (knots[low + 1] - knots[low])
-
-
-def _linear(knots: list[float], values: list[float], x: float) -> float:
-    low, high, weight = _position(knots, x)
-    below = values[low]
-    return below + weight * (values[high] - below)

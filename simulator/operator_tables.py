@@ -17,6 +17,7 @@ The rules, the same for every operator so that any composed prediction can be tr
 """
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,12 @@ from simulator.operator_profile_schema import FORMAT, OPERATOR_PROFILE_SCHEMA, O
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OperatorProfile:
     """The rows of an operator profile as numpy columns, with the file's metadata."""
 
     source: str
-    columns: dict[str, np.ndarray]
+    columns: dict[str, np.ndarray] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -213,3 +214,33 @@ def _dense(points: np.ndarray, seconds: np.ndarray) -> tuple[tuple[np.ndarray, .
     mesh = np.meshgrid(*axes, indexing="ij")
     stacked = np.stack([Grid(line_axes, values).at(*mesh) for line_axes, values in lines])
     return (first, *axes), np.maximum.accumulate(stacked, axis=0)
+
+
+def position(knots: list[float], x: float) -> tuple[int, int, float]:
+    """bracket() for one x in Python floats (predict()'s hot path): lower and upper knot, position between them."""
+    if len(knots) == 1 or x <= knots[0]:
+        return 0, min(1, len(knots) - 1), 0.0
+    low = min(bisect_right(knots, x) - 1, len(knots) - 2)
+    return low, low + 1, (x - knots[low]) / (knots[low + 1] - knots[low])
+
+
+def linear(knots: list[float], values: list[float], x: float) -> float:
+    """The piecewise-linear value at one x, by bracket()'s rule."""
+    low, high, weight = position(knots, x)
+    below = values[low]
+    return below + weight * (values[high] - below)
+
+
+def linear_increasing(knots: list[float], values: list[float], xs: list[float]) -> list[float]:
+    """linear() at each of these increasing xs, bit for bit, walking the knots instead of a bisect per x."""
+    out = []
+    low, last = 0, len(knots) - 2
+    for x in xs:
+        if last < 0 or x <= knots[0]:
+            out.append(linear(knots, values, x))
+            continue
+        while low < last and knots[low + 1] <= x:
+            low += 1
+        below = values[low]
+        out.append(below + (x - knots[low]) / (knots[low + 1] - knots[low]) * (values[low + 1] - below))
+    return out

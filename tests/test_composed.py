@@ -68,8 +68,9 @@ def test_decode_runs_are_bit_for_bit_predict(profile, tp, graph):
     model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
     executor = CostModelExecutor(model, 100_000, enforce_eager=not graph)
     rng = random.Random(tp)
-    for _ in range(30):
-        num_seqs, context = rng.randint(1, 700), rng.randint(1, 40_000)
+    # Runs that start below the first measured context, cross measured contexts (16, 64) and pass the last (32768).
+    crossing = [(3, 1), (64, 10), (7, 60), (100, 32_760)]
+    for num_seqs, context in crossing + [(rng.randint(1, 700), rng.randint(1, 40_000)) for _ in range(30)]:
         run = executor.predict_decode_run(num_seqs, num_seqs * context, 25)
         graph_size = executor.cuda_graph_batch_size(num_seqs)
         stepwise = [model.predict(decode(num_seqs, context + step), graph_size) for step in range(25)]
