@@ -10,16 +10,19 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                ring formula over the card's interconnect)
   head(H)    = gemm(H, vocab / tp, hidden) + all_gather of the logits (as an all-reduce of half their bytes)
                H = G inside a decode graph (the LM head is captured in it), else R
-  attention  = a step of one-token rows only (N == R): the decode kernel over R rows at their mean context
-               ((decode_context + prefill_context + P) / R); else the prefill kernel at P sequences of mean query
-               N_prefill / P and mean context prefill_context / P, scaled by prefill_attention_work over the
-               work of P such mean sequences, plus the decode kernel over D rows at mean context (its "work_map"
-               variant inside a mixed-step graph)
+  attention  = L calls of: a step of one-token rows only (N == R): the decode kernel over R rows at their mean
+               context ((decode_context + prefill_context + P) / R); else the prefill kernel at P sequences of mean
+               query N_prefill / P and mean context prefill_context / P, scaled by prefill_attention_work over the
+               work of P such mean sequences, plus the decode kernel over D rows at mean context decode_context / D.
+               Variants by kind of step (simulator/model_operators.py): decode graphs "", eager steps "exact_table"
+               (else ""), mixed-step graphs "work_map" and prefill "tile_map" (else "")
   gpu        = tokens(T) + (head(H) + sampler(R)) + attention
   host       = step + decode_seq D + prefill_seq P + prefill_token N_prefill + mixed_step [P and D]
                + eager_step [no graph]                                       (the profile's host_step terms)
   duration   = host + (gpu + graph_replay(kernels in the graph))           in a CUDA graph
-             = host + max(launch(kernels launched), gpu)                     eagerly: launches overlap the GPU
+             = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
+               launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
+               when the profile does not time the launchers apart; kernels counted per layer x L plus those around
 
 Every operator is interpolated from its table by simulator/operator_tables.py's rules. The token-proportional
 terms are precomputed per T (arrays grown on demand), so predict() is a few list lookups and one small
@@ -33,18 +36,7 @@ import numpy as np
 
 from engine.stats import BatchFeatures
 from simulator.gpu_specs import gpu_key
-from simulator.model_operators import (
-    ATTENTION_KERNELS,
-    EMBEDDING_KERNELS,
-    HEAD_KERNELS,
-    LAYER_KERNELS,
-    ROW_GATHER_KERNELS,
-    SAMPLER_KERNELS,
-    ModelOperators,
-    activation_bytes,
-    all_reduce_ring_seconds,
-    find_model_operators,
-)
+from simulator.model_operators import activation_bytes, all_reduce_ring_seconds, find_model_operators, kernel_counts
 from simulator.model_shape import ModelShape
 from simulator.operator_tables import OperatorProfile, linear, linear_increasing, position
 
@@ -82,13 +74,12 @@ class ComposedCostModel:
         self._set("operators", operators)
         self._set("_host_terms", operators.host)
         self._set_kernel_costs()
-        self._set("_decode_rows", {variant: {} for variant in operators.decode_attention})
-        self._set("_prefill_planes", {})
-        self._set("_decode_knots", {variant: grid.axes[1].tolist()
-                                    for variant, grid in operators.decode_attention.items()})
-        prefill_axes = operators.prefill_attention.axes
-        self._set("_query_knots", prefill_axes[1].tolist())
-        self._set("_prefill_context_knots", prefill_axes[2].tolist())
+        # Attention by kind of step: rows (and planes) per number of sequences, filled as steps ask for them.
+        self._set("_decode_rows", {kind: {} for kind in operators.decode_attention})
+        self._set("_decode_knots", {kind: grid.axes[1].tolist() for kind, grid in operators.decode_attention.items()})
+        self._set("_prefill_planes", {kind: {} for kind in operators.prefill_attention})
+        self._set("_prefill_knots", {kind: (grid.axes[1].tolist(), grid.axes[2].tolist())
+                                     for kind, grid in operators.prefill_attention.items()})
         self._grow(INITIAL_TOKENS - 1)
 
     def _set(self, name: str, value) -> None:
@@ -150,34 +141,35 @@ class ComposedCostModel:
         self._set("_sampler", sampler.tolist())
 
     def _set_kernel_costs(self) -> None:
-        """Graph replay and eager launch seconds of each kind of step, from its kernel count."""
+        """Graph replay and eager launch seconds of each kind of step, from its kernel counts."""
         layers, sharded = self.shape.num_layers, self.tp > 1
-        per_layer = LAYER_KERNELS + (2 if sharded else 0)
-        around = EMBEDDING_KERNELS[sharded] + 1  # embedding and the final norm
-        head = HEAD_KERNELS[sharded]
-
-        def kernels(attention: str) -> int:
-            return layers * (per_layer + ATTENTION_KERNELS[attention]) + around
-
         replay, launch = self.operators.graph_replay, self.operators.launch
-        eager_tail = ROW_GATHER_KERNELS + head + SAMPLER_KERNELS
-        self._set("_replay_decode", float(replay.at(kernels("decode") + head)))
-        self._set("_replay_mixed", float(replay.at(kernels("mixed"))))
-        self._set("_launch_single", float(launch.at(kernels("decode") + eager_tail)))
-        self._set("_launch_prefill", float(launch.at(kernels("prefill") + eager_tail)))
-        self._set("_launch_mixed", float(launch.at(kernels("mixed") + eager_tail)))
 
-    def _decode_row(self, variant: str, num_seqs: int) -> list[float]:
-        rows = self._decode_rows[variant]
+        def replayed(attention: str, head: bool) -> float:
+            return float(replay.at(kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]))
+
+        def launched(attention: str) -> float:
+            counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)
+            return sum(float(curve.at(counts[launcher])) for launcher, curve in launch.items())
+
+        self._set("_replay_decode", replayed("decode", head=True))  # decode graphs capture the LM head
+        self._set("_replay_mixed", replayed("mixed", head=False))
+        self._set("_launch_single", launched("decode"))
+        self._set("_launch_prefill", launched("prefill"))
+        self._set("_launch_mixed", launched("mixed"))
+
+    def _decode_row(self, kind: str, num_seqs: int) -> list[float]:
+        rows = self._decode_rows[kind]
         row = rows.get(num_seqs)
         if row is None:
-            row = rows[num_seqs] = self.operators.decode_attention[variant].along_first([num_seqs])[0].tolist()
+            row = rows[num_seqs] = self.operators.decode_attention[kind].along_first([num_seqs])[0].tolist()
         return row
 
-    def _prefill_plane(self, num_seqs: int) -> list[list[float]]:
-        plane = self._prefill_planes.get(num_seqs)
+    def _prefill_plane(self, kind: str, num_seqs: int) -> list[list[float]]:
+        planes = self._prefill_planes[kind]
+        plane = planes.get(num_seqs)
         if plane is None:
-            plane = self._prefill_planes[num_seqs] = self.operators.prefill_attention.along_first([num_seqs])[0].tolist()
+            plane = planes[num_seqs] = self.operators.prefill_attention[kind].along_first([num_seqs])[0].tolist()
         return plane
 
     # --- one step -----------------------------------------------------------------------------------------
@@ -195,14 +187,15 @@ class ComposedCostModel:
     def _fixed(self, tokens: int, head_rows: int, sampled_rows: int) -> float:
         return self._token[tokens] + (self._head[head_rows] + self._sampler[sampled_rows])
 
-    def _decode(self, variant: str, num_seqs: int, context_tokens: int) -> float:
-        return linear(self._decode_knots[variant], self._decode_row(variant, num_seqs), context_tokens / num_seqs)
+    def _decode(self, kind: str, num_seqs: int, context_tokens: int) -> float:
+        return linear(self._decode_knots[kind], self._decode_row(kind, num_seqs), context_tokens / num_seqs)
 
-    def _prefill(self, num_seqs: int, num_tokens: int, context_tokens: int, attention_work: float) -> float:
+    def _prefill(self, kind: str, num_seqs: int, num_tokens: int, context_tokens: int, attention_work: float) -> float:
         query, context = num_tokens / num_seqs, context_tokens / num_seqs
-        plane = self._prefill_plane(num_seqs)
-        query_low, query_high, query_weight = position(self._query_knots, query)
-        low, high, weight = position(self._prefill_context_knots, context)
+        plane = self._prefill_plane(kind, num_seqs)
+        query_knots, context_knots = self._prefill_knots[kind]
+        query_low, query_high, query_weight = position(query_knots, query)
+        low, high, weight = position(context_knots, context)
         row = plane[query_low]
         below = row[low] + weight * (row[high] - row[low])
         row = plane[query_high]
@@ -216,13 +209,14 @@ class ComposedCostModel:
         num_prefill, num_decode = features.num_prefill_seqs, features.num_decode_seqs
         if single:  # every row one token: the decode kernel takes them all, one-token prompt chunks too
             context = features.decode_context_tokens + features.prefill_context_tokens + num_prefill
-            return self._decode("", num_prefill + num_decode, context)
+            return self._decode("decode_graph" if graph else "eager", num_prefill + num_decode, context)
+        kind = "mixed_graph" if graph else "eager"
         attention = 0.0
         if num_prefill:
-            attention = self._prefill(num_prefill, features.num_prefill_tokens, features.prefill_context_tokens,
+            attention = self._prefill(kind, num_prefill, features.num_prefill_tokens, features.prefill_context_tokens,
                                       features.prefill_attention_work)
         if num_decode:
-            attention = attention + self._decode("work_map" if graph else "", num_decode, features.decode_context_tokens)
+            attention = attention + self._decode(kind, num_decode, features.decode_context_tokens)
         return attention
 
     def _launches(self, single: bool, num_decode: int) -> float:
@@ -256,7 +250,8 @@ class ComposedCostModel:
         host = self._host(0, 0, num_decode_seqs, not graph)
         fixed = self._fixed(tokens, graph or num_decode_seqs, num_decode_seqs)
         contexts = [(decode_context_tokens + step * num_decode_seqs) / num_decode_seqs for step in range(num_steps)]
-        attention = linear_increasing(self._decode_knots[""], self._decode_row("", num_decode_seqs), contexts)
+        kind = "decode_graph" if graph else "eager"
+        attention = linear_increasing(self._decode_knots[kind], self._decode_row(kind, num_decode_seqs), contexts)
         gpus = [fixed + seconds for seconds in attention]
         if graph:
             replay = self._replay_decode
@@ -291,22 +286,25 @@ class ComposedCostModel:
 
     def _attention_columns(self, get: dict, single: np.ndarray, eager: np.ndarray) -> np.ndarray:
         prefill, decode = get["num_prefill_seqs"], get["num_decode_seqs"]
-        decode_grids = self.operators.decode_attention
+        decode_grids, prefill_grids = self.operators.decode_attention, self.operators.prefill_attention
         seconds = np.zeros(len(prefill))
         rows = prefill + decode
         with np.errstate(divide="ignore", invalid="ignore"):
-            context = get["decode_context_tokens"] + get["prefill_context_tokens"] + prefill
-            seconds += np.where(single & (rows > 0), decode_grids[""].at(rows, context / rows), 0.0)
+            context = (get["decode_context_tokens"] + get["prefill_context_tokens"] + prefill) / rows
+            seconds += np.where(single & ~eager, decode_grids["decode_graph"].at(rows, context), 0.0)
+            seconds += np.where(single & eager, decode_grids["eager"].at(rows, context), 0.0)
             mean_context = get["decode_context_tokens"] / decode
             split = ~single & (decode > 0)
-            seconds += np.where(split & eager, decode_grids[""].at(decode, mean_context), 0.0)
-            seconds += np.where(split & ~eager, decode_grids["work_map"].at(decode, mean_context), 0.0)
+            seconds += np.where(split & eager, decode_grids["eager"].at(decode, mean_context), 0.0)
+            seconds += np.where(split & ~eager, decode_grids["mixed_graph"].at(decode, mean_context), 0.0)
             query, prefill_context = get["num_prefill_tokens"] / prefill, get["prefill_context_tokens"] / prefill
-            attention = self.operators.prefill_attention.at(prefill, query, prefill_context)
             mean_work = prefill * query * (prefill_context + (query + 1) / 2)
             work = get["prefill_attention_work"]
-            attention = np.where((mean_work > 0) & (work > 0), attention * (work / mean_work), attention)
-        return seconds + np.where(~single & (prefill > 0), attention, 0.0)
+            for kind, selected in (("eager", eager), ("mixed_graph", ~eager)):
+                attention = prefill_grids[kind].at(prefill, query, prefill_context)
+                attention = np.where((mean_work > 0) & (work > 0), attention * (work / mean_work), attention)
+                seconds += np.where(~single & (prefill > 0) & selected, attention, 0.0)
+        return seconds
 
     def step_breakdown(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> dict[str, float]:
         """Seconds of each part of one step, to find which operator a prediction's error comes from: the

@@ -18,13 +18,33 @@ from simulator.roofline import HostOverheads
 
 HOST_TERMS = ("step", "decode_seq", "prefill_seq", "prefill_token", "mixed_step", "eager_step")
 
-# Kernels outside the layers (counted from the engine's code; the sampler's and TP masking's are estimates).
-EMBEDDING_KERNELS = {False: 1, True: 6}  # tp > 1: mask the rows outside this rank's slice, then all-reduce
-HEAD_KERNELS = {False: 1, True: 3}  # tp > 1: all-gather and trim the logits
+# Which attention variant each kind of step runs, best first: the profiler may time a variant the schema does not
+# name ("exact_table": block tables as wide as the context, as eager steps pass them; "tile_map": the prefill
+# kernel as mixed-step graphs call it); without it the schema's variant stands in.
+DECODE_VARIANTS = {"decode_graph": ("",), "eager": ("exact_table", ""), "mixed_graph": ("work_map",)}
+PREFILL_VARIANTS = {"eager": ("",), "mixed_graph": ("tile_map", "")}
+
+# Kernels launched per step, by launcher (torch's, or a Triton kernel's Python launcher, which costs more); counted
+# from the engine's code, the TP masking's estimated. The sampler runs eagerly after any graph and is timed with its
+# launches, so it is not counted here.
+LAYER_KERNELS = {"torch": 4, "triton": 5}  # four gemms; two norms, rotary, KV store, silu_and_mul
+TP_LAYER_KERNELS = {"torch": 2, "triton": 0}  # two all-reduces
+ATTENTION_KERNELS = {"decode": 2, "prefill": 1, "mixed": 3}  # Triton; the decode kernel is split-K plus a merge
+AROUND_KERNELS = {False: {"torch": 1, "triton": 1}, True: {"torch": 6, "triton": 1}}  # embedding (TP: masking and
+# an all-reduce), the final norm
+HEAD_KERNELS = {False: 1, True: 3}  # torch; TP: all-gather and trim the logits
 ROW_GATHER_KERNELS = 1  # an eager forward picks the sampled rows' hidden states before the head
-SAMPLER_KERNELS = 2
-LAYER_KERNELS = 9  # two norms, four gemms, rotary, KV store, silu_and_mul
-ATTENTION_KERNELS = {"decode": 2, "prefill": 1, "mixed": 3}  # the decode kernel is split-K plus a merge
+
+
+def kernel_counts(layers: int, sharded: bool, attention: str, head: bool, row_gather: bool) -> dict[str, int]:
+    """Kernels a forward launches by launcher ("all" their sum): every layer, the embedding and the final norm,
+    the LM head (head) and the pick of the sampled rows before it (row_gather)."""
+    torch = layers * (LAYER_KERNELS["torch"] + (TP_LAYER_KERNELS["torch"] if sharded else 0))
+    triton = layers * (LAYER_KERNELS["triton"] + ATTENTION_KERNELS[attention])
+    torch += AROUND_KERNELS[sharded]["torch"] + (HEAD_KERNELS[sharded] if head else 0)
+    torch += ROW_GATHER_KERNELS if row_gather else 0
+    triton += AROUND_KERNELS[sharded]["triton"]
+    return {"torch": torch, "triton": triton, "all": torch + triton}
 
 
 def all_reduce_ring_seconds(message_bytes, tp: int, interconnect_bandwidth: float,
@@ -42,12 +62,15 @@ class ModelOperators:
     lm_head: Grid
     sampler: Grid
     decode_attention: dict[str, Grid]
-    """A step's decode attention (every layer's call) by variant ("" eager and in decode graphs, "work_map" in
-    mixed-step graphs), over (num_seqs, context_len)."""
-    prefill_attention: Grid
-    """A step's prefill attention (every layer's call), over (num_seqs, query_len, context_len)."""
+    """A step's decode attention (every layer's call) by kind of step (DECODE_VARIANTS), over (num_seqs,
+    context_len)."""
+    prefill_attention: dict[str, Grid]
+    """A step's prefill attention (every layer's call) by kind of step (PREFILL_VARIANTS), over (num_seqs,
+    query_len, context_len)."""
     graph_replay: Grid
-    launch: Grid
+    launch: dict[str, Grid]
+    """Seconds to launch m kernels by launcher ("torch", "triton"), or of any kernel ("all") when the profile
+    does not tell them apart."""
     host: dict[str, float]
     all_reduce_measured: Grid | None
     all_reduce_source: str
@@ -103,8 +126,14 @@ class _Finder:
         self.used.append(choice.rows)
         return grid_of(self.profile, choice.rows, axes, choice.scale * calls)
 
-    def untyped(self, op: str, axis: str) -> Grid | None:
-        rows = self.rows(op, variant=None, typed=False)
+    def variant(self, op: str, variants: tuple[str, ...], head_dim: int) -> str:
+        """The first of these variants the profile has rows of at this head_dim (else the last, reported missing)."""
+        head_dims = self.profile.columns["head_dim"]
+        return next((v for v in variants if np.any(head_dims[self.profile.rows_of(op, variant=v, dtype=self.dtype)]
+                                                   == head_dim)), variants[-1])
+
+    def untyped(self, op: str, axis: str, variant: str | None = None) -> Grid | None:
+        rows = self.rows(op, variant=variant, typed=False)
         if not len(rows):
             return None
         self.used.append(rows)
@@ -142,19 +171,30 @@ def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, d
     }
     lm_head = gemm(vocab_per_rank, hidden)
     sampler_curve = width("sampler", shape.vocab_size, variant=sampler)
-    layers = shape.num_layers
-    decode = {variant: find.attention("decode_attention", variant, heads, kv_heads, head_dim,
-                                      ("num_seqs", "context_len"), layers) for variant in ("", "work_map")}
-    prefill = find.attention("prefill_attention", "", heads, kv_heads, head_dim,
-                             ("num_seqs", "query_len", "context_len"), layers)
-    graph_replay, launch = find.untyped("graph_replay", "m"), find.untyped("launch", "m")
+    decode, prefill = _attention_grids(find, heads, kv_heads, head_dim, shape.num_layers)
+    graph_replay = find.untyped("graph_replay", "m")
+    # The profiler may time torch's launches and Triton's apart (variants "torch" and "triton").
+    split = all(len(profile.rows_of("launch", variant=launcher)) for launcher in ("torch", "triton"))
+    launchers = ("torch", "triton") if split else ("all",)
+    launch = {launcher: find.untyped("launch", "m", variant=launcher if split else None) for launcher in launchers}
     host = _host_terms(find)
     measured, source = _all_reduce(find, tp, interconnect_bandwidth)
     if find.problems:
         raise ValueError(f"operator profile {profile.source} cannot compose {shape.name} tp{tp} {dtype}: "
-                         + "; ".join(find.problems))
+                         + "; ".join(dict.fromkeys(find.problems)))
     return ModelOperators(token_curves, lm_head, sampler_curve, decode, prefill, graph_replay, launch, host,
                           measured, source, np.unique(np.concatenate(find.used)))
+
+
+def _attention_grids(find: _Finder, heads: int, kv_heads: int, head_dim: int, layers: int):
+    """Decode and prefill attention grids by kind of step, each of the best variant the profile has."""
+    decode = {kind: find.attention("decode_attention", find.variant("decode_attention", variants, head_dim), heads,
+                                   kv_heads, head_dim, ("num_seqs", "context_len"), layers)
+              for kind, variants in DECODE_VARIANTS.items()}
+    prefill = {kind: find.attention("prefill_attention", find.variant("prefill_attention", variants, head_dim), heads,
+                                    kv_heads, head_dim, ("num_seqs", "query_len", "context_len"), layers)
+               for kind, variants in PREFILL_VARIANTS.items()}
+    return decode, prefill
 
 
 def _host_terms(find: _Finder) -> dict[str, float]:
@@ -166,10 +206,10 @@ def _host_terms(find: _Finder) -> dict[str, float]:
         if len(selected):
             find.used.append(selected)
             terms[term] = float(np.mean(columns["seconds"][selected]))
-    absent = [term for term in HOST_TERMS if term not in terms]
-    if len(rows) and absent:
-        find.problems.append(f"no host_step rows of variant {', '.join(map(repr, absent))}")
-    return terms
+    # The profiler leaves out a term no serving step exercised: it adds nothing then. The per-step base must be there.
+    if len(rows) and "step" not in terms:
+        find.problems.append("no host_step row of variant 'step'")
+    return {term: terms.get(term, 0.0) for term in HOST_TERMS}
 
 
 def _all_reduce(find: _Finder, tp: int, interconnect_bandwidth: float | None) -> tuple[Grid | None, str]:

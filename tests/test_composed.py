@@ -221,6 +221,20 @@ def test_partial_profiles_name_what_is_missing(tmp_path):
         ComposedCostModel(ModelShape.load("qwen3-8b"), no_head_dim_64, tp=3)
 
 
+def test_variants_beyond_the_schema_are_used_where_timed(tmp_path, qwen3_8b):
+    """The profiler's extra variants (eager decode tables as wide as the context, the prefill kernel's tile map,
+    launches by launcher) refine eager and mixed-graph steps; a profile with only the schema's still composes."""
+    schema_only = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        synthetic_operator_profile(tmp_path / "schema.parquet", extra_variants=False)))
+    assert schema_only.predict(decode(64, 1000), 64) == qwen3_8b.predict(decode(64, 1000), 64)
+    assert qwen3_8b.step_breakdown(decode(64, 1000))["attention"] < schema_only.step_breakdown(decode(64, 1000))[
+        "attention"]  # exact_table is the cheaper eager table here
+    mixed = BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320)
+    assert qwen3_8b.step_breakdown(mixed, 384)["attention"] > schema_only.step_breakdown(mixed, 384)["attention"]
+    # Eager launches: torch's cheaper than Triton's, counted apart.
+    assert set(qwen3_8b.operators.launch) == {"torch", "triton"} and set(schema_only.operators.launch) == {"all"}
+
+
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="x.parquet: not a Parquet operator profile"):
