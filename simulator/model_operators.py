@@ -20,8 +20,9 @@ HOST_TERMS = ("step", "decode_seq", "prefill_seq", "prefill_token", "mixed_step"
 
 # Which attention variant each kind of step runs, best first: the profiler may time a variant the schema does not
 # name ("exact_table": block tables as wide as the context, as eager steps pass them; "tile_map": the prefill
-# kernel as mixed-step graphs call it); without it the schema's variant stands in.
-DECODE_VARIANTS = {"decode_graph": ("",), "eager": ("exact_table", ""), "mixed_graph": ("work_map",)}
+# kernel as mixed-step graphs call it); without it the schema's variant stands in, as "" does for "work_map" in a
+# profile of a backend without mixed-step graphs (the CPU's), where no step runs one.
+DECODE_VARIANTS = {"decode_graph": ("",), "eager": ("exact_table", ""), "mixed_graph": ("work_map", "")}
 PREFILL_VARIANTS = {"eager": ("",), "mixed_graph": ("tile_map", "")}
 
 # Kernels launched per step, by launcher (torch's, or a Triton kernel's Python launcher, which costs more); counted
