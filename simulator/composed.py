@@ -18,7 +18,10 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                (else ""), mixed-step graphs "work_map" and prefill "tile_map" (else "")
   gpu        = tokens(T) + (head(H) + sampler(R)) + attention
   host       = step + decode_seq D + prefill_seq P + prefill_token N_prefill + mixed_step [P and D]
-               + eager_step [no graph]                                       (the profile's host_step terms)
+               + (eager_step - probe launches) [no graph]                    (the profile's host_step terms)
+               (host_step was fitted as serving steps' durations less their wait for the device, so an eager
+               step's terms include launching the probe model's kernels: taken out when the metadata names the
+               probe's layers, since this model's own launches are in the max below)
   duration   = host + (gpu + graph_replay(kernels in the graph))           in a CUDA graph
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
                launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
@@ -36,7 +39,13 @@ import numpy as np
 
 from engine.stats import BatchFeatures
 from simulator.gpu_specs import gpu_key
-from simulator.model_operators import activation_bytes, all_reduce_ring_seconds, find_model_operators, kernel_counts
+from simulator.model_operators import (
+    activation_bytes,
+    all_reduce_ring_seconds,
+    find_model_operators,
+    host_probe_layers,
+    kernel_counts,
+)
 from simulator.model_shape import ModelShape
 from simulator.operator_tables import OperatorProfile, linear, linear_increasing, position
 
@@ -72,7 +81,6 @@ class ComposedCostModel:
         operators = find_model_operators(self.profile, self.shape, self.tp, self.dtype, self.sampler,
                                          self.interconnect_bandwidth)
         self._set("operators", operators)
-        self._set("_host_terms", operators.host)
         self._set_kernel_costs()
         # Attention by kind of step: rows (and planes) per number of sequences, filled as steps ask for them.
         self._set("_decode_rows", {kind: {} for kind in operators.decode_attention})
@@ -157,6 +165,14 @@ class ComposedCostModel:
         self._set("_launch_single", launched("decode"))
         self._set("_launch_prefill", launched("prefill"))
         self._set("_launch_mixed", launched("mixed"))
+        # The host terms of an eager step hold the probe's launches (of a step with prompt chunks and decodes, at
+        # tp 1, the kind most of its eager serving steps are); this model's own are in max(launches, gpu).
+        probe_layers = host_probe_layers(self.profile)
+        probe = kernel_counts(probe_layers, False, "mixed", head=True, row_gather=True) if probe_layers else None
+        probe_launches = sum(float(curve.at(probe[launcher])) for launcher, curve in launch.items()) if probe else 0.0
+        self._set("probe_launches", probe_launches)
+        terms = self.operators.host
+        self._set("_host_terms", {**terms, "eager_step": terms["eager_step"] - probe_launches})
 
     def _decode_row(self, kind: str, num_seqs: int) -> list[float]:
         rows = self._decode_rows[kind]

@@ -8,6 +8,7 @@ Around the layers: the vocab-parallel embedding (an all-reduce at tp > 1), the f
 vocab/tp columns whose logits are all-gathered at tp > 1, and the sampler over the whole vocabulary on rank 0.
 """
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,3 +230,15 @@ def _all_reduce(find: _Finder, tp: int, interconnect_bandwidth: float | None) ->
 def activation_bytes(dtype: str) -> int:
     """Bytes per activation element: the model's dtype, at least bf16 (fp8 weights keep bf16 activations)."""
     return max(2, dtype_bytes(dtype))
+
+
+def host_probe_layers(profile: OperatorProfile) -> int:
+    """Layers of the probe model whose serving steps the host_step terms were fitted on (metadata "host_step"), or
+    0 when the profile does not say. Its host time is each step's duration less the wait for the device, so an
+    eager step's terms include launching the probe's kernels: the composition takes those out again."""
+    try:
+        report = json.loads(profile.metadata.get("host_step", ""))
+    except json.JSONDecodeError:
+        return 0
+    layers = report.get("probe_layers", 0) if isinstance(report, dict) else 0
+    return layers if isinstance(layers, int) and layers > 0 else 0

@@ -1,6 +1,7 @@
 """A plausible operator profile in the schema of simulator/operator_profile_schema.py, made from roofline formulas
 (an H200's copy bandwidth and matmul rate, a launch floor per kernel), for tests while no GPU profile exists."""
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,8 +23,11 @@ PREFILL_SEQS = (1, 2, 4, 8, 16)
 QUERY_LENS = (1, 16, 64, 256, 1024, 4096, 8192)
 PREFILL_CONTEXTS = (0, 256, 1024, 4096, 16384)
 MESSAGE_BYTES = (1024, 16384, 262144, 1 << 20, 1 << 23, 1 << 26, 1 << 28)
+# Host terms as the profiler fits them on a probe's serving steps (duration less the wait for the device): an eager
+# step's include launching the probe's kernels (a 28-layer probe: ~3.2 ms at LAUNCH's costs).
 HOST = {"step": 9e-4, "decode_seq": 4e-6, "prefill_seq": 2e-5, "prefill_token": 4e-8, "mixed_step": 1.5e-4,
-        "eager_step": 6e-4}
+        "eager_step": 3.8e-3}
+PROBE = {"probe": "qwen3-1.7b", "probe_layers": 28}
 
 
 def gemm_seconds(m: int, n: int, k: int) -> float:
@@ -112,10 +116,11 @@ def machine_rows(all_reduce_tps: tuple[int, ...] = (2,), extra_variants: bool = 
 def synthetic_operator_profile(path: str | Path, *, models=("qwen3-0.6b", "qwen3-8b"), tps=(1, 2),
                                dtype: str = "bfloat16", head_dims: tuple[int, ...] | None = None,
                                all_reduce_tps: tuple[int, ...] = (2,), drop_ops: tuple[str, ...] = (),
-                               extra_variants: bool = True, gpu: str = "h200") -> Path:
+                               extra_variants: bool = True, probe: dict | None = PROBE, gpu: str = "h200") -> Path:
     """Write a profile covering these models at these TPs (every row the composition needs), less drop_ops;
     attention timed at head_dims instead of the models' own when given; extra_variants: also the variants the
-    profiler adds beyond the schema's (decode "exact_table", prefill "tile_map", launches "torch" and "triton")."""
+    profiler adds beyond the schema's (decode "exact_table", prefill "tile_map", launches "torch" and "triton");
+    probe: the metadata's account of the model the host terms were fitted on (None: not said)."""
     rows = machine_rows(all_reduce_tps, extra_variants)
     for model in models:
         shape = ModelShape.load(model)
@@ -125,7 +130,7 @@ def synthetic_operator_profile(path: str | Path, *, models=("qwen3-0.6b", "qwen3
     # Models sharing a shape (two TPs of one model, say) repeat rows: keep one of each.
     unique = {tuple(sorted(row.items())): row for row in rows}
     metadata = {"format": FORMAT, "version": VERSION, "gpu": gpu, "gpu_name": f"synthetic {gpu}",
-                "command": "tests/synthetic_operators.py"}
+                "command": "tests/synthetic_operators.py", "host_step": json.dumps(probe) if probe else "not measured"}
     table = pa.Table.from_pylist(list(unique.values()), schema=OPERATOR_PROFILE_SCHEMA.with_metadata(metadata))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,17 @@ def test_variants_beyond_the_schema_are_used_where_timed(tmp_path, qwen3_8b):
     assert set(qwen3_8b.operators.launch) == {"torch", "triton"} and set(schema_only.operators.launch) == {"all"}
 
 
+def test_the_probes_launches_leave_the_eager_host_terms(tmp_path, qwen3_8b):
+    """The profiler's host terms of an eager step include launching its probe's kernels; this model's launches
+    replace them (metadata naming the probe's layers), where a profile that does not say keeps its terms whole."""
+    unsaid = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        synthetic_operator_profile(tmp_path / "unsaid.parquet", probe=None)))
+    assert unsaid.probe_launches == 0.0 and 3e-3 < qwen3_8b.probe_launches < 3.8e-3
+    for step in (decode(64, 1000), prefill(2048), BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320)):
+        assert unsaid.predict(step, 0) - qwen3_8b.predict(step, 0) == pytest.approx(qwen3_8b.probe_launches)
+        assert unsaid.predict(step, 512) == qwen3_8b.predict(step, 512)
+
+
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="x.parquet: not a Parquet operator profile"):
