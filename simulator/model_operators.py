@@ -32,8 +32,8 @@ PREFILL_VARIANTS = {"eager": ("",), "mixed_graph": ("tile_map", "")}
 LAYER_KERNELS = {"torch": 4, "triton": 5}  # four gemms; two norms, rotary, KV store, silu_and_mul
 TP_LAYER_KERNELS = {"torch": 2, "triton": 0}  # two all-reduces
 ATTENTION_KERNELS = {"decode": 2, "prefill": 1, "mixed": 3}  # Triton; the decode kernel is split-K plus a merge
-AROUND_KERNELS = {False: {"torch": 1, "triton": 1}, True: {"torch": 6, "triton": 1}}  # embedding (TP: masking and
-# an all-reduce), the final norm
+# The embedding (at tp > 1 also masking this rank's rows and an all-reduce) and the final norm.
+AROUND_KERNELS = {False: {"torch": 1, "triton": 1}, True: {"torch": 6, "triton": 1}}
 HEAD_KERNELS = {False: 1, True: 3}  # torch; TP: all-gather and trim the logits
 ROW_GATHER_KERNELS = 1  # an eager forward picks the sampled rows' hidden states before the head
 
