@@ -41,7 +41,7 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
-    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
+    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=getattr(args, "cost_model", "auto"))
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -83,14 +83,17 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         "gpu": spec.name if spec is not None else gpu,
         "profile": cost_model.label,
         "calibrated": bool(cost_model.calibrated),
-        "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
+        "provenance": cost_model.provenance,
+        "cost_model": cost_model.to_json(),
         "tensor_parallel_size": tp,
         "dtype": dtype,
         "enforce_eager": eager,
         "mixed_cuda_graphs": bool(mixed),
     }
-    if not cost_model.calibrated:
+    if cost_model.provenance == "roofline":
         print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+    elif cost_model.provenance == "composed":
+        print(f"note: composed simulation ({cost_model.label}): step times composed from timed operators")
     return engine, metadata, model_config.vocab_size
 
 
