@@ -10,10 +10,11 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.graph_dispatch import GraphDispatch, decode_graph_sizes
 from engine.sampling_params import SamplingParams
 from engine.stats import BatchFeatures
 from simulator.composed import ComposedCostModel
-from simulator.executor import CostModelExecutor
+from simulator.executor import DECODE_GRAPHS_ONLY, CostModelExecutor
 from simulator.model_shape import ModelShape
 from simulator.operator_tables import Grid, OperatorProfile, choose_shape, grid_of
 from tests.synthetic_operators import NVLINK, synthetic_operator_profile
@@ -66,7 +67,7 @@ def random_step(rng: random.Random) -> tuple[BatchFeatures, int]:
 @pytest.mark.parametrize("graph", [True, False])
 def test_decode_runs_are_bit_for_bit_predict(profile, tp, graph):
     model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
-    executor = CostModelExecutor(model, 100_000, enforce_eager=not graph)
+    executor = CostModelExecutor(model, 100_000, graphs=DECODE_GRAPHS_ONLY if graph else GraphDispatch())
     rng = random.Random(tp)
     # Runs that start below the first measured context, cross measured contexts (16, 64) and pass the last (32768).
     crossing = [(3, 1), (64, 10), (7, 60), (100, 32_760)]
@@ -81,8 +82,8 @@ def test_engine_fast_forward_matches_stepping(qwen3_8b):
     def run(fast_forward: bool) -> Engine:
         rng = random.Random(3)
         config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=4096, vocab_size=1000)
-        engine = Engine(config, CostModelExecutor(qwen3_8b, 2000, mixed_step_token_sizes=(64, 128, 256, 512),
-                                                  max_num_seqs=64), fast_forward=fast_forward)
+        engine = Engine(config, CostModelExecutor(qwen3_8b, 2000, graphs=GraphDispatch(
+            decode_graph_sizes(64), mixed_sizes=(64, 128, 256, 512), max_mixed_seqs=64)), fast_forward=fast_forward)
         arrival = 0.0
         for index in range(60):
             arrival += rng.expovariate(10.0)
