@@ -42,9 +42,9 @@ def run_logits_check(model: str = "qwen3-0.6b", *, num_prompts: int = 8, new_tok
         for index, prompt in enumerate(prompts):
             blocks = list(range(-(-len(prompt) // runner.block_size)))
             seq = ScheduledSequence(index, prompt, 0, blocks, False, True, 0, SamplingParams(temperature=0))
-            ids, positions, metadata, rows, *_, mixed_size = runner._prepare(SchedulerOutput(0, [seq]))
-            hidden = runner.hidden_states(ids, positions, metadata, mixed_size)  # the step's real path
-            ours = runner.model.compute_logits(hidden[rows])[0].float()
+            step = runner.prepare(SchedulerOutput(0, [seq]))
+            hidden = runner.hidden_states(step)  # the step's real path
+            ours = runner.model.compute_logits(hidden[step.logit_rows])[0].float()
             theirs = reference(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
             errors.append(((ours - theirs).norm() / theirs.norm()).item())
 

@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 from engine.config import EngineConfig, vllm_default_limits
-from engine.cuda_graphs import mixed_step_token_sizes
 from engine.engine import Engine
+from engine.graph_dispatch import GraphDispatch
 from engine.stats import BatchFeatures
 from simulator.executor import CostModelExecutor
 from simulator.gpu_specs import gpu_spec
@@ -47,8 +47,8 @@ def build_engine(gpu: str, model: str, *, profile: str | None = None, fast_forwa
         spec, shape, max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs
     )
     # As `twinfer simulate` at TP 1: steps with prompt chunks as (padded) CUDA graphs unless told otherwise.
-    mixed_sizes = mixed_step_token_sizes(max_num_batched_tokens) if mixed_cuda_graphs else ()
-    executor = CostModelExecutor(cost_model, num_blocks, mixed_step_token_sizes=mixed_sizes, max_num_seqs=max_num_seqs)
+    graphs = GraphDispatch.for_engine(max_num_seqs, max_num_batched_tokens, cuda_graphs=True, mixed=mixed_cuda_graphs)
+    executor = CostModelExecutor(cost_model, num_blocks, graphs=graphs)
     return Engine(config, executor, fast_forward=fast_forward)
 
 

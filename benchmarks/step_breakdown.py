@@ -88,7 +88,7 @@ def run(out: str | None, python_profile: bool = False, mixed_cuda_graphs: bool |
                "mixed_cuda_graphs": llm.executor.mixed_cuda_graphs}
     for name, batch in shapes.items():
         entry = {"execute_ms": 1e3 * _time(lambda: runner.execute(batch))}
-        entry["prepare_ms"] = 1e3 * _time(lambda: runner._prepare(batch))
+        entry["prepare_ms"] = 1e3 * _time(lambda: runner.prepare(batch))
         entry.update(_profile(lambda: runner.execute(batch)))
         results[name] = entry
     if python_profile:

@@ -1,24 +1,14 @@
-"""CUDA graphs of the decode forward (model + LM head) over vLLM's batch-size ladder.
+"""The captured CUDA graphs: of the decode forward (model + LM head) per batch size, and of the forward of
+steps with prompt chunks per padded token count. Which one a step replays is engine/graph_dispatch.py's rule.
 
 Each graph reads static input buffers; a step copies its rows in and pads the rest harmlessly (slot -1
 writes no KV, seq_len 0 attends to nothing). The block-table buffer is as wide as max_model_len needs,
-so any sequence fits; steps wider than the largest graph run eagerly.
+so any sequence fits.
 """
 
 import torch
 
 from engine.attention import AttentionMetadata
-
-
-def graph_batch_sizes(max_num_seqs: int, largest: int = 512) -> list[int]:
-    """vLLM's ladder 1, 2, 4, 8, 16, 24, ... up to the first size covering max_num_seqs (at most `largest`)."""
-    ladder = [1, 2, 4] + list(range(8, largest + 1, 8))
-    sizes = []
-    for size in ladder:
-        sizes.append(size)
-        if size >= max_num_seqs:
-            break
-    return sizes
 
 
 @torch.inference_mode()
@@ -40,7 +30,7 @@ def capture_graphs(sizes, run, graphs: dict, outputs: dict, pool=None):
 class DecodeGraphs:
     """One captured graph per batch size, sharing a memory pool and one set of static input buffers."""
 
-    def __init__(self, model, batch_sizes: list[int], max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(self, model, batch_sizes: tuple[int, ...], max_blocks_per_seq: int, device: torch.device) -> None:
         self.model = model
         self.batch_sizes = sorted(batch_sizes)
         max_bs = self.batch_sizes[-1]
@@ -51,10 +41,6 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.batch_sizes[-1]
 
     def _run(self, batch_size: int) -> torch.Tensor:
         metadata = AttentionMetadata(
@@ -69,48 +55,17 @@ class DecodeGraphs:
         """Capture every batch size (see capture_graphs); returns the pool."""
         return capture_graphs(self.batch_sizes, self._run, self.graphs, self.outputs, pool)
 
-    def padded_size(self, num_seqs: int) -> int | None:
-        """The smallest captured batch size holding num_seqs rows, or None when eager must run."""
-        for size in self.batch_sizes:
-            if size >= num_seqs:
-                return size
-        return None
-
-    def replay(self, batch_size: int, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-               seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    def replay(self, batch_size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+               metadata: AttentionMetadata) -> torch.Tensor:
         """Run the graph of batch_size on inputs already padded to it; logits [batch_size, vocab]."""
         self.input_ids[:batch_size].copy_(input_ids)
         self.positions[:batch_size].copy_(positions)
-        self.slot_mapping[:batch_size].copy_(slot_mapping)
-        self.seq_lens[:batch_size].copy_(seq_lens)
+        self.slot_mapping[:batch_size].copy_(metadata.slot_mapping)
+        self.seq_lens[:batch_size].copy_(metadata.seq_lens)
+        block_tables = metadata.block_tables
         self.block_tables[:batch_size, :block_tables.shape[1]].copy_(block_tables)
         self.graphs[batch_size].replay()
         return self.outputs[batch_size]
-
-
-def resolve_mixed_cuda_graphs(requested: bool | None, attention_backend: str, tensor_parallel_size: int) -> bool:
-    """Whether steps with prompt chunks run as CUDA graphs (CUDA graphs being on): as requested, and when not
-    told with the triton backend (the only one with a fixed layout) at TP 1 (not yet run above); requested
-    with another backend is an error. The real runner and the simulator both ask here."""
-    if requested is None:
-        return attention_backend == "triton" and tensor_parallel_size == 1
-    if requested and attention_backend != "triton":
-        raise ValueError(f"mixed_cuda_graphs (--mixed-cuda-graphs) needs the triton attention backend, "
-                         f"not {attention_backend}")
-    return bool(requested)
-
-
-def mixed_step_token_sizes(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
-    """Padded token counts of the graphs for steps with prompt chunks: powers of two and the halves between
-    them (at most a third of padding), up to max_num_batched_tokens (which is always one of them)."""
-    sizes = []
-    size = smallest
-    while size < max_num_batched_tokens:
-        sizes.append(size)
-        if size * 3 // 2 < max_num_batched_tokens and size >= 64:
-            sizes.append(size * 3 // 2)
-        size *= 2
-    return sorted(set(sizes + [max_num_batched_tokens]))
 
 
 class MixedStepGraphs:
@@ -122,7 +77,7 @@ class MixedStepGraphs:
     that sample.
     """
 
-    def __init__(self, model, token_sizes: list[int], max_seqs: int, max_blocks_per_seq: int, block_q: int,
+    def __init__(self, model, token_sizes: tuple[int, ...], max_seqs: int, max_blocks_per_seq: int, block_q: int,
                  device: torch.device, min_work_capacity: int = 1024) -> None:
         from engine.kernels.decode_attention import DecodeTiling  # Triton only where the graphs are built
 
@@ -155,15 +110,6 @@ class MixedStepGraphs:
         """Decode work-map entries of a step of num_tokens: two partitions per possible one-token row, and at
         least min_work_capacity (a few long rows then keep 512-token partitions: see decode_work_map)."""
         return max(2 * min(num_tokens, self.max_seqs), self.min_work_capacity)
-
-    def padded_tokens(self, num_tokens: int, num_seqs: int) -> int | None:
-        """The smallest graph's token count holding this step, or None when it must run eagerly."""
-        if num_seqs > self.max_seqs:
-            return None
-        for size in self.token_sizes:
-            if size >= num_tokens:
-                return size
-        return None
 
     def _metadata(self, num_tokens: int) -> AttentionMetadata:
         capacity = self.tile_capacity(num_tokens)

@@ -50,11 +50,11 @@ class ModelExecutor:
         cpu_kv_cache_bytes: int = 1 << 30,
         mixed_cuda_graphs: bool | None = None,
     ) -> None:
-        self.model_config = load_model_config(model)
-        if engine_config.max_model_len > self.model_config.max_position_embeddings:
+        model_config = load_model_config(model)
+        if engine_config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {engine_config.max_model_len} exceeds the model's max_position_embeddings "
-                f"({self.model_config.max_position_embeddings}, {self.model_config.source})"
+                f"({model_config.max_position_embeddings}, {model_config.source})"
             )
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
@@ -109,14 +109,6 @@ class ModelExecutor:
     @property
     def num_kv_blocks(self) -> int:
         return self.runner.num_kv_blocks
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self.model_config.eos_token_ids
-
-    @property
-    def max_model_len(self) -> int:
-        return self.model_config.max_position_embeddings
 
     @property
     def cuda_graph_batch_sizes(self) -> list[int]:

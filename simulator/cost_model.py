@@ -117,6 +117,7 @@ class CostModel:
     """How the fit went: data source, rows, held-out MAPE (kept in the JSON for anyone who loads it)."""
 
     calibrated = True
+    provenance = "calibrated"
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:

@@ -31,7 +31,10 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool
     attention_bias: bool = False
+    """q/k/v projections carry biases (Qwen2 and Qwen2.5 always do)."""
     max_position_embeddings: int | None = None
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before the rotary embedding (Qwen3): a costlier rotary kernel."""
 
     def __post_init__(self) -> None:
         for field_name in (
@@ -120,6 +123,11 @@ class ModelShape:
             raise ValueError(f"model {name!r}: config.json lacks {', '.join(missing)}")
         num_heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+        architectures = config.get("architectures") or []
+        family = config.get("model_type", "")
+        # As the engine's models: Qwen2 has q/k/v biases whatever attention_bias says, Qwen3 has q/k norms.
+        qwen2 = family == "qwen2" or "Qwen2ForCausalLM" in architectures
+        qwen3 = family == "qwen3" or "Qwen3ForCausalLM" in architectures
         return cls(
             name=name,
             num_layers=config["num_hidden_layers"],
@@ -130,9 +138,9 @@ class ModelShape:
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 has q/k/v biases without saying so in attention_bias.
-            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            attention_bias=qwen2 or bool(config.get("attention_bias", False)),
             max_position_embeddings=config.get("max_position_embeddings"),
+            qk_norm=qwen3,
         )
 
     @classmethod

@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 
 from analysis.run_schema import STEPS_SCHEMA
 from engine.config import EngineConfig, default_max_model_len
+from engine.graph_dispatch import decode_graph_sizes, one_token_per_row
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from engine.stats import batch_features
-from simulator.executor import VLLM_CUDA_GRAPH_SIZES
 
 PROFILE_SCHEMA = pa.schema(
     list(STEPS_SCHEMA)
@@ -98,7 +98,7 @@ def build_grid(
                 shapes.append(Shape("prefill", tuple((0, length, False, True) for _ in range(count))))
     # Pure decode: each graph size and a size padded up to it, times context lengths; eager past the ladder.
     # Without graphs (enforce_eager) the same ladder still spaces the decode sizes well.
-    sizes = sorted(set(cuda_graph_sizes)) or list(VLLM_CUDA_GRAPH_SIZES)
+    sizes = sorted(set(cuda_graph_sizes)) or list(decode_graph_sizes())
     decode_sizes = set(sizes)
     previous = 0
     for size in sizes:
@@ -475,7 +475,7 @@ def profile(
             if time.perf_counter() > grid_deadline - min(10.0, 0.05 * max_seconds):
                 break
             # A step of one-token rows only (a one-token prompt among decodes) takes the decode graphs either way.
-            has_prompt = sum(new for _, new, _, _ in batch.rows) > len(batch.rows)
+            has_prompt = not one_token_per_row(sum(new for _, new, _, _ in batch.rows), len(batch.rows))
             for eager in (False, True) if twins and has_prompt else (False,):
                 with _prompt_steps(executor, eager):
                     # The first run of a shape is discarded: first calls can pick kernels or grow buffers.

@@ -9,11 +9,14 @@ Host time: a fixed cost per step and per sequence (input preparation, sampling);
 launch every kernel, which hides behind GPU work only when the GPU is the slower of the two.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from engine.stats import BatchFeatures
 from simulator.gpu_specs import GpuSpec
 from simulator.model_shape import ModelShape, dtype_bytes
+
+FORMAT = "twinfer-roofline"
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class Roofline:
     host: HostOverheads = HostOverheads()
 
     calibrated = False
+    provenance = "roofline"
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:
@@ -143,3 +147,19 @@ class Roofline:
             return [host + gpu for gpu in gpus]
         launch = self._launch_s
         return [host + max(gpu, launch) for gpu in gpus]
+
+    def to_json(self) -> dict:
+        """The JSON-able form a simulated run keeps in its metadata (every figure it was computed from)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "gpu": asdict(self.gpu), "model": asdict(self.shape),
+                "tp": self.tp, "dtype": self.dtype, "host": asdict(self.host)}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "roofline") -> "Roofline":
+        """Build from to_json()'s form; errors name the source."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: not a twinfer roofline of version {FORMAT_VERSION}")
+        try:
+            return cls(GpuSpec(**data["gpu"]), ModelShape(**data["model"]), tp=data["tp"], dtype=data["dtype"],
+                       host=HostOverheads(**data.get("host", {})))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None

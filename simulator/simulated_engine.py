@@ -26,8 +26,8 @@ def _dtype_name(dtype: str) -> str:
 
 def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
     """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
-    from engine.cuda_graphs import mixed_step_token_sizes, resolve_mixed_cuda_graphs
     from engine.engine import Engine
+    from engine.graph_dispatch import GraphDispatch, resolve_mixed_cuda_graphs
     from engine.model_config import load_model_config
     from simulator.executor import CostModelExecutor
     from simulator.gpu_specs import gpu_spec
@@ -41,7 +41,7 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
-    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile)
+    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=getattr(args, "cost_model", "auto"))
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -74,23 +74,26 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     backend = getattr(args, "attention_backend", "auto")
     backend = "triton" if backend == "auto" else backend
     mixed = not eager and resolve_mixed_cuda_graphs(getattr(args, "mixed_cuda_graphs", None), backend, tp)
-    mixed_sizes = mixed_step_token_sizes(config.max_num_batched_tokens) if mixed else ()
-    executor = CostModelExecutor(cost_model, num_blocks, enforce_eager=eager,
-                                 mixed_step_token_sizes=mixed_sizes, max_num_seqs=config.max_num_seqs)
+    graphs = GraphDispatch.for_engine(config.max_num_seqs, config.max_num_batched_tokens, cuda_graphs=not eager,
+                                      mixed=mixed)
+    executor = CostModelExecutor(cost_model, num_blocks, graphs=graphs)
     engine = Engine(config, executor, VirtualClock())
     metadata = {
         "model": model,
         "gpu": spec.name if spec is not None else gpu,
         "profile": cost_model.label,
         "calibrated": bool(cost_model.calibrated),
-        "cost_model": cost_model.to_json() if hasattr(cost_model, "to_json") else None,
+        "provenance": cost_model.provenance,
+        "cost_model": cost_model.to_json(),
         "tensor_parallel_size": tp,
         "dtype": dtype,
         "enforce_eager": eager,
         "mixed_cuda_graphs": bool(mixed),
     }
-    if not cost_model.calibrated:
+    if cost_model.provenance == "roofline":
         print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+    elif cost_model.provenance == "composed":
+        print(f"note: composed simulation ({cost_model.label}): step times composed from timed operators")
     return engine, metadata, model_config.vocab_size
 
 

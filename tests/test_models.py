@@ -135,21 +135,23 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     rows first, tokens padded with slot -1, sequence rows padded with context 0, and a tile map listing each
     prompt chunk's query tiles once."""
     from engine.cuda_graphs import MixedStepGraphs
+    from engine.graph_dispatch import GraphDispatch
     from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 
     folder, _ = checkpoint
     executor = ModelExecutor(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=32),
                              device="cpu", dtype="float32")
     runner = executor.runner
-    runner.mixed_graphs = MixedStepGraphs(runner.model, [16, 64], max_seqs=6, max_blocks_per_seq=16, block_q=8,
+    runner.mixed_graphs = MixedStepGraphs(runner.model, (16, 64), max_seqs=6, max_blocks_per_seq=16, block_q=8,
                                           device=torch.device("cpu"))
+    runner.dispatch = GraphDispatch(mixed_sizes=(16, 64), max_mixed_seqs=6)
     greedy = SamplingParams(temperature=0)
     chunk = ScheduledSequence(0, list(range(20)), 5, [0, 1], False, True, 0, greedy)
     decode_a = ScheduledSequence(1, [7], 16, [2, 3], True, True, 1, greedy)
     decode_b = ScheduledSequence(2, [9], 3, [4], True, True, 1, greedy)
-    ids, positions, metadata, rows, _, sampled_ids, graph_size, mixed_size = runner._prepare(
-        SchedulerOutput(0, [chunk, decode_a, decode_b]))
-    assert graph_size is None and mixed_size == 64
+    step = runner.prepare(SchedulerOutput(0, [chunk, decode_a, decode_b]))
+    ids, positions, metadata = step.input_ids, step.positions, step.metadata
+    assert step.decode_graph_size == 0 and step.mixed_graph_size == 64
     assert ids[:2].tolist() == [7, 9] and ids[2:22].tolist() == list(range(20)) and not ids[22:].any()
     assert positions[:2].tolist() == [16, 3] and positions[2:22].tolist() == list(range(5, 25))
     assert (metadata.slot_mapping[22:] == -1).all() and metadata.slot_mapping[0] == 3 * 16
@@ -163,14 +165,39 @@ def test_mixed_step_inputs_padded_for_a_cuda_graph(checkpoint):
     assert tile_seqs.shape[0] == 64 // 8 + 6
     assert tile_seqs[:3].tolist() == [2, 2, 2] and sorted(tile_indices[:3].tolist()) == [0, 1, 2]
     assert (tile_seqs[3:] == -1).all()
-    assert sampled_ids == [1, 2, 0] and rows.tolist() == [0, 1, 21]
+    assert step.sampled_ids == [1, 2, 0] and step.logit_rows.tolist() == [0, 1, 21]
     # Profiling times such a step eagerly too: inside eager_prompt_steps() it takes the eager layout, after it
     # the graphs again.
     graphs = runner.mixed_graphs
     with executor.eager_prompt_steps():
-        *_, graph_size, mixed_size = runner._prepare(SchedulerOutput(1, [chunk, decode_a, decode_b]))
-        assert graph_size is None and mixed_size is None
+        step = runner.prepare(SchedulerOutput(1, [chunk, decode_a, decode_b]))
+        assert step.decode_graph_size == 0 and step.mixed_graph_size == 0
     assert runner.mixed_graphs is graphs
+
+
+def test_decode_inputs_padded_for_a_cuda_graph(checkpoint):
+    """The host side of DecodeGraphs (checked on the CPU; the graphs need CUDA): a step of one-token rows, a
+    one-token prompt chunk among them too, padded to the next captured batch size with rows that write no KV
+    (slot -1) and attend to nothing (context 0)."""
+    from engine.graph_dispatch import GraphDispatch
+    from engine.scheduler_output import ScheduledSequence, SchedulerOutput
+
+    folder, _ = checkpoint
+    executor = ModelExecutor(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=32),
+                             device="cpu", dtype="float32")
+    runner = executor.runner
+    runner.dispatch = GraphDispatch(decode_sizes=(1, 2, 4, 8))
+    greedy = SamplingParams(temperature=0)
+    decode_a = ScheduledSequence(1, [7], 16, [2, 3], True, True, 1, greedy)
+    last_chunk = ScheduledSequence(2, [9], 3, [4], False, True, 0, greedy)
+    decode_b = ScheduledSequence(3, [5], 20, [5, 6], True, True, 1, greedy)
+    step = runner.prepare(SchedulerOutput(0, [decode_a, last_chunk, decode_b]))
+    assert step.decode_graph_size == 4 and step.mixed_graph_size == 0
+    assert step.input_ids.tolist() == [7, 9, 5, 0] and step.positions.tolist() == [16, 3, 20, 0]
+    assert step.metadata.slot_mapping.tolist() == [3 * 16, 4 * 16 + 3, 6 * 16 + 4, -1]
+    assert step.metadata.seq_lens.tolist() == [17, 4, 21, 0] and step.metadata.cu_seqlens_q is None
+    assert step.metadata.block_tables.tolist() == [[2, 3], [4, 0], [5, 6], [0, 0]]
+    assert step.sampled_ids == [1, 2, 3] and step.logit_rows.tolist() == [0, 1, 2]
 
 
 
@@ -190,7 +217,8 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
     fixed layout, static buffers reused by batches of every shape (fewer sequences than max_seqs, padding
     tokens, PENDING_TOKEN inputs), graph replays emulated; the greedy tokens stay transformers'."""
     from engine.attention import load_backend
-    from engine.cuda_graphs import MixedStepGraphs, mixed_step_token_sizes
+    from engine.cuda_graphs import MixedStepGraphs
+    from engine.graph_dispatch import GraphDispatch, mixed_step_token_sizes
     from engine.kernels.prefill_attention import prefill_query_tile
 
     folder, expected = checkpoint
@@ -216,6 +244,7 @@ def test_mixed_step_graphs_over_an_engine_run_match_transformers(checkpoint):
         graphs.outputs[num_tokens] = torch.full((num_tokens, TINY["hidden_size"]), float("nan"))
         graphs.graphs[num_tokens] = _ReplayByRerun(graphs, num_tokens)
     runner.mixed_graphs = graphs
+    runner.dispatch = GraphDispatch(mixed_sizes=graphs.token_sizes, max_mixed_seqs=graphs.max_seqs)
     engine = Engine(engine_config, executor, clock=VirtualClock())
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ids = [engine.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=0.0 if i == 0 else 1e-6)
@@ -237,9 +266,9 @@ def test_last_token_logits_match_transformers(checkpoint):
     seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0,
                             SamplingParams(temperature=0))
     runner = executor.runner
-    ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+    step = runner.prepare(SchedulerOutput(0, [seq]))
     with torch.no_grad():
-        ours = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+        ours = runner.model.compute_logits(runner.hidden_states(step)[step.logit_rows])[0]
         reference_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
         theirs = reference_model(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -297,9 +326,9 @@ def _tensor_parallel_logits(rank: int, world_size: int, port: int, folder: str, 
                              device="cpu", dtype="float32")
         seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0,
                                 SamplingParams(temperature=0))
-        ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+        step = runner.prepare(SchedulerOutput(0, [seq]))
         with torch.no_grad():
-            logits = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+            logits = runner.model.compute_logits(runner.hidden_states(step)[step.logit_rows])[0]
         if rank == 0:
             results.put(logits.numpy())
     finally:
@@ -332,7 +361,7 @@ def test_tensor_parallel_ranks_reproduce_the_whole_model(checkpoint):
         assert process.exitcode == 0
     runner = ModelRunner(folder, EngineConfig(max_model_len=256, vocab_size=VOCAB, num_kv_blocks=16), device="cpu")
     seq = ScheduledSequence(0, prompt, 0, list(range(-(-len(prompt) // 16))), False, True, 0, SamplingParams(temperature=0))
-    ids, positions, metadata, rows, *_ = runner._prepare(SchedulerOutput(0, [seq]))
+    step = runner.prepare(SchedulerOutput(0, [seq]))
     with torch.no_grad():
-        whole = runner.model.compute_logits(runner.model(ids, positions, metadata)[rows])[0]
+        whole = runner.model.compute_logits(runner.hidden_states(step)[step.logit_rows])[0]
     torch.testing.assert_close(sharded, whole, rtol=1e-4, atol=1e-4)

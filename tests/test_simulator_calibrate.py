@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.run_schema import STEPS_SCHEMA
+from engine.graph_dispatch import GraphDispatch, decode_graph_sizes
 from engine.scheduler_output import StepResult
 from simulator.calibrate import fit, fit_profile_table, main, mape, read_steps
 from simulator.cost_model import CostModel
-from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
+from simulator.executor import CostModelExecutor
 from simulator.model_shape import PRESETS_DIR
 from simulator.profile import build_grid, profile
 from simulator.profile_library import cost_model_for, load_profile, profile_filename
@@ -46,7 +47,7 @@ MAIN_TERMS = ("eager_step", "mixed_step", "decode_context_token", "mixed_decode_
 class FakeGpuExecutor:
     """Stands in for ModelExecutor: checks block tables and answers with TRUTH's durations plus 1% noise."""
 
-    cuda_graph_batch_sizes = VLLM_CUDA_GRAPH_SIZES
+    cuda_graph_batch_sizes = decode_graph_sizes()
 
     def __init__(self, num_kv_blocks: int = 20_000, noise: float = 0.01) -> None:
         self.num_kv_blocks = num_kv_blocks
@@ -108,8 +109,8 @@ class FakeMixedGraphExecutor(FakeGpuExecutor):
 
     def __init__(self) -> None:
         super().__init__(noise=0.0)
-        self.graph_executor = CostModelExecutor(TRUTH, self.num_kv_blocks, mixed_step_token_sizes=(64, 128, 256, 512, 1024, 2048),
-                                                max_num_seqs=512)
+        graphs = GraphDispatch(decode_graph_sizes(), (64, 128, 256, 512, 1024, 2048), max_mixed_seqs=512)
+        self.graph_executor = CostModelExecutor(TRUTH, self.num_kv_blocks, graphs=graphs)
         self.inner = self.graph_executor
 
     @contextlib.contextmanager
@@ -341,7 +342,7 @@ def test_grid_respects_every_engine_limit(seed):
         max_num_seqs=rng.choice((8, 128, 1024)),
         num_kv_blocks=rng.choice((200, 5000, 100_000)),
     )
-    grid = build_grid(cuda_graph_sizes=VLLM_CUDA_GRAPH_SIZES, block_size=16, seed=seed, num_random=100, **limits)
+    grid = build_grid(cuda_graph_sizes=decode_graph_sizes(), block_size=16, seed=seed, num_random=100, **limits)
     assert grid
     for shape in grid:
         assert 1 <= len(shape.rows) <= limits["max_num_seqs"]

@@ -7,11 +7,12 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.graph_dispatch import GraphDispatch, decode_graph_sizes
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from engine.stats import batch_features
 from simulator.cost_model import CostModel
-from simulator.executor import VLLM_CUDA_GRAPH_SIZES, CostModelExecutor
+from simulator.executor import CostModelExecutor
 from simulator.gpu_specs import gpu_spec
 from simulator.model_shape import ModelShape
 from simulator.roofline import Roofline
@@ -72,12 +73,14 @@ def test_tokens_exactly_for_sampling_sequences():
 def test_pure_decode_steps_replay_the_padded_graph(num_seqs, expected):
     executor = CostModelExecutor(CALIBRATED, 100_000)
     assert executor.execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == expected
-    assert CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True).execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == 0
+    eager = CostModelExecutor(CALIBRATED, 100_000, graphs=GraphDispatch())
+    assert eager.execute(decode_output(num_seqs, 100)).cuda_graph_batch_size == 0
 
 
 def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them():
     sizes = (16, 32, 64, 96, 128)
-    executor = CostModelExecutor(CALIBRATED, 100_000, mixed_step_token_sizes=sizes, max_num_seqs=4)
+    graphs = GraphDispatch(decode_graph_sizes(), sizes, max_mixed_seqs=4)
+    executor = CostModelExecutor(CALIBRATED, 100_000, graphs=graphs)
     mixed = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
                                 sequence(1, new=70, computed=0, decode=False, samples=True)])
     result = executor.execute(mixed)
@@ -89,7 +92,8 @@ def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them()
     assert executor.execute(too_long).cuda_graph_batch_size == 0
     assert executor.execute(too_many).cuda_graph_batch_size == 0
     assert CostModelExecutor(CALIBRATED, 100_000).execute(mixed).cuda_graph_batch_size == 0
-    eager = CostModelExecutor(CALIBRATED, 100_000, enforce_eager=True, mixed_step_token_sizes=sizes, max_num_seqs=4)
+    eager_graphs = GraphDispatch.for_engine(4, 128, cuda_graphs=False, mixed=True)  # --enforce-eager wins
+    eager = CostModelExecutor(CALIBRATED, 100_000, graphs=eager_graphs)
     assert eager.execute(mixed).cuda_graph_batch_size == 0
     # Every row one token (a one-token prompt chunk among decodes): the runner replays a decode graph.
     one_token_rows = SchedulerOutput(0, [sequence(0, new=1, computed=99, decode=True, samples=True),
@@ -100,11 +104,6 @@ def test_steps_with_prompt_chunks_replay_a_graph_when_the_engine_captures_them()
     assert CostModelExecutor(CALIBRATED, 100_000).execute(one_token_rows).cuda_graph_batch_size == 4
 
 
-def test_vllm_ladder():
-    assert VLLM_CUDA_GRAPH_SIZES[:5] == (1, 2, 4, 8, 16) and VLLM_CUDA_GRAPH_SIZES[-1] == 512
-    assert len(VLLM_CUDA_GRAPH_SIZES) == 67
-
-
 @pytest.mark.parametrize(
     "cost_model",
     [CALIBRATED, OVERLAPPING, ROOFLINE, ROOFLINE_TP2],
@@ -112,7 +111,8 @@ def test_vllm_ladder():
 )
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_decode_run_is_bitwise_stepwise(cost_model, enforce_eager):
-    executor = CostModelExecutor(cost_model, 100_000, enforce_eager=enforce_eager)
+    graphs = GraphDispatch.for_engine(1024, 8192, cuda_graphs=not enforce_eager, mixed=True)
+    executor = CostModelExecutor(cost_model, 100_000, graphs=graphs)
     rng = random.Random(0)
     for _ in range(20):
         num_seqs, context = rng.randint(1, 700), rng.randint(1, 3000)
@@ -124,8 +124,8 @@ def test_decode_run_is_bitwise_stepwise(cost_model, enforce_eager):
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_kv_blocks"):
         CostModelExecutor(CALIBRATED, 0)
-    with pytest.raises(ValueError, match="cuda_graph_sizes"):
-        CostModelExecutor(CALIBRATED, 10, cuda_graph_sizes=(1, -2))
+    with pytest.raises(ValueError, match="decode_sizes"):
+        CostModelExecutor(CALIBRATED, 10, graphs=GraphDispatch((1, -2)))
 
 
 def run_engine(fast_forward: bool, cost_model, seed: int = 0):

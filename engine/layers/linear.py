@@ -24,26 +24,6 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     param.copy_(loaded)
 
 
-class ReplicatedLinear(nn.Module):
-    """A plain linear layer held whole on every rank."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = None
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        """Copy a whole checkpoint tensor."""
-        _copy_checked(param.data, loaded, "replicated")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's rows (output features) split across ranks; each rank returns its slice."""
 

@@ -1,0 +1,255 @@
+"""The composed cost model on a synthetic operator profile: interchangeable with the calibrated one (decode runs bit
+for bit, vectorized columns), sensible in tokens, context and TP, stored and rebuilt exactly, and clear about what
+a partial profile lacks."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.graph_dispatch import GraphDispatch, decode_graph_sizes
+from engine.sampling_params import SamplingParams
+from engine.stats import BatchFeatures
+from simulator.composed import ComposedCostModel
+from simulator.executor import DECODE_GRAPHS_ONLY, CostModelExecutor
+from simulator.model_shape import ModelShape
+from simulator.operator_tables import Grid, OperatorProfile, choose_shape, grid_of
+from tests.synthetic_operators import NVLINK, synthetic_operator_profile
+
+GEMMS = ("qkv", "o", "gate_up", "down")
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> OperatorProfile:
+    path = synthetic_operator_profile(tmp_path_factory.mktemp("ops") / "h200_operators.parquet")
+    return OperatorProfile.read(path)
+
+
+@pytest.fixture(scope="module")
+def qwen3_8b(profile) -> ComposedCostModel:
+    return ComposedCostModel(ModelShape.load("qwen3-8b"), profile)
+
+
+@pytest.fixture(scope="module")
+def qwen3_8b_tp2(profile) -> ComposedCostModel:
+    return ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=2)
+
+
+def decode(num_seqs: int, context: int) -> BatchFeatures:
+    return BatchFeatures(0, 0, num_seqs, num_seqs, num_seqs * context, 0, 0.0, num_seqs)
+
+
+def prefill(tokens: int, context: int = 0) -> BatchFeatures:
+    return BatchFeatures(1, tokens, 0, 0, 0, context, tokens * (context + (tokens + 1) / 2), tokens)
+
+
+def random_step(rng: random.Random) -> tuple[BatchFeatures, int]:
+    """A step of any kind the executor produces: decode (graph or eager), prefill, mixed (graph or eager)."""
+    num_decode = rng.choice([0, rng.randint(1, 300)])
+    chunks = [rng.randint(1, 900) for _ in range(rng.choice([0, 1, 1, 2, 5]))] if num_decode else \
+        [rng.randint(2, 2000) for _ in range(rng.randint(1, 4))]
+    contexts = [rng.choice([0, rng.randint(1, 5000)]) for _ in chunks]
+    decode_context = sum(rng.randint(1, 8000) for _ in range(num_decode))
+    tokens = sum(chunks) + num_decode
+    features = BatchFeatures(len(chunks), sum(chunks), num_decode, num_decode, decode_context, sum(contexts),
+                             sum(n * (c + (n + 1) / 2) for n, c in zip(chunks, contexts)), tokens)
+    graph = 0
+    if rng.random() < 0.6:
+        rows = len(chunks) + num_decode
+        graph = next(size for size in (1, 2, 4, *range(8, 4097, 8), 8192) if size >= (rows if tokens == rows else tokens))
+    return features, graph
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("graph", [True, False])
+def test_decode_runs_are_bit_for_bit_predict(profile, tp, graph):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
+    executor = CostModelExecutor(model, 100_000, graphs=DECODE_GRAPHS_ONLY if graph else GraphDispatch())
+    rng = random.Random(tp)
+    # Runs that start below the first measured context, cross measured contexts (16, 64) and pass the last (32768).
+    crossing = [(3, 1), (64, 10), (7, 60), (100, 32_760)]
+    for num_seqs, context in crossing + [(rng.randint(1, 700), rng.randint(1, 40_000)) for _ in range(30)]:
+        run = executor.predict_decode_run(num_seqs, num_seqs * context, 25)
+        graph_size = executor.cuda_graph_batch_size(num_seqs)
+        stepwise = [model.predict(decode(num_seqs, context + step), graph_size) for step in range(25)]
+        assert run == stepwise  # exact float equality
+
+
+def test_engine_fast_forward_matches_stepping(qwen3_8b):
+    def run(fast_forward: bool) -> Engine:
+        rng = random.Random(3)
+        config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, max_model_len=4096, vocab_size=1000)
+        engine = Engine(config, CostModelExecutor(qwen3_8b, 2000, graphs=GraphDispatch(
+            decode_graph_sizes(64), mixed_sizes=(64, 128, 256, 512), max_mixed_seqs=64)), fast_forward=fast_forward)
+        arrival = 0.0
+        for index in range(60):
+            arrival += rng.expovariate(10.0)
+            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=rng.randint(1, 300))
+            engine.add_request(prompt_len=rng.randint(1, 1500), sampling_params=params, arrival_time=arrival,
+                               request_id=str(index))
+        engine.run()
+        return engine
+
+    stepped, skipped = run(False), run(True)
+    assert len(stepped.step_records) == len(skipped.step_records) > 300
+    assert list(stepped.step_records) == list(skipped.step_records)
+    assert stepped.clock.now() == skipped.clock.now()
+    assert {record.status for record in stepped.request_records.values()} == {"finished"}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vectorized_columns_equal_predict(profile, tp):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
+    rng = random.Random(11)
+    steps = [random_step(rng) for _ in range(400)]
+    columns = {name: np.array([getattr(features, name) for features, _ in steps])
+               for name in BatchFeatures.__dataclass_fields__}
+    columns["cuda_graph_batch_size"] = np.array([graph for _, graph in steps])
+    expected = [model.predict(features, graph) for features, graph in steps]
+    np.testing.assert_allclose(model.predict_columns(columns), expected, rtol=1e-9)
+
+
+def test_time_grows_with_tokens_and_context(qwen3_8b):
+    prefills = [qwen3_8b.predict(prefill(tokens), 0) for tokens in (16, 100, 500, 1000, 2000, 4000, 8192)]
+    assert prefills == sorted(prefills) and prefills[-1] > 4 * prefills[0]
+    cached = [qwen3_8b.predict(prefill(512, context), 0) for context in (0, 1000, 8000, 30_000)]
+    assert cached == sorted(cached) and cached[-1] > cached[0]
+    for graph in (0, 64):
+        contexts = [qwen3_8b.predict(decode(64, context), graph) for context in (10, 500, 5000, 30_000)]
+        assert contexts == sorted(contexts) and contexts[-1] > 1.5 * contexts[0]
+    batches = [qwen3_8b.predict(decode(num_seqs, 1000), num_seqs) for num_seqs in (1, 8, 64, 256, 512)]
+    assert batches == sorted(batches)
+    # Past the largest measured point, the last segment goes on: no cliff, no plateau.
+    assert qwen3_8b.predict(prefill(20_000), 0) > qwen3_8b.predict(prefill(16_384), 0)
+
+
+def test_the_composition_adds_up(qwen3_8b):
+    step = BatchFeatures(1, 700, 120, 120, 120 * 900, 300, 700 * (300 + 350.5), 820)
+    for graph in (0, 1024):
+        parts = qwen3_8b.step_breakdown(step, graph)
+        device = sum(value for name, value in parts.items() if name not in ("host", "graph_replay")
+                     and not name.startswith("launch"))
+        if graph:
+            expected = parts["host"] + device + parts["graph_replay"]
+        else:
+            expected = parts["host"] + max(parts["launch (overlaps the GPU)"], device)
+        assert qwen3_8b.predict(step, graph) == pytest.approx(expected, rel=1e-9)
+    # A decode step of an 8B model on an H200-like GPU: weights read in a few milliseconds, plus host time.
+    assert 3e-3 < qwen3_8b.predict(decode(1, 100), 1) < 8e-3
+
+
+def test_tensor_parallelism_halves_the_gemms_and_adds_all_reduces(qwen3_8b, qwen3_8b_tp2):
+    step = prefill(4096)
+    one, two = qwen3_8b.step_breakdown(step), qwen3_8b_tp2.step_breakdown(step)
+    assert sum(two[name] for name in GEMMS) / sum(one[name] for name in GEMMS) == pytest.approx(0.5, abs=0.05)
+    assert "all_reduce" not in one and two["all_reduce"] > 0
+    assert qwen3_8b_tp2.all_reduce_source == "measured" and "all-reduce measured" in qwen3_8b_tp2.label
+    assert qwen3_8b_tp2.predict(step) < qwen3_8b.predict(step)
+
+
+def test_unmeasured_tp_uses_the_ring_formula_and_says_so(profile):
+    # The profile holds all-reduces at tp 2 only (and no tp-4 shapes: those come from the nearest ones).
+    shape = ModelShape.load("qwen3-8b")
+    model = ComposedCostModel(shape, profile, tp=4, interconnect_bandwidth=NVLINK)
+    assert model.all_reduce_source == "nccl-ring-formula"
+    assert "all-reduce nccl-ring-formula" in model.label and model.to_json()["all_reduce_source"] == "nccl-ring-formula"
+    parts = model.step_breakdown(prefill(1024))
+    message = 1024 * shape.hidden_size * 2
+    ring = 10e-6 + 2 * 3 / 4 * message / NVLINK
+    assert parts["all_reduce"] == pytest.approx((2 * shape.num_layers + 1) * ring)
+    with pytest.raises(ValueError, match="no all_reduce rows at tp 4, and no interconnect bandwidth"):
+        ComposedCostModel(shape, profile, tp=4)
+
+
+@pytest.mark.parametrize("tp, bandwidth", [(1, None), (2, None), (4, NVLINK)])
+def test_json_round_trip_predicts_identically(profile, tp, bandwidth):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, interconnect_bandwidth=bandwidth)
+    data = json.loads(json.dumps(model.to_json()))
+    rebuilt = ComposedCostModel.from_json(data)
+    assert len(data["operator_profile"]["rows"]["op"]) < profile.num_rows  # only the rows it used
+    assert rebuilt.label == model.label and rebuilt.provenance == "composed" and not rebuilt.calibrated
+    rng = random.Random(5)
+    for _ in range(200):
+        features, graph = random_step(rng)
+        assert rebuilt.predict(features, graph) == model.predict(features, graph)
+
+
+def test_an_unprofiled_model_composes_from_the_nearest_shapes(profile):
+    """Qwen3-4B's and Llama-3-8B's gemm shapes are not in the profile; nearest measured shapes scaled by n*k."""
+    for name in ("qwen3-4b", "llama-3-8b", "qwen2.5-7b"):
+        model = ComposedCostModel(ModelShape.load(name), profile)
+        assert 1e-3 < model.predict(decode(8, 500), 8) < model.predict(prefill(2048), 0)
+    small, big = ComposedCostModel(ModelShape.load("qwen3-1.7b"), profile), ComposedCostModel(
+        ModelShape.load("qwen3-14b"), profile)
+    assert small.predict(decode(32, 1000), 32) < big.predict(decode(32, 1000), 32)
+
+
+def test_nearest_shape_is_scaled_by_its_size(profile):
+    rows = profile.rows_of("gemm", dtype="bfloat16")
+    exact = choose_shape(profile, rows, ("n", "k"), (4096, 4096), lambda key: key[0] * key[1])
+    assert exact.scale == 1.0 and exact.shape == (4096, 4096)
+    near = choose_shape(profile, rows, ("n", "k"), (4096, 8192), lambda key: key[0] * key[1])
+    assert near.shape != (4096, 8192) and near.scale == pytest.approx(4096 * 8192 / (near.shape[0] * near.shape[1]))
+
+
+def test_interpolation_rules():
+    table = OperatorProfile.from_json({"source": "t", "rows": {
+        "op": ["gemm"] * 4, "variant": [""] * 4, "dtype": ["bfloat16"] * 4, "graph": [True] * 4,
+        "m": [8, 16, 32, 16], "n": [1] * 4, "k": [1] * 4, "seconds": [1.0, 2.0, 3.0, 4.0]}})
+    curve = grid_of(table, np.arange(4), ("m",))
+    # Repeats averaged (16: 3.0), then non-decreasing; flat below the first point; last segment continued.
+    assert curve.at([1, 8, 12, 16, 24, 32, 48]).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+    two_axes = Grid((np.array([1.0, 2.0]), np.array([10.0, 20.0])), np.array([[1.0, 2.0], [3.0, 5.0]]))
+    assert float(two_axes.at(1.5, 15)) == pytest.approx(2.75)
+    assert float(two_axes.at(3, 30)) == pytest.approx(11.0)  # both last segments continued
+
+
+def test_partial_profiles_name_what_is_missing(tmp_path):
+    no_head_dim_64 = OperatorProfile.read(synthetic_operator_profile(tmp_path / "a.parquet", head_dims=(128,)))
+    tiny = ModelShape("hd64", 2, 256, 4, 2, 64, 512, 1000, True)
+    with pytest.raises(ValueError, match=r"a\.parquet cannot compose hd64.*no decode_attention rows for head_dim 64 "
+                                         r"\(measured: 128\).*no prefill_attention rows for head_dim 64"):
+        ComposedCostModel(tiny, no_head_dim_64)
+    partial = OperatorProfile.read(synthetic_operator_profile(tmp_path / "b.parquet", drop_ops=("rms_norm", "host_step")))
+    with pytest.raises(ValueError, match="no rms_norm rows in bfloat16; no host_step rows"):
+        ComposedCostModel(ModelShape.load("qwen3-8b"), partial)
+    with pytest.raises(ValueError, match=r"no gemm rows in float16 \(it has variant '' in bfloat16\)"):
+        ComposedCostModel(ModelShape.load("qwen3-8b"), no_head_dim_64, dtype="float16")
+    with pytest.raises(ValueError, match="tp=3 does not divide"):
+        ComposedCostModel(ModelShape.load("qwen3-8b"), no_head_dim_64, tp=3)
+
+
+def test_variants_beyond_the_schema_are_used_where_timed(tmp_path, qwen3_8b):
+    """The profiler's extra variants (eager decode tables as wide as the context, the prefill kernel's tile map,
+    launches by launcher) refine eager and mixed-graph steps; a profile with only the schema's still composes."""
+    schema_only = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        synthetic_operator_profile(tmp_path / "schema.parquet", extra_variants=False)))
+    assert schema_only.predict(decode(64, 1000), 64) == qwen3_8b.predict(decode(64, 1000), 64)
+    assert qwen3_8b.step_breakdown(decode(64, 1000))["attention"] < schema_only.step_breakdown(decode(64, 1000))[
+        "attention"]  # exact_table is the cheaper eager table here
+    mixed = BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320)
+    assert qwen3_8b.step_breakdown(mixed, 384)["attention"] > schema_only.step_breakdown(mixed, 384)["attention"]
+    # Eager launches: torch's cheaper than Triton's, counted apart.
+    assert set(qwen3_8b.operators.launch) == {"torch", "triton"} and set(schema_only.operators.launch) == {"all"}
+
+
+def test_the_probes_launches_leave_the_eager_host_terms(tmp_path, qwen3_8b):
+    """The profiler's host terms of an eager step include launching its probe's kernels; this model's launches
+    replace them (metadata naming the probe's layers), where a profile that does not say keeps its terms whole."""
+    unsaid = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        synthetic_operator_profile(tmp_path / "unsaid.parquet", probe=None)))
+    assert unsaid.probe_launches == 0.0 and 3e-3 < qwen3_8b.probe_launches < 3.8e-3
+    for step in (decode(64, 1000), prefill(2048), BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320)):
+        assert unsaid.predict(step, 0) - qwen3_8b.predict(step, 0) == pytest.approx(qwen3_8b.probe_launches)
+        assert unsaid.predict(step, 512) == qwen3_8b.predict(step, 512)
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="x.parquet: not a Parquet operator profile"):
+        OperatorProfile.read(tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="not a composed cost model"):
+        ComposedCostModel.from_json({"format": "twinfer-cost-model"})

@@ -1,0 +1,117 @@
+"""Which cost model a (gpu, model, tp, dtype) gets: explicit file > bundled calibrated > composed from the GPU's
+operator profile > roofline; `kind` forces one; every kind says its provenance and round-trips through a run."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from analysis.run_store import read_run
+from simulator.composed import ComposedCostModel
+from simulator.cost_model import CostModel
+from simulator.profile_library import (
+    PROFILES_DIR,
+    cost_model_for,
+    operator_profile_filename,
+    step_predictor_of,
+)
+from simulator.roofline import Roofline
+from simulator.simulated_engine import build_simulated_engine
+from tests.synthetic_operators import synthetic_operator_profile
+from traces.arrivals import Poisson
+from traces.synthetic import random_workload
+from twinfer.cli import build_parser
+from twinfer.replay import replay
+
+
+@pytest.fixture(scope="module")
+def operators_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("operators")
+    synthetic_operator_profile(directory / operator_profile_filename("h200"), models=("qwen3-0.6b", "qwen3-8b"))
+    return directory
+
+
+def quietly(function, *args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = function(*args, **kwargs)
+    return result, [str(warning.message) for warning in caught]
+
+
+def test_a_bundled_calibrated_profile_comes_first(operators_dir):
+    model, warned = quietly(cost_model_for, "h200", "qwen3-8b", operator_profiles_dir=operators_dir)
+    assert isinstance(model, CostModel) and model.provenance == "calibrated" and not warned
+
+
+def test_an_unprofiled_model_is_composed_from_the_gpus_operator_profile(operators_dir):
+    model, warned = quietly(cost_model_for, "NVIDIA H200", "qwen3-4b", operator_profiles_dir=operators_dir)
+    assert isinstance(model, ComposedCostModel) and model.provenance == "composed" and not model.calibrated
+    assert not warned and model.label.startswith("composed h200 qwen3-4b tp1 bfloat16")
+
+
+def test_without_an_operator_profile_the_roofline_warns(tmp_path, operators_dir):
+    model, warned = quietly(cost_model_for, "h100", "qwen3-4b", operator_profiles_dir=operators_dir)
+    assert isinstance(model, Roofline) and model.provenance == "roofline"
+    assert "no calibrated profile" in warned[0] and "no operator profile for gpu=h100" in warned[0]
+    assert "uncalibrated roofline" in warned[0]
+
+
+def test_an_operator_profile_that_cannot_compose_the_model_falls_back_and_says_why(tmp_path):
+    synthetic_operator_profile(tmp_path / "h200_operators.parquet", head_dims=(64,))
+    model, warned = quietly(cost_model_for, "h200", "qwen3-4b", operator_profiles_dir=tmp_path)
+    assert isinstance(model, Roofline) and "no decode_attention rows for head_dim 128" in warned[0]
+    with pytest.raises(ValueError, match="head_dim 128"):
+        cost_model_for("h200", "qwen3-4b", kind="composed", operator_profiles_dir=tmp_path)
+
+
+def test_kind_forces_one(operators_dir):
+    composed = cost_model_for("h200", "qwen3-8b", kind="composed", operator_profiles_dir=operators_dir)
+    assert composed.provenance == "composed"
+    roofline, warned = quietly(cost_model_for, "h200", "qwen3-8b", kind="roofline")
+    assert roofline.provenance == "roofline" and not warned
+    with pytest.raises(FileNotFoundError, match="no calibrated profile for gpu=h200 model=qwen3-4b"):
+        cost_model_for("h200", "qwen3-4b", kind="calibrated")
+    with pytest.raises(FileNotFoundError, match=r"no operator profile for gpu=h100.*twinfer profile --operators"):
+        cost_model_for("h100", "qwen3-8b", kind="composed", operator_profiles_dir=operators_dir)
+    with pytest.raises(ValueError, match="cost model kind 'fitted' is unknown"):
+        cost_model_for("h200", "qwen3-8b", kind="fitted")
+
+
+def test_an_explicit_file_wins_and_its_kind_is_checked(operators_dir):
+    operators = operators_dir / "h200_operators.parquet"
+    assert isinstance(cost_model_for("h100", "qwen3-8b", profile_path=operators), ComposedCostModel)
+    calibrated = PROFILES_DIR / "h200_qwen3-8b_tp1_bfloat16.json"
+    assert isinstance(cost_model_for("h100", "qwen3-4b", profile_path=calibrated), CostModel)
+    with pytest.raises(ValueError, match="is an operator profile, which gives a composed cost model, not a calibrated"):
+        cost_model_for("h200", "qwen3-8b", profile_path=operators, kind="calibrated")
+
+
+@pytest.mark.parametrize("cost_model, provenance", [("auto", "composed"), ("roofline", "roofline")])
+def test_a_simulated_run_stores_its_cost_model_and_predicts_its_own_steps_back(tmp_path, operators_dir, cost_model,
+                                                                                provenance):
+    args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused"])
+    args.cost_model = cost_model
+    profile = str(operators_dir / "h200_operators.parquet") if cost_model == "auto" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine, metadata, vocab_size = build_simulated_engine(args, gpu="h200", model="qwen3-0.6b", profile=profile,
+                                                              tp=1)
+    assert metadata["provenance"] == provenance and metadata["calibrated"] is False
+    trace = random_workload(num_prompts=40, input_len=500, output_len=40, range_ratio=0.9, arrivals=Poisson(rate=30.0),
+                            seed=2)
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=vocab_size, show_progress=False,
+                  metadata=metadata)
+    run = read_run(path)
+    predicted = step_predictor_of(run)(run.steps)
+    np.testing.assert_allclose(predicted, run.steps.column("duration").to_numpy(), rtol=1e-9)
+
+
+def test_the_calibrated_model_round_trips_through_a_run_too(tmp_path):
+    args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused"])
+    engine, metadata, vocab_size = build_simulated_engine(args, gpu="h200", model="qwen3-0.6b", profile=None, tp=1)
+    assert metadata["provenance"] == "calibrated" and metadata["calibrated"] is True
+    trace = random_workload(num_prompts=20, input_len=200, output_len=20, range_ratio=0.9, arrivals=Poisson(rate=30.0),
+                            seed=1)
+    run = read_run(replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=vocab_size,
+                          show_progress=False, metadata=metadata))
+    np.testing.assert_allclose(step_predictor_of(run)(run.steps), run.steps.column("duration").to_numpy(), rtol=1e-9)
