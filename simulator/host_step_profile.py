@@ -3,24 +3,12 @@
 cost model's host terms are fitted to it."""
 
 import contextlib
-import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from simulator.operator_shapes import OperatorGrid
 from simulator.operator_timing import ProfileContext, TableRun, release_memory
-
-# Qwen3-1.7B's config.json: the host-step probe when no preset of it is there yet (never a validated model).
-PROBE_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645,
-    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
-    "max_position_embeddings": 40960, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 151936,
-}
 
 HOST_TERMS = ("step", "decode_seq", "prefill_seq", "prefill_token", "mixed_step", "eager_step")
 
@@ -46,20 +34,6 @@ class _DeviceWaitTimer:
         self.device_waits.append(end - launched)
         return StepResult(sampled_token_ids=result.sampled_token_ids, duration=end - start,
                           cuda_graph_batch_size=result.cuda_graph_batch_size)
-
-
-def probe_model_path(probe: str, folder: Path) -> str:
-    """The probe as the engine loads it: a preset or folder name, or PROBE_CONFIG written into `folder`."""
-    from engine.model_config import resolve_model_path
-
-    try:
-        resolve_model_path(probe)
-        return probe
-    except FileNotFoundError:
-        if probe != "qwen3-1.7b":
-            raise
-    (folder / "config.json").write_text(json.dumps(PROBE_CONFIG))
-    return str(folder)
 
 
 def _probe_executor(context: ProfileContext, model: str):
@@ -90,8 +64,7 @@ def host_step_table(run: TableRun, context: ProfileContext) -> None:
     if not run.open():
         return
     release_memory(context.device, collect=True)
-    with tempfile.TemporaryDirectory() as folder:
-        executor, config, layers = _probe_executor(context, probe_model_path(grid.probe, Path(folder)))
+    executor, config, layers = _probe_executor(context, grid.probe)
     try:
         steps = _serve_probe(run, executor, config, grid)
         coefficients, report = fit_host_terms(steps)

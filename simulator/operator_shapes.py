@@ -40,17 +40,6 @@ class ModelDims:
         }
 
 
-# From the models' public config.json, for the presets another engineer is adding to engine/presets: used
-# only while a preset of that name is missing.
-EXTRA_MODELS = (
-    ModelDims("qwen3-1.7b", 2048, 6144, 16, 8, 128, 151936, True),
-    ModelDims("qwen3-4b", 2560, 9728, 32, 8, 128, 151936, True),
-    ModelDims("qwen3-14b", 5120, 17408, 40, 8, 128, 151936, True),
-    ModelDims("llama-3-70b", 8192, 28672, 64, 8, 128, 128256, False),
-    ModelDims("qwen2.5-7b", 3584, 18944, 28, 4, 128, 152064, False),
-    ModelDims("qwen2.5-72b", 8192, 29568, 64, 8, 128, 152064, False),
-)
-
 VALIDATED_MODELS = ("qwen3-0.6b", "qwen3-8b", "qwen3-32b", "llama-3-8b")
 """The models issue 15 validates the composed twin on: their shapes come first, and none is the host-step probe."""
 
@@ -67,13 +56,12 @@ def dims_of(name: str) -> ModelDims:
 
 
 def supported_models() -> tuple[ModelDims, ...]:
-    """Every bundled preset (the validated ones first, the tiny test model left out), then EXTRA_MODELS not yet there."""
+    """Every bundled preset, the validated ones first (the tiny test model left out)."""
     from engine.model_config import preset_names
 
     names = [name for name in preset_names() if name != "tiny-qwen3"]
     names.sort(key=lambda name: (name not in VALIDATED_MODELS, name))
-    models = [dims_of(name) for name in names]
-    return tuple(models + [dims for dims in EXTRA_MODELS if dims.name not in names])
+    return tuple(dims_of(name) for name in names)
 
 
 
@@ -113,13 +101,18 @@ class OperatorGrid:
     launch_counts: tuple[int, ...] = (1, 16, 128, 512)
     all_reduce_bytes: tuple[int, ...] = tuple(1 << power for power in range(10, 29, 2))
     probe: str = "qwen3-1.7b"
-    """The host-step probe: a preset or folder name, or qwen3-1.7b (PROBE_CONFIG) when no such preset exists."""
+    """The host-step probe, a preset or model folder: never a model the composed twin is validated on."""
     probe_engine: dict | None = None
     """EngineConfig fields for the probe; None: vLLM's defaults for this GPU, as `twinfer replay` picks them."""
     serving_seconds: float = 30.0
     serving_rate: float = 24.0
     attention_backend: str = "auto"
     """The engine's choice: Triton on a GPU, torch on the CPU ("triton" on the CPU needs TRITON_INTERPRET=1)."""
+
+    def __post_init__(self) -> None:
+        if Path(self.probe).name in VALIDATED_MODELS:
+            raise ValueError(f"the host-step probe {self.probe!r} is a validated model: its steps would leak into "
+                             "the twin validated on it")
 
 
 FULL_GRID = OperatorGrid()

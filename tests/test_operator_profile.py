@@ -133,6 +133,8 @@ def test_shapes_of_the_full_grid():
     general = general_gemm_shapes(grid, shapes)
     assert not {(n, k) for n, k, _ in general} & set(largest_m)
     assert all(n * k <= grid.general_max_weight for n, k, _ in general)
+    with pytest.raises(ValueError, match="validated"):
+        dataclasses.replace(grid, probe="qwen3-8b")
     coarse, rest = coarse_first(grid.gemm_m)
     assert coarse[0] == 1 and coarse[-1] == 16384 and sorted(coarse + rest) == sorted(grid.gemm_m)
 
