@@ -52,7 +52,7 @@ def decode_attention_table(run: TableRun, context: ProfileContext) -> None:
     decode CUDA graphs make them, "exact_table" as wide as the context (eager steps), "work_map" as mixed-step
     graphs call it."""
     grid = context.grid
-    for layout in attention_layouts(context.models, grid.tp_candidates):
+    for layout in attention_layouts(context.models, grid):
         for num_seqs in grid.decode_seqs:
             for context_len in grid.decode_contexts:
                 if num_seqs * context_len > grid.decode_max_tokens:
@@ -113,7 +113,7 @@ def prefill_attention_table(run: TableRun, context: ProfileContext) -> None:
     """The paged prefill kernel over sequences x new tokens x cached context for every head layout: variant "" as
     eager steps call it (grid bounded by the longest chunk), "tile_map" as mixed-step graphs do."""
     grid = context.grid
-    for layout in attention_layouts(context.models, grid.tp_candidates):
+    for layout in attention_layouts(context.models, grid):
         for num_seqs in grid.prefill_seqs:
             for query_len in grid.prefill_query_lens:
                 if num_seqs * query_len > grid.prefill_max_tokens:

@@ -16,7 +16,7 @@ def kv_store_table(run: TableRun, context: ProfileContext) -> None:
     engine's attention layer passes it."""
     import torch
 
-    layouts = attention_layouts(context.models, context.grid.tp_candidates)
+    layouts = attention_layouts(context.models, context.grid)
     for kv_heads, head_dim in distinct((kv, dim) for _, kv, dim in layouts):
         for m in context.grid.elementwise_m:
             if not run.open():
@@ -56,7 +56,7 @@ def rotary_table(run: TableRun, context: ProfileContext) -> None:
 
     max_positions = 32768
     tables = {}
-    for heads, kv_heads, head_dim, qk_norm in attention_layouts(context.models, context.grid.tp_candidates, True):
+    for heads, kv_heads, head_dim, qk_norm in attention_layouts(context.models, context.grid, True):
         if head_dim not in tables:
             with torch.device(context.device):
                 tables[head_dim] = RotaryEmbedding(head_dim, max_positions, RopeConfig(theta=1e6)).cos_sin

@@ -87,6 +87,9 @@ class OperatorGrid:
     decode_max_tokens: int = 1 << 21
     decode_table_tokens: int = 32768
     """Block tables as wide as decode CUDA graphs make them at the default max_model_len (32768)."""
+    extra_attention_layouts: tuple[tuple[int, int, int], ...] = ((14, 2, 64), (32, 8, 64))
+    """Head layouts no preset has, timed after the presets': head_dim 64 (Qwen2.5-0.5B, Llama-3.2-1B at TP 1), which
+    the attention kernels are compiled for apart."""
     prefill_seqs: tuple[int, ...] = (1, 16)
     prefill_query_lens: tuple[int, ...] = (16, 128, 512, 2048, 8192)
     prefill_contexts: tuple[int, ...] = (0, 2048, 16384)
@@ -125,7 +128,7 @@ def quick_grid() -> OperatorGrid:
     return OperatorGrid(
         models=(tiny, tiny_llama), tp_candidates=(1, 2), gemm_m=(1, 16, 128, 512), lm_head_max_m=128,
         general_sizes=(256, 512), general_m=(1, 64, 512), general_max_weight=1 << 18,
-        decode_seqs=(1, 3), decode_contexts=(40,), decode_max_tokens=1 << 10, decode_table_tokens=256,
+        extra_attention_layouts=(), decode_seqs=(1, 3), decode_contexts=(40,), decode_max_tokens=1 << 10, decode_table_tokens=256,
         prefill_seqs=(1, 2), prefill_query_lens=(8, 33), prefill_contexts=(40,), prefill_max_tokens=64,
         mixed_graph_seqs=8, mixed_graph_tokens=64, elementwise_m=(1, 64), sampler_rows=(1, 8), replay_nodes=(1, 8),
         launch_counts=(1, 8), all_reduce_bytes=(1024, 65536), probe="tiny-qwen3",
@@ -157,15 +160,18 @@ def general_gemm_shapes(grid: OperatorGrid, exclude) -> list[tuple[int, int, int
     return shapes
 
 
-def attention_layouts(models, tp_candidates, with_qk_norm: bool = False) -> list[tuple]:
-    """(heads, KV heads, head_dim) per rank of every model at every TP, TP 1 first, each once; with_qk_norm: also
-    whether the model has Qwen3's q/k norms (a layout of both kinds of model then comes twice)."""
-    layouts: dict[tuple[int, int, int, bool], None] = {}
-    for tp in tp_candidates:
+def attention_layouts(models, grid: "OperatorGrid", with_qk_norm: bool = False) -> list[tuple]:
+    """(heads, KV heads, head_dim) per rank of every model at every TP, TP 1 first, then the grid's extra layouts,
+    each once; with_qk_norm: also whether the model has Qwen3's q/k norms (a layout of both kinds of model then
+    comes twice; the extra layouts have none)."""
+    layouts: dict[tuple, None] = {}
+    for tp in grid.tp_candidates:
         for dims in models:
-            if tp in dims.tp_degrees(tp_candidates):
+            if tp in dims.tp_degrees(grid.tp_candidates):
                 layout = (dims.heads // tp, dims.kv_heads // tp, dims.head_dim)
                 layouts[layout + (dims.qk_norm,) if with_qk_norm else layout] = None
+    for layout in grid.extra_attention_layouts:
+        layouts[tuple(layout) + (False,) if with_qk_norm else tuple(layout)] = None
     return list(layouts)
 
 
