@@ -50,11 +50,13 @@ def measure_ceilings(device, dtype) -> Ceilings:
     return Ceilings(flops=2 * 8192**3 / matmul_s, bandwidth=2 * (1 << 30) / copy_s, l2_bytes=int(l2_bytes))
 
 
-def median_event_seconds(run, repeats: int, count: int = 1) -> float:
-    """Median over repeats of run() called count times between two CUDA events, per call."""
+def median_event_seconds(run, repeats: int, count: int = 1, warm: bool = True) -> float:
+    """Median over repeats of run() called count times between two CUDA events, per call (warm: after one
+    untimed call)."""
     import torch
 
-    run()
+    if warm:
+        run()
     samples = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,10 +88,10 @@ class OperatorTimer:
 
         torch.cuda.synchronize()
         run = self.capture(call, calls) if graph else (lambda: [call(i) for i in range(calls)])
-        one = median_event_seconds(run, 1)
+        one = median_event_seconds(run, 1)  # a warm replay, then one timed: how many make a sample
         inner = min(32, max(1, math.ceil(self.sample_seconds / one)))
         repeats = self.repeats if one < 0.02 else 3
-        return median_event_seconds(run, repeats, inner) / calls, repeats, graph
+        return median_event_seconds(run, repeats, inner, warm=False) / calls, repeats, graph
 
     @staticmethod
     def capture(call, calls: int):

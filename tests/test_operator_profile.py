@@ -21,7 +21,7 @@ from simulator.host_step_profile import HOST_TERMS, fit_host_terms
 from simulator.operator_profile_schema import FORMAT, OPERATORS, VERSION
 from simulator.operator_shapes import (FULL_GRID, coarse_first, general_gemm_shapes, preset_gemm_shapes, quick_grid,
                                        supported_models)
-from simulator.operator_timing import Ceilings, OperatorTimer, ProfileContext, TableRun
+from simulator.operator_timing import Ceilings, OperatorTimer, ProfileContext, TableRun, operator_row
 
 EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce"}  # all-reduce needs several GPUs
 
@@ -209,6 +209,67 @@ def test_the_gpu_timing_path_with_cuda_stood_in_for(monkeypatch):
     # The smallest weight (128 x 64 floats, 32 KiB) takes 24 copies to span three times the 256 KiB L2, each
     # called once a replay; a KV cache's copies stop at 64.
     assert 24 in captured and max(captured) == 64
+
+
+class _CountingTimer(OperatorTimer):
+    """Runs nothing: every call is 10 us (for walking the full grid on the meta device)."""
+
+    def seconds(self, call, *, calls, graph=True):
+        return 1e-5, 5, graph
+
+
+@pytest.mark.slow
+def test_the_full_grid_builds_every_shape_and_composes_every_preset(tmp_path):
+    """The GPU run's tables walked on the meta device (every weight, cache, block table, work map and tile map at
+    its real size, nothing computed), then the composed cost model built from such a file for every preset at
+    every TP it splits at."""
+    from engine.attention import load_backend
+    from simulator.composed import ComposedCostModel
+    from simulator.model_shape import ModelShape
+    from simulator.operator_tables import OperatorProfile
+
+    models = supported_models()
+    ceilings = Ceilings(flops=7.8e14, bandwidth=4.3e12, l2_bytes=60 << 20)
+    context = ProfileContext(torch.device("meta"), torch.bfloat16, FULL_GRID, _CountingTimer(on_cuda=True), ceilings,
+                             load_backend("triton"), models)
+    rows, errors, counts = [], [], {}
+    timed_here = ("gemm", "decode_attention", "prefill_attention", "kv_store", "rms_norm", "rotary", "silu_and_mul",
+                  "embedding", "gemm_general")
+    with torch.inference_mode():
+        for name, _, table in profiler.TABLES:
+            if name in timed_here:
+                run = TableRun(name, time.perf_counter() + 120, context, errors.append)
+                table(run, context)
+                rows += run.rows
+                counts[name] = len(run.rows)
+    assert not errors, errors[:3]
+    assert counts["gemm"] == sum(sum(m <= largest for m in FULL_GRID.gemm_m)
+                                 for _, _, largest in preset_gemm_shapes(models, FULL_GRID.tp_candidates,
+                                                                         FULL_GRID.lm_head_max_m))
+    assert counts["decode_attention"] == 21 * 20 * 3 and counts["prefill_attention"] == 21 * 24 * 2
+    rows += [operator_row(op, 1e-5 * max(1, m), 5, variant=variant, graph=op == "graph_replay",
+                                   dtype="bfloat16", m=m, width=width)
+             for op, variant, m, width in [("sampler", "greedy", 1, 151936), ("sampler", "greedy", 1024, 151936),
+                                           ("graph_replay", "", 1, 0), ("graph_replay", "", 2048, 0),
+                                           ("launch", "torch", 1, 0), ("launch", "torch", 512, 0),
+                                           ("launch", "triton", 1, 0), ("launch", "triton", 512, 0)]]
+    rows += [operator_row("host_step", 1e-5, 100, variant=term, graph=False, dtype="bfloat16", tp=1)
+             for term in HOST_TERMS]
+    path = tmp_path / "walked.parquet"
+    profiler.write_operator_profile(rows, {"format": FORMAT, "version": VERSION, "gpu": "h200"}, path)
+    profile = OperatorProfile.read(path)
+    for dims in models:
+        for tp in dims.tp_degrees(FULL_GRID.tp_candidates):
+            model = ComposedCostModel(ModelShape.load(dims.name), profile, tp=tp, interconnect_bandwidth=4.5e11)
+            assert model.predict(_mixed_step()) > 0, (dims.name, tp)
+
+
+def _mixed_step():
+    from engine.stats import BatchFeatures
+
+    return BatchFeatures(num_prefill_seqs=1, num_prefill_tokens=512, num_decode_seqs=32, num_decode_tokens=32,
+                         decode_context_tokens=32 * 2000, prefill_context_tokens=1024,
+                         prefill_attention_work=512 * (1024 + 256.5), num_batched_tokens=544)
 
 
 @pytest.mark.slow
