@@ -15,6 +15,9 @@ it has, and the metadata names it): gemm of the presets' linear layers, decode a
 head layouts, the elementwise operators, graph-replay and launch overheads, the engine's host time per step
 (the real engine serving a Poisson load on a probe model no profile is validated on), all-reduce where several
 GPUs are lent, then a general gemm grid for unseen sizes. On the CPU, --quick runs tiny grids end to end.
+This module runs them and writes the file; the shapes are operator_shapes.py's, the timing operator_timing.py's,
+the tables gemm_profile, attention_profile, elementwise_profile, overhead_profile, host_step_profile and
+all_reduce_profile.
 
     python -m simulator.operator_profile --out FILE.parquet [--max-seconds 300] [--quick]
 """
