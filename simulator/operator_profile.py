@@ -269,7 +269,8 @@ def operator_profile_from_args(args: argparse.Namespace) -> Path:
 
 def main(argv=None) -> int:
     """CLI: python -m simulator.operator_profile --out FILE.parquet [--max-seconds S] [--quick]."""
-    parser = argparse.ArgumentParser(prog="python -m simulator.operator_profile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simulator.operator_profile",
+                                     description="Time the operators of an engine step; write the operator profile.")
     add_operator_profile_arguments(parser)
     operator_profile_from_args(parser.parse_args(argv))
     return 0
