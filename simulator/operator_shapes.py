@@ -127,8 +127,8 @@ def quick_grid() -> OperatorGrid:
     tiny_llama = ModelDims("tiny-llama", 256, 512, 8, 2, 32, 4096, False)
     return OperatorGrid(
         models=(tiny, tiny_llama), tp_candidates=(1, 2), gemm_m=(1, 16, 128, 512), lm_head_max_m=128,
-        general_sizes=(256, 512), general_m=(1, 64, 512), general_max_weight=1 << 18,
-        extra_attention_layouts=(), decode_seqs=(1, 3), decode_contexts=(40,), decode_max_tokens=1 << 10, decode_table_tokens=256,
+        general_sizes=(256, 512), general_m=(1, 64, 512), general_max_weight=1 << 18, extra_attention_layouts=(),
+        decode_seqs=(1, 3), decode_contexts=(40,), decode_max_tokens=1 << 10, decode_table_tokens=256,
         prefill_seqs=(1, 2), prefill_query_lens=(8, 33), prefill_contexts=(40,), prefill_max_tokens=64,
         mixed_graph_seqs=8, mixed_graph_tokens=64, elementwise_m=(1, 64), sampler_rows=(1, 8), replay_nodes=(1, 8),
         launch_counts=(1, 8), all_reduce_bytes=(1024, 65536), probe="tiny-qwen3",
@@ -138,7 +138,8 @@ def quick_grid() -> OperatorGrid:
 
 
 def preset_gemm_shapes(models, tp_candidates, lm_head_max_m: int) -> list[tuple[int, int, int]]:
-    """(n, k, largest m) of every linear layer of every model at every TP, TP 1 of all models first; each (n, k) once."""
+    """(n, k, largest m) of every linear layer of every model at every TP, TP 1 of all models first, each (n, k)
+    once."""
     largest: dict[tuple[int, int], int] = {}
     for tp in tp_candidates:
         for dims in models:
