@@ -69,8 +69,9 @@ TABLES = (
 
 
 def profile_operators(out_path, *, device: str = "cuda", dtype: str = "bfloat16", max_seconds: float = 300.0,
-                      grid: OperatorGrid | None = None, log=print) -> Path:
-    """Time every table within max_seconds (setup and writing included) and write the Parquet file; its path."""
+                      grid: OperatorGrid | None = None, tables: tuple[str, ...] | None = None, log=print) -> Path:
+    """Time every table (or those named) within max_seconds (setup and writing included) and write the Parquet
+    file; its path."""
     import torch
 
     started = time.perf_counter()
@@ -83,7 +84,7 @@ def profile_operators(out_path, *, device: str = "cuda", dtype: str = "bfloat16"
             f"{context.ceilings.bandwidth / 1e12:.2f} TB/s, L2 {context.ceilings.l2_bytes >> 20} MiB")
         usable = max_seconds - min(10.0, 0.03 * max_seconds)  # time to write the file and exit
         rows, summary = [], []
-        for name, deadline, table in _schedule(context, started, usable):
+        for name, deadline, table in _schedule(context, started, usable, tables):
             run = TableRun(name, deadline, context, log)
             try:
                 with run.guard(f"the {name} table"):
@@ -140,12 +141,16 @@ def profile_context(device, dtype, grid: OperatorGrid | None) -> ProfileContext:
                           models)
 
 
-def _schedule(context: ProfileContext, started: float, usable: float):
+def _schedule(context: ProfileContext, started: float, usable: float, tables: tuple[str, ...] | None = None):
     """(name, deadline, table) in order: each table's deadline ends its cumulative share of the usable time."""
     import torch
 
+    unknown = set(tables or ()) - {name for name, _, _ in TABLES}
+    if unknown:
+        raise ValueError(f"unknown operator tables {sorted(unknown)}; known: {', '.join(name for name, _, _ in TABLES)}")
     several_gpus = context.timer.on_cuda and torch.cuda.device_count() > 1
-    shares = [(name, share if name != "all_reduce" or several_gpus else 0.0, table) for name, share, table in TABLES]
+    shares = [(name, share if name != "all_reduce" or several_gpus else 0.0, table) for name, share, table in TABLES
+              if tables is None or name in tables]
     total = sum(share for _, share, _ in shares)
     elapsed = time.perf_counter() - started
     cumulative = 0.0
@@ -255,6 +260,7 @@ def add_operator_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny grids: a check that every operator runs")
     parser.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--tables", default=None, help="only these tables, comma-separated (default: all)")
 
 
 def operator_profile_from_args(args: argparse.Namespace) -> Path:
@@ -264,7 +270,9 @@ def operator_profile_from_args(args: argparse.Namespace) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     grid = quick_grid() if args.quick else None
-    return profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds, grid=grid)
+    tables = tuple(name.strip() for name in args.tables.split(",")) if args.tables else None
+    return profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds, grid=grid,
+                             tables=tables)
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,9 @@ import functools
 import importlib
 
 _FUSABLE: list["_Fusable"] = []
+_ENABLED: list[bool] = []
+"""[cpu_too] once enable_fusion() ran (empty before and after disable_fusion): a function marked fusable
+later, when its module is first imported, is routed at once, so the order of imports never matters."""
 
 
 class _Fusable:
@@ -34,6 +37,8 @@ def fusable(kernel: str):
     def mark(fn):
         wrapper = _Fusable(fn, kernel)
         _FUSABLE.append(wrapper)
+        if _ENABLED:
+            _route(wrapper, _ENABLED[0])
         return wrapper
 
     return mark
@@ -55,13 +60,19 @@ def enable_fusion(cpu_too: bool = False) -> None:
     cpu_too sends CPU tensors to the kernels as well: only for tests under TRITON_INTERPRET=1.
     Importing the kernels imports triton, so this happens here and not when the layers are imported.
     """
+    _ENABLED[:] = [cpu_too]
     for wrapper in _FUSABLE:
-        module_name, name = wrapper.kernel.split(":")
-        fused = getattr(importlib.import_module(module_name), name)
-        wrapper.current = fused if cpu_too else _on_cuda_only(wrapper.eager, fused)
+        _route(wrapper, cpu_too)
+
+
+def _route(wrapper: "_Fusable", cpu_too: bool) -> None:
+    module_name, name = wrapper.kernel.split(":")
+    fused = getattr(importlib.import_module(module_name), name)
+    wrapper.current = fused if cpu_too else _on_cuda_only(wrapper.eager, fused)
 
 
 def disable_fusion() -> None:
     """Back to the plain torch functions."""
+    _ENABLED.clear()
     for wrapper in _FUSABLE:
         wrapper.current = wrapper.eager
