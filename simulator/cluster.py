@@ -324,22 +324,21 @@ def simulate_cluster_cli(args) -> int:
     from analysis.run_store import read_run
     from analysis.summary import parse_goodput, print_summary, save_result_json
     from simulator.simulated_engine import build_simulated_engine
-    from twinfer.cli.options import load_trace
+    from twinfer.cli.options import engine_args_from, load_trace
 
     trace = load_trace(args)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     wall_start = time.perf_counter()
+    engine_args = engine_args_from(args)
     built: list[tuple] = []
 
     def build_one() -> Engine:
-        built.append(build_simulated_engine(
-            args, gpu=args.gpu, model=args.model, profile=args.profile, tp=args.tensor_parallel_size
-        ))
+        built.append(build_simulated_engine(engine_args, gpu=args.gpu, profile=args.profile))
         return built[-1][0]
 
     replicas = build_replicas(build_one, args.replicas)
-    _, engine_metadata, vocab_size = built[0]
-    requests = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=args.seed)
+    engine_metadata = built[0][1]
+    requests = ClusterRequests.from_trace(trace, vocab_size=replicas[0].config.vocab_size, seed=args.seed)
     router = make_router(args.router, block_size=replicas[0].config.block_size)
     with tqdm(total=len(requests), desc=f"simulate {trace.name} x{args.replicas}", unit="req",
               disable=args.no_progress, dynamic_ncols=True, mininterval=0.5) as bar:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.engine_args import EngineArgs
 from simulator.cluster import ClusterRequests, simulate_cluster
 from simulator.gpu_prices import DEFAULT_PRICES, parse_prices, price_of
 from simulator.plan_table import PlanResult, format_plan, probes_table, rank_plans, write_plan
@@ -156,21 +157,21 @@ class ConfigPlan:
         return self.replicas * self.config.tp
 
 
-def _engine_args(config: PlanConfig, settings: PlanSettings):
-    """The option namespace simulator.simulated_engine.build_simulated_engine reads, for this configuration."""
-    import argparse
-
-    return argparse.Namespace(
+def engine_args_of(config: PlanConfig, settings: PlanSettings) -> EngineArgs:
+    """The EngineArgs of one replica of this configuration (synchronous scheduling, as `twinfer simulate`'s
+    default)."""
+    return EngineArgs(
+        model=settings.model,
         dtype=settings.dtype,
+        seed=settings.seed,
         block_size=settings.block_size,
         max_model_len=settings.max_model_len,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
-        enable_chunked_prefill=True,
-        num_gpu_blocks_override=None,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=False,
+        tensor_parallel_size=config.tp,
+        async_scheduling=False,
     )
 
 
@@ -178,14 +179,14 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
     """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
     from simulator.simulated_engine import build_simulated_engine
 
-    args = _engine_args(config, settings)
+    args = engine_args_of(config, settings)
 
     def build():
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build_simulated_engine(args, gpu=config.gpu, model=settings.model, profile=None, tp=config.tp)
+            return build_simulated_engine(args, gpu=config.gpu)
 
-    engine, metadata, _ = build()
+    engine, metadata = build()
     metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
     return (lambda: build()[0]), metadata
 

@@ -9,6 +9,7 @@ import pytest
 from analysis.metrics import compute_metrics
 from analysis.run_store import read_run
 from twinfer.cli import build_parser, main
+from twinfer.cli.options import engine_args_from
 from simulator.simulated_engine import build_simulated_engine
 from simulator.cluster import ClusterRequests, read_replica_assignment, simulate_cluster, write_cluster_run
 from simulator.router import (
@@ -31,14 +32,14 @@ def _args(*extra: str):
 
 
 def _engines(count: int, *extra: str):
-    args = _args(*extra)
+    engine_args = engine_args_from(_args(*extra))
     engines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(count):
-            engine, metadata, vocab_size = build_simulated_engine(args, gpu="h100", model=MODEL, profile=None, tp=1)
+            engine, metadata = build_simulated_engine(engine_args, gpu="h100")
             engines.append(engine)
-    return engines, metadata, vocab_size
+    return engines, metadata, engines[0].config.vocab_size
 
 
 def _cluster(trace, count: int, router, *extra: str):
