@@ -34,16 +34,15 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
 from engine.engine_args import EngineArgs
 from simulator.cluster import ClusterRequests, simulate_cluster
-from simulator.gpu_prices import DEFAULT_PRICES, parse_prices, price_of
-from simulator.plan_table import PlanResult, format_plan, probes_table, rank_plans, write_plan
+from simulator.gpu_prices import DEFAULT_PRICES, price_of
+from simulator.plan_table import PlanResult, probes_table, rank_plans
 from simulator.router import ROUTERS, make_router
-from simulator.slo import Slo, SloMonitor, parse_slos, slo_values
+from simulator.slo import Slo, SloMonitor, slo_values
 from traces.schema import Trace
 
 DEFAULT_SEARCH_REQUESTS = 1000
@@ -53,18 +52,6 @@ _MAX_BRACKET_PROBES = 12
 
 
 # ---- inputs
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4); each a positive integer."""
-    values = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"{option}: {item!r} is not a positive integer (give e.g. {option} 1,2,4)")
-        values.append(int(item))
-    if not values:
-        raise ValueError(f"{option} is empty")
-    return tuple(dict.fromkeys(values))
 
 
 @dataclass(frozen=True)
@@ -485,59 +472,3 @@ def _to_verify(rows: list[dict], verify_top: int, target_rate: float) -> list[tu
                     row["max_rate_per_replica"] >= (1 - WINDOW_MARGIN) * target_rate / fewer:
                 chosen.append(row)
     return [(row["gpu"], row["tp"], row["max_num_seqs"]) for row in chosen]
-
-
-def plan_cli(args) -> int:
-    """`twinfer plan TRACE ...`: the sweep, the ranked table (CSV, Parquet), the HTML report."""
-    from twinfer.cli.options import load_trace
-    from simulator.gpu_specs import gpu_key, gpu_spec
-
-    gpus = tuple(dict.fromkeys(gpu_key(g) for g in args.gpu.split(",") if g.strip()))
-    if not gpus:
-        raise ValueError("--gpu is empty; e.g. --gpu h100,h200")
-    for gpu in gpus:
-        try:
-            gpu_spec(gpu)
-        except KeyError as error:
-            raise ValueError(str(error.args[0])) from None
-    tps = parse_int_list(args.tp, "--tp")
-    if args.max_num_seqs is None:
-        from engine.config import vllm_default_limits
-
-        seqs_for = {gpu: (vllm_default_limits(gpu_spec(gpu).memory_gib)[0],) for gpu in gpus}
-    else:
-        seqs = parse_int_list(args.max_num_seqs, "--max-num-seqs")
-        seqs_for = {gpu: seqs for gpu in gpus}
-    configs = [PlanConfig(gpu, tp, seqs) for gpu in gpus for tp in tps for seqs in seqs_for[gpu]]
-    settings = PlanSettings(
-        model=args.model,
-        slos=parse_slos(args.slo),
-        target_rate=args.target_rate,
-        router=args.router,
-        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
-        search_steps=getattr(args, "search_steps", DEFAULT_SEARCH_STEPS),
-        seed=getattr(args, "seed", 0),
-    )
-    trace = load_trace(args)
-    search_requests = getattr(args, "search_requests", None) or DEFAULT_SEARCH_REQUESTS
-    print(f"planning {len(configs)} configurations of {settings.model} on {trace.name} ({len(trace)} requests), "
-          f"target {settings.target_rate:g} req/s, SLO {', '.join(f'{s.name}<={s.limit_ms:g}ms' for s in settings.slos)}")
-    result = plan(
-        trace, configs, settings,
-        prices=parse_prices(args.price),
-        search_requests=search_requests,
-        verify_top=getattr(args, "verify_top", DEFAULT_VERIFY_TOP),
-        workers=args.workers,
-        ray_address=args.ray,
-        show_progress=not getattr(args, "no_progress", False),
-    )
-    paths = write_plan(result, args.out)
-    from analysis.plan_report import build_plan_report
-
-    report = build_plan_report(result, Path(args.out) / "plan.html")
-    print(format_plan(result.table))
-    if any(row["calibration"] == "uncalibrated" for row in result.table.to_pylist()):
-        print("note: 'uncalibrated' rows use roofline step times (no calibrated profile for that GPU/model/TP)")
-    print(f"{result.info['num_simulations']} simulations in {result.info['total_seconds']:.1f} s")
-    print(f"plan written to {paths['plan.csv']}, {paths['plan.parquet']}; report {report}")
-    return 0

@@ -16,19 +16,12 @@ from simulator.cluster import ClusterRequests, simulate_cluster
 from simulator.gpu_prices import parse_prices
 from simulator.model_shape import PRESETS_DIR
 from simulator.plan_table import read_plan, write_plan
-from simulator.planner import (
-    PlanConfig,
-    PlanSettings,
-    parse_int_list,
-    plan,
-    replica_builder,
-    run_probe,
-    search_config,
-)
+from simulator.planner import PlanConfig, PlanSettings, plan, replica_builder, run_probe, search_config
 from simulator.router import make_router
 from simulator.slo import SloMonitor, parse_slos, slo_values
 from traces.arrivals import Poisson
 from traces.synthetic import random_workload
+from twinfer.cli.plan import parse_int_list
 
 MODEL = "qwen3-0.6b"
 SLOS = "ttft_p99=150,tpot_p99=10"
