@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from engine.engine_args import EngineArgs
-from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.cluster import ClusterRun
 from simulator.gpu_prices import DEFAULT_PRICES, price_of
 from simulator.plan_table import PlanResult, probes_table, rank_plans
 from simulator.router import ROUTERS, make_router
 from simulator.slo import Slo, SloMonitor, slo_values
+from simulator.trace_requests import TraceRequests
 from traces.schema import Trace
 
 DEFAULT_SEARCH_REQUESTS = 1000
@@ -178,7 +179,7 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
     return (lambda: build()[0]), metadata
 
 
-def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: float, replicas: int,
+def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
               phase: str) -> Probe:
     """Simulate `replicas` replicas at `rate` and judge the SLOs (stopping early once one is broken)."""
     start = time.perf_counter()
@@ -187,8 +188,8 @@ def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: fl
     monitor = SloMonitor(settings.slos, scaled)
     # The drain is checked about every TTFT budget, so a runaway queue is caught within one budget.
     interval = max(0.25, min(slo.limit_ms for slo in settings.slos) / 1000)
-    result = simulate_cluster(scaled, engines, make_router(settings.router, settings.block_size),
-                              stop_check=monitor, drain_interval=interval)
+    result = ClusterRun(scaled, engines, make_router(settings.router, settings.block_size)).run(
+        stop_check=monitor, drain_interval=interval)
     now = max(engine.clock.now() for engine in engines)
     values = slo_values(settings.slos, engines, now)
     # The monitor runs every few arrivals and while draining: a request rejected after its last look (one
@@ -202,7 +203,7 @@ def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: fl
                  values, time.perf_counter() - start)
 
 
-def search_config(config: PlanConfig, settings: PlanSettings, window: ClusterRequests) -> ConfigPlan:
+def search_config(config: PlanConfig, settings: PlanSettings, window: TraceRequests) -> ConfigPlan:
     """Highest sustained rate of one replica on the window, then the replicas the target rate needs."""
     try:
         build, metadata = replica_builder(config, settings)
@@ -285,7 +286,7 @@ def _verify(probe: Callable[[int], Probe], replicas: int, max_replicas: int) -> 
         replicas += 1
 
 
-def verify_config(plan: ConfigPlan, settings: PlanSettings, full: ClusterRequests) -> ConfigPlan:
+def verify_config(plan: ConfigPlan, settings: PlanSettings, full: TraceRequests) -> ConfigPlan:
     """Check the replica count on the whole trace at the target rate, adding replicas until the SLOs hold."""
     build, _ = replica_builder(plan.config, settings)
     probes = list(plan.probes)
@@ -322,12 +323,12 @@ class PlanTask:
     plan: ConfigPlan | None = None
 
 
-_REQUESTS_CACHE: dict[tuple[str, int, int], ClusterRequests] = {}
+_REQUESTS_CACHE: dict[tuple[str, int, int], TraceRequests] = {}
 """Token ids per (trace fingerprint, vocabulary, seed), made once per worker process."""
 _WORKER_TRACE: list[Trace] = []
 
 
-def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> ClusterRequests:
+def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> TraceRequests:
     """The trace's busiest `count` consecutive requests (all when None) with their token ids (made once
     per process), scaled as the whole trace would be."""
     from engine.model_config import load_model_config
@@ -338,7 +339,7 @@ def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> Cl
     key = (trace_fingerprint(trace.table), vocab_size, settings.seed)
     full = _REQUESTS_CACHE.get(key)
     if full is None:
-        full = _REQUESTS_CACHE[key] = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
+        full = _REQUESTS_CACHE[key] = TraceRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
     return full if count is None or count >= len(full) else full.busiest_window(count)
 
 

@@ -123,6 +123,13 @@ def summarize(run_path, goodput, save_result, percentiles=None) -> None:
         statuses = run.requests.column("status").to_pylist()
         print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
               "finished; the rest are counted as failed")
+    meta = run.metadata
+    if meta.get("replicas", 1) > 1:
+        print(f"{meta['replicas']} replicas behind {meta['router']}: requests per replica "
+              f"{meta['requests_per_replica']}, prefix-cache hit rate {meta['prefix_cache_hit_rate']:.1%}")
+        if meta.get("prefix_affinity"):
+            print(f"prefix affinity: {meta['prefix_affinity']['home']} requests sent home, "
+                  f"{meta['prefix_affinity']['fallback']} to the least-loaded replica because home was overloaded")
     print_summary(metrics, percentiles)
     if save_result:
         save_result_json(metrics, save_result, percentiles)

@@ -20,31 +20,46 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return replay_trace(args, args.executor)
+
+
+def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, router: str | None = None) -> int:
+    """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
+    run and print its summary. `twinfer replay` and `twinfer simulate` both come here."""
+    from simulator.cluster import build_replicas
+    from simulator.router import make_router
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.replay import replay
 
     trace = load_trace(args)
-    engine_args = engine_args_from(args, device=DEVICES.get(args.executor))
-    if args.executor == "sim":
-        engine, metadata = build_simulated_engine(engine_args, gpu=args.gpu, profile=args.profile)
-    else:
-        engine, metadata = real_engine_and_metadata(engine_args)
+    engine_args = engine_args_from(args, device=DEVICES.get(executor))
+    built: list[dict] = []
+
+    def build_one():
+        if executor == "sim":
+            engine, metadata = build_simulated_engine(engine_args, gpu=args.gpu, profile=args.profile)
+        else:
+            engine, metadata = real_engine_and_metadata(engine_args)
+        built.append(metadata)
+        return engine
+
+    engines = build_replicas(build_one, replicas)
     try:
         path = replay(
             trace,
-            engine,
+            engines,
             args.out,
-            executor_kind=args.executor,
-            vocab_size=engine.config.vocab_size,
+            executor_kind=executor,
+            router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
             seed=args.seed,
             show_progress=not args.no_progress,
-            metadata=metadata,
-            before_start=getattr(engine.clock, "restart", None),
+            metadata=built[0],
         )
     finally:
-        shutdown = getattr(engine.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        for engine in engines:
+            shutdown = getattr(engine.executor, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
     print(f"run written to {path}")
     print_run_summary(path, args.goodput, args.save_result)
     return 0
