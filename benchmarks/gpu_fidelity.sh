@@ -17,7 +17,7 @@ for task in "$@"; do
     IFS=: read -r kind model a b c <<<"$task"
     echo "=== $task ($(date +%T))"
     if [ "$kind" = profile ]; then
-        timeout $((a + 120)) python3 -m simulator.profile --model "$model" --max-seconds "$a" \
+        timeout $((a + 120)) python3 -m twinfer profile --model "$model" --max-seconds "$a" \
             --serving-seconds "${b:-0}" ${ENGINE_FLAGS:-} ${PROFILE_FLAGS:-} --out "$OUT/profiles/${KEY}_${model}_tp1_bfloat16.parquet" 2>&1 | tail -8
     else
         case $a in

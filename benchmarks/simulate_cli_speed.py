@@ -43,17 +43,19 @@ def child(trace: str, model: str, gpu: str, gc_off: bool) -> dict:
     import analysis.metrics
     import analysis.run_store
     import engine.engine
+    import simulator.cluster
+    import simulator.trace_requests
     import twinfer.cli.replay
-    import twinfer.replay
     from twinfer.cli import main
 
     phases: dict[str, float] = {}
     _timed(twinfer.cli.replay, "load_trace", "load trace", phases)
-    _timed(twinfer.replay, "add_trace_requests", "add requests", phases)
+    _timed(simulator.trace_requests.TraceRequests, "from_trace", "trace requests (token ids)", phases)
+    _timed(simulator.cluster.ClusterRun, "_queue_all_then_run", "add requests and engine run", phases)
     _timed(engine.engine.Engine, "run", "engine run", phases)
-    _timed(twinfer.replay, "requests_table", "requests table", phases)
-    _timed(twinfer.replay, "steps_table", "steps table", phases)
-    _timed(twinfer.replay, "write_run", "write run", phases)
+    _timed(simulator.cluster, "requests_table", "requests table", phases)
+    _timed(simulator.cluster, "steps_table", "steps table", phases)
+    _timed(simulator.cluster, "write_run", "write run", phases)
     _timed(analysis.run_store, "read_run", "summary: read run", phases)
     _timed(analysis.metrics, "compute_metrics", "summary: metrics", phases)
     if gc_off:

@@ -1,4 +1,4 @@
-"""The engine's scheduling and cache settings, validated where they are built."""
+"""The engine's scheduling and cache settings, validated where they are built, and vLLM's defaults for its limits."""
 
 from dataclasses import dataclass
 
@@ -49,36 +49,3 @@ def vllm_default_limits(gpu_memory_gib: float | None) -> tuple[int, int]:
 def default_max_model_len(model_max_len: int | None) -> int:
     """max_model_len when none is given: the model's max_position_embeddings, capped at DEFAULT_MAX_MODEL_LEN_CAP."""
     return min(model_max_len or DEFAULT_MAX_MODEL_LEN_CAP, DEFAULT_MAX_MODEL_LEN_CAP)
-
-
-def engine_config_for(
-    model_config,
-    *,
-    max_model_len: int,
-    gpu_memory_gib: float | None,
-    block_size: int = 16,
-    max_num_seqs: int | None = None,
-    max_num_batched_tokens: int | None = None,
-    enable_prefix_caching: bool = True,
-    enable_chunked_prefill: bool = True,
-    num_kv_blocks: int | None = None,
-    eos_token_ids: tuple[int, ...] | None = None,
-    async_scheduling: bool = False,
-) -> EngineConfig:
-    """The EngineConfig of a model (its ModelConfig), vLLM's GPU-dependent limits filling what is not given."""
-    default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
-    if max_num_batched_tokens is None:
-        # Without chunking every prompt must fit one step; an explicit smaller budget is EngineConfig's error.
-        max_num_batched_tokens = default_tokens if enable_chunked_prefill else max(default_tokens, max_model_len)
-    return EngineConfig(
-        block_size=block_size,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs or default_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enable_prefix_caching=enable_prefix_caching,
-        enable_chunked_prefill=enable_chunked_prefill,
-        num_kv_blocks=num_kv_blocks,
-        eos_token_ids=tuple(model_config.eos_token_ids if eos_token_ids is None else eos_token_ids),
-        vocab_size=model_config.vocab_size,
-        async_scheduling=async_scheduling,
-    )

@@ -1,16 +1,13 @@
 """Offline batched generation in the manner of vLLM's LLM class: prompts in, completions out, in order."""
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from engine.clock import WallClock
-from engine.config import engine_config_for
 from engine.engine import Engine
+from engine.engine_args import EngineArgs, build_real_engine
 from engine.model_config import is_preset, load_model_config
-from engine.model_executor import ModelExecutor
 from engine.sampling_params import SamplingParams
 
 CPU_DEFAULT_MAX_MODEL_LEN = 4096
@@ -28,17 +25,6 @@ class RequestOutput:
     finish_reason: str
 
 
-def _generation_eos_ids(model: str) -> tuple[int, ...]:
-    """EOS ids from generation_config.json when the model folder has one (chat models list several)."""
-    if is_preset(model):
-        return ()
-    path = Path(model) / "generation_config.json"
-    if not path.is_file():
-        return ()
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-
-
 class LLM:
     """A model with its KV cache and scheduler, ready to generate.
 
@@ -46,65 +32,24 @@ class LLM:
     bundled preset name (qwen3-0.6b, qwen3-8b, llama-3-8b, qwen3-32b) run with dummy weights.
     """
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        device: str | None = None,
-        block_size: int = 16,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        max_num_seqs: int | None = None,
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        num_gpu_blocks_override: int | None = None,
-        enforce_eager: bool = False,
-        tensor_parallel_size: int = 1,
-        attention_backend: str = "auto",
-        load_format: str = "auto",
-        seed: int = 0,
-        tokenizer: str | None = None,
-        async_scheduling: bool | None = None,
-        mixed_cuda_graphs: bool | None = None,
-    ) -> None:
-        """async_scheduling (default: on unless tensor_parallel_size > 1) schedules and prepares the next step
-        while the current one runs; see EngineConfig.async_scheduling. mixed_cuda_graphs (default: on at
-        tensor_parallel_size 1 with the triton backend, unless enforce_eager) also runs steps with prompt chunks
-        as CUDA graphs, one per padded token count, as decode steps are."""
-        model = str(model)
-        model_config = load_model_config(model)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = torch.device(device).type == "cuda"
+    def __init__(self, model: str, **kwargs) -> None:
+        """kwargs are EngineArgs' fields, by vLLM's names. Two defaults are the LLM's own: max_model_len is the
+        model's whole max_position_embeddings (as vLLM's; at most 4096 on a CPU), where the CLI caps it at 32768;
+        and async_scheduling is EngineArgs' (on at tensor_parallel_size 1), where the CLI's is off."""
+        args = EngineArgs(model=model, **kwargs)
+        model_config = load_model_config(args.model)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        max_model_len = args.max_model_len
         if max_model_len is None:
             max_model_len = model_config.max_position_embeddings
-            if not on_cuda:
+            if torch.device(device).type != "cuda":
                 max_model_len = min(max_model_len, CPU_DEFAULT_MAX_MODEL_LEN)
-        gpu_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30 if on_cuda else None
-        eos_ids = tuple(dict.fromkeys(model_config.eos_token_ids + _generation_eos_ids(model)))
-        self.engine_config = engine_config_for(
-            model_config,
-            max_model_len=max_model_len,
-            gpu_memory_gib=gpu_gib,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill,
-            num_kv_blocks=num_gpu_blocks_override,
-            eos_token_ids=eos_ids,
-            async_scheduling=tensor_parallel_size == 1 if async_scheduling is None else async_scheduling,
-        )
+        self.engine_args = replace(args, device=device, max_model_len=max_model_len)
+        self.engine = build_real_engine(self.engine_args)
+        self.engine_config = self.engine.config
+        self.executor = self.engine.executor
         self.model_config = model_config
-        self.tokenizer = self._load_tokenizer(tokenizer or model)
-        self.executor = ModelExecutor(
-            model, self.engine_config, dtype=dtype, device=device, gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-            attention_backend=attention_backend, load_format=load_format, seed=seed,
-            mixed_cuda_graphs=mixed_cuda_graphs,
-        )
-        self.engine = Engine(self.engine_config, self.executor, clock=WallClock())
+        self.tokenizer = self._load_tokenizer(args.tokenizer or args.model)
         self._next_request = 0
 
     @staticmethod

@@ -1,8 +1,5 @@
 """Fit a CostModel from measured steps: a profiling grid's Parquet or real runs' steps.parquet (same columns)."""
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,48 +255,3 @@ def fit(
     }
     cost_model = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap, fit_report=report)
     return Calibration(cost_model, heldout_mape, by_kind, len(usable) - num_heldout, num_heldout)
-
-
-def calibrate_cli(args: argparse.Namespace) -> int:
-    """`twinfer calibrate INPUTS --out FILE [--gpu --model --tp --dtype]`: fit, save and print the fit report."""
-    from simulator.gpu_specs import gpu_key
-    from simulator.profile_library import PROFILES_DIR, profile_filename
-
-    columns, metadata = read_steps(args.inputs)
-    gpu = getattr(args, "gpu", None) or metadata.get("gpu")
-    model = getattr(args, "model", None) or metadata.get("model")
-    if not gpu or not model:
-        raise ValueError("the data carries no gpu/model metadata: pass --gpu and --model")
-    tp = getattr(args, "tp", None) or int(metadata.get("tp", 1))
-    dtype = getattr(args, "dtype", None) or metadata.get("dtype", "bfloat16")
-    calibration = fit(
-        columns,
-        gpu=gpu_key(gpu),
-        model=model,
-        tp=tp,
-        dtype=dtype,
-        holdout_fraction=getattr(args, "holdout", 0.2),
-        source=", ".join(Path(p).name for p in args.inputs),
-    )
-    out = Path(args.out) if getattr(args, "out", None) else PROFILES_DIR / profile_filename(gpu, model, tp, dtype)
-    calibration.cost_model.save(out)
-    print(json.dumps(calibration.cost_model.fit_report, indent=1))
-    print(f"wrote {out} ({calibration.cost_model.label})")
-    return 0
-
-
-def main(argv=None) -> int:
-    """CLI: python -m simulator.calibrate DATA.parquet [RUN_DIR ...] [--out PROFILE.json]."""
-    parser = argparse.ArgumentParser(prog="python -m simulator.calibrate", description=__doc__)
-    parser.add_argument("inputs", nargs="+", help="profiling Parquet files or run folders holding steps.parquet")
-    parser.add_argument("--out", help="where to write the cost model JSON (default: simulator/profiles/<key>.json)")
-    parser.add_argument("--gpu", help="GPU key (default: from the data's metadata)")
-    parser.add_argument("--model", help="model preset (default: from the data's metadata)")
-    parser.add_argument("--tp", type=int, help="tensor-parallel size (default: from metadata, else 1)")
-    parser.add_argument("--dtype", help="dtype (default: from metadata, else bfloat16)")
-    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of steps held out to score the fit")
-    return calibrate_cli(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,43 +1,39 @@
-"""A simulated cluster: N replicas (each an Engine over its own cost-model executor and virtual clock)
-behind a router, fed a trace in arrival order, stored as one run folder.
+"""Serving a trace: by one engine, or by N replicas (each an Engine over its own executor and clock) behind
+a router, stored as one run folder. `twinfer replay`, `twinfer simulate --replicas N` and the planner's
+probes all serve a trace here.
 
-For each request in arrival order, every replica is run up to the arrival time (Engine.run_until), the
-router picks a replica from their state at that moment, and the request is added there. At the end all
-replicas run to completion. With one replica this is exactly the single-engine replay.
+With several replicas, for each request in arrival order every replica is run up to the arrival time
+(Engine.run_until), the router picks a replica from their state at that moment, and the request is added
+there; at the end all replicas run to completion. One replica is run the same way when the run is checked
+as it goes (the planner's probes); otherwise every request is queued at once and the engine admits each at
+its arrival time, which gives the same run.
 
 The run folder is the normal one (requests.parquet with every request, steps.parquet with every
-replica's steps ordered by start time, metadata.json with `replicas` and `router`) plus two side tables
-that say which replica did what, so every reader of the normal schema keeps working:
-replicas.parquet (request_id, replica) and step_replicas.parquet (replica, step), the latter one row
-per steps.parquet row in the same order.
+replica's steps ordered by start time, metadata.json). With several replicas the metadata adds `replicas`
+and `router`, and two side tables say which replica did what, so every reader of the normal schema keeps
+working: replicas.parquet (request_id, replica) and step_replicas.parquet (replica, step), the latter one
+row per steps.parquet row in the same order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import io
 import os
-import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from analysis.run_schema import requests_table, steps_table
-from analysis.run_store import run_metadata, trace_fingerprint, write_run
+from analysis.run_store import write_run
+from engine.clock import WallClock
 from engine.engine import Engine
-from engine.sampling_params import SamplingParams
-from simulator.router import RoutedRequest, make_router
-from simulator.trace_requests import trace_sampling_params
-from traces.schema import Trace
-from traces.tokens import trace_prompt_token_ids
+from simulator.router import RoutedRequest
+from simulator.trace_requests import TraceRequests
 
 REPLICAS_FILE = "replicas.parquet"
 STEP_REPLICAS_FILE = "step_replicas.parquet"
@@ -48,109 +44,107 @@ StopCheck = Callable[[float, Sequence[Engine]], str | None]
 """Called now and then with the cluster's time and replicas; a non-empty string stops the run early."""
 
 
-@dataclass(frozen=True)
-class ClusterRequests:
-    """A trace's requests ready to route: ids, arrival times, prompt token ids and output lengths.
+class ClusterRun:
+    """A trace's requests served by one engine or by replicas behind a router: which replica took each
+    request, and why the run stopped early (if it did)."""
 
-    Token ids are made once (as replay makes them, so one replica equals replay) and shared by every
-    rescaled copy: a planner probing many request rates pays for them once.
-    """
-
-    name: str
-    request_ids: tuple[str, ...]
-    arrival_times: np.ndarray
-    prompt_token_ids: tuple[np.ndarray, ...]
-    output_lens: np.ndarray
-    fingerprint: str = ""
-    reference_rate: float | None = None
-    """The mean rate that at_rate() rescales from (None: these requests' own). A window of a trace keeps the
-    whole trace's, so a rate means the same arrivals as for the whole trace."""
-
-    @classmethod
-    def from_trace(cls, trace: Trace, *, vocab_size: int, seed: int = 0) -> "ClusterRequests":
-        """The trace's requests with the token ids replay would give them."""
-        table = trace.table
-        # numpy int32 arrays (4 bytes a token, not a Python int each); lists are made as requests are added.
-        tokens = tuple(trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed))
-        return cls(
-            name=trace.name,
-            request_ids=tuple(table.column("request_id").to_pylist()),
-            arrival_times=table.column("arrival_time").to_numpy().astype(np.float64),
-            prompt_token_ids=tokens,
-            output_lens=table.column("output_len").to_numpy().astype(np.int64),
-            fingerprint=trace_fingerprint(table),
-        )
-
-    def __len__(self) -> int:
-        return len(self.request_ids)
+    def __init__(self, requests: TraceRequests, replicas: Sequence[Engine], router=None) -> None:
+        if not replicas:
+            raise ValueError("a cluster needs at least one replica")
+        if router is None and len(replicas) > 1:
+            raise ValueError(f"{len(replicas)} replicas need a router to share the requests")
+        self.requests = requests
+        self.replicas = list(replicas)
+        self.router = router
+        self.assignment = [-1] * len(requests)
+        """Replica of each request, in arrival order (-1 for requests never routed: an early stop)."""
+        self.stopped: str | None = None
 
     @property
-    def mean_rate(self) -> float:
-        """(requests - 1) / span of arrivals, as traces.transforms.with_request_rate defines it."""
-        span = float(self.arrival_times[-1] - self.arrival_times[0]) if len(self) else 0.0
-        return (len(self) - 1) / span if span > 0 else float("inf")
+    def router_name(self) -> str | None:
+        """The router's CLI name (None: one engine, no router)."""
+        return None if self.router is None else getattr(self.router, "name", type(self.router).__name__)
 
-    def head(self, count: int) -> "ClusterRequests":
-        """The first `count` requests, arrival times kept."""
-        return self.window(0, count)
+    def run(
+        self,
+        *,
+        stop_check: StopCheck | None = None,
+        check_every: int = 0,
+        drain_interval: float = 1.0,
+        on_progress: Callable[[Engine], None] | None = None,
+    ) -> "ClusterRun":
+        """Serve every request at its arrival time and run the replicas to the end.
 
-    def window(self, start: int, count: int) -> "ClusterRequests":
-        """`count` consecutive requests from position `start`, arrivals shifted to start at 0; at_rate()
-        scales them as it would scale the whole trace."""
-        stop = min(start + count, len(self))
-        if start == 0 and stop == len(self):
-            return self
-        arrivals = self.arrival_times[start:stop]
-        return dataclasses.replace(
-            self,
-            request_ids=self.request_ids[start:stop],
-            arrival_times=arrivals - arrivals[0],
-            prompt_token_ids=self.prompt_token_ids[start:stop],
-            output_lens=self.output_lens[start:stop],
-            fingerprint=f"{self.fingerprint}[{start}:{stop}]",
-            reference_rate=self._reference_rate,
-        )
+        stop_check, when given, is asked every `check_every` arrivals (default: about 100 times over the
+        arrivals) and every `drain_interval` simulated seconds after the last arrival; a reason it returns
+        stops the run there (the planner uses this to give up on a rate that has already broken its SLO).
+        on_progress is called with the engine concerned after each step or routed arrival.
+        """
+        if len(self.replicas) == 1 and stop_check is None:
+            self._queue_all_then_run(on_progress)
+        else:
+            self._route_at_arrivals(stop_check, check_every, drain_interval, on_progress)
+        return self
 
-    def busiest_window(self, count: int) -> "ClusterRequests":
-        """The `count` consecutive requests arriving fastest: where a trace is hardest to serve."""
-        if count >= len(self):
-            return self
-        spans = self.arrival_times[count - 1:] - self.arrival_times[: len(self) - count + 1]
-        return self.window(int(np.argmin(spans)), count)
+    def _queue_all_then_run(self, on_progress) -> None:
+        # The engine admits each request at its arrival time itself: a real engine's steps then never wait
+        # on routing, and the run is the one routing request by request gives (tests/test_cluster.py).
+        engine = self.replicas[0]
+        for index in range(len(self.requests)):
+            self.requests.add(engine, index)
+            self.assignment[index] = 0
+        if isinstance(engine.clock, WallClock):
+            engine.clock.restart()  # time zero of a real run: every request queued, the first may arrive
+        engine.run(on_step=on_progress)
 
-    @property
-    def _reference_rate(self) -> float:
-        return self.reference_rate if self.reference_rate is not None else self.mean_rate
+    def _route_at_arrivals(self, stop_check, check_every, drain_interval, on_progress) -> None:
+        requests, replicas, router = self.requests, self.replicas, self.router
+        count = len(requests)
+        if check_every <= 0:
+            check_every = max(1, count // 100)
+        ids, arrivals, tokens = requests.request_ids, requests.arrival_times, requests.prompt_token_ids
+        for index in range(count):
+            arrival = float(arrivals[index])
+            for engine in replicas:
+                engine.run_until(arrival)
+            replica = 0
+            if len(replicas) > 1:
+                replica = router.route(RoutedRequest(ids[index], arrival, tokens[index]), replicas)
+            requests.add(replicas[replica], index)
+            self.assignment[index] = replica
+            if on_progress is not None:
+                on_progress(replicas[replica])
+            if stop_check is not None and (index + 1) % check_every == 0:
+                self.stopped = stop_check(arrival, replicas) or None
+                if self.stopped:
+                    return
+        if stop_check is None:
+            for engine in replicas:
+                engine.run(on_step=on_progress)
+        else:
+            self.stopped = _drain_with_checks(replicas, stop_check, drain_interval)
 
-    def at_rate(self, rate: float) -> "ClusterRequests":
-        """Arrival times scaled so the mean rate is `rate` requests/s (with_request_rate's rule); for a
-        window, so that the whole trace's mean rate would be `rate`."""
-        if not rate > 0 or not np.isfinite(rate):
-            raise ValueError(f"request rate must be a positive number, got {rate!r}")
-        current = self._reference_rate
-        if not np.isfinite(current):
-            raise ValueError(f"{self.name}: {len(self)} requests with no time span cannot be set to a rate")
-        return dataclasses.replace(self, arrival_times=self.arrival_times * (current / rate))
-
-
-@dataclass
-class ClusterResult:
-    """The replicas after the run, which replica served each request, and why the run stopped early (if)."""
-
-    replicas: list[Engine]
-    router_name: str
-    request_ids: tuple[str, ...]
-    assignment: list[int]
-    """Replica of each request, in arrival order (-1 for requests never routed: an early stop)."""
-    stopped: str | None = None
-    notes: dict = field(default_factory=dict)
+    def abort(self, reason: str) -> None:
+        """Stop now: every request not finished is recorded as aborted with the reason (those never routed,
+        on the first replica), so the run still holds a row for each request of the trace."""
+        # A request interrupted while being added may be in its replica already.
+        owners = {request_id: replica for replica, engine in enumerate(self.replicas)
+                  for request_id in engine.request_records}
+        for index, replica in enumerate(self.assignment):
+            if replica < 0:
+                request_id = self.requests.request_ids[index]
+                if request_id not in owners:
+                    self.requests.add(self.replicas[0], index)
+                self.assignment[index] = owners.get(request_id, 0)
+        for engine in self.replicas:
+            engine.abort_all(reason)
 
     def request_records(self) -> list:
         """Every routed request's record, in arrival order."""
         per_replica = [engine.request_records for engine in self.replicas]
         return [
             per_replica[replica][request_id]
-            for request_id, replica in zip(self.request_ids, self.assignment)
+            for request_id, replica in zip(self.requests.request_ids, self.assignment)
             if replica >= 0
         ]
 
@@ -167,13 +161,30 @@ class ClusterResult:
         queries = sum(engine.block_manager.num_query_tokens for engine in self.replicas)
         return hits / queries if queries else 0.0
 
-    def tables(self) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
-        """requests, steps (all replicas, by start time), replicas side table, step_replicas side table."""
+    def metadata(self) -> dict:
+        """What the run's metadata says of the serving: KV blocks, prefix-cache hits and, with several
+        replicas, the router, each replica's share and why the run stopped early (if)."""
+        metadata = {
+            "num_kv_blocks": self.replicas[0].block_manager.num_blocks,
+            "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
+        }
+        if len(self.replicas) > 1:
+            metadata.update(replicas=len(self.replicas), router=self.router_name,
+                            requests_per_replica=self.requests_per_replica(), stopped_early=self.stopped)
+            if hasattr(self.router, "num_fallback"):
+                router = self.router
+                metadata["prefix_affinity"] = {"home": router.num_affinity, "fallback": router.num_fallback}
+        return metadata
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        """requests (arrival order) and steps (all replicas', by start time)."""
         requests = requests_table(self.request_records())
-        routed = [(rid, r) for rid, r in zip(self.request_ids, self.assignment) if r >= 0]
-        replicas = pa.table(
-            {"request_id": [rid for rid, _ in routed], "replica": [r for _, r in routed]}, schema=REPLICAS_SCHEMA
-        )
+        if len(self.replicas) == 1:
+            return requests, steps_table(self.replicas[0].step_records)
+        return requests, self._merged_steps()[0]
+
+    def _merged_steps(self) -> tuple[pa.Table, pa.Table]:
+        """Every replica's steps by start time, and the step_replicas side table saying whose each is."""
         step_tables = [steps_table(engine.step_records) for engine in self.replicas]
         steps = pa.concat_tables(step_tables)
         owners = np.concatenate([np.full(t.num_rows, i, dtype=np.int32) for i, t in enumerate(step_tables)])
@@ -183,70 +194,24 @@ class ClusterResult:
         step_replicas = pa.table(
             {"replica": pa.array(owners[order]), "step": steps.column("step")}, schema=STEP_REPLICAS_SCHEMA
         )
-        return requests, steps, replicas, step_replicas
+        return steps, step_replicas
 
-
-def simulate_cluster(
-    requests: ClusterRequests,
-    replicas: list[Engine],
-    router,
-    *,
-    stop_check: StopCheck | None = None,
-    check_every: int = 0,
-    drain_interval: float = 1.0,
-    on_arrival: Callable[[int], None] | None = None,
-) -> ClusterResult:
-    """Route every request to a replica at its arrival time and run all replicas to the end.
-
-    stop_check, when given, is asked every `check_every` arrivals (default: about 100 times over the
-    arrivals) and every `drain_interval` simulated seconds after the last arrival; a reason it returns
-    stops the run there (the planner uses this to give up on a rate that has already broken its SLO).
-    """
-    if not replicas:
-        raise ValueError("a cluster needs at least one replica")
-    count = len(requests)
-    if check_every <= 0:
-        check_every = max(1, count // 100)
-    assignment = [-1] * count
-    params_cache: dict[int, SamplingParams] = {}
-    stopped = None
-    ids, arrivals, tokens, output_lens = (
-        requests.request_ids, requests.arrival_times, requests.prompt_token_ids, requests.output_lens
-    )
-    for index in range(count):
-        arrival = float(arrivals[index])
-        for engine in replicas:
-            engine.run_until(arrival)
-        request = RoutedRequest(ids[index], arrival, tokens[index])
-        replica = router.route(request, replicas) if len(replicas) > 1 else 0
-        output_len = int(output_lens[index])
-        params = params_cache.get(output_len)
-        if params is None:
-            params = params_cache[output_len] = trace_sampling_params(output_len)
-        replicas[replica].add_request(
-            prompt_token_ids=tokens[index].tolist(), sampling_params=params, arrival_time=arrival, request_id=ids[index]
+    def write(self, out_dir: str | os.PathLike, metadata: dict) -> Path:
+        """The run folder; with several replicas also replicas.parquet and step_replicas.parquet."""
+        if len(self.replicas) == 1:
+            return write_run(out_dir, *self.tables(), metadata)
+        requests = requests_table(self.request_records())
+        steps, step_replicas = self._merged_steps()
+        path = write_run(out_dir, requests, steps, metadata)
+        routed = [(rid, r) for rid, r in zip(self.requests.request_ids, self.assignment) if r >= 0]
+        replicas = pa.table(
+            {"request_id": [rid for rid, _ in routed], "replica": [r for _, r in routed]}, schema=REPLICAS_SCHEMA
         )
-        assignment[index] = replica
-        if on_arrival is not None:
-            on_arrival(index)
-        if stop_check is not None and (index + 1) % check_every == 0:
-            stopped = stop_check(arrival, replicas)
-            if stopped:
-                break
-
-    if not stopped:
-        if stop_check is None:
-            for engine in replicas:
-                engine.run()
-        else:
-            stopped = _drain_with_checks(replicas, stop_check, drain_interval)
-    return ClusterResult(
-        replicas=replicas,
-        router_name=getattr(router, "name", type(router).__name__),
-        request_ids=ids,
-        assignment=assignment,
-        stopped=stopped or None,
-    )
+        for name, table in ((REPLICAS_FILE, replicas), (STEP_REPLICAS_FILE, step_replicas)):
+            staging = path / f".{name}.writing"
+            pq.write_table(table, staging)
+            os.replace(staging, path / name)
+        return path
 
 
 def _drain_with_checks(replicas: list[Engine], stop_check: StopCheck, interval: float) -> str | None:
@@ -262,48 +227,12 @@ def _drain_with_checks(replicas: list[Engine], stop_check: StopCheck, interval: 
     return None
 
 
-def write_cluster_run(result: ClusterResult, out_dir: str | os.PathLike, *, metadata: dict) -> Path:
-    """The run folder of a cluster simulation, plus replicas.parquet and step_replicas.parquet."""
-    requests, steps, replicas, step_replicas = result.tables()
-    path = write_run(out_dir, requests, steps, metadata)
-    for name, table in ((REPLICAS_FILE, replicas), (STEP_REPLICAS_FILE, step_replicas)):
-        staging = path / f".{name}.writing"
-        pq.write_table(table, staging)
-        os.replace(staging, path / name)
-    return path
-
-
 def read_replica_assignment(run_path: str | os.PathLike) -> pa.Table:
     """replicas.parquet of a cluster run: which replica served each request."""
     path = Path(run_path) / REPLICAS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_path} is not a cluster run: no {REPLICAS_FILE}")
     return pq.read_table(path).select(REPLICAS_SCHEMA.names).cast(REPLICAS_SCHEMA)
-
-
-def cluster_metadata(result: ClusterResult, *, engine_config, trace_name: str, fingerprint: str,
-                     started_at: str, wall_duration: float, extra: dict, router=None) -> dict:
-    """The run metadata of a cluster simulation: the usual keys plus replicas, router and per-replica counts."""
-    router_stats = (router.num_affinity, router.num_fallback) if hasattr(router, "num_fallback") else None
-    return run_metadata(
-        executor_kind="sim",
-        engine_config=engine_config,
-        trace_name=trace_name,
-        trace_fingerprint=fingerprint,
-        complete=result.stopped is None,
-        started_at=started_at,
-        wall_duration=wall_duration,
-        **{
-            "replicas": len(result.replicas),
-            "router": result.router_name,
-            "requests_per_replica": result.requests_per_replica(),
-            "num_kv_blocks": result.replicas[0].block_manager.num_blocks,
-            "prefix_cache_hit_rate": result.prefix_cache_hit_rate,
-            "stopped_early": result.stopped,
-            **({"prefix_affinity": {"home": router_stats[0], "fallback": router_stats[1]}} if router_stats else {}),
-            **extra,
-        },
-    )
 
 
 def build_replicas(build_one: Callable[[], Engine], count: int) -> list[Engine]:
@@ -316,60 +245,3 @@ def build_replicas(build_one: Callable[[], Engine], count: int) -> list[Engine]:
             warnings.simplefilter("ignore")
             engines.append(build_one())
     return engines
-
-
-def simulate_cluster_cli(args) -> int:
-    """`twinfer simulate --replicas N --router R`: simulate, write the run folder and print the summary."""
-    from analysis.metrics import compute_metrics
-    from analysis.run_store import read_run
-    from analysis.summary import parse_goodput, print_summary, save_result_json
-    from simulator.simulated_engine import build_simulated_engine
-    from twinfer.cli.options import load_trace
-
-    trace = load_trace(args)
-    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    wall_start = time.perf_counter()
-    built: list[tuple] = []
-
-    def build_one() -> Engine:
-        built.append(build_simulated_engine(
-            args, gpu=args.gpu, model=args.model, profile=args.profile, tp=args.tensor_parallel_size
-        ))
-        return built[-1][0]
-
-    replicas = build_replicas(build_one, args.replicas)
-    _, engine_metadata, vocab_size = built[0]
-    requests = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=args.seed)
-    router = make_router(args.router, block_size=replicas[0].config.block_size)
-    with tqdm(total=len(requests), desc=f"simulate {trace.name} x{args.replicas}", unit="req",
-              disable=args.no_progress, dynamic_ncols=True, mininterval=0.5) as bar:
-        result = simulate_cluster(requests, replicas, router, on_arrival=lambda _: bar.update())
-    metadata = cluster_metadata(
-        result,
-        engine_config=replicas[0].config,
-        trace_name=trace.name,
-        fingerprint=requests.fingerprint,
-        started_at=started_at,
-        wall_duration=time.perf_counter() - wall_start,
-        router=router,
-        extra={
-            "trace_source_format": trace.source_format,
-            "trace_notes": list(trace.notes),
-            "seed": args.seed,
-            **engine_metadata,
-        },
-    )
-    path = write_cluster_run(result, args.out, metadata=metadata)
-    print(f"run written to {path}")
-    counts = result.requests_per_replica()
-    print(f"{args.replicas} replicas behind {args.router}: requests per replica {counts}, "
-          f"prefix-cache hit rate {result.prefix_cache_hit_rate:.1%}")
-    if hasattr(router, "num_fallback"):
-        print(f"prefix affinity: {router.num_affinity} requests sent home, {router.num_fallback} to the "
-              f"least-loaded replica because home was overloaded")
-    metrics = compute_metrics(read_run(path), goodput=parse_goodput(args.goodput) if args.goodput else None)
-    print_summary(metrics)
-    if args.save_result:
-        save_result_json(metrics, args.save_result)
-        print(f"result JSON: {args.save_result}")
-    return 0

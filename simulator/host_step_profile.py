@@ -40,7 +40,8 @@ def _probe_executor(context: ProfileContext, model: str):
     """(the real executor on the probe (dummy weights, CUDA graphs as the engine's defaults make them), its engine
     config, the probe's layers)."""
     import torch
-    from engine.config import EngineConfig, default_max_model_len, engine_config_for
+    from engine.config import EngineConfig
+    from engine.engine_args import EngineArgs
     from engine.model_config import load_model_config
     from engine.model_executor import ModelExecutor
 
@@ -49,8 +50,7 @@ def _probe_executor(context: ProfileContext, model: str):
         config = EngineConfig(vocab_size=model_config.vocab_size, **context.grid.probe_engine)
     else:
         memory_gib = torch.cuda.get_device_properties(context.device).total_memory / 2**30
-        config = engine_config_for(model_config, gpu_memory_gib=memory_gib,
-                                   max_model_len=default_max_model_len(model_config.max_position_embeddings))
+        config = EngineArgs(model=model, async_scheduling=False).engine_config(model_config, gpu_memory_gib=memory_gib)
     # Less than the engine's 0.9 of the memory: whatever the executor leaves behind, the tables after it still fit.
     executor = ModelExecutor(model, config, dtype=context.dtype_name, device=str(context.device),
                              gpu_memory_utilization=0.6, load_format="dummy", seed=0)

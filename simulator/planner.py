@@ -34,15 +34,16 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
-from simulator.cluster import ClusterRequests, simulate_cluster
-from simulator.gpu_prices import DEFAULT_PRICES, parse_prices, price_of
-from simulator.plan_table import PlanResult, format_plan, probes_table, rank_plans, write_plan
+from engine.engine_args import EngineArgs
+from simulator.cluster import ClusterRun
+from simulator.gpu_prices import DEFAULT_PRICES, price_of
+from simulator.plan_table import PlanResult, probes_table, rank_plans
 from simulator.router import ROUTERS, make_router
-from simulator.slo import Slo, SloMonitor, parse_slos, slo_values
+from simulator.slo import Slo, SloMonitor, slo_values
+from simulator.trace_requests import TraceRequests
 from traces.schema import Trace
 
 DEFAULT_SEARCH_REQUESTS = 1000
@@ -52,18 +53,6 @@ _MAX_BRACKET_PROBES = 12
 
 
 # ---- inputs
-
-
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4); each a positive integer."""
-    values = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"{option}: {item!r} is not a positive integer (give e.g. {option} 1,2,4)")
-        values.append(int(item))
-    if not values:
-        raise ValueError(f"{option} is empty")
-    return tuple(dict.fromkeys(values))
 
 
 @dataclass(frozen=True)
@@ -156,21 +145,21 @@ class ConfigPlan:
         return self.replicas * self.config.tp
 
 
-def _engine_args(config: PlanConfig, settings: PlanSettings):
-    """The option namespace simulator.simulated_engine.build_simulated_engine reads, for this configuration."""
-    import argparse
-
-    return argparse.Namespace(
+def engine_args_of(config: PlanConfig, settings: PlanSettings) -> EngineArgs:
+    """The EngineArgs of one replica of this configuration (synchronous scheduling, as `twinfer simulate`'s
+    default)."""
+    return EngineArgs(
+        model=settings.model,
         dtype=settings.dtype,
+        seed=settings.seed,
         block_size=settings.block_size,
         max_model_len=settings.max_model_len,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
-        enable_chunked_prefill=True,
-        num_gpu_blocks_override=None,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=False,
+        tensor_parallel_size=config.tp,
+        async_scheduling=False,
     )
 
 
@@ -178,19 +167,19 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
     """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
     from simulator.simulated_engine import build_simulated_engine
 
-    args = _engine_args(config, settings)
+    args = engine_args_of(config, settings)
 
     def build():
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build_simulated_engine(args, gpu=config.gpu, model=settings.model, profile=None, tp=config.tp)
+            return build_simulated_engine(args, gpu=config.gpu)
 
-    engine, metadata, _ = build()
+    engine, metadata = build()
     metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
     return (lambda: build()[0]), metadata
 
 
-def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: float, replicas: int,
+def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
               phase: str) -> Probe:
     """Simulate `replicas` replicas at `rate` and judge the SLOs (stopping early once one is broken)."""
     start = time.perf_counter()
@@ -199,8 +188,8 @@ def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: fl
     monitor = SloMonitor(settings.slos, scaled)
     # The drain is checked about every TTFT budget, so a runaway queue is caught within one budget.
     interval = max(0.25, min(slo.limit_ms for slo in settings.slos) / 1000)
-    result = simulate_cluster(scaled, engines, make_router(settings.router, settings.block_size),
-                              stop_check=monitor, drain_interval=interval)
+    result = ClusterRun(scaled, engines, make_router(settings.router, settings.block_size)).run(
+        stop_check=monitor, drain_interval=interval)
     now = max(engine.clock.now() for engine in engines)
     values = slo_values(settings.slos, engines, now)
     # The monitor runs every few arrivals and while draining: a request rejected after its last look (one
@@ -214,7 +203,7 @@ def run_probe(build, settings: PlanSettings, requests: ClusterRequests, rate: fl
                  values, time.perf_counter() - start)
 
 
-def search_config(config: PlanConfig, settings: PlanSettings, window: ClusterRequests) -> ConfigPlan:
+def search_config(config: PlanConfig, settings: PlanSettings, window: TraceRequests) -> ConfigPlan:
     """Highest sustained rate of one replica on the window, then the replicas the target rate needs."""
     try:
         build, metadata = replica_builder(config, settings)
@@ -297,7 +286,7 @@ def _verify(probe: Callable[[int], Probe], replicas: int, max_replicas: int) -> 
         replicas += 1
 
 
-def verify_config(plan: ConfigPlan, settings: PlanSettings, full: ClusterRequests) -> ConfigPlan:
+def verify_config(plan: ConfigPlan, settings: PlanSettings, full: TraceRequests) -> ConfigPlan:
     """Check the replica count on the whole trace at the target rate, adding replicas until the SLOs hold."""
     build, _ = replica_builder(plan.config, settings)
     probes = list(plan.probes)
@@ -334,12 +323,12 @@ class PlanTask:
     plan: ConfigPlan | None = None
 
 
-_REQUESTS_CACHE: dict[tuple[str, int, int], ClusterRequests] = {}
+_REQUESTS_CACHE: dict[tuple[str, int, int], TraceRequests] = {}
 """Token ids per (trace fingerprint, vocabulary, seed), made once per worker process."""
 _WORKER_TRACE: list[Trace] = []
 
 
-def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> ClusterRequests:
+def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> TraceRequests:
     """The trace's busiest `count` consecutive requests (all when None) with their token ids (made once
     per process), scaled as the whole trace would be."""
     from engine.model_config import load_model_config
@@ -350,7 +339,7 @@ def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> Cl
     key = (trace_fingerprint(trace.table), vocab_size, settings.seed)
     full = _REQUESTS_CACHE.get(key)
     if full is None:
-        full = _REQUESTS_CACHE[key] = ClusterRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
+        full = _REQUESTS_CACHE[key] = TraceRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
     return full if count is None or count >= len(full) else full.busiest_window(count)
 
 
@@ -484,59 +473,3 @@ def _to_verify(rows: list[dict], verify_top: int, target_rate: float) -> list[tu
                     row["max_rate_per_replica"] >= (1 - WINDOW_MARGIN) * target_rate / fewer:
                 chosen.append(row)
     return [(row["gpu"], row["tp"], row["max_num_seqs"]) for row in chosen]
-
-
-def plan_cli(args) -> int:
-    """`twinfer plan TRACE ...`: the sweep, the ranked table (CSV, Parquet), the HTML report."""
-    from twinfer.cli.options import load_trace
-    from simulator.gpu_specs import gpu_key, gpu_spec
-
-    gpus = tuple(dict.fromkeys(gpu_key(g) for g in args.gpu.split(",") if g.strip()))
-    if not gpus:
-        raise ValueError("--gpu is empty; e.g. --gpu h100,h200")
-    for gpu in gpus:
-        try:
-            gpu_spec(gpu)
-        except KeyError as error:
-            raise ValueError(str(error.args[0])) from None
-    tps = parse_int_list(args.tp, "--tp")
-    if args.max_num_seqs is None:
-        from engine.config import vllm_default_limits
-
-        seqs_for = {gpu: (vllm_default_limits(gpu_spec(gpu).memory_gib)[0],) for gpu in gpus}
-    else:
-        seqs = parse_int_list(args.max_num_seqs, "--max-num-seqs")
-        seqs_for = {gpu: seqs for gpu in gpus}
-    configs = [PlanConfig(gpu, tp, seqs) for gpu in gpus for tp in tps for seqs in seqs_for[gpu]]
-    settings = PlanSettings(
-        model=args.model,
-        slos=parse_slos(args.slo),
-        target_rate=args.target_rate,
-        router=args.router,
-        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", None),
-        search_steps=getattr(args, "search_steps", DEFAULT_SEARCH_STEPS),
-        seed=getattr(args, "seed", 0),
-    )
-    trace = load_trace(args)
-    search_requests = getattr(args, "search_requests", None) or DEFAULT_SEARCH_REQUESTS
-    print(f"planning {len(configs)} configurations of {settings.model} on {trace.name} ({len(trace)} requests), "
-          f"target {settings.target_rate:g} req/s, SLO {', '.join(f'{s.name}<={s.limit_ms:g}ms' for s in settings.slos)}")
-    result = plan(
-        trace, configs, settings,
-        prices=parse_prices(args.price),
-        search_requests=search_requests,
-        verify_top=getattr(args, "verify_top", DEFAULT_VERIFY_TOP),
-        workers=args.workers,
-        ray_address=args.ray,
-        show_progress=not getattr(args, "no_progress", False),
-    )
-    paths = write_plan(result, args.out)
-    from analysis.plan_report import build_plan_report
-
-    report = build_plan_report(result, Path(args.out) / "plan.html")
-    print(format_plan(result.table))
-    if any(row["calibration"] == "uncalibrated" for row in result.table.to_pylist()):
-        print("note: 'uncalibrated' rows use roofline step times (no calibrated profile for that GPU/model/TP)")
-    print(f"{result.info['num_simulations']} simulations in {result.info['total_seconds']:.1f} s")
-    print(f"plan written to {paths['plan.csv']}, {paths['plan.parquet']}; report {report}")
-    return 0

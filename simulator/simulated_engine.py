@@ -1,31 +1,17 @@
-"""An engine whose executor is a cost model: the simulator's twin of the real engine, as the CLI configures it."""
+"""An engine whose executor is a cost model: the simulator's twin of the real engine, configured by an EngineArgs."""
 
 from engine.clock import VirtualClock
-from engine.config import EngineConfig, default_max_model_len, engine_config_for
-
-
-def engine_config_from(args, model_config, *, gpu_memory_gib: float | None) -> EngineConfig:
-    """The EngineConfig for these command-line options and this model."""
-    return engine_config_for(
-        model_config,
-        max_model_len=args.max_model_len or default_max_model_len(model_config.max_position_embeddings),
-        gpu_memory_gib=gpu_memory_gib,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens or None,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill,
-        num_kv_blocks=args.num_gpu_blocks_override,
-        async_scheduling=getattr(args, "async_scheduling", False),
-    )
+from engine.engine_args import EngineArgs
 
 
 def _dtype_name(dtype: str) -> str:
     return "bfloat16" if dtype == "auto" else dtype
 
 
-def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, tp: int):
-    """An engine whose executor is the cost model (calibrated profile, else roofline) for gpu and model."""
+def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = None,
+                           cost_model_kind: str | None = None):
+    """An engine whose executor is the cost model for this GPU and the args' model (the profile given, else the
+    most trusted one, or the kind asked for: profile_library.cost_model_for), and the metadata its runs record."""
     from engine.engine import Engine
     from engine.graph_dispatch import GraphDispatch, resolve_mixed_cuda_graphs
     from engine.model_config import load_model_config
@@ -35,13 +21,14 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     from simulator.model_shape import ModelShape
     from simulator.profile_library import cost_model_for
 
+    model, tp = args.model, args.tensor_parallel_size
     model_config = load_model_config(model)
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % tp or kv_heads % tp:  # the real engine shards both and refuses such a TP at start-up
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
-    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=getattr(args, "cost_model", "auto"))
+    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -54,9 +41,7 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     if spec is not None and tp > spec.gpus_per_host:
         raise ValueError(f"tensor_parallel_size {tp} needs more than one {spec.name} host ({spec.gpus_per_host} GPUs "
                          "each): tensor parallelism runs within one host, as the real engine does")
-    config = engine_config_from(
-        args, model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None
-    )
+    config = args.engine_config(model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None)
     num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
         spec,
         ModelShape.load(model),
@@ -71,9 +56,8 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
     eager = args.enforce_eager or gpu.lower() == "cpu"
     # As the real engine, whose mixed-step graphs need the triton backend ("auto" picks it at the usual
     # block sizes).
-    backend = getattr(args, "attention_backend", "auto")
-    backend = "triton" if backend == "auto" else backend
-    mixed = not eager and resolve_mixed_cuda_graphs(getattr(args, "mixed_cuda_graphs", None), backend, tp)
+    backend = "triton" if args.attention_backend == "auto" else args.attention_backend
+    mixed = not eager and resolve_mixed_cuda_graphs(args.mixed_cuda_graphs, backend, tp)
     graphs = GraphDispatch.for_engine(config.max_num_seqs, config.max_num_batched_tokens, cuda_graphs=not eager,
                                       mixed=mixed)
     executor = CostModelExecutor(cost_model, num_blocks, graphs=graphs)
@@ -94,6 +78,6 @@ def build_simulated_engine(args, *, gpu: str, model: str, profile: str | None, t
         print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
     elif cost_model.provenance == "composed":
         print(f"note: composed simulation ({cost_model.label}): step times composed from timed operators")
-    return engine, metadata, model_config.vocab_size
+    return engine, metadata
 
 

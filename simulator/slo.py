@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from simulator.cluster import ClusterRequests
+    from simulator.trace_requests import TraceRequests
 
 SLO_METRICS = ("ttft", "tpot", "e2el", "itl")
 
@@ -69,7 +69,7 @@ class SloMonitor:
     since arrival), so a queue that has grown too long is caught while it grows; TPOT counts once known.
     """
 
-    def __init__(self, slos: Sequence[Slo], requests: ClusterRequests) -> None:
+    def __init__(self, slos: Sequence[Slo], requests: TraceRequests) -> None:
         self.slos = [slo for slo in slos if slo.metric in ("ttft", "tpot", "e2el")]
         num_requests = len(requests)
         num_tpot = int(np.count_nonzero(requests.output_lens > 1))

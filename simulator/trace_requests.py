@@ -1,28 +1,118 @@
-"""A trace's requests as an engine takes them: prompt token ids, arrival times and sampling parameters."""
+"""A trace's requests as engines take them: ids, arrival times, prompt token ids and sampling parameters.
 
+Made once per trace and shared by every rescaled copy and window of it, so a planner probing many request
+rates, and every replica of a cluster, pays for the token ids once.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from analysis.run_store import trace_fingerprint
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from traces.schema import Trace
 from traces.tokens import trace_prompt_token_ids
 
 
+@lru_cache(maxsize=None)
 def trace_sampling_params(output_len: int) -> SamplingParams:
-    """A trace request's sampling: greedy, EOS ignored, ending at the trace's output length (at least 1)."""
+    """A trace request's sampling: greedy, EOS ignored, ending at the trace's output length (at least 1).
+
+    One frozen SamplingParams per length, shared by every request of that length.
+    """
     return SamplingParams(temperature=0.0, max_tokens=max(int(output_len), 1), ignore_eos=True)
 
 
-def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: int = 0) -> int:
-    """Queue every trace request on the engine (ends at its output length, EOS ignored); returns the count."""
-    table = trace.table
-    token_ids = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed)
-    request_ids = table.column("request_id").to_pylist()
-    arrivals = table.column("arrival_time").to_pylist()
-    output_lens = table.column("output_len").to_pylist()
-    for request_id, arrival, prompt, output_len in zip(request_ids, arrivals, token_ids, output_lens):
-        engine.add_request(
-            prompt_token_ids=prompt,  # an int array: the engine keeps it as one, no list of ints
-            sampling_params=trace_sampling_params(output_len),
-            arrival_time=float(arrival),
-            request_id=request_id,
+@dataclass(frozen=True)
+class TraceRequests:
+    """A trace's requests: ids, arrival times, prompt token ids (int32 arrays) and output lengths."""
+
+    name: str
+    request_ids: tuple[str, ...]
+    arrival_times: np.ndarray
+    prompt_token_ids: tuple[np.ndarray, ...]
+    output_lens: np.ndarray
+    fingerprint: str = ""
+    reference_rate: float | None = None
+    """The mean rate that at_rate() rescales from (None: these requests' own). A window of a trace keeps the
+    whole trace's, so a rate means the same arrivals as for the whole trace."""
+
+    @classmethod
+    def from_trace(cls, trace: Trace, *, vocab_size: int, seed: int = 0) -> "TraceRequests":
+        """The trace's requests, their token ids made from the trace's lengths and prefix ids (traces.tokens)."""
+        table = trace.table
+        return cls(
+            name=trace.name,
+            request_ids=tuple(table.column("request_id").to_pylist()),
+            arrival_times=table.column("arrival_time").to_numpy().astype(np.float64),
+            prompt_token_ids=tuple(trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed)),
+            output_lens=table.column("output_len").to_numpy().astype(np.int64),
+            fingerprint=trace_fingerprint(table),
         )
-    return len(request_ids)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def add(self, engine: Engine, index: int) -> None:
+        """Queue request `index` on the engine at its arrival time: greedy, ending at its output length."""
+        engine.add_request(
+            prompt_token_ids=self.prompt_token_ids[index],  # an int array: the engine keeps it as one
+            sampling_params=trace_sampling_params(int(self.output_lens[index])),
+            arrival_time=float(self.arrival_times[index]),
+            request_id=self.request_ids[index],
+        )
+
+    @property
+    def mean_rate(self) -> float:
+        """(requests - 1) / span of arrivals, as traces.transforms.with_request_rate defines it."""
+        span = float(self.arrival_times[-1] - self.arrival_times[0]) if len(self) else 0.0
+        return (len(self) - 1) / span if span > 0 else float("inf")
+
+    def window(self, start: int, count: int) -> "TraceRequests":
+        """`count` consecutive requests from position `start`, arrivals shifted to start at 0; at_rate()
+        scales them as it would scale the whole trace."""
+        stop = min(start + count, len(self))
+        if start == 0 and stop == len(self):
+            return self
+        arrivals = self.arrival_times[start:stop]
+        return dataclasses.replace(
+            self,
+            request_ids=self.request_ids[start:stop],
+            arrival_times=arrivals - arrivals[0],
+            prompt_token_ids=self.prompt_token_ids[start:stop],
+            output_lens=self.output_lens[start:stop],
+            fingerprint=f"{self.fingerprint}[{start}:{stop}]",
+            reference_rate=self._reference_rate,
+        )
+
+    def busiest_window(self, count: int) -> "TraceRequests":
+        """The `count` consecutive requests arriving fastest: where a trace is hardest to serve."""
+        if count >= len(self):
+            return self
+        spans = self.arrival_times[count - 1:] - self.arrival_times[: len(self) - count + 1]
+        return self.window(int(np.argmin(spans)), count)
+
+    @property
+    def _reference_rate(self) -> float:
+        return self.reference_rate if self.reference_rate is not None else self.mean_rate
+
+    def at_rate(self, rate: float) -> "TraceRequests":
+        """Arrival times scaled so the mean rate is `rate` requests/s (with_request_rate's rule); for a
+        window, so that the whole trace's mean rate would be `rate`."""
+        if not rate > 0 or not np.isfinite(rate):
+            raise ValueError(f"request rate must be a positive number, got {rate!r}")
+        current = self._reference_rate
+        if not np.isfinite(current):
+            raise ValueError(f"{self.name}: {len(self)} requests with no time span cannot be set to a rate")
+        return dataclasses.replace(self, arrival_times=self.arrival_times * (current / rate))
+
+
+def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: int = 0) -> int:
+    """Queue every trace request on one engine (ends at its output length, EOS ignored); returns the count."""
+    requests = TraceRequests.from_trace(trace, vocab_size=vocab_size, seed=seed)
+    for index in range(len(requests)):
+        requests.add(engine, index)
+    return len(requests)

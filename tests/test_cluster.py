@@ -8,9 +8,11 @@ import pytest
 
 from analysis.metrics import compute_metrics
 from analysis.run_store import read_run
-from twinfer.cli import build_parser, main
+from simulator.cluster import ClusterRun, read_replica_assignment
 from simulator.simulated_engine import build_simulated_engine
-from simulator.cluster import ClusterRequests, read_replica_assignment, simulate_cluster, write_cluster_run
+from simulator.trace_requests import TraceRequests
+from twinfer.cli import build_parser, main
+from twinfer.cli.options import engine_args_from
 from simulator.router import (
     LeastOutstandingRouter,
     PrefixAffinityRouter,
@@ -31,32 +33,35 @@ def _args(*extra: str):
 
 
 def _engines(count: int, *extra: str):
-    args = _args(*extra)
+    engine_args = engine_args_from(_args(*extra))
     engines = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(count):
-            engine, metadata, vocab_size = build_simulated_engine(args, gpu="h100", model=MODEL, profile=None, tp=1)
+            engine, metadata = build_simulated_engine(engine_args, gpu="h100")
             engines.append(engine)
-    return engines, metadata, vocab_size
+    return engines, metadata
 
 
-def _cluster(trace, count: int, router, *extra: str):
-    engines, _, vocab_size = _engines(count, *extra)
-    requests = ClusterRequests.from_trace(trace, vocab_size=vocab_size)
-    return simulate_cluster(requests, engines, router)
+def _cluster(trace, count: int, router, *extra: str, **run_options):
+    engines, _ = _engines(count, *extra)
+    requests = TraceRequests.from_trace(trace, vocab_size=engines[0].config.vocab_size)
+    return ClusterRun(requests, engines, router).run(**run_options)
 
 
-def test_one_replica_gives_exactly_the_single_engine_replay(tmp_path):
+def test_one_replica_routed_request_by_request_gives_exactly_the_replay(tmp_path):
+    """The planner's probes route one request at a time (to check SLOs as they go); replay queues them all at
+    once and lets the engine admit each at its arrival time. Both make the same run."""
     trace = shared_prefix_workload(
         num_groups=4, prompts_per_group=6, system_prompt_len=256, question_len=40, output_len=60,
         arrivals=Poisson(rate=40.0),
     )
-    (engine,), metadata, vocab_size = _engines(1, "--max-num-seqs", "8")
-    replay_path = replay(trace, engine, tmp_path / "replay", executor_kind="sim", vocab_size=vocab_size,
-                         show_progress=False, metadata=metadata)
-    result = _cluster(trace, 1, RoundRobinRouter(), "--max-num-seqs", "8")
-    cluster_path = write_cluster_run(result, tmp_path / "cluster", metadata={"executor_kind": "sim"})
+    (engine,), metadata = _engines(1, "--max-num-seqs", "8")
+    replay_path = replay(trace, engine, tmp_path / "replay", executor_kind="sim", show_progress=False,
+                         metadata=metadata)
+    result = _cluster(trace, 1, RoundRobinRouter(), "--max-num-seqs", "8", stop_check=lambda now, replicas: None,
+                      check_every=1)
+    cluster_path = result.write(tmp_path / "cluster", {"executor_kind": "sim"})
 
     single, cluster = read_run(replay_path), read_run(cluster_path)
     key = pa.compute.sort_indices(single.requests, [("request_id", "ascending")])
@@ -106,7 +111,7 @@ def _requests(result):
 
 
 def test_least_outstanding_picks_the_least_loaded_and_breaks_ties_by_index():
-    engines, _, _ = _engines(3)
+    engines, _ = _engines(3)
     router = LeastOutstandingRouter()
     request = RoutedRequest("r", 0.0, [1, 2, 3])
     assert router.route(request, engines) == 0
@@ -128,7 +133,7 @@ def test_prefix_affinity_keeps_groups_together_and_hits_the_cache_more():
     affinity = _cluster(trace, 4, affinity_router)
     round_robin = _cluster(trace, 4, RoundRobinRouter())
     groups = {}
-    for request_id, replica in zip(affinity.request_ids, affinity.assignment):
+    for request_id, replica in zip(affinity.requests.request_ids, affinity.assignment):
         groups.setdefault(request_id.split("-")[0], set()).add(replica)
     assert affinity_router.num_fallback == 0
     assert all(len(replicas) == 1 for replicas in groups.values())
@@ -137,7 +142,7 @@ def test_prefix_affinity_keeps_groups_together_and_hits_the_cache_more():
 
 
 def test_prefix_affinity_falls_back_when_home_is_overloaded():
-    engines, _, _ = _engines(2)
+    engines, _ = _engines(2)
     router = PrefixAffinityRouter(max_extra=2, max_ratio=1.5)
     request = RoutedRequest("r", 0.0, list(range(32)))
     home = router.home(request, 2)
@@ -177,7 +182,7 @@ def test_busiest_window_is_scaled_as_the_whole_trace():
     arrivals = np.r_[np.arange(0, 2, 0.1), 2 + np.arange(5) * 0.025, 2.2 + np.arange(20) * 0.1]
     trace = build_trace(source=None, arrival_time=arrivals, prompt_len=np.full(arrivals.size, 32),
                         output_len=np.full(arrivals.size, 4), name="bursty", source_format="synthetic")
-    requests = ClusterRequests.from_trace(trace, vocab_size=1000)
+    requests = TraceRequests.from_trace(trace, vocab_size=1000)
     window = requests.busiest_window(5)
     assert window.request_ids == requests.request_ids[20:25]
     assert window.arrival_times[0] == 0.0
@@ -185,3 +190,33 @@ def test_busiest_window_is_scaled_as_the_whole_trace():
     full, part = requests.at_rate(2 * requests.mean_rate), window.at_rate(2 * requests.mean_rate)
     np.testing.assert_allclose(np.diff(part.arrival_times), np.diff(full.arrival_times[20:25]))
     assert window.prompt_token_ids[0].tolist() == requests.prompt_token_ids[20].tolist()
+
+
+class InterruptingRouter(RoundRobinRouter):
+    """Round-robin until the given arrival, where Ctrl-C comes."""
+
+    def __init__(self, interrupt_at: int) -> None:
+        super().__init__()
+        self.interrupt_at = interrupt_at
+        self.routed = 0
+
+    def route(self, request, replicas) -> int:
+        if self.routed == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.routed += 1
+        return super().route(request, replicas)
+
+
+def test_an_interrupted_cluster_run_keeps_every_request(tmp_path, capsys):
+    """As a replay: what finished is kept, the rest (routed or not) is aborted, and the run says it is incomplete."""
+    trace = random_workload(num_prompts=40, input_len=64, output_len=200, arrivals=ConstantRate(rate=20.0))
+    engines, metadata = _engines(2)
+    path = replay(trace, engines, tmp_path / "run", executor_kind="sim", router=InterruptingRouter(30),
+                  show_progress=False, metadata=metadata)
+    assert "interrupted" in capsys.readouterr().out
+    run = read_run(path)
+    statuses = run.requests.column("status").to_pylist()
+    assert run.metadata["complete"] is False and len(statuses) == 40
+    assert "finished" in statuses and "aborted" in statuses and set(statuses) <= {"finished", "aborted"}
+    assert sum(run.metadata["requests_per_replica"]) == 40
+    assert read_replica_assignment(path).num_rows == 40

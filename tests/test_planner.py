@@ -11,24 +11,18 @@ import pytest
 
 from analysis.metrics import compute_metrics
 from analysis.plan_report import build_plan_report
-from twinfer.cli import main
-from simulator.cluster import ClusterRequests, simulate_cluster
+from simulator.cluster import ClusterRun
 from simulator.gpu_prices import parse_prices
 from simulator.model_shape import PRESETS_DIR
 from simulator.plan_table import read_plan, write_plan
-from simulator.planner import (
-    PlanConfig,
-    PlanSettings,
-    parse_int_list,
-    plan,
-    replica_builder,
-    run_probe,
-    search_config,
-)
+from simulator.planner import PlanConfig, PlanSettings, plan, replica_builder, run_probe, search_config
 from simulator.router import make_router
 from simulator.slo import SloMonitor, parse_slos, slo_values
+from simulator.trace_requests import TraceRequests
 from traces.arrivals import Poisson
 from traces.synthetic import random_workload
+from twinfer.cli import main
+from twinfer.cli.plan import parse_int_list
 
 MODEL = "qwen3-0.6b"
 SLOS = "ttft_p99=150,tpot_p99=10"
@@ -53,7 +47,7 @@ def _settings(**overrides):
 
 
 def _requests(trace, settings):
-    return ClusterRequests.from_trace(trace, vocab_size=151936)
+    return TraceRequests.from_trace(trace, vocab_size=151936)
 
 
 def test_parse_slos_and_bad_input():
@@ -79,7 +73,7 @@ def test_slo_values_match_the_run_metrics(tmp_path):
     requests = _requests(_trace(60), settings).at_rate(20.0)
     build, _ = replica_builder(PlanConfig("h100", 1, 16), settings)
     engines = [build(), build()]
-    result = simulate_cluster(requests, engines, make_router("least-outstanding"))
+    result = ClusterRun(requests, engines, make_router("least-outstanding")).run()
     values = slo_values(settings.slos, engines, now=0.0)
     metrics = compute_metrics(result.tables()[0])
     assert values["ttft_p99"] == pytest.approx(metrics.ttft.p99 * 1000, rel=1e-9)
@@ -96,7 +90,7 @@ def test_early_stop_only_when_the_slo_is_surely_broken():
     # Run the same rate to the end: the SLO the monitor named is indeed broken.
     scaled = requests.at_rate(400.0)
     engines = [build()]
-    simulate_cluster(scaled, engines, make_router("round-robin"))
+    ClusterRun(scaled, engines, make_router("round-robin")).run()
     full = slo_values(settings.slos, engines, now=0.0)
     broken = overloaded.reason.split(" ")[0]
     assert full[broken] > {"ttft_p99": 150, "tpot_p99": 10}[broken]
@@ -111,7 +105,7 @@ def test_a_request_rejected_after_the_monitors_last_look_still_fails_the_probe()
     count = 201
     rng = np.random.default_rng(0)
     lens = [64] * (count - 1) + [2000]
-    requests = ClusterRequests("late-long", tuple(str(i) for i in range(count)),
+    requests = TraceRequests("late-long", tuple(str(i) for i in range(count)),
                                np.r_[np.arange(count - 1) * 0.01, 1000.0],
                                tuple(rng.integers(0, 1000, n).astype(np.int32) for n in lens),
                                np.full(count, 4, dtype=np.int64))

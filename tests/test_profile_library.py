@@ -21,6 +21,7 @@ from tests.synthetic_operators import synthetic_operator_profile
 from traces.arrivals import Poisson
 from traces.synthetic import random_workload
 from twinfer.cli import build_parser
+from twinfer.cli.options import engine_args_from
 from twinfer.replay import replay
 
 
@@ -90,17 +91,15 @@ def test_an_explicit_file_wins_and_its_kind_is_checked(operators_dir):
 def test_a_simulated_run_stores_its_cost_model_and_predicts_its_own_steps_back(tmp_path, operators_dir, cost_model,
                                                                                 provenance):
     args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused"])
-    args.cost_model = cost_model
     profile = str(operators_dir / "h200_operators.parquet") if cost_model == "auto" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine, metadata, vocab_size = build_simulated_engine(args, gpu="h200", model="qwen3-0.6b", profile=profile,
-                                                              tp=1)
+        engine, metadata = build_simulated_engine(engine_args_from(args), gpu="h200", profile=profile,
+                                                  cost_model_kind=cost_model)
     assert metadata["provenance"] == provenance and metadata["calibrated"] is False
     trace = random_workload(num_prompts=40, input_len=500, output_len=40, range_ratio=0.9, arrivals=Poisson(rate=30.0),
                             seed=2)
-    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=vocab_size, show_progress=False,
-                  metadata=metadata)
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False, metadata=metadata)
     run = read_run(path)
     predicted = step_predictor_of(run)(run.steps)
     np.testing.assert_allclose(predicted, run.steps.column("duration").to_numpy(), rtol=1e-9)
@@ -108,10 +107,10 @@ def test_a_simulated_run_stores_its_cost_model_and_predicts_its_own_steps_back(t
 
 def test_the_calibrated_model_round_trips_through_a_run_too(tmp_path):
     args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused"])
-    engine, metadata, vocab_size = build_simulated_engine(args, gpu="h200", model="qwen3-0.6b", profile=None, tp=1)
+    engine, metadata = build_simulated_engine(engine_args_from(args), gpu="h200")
     assert metadata["provenance"] == "calibrated" and metadata["calibrated"] is True
     trace = random_workload(num_prompts=20, input_len=200, output_len=20, range_ratio=0.9, arrivals=Poisson(rate=30.0),
                             seed=1)
-    run = read_run(replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=vocab_size,
-                          show_progress=False, metadata=metadata))
+    run = read_run(replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False,
+                          metadata=metadata))
     np.testing.assert_allclose(step_predictor_of(run)(run.steps), run.steps.column("duration").to_numpy(), rtol=1e-9)

@@ -22,8 +22,9 @@ def _trace(num_prompts=30):
 def test_every_request_is_in_the_run_finished_or_rejected(tmp_path):
     trace = _trace()
     # A cache of 4 blocks of 16 tokens cannot hold the longest prompts: those are rejected, with the reason.
-    engine = Engine(EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=4), PredictingExecutor(4, 16))
-    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+    config = EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=4, vocab_size=1000)
+    engine = Engine(config, PredictingExecutor(4, 16))
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)
     run = read_run(path)
     requests = run.requests.to_pylist()
     assert sorted(r["request_id"] for r in requests) == sorted(trace.table.column("request_id").to_pylist())
@@ -55,12 +56,13 @@ class InterruptingExecutor(PredictingExecutor):
 def test_an_interrupted_replay_keeps_what_finished(tmp_path, capsys, error):
     trace = _trace(40)
     executor = InterruptingExecutor(400, 16, fail_after=60, error=error)
-    engine = Engine(EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=400), executor, fast_forward=False)
+    config = EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=400, vocab_size=1000)
+    engine = Engine(config, executor, fast_forward=False)
     if isinstance(error, KeyboardInterrupt):
-        path = replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+        path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)
     else:
         with pytest.raises(RuntimeError, match="finished part is in"):
-            replay(trace, engine, tmp_path / "run", executor_kind="sim", vocab_size=1000, show_progress=False)
+            replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)
         path = tmp_path / "run"
     run = read_run(path)
     assert run.metadata["complete"] is False

@@ -13,7 +13,7 @@ import pytest
 from analysis.run_schema import STEPS_SCHEMA
 from engine.graph_dispatch import GraphDispatch, decode_graph_sizes
 from engine.scheduler_output import StepResult
-from simulator.calibrate import fit, fit_profile_table, main, mape, read_steps
+from simulator.calibrate import fit, fit_profile_table, mape, read_steps
 from simulator.cost_model import CostModel
 from simulator.executor import CostModelExecutor
 from simulator.model_shape import PRESETS_DIR
@@ -240,7 +240,9 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
     columns, metadata = read_steps([run])
     assert metadata == {} and len(columns["duration"]) == table.num_rows
     out = tmp_path / "fitted.json"
-    assert main([str(run), "--gpu", "h100", "--model", "qwen3-0.6b", "--out", str(out)]) == 0
+    from twinfer.cli import main
+
+    assert main(["calibrate", str(run), "--gpu", "h100", "--model", "qwen3-0.6b", "--out", str(out)]) == 0
     fitted = CostModel.load(out)
     # A run folder's durations already include the engine's time: nothing is added, so "step" is lower.
     from_profile = fit_profile_table(table).cost_model

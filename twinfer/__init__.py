@@ -1,7 +1,7 @@
 """twinfer: an LLM inference engine and its simulated twin.
 
-The public API, as in vLLM: `from twinfer import LLM, SamplingParams, read_run`. Names are resolved on first
-use, so importing twinfer to read runs or simulate never imports torch.
+The public API, as in vLLM: `from twinfer import LLM, SamplingParams, EngineArgs, read_run`. Names are resolved
+on first use, so importing twinfer to read runs or simulate never imports torch.
 """
 
 from importlib import import_module
@@ -12,6 +12,7 @@ _PUBLIC = {
     "LLM": "engine.llm",
     "RequestOutput": "engine.llm",
     "SamplingParams": "engine.sampling_params",
+    "EngineArgs": "engine.engine_args",
     "EngineConfig": "engine.config",
     "read_run": "analysis.run_store",
     "Run": "analysis.run_store",

@@ -1,19 +1,37 @@
 """`twinfer calibrate`: fit a cost model from profiles and runs' steps."""
 
 import argparse
+import json
+from pathlib import Path
 
 
 def register(commands) -> None:
     parser = commands.add_parser("calibrate", help="fit a cost model from profiles and/or runs' steps")
     parser.add_argument("inputs", nargs="+", help="profile Parquet files or run folders")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="where to write the cost model JSON")
     parser.add_argument("--gpu", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of steps held out to score the fit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulator.calibrate import calibrate_cli
+    """Fit, save and print the fit report."""
+    from simulator.calibrate import fit, read_steps
+    from simulator.gpu_specs import gpu_key
 
-    return calibrate_cli(args)
+    columns, _ = read_steps(args.inputs)
+    calibration = fit(
+        columns,
+        gpu=gpu_key(args.gpu),
+        model=args.model,
+        tp=args.tp,
+        dtype=args.dtype,
+        holdout_fraction=args.holdout,
+        source=", ".join(Path(p).name for p in args.inputs),
+    )
+    calibration.cost_model.save(args.out)
+    print(json.dumps(calibration.cost_model.fit_report, indent=1))
+    print(f"wrote {args.out} ({calibration.cost_model.label})")
+    return 0

@@ -1,7 +1,10 @@
-"""Options several subcommands share, and what they do with them: read the trace, print the summary."""
+"""Options several subcommands share, and what they do with them: make the EngineArgs, read the trace, print
+the summary."""
 
 import argparse
 from pathlib import Path
+
+from engine.engine_args import ATTENTION_BACKENDS, LOAD_FORMATS, EngineArgs
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +25,36 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="also run steps with prompt chunks as CUDA graphs (default: on at TP 1 with CUDA graphs "
                             "and the triton backend)")
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "flash-attn", "torch"])
-    group.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    group.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
+    group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+
+
+def engine_args_from(args: argparse.Namespace, *, device: str | None = None) -> EngineArgs:
+    """The EngineArgs of --model, --seed and the engine options: the one place flags become engine settings.
+
+    Where the CLI's default differs from EngineArgs' it is the flag's: --no-async-scheduling (LLM's is on at
+    TP 1), so that replay and simulate make the same choice unless told.
+    """
+    return EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        seed=args.seed,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend,
+        mixed_cuda_graphs=args.mixed_cuda_graphs,
+        device=device,
+    )
 
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +99,7 @@ def load_trace(args: argparse.Namespace):
 
 
 def print_run_summary(run_path: Path, goodput, save_result) -> None:
+    """summarize() right after a run, without the collector scanning the run's objects again."""
     import gc
 
     # The engine's millions of objects are still alive: keep the collector from scanning them again.
@@ -91,9 +123,14 @@ def summarize(run_path, goodput, save_result, percentiles=None) -> None:
         statuses = run.requests.column("status").to_pylist()
         print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
               "finished; the rest are counted as failed")
+    meta = run.metadata
+    if meta.get("replicas", 1) > 1:
+        print(f"{meta['replicas']} replicas behind {meta['router']}: requests per replica "
+              f"{meta['requests_per_replica']}, prefix-cache hit rate {meta['prefix_cache_hit_rate']:.1%}")
+        if meta.get("prefix_affinity"):
+            print(f"prefix affinity: {meta['prefix_affinity']['home']} requests sent home, "
+                  f"{meta['prefix_affinity']['fallback']} to the least-loaded replica because home was overloaded")
     print_summary(metrics, percentiles)
     if save_result:
         save_result_json(metrics, save_result, percentiles)
         print(f"result JSON: {save_result}")
-
-

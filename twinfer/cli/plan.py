@@ -1,6 +1,7 @@
 """`twinfer plan`: capacity planning, which GPUs and configurations serve a trace within its SLOs."""
 
 import argparse
+from pathlib import Path
 
 
 def register(commands) -> None:
@@ -33,6 +34,71 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulator.planner import plan_cli
+    """The sweep, the ranked table (CSV, Parquet) and the HTML report."""
+    from analysis.plan_report import build_plan_report
+    from engine.config import vllm_default_limits
+    from simulator.gpu_prices import parse_prices
+    from simulator.gpu_specs import gpu_key, gpu_spec
+    from simulator.plan_table import format_plan, write_plan
+    from simulator.planner import (DEFAULT_SEARCH_REQUESTS, PlanConfig, PlanSettings, engine_args_of, plan)
+    from simulator.slo import parse_slos
+    from twinfer.cli.options import load_trace
 
-    return plan_cli(args)
+    gpus = tuple(dict.fromkeys(gpu_key(g) for g in args.gpu.split(",") if g.strip()))
+    if not gpus:
+        raise ValueError("--gpu is empty; e.g. --gpu h100,h200")
+    for gpu in gpus:
+        try:
+            gpu_spec(gpu)
+        except KeyError as error:
+            raise ValueError(str(error.args[0])) from None
+    tps = parse_int_list(args.tp, "--tp")
+    if args.max_num_seqs is None:
+        seqs_for = {gpu: (vllm_default_limits(gpu_spec(gpu).memory_gib)[0],) for gpu in gpus}
+    else:
+        seqs = parse_int_list(args.max_num_seqs, "--max-num-seqs")
+        seqs_for = {gpu: seqs for gpu in gpus}
+    configs = [PlanConfig(gpu, tp, seqs) for gpu in gpus for tp in tps for seqs in seqs_for[gpu]]
+    settings = PlanSettings(
+        model=args.model,
+        slos=parse_slos(args.slo),
+        target_rate=args.target_rate,
+        router=args.router,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        search_steps=args.search_steps,
+        seed=args.seed,
+    )
+    engine_args_of(configs[0], settings)  # a bad engine setting is an error now, not a table of error rows
+    trace = load_trace(args)
+    slos = ", ".join(f"{slo.name}<={slo.limit_ms:g}ms" for slo in settings.slos)
+    print(f"planning {len(configs)} configurations of {settings.model} on {trace.name} ({len(trace)} requests), "
+          f"target {settings.target_rate:g} req/s, SLO {slos}")
+    result = plan(
+        trace, configs, settings,
+        prices=parse_prices(args.price),
+        search_requests=args.search_requests or DEFAULT_SEARCH_REQUESTS,
+        verify_top=args.verify_top,
+        workers=args.workers,
+        ray_address=args.ray,
+        show_progress=not args.no_progress,
+    )
+    paths = write_plan(result, args.out)
+    report = build_plan_report(result, Path(args.out) / "plan.html")
+    print(format_plan(result.table))
+    if any(row["calibration"] == "uncalibrated" for row in result.table.to_pylist()):
+        print("note: 'uncalibrated' rows use roofline step times (no calibrated profile for that GPU/model/TP)")
+    print(f"{result.info['num_simulations']} simulations in {result.info['total_seconds']:.1f} s")
+    print(f"plan written to {paths['plan.csv']}, {paths['plan.parquet']}; report {report}")
+    return 0
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); each a positive integer."""
+    values = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"{option}: {item!r} is not a positive integer (give e.g. {option} 1,2,4)")
+        values.append(int(item))
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return tuple(dict.fromkeys(values))

@@ -2,8 +2,10 @@
 
 import argparse
 
-from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, load_trace,
-                                 print_run_summary)
+from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, engine_args_from,
+                                 load_trace, print_run_summary)
+
+DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 
 
 def register(commands) -> None:
@@ -18,76 +20,66 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return replay_trace(args, args.executor)
+
+
+def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, router: str | None = None) -> int:
+    """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
+    run and print its summary. `twinfer replay` and `twinfer simulate` both come here."""
+    from simulator.cluster import build_replicas
+    from simulator.router import make_router
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.replay import replay
 
     trace = load_trace(args)
-    if args.executor == "sim":
-        engine, metadata, vocab_size = build_simulated_engine(
-            args, gpu=args.gpu, model=args.model, profile=args.profile, tp=args.tensor_parallel_size
-        )
-    else:
-        engine, metadata, vocab_size = build_real_engine(args, "cuda" if args.executor == "gpu" else "cpu")
+    engine_args = engine_args_from(args, device=DEVICES.get(executor))
+    built: list[dict] = []
+
+    def build_one():
+        if executor == "sim":
+            engine, metadata = build_simulated_engine(engine_args, gpu=args.gpu, profile=args.profile)
+        else:
+            engine, metadata = real_engine_and_metadata(engine_args)
+        built.append(metadata)
+        return engine
+
+    engines = build_replicas(build_one, replicas)
     try:
         path = replay(
             trace,
-            engine,
+            engines,
             args.out,
-            executor_kind=args.executor,
-            vocab_size=vocab_size,
+            executor_kind=executor,
+            router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
             seed=args.seed,
             show_progress=not args.no_progress,
-            metadata=metadata,
-            before_start=getattr(engine.clock, "restart", None),
+            metadata=built[0],
         )
     finally:
-        shutdown = getattr(engine.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        for engine in engines:
+            shutdown = getattr(engine.executor, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
     print(f"run written to {path}")
     print_run_summary(path, args.goodput, args.save_result)
     return 0
 
 
-def build_real_engine(args, device: str):
-    """An engine over the real model executor on cuda or cpu, with a wall clock."""
-    from engine.clock import WallClock
-    from engine.engine import Engine
-    from engine.model_config import load_model_config
-    from engine.model_executor import ModelExecutor
-    from simulator.simulated_engine import engine_config_from
+def real_engine_and_metadata(engine_args):
+    """An engine over the real model executor (engine.engine_args.build_real_engine), and what its run records."""
+    from engine.engine_args import build_real_engine
 
-    model_config = load_model_config(args.model)
-    gpu_memory_gib = None
-    if device == "cuda":
-        import torch
-
-        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    config = engine_config_from(args, model_config, gpu_memory_gib=gpu_memory_gib)
-    executor = ModelExecutor(
-        args.model,
-        config,
-        dtype=args.dtype,
-        device=device,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
-        attention_backend=args.attention_backend,
-        mixed_cuda_graphs=getattr(args, "mixed_cuda_graphs", None),
-        load_format=args.load_format,
-        seed=args.seed,
-    )
-    engine = Engine(config, executor, WallClock())
+    engine = build_real_engine(engine_args)
     metadata = {
-        "model": args.model,
-        "gpu": _device_name(device),
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "dtype": args.dtype,
-        "enforce_eager": args.enforce_eager,
-        "mixed_cuda_graphs": executor.mixed_cuda_graphs,
-        "attention_backend": getattr(executor, "attention_backend", args.attention_backend),
+        "model": engine_args.model,
+        "gpu": _device_name(engine_args.device),
+        "tensor_parallel_size": engine_args.tensor_parallel_size,
+        "dtype": engine_args.dtype,
+        "enforce_eager": engine_args.enforce_eager,
+        "mixed_cuda_graphs": engine.executor.mixed_cuda_graphs,
+        "attention_backend": engine.executor.attention_backend,
     }
-    return engine, metadata, model_config.vocab_size
+    return engine, metadata
 
 
 def _device_name(device: str) -> str:

@@ -19,11 +19,6 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.replicas > 1:
-        from simulator.cluster import simulate_cluster_cli
+    from twinfer.cli.replay import replay_trace
 
-        return simulate_cluster_cli(args)
-    from twinfer.cli import replay
-
-    args.executor = "sim"
-    return replay.run(args)
+    return replay_trace(args, "sim", replicas=args.replicas, router=args.router)
