@@ -10,5 +10,5 @@ mkdir -p "$OUT"
 # NVLink multicast stays off on the shared machines (the all-reduce table runs only where several GPUs are lent).
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-timeout 420 python3 -m simulator.operator_profile --out "$OUT/h200_operators.parquet" --max-seconds 300 2>&1 \
+timeout 420 python3 -m twinfer profile --operators --out "$OUT/h200_operators.parquet" --max-seconds 300 2>&1 \
     | tee "$OUT/operator_profile.log"

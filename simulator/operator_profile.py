@@ -19,10 +19,9 @@ This module runs them and writes the file; the shapes are operator_shapes.py's, 
 the tables gemm_profile, attention_profile, elementwise_profile, overhead_profile, host_step_profile and
 all_reduce_profile.
 
-    python -m simulator.operator_profile --out FILE.parquet [--max-seconds 300] [--quick]
+    twinfer profile --operators --out FILE.parquet [--max-seconds 300] [--quick] [--tables gemm,...]
 """
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -251,38 +250,3 @@ def _print_summary(summary, rows: list[dict], out_path: Path, metadata: dict, lo
     warning = " (over the device's 16 MiB file limit!)" if size > MAX_FILE_BYTES else ""
     log(f"wrote {len(rows)} rows to {out_path} ({size / 1024:.0f} KiB{warning}) in {metadata['seconds']} s; "
         f"complete: {metadata['complete']}; all_reduce: {metadata['all_reduce']}")
-
-
-def add_operator_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """The operator profile's options, for `python -m simulator.operator_profile` (and the twinfer CLI)."""
-    parser.add_argument("--out", required=True, help="Parquet file to write")
-    parser.add_argument("--max-seconds", type=float, default=300.0, help="total time budget, setup included")
-    parser.add_argument("--quick", action="store_true", help="tiny grids: a check that every operator runs")
-    parser.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--tables", default=None, help="only these tables, comma-separated (default: all)")
-
-
-def operator_profile_from_args(args: argparse.Namespace) -> Path:
-    """Run profile_operators() with add_operator_profile_arguments' options."""
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    grid = quick_grid() if args.quick else None
-    tables = tuple(name.strip() for name in args.tables.split(",")) if args.tables else None
-    return profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds, grid=grid,
-                             tables=tables)
-
-
-def main(argv=None) -> int:
-    """CLI: python -m simulator.operator_profile --out FILE.parquet [--max-seconds S] [--quick]."""
-    parser = argparse.ArgumentParser(prog="python -m simulator.operator_profile",
-                                     description="Time the operators of an engine step; write the operator profile.")
-    add_operator_profile_arguments(parser)
-    operator_profile_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,31 @@
-"""`twinfer profile`: time the real executor over a grid of batch shapes (on a GPU)."""
+"""`twinfer profile`: time the real executor over a grid of batch shapes of one model, or with --operators the
+operators a step is made of, for the composed cost model of any model (on a GPU)."""
 
 import argparse
 import json
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("profile", help="time the real executor over a grid of batch shapes (GPU)")
-    parser.add_argument("--model", required=True, help="preset name or model folder (dummy weights are used)")
+    parser = commands.add_parser("profile", help="time the real executor over a grid of batch shapes, or its "
+                                  "operators (--operators) for the composed cost model (GPU)")
+    parser.add_argument("--operators", action="store_true",
+                        help="time the operators of a step for every supported model family (no --model)")
+    parser.add_argument("--tables", default=None,
+                        help="with --operators: only these operator tables, comma-separated (default: all)")
+    parser.add_argument("--quick", action="store_true", help="with --operators: tiny grids, a check that all runs")
+    parser.add_argument("--model", default=None, help="preset name or model folder (dummy weights are used)")
     parser.add_argument("--out", required=True, help="Parquet file to write")
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--max-seconds", type=float, default=480, help="total time budget, setup included")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 (float32 for --operators on a CPU)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="total time budget, setup included (default: 480, or 300 with --operators)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's, capped at 32768")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default=None, help="default: cuda (for --operators: cuda when there is a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shapes", type=int, default=None, help="stop after this many grid shapes (a quick check)")
     parser.add_argument("--fit-out", help="also fit a cost model and write its JSON here")
@@ -32,6 +40,10 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Profile; with --fit-out also fit a cost model to the profile and save it."""
+    if args.operators:
+        return _operators(args)
+    if args.model is None:
+        raise ValueError("--model is required (or --operators for the operator profile)")
     import pyarrow.parquet as pq
 
     from simulator.profile import profile
@@ -40,15 +52,15 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.out,
         tp=args.tp,
-        dtype=args.dtype,
-        max_seconds=args.max_seconds,
+        dtype=args.dtype or "bfloat16",
+        max_seconds=args.max_seconds or 480,
         repeats=args.repeats,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
-        device=args.device,
+        device=args.device or "cuda",
         seed=args.seed,
         max_shapes=args.max_shapes,
         serving_seconds=args.serving_seconds,
@@ -63,4 +75,19 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(calibration.cost_model.fit_report, indent=1))
         print(f"wrote {args.fit_out}")
     print(f"profile written to {path}")
+    return 0
+
+
+def _operators(args: argparse.Namespace) -> int:
+    import torch
+
+    from simulator.operator_profile import profile_operators
+    from simulator.operator_shapes import quick_grid
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    tables = tuple(name.strip() for name in args.tables.split(",")) if args.tables else None
+    path = profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
+                             grid=quick_grid() if args.quick else None, tables=tables)
+    print(f"operator profile written to {path}")
     return 0

@@ -14,7 +14,11 @@ def register(commands) -> None:
     parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu")
     parser.add_argument("--model", required=True, help="HF model folder or preset name")
     parser.add_argument("--gpu", default="h100", help="for --executor sim: the GPU simulated")
-    parser.add_argument("--profile", default=None, help="for --executor sim: a calibrated profile (JSON)")
+    parser.add_argument("--profile", default=None,
+                        help="a calibrated profile (JSON) or an operator profile (Parquet, composed); default: the "
+                        "bundled calibrated profile, else the GPU's bundled operator profile, else the roofline")
+    parser.add_argument("--cost-model", default="auto", choices=["auto", "calibrated", "composed", "roofline"],
+                        help="force one kind of cost model (default: auto, in the order of --profile's help)")
     add_engine_options(parser)
     add_output_options(parser)
 
@@ -37,7 +41,9 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
 
     def build_one():
         if executor == "sim":
-            engine, metadata = build_simulated_engine(engine_args, gpu=args.gpu, profile=args.profile)
+            engine, metadata = build_simulated_engine(
+                engine_args, gpu=args.gpu, profile=args.profile,
+                cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
         else:
             engine, metadata = real_engine_and_metadata(engine_args)
         built.append(metadata)

@@ -10,7 +10,11 @@ def register(commands) -> None:
     add_trace_options(parser)
     parser.add_argument("--model", required=True)
     parser.add_argument("--gpu", default="h100")
-    parser.add_argument("--profile", default=None, help="calibrated profile JSON (default: the bundled one)")
+    parser.add_argument("--profile", default=None,
+                        help="a calibrated profile (JSON) or an operator profile (Parquet, composed); default: the "
+                        "bundled calibrated profile, else the GPU's bundled operator profile, else the roofline")
+    parser.add_argument("--cost-model", default="auto", choices=["auto", "calibrated", "composed", "roofline"],
+                        help="force one kind of cost model (default: auto, in the order of --profile's help)")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--router", default="round-robin",
                         choices=["round-robin", "least-outstanding", "prefix-affinity"])
