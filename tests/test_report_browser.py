@@ -97,6 +97,7 @@ def report(tmp_path_factory):
     return contents
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium(chromium, report, tmp_path):
     # chromium comes first: without it the test skips before building the report.
     page = report.path.read_text(encoding="utf-8")

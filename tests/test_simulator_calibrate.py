@@ -148,6 +148,7 @@ class FakeMixedGraphExecutor(FakeGpuExecutor):
             self.inner = self.graph_executor
 
 
+@pytest.mark.slow
 def test_profile_with_mixed_graphs_times_prompt_shapes_both_ways_and_the_fit_predicts_both(tmp_path, fake_time):
     path = profile("qwen3-0.6b", tmp_path / "twins.parquet", executor=FakeMixedGraphExecutor(fake_time), gpu_name="h100",
                    max_model_len=4096, max_num_batched_tokens=2048, max_num_seqs=512, repeats=1, max_seconds=60,
@@ -282,6 +283,7 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
     assert fitted.fit_report["heldout_mape"] < 0.02
 
 
+@pytest.mark.slow
 def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_serving(tmp_path, fake_time,
                                                                                       monkeypatch):
     # The serving engine's wall clock is the fake one too, and each step takes 50 ms on it.
@@ -312,6 +314,7 @@ def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_
     assert columns["duration"][~serving] == pytest.approx((duration + engine_s)[~serving])
 
 
+@pytest.mark.slow
 def test_a_serving_phase_releases_its_sequences_so_the_next_engine_on_the_executor_starts_clean(tmp_path, fake_time,
                                                                                                 monkeypatch):
     """With twins the serving phase runs two engines on one executor, each numbering sequences from 0: the
