@@ -90,6 +90,15 @@ def fake_time(monkeypatch) -> FakeTime:
     return run_on_fake_time(monkeypatch)
 
 
+def engine_wall_clock_on(clock: FakeTime, monkeypatch) -> None:
+    """Make the engine's WallClock read clock, and check that it does (a real clock would make the test slow
+    and machine-dependent again without failing)."""
+    monkeypatch.setattr(engine.clock, "time", clock)
+    wall_clock = engine.clock.WallClock()
+    clock.advance(0.5)
+    assert wall_clock.now() == 0.5, "engine.clock no longer reads time.perf_counter: patch what it reads"
+
+
 @pytest.fixture(scope="module")
 def profile_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile") / "grid.parquet"
@@ -287,7 +296,7 @@ def test_fit_from_a_run_folder_and_the_cli(tmp_path, profile_table):
 def test_profile_serving_phase_runs_the_real_engine_and_calibration_reads_it_as_serving(tmp_path, fake_time,
                                                                                       monkeypatch):
     # The serving engine's wall clock is the fake one too, and each step takes 50 ms on it.
-    monkeypatch.setattr(engine.clock, "time", fake_time)
+    engine_wall_clock_on(fake_time, monkeypatch)
     monkeypatch.setattr(engine.model_executor, "ModelExecutor", timed(engine.model_executor.ModelExecutor, fake_time, 0.05))
     model = _tiny_model_folder(tmp_path)
     path = profile(str(model), tmp_path / "cpu.parquet", device="cpu", dtype="float32", max_seconds=60,
@@ -323,7 +332,7 @@ def test_a_serving_phase_releases_its_sequences_so_the_next_engine_on_the_execut
     from engine.model_executor import ModelExecutor
     from simulator.profile import serving_steps
 
-    monkeypatch.setattr(engine.clock, "time", fake_time)  # each step takes 50 ms on it
+    engine_wall_clock_on(fake_time, monkeypatch)  # each step takes 50 ms on it
     model = _tiny_model_folder(tmp_path)
     config = EngineConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, vocab_size=1000)
     executor = timed(ModelExecutor, fake_time, 0.05)(str(model), config, device="cpu", dtype="float32",
@@ -364,7 +373,7 @@ def test_engine_overhead_is_read_from_the_engines_own_steps(monkeypatch):
     """measure_engine_overhead times engine steps on the wall clock with an executor that returns at once; on
     a fake clock where each step costs known amounts it finds them."""
     clock = FakeTime()
-    monkeypatch.setattr(engine.clock, "time", clock)
+    engine_wall_clock_on(clock, monkeypatch)
 
     class CostedInstantExecutor(simulator.profile._InstantExecutor):
         def execute(self, scheduler_output):
