@@ -1,4 +1,5 @@
-"""Real-vs-simulated comparison on two runs whose errors are known by construction."""
+"""Real-vs-simulated comparison on two runs whose errors are known by construction: an engine run and
+the same run with its times changed."""
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +8,7 @@ import pytest
 
 from analysis.compare import compare_runs
 from analysis.run_store import Run, run_metadata
-from analysis.synthetic_run import synthetic_run
+from tests.runs import engine_run
 
 TIME_COLUMNS = ("arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "ttft", "tpot", "e2e")
 
@@ -28,7 +29,7 @@ def with_durations(steps: pa.Table, durations) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    requests, steps = synthetic_run(60, request_rate=30.0, seed=2)
+    requests, steps = engine_run(60, request_rate=30.0, seed=2)
     return Run(tmp_path_factory.mktemp("real"), requests, steps,
                run_metadata(executor_kind="gpu", trace_fingerprint="abc", name="real"))
 

@@ -188,6 +188,7 @@ def test_process_pool_gives_the_same_plan_as_one_process():
     assert serial.table.equals(pooled.table)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install ray)")
 def test_ray_runs_the_same_per_config_function():
     import ray

@@ -13,7 +13,7 @@ import pytest
 
 from analysis.report import build_report
 from analysis.run_store import Run, run_metadata
-from analysis.synthetic_run import synthetic_run
+from tests.runs import engine_run
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -80,9 +80,14 @@ def chromium_command(chromium: str, profile: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def chromium() -> str:
+    return find_chromium()
+
+
+@pytest.fixture(scope="module")
 def report(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
-    requests, steps = synthetic_run(400, request_rate=20.0, seed=5)
+    requests, steps = engine_run(400, request_rate=20.0, seed=5)
     noisy = steps.column("duration").to_numpy() * np.random.default_rng(0).lognormal(0, 0.05, steps.num_rows)
     sim_steps = steps.set_column(steps.schema.get_field_index("duration"), "duration", pa.array(noisy))
     real = Run(folder / "real", requests, steps, run_metadata(executor_kind="gpu", trace_fingerprint="f", model="m"))
@@ -92,8 +97,9 @@ def report(tmp_path_factory):
     return contents
 
 
-def test_report_renders_in_chromium(report, tmp_path):
-    chromium = find_chromium()
+@pytest.mark.slow
+def test_report_renders_in_chromium(chromium, report, tmp_path):
+    # chromium comes first: without it the test skips before building the report.
     page = report.path.read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]*\ssrc=", page), "the report must not load scripts from elsewhere"
     probed = tmp_path / "probed.html"

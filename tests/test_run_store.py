@@ -4,18 +4,21 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from analysis.run_store import read_run, run_metadata, trace_fingerprint, write_run
-from analysis.synthetic_run import synthetic_run
+from tests.runs import engine_run
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tables():
-    return synthetic_run(30, request_rate=20.0, seed=1)
+    return engine_run(30, request_rate=20.0, seed=1)
 
 
 def metadata(**extra):
@@ -66,24 +69,26 @@ def test_error_while_writing_keeps_the_old_run(tmp_path, tables, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_process_killed_mid_write_leaves_no_half_run(tmp_path):
+def test_process_killed_mid_write_leaves_no_half_run(tmp_path, tables):
     # The process dies (no cleanup, no exception handling) after writing requests.parquet.
+    for name, table in zip(("requests", "steps"), tables):
+        pq.write_table(table, tmp_path / f"{name}-in.parquet")
     script = textwrap.dedent(
         f"""
         import os
         import analysis.run_store as run_store
-        from analysis.synthetic_run import synthetic_run
+        requests, steps = (run_store.pq.read_table({str(tmp_path)!r} + f"/{{name}}-in.parquet") for name in ("requests", "steps"))
         real = run_store.pq.write_table
         def dying(table, where, **kwargs):
             real(table, where, **kwargs)
             if table.num_columns == len(run_store.REQUESTS_SCHEMA):
                 os._exit(9)
         run_store.pq.write_table = dying
-        requests, steps = synthetic_run(10)
         run_store.write_run({str(tmp_path / "run")!r}, requests, steps, {{"executor_kind": "sim"}})
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # From this checkout's root, so the child imports the same analysis package as this process.
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 9, result.stderr
     assert not (tmp_path / "run").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
