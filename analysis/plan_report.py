@@ -15,6 +15,10 @@ from plotly.subplots import make_subplots
 
 from analysis.report import write_page
 
+MARKERS = {"calibrated": "diamond", "composed": "square", "roofline": "circle-open"}
+"""The Pareto plot's marker of each kind of cost model, so a reader tells predictions of different trust apart."""
+MARKER_NAMES = {"diamond": "&#9670;", "square": "&#9632;", "circle-open": "&#9675;"}
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
@@ -131,7 +135,7 @@ def pareto_figure(rows: list[dict]) -> go.Figure:
                 mode="markers",
                 name=gpu,
                 marker={"size": 10, "color": palette[index % len(palette)],
-                        "symbol": ["diamond" if row["calibration"] == "calibrated" else "circle-open" for row in points]},
+                        "symbol": [MARKERS.get(row["calibration"], "circle-open") for row in points]},
                 text=[f"{_config_label(row)}: {row['calibration']}; plan {row['gpus'] or '-'} GPUs, "
                       f"${row['hourly_cost'] or 0:.2f}/h" for row in points],
                 hovertemplate="%{text}<br>replica $%{x:.2f}/h sustains %{y:.2f} req/s<extra></extra>",
@@ -174,7 +178,7 @@ def build_plan_report(result, output: str | os.PathLike) -> Path:
         for name, figure in figures.items()
     }
     slo_text = ", ".join(f"{slo['name']} &le; {slo['limit_ms']:g} ms" for slo in slos)
-    uncalibrated = any(row["calibration"] == "uncalibrated" for row in rows)
+    kinds = {row["calibration"] for row in rows}
     notes = [
         f"Trace {html.escape(str(info.get('trace')))} ({info.get('trace_requests')} requests), model "
         f"{html.escape(str(info.get('model')))}, target {info.get('target_rate')} req/s, SLO {slo_text}, "
@@ -185,8 +189,9 @@ def build_plan_report(result, output: str | os.PathLike) -> Path:
         f"simulations in {info.get('total_seconds', 0):.0f} s.",
         "Prices ($ per GPU-hour): " + ", ".join(f"{k} {v:g}" for k, v in info.get("prices_per_gpu_hour", {}).items()),
     ]
-    if uncalibrated:
-        notes.append("Rows marked uncalibrated use roofline step times (no calibrated profile for them).")
+    notes.append("Markers: " + ", ".join(f"{MARKER_NAMES[marker]} {kind}" for kind, marker in MARKERS.items()) + ".")
+    errors = {row["calibration"]: row.get("expected_error") for row in rows}
+    notes += [f"{kind} rows: {html.escape(errors[kind])}" for kind in sorted(kinds) if errors.get(kind)]
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>twinfer plan</title>"
         f"<style>{_STYLE}</style><script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"

@@ -85,8 +85,10 @@ def _label_runs(runs) -> list[str]:
 
 def _summary_table(runs, labels, metrics: list[Metrics], percentiles) -> str:
     def calibrated(run) -> str:
-        value = run.metadata.get("calibrated")
-        return "n/a" if value is None else ("calibrated" if value else "UNCALIBRATED (roofline)")
+        kind = run.metadata.get("provenance")
+        if kind is None and run.metadata.get("calibrated") is not None:  # runs written before provenance
+            kind = "calibrated" if run.metadata["calibrated"] else "roofline"
+        return {None: "n/a", "roofline": "UNCALIBRATED (roofline)"}.get(kind, kind)
 
     rows: list[tuple[str, list[str]]] = [
         ("executor", [_escape(r.executor_kind) for r in runs]),

@@ -37,6 +37,7 @@ PLAN_SCHEMA = pa.schema(
         ("pareto", pa.bool_()),
         ("cost_per_million_requests", pa.float64()),
         ("calibration", pa.string()),
+        ("expected_error", pa.string()),
         ("cost_model", pa.string()),
         ("num_kv_blocks", pa.int64()),
         ("verified_on", pa.string()),
@@ -45,8 +46,18 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 """One row per configuration, ranked by hourly cost then GPUs (rank null for infeasible ones);
-calibration is 'calibrated' or 'uncalibrated' (roofline step times); pareto marks the configurations no
-other beats on both a replica's hourly cost and the rate one replica sustains."""
+calibration is the kind of cost model that predicted the row (calibrated, composed or roofline) and
+expected_error what the validation in BENCHMARKS.md measured for that kind; roofline rows are ranked after
+every calibrated or composed one (their latencies were 20-40% short in that validation) unless the caller
+mixes them; pareto marks the configurations no other beats on both a replica's hourly cost and the rate one
+replica sustains."""
+
+EXPECTED_ERROR = {
+    "calibrated": "mean latencies within 5% on the machine profiled (Qwen3-8B, H200; up to 10% on another)",
+    "composed": "not validated yet (BENCHMARKS.md, session 8)",
+    "roofline": "latencies 20-40% short (Llama-3-8B, Qwen3-32B on an H200, session 8)",
+}
+"""The error band of each kind of cost model, as BENCHMARKS.md measured it on real replays."""
 
 PROBES_SCHEMA = pa.schema(
     [
@@ -85,7 +96,8 @@ class PlanResult:
 
 
 
-def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict[str, float]) -> pa.Table:
+def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict[str, float],
+               mix_roofline: bool = False) -> pa.Table:
     """The plan table: feasible configurations by hourly cost, then GPUs, then headroom; the rest after."""
     rows = []
     for plan in plans:
@@ -109,7 +121,8 @@ def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict
                 "replica_hourly_cost": plan.config.tp * price if price is not None else None,
                 "pareto": False,
                 "cost_per_million_requests": cost / (settings.target_rate * 3600) * 1e6 if cost is not None else None,
-                "calibration": "calibrated" if plan.calibrated else "uncalibrated",
+                "calibration": plan.provenance,
+                "expected_error": EXPECTED_ERROR.get(plan.provenance, ""),
                 "cost_model": plan.cost_model,
                 "num_kv_blocks": plan.num_kv_blocks or None,
                 "verified_on": plan.verified_on,
@@ -121,7 +134,9 @@ def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict
     def order(row):
         feasible = row["status"] == "ok"
         cost = row["hourly_cost"]
-        return (not feasible, cost is None, cost or 0.0, row["gpus"] or 0, -(row["max_rate_per_replica"] or 0.0))
+        apart = row["calibration"] == "roofline" and not mix_roofline
+        return (not feasible, apart, cost is None, cost or 0.0, row["gpus"] or 0,
+                -(row["max_rate_per_replica"] or 0.0))
 
     rows.sort(key=order)
     for row, on_front in zip(rows, pareto_front(rows)):

@@ -128,6 +128,8 @@ class ConfigPlan:
     status: str
     """ok, infeasible (no rate sustained, or SLO not reached with max_replicas), or error."""
     calibrated: bool = False
+    provenance: str = "roofline"
+    """Which kind of cost model predicted it: calibrated, composed or roofline."""
     cost_model: str = ""
     num_kv_blocks: int = 0
     max_rate: float = 0.0
@@ -209,7 +211,8 @@ def search_config(config: PlanConfig, settings: PlanSettings, window: TraceReque
         build, metadata = replica_builder(config, settings)
     except (ValueError, KeyError) as error:
         return ConfigPlan(config, "error", note=str(error))
-    base = dict(calibrated=bool(metadata.get("calibrated")), cost_model=str(metadata.get("profile", "")),
+    base = dict(calibrated=bool(metadata.get("calibrated")), provenance=str(metadata.get("provenance", "roofline")),
+                cost_model=str(metadata.get("profile", "")),
                 num_kv_blocks=int(metadata["num_kv_blocks"]))
     probes: list[Probe] = []
 
@@ -414,8 +417,10 @@ def plan(
     workers: int | None = None,
     ray_address: str | None = None,
     show_progress: bool = True,
+    mix_roofline: bool = False,
 ) -> PlanResult:
-    """Search every configuration (in parallel), verify the cheapest on the whole trace, rank them."""
+    """Search every configuration (in parallel), verify the cheapest on the whole trace, rank them (roofline rows
+    after the others unless mix_roofline)."""
     if len(trace) < 2:
         raise ValueError(f"trace {trace.name!r} has {len(trace)} request(s): planning needs at least 2")
     if not configs:
@@ -433,7 +438,7 @@ def plan(
     search_seconds = time.perf_counter() - start
 
     if verify_top > 0 and window < len(trace):
-        top = _to_verify(rank_plans(plans, settings, prices).to_pylist(), verify_top, settings.target_rate)
+        top = _to_verify(rank_plans(plans, settings, prices, mix_roofline).to_pylist(), verify_top, settings.target_rate)
         index = {(p.config.gpu, p.config.tp, p.config.max_num_seqs): i for i, p in enumerate(plans)}
         verify = [PlanTask("verify", settings, window, plan=plans[index[key]]) for key in top]
         for key, verified in zip(top, run_tasks(verify, trace, description="plan: verify on the whole trace", **run)):
@@ -453,7 +458,7 @@ def plan(
         "total_seconds": time.perf_counter() - start,
         "num_simulations": sum(len(p.probes) for p in plans),
     }
-    return PlanResult(rank_plans(plans, settings, prices), probes_table(plans, settings), info)
+    return PlanResult(rank_plans(plans, settings, prices, mix_roofline), probes_table(plans, settings), info)
 
 
 WINDOW_MARGIN = 0.2

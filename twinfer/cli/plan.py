@@ -22,6 +22,8 @@ def register(commands) -> None:
     parser.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
     parser.add_argument("--search-requests", type=int, default=None,
                       help="search each config's max rate on the trace's busiest N consecutive requests (default 1000)")
+    parser.add_argument("--mix-roofline", action="store_true",
+                        help="rank rows predicted by the uncalibrated roofline among the others (default: after them)")
     parser.add_argument("--verify-top", type=int, default=3,
                       help="verify the K cheapest configs on the whole trace at the target rate (0: none)")
     parser.add_argument("--search-steps", type=int, default=6, help="bisection steps after bracketing the rate")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import vllm_default_limits
     from simulator.gpu_prices import parse_prices
     from simulator.gpu_specs import gpu_key, gpu_spec
-    from simulator.plan_table import format_plan, write_plan
+    from simulator.plan_table import EXPECTED_ERROR, format_plan, write_plan
     from simulator.planner import (DEFAULT_SEARCH_REQUESTS, PlanConfig, PlanSettings, engine_args_of, plan)
     from simulator.slo import parse_slos
     from twinfer.cli.options import load_trace
@@ -81,12 +83,18 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         ray_address=args.ray,
         show_progress=not args.no_progress,
+        mix_roofline=args.mix_roofline,
     )
     paths = write_plan(result, args.out)
     report = build_plan_report(result, Path(args.out) / "plan.html")
     print(format_plan(result.table))
-    if any(row["calibration"] == "uncalibrated" for row in result.table.to_pylist()):
-        print("note: 'uncalibrated' rows use roofline step times (no calibrated profile for that GPU/model/TP)")
+    kinds = {row["calibration"] for row in result.table.to_pylist()}
+    for kind, error in EXPECTED_ERROR.items():
+        if kind in kinds:
+            print(f"note: '{kind}' rows: {error}")
+    if "roofline" in kinds and not args.mix_roofline:
+        print("note: 'roofline' rows (no calibrated profile or operator profile for that GPU/model/TP) are ranked "
+              "after the others; --mix-roofline ranks them together")
     print(f"{result.info['num_simulations']} simulations in {result.info['total_seconds']:.1f} s")
     print(f"plan written to {paths['plan.csv']}, {paths['plan.parquet']}; report {report}")
     return 0
