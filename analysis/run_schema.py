@@ -4,6 +4,7 @@ import dataclasses
 
 import pyarrow as pa
 
+from engine.sequence import RequestStatus
 from engine.stats import RequestRecord, StepRecord
 
 REQUESTS_SCHEMA = pa.schema(
@@ -62,7 +63,7 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
         ttft = e2e = tpot = None
         if record.first_token_time is not None:
             ttft = record.first_token_time - record.arrival_time
-        if record.status == "finished" and record.finish_time is not None:
+        if record.status == RequestStatus.FINISHED and record.finish_time is not None:
             e2e = record.finish_time - record.arrival_time
             if record.output_len > 1 and ttft is not None:
                 tpot = (e2e - ttft) / (record.output_len - 1)

@@ -12,6 +12,8 @@ from bisect import bisect_left
 from itertools import accumulate, repeat
 from typing import Protocol
 
+from engine.sequence import FinishReason
+
 MIN_STEPS = 2
 FIRST_CHUNK = 64
 """Durations first predicted when an arrival may cut the run short (more are asked for if it does not)."""
@@ -146,9 +148,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
         # ones, in running order, marked and freed.
         finished = [seq for seq in running if len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens]
         for seq in finished:
-            seq.finish_reason = "length"
-        for seq in finished:
-            scheduler._finish(seq, end)
+            scheduler.finish(seq, FinishReason.LENGTH, end)
         engine.num_finished += len(finished)
         engine.step_records.append(
             first_step + num_run_steps, times[num_run_steps], end - times[num_run_steps],

@@ -2,10 +2,12 @@
 
 from dataclasses import dataclass, field
 
+from engine.sequence import RequestStatus
+
 
 @dataclass(slots=True)
 class RequestRecord:
-    """A request's life from arrival to finish or rejection; times in seconds from the run's start."""
+    """A request's life from arrival to finish, abort or rejection; times in seconds from the run's start."""
 
     request_id: str
     arrival_time: float
@@ -17,10 +19,9 @@ class RequestRecord:
     output_len: int = 0
     cached_tokens: int = 0
     num_preemptions: int = 0
-    status: str = "waiting"
-    """waiting, running, finished, rejected or aborted."""
+    status: RequestStatus = RequestStatus.WAITING
     reason: str = ""
-    """Why it finished (length, stop, eos) or why it was rejected or aborted."""
+    """A finished request's FinishReason (stop or length); for an aborted or rejected one, why, in words."""
     token_times: list[float] = field(default_factory=list)
 
 

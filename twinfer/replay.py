@@ -33,7 +33,7 @@ class ReplayProgress:
         self.refresh(engine)
 
     def refresh(self, engine: Engine) -> None:
-        done = engine.num_finished + len(engine.rejected)
+        done = engine.num_finished + engine.num_rejected
         self.bar.update(done - self._done)
         self._done = done
         clock_time = engine.clock.now()
