@@ -1,11 +1,10 @@
 """The two tables of a run folder, declared once for real and simulated runs alike."""
 
-import dataclasses
-
 import pyarrow as pa
 
 from engine.sequence import RequestStatus
 from engine.stats import RequestRecord, StepRecord
+from engine.step_log import StepLog
 
 REQUESTS_SCHEMA = pa.schema(
     [
@@ -28,30 +27,9 @@ REQUESTS_SCHEMA = pa.schema(
     ]
 )
 
-STEPS_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("start_time", pa.float64()),
-        ("duration", pa.float64()),
-        ("num_prefill_seqs", pa.int64()),
-        ("num_prefill_tokens", pa.int64()),
-        ("num_decode_seqs", pa.int64()),
-        ("num_decode_tokens", pa.int64()),
-        ("decode_context_tokens", pa.int64()),
-        ("prefill_context_tokens", pa.int64()),
-        ("prefill_attention_work", pa.float64()),
-        ("num_running", pa.int64()),
-        ("num_waiting", pa.int64()),
-        ("kv_blocks_used", pa.int64()),
-        ("kv_blocks_total", pa.int64()),
-        ("num_preempted", pa.int64()),
-        ("prefix_cache_hit_tokens", pa.int64()),
-        ("cuda_graph_batch_size", pa.int64()),
-        ("num_batched_tokens", pa.int64()),
-    ]
-)
-
-assert [f.name for f in dataclasses.fields(StepRecord)] == STEPS_SCHEMA.names
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64()}
+STEPS_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in StepRecord.__annotations__.items()])
+"""StepRecord's fields, in order."""
 
 
 def requests_table(records: list[RequestRecord]) -> pa.Table:
@@ -88,7 +66,7 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
 
 def steps_table(records) -> pa.Table:
     """The steps table, one row per engine step, from an engine's StepLog or a list of StepRecord."""
-    if hasattr(records, "numpy_columns"):
+    if isinstance(records, StepLog):
         columns = records.numpy_columns()
     else:
         columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}

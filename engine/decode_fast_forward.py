@@ -13,6 +13,7 @@ from itertools import accumulate, repeat
 from typing import Protocol
 
 from engine.sequence import FinishReason
+from engine.stats import StepRecord
 
 MIN_STEPS = 2
 FIRST_CHUNK = 64
@@ -150,11 +151,26 @@ def fast_forward_decodes(engine, now: float) -> bool:
         for seq in finished:
             scheduler.finish(seq, FinishReason.LENGTH, end)
         engine.num_finished += len(finished)
-        engine.step_records.append(
-            first_step + num_run_steps, times[num_run_steps], end - times[num_run_steps],
-            0, 0, num_seqs, num_seqs, context + num_run_steps * num_seqs, 0, 0.0,
-            len(running), 0, manager.num_used_blocks, manager.num_blocks, 0, 0, cuda_graph_batch_size, num_seqs,
-        )  # fmt: skip
+        engine.step_records.append(StepRecord(
+            step=first_step + num_run_steps,
+            start_time=times[num_run_steps],
+            duration=end - times[num_run_steps],
+            num_prefill_seqs=0,
+            num_prefill_tokens=0,
+            num_decode_seqs=num_seqs,
+            num_decode_tokens=num_seqs,
+            decode_context_tokens=context + num_run_steps * num_seqs,
+            prefill_context_tokens=0,
+            prefill_attention_work=0.0,
+            num_running=len(running),
+            num_waiting=0,
+            kv_blocks_used=manager.num_used_blocks,
+            kv_blocks_total=manager.num_blocks,
+            num_preempted=0,
+            prefix_cache_hit_tokens=0,
+            cuda_graph_batch_size=cuda_graph_batch_size,
+            num_batched_tokens=num_seqs,
+        ))
     engine.clock.sleep_until(end)
     return True
 

@@ -15,7 +15,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import StepResult
 from engine.sequence import FinishReason, RequestStatus, Sequence
-from engine.stats import RequestRecord, batch_features
+from engine.stats import RequestRecord, StepRecord, batch_features
 from engine.step_log import StepLog
 
 
@@ -188,9 +188,7 @@ class Engine:
             self.clock.sleep_until(self._pending[0][0])
             return True
         if self._last_step_busy and self.step_records:
-            # The gap since the last step's end (bookkeeping) belongs to that step.
-            log = self.step_records
-            log.set_last_duration(now - log.last_start_time)
+            self.step_records.end_last_step_at(now)
         if self._fast_forward and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True
@@ -254,26 +252,26 @@ class Engine:
         num_running, num_waiting, num_used_blocks = state or (
             len(scheduler.running), len(scheduler.waiting), block_manager.num_used_blocks
         )
-        self.step_records.append(
-            output.step,
-            start,
-            duration,
-            features.num_prefill_seqs,
-            features.num_prefill_tokens,
-            features.num_decode_seqs,
-            features.num_decode_tokens,
-            features.decode_context_tokens,
-            features.prefill_context_tokens,
-            features.prefill_attention_work,
-            num_running,
-            num_waiting,
-            num_used_blocks,
-            block_manager.num_blocks,
-            stats.num_preempted,
-            stats.prefix_cache_hit_tokens,
-            cuda_graph_batch_size,
-            features.num_batched_tokens,
-        )
+        self.step_records.append(StepRecord(
+            step=output.step,
+            start_time=start,
+            duration=duration,
+            num_prefill_seqs=features.num_prefill_seqs,
+            num_prefill_tokens=features.num_prefill_tokens,
+            num_decode_seqs=features.num_decode_seqs,
+            num_decode_tokens=features.num_decode_tokens,
+            decode_context_tokens=features.decode_context_tokens,
+            prefill_context_tokens=features.prefill_context_tokens,
+            prefill_attention_work=features.prefill_attention_work,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            kv_blocks_used=num_used_blocks,
+            kv_blocks_total=block_manager.num_blocks,
+            num_preempted=stats.num_preempted,
+            prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
+            cuda_graph_batch_size=cuda_graph_batch_size,
+            num_batched_tokens=features.num_batched_tokens,
+        ))
 
     def run(self, on_step: Callable[["Engine"], None] | None = None) -> None:
         """Step until every added request has finished or been rejected."""
