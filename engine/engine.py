@@ -166,6 +166,11 @@ class Engine:
         return bool(self._pending) or self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
+    def next_arrival_time(self) -> float | None:
+        """When the next request added but not arrived yet arrives; None when there is none."""
+        return self._pending[0][0] if self._pending else None
+
+    @property
     def num_pending(self) -> int:
         """Requests added whose arrival time has not come yet."""
         return len(self._pending)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
 from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import FinishReason, RequestStatus, Sequence
 from engine.stats import summarize_batch
@@ -195,6 +196,12 @@ class Scheduler:
         self._in_flight.append(scheduled)
         return output
 
+    def advance_steps(self, num_steps: int) -> int:
+        """Count num_steps steps applied without schedule() (decode fast-forward); returns the first one's number."""
+        first_step = self._step
+        self._step += num_steps
+        return first_step
+
     def discard_empty_step(self, output: SchedulerOutput) -> None:
         """Forget an output with nothing to run; the sequences it released go with the next step."""
         if output.sequences or self._in_flight[-1]:
@@ -250,9 +257,19 @@ class Scheduler:
         params = seq.sampling_params
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
             return FinishReason.LENGTH
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids):
+        if self._stops(params, token):
             return FinishReason.STOP
         return None
+
+    def num_samples_to_finish(self, seq: Sequence, token: int) -> int:
+        """How many more samples seq takes until finish_reason stops it, if every one of them is token."""
+        params = seq.sampling_params
+        if self._stops(params, token):
+            return 1
+        return params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
+
+    def _stops(self, params: SamplingParams, token: int) -> bool:
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
 
     def finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         """End seq for reason at now (it has sampled its last token) and free its blocks."""
