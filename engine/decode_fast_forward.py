@@ -10,7 +10,6 @@ clock arithmetic and one step record per step.
 from array import array
 from bisect import bisect_left
 from itertools import accumulate, repeat
-from typing import Protocol
 
 from engine.stats import StepRecord
 
@@ -19,24 +18,11 @@ FIRST_CHUNK = 64
 """Durations first predicted when an arrival may cut the run short (more are asked for if it does not)."""
 
 
-class DecodeRunPredictor(Protocol):
-    """An executor that can tell how long a run of pure-decode steps takes without executing them."""
-
-    token_id: int
-    """The token it returns for every sampling sequence."""
-
-    def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:
-        """Durations of num_steps decode steps whose total context grows by num_decode_seqs a step;
-        bit for bit what execute() would report for each."""
-        ...
-
-    def cuda_graph_batch_size(self, num_decode_seqs: int) -> int:
-        """The CUDA-graph batch size execute() reports for a pure-decode step of this many sequences."""
-        ...
-
-
 def fast_forward_decodes(engine, now: float) -> bool:
-    """Apply as many pure-decode steps as can be proven identical to stepping; False if none."""
+    """Apply as many pure-decode steps as can be proven identical to stepping; False if none.
+
+    The engine's executor is a DecodeRunPredictor.
+    """
     scheduler = engine.scheduler
     running = scheduler.running
     config = engine.config

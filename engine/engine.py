@@ -10,7 +10,7 @@ from engine.block_manager import BlockManager
 from engine.clock import Clock, VirtualClock
 from engine.config import EngineConfig
 from engine.decode_fast_forward import fast_forward_decodes
-from engine.executor import Executor
+from engine.executor import AsyncExecutor, DecodeRunPredictor, Executor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import StepResult
@@ -46,12 +46,12 @@ class Engine:
         self.horizon: float | None = None
         """A time fast-forwarding must not step past (set by run_until, e.g. a router's next arrival)."""
         self._fast_forward = (
-            fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
+            fast_forward and isinstance(self.clock, VirtualClock) and isinstance(executor, DecodeRunPredictor)
             and not config.async_scheduling
         )
         # Asynchronous scheduling launches through execute_async where the executor has one (the GPU's);
         # an executor that answers at once is simply called.
-        self._submit = getattr(executor, "execute_async", executor.execute)
+        self._submit = executor.execute_async if isinstance(executor, AsyncExecutor) else executor.execute
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0

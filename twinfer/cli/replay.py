@@ -18,6 +18,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.executor import ShutdownExecutor
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.replay import replay
 
@@ -41,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
             before_start=getattr(engine.clock, "restart", None),
         )
     finally:
-        shutdown = getattr(engine.executor, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        if isinstance(engine.executor, ShutdownExecutor):
+            engine.executor.shutdown()
     print(f"run written to {path}")
     print_run_summary(path, args.goodput, args.save_result)
     return 0
