@@ -64,10 +64,6 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=REQUESTS_SCHEMA)
 
 
-def steps_table(records) -> pa.Table:
-    """The steps table, one row per engine step, from an engine's StepLog or a list of StepRecord."""
-    if isinstance(records, StepLog):
-        columns = records.numpy_columns()
-    else:
-        columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=STEPS_SCHEMA)
+def steps_table(step_log: StepLog) -> pa.Table:
+    """The steps table, one row per engine step, from an engine's step log."""
+    return pa.Table.from_pydict(step_log.numpy_columns(), schema=STEPS_SCHEMA)

@@ -289,10 +289,6 @@ class BlockManager:
         seq.num_committed_blocks = len(cached_block_ids)
         self._grow(seq, len(cached_block_ids) * self.block_size + num_new_tokens)
 
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
-
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow a running seq's block table to cover num_new_tokens more tokens."""
         self._grow(seq, seq.num_computed_tokens + num_new_tokens)
