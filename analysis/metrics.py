@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.sequence import RequestStatus
+
 STORED_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 """SLO names accepted for goodput, as in vLLM's --goodput; values in milliseconds."""
@@ -150,7 +152,7 @@ def run_window(requests: pa.Table) -> tuple[float, float]:
     # in the future: they never reached the engine, so they do not stretch the window past the interruption.
     status = _column(requests, "status").astype(str)
     never_arrived = (
-        (status == "aborted") & np.isnan(_float_column(requests, "first_scheduled_time")) & ~(finishes > arrivals)
+        (status == RequestStatus.ABORTED) & np.isnan(_float_column(requests, "first_scheduled_time")) & ~(finishes > arrivals)
     )
     finishes = finishes[np.isfinite(finishes) & ~never_arrived]
     end_time = float(finishes.max()) if finishes.size else start_time
@@ -173,7 +175,7 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
     """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms."""
     requests: pa.Table = run if isinstance(run, pa.Table) else run.requests
     status = _column(requests, "status").astype(str)
-    done = status == "finished"
+    done = status == RequestStatus.FINISHED
     completed = requests.filter(pa.array(done))
 
     start_time, end_time = run_window(requests)
@@ -203,10 +205,10 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
     return Metrics(
         num_requests=requests.num_rows,
         completed=int(done.sum()),
-        failed=int(np.isin(status, ("rejected", "aborted")).sum()),
-        num_rejected=int((status == "rejected").sum()),
-        num_aborted=int((status == "aborted").sum()),
-        num_unfinished=int(np.isin(status, ("waiting", "running")).sum()),
+        failed=int(np.isin(status, (RequestStatus.REJECTED, RequestStatus.ABORTED)).sum()),
+        num_rejected=int((status == RequestStatus.REJECTED).sum()),
+        num_aborted=int((status == RequestStatus.ABORTED).sum()),
+        num_unfinished=int(np.isin(status, (RequestStatus.WAITING, RequestStatus.RUNNING)).sum()),
         total_input_tokens=total_input,
         total_output_tokens=total_output,
         start_time=start_time,

@@ -1,10 +1,10 @@
 """The two tables of a run folder, declared once for real and simulated runs alike."""
 
-import dataclasses
-
 import pyarrow as pa
 
+from engine.sequence import RequestStatus
 from engine.stats import RequestRecord, StepRecord
+from engine.step_log import StepLog
 
 REQUESTS_SCHEMA = pa.schema(
     [
@@ -27,30 +27,9 @@ REQUESTS_SCHEMA = pa.schema(
     ]
 )
 
-STEPS_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("start_time", pa.float64()),
-        ("duration", pa.float64()),
-        ("num_prefill_seqs", pa.int64()),
-        ("num_prefill_tokens", pa.int64()),
-        ("num_decode_seqs", pa.int64()),
-        ("num_decode_tokens", pa.int64()),
-        ("decode_context_tokens", pa.int64()),
-        ("prefill_context_tokens", pa.int64()),
-        ("prefill_attention_work", pa.float64()),
-        ("num_running", pa.int64()),
-        ("num_waiting", pa.int64()),
-        ("kv_blocks_used", pa.int64()),
-        ("kv_blocks_total", pa.int64()),
-        ("num_preempted", pa.int64()),
-        ("prefix_cache_hit_tokens", pa.int64()),
-        ("cuda_graph_batch_size", pa.int64()),
-        ("num_batched_tokens", pa.int64()),
-    ]
-)
-
-assert [f.name for f in dataclasses.fields(StepRecord)] == STEPS_SCHEMA.names
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64()}
+STEPS_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in StepRecord.__annotations__.items()])
+"""StepRecord's fields, in order."""
 
 
 def requests_table(records: list[RequestRecord]) -> pa.Table:
@@ -62,7 +41,7 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
         ttft = e2e = tpot = None
         if record.first_token_time is not None:
             ttft = record.first_token_time - record.arrival_time
-        if record.status == "finished" and record.finish_time is not None:
+        if record.status == RequestStatus.FINISHED and record.finish_time is not None:
             e2e = record.finish_time - record.arrival_time
             if record.output_len > 1 and ttft is not None:
                 tpot = (e2e - ttft) / (record.output_len - 1)
@@ -85,10 +64,6 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=REQUESTS_SCHEMA)
 
 
-def steps_table(records) -> pa.Table:
-    """The steps table, one row per engine step, from an engine's StepLog or a list of StepRecord."""
-    if hasattr(records, "numpy_columns"):
-        columns = records.numpy_columns()
-    else:
-        columns = {name: [getattr(r, name) for r in records] for name in STEPS_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=STEPS_SCHEMA)
+def steps_table(step_log: StepLog) -> pa.Table:
+    """The steps table, one row per engine step, from an engine's step log."""
+    return pa.Table.from_pydict(step_log.numpy_columns(), schema=STEPS_SCHEMA)

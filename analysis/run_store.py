@@ -16,13 +16,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.run_schema import REQUESTS_SCHEMA, STEPS_SCHEMA
+from engine.sequence import RequestStatus
 
 REQUESTS_FILE = "requests.parquet"
 STEPS_FILE = "steps.parquet"
 METADATA_FILE = "metadata.json"
 RUN_FILES = (REQUESTS_FILE, STEPS_FILE, METADATA_FILE)
 EXECUTOR_KINDS = ("gpu", "cpu", "sim")
-REQUEST_STATUSES = ("finished", "rejected", "aborted", "waiting", "running")
+REQUEST_STATUSES = tuple(RequestStatus)
 """A request's status in requests.parquet: waiting or running only in a run stopped before the end."""
 # Columns every reader relies on (metrics, compare, reports); the rest may be null (a request never
 # scheduled has no first token time).

@@ -142,7 +142,8 @@ class BlockManager:
 
     # ---- prefix cache
 
-    def _ensure_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+    def ensure_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        """Compute the chained hashes of seq's first num_full_blocks blocks, those it lacks."""
         hashes = seq.block_hashes
         first = len(hashes)
         if first >= num_full_blocks:
@@ -162,14 +163,14 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         if max_blocks == 0:
             return []
-        self._ensure_hashes(seq, 1)
+        self.ensure_hashes(seq, 1)
         root = seq.block_hashes[0]
         owner = self._root_owners.get(root)
         if owner is not None:
             self._register_deferred(owner)
         if root not in self.hash_to_block:
             return []
-        self._ensure_hashes(seq, max_blocks)
+        self.ensure_hashes(seq, max_blocks)
         size = self.block_size
         found: list[int] = []
         lookup = self.hash_to_block.get
@@ -210,7 +211,7 @@ class BlockManager:
         for block_id in blocks:
             sources[block_id] = seq
         if first == 0:
-            self._ensure_hashes(seq, 1)
+            self.ensure_hashes(seq, 1)
             root = seq.block_hashes[0]
             owner = self._root_owners.get(root)
             if owner is not None and owner is not seq:
@@ -223,7 +224,7 @@ class BlockManager:
                 self._register([seq.block_hashes[0]], blocks[:1])
             seq.num_committed_blocks = num_full_blocks
             return
-        self._ensure_hashes(seq, num_full_blocks)
+        self.ensure_hashes(seq, num_full_blocks)
         self._register(seq.block_hashes[first:num_full_blocks], blocks)
         seq.num_committed_blocks = num_full_blocks
 
@@ -246,7 +247,7 @@ class BlockManager:
         self._deferring.discard(owner.seq_id)
         self._shared_roots.add(root)
         table, num_committed = self._freed_tables.pop(owner.seq_id, (owner.block_table, owner.num_committed_blocks))
-        self._ensure_hashes(owner, num_committed)
+        self.ensure_hashes(owner, num_committed)
         sources, free, hash_to_block = self._block_sources, self._free, self.hash_to_block
         for index in range(1, num_committed):
             block_id = table[index]
@@ -287,10 +288,6 @@ class BlockManager:
         seq.block_table = list(cached_block_ids)
         seq.num_committed_blocks = len(cached_block_ids)
         self._grow(seq, len(cached_block_ids) * self.block_size + num_new_tokens)
-
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.num_free_blocks
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow a running seq's block table to cover num_new_tokens more tokens."""

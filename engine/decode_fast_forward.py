@@ -10,31 +10,19 @@ clock arithmetic and one step record per step.
 from array import array
 from bisect import bisect_left
 from itertools import accumulate, repeat
-from typing import Protocol
+
+from engine.stats import StepRecord
 
 MIN_STEPS = 2
 FIRST_CHUNK = 64
 """Durations first predicted when an arrival may cut the run short (more are asked for if it does not)."""
 
 
-class DecodeRunPredictor(Protocol):
-    """An executor that can tell how long a run of pure-decode steps takes without executing them."""
-
-    token_id: int
-    """The token it returns for every sampling sequence."""
-
-    def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:
-        """Durations of num_steps decode steps whose total context grows by num_decode_seqs a step;
-        bit for bit what execute() would report for each."""
-        ...
-
-    def cuda_graph_batch_size(self, num_decode_seqs: int) -> int:
-        """The CUDA-graph batch size execute() reports for a pure-decode step of this many sequences."""
-        ...
-
-
 def fast_forward_decodes(engine, now: float) -> bool:
-    """Apply as many pure-decode steps as can be proven identical to stepping; False if none."""
+    """Apply as many pure-decode steps as can be proven identical to stepping; False if none.
+
+    The engine's executor is a DecodeRunPredictor.
+    """
     scheduler = engine.scheduler
     running = scheduler.running
     config = engine.config
@@ -42,21 +30,18 @@ def fast_forward_decodes(engine, now: float) -> bool:
         return False
     executor = engine.executor
     token = executor.token_id
-    eos_ids = config.eos_token_ids
-    finish_step = None
+    samples_to_finish = scheduler.num_samples_to_finish
+    steps_to_first_finish = None
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
             return False
-        params = seq.sampling_params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
-            return False
-        # Step j samples output number outputs + j + 1: the sequence finishes (by length) at this step.
-        last_step = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens) - 1
-        if finish_step is None or last_step < finish_step:
-            finish_step = last_step
-    # The run may end with the step where the first sequences finish.
-    max_steps = finish_step + 1
+        # Every step samples one token of each sequence: the run may end with the step where the first
+        # ones finish (a token that stops a sequence finishes it in the first step, leaving no run).
+        num_samples = samples_to_finish(seq, token)
+        if steps_to_first_finish is None or num_samples < steps_to_first_finish:
+            steps_to_first_finish = num_samples
+    max_steps = steps_to_first_finish
     if max_steps < MIN_STEPS:
         return False
 
@@ -85,8 +70,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
     context = sum(seq.num_computed_tokens + 1 for seq in running)
     # A pending arrival at or before a step's start would be admitted there: the run ends with the step
     # that ends at or after it.
-    pending = engine._pending
-    next_arrival = pending[0][0] if pending else None
+    next_arrival = engine.next_arrival_time
     if engine.horizon is not None and (next_arrival is None or engine.horizon < next_arrival):
         next_arrival = engine.horizon
     times = _step_times(executor, now, num_seqs, context, max_steps, next_arrival)
@@ -123,10 +107,9 @@ def fast_forward_decodes(engine, now: float) -> bool:
 
     for seq in running:
         seq.num_computed_tokens += num_steps
-    first_step = scheduler._step
-    scheduler._step += num_steps
+    first_step = scheduler.advance_steps(num_steps)
     cuda_graph_batch_size = executor.cuda_graph_batch_size(num_seqs)
-    finishes = num_steps == finish_step + 1
+    finishes = num_steps == steps_to_first_finish
     # A finishing step is logged as a row of its own: its running count and blocks used are taken after
     # the finished sequences leave, as the engine records a step.
     num_run_steps = num_steps - 1 if finishes else num_steps
@@ -144,17 +127,30 @@ def fast_forward_decodes(engine, now: float) -> bool:
     if finishes:
         # As the scheduler's update does: every sequence advanced (and committed), then the finished
         # ones, in running order, marked and freed.
-        finished = [seq for seq in running if len(seq.token_ids) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens]
-        for seq in finished:
-            seq.finish_reason = "length"
-        for seq in finished:
-            scheduler._finish(seq, end)
+        finished = [(seq, reason) for seq in running if (reason := scheduler.finish_reason(seq, token)) is not None]
+        for seq, reason in finished:
+            scheduler.finish(seq, reason, end)
         engine.num_finished += len(finished)
-        engine.step_records.append(
-            first_step + num_run_steps, times[num_run_steps], end - times[num_run_steps],
-            0, 0, num_seqs, num_seqs, context + num_run_steps * num_seqs, 0, 0.0,
-            len(running), 0, manager.num_used_blocks, manager.num_blocks, 0, 0, cuda_graph_batch_size, num_seqs,
-        )  # fmt: skip
+        engine.step_records.append(StepRecord(
+            step=first_step + num_run_steps,
+            start_time=times[num_run_steps],
+            duration=end - times[num_run_steps],
+            num_prefill_seqs=0,
+            num_prefill_tokens=0,
+            num_decode_seqs=num_seqs,
+            num_decode_tokens=num_seqs,
+            decode_context_tokens=context + num_run_steps * num_seqs,
+            prefill_context_tokens=0,
+            prefill_attention_work=0.0,
+            num_running=len(running),
+            num_waiting=0,
+            kv_blocks_used=manager.num_used_blocks,
+            kv_blocks_total=manager.num_blocks,
+            num_preempted=0,
+            prefix_cache_hit_tokens=0,
+            cuda_graph_batch_size=cuda_graph_batch_size,
+            num_batched_tokens=num_seqs,
+        ))
     engine.clock.sleep_until(end)
     return True
 
@@ -207,7 +203,7 @@ def _registrations_commute(manager, running, num_steps: int) -> bool:
         first = seq.num_committed_blocks
         # A deferring sequence registers no hash another sequence can meet (see BlockManager).
         if num_full > first and not manager.defers(seq):
-            manager._ensure_hashes(seq, num_full)
+            manager.ensure_hashes(seq, num_full)
             registered += seq.block_hashes[first:num_full]
     return not registered or manager.registers_independently(registered)
 

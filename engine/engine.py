@@ -10,12 +10,12 @@ from engine.block_manager import BlockManager
 from engine.clock import Clock, VirtualClock
 from engine.config import EngineConfig
 from engine.decode_fast_forward import fast_forward_decodes
-from engine.executor import Executor
+from engine.executor import AsyncExecutor, DecodeRunPredictor, Executor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import StepResult
-from engine.sequence import Sequence, SequenceStatus
-from engine.stats import RequestRecord, batch_features
+from engine.sequence import FinishReason, RequestStatus, Sequence
+from engine.stats import RequestRecord, StepRecord, batch_features
 from engine.step_log import StepLog
 
 
@@ -32,24 +32,26 @@ class Engine:
         num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else executor.num_kv_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Sequence | RequestRecord] = {}
+        """Every request added, in order: its Sequence when served, its final record when rejected."""
         self.sequences: dict[str, Sequence] = {}
-        self.rejected: dict[str, RequestRecord] = {}
-        self._request_order: list[str] = []
+        """The served requests (every one but the rejected), in the order added."""
         self.step_records = StepLog()
         self.num_finished = 0
-        """Requests finished or aborted so far (rejected ones are in self.rejected)."""
+        """Requests finished or aborted so far."""
+        self.num_rejected = 0
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seq_ids = itertools.count()
         self._last_step_busy = False
         self.horizon: float | None = None
         """A time fast-forwarding must not step past (set by run_until, e.g. a router's next arrival)."""
         self._fast_forward = (
-            fast_forward and isinstance(self.clock, VirtualClock) and hasattr(executor, "predict_decode_run")
+            fast_forward and isinstance(self.clock, VirtualClock) and isinstance(executor, DecodeRunPredictor)
             and not config.async_scheduling
         )
         # Asynchronous scheduling launches through execute_async where the executor has one (the GPU's);
         # an executor that answers at once is simply called.
-        self._submit = getattr(executor, "execute_async", executor.execute)
+        self._submit = executor.execute_async if isinstance(executor, AsyncExecutor) else executor.execute
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
@@ -72,7 +74,7 @@ class Engine:
         """
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else str(request_id)
-        if request_id in self.sequences or request_id in self.rejected:
+        if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} was already added")
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -90,19 +92,20 @@ class Engine:
                 f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
             )
 
-        self._request_order.append(request_id)
         reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
         if reason:
-            self.rejected[request_id] = RequestRecord(
+            self.requests[request_id] = RequestRecord(
                 request_id=request_id,
                 arrival_time=float(arrival_time),
                 prompt_len=len(prompt_token_ids),
                 max_tokens=sampling_params.max_tokens,
-                status="rejected",
+                status=RequestStatus.REJECTED,
                 reason=reason,
             )
+            self.num_rejected += 1
             return request_id
         seq = Sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+        self.requests[request_id] = seq
         self.sequences[request_id] = seq
         heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
         return request_id
@@ -126,24 +129,22 @@ class Engine:
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         """Stop a request that has not finished; it is recorded as aborted with the reason."""
-        if request_id in self.rejected:
-            return
-        seq = self.sequences[request_id]
-        if seq.finish_time is not None:
-            return  # finished (one released while its last token is in flight is not, until update())
-        if seq.status is SequenceStatus.WAITING and seq not in self.scheduler.waiting:
+        seq = self.requests[request_id]
+        if not isinstance(seq, Sequence) or seq.finish_time is not None:
+            return  # rejected, or finished (one released while its last token is in flight is not, until update())
+        if seq.status is RequestStatus.WAITING and seq not in self.scheduler.waiting:
             self._pending = [entry for entry in self._pending if entry[2] is not seq]
             heapq.heapify(self._pending)
             self._abort_pending(seq, reason)
         else:
             self.scheduler.abort(seq, reason, self.clock.now())
-            seq.finish_reason = f"aborted: {reason}"
             self.num_finished += 1
 
     def _abort_pending(self, seq: Sequence, reason: str) -> None:
         # It never arrived: its finish is no earlier than its arrival, so its latency is not negative.
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = f"aborted: {reason}"
+        seq.status = RequestStatus.ABORTED
+        seq.finish_reason = FinishReason.ABORT
+        seq.abort_reason = reason
         seq.finish_time = max(self.clock.now(), seq.arrival_time)
         self.num_finished += 1
 
@@ -163,6 +164,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._pending) or self.scheduler.has_unfinished() or self._in_flight is not None
+
+    @property
+    def next_arrival_time(self) -> float | None:
+        """When the next request added but not arrived yet arrives; None when there is none."""
+        return self._pending[0][0] if self._pending else None
 
     @property
     def num_pending(self) -> int:
@@ -187,9 +193,7 @@ class Engine:
             self.clock.sleep_until(self._pending[0][0])
             return True
         if self._last_step_busy and self.step_records:
-            # The gap since the last step's end (bookkeeping) belongs to that step.
-            log = self.step_records
-            log.set_last_duration(now - log.last_start_time)
+            self.step_records.end_last_step_at(now)
         if self._fast_forward and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True
@@ -253,26 +257,26 @@ class Engine:
         num_running, num_waiting, num_used_blocks = state or (
             len(scheduler.running), len(scheduler.waiting), block_manager.num_used_blocks
         )
-        self.step_records.append(
-            output.step,
-            start,
-            duration,
-            features.num_prefill_seqs,
-            features.num_prefill_tokens,
-            features.num_decode_seqs,
-            features.num_decode_tokens,
-            features.decode_context_tokens,
-            features.prefill_context_tokens,
-            features.prefill_attention_work,
-            num_running,
-            num_waiting,
-            num_used_blocks,
-            block_manager.num_blocks,
-            stats.num_preempted,
-            stats.prefix_cache_hit_tokens,
-            cuda_graph_batch_size,
-            features.num_batched_tokens,
-        )
+        self.step_records.append(StepRecord(
+            step=output.step,
+            start_time=start,
+            duration=duration,
+            num_prefill_seqs=features.num_prefill_seqs,
+            num_prefill_tokens=features.num_prefill_tokens,
+            num_decode_seqs=features.num_decode_seqs,
+            num_decode_tokens=features.num_decode_tokens,
+            decode_context_tokens=features.decode_context_tokens,
+            prefill_context_tokens=features.prefill_context_tokens,
+            prefill_attention_work=features.prefill_attention_work,
+            num_running=num_running,
+            num_waiting=num_waiting,
+            kv_blocks_used=num_used_blocks,
+            kv_blocks_total=block_manager.num_blocks,
+            num_preempted=stats.num_preempted,
+            prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens,
+            cuda_graph_batch_size=cuda_graph_batch_size,
+            num_batched_tokens=features.num_batched_tokens,
+        ))
 
     def run(self, on_step: Callable[["Engine"], None] | None = None) -> None:
         """Step until every added request has finished or been rejected."""
@@ -305,27 +309,30 @@ class Engine:
     @property
     def request_records(self) -> dict[str, RequestRecord]:
         """One record per added request, served or rejected, in the order they were added."""
-        records: dict[str, RequestRecord] = {}
-        for request_id, seq in self.sequences.items():
-            if seq.is_finished:
-                aborted = seq.finish_reason is not None and seq.finish_reason.startswith("aborted")
-                status = "aborted" if aborted else "finished"
-            else:
-                status = seq.status.value
-            records[request_id] = RequestRecord(
-                request_id=request_id,
-                arrival_time=seq.arrival_time,
-                prompt_len=seq.num_prompt_tokens,
-                max_tokens=seq.sampling_params.max_tokens,
-                first_scheduled_time=seq.first_scheduled_time,
-                first_token_time=seq.first_token_time,
-                finish_time=seq.finish_time,
-                output_len=seq.num_output_tokens,
-                cached_tokens=seq.num_cached_tokens or 0,
-                num_preemptions=seq.num_preemptions,
-                status=status,
-                reason=seq.finish_reason or "",
-                token_times=seq.token_times,
-            )
-        records.update(self.rejected)
-        return {request_id: records[request_id] for request_id in self._request_order}
+        return {
+            request_id: _record_of(request) if isinstance(request, Sequence) else request
+            for request_id, request in self.requests.items()
+        }
+
+
+def _record_of(seq: Sequence) -> RequestRecord:
+    """A served request's record, as it stands now."""
+    if seq.status is RequestStatus.ABORTED:
+        reason = f"{RequestStatus.ABORTED}: {seq.abort_reason}"
+    else:
+        reason = seq.finish_reason or ""
+    return RequestRecord(
+        request_id=seq.request_id,
+        arrival_time=seq.arrival_time,
+        prompt_len=seq.num_prompt_tokens,
+        max_tokens=seq.sampling_params.max_tokens,
+        first_scheduled_time=seq.first_scheduled_time,
+        first_token_time=seq.first_token_time,
+        finish_time=seq.finish_time,
+        output_len=seq.num_output_tokens,
+        cached_tokens=seq.num_cached_tokens or 0,
+        num_preemptions=seq.num_preemptions,
+        status=seq.status,
+        reason=reason,
+        token_times=seq.token_times,
+    )

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
 from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import FinishReason, RequestStatus, Sequence
 from engine.stats import summarize_batch
 
 
@@ -52,7 +53,7 @@ class Scheduler:
         it, which asynchronous scheduling records for that step (its update comes after this schedule)."""
 
     def add(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.WAITING
+        seq.status = RequestStatus.WAITING
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -66,16 +67,16 @@ class Scheduler:
         commit = self.block_manager.commit_computed
         block_size = self.block_manager.block_size
         for seq, _ in self._in_flight[-1]:
-            if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
+            if seq.status is RequestStatus.RUNNING and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
                 commit(seq)
 
     def _release_finishing(self) -> None:
         """Free the sequences whose last token is in flight: update() will only record it."""
         for seq in self._finishing:
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is RequestStatus.RUNNING:
                 self._remove_running(seq)
                 self.block_manager.free(seq)
-                seq.status = SequenceStatus.FINISHED
+                seq.status = RequestStatus.FINISHED
                 self._released_seq_ids.append(seq.seq_id)
         self._finishing = []
 
@@ -84,7 +85,7 @@ class Scheduler:
         index = bisect.bisect(self._running_keys, key)
         self._running_keys.insert(index, key)
         self.running.insert(index, seq)
-        seq.status = SequenceStatus.RUNNING
+        seq.status = RequestStatus.RUNNING
 
     def _remove_running(self, seq: Sequence) -> None:
         index = bisect.bisect_left(self._running_keys, (seq.arrival_time, seq.seq_id))
@@ -98,7 +99,7 @@ class Scheduler:
         self.block_manager.free(victim)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
-        victim.status = SequenceStatus.WAITING
+        victim.status = RequestStatus.WAITING
         self.waiting.appendleft(victim)
         self._released_seq_ids.append(victim.seq_id)
         return victim
@@ -195,6 +196,12 @@ class Scheduler:
         self._in_flight.append(scheduled)
         return output
 
+    def advance_steps(self, num_steps: int) -> int:
+        """Count num_steps steps applied without schedule() (decode fast-forward); returns the first one's number."""
+        first_step = self._step
+        self._step += num_steps
+        return first_step
+
     def discard_empty_step(self, output: SchedulerOutput) -> None:
         """Forget an output with nothing to run; the sequences it released go with the next step."""
         if output.sequences or self._in_flight[-1]:
@@ -210,13 +217,13 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
         """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks."""
-        eos_ids = self.config.eos_token_ids
+        finish_reason = self.finish_reason
         block_manager = self.block_manager
-        finished: list[Sequence] = []
+        finished: list[tuple[Sequence, FinishReason]] = []
         sampled = result.sampled_token_ids
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
         block_size = block_manager.block_size
-        running = SequenceStatus.RUNNING
+        running = RequestStatus.RUNNING
         for (seq, _), scheduled in zip(self._in_flight.popleft(), output.sequences):
             if seq.finish_time is not None:
                 continue  # aborted, or stopped by a token while this step was in flight: its sample is dropped
@@ -233,42 +240,60 @@ class Scheduler:
                 seq.token_times.append(now)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
-                params = seq.sampling_params
-                if len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:
-                    seq.finish_reason = "length"
-                    finished.append(seq)
-                elif token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
-                    seq.finish_reason = "stop"
-                    finished.append(seq)
+                reason = finish_reason(seq, token)
+                if reason is not None:
+                    finished.append((seq, reason))
             # A sequence released since (finishing or preempted) holds no blocks to commit; its blocks
             # computed before were committed by the update of the step before.
             if (commit is not None and seq.num_computed_tokens // block_size > seq.num_committed_blocks
                     and seq.status is running):
                 commit(seq)
-        for seq in finished:
-            self._finish(seq, now)
-        return finished
+        for seq, reason in finished:
+            self.finish(seq, reason, now)
+        return [seq for seq, _ in finished]
 
-    def _finish(self, seq: Sequence, now: float) -> None:
-        if seq.status is SequenceStatus.RUNNING:
+    def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why seq finishes having just sampled token (the last of its token_ids); None if it goes on."""
+        params = seq.sampling_params
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if self._stops(params, token):
+            return FinishReason.STOP
+        return None
+
+    def num_samples_to_finish(self, seq: Sequence, token: int) -> int:
+        """How many more samples seq takes until finish_reason stops it, if every one of them is token."""
+        params = seq.sampling_params
+        if self._stops(params, token):
+            return 1
+        return params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
+
+    def _stops(self, params: SamplingParams, token: int) -> bool:
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
+
+    def finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
+        """End seq for reason at now (it has sampled its last token) and free its blocks."""
+        if seq.status is RequestStatus.RUNNING:
             self._remove_running(seq)
             self.block_manager.free(seq)
             self._released_seq_ids.append(seq.seq_id)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is RequestStatus.WAITING:
             # Preempted while the step that sampled its stop token was in flight.
             self.waiting.remove(seq)
         # else: released before this update (its last token by length was in flight).
-        seq.status = SequenceStatus.FINISHED
+        seq.status = RequestStatus.FINISHED
+        seq.finish_reason = reason
         seq.finish_time = now
 
     def abort(self, seq: Sequence, reason: str, now: float) -> None:
-        """Stop a waiting or running sequence and free its blocks."""
-        if seq.status is SequenceStatus.RUNNING:
+        """Stop a waiting or running sequence and free its blocks; reason says why, for its record."""
+        if seq.status is RequestStatus.RUNNING:
             self._remove_running(seq)
             self.block_manager.free(seq)
             self._released_seq_ids.append(seq.seq_id)
-        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+        elif seq.status is RequestStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
+        seq.status = RequestStatus.ABORTED
+        seq.finish_reason = FinishReason.ABORT
+        seq.abort_reason = reason
         seq.finish_time = now

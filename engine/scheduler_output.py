@@ -35,10 +35,6 @@ class ScheduledSequence:
     sampling_params: SamplingParams
 
     @property
-    def num_new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def context_len(self) -> int:
         """Tokens attended to by the last new token: computed plus new."""
         return self.num_computed_tokens + len(self.token_ids)

@@ -1,7 +1,7 @@
 """A request's tokens and progress as the scheduler and block manager see it."""
 
 from array import array
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -25,10 +25,23 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 assert array("i").itemsize == 4, "token arrays need a 4-byte C int"
 
 
-class SequenceStatus(Enum):
+class RequestStatus(StrEnum):
+    """Where a request stands; the value is what requests.parquet stores in its status column."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+    """Never served: it cannot fit max_model_len or the whole KV cache (such a request gets no Sequence)."""
+
+
+class FinishReason(StrEnum):
+    """Why a request ended, as vLLM reports it: a stop token or EOS, max_tokens reached, or an abort."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
 
 
 class Sequence:
@@ -54,6 +67,7 @@ class Sequence:
         "token_times",
         "finish_time",
         "finish_reason",
+        "abort_reason",
     )
 
     def __init__(
@@ -71,7 +85,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = arrival_time
-        self.status = SequenceStatus.WAITING
+        self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         """Tokens sampled by a step still in flight (asynchronous scheduling): counted, not yet known."""
@@ -87,7 +101,9 @@ class Sequence:
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.finish_time: float | None = None
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
+        self.abort_reason = ""
+        """What the caller gave as the cause of an abort."""
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +119,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is RequestStatus.FINISHED or self.status is RequestStatus.ABORTED
 
     def __repr__(self) -> str:
         return (

@@ -1,11 +1,14 @@
-"""What the engine records: one row per request and one per step (columns in analysis/run_schema.py)."""
+"""What the engine records: one row per request and one per step (the run tables of analysis/run_schema.py)."""
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from engine.sequence import RequestStatus
 
 
 @dataclass(slots=True)
 class RequestRecord:
-    """A request's life from arrival to finish or rejection; times in seconds from the run's start."""
+    """A request's life from arrival to finish, abort or rejection; times in seconds from the run's start."""
 
     request_id: str
     arrival_time: float
@@ -17,16 +20,18 @@ class RequestRecord:
     output_len: int = 0
     cached_tokens: int = 0
     num_preemptions: int = 0
-    status: str = "waiting"
-    """waiting, running, finished, rejected or aborted."""
+    status: RequestStatus = RequestStatus.WAITING
     reason: str = ""
-    """Why it finished (length, stop, eos) or why it was rejected or aborted."""
+    """A finished request's FinishReason (stop or length); for an aborted or rejected one, why, in words."""
     token_times: list[float] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class StepRecord:
-    """One engine step: its batch (the cost model's inputs), its timing and the engine's state."""
+class StepRecord(NamedTuple):
+    """One engine step: its batch (the cost model's inputs), its timing and the engine's state.
+
+    The one declaration of the steps table: its columns, and their types (int or float), are these fields.
+    A named tuple: built by keyword every step, it costs little more than the plain tuple the step log keeps.
+    """
 
     step: int
     start_time: float

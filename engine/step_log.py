@@ -1,16 +1,16 @@
 """The engine's step records, kept compactly so millions of simulated steps stay cheap."""
 
 import bisect
-import dataclasses
 from itertools import chain
 
 import numpy as np
 
 from engine.stats import StepRecord
 
-COLUMNS = [field.name for field in dataclasses.fields(StepRecord)]
-FLOAT_COLUMNS = {"start_time", "duration", "prefill_attention_work"}
-_START, _DURATION = COLUMNS.index("start_time"), COLUMNS.index("duration")
+_NUMPY_TYPES = {int: np.int64, float: np.float64}
+_COLUMN_TYPES = {name: _NUMPY_TYPES[kind] for name, kind in StepRecord.__annotations__.items()}
+"""Each column's numpy type, from StepRecord's field types."""
+_START, _DURATION = StepRecord._fields.index("start_time"), StepRecord._fields.index("duration")
 
 
 class StepLog:
@@ -23,7 +23,9 @@ class StepLog:
 
     def __init__(self) -> None:
         self._rows: list[tuple] = []
-        """The steps appended one at a time, as value tuples (decode runs are kept apart, see append_decode_run)."""
+        """The steps appended one at a time (decode runs are kept apart, see append_decode_run), as plain
+        tuples: the garbage collector stops tracking those, never a named tuple (full collections would
+        walk every row)."""
         self._num_rows = 0
         # Decode runs, one entry per run in each list: the row where it starts, its first step number,
         # [start, end of step 0, end of step 1, ...], decoding sequences, context read by its first step,
@@ -45,9 +47,9 @@ class StepLog:
         """The row count right after the last run (so the last row is a run's when they are equal)."""
         self._duration_overrides: dict[int, float] = {}
 
-    def append(self, *values) -> None:
-        """Add one step, values in StepRecord's field order."""
-        self._rows.append(values)
+    def append(self, record: StepRecord) -> None:
+        """Add one step."""
+        self._rows.append(tuple(record))
         self._num_rows += 1
 
     def append_decode_run(
@@ -81,23 +83,21 @@ class StepLog:
         self._num_run_rows += num_steps
         self._num_run_rows_end = self._num_rows
 
-    def _last_run_covers_end(self) -> bool:
-        return self._num_rows == self._num_run_rows_end
+    def end_last_step_at(self, end: float) -> None:
+        """Stretch the last step to end at `end`: the engine's bookkeeping after a step belongs to it.
 
-
-    @property
-    def last_start_time(self) -> float:
-        """When the last step started."""
-        if self._last_run_covers_end():
-            return self._run_times[-1][-2]
-        return self._rows[-1][_START]
-
-    def set_last_duration(self, duration: float) -> None:
-        if self._last_run_covers_end():
-            self._duration_overrides[self._num_rows - 1] = duration
+        On a virtual clock the step already ends there, and nothing changes.
+        """
+        if self._num_rows == self._num_run_rows_end:  # the last step is a decode run's
+            times = self._run_times[-1]
+            duration = end - times[-2]
+            if duration != times[-1] - times[-2]:
+                self._duration_overrides[self._num_rows - 1] = duration
         else:
             row = self._rows[-1]
-            self._rows[-1] = (*row[:_DURATION], float(duration), *row[_DURATION + 1 :])
+            duration = float(end - row[_START])
+            if duration != row[_DURATION]:
+                self._rows[-1] = (*row[:_DURATION], duration, *row[_DURATION + 1 :])
 
     def __len__(self) -> int:
         return self._num_rows
@@ -108,15 +108,28 @@ class StepLog:
             j = index - self._run_rows[run]
             times = self._run_times[run]
             num_seqs = self._run_seqs[run]
-            duration = self._duration_overrides.get(index, times[j + 1] - times[j])
-            used = self._run_used[run] + sum(1 for step in self._run_allocations[run] if step <= j)
             return StepRecord(
-                self._run_steps[run] + j, times[j], duration, 0, 0, num_seqs, num_seqs,
-                self._run_context[run] + j * num_seqs, 0, 0.0, num_seqs, 0, used, self._run_total[run], 0, 0,
-                self._run_graph[run], num_seqs,
-            )  # fmt: skip
+                step=self._run_steps[run] + j,
+                start_time=times[j],
+                duration=self._duration_overrides.get(index, times[j + 1] - times[j]),
+                num_prefill_seqs=0,
+                num_prefill_tokens=0,
+                num_decode_seqs=num_seqs,
+                num_decode_tokens=num_seqs,
+                decode_context_tokens=self._run_context[run] + j * num_seqs,
+                prefill_context_tokens=0,
+                prefill_attention_work=0.0,
+                num_running=num_seqs,
+                num_waiting=0,
+                kv_blocks_used=self._run_used[run] + sum(1 for step in self._run_allocations[run] if step <= j),
+                kv_blocks_total=self._run_total[run],
+                num_preempted=0,
+                prefix_cache_hit_tokens=0,
+                cuda_graph_batch_size=self._run_graph[run],
+                num_batched_tokens=num_seqs,
+            )
         plain = index - (self._run_rows_before[run] + len(self._run_times[run]) - 1 if run >= 0 else 0)
-        return StepRecord(*self._rows[plain])
+        return StepRecord._make(self._rows[plain])
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -133,10 +146,10 @@ class StepLog:
 
     def numpy_columns(self) -> dict[str, np.ndarray]:
         """Every column as a numpy array (copies, so the log can keep growing)."""
-        values_by_column = zip(*self._rows) if self._rows else [()] * len(COLUMNS)
+        values_by_column = zip(*self._rows) if self._rows else [()] * len(_COLUMN_TYPES)
         plain = {
-            name: np.array(values, dtype=np.float64 if name in FLOAT_COLUMNS else np.int64)
-            for name, values in zip(COLUMNS, values_by_column)
+            name: np.array(values, dtype=dtype)
+            for (name, dtype), values in zip(_COLUMN_TYPES.items(), values_by_column)
         }
         if not self._run_rows:
             return plain
@@ -231,7 +244,7 @@ class StepLog:
             durations[rows] = np.fromiter(self._duration_overrides.values(), dtype=np.float64)
         result["start_time"] = starts
         result["duration"] = durations
-        return {name: result[name] for name in COLUMNS}
+        return {name: result[name] for name in _COLUMN_TYPES}
 
 
 _ZERO_IN_RUNS = (

@@ -87,9 +87,9 @@ class SloMonitor:
         if len(self._seen) < len(replicas):
             self._seen.extend([0] * (len(replicas) - len(self._seen)))
         for index, engine in enumerate(replicas):
-            if engine.rejected:
-                record = next(iter(engine.rejected.values()))
-                return f"{len(engine.rejected)} request(s) rejected ({record.reason})"
+            if engine.num_rejected:
+                record = next(r for r in engine.request_records.values() if r.status == "rejected")
+                return f"{engine.num_rejected} request(s) rejected ({record.reason})"
             count = len(engine.sequences)
             if count > self._seen[index]:
                 self._open.extend(list(engine.sequences.values())[self._seen[index]:])

@@ -174,7 +174,7 @@ def assert_agree(real: Engine, real_executor, reference: Engine, reference_execu
 def test_the_block_manager_behaves_as_the_reference(async_scheduling, workload):
     real, real_executor = build_engine(workload, async_scheduling, engine_module.BlockManager)
     reference, reference_executor = build_engine(workload, async_scheduling, ReferenceBlockManager)
-    request_ids = list(real.sequences) + list(real.rejected)
+    request_ids = list(real.requests)
     aborts = {}
     for step, index in workload["aborts"]:
         aborts.setdefault(step, []).append(request_ids[index % len(request_ids)])

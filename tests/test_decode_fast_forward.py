@@ -131,3 +131,42 @@ def test_fast_forward_equals_stepping_when_identical_prompts_reuse_cached_decode
     )
     assert stepped.block_manager.free_queue == skipped.block_manager.free_queue
     assert stepped.block_manager.hash_to_block == skipped.block_manager.hash_to_block
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.5, 3.0]))
+def test_fast_forward_stops_on_stop_tokens_and_eos_as_stepping_does(seed, span):
+    """Some requests stop on the token every step samples (as a stop token, or as EOS they do not ignore):
+    they end after one token with reason stop; the others run to max_tokens; nothing differs from stepping."""
+    rng = random.Random(seed)
+    token = PredictingExecutor.token_id
+    requests = []
+    for _ in range(rng.randrange(2, 12)):
+        kind = rng.choice(["stop token", "eos", "ignore eos"])
+        params = SamplingParams(
+            max_tokens=rng.randrange(1, 80),
+            stop_token_ids=(token,) if kind == "stop token" else (),
+            ignore_eos=kind == "ignore eos",
+        )
+        requests.append(([rng.randrange(1000) for _ in range(rng.randrange(1, 30))], params, rng.random() * span))
+    config = EngineConfig(block_size=4, max_model_len=400, max_num_batched_tokens=32, num_kv_blocks=200,
+                          eos_token_ids=(token,) if rng.random() < 0.5 else ())
+
+    def run_engine(fast_forward: bool) -> Engine:
+        engine = Engine(config, PredictingExecutor(200, 4), fast_forward=fast_forward)
+        for prompt, params, arrival in requests:
+            engine.add_request(prompt_token_ids=prompt, sampling_params=params, arrival_time=arrival)
+        engine.run()
+        return engine
+
+    stepped, skipped = run_engine(False), run_engine(True)
+    assert requests_table(list(skipped.request_records.values())).equals(
+        requests_table(list(stepped.request_records.values()))
+    )
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    for (_, params, _), record in zip(requests, skipped.request_records.values()):
+        stops = token in params.stop_token_ids or (not params.ignore_eos and token in config.eos_token_ids)
+        if stops and params.max_tokens > 1:
+            assert (record.reason, record.output_len) == ("stop", 1)
+        else:
+            assert (record.reason, record.output_len) == ("length", params.max_tokens)

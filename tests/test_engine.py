@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
-from engine.sequence import SequenceStatus
+from engine.sequence import RequestStatus
 from tests.fake_executor import PagedEchoExecutor, reference_outputs
 
 
@@ -18,7 +18,7 @@ def check_invariants(engine: Engine) -> None:
     manager = engine.block_manager
     holders = collections.Counter()
     for seq in engine.scheduler.running:
-        assert seq.status is SequenceStatus.RUNNING
+        assert seq.status is RequestStatus.RUNNING
         assert len(set(seq.block_table)) == len(seq.block_table), "a sequence holds a block twice"
         holders.update(seq.block_table)
     for seq in engine.scheduler.waiting:
@@ -222,6 +222,7 @@ def test_requests_that_can_never_fit_are_rejected_with_a_reason():
     assert records["big"].status == "rejected" and "6 KV blocks" in records["big"].reason
     assert records["empty"].status == "rejected" and "empty" in records["empty"].reason
     assert records["ok"].status == "finished" and records["ok"].output_len == 2
+    assert engine.num_rejected == 3
 
 
 def test_idle_engine_jumps_to_the_next_arrival_on_a_virtual_clock():

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from analysis.run_schema import STEPS_SCHEMA
 from analysis.run_store import read_run, run_metadata, trace_fingerprint, write_run
+from engine.sequence import RequestStatus
 from tests.runs import engine_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +171,13 @@ def test_schema_errors_name_the_file_the_column_and_the_row(tmp_path, tables):
         write_run(tmp_path / "other", requests,
                   steps.set_column(steps.schema.get_field_index("duration"), "duration",
                                    pa.array(["x"] * steps.num_rows)), metadata())
+
+
+def test_runs_stored_in_benchmarks_data_still_read_with_their_columns_and_statuses():
+    """The step columns come from StepRecord and statuses from RequestStatus: the runs stored must not notice."""
+    folders = sorted(path.parent for path in (Path(__file__).parents[1] / "benchmarks" / "data").rglob("steps.parquet"))
+    assert folders
+    for folder in folders:
+        run = read_run(folder)
+        assert pq.read_schema(folder / "steps.parquet").names == STEPS_SCHEMA.names
+        assert set(run.requests.column("status").to_pylist()) <= set(RequestStatus)

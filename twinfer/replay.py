@@ -33,7 +33,7 @@ class ReplayProgress:
 
     def refresh(self) -> None:
         replicas = self.replicas
-        done = sum(engine.num_finished + len(engine.rejected) for engine in replicas)
+        done = sum(engine.num_finished + engine.num_rejected for engine in replicas)
         self.bar.update(done - self._done)
         self._done = done
         clock_time = max(engine.clock.now() for engine in replicas)

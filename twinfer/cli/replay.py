@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, router: str | None = None) -> int:
     """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
     run and print its summary. `twinfer replay` and `twinfer simulate` both come here."""
+    from engine.executor import ShutdownExecutor
     from simulator.cluster import build_replicas
     from simulator.router import make_router
     from simulator.simulated_engine import build_simulated_engine
@@ -63,9 +64,8 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
         )
     finally:
         for engine in engines:
-            shutdown = getattr(engine.executor, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            if isinstance(engine.executor, ShutdownExecutor):
+                engine.executor.shutdown()
     print(f"run written to {path}")
     print_run_summary(path, args.goodput, args.save_result)
     return 0
