@@ -11,8 +11,6 @@ from array import array
 from bisect import bisect_left
 from itertools import accumulate, repeat
 
-from engine.stats import StepRecord
-
 MIN_STEPS = 2
 FIRST_CHUNK = 64
 """Durations first predicted when an arrival may cut the run short (more are asked for if it does not)."""
@@ -30,17 +28,13 @@ def fast_forward_decodes(engine, now: float) -> bool:
         return False
     executor = engine.executor
     token = executor.token_id
-    samples_to_finish = scheduler.num_samples_to_finish
-    steps_to_first_finish = None
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
             return False
-        # Every step samples one token of each sequence: the run may end with the step where the first
-        # ones finish (a token that stops a sequence finishes it in the first step, leaving no run).
-        num_samples = samples_to_finish(seq, token)
-        if steps_to_first_finish is None or num_samples < steps_to_first_finish:
-            steps_to_first_finish = num_samples
+    # Every step samples one token of each sequence: the run may end with the step where the first ones
+    # finish (a token that stops a sequence finishes it in the first step, leaving no run).
+    steps_to_first_finish = scheduler.num_samples_to_first_finish(token)
     max_steps = steps_to_first_finish
     if max_steps < MIN_STEPS:
         return False
@@ -108,49 +102,27 @@ def fast_forward_decodes(engine, now: float) -> bool:
     for seq in running:
         seq.num_computed_tokens += num_steps
     first_step = scheduler.advance_steps(num_steps)
-    cuda_graph_batch_size = executor.cuda_graph_batch_size(num_seqs)
-    finishes = num_steps == steps_to_first_finish
-    # A finishing step is logged as a row of its own: its running count and blocks used are taken after
-    # the finished sequences leave, as the engine records a step.
-    num_run_steps = num_steps - 1 if finishes else num_steps
-    engine.step_records.append_decode_run(
-        first_step,
-        times[: num_run_steps + 1],
-        num_seqs,
-        context,
-        used_before,
-        [step for step, _ in allocations if step < num_run_steps],
-        manager.num_blocks,
-        cuda_graph_batch_size,
-    )
     end = times[-1]
-    if finishes:
+    state_after_finish = None
+    if num_steps == steps_to_first_finish:
         # As the scheduler's update does: every sequence advanced (and committed), then the finished
         # ones, in running order, marked and freed.
         finished = [(seq, reason) for seq in running if (reason := scheduler.finish_reason(seq, token)) is not None]
         for seq, reason in finished:
             scheduler.finish(seq, reason, end)
         engine.num_finished += len(finished)
-        engine.step_records.append(StepRecord(
-            step=first_step + num_run_steps,
-            start_time=times[num_run_steps],
-            duration=end - times[num_run_steps],
-            num_prefill_seqs=0,
-            num_prefill_tokens=0,
-            num_decode_seqs=num_seqs,
-            num_decode_tokens=num_seqs,
-            decode_context_tokens=context + num_run_steps * num_seqs,
-            prefill_context_tokens=0,
-            prefill_attention_work=0.0,
-            num_running=len(running),
-            num_waiting=0,
-            kv_blocks_used=manager.num_used_blocks,
-            kv_blocks_total=manager.num_blocks,
-            num_preempted=0,
-            prefix_cache_hit_tokens=0,
-            cuda_graph_batch_size=cuda_graph_batch_size,
-            num_batched_tokens=num_seqs,
-        ))
+        state_after_finish = (len(running), manager.num_used_blocks)
+    engine.step_records.append_decode_run(
+        first_step,
+        times,
+        num_seqs,
+        context,
+        used_before,
+        [step for step, _ in allocations],
+        manager.num_blocks,
+        executor.cuda_graph_batch_size(num_seqs),
+        state_after_finish,
+    )
     engine.clock.sleep_until(end)
     return True
 

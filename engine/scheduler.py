@@ -2,19 +2,17 @@
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
 from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import FinishReason, RequestStatus, Sequence
 from engine.stats import summarize_batch
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduleStats:
-    """What happened while deciding a step, for the step log."""
+class ScheduleStats(NamedTuple):
+    """What happened while deciding a step, for the step log (a named tuple: one is built every step)."""
 
     num_preempted: int
     prefix_cache_hit_tokens: int
@@ -257,19 +255,23 @@ class Scheduler:
         params = seq.sampling_params
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
             return FinishReason.LENGTH
-        if self._stops(params, token):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids):
             return FinishReason.STOP
         return None
 
-    def num_samples_to_finish(self, seq: Sequence, token: int) -> int:
-        """How many more samples seq takes until finish_reason stops it, if every one of them is token."""
-        params = seq.sampling_params
-        if self._stops(params, token):
-            return 1
-        return params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
-
-    def _stops(self, params: SamplingParams, token: int) -> bool:
-        return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
+    def num_samples_to_first_finish(self, token: int) -> int:
+        """How many more samples the running sequences take until finish_reason stops the first of them, if
+        every sample is token (decode fast-forward; one call for the batch, as it asks before every step)."""
+        eos_ids = self.config.eos_token_ids
+        fewest = None
+        for seq in self.running:
+            params = seq.sampling_params
+            if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+                return 1
+            num_left = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
+            if fewest is None or num_left < fewest:
+                fewest = num_left
+        return fewest
 
     def finish(self, seq: Sequence, reason: FinishReason, now: float) -> None:
         """End seq for reason at now (it has sampled its last token) and free its blocks."""

@@ -30,7 +30,7 @@ class StepRecord(NamedTuple):
     """One engine step: its batch (the cost model's inputs), its timing and the engine's state.
 
     The one declaration of the steps table: its columns, and their types (int or float), are these fields.
-    A named tuple: built by keyword every step, it costs little more than the plain tuple the step log keeps.
+    A named tuple: built by keyword, read back by name, and kept by the step log as a plain tuple.
     """
 
     step: int
@@ -56,9 +56,11 @@ class StepRecord(NamedTuple):
     num_batched_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class BatchFeatures:
-    """What a step's batch costs to run, from its SchedulerOutput alone (the cost model's inputs)."""
+class BatchFeatures(NamedTuple):
+    """What a step's batch costs to run, from its SchedulerOutput alone (the cost model's inputs).
+
+    A named tuple rather than a frozen dataclass: the scheduler builds one every step, at half the cost.
+    """
 
     num_prefill_seqs: int
     num_prefill_tokens: int

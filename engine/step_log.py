@@ -42,6 +42,8 @@ class StepLog:
         self._run_allocations: list[list[int]] = []
         self._run_total: list[int] = []
         self._run_graph: list[int] = []
+        self._run_states_after_finish: dict[int, tuple[int, int]] = {}
+        """(running, KV blocks used) after the last step of each run in which sequences finish, by run."""
         self._num_run_rows = 0
         self._num_run_rows_end = -1
         """The row count right after the last run (so the last row is a run's when they are equal)."""
@@ -62,12 +64,17 @@ class StepLog:
         allocation_steps: list[int],
         kv_blocks_total: int,
         cuda_graph_batch_size: int,
+        state_after_finish: tuple[int, int] | None = None,
     ) -> None:
         """Add len(times) - 1 pure-decode steps of num_seqs sequences each, without waiting or preempted ones.
 
         Step j starts at times[j] and ends at times[j + 1]; its decode context is decode_context_tokens
         + j * num_seqs; its blocks used count kv_blocks_used plus the entries of allocation_steps <= j.
+        When sequences finish in the last step, state_after_finish gives its running sequences and blocks
+        used once they are gone, as the engine records any step: after the step's update.
         """
+        if state_after_finish is not None:
+            self._run_states_after_finish[len(self._run_rows)] = state_after_finish
         self._run_rows.append(self._num_rows)
         self._run_rows_before.append(self._num_run_rows)
         self._run_steps.append(first_step)
@@ -108,6 +115,10 @@ class StepLog:
             j = index - self._run_rows[run]
             times = self._run_times[run]
             num_seqs = self._run_seqs[run]
+            num_running = num_seqs
+            used = self._run_used[run] + sum(1 for step in self._run_allocations[run] if step <= j)
+            if j == len(times) - 2 and run in self._run_states_after_finish:
+                num_running, used = self._run_states_after_finish[run]
             return StepRecord(
                 step=self._run_steps[run] + j,
                 start_time=times[j],
@@ -119,9 +130,9 @@ class StepLog:
                 decode_context_tokens=self._run_context[run] + j * num_seqs,
                 prefill_context_tokens=0,
                 prefill_attention_work=0.0,
-                num_running=num_seqs,
+                num_running=num_running,
                 num_waiting=0,
-                kv_blocks_used=self._run_used[run] + sum(1 for step in self._run_allocations[run] if step <= j),
+                kv_blocks_used=used,
                 kv_blocks_total=self._run_total[run],
                 num_preempted=0,
                 prefix_cache_hit_tokens=0,
@@ -222,6 +233,12 @@ class StepLog:
         used += allocations[:total]
         result["kv_blocks_used"] = used
         del allocations
+        if self._run_states_after_finish:
+            runs = np.fromiter(self._run_states_after_finish.keys(), dtype=np.int64)
+            last_rows = run_rows[runs] + run_lengths[runs] - 1
+            running_after, used_after = zip(*self._run_states_after_finish.values())
+            result["num_running"][last_rows] = running_after
+            used[last_rows] = used_after
         # Times: a run holds its start and each step's end. A plain row reads as a zero-length step here,
         # then gets its own duration.
         plain_starts = plain["start_time"].tolist()

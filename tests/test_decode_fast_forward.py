@@ -57,6 +57,7 @@ def test_fast_forward_equals_stepping(workload):
         requests_table(list(stepped.request_records.values()))
     )
     assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    assert list(skipped.step_records) == list(stepped.step_records)  # read back row by row too
     assert skipped.clock.now() == stepped.clock.now()
     for request_id in stepped.sequences:
         assert skipped.output_token_ids(request_id) == stepped.output_token_ids(request_id)
