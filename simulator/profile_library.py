@@ -165,7 +165,7 @@ def step_predictor_of(run):
 
 def _predict_rows(model, steps) -> np.ndarray:
     """predict() row by row, for cost models without a vectorized form (the roofline)."""
-    names = list(BatchFeatures.__dataclass_fields__)
+    names = list(BatchFeatures._fields)
     columns = [steps.column(name).to_pylist() for name in names]
     graphs = steps.column("cuda_graph_batch_size").to_pylist()
     return np.array([model.predict(BatchFeatures(*values), graph) for *values, graph in zip(*columns, graphs)])

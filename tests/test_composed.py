@@ -106,7 +106,7 @@ def test_vectorized_columns_equal_predict(profile, tp):
     rng = random.Random(11)
     steps = [random_step(rng) for _ in range(400)]
     columns = {name: np.array([getattr(features, name) for features, _ in steps])
-               for name in BatchFeatures.__dataclass_fields__}
+               for name in BatchFeatures._fields}
     columns["cuda_graph_batch_size"] = np.array([graph for _, graph in steps])
     expected = [model.predict(features, graph) for features, graph in steps]
     np.testing.assert_allclose(model.predict_columns(columns), expected, rtol=1e-9)
