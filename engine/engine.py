@@ -40,6 +40,7 @@ class Engine:
         self.num_finished = 0
         """Requests finished or aborted so far."""
         self.num_rejected = 0
+        """Requests rejected when added (kept in self.requests as their records)."""
         self._pending: list[tuple[float, int, Sequence]] = []
         self._seq_ids = itertools.count()
         self._last_step_busy = False

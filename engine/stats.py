@@ -22,7 +22,8 @@ class RequestRecord:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     reason: str = ""
-    """A finished request's FinishReason (stop or length); for an aborted or rejected one, why, in words."""
+    """A finished request's FinishReason (stop or length); why a rejected one was, in words; for an aborted
+    one, "aborted: " and the caller's reason."""
     token_times: list[float] = field(default_factory=list)
 
 
