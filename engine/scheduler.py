@@ -255,18 +255,21 @@ class Scheduler:
         params = seq.sampling_params
         if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
             return FinishReason.LENGTH
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids):
+        if self.stops_on(params, token):
             return FinishReason.STOP
         return None
+
+    def stops_on(self, params, token: int) -> bool:
+        """Whether sampling token stops a request of these sampling params (a stop token, or EOS unless ignored)."""
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
 
     def num_samples_to_first_finish(self, token: int) -> int:
         """How many more samples the running sequences take until finish_reason stops the first of them, if
         every sample is token (decode fast-forward; one call for the batch, as it asks before every step)."""
-        eos_ids = self.config.eos_token_ids
         fewest = None
         for seq in self.running:
             params = seq.sampling_params
-            if token in params.stop_token_ids or (not params.ignore_eos and token in eos_ids):
+            if self.stops_on(params, token):
                 return 1
             num_left = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
             if fewest is None or num_left < fewest:
