@@ -3,11 +3,11 @@
 import argparse
 import sys
 
-from twinfer.cli import bench, calibrate, compare, demo, plan, profile, replay, report, simulate, summary
+from twinfer.cli import bench, calibrate, compare, demo, plan, profile, replay, report, serve, simulate, summary
 
 SUBCOMMANDS = {
     module.__name__.rsplit(".", 1)[1]: module
-    for module in (replay, simulate, summary, compare, report, profile, calibrate, plan, bench, demo)
+    for module in (replay, simulate, summary, compare, report, profile, calibrate, plan, bench, serve, demo)
 }
 
 
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twinfer",
         description="An LLM inference engine and its simulated twin: replay, simulate, summary, compare, report, "
-                    "profile, calibrate, plan, bench, demo.",
+                    "profile, calibrate, plan, bench, serve, demo.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS.values():

@@ -1,0 +1,233 @@
+"""The engine's step loop on a thread of its own, for an asyncio server.
+
+The event loop never touches the engine: it hands requests and aborts to the driver thread through a
+queue, and the thread applies them between steps. After every step the thread collects each request's new
+tokens and hands them to the event loop in one batch (one wake-up per step, however many requests), where
+they go to the queue each request was added with. Asynchronous scheduling is the engine's own (Engine.step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+
+# The thread waiting for a GPU step gets the interpreter back within this long of the step's end, not the
+# default 5 ms, while the event loop's thread is busy writing responses.
+SWITCH_INTERVAL_S = 0.0005
+
+
+@dataclass(slots=True)
+class Delta:
+    """New output of one engine request: tokens sampled since its last delta, and how it ended when it has."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """stop, length or abort once the request has ended."""
+    sequence: Sequence | None = None
+    """The ended request's sequence (its times, for metrics); None until it ends."""
+    error: str | None = None
+    """Why the engine refused or lost the request (then nothing more comes)."""
+
+    @property
+    def is_last(self) -> bool:
+        """Whether nothing more comes for this request."""
+        return self.finish_reason is not None or self.error is not None
+
+
+class EngineUnavailable(RuntimeError):
+    """The driver is stopped or its engine failed: no request can be served."""
+
+
+@dataclass(slots=True)
+class _Active:
+    sequence: Sequence
+    sink: asyncio.Queue
+    num_sent: int = 0
+
+
+class EngineDriver:
+    """Runs an engine's steps on a thread while the event loop adds, streams and aborts requests."""
+
+    def __init__(self, engine: Engine, on_finish: Callable[[Sequence], None] | None = None) -> None:
+        """on_finish is called on the event loop with each request's sequence when it ends (metrics)."""
+        self.engine = engine
+        self.on_finish = on_finish
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.error: str | None = None
+        """Why the engine stopped serving, when a step raised."""
+        self._stopped = False
+        self._lock = threading.Lock()
+        """Held to queue a command and to stop taking them, so no command is queued after the last drain."""
+        self.num_preemptions = 0
+        """Preemptions over every step so far (read by the metrics)."""
+        self._num_steps_counted = 0
+
+    # ---- the event loop's side
+
+    def start(self) -> None:
+        """Start the thread; call from the event loop that will read the deltas."""
+        self._loop = asyncio.get_running_loop()
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._thread = threading.Thread(target=self._run, name="twinfer-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        """True while the thread serves requests (not stopped, no failed step)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped and self.error is None
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: asyncio.Queue) -> None:
+        """Queue a request arriving now; its Deltas are put on sink (which several requests may share)."""
+        self._put(("add", request_id, sink, prompt_token_ids, params, self.engine.clock.now()))
+
+    def abort(self, request_id: str, reason: str) -> None:
+        """Stop a request (its last delta has finish reason abort, its blocks are freed); a no-op once ended."""
+        try:
+            self._put(("abort", request_id, reason))
+        except EngineUnavailable:
+            pass  # every request has been ended already
+
+    async def call(self, function: Callable[[Engine], object]):
+        """function(engine) run on the driver thread between two steps; its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(("call", function, future))
+        return await asyncio.wrap_future(future)
+
+    def _put(self, command: tuple) -> None:
+        with self._lock:
+            if not self.is_running:
+                raise EngineUnavailable(self.error or "the engine is not running")
+            self._commands.put(command)
+
+    def stop(self, reason: str = "server shutdown") -> None:
+        """Abort every unfinished request, end the thread and wait for it (blocking)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        self._commands.put(("stop", reason))
+        self._thread.join()
+
+    def _deliver(self, batch: list[tuple[asyncio.Queue, Delta]]) -> None:
+        on_finish = self.on_finish
+        for sink, delta in batch:
+            sink.put_nowait(delta)
+            if on_finish is not None and delta.sequence is not None:
+                on_finish(delta.sequence)
+
+    # ---- the driver thread
+
+    def _run(self) -> None:
+        engine = self.engine
+        commands = self._commands
+        try:
+            while True:
+                if not engine.has_unfinished() and not self._apply(commands.get()):
+                    break
+                if not commands.empty() and not self._drain(commands):
+                    break
+                if engine.has_unfinished():
+                    engine.step()
+                    self._publish()
+        except Exception as error:  # a failed step: every request in the engine is lost
+            self.error = f"the engine failed: {type(error).__name__}: {error}"
+            traceback.print_exc()
+        with self._lock:
+            self._stopped = True
+        self._fail_all(self.error or "the server is shutting down")
+
+    def _drain(self, commands: queue.SimpleQueue) -> bool:
+        while not commands.empty():
+            if not self._apply(commands.get_nowait()):
+                return False
+        return True
+
+    def _apply(self, command: tuple) -> bool:
+        """Apply one command; False when it stops the thread."""
+        kind = command[0]
+        engine = self.engine
+        if kind == "add":
+            _, request_id, sink, prompt_token_ids, params, arrival_time = command
+            engine.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params,
+                               arrival_time=arrival_time, request_id=request_id)
+            added = engine.requests[request_id]
+            if isinstance(added, Sequence):
+                self._active[request_id] = _Active(added, sink)
+            else:  # rejected (it can never fit the KV cache): recorded as such, answered at once
+                self._send([(sink, Delta(request_id, [], error=added.reason))])
+        elif kind == "abort":
+            _, request_id, reason = command
+            if request_id in self._active:
+                engine.abort(request_id, reason)
+                self._publish()
+        elif kind == "call":
+            _, function, future = command
+            try:
+                future.set_result(function(engine))
+            except Exception as error:
+                future.set_exception(error)
+        elif kind == "stop":
+            engine.abort_all(command[1])
+            self._publish()
+            return False
+        return True
+
+    def _publish(self) -> None:
+        """Hand every request's new tokens, and the ends of finished ones, to the event loop."""
+        batch = []
+        ended = []
+        for request_id, active in self._active.items():
+            seq = active.sequence
+            token_ids = seq.token_ids
+            num_outputs = len(token_ids) - seq.num_prompt_tokens
+            finished = seq.finish_time is not None
+            if num_outputs > active.num_sent or finished:
+                start = seq.num_prompt_tokens + active.num_sent
+                delta = Delta(request_id, token_ids[start:start + num_outputs - active.num_sent].tolist())
+                active.num_sent = num_outputs
+                if finished:
+                    delta.finish_reason = str(seq.finish_reason)
+                    delta.sequence = seq
+                    ended.append(request_id)
+                batch.append((active.sink, delta))
+        for request_id in ended:
+            del self._active[request_id]
+        steps = self.engine.step_records
+        for index in range(self._num_steps_counted, len(steps)):
+            self.num_preemptions += steps[index].num_preempted
+        self._num_steps_counted = len(steps)
+        if batch:
+            self._send(batch)
+
+    def _send(self, batch: list) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, batch)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is reading any more
+
+    def _fail_all(self, reason: str) -> None:
+        """Answer every request still open and every command still queued: nothing more will be served."""
+        batch = [(active.sink, Delta(request_id, [], error=reason)) for request_id, active in self._active.items()]
+        self._active.clear()
+        while not self._commands.empty():
+            command = self._commands.get_nowait()
+            if command[0] == "add":
+                batch.append((command[2], Delta(command[1], [], error=reason)))
+            elif command[0] == "call":
+                command[2].set_exception(EngineUnavailable(reason))
+        if batch:
+            self._send(batch)
+
