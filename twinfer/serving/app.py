@@ -47,8 +47,8 @@ def _validation_error(error: RequestValidationError) -> APIError:
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON in the request body: {first.get('ctx', {}).get('error', first['msg'])}")
-    if not location and first.get("type") == "missing":
-        return APIError(400, "the request body must be a JSON object")
+    if not location:
+        return APIError(400, f"the request body must be a JSON object of the request's fields ({first['msg']})")
     param = ".".join(location) or None
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=location[0] if location else None)
 

@@ -104,9 +104,14 @@ class EngineDriver:
 
     async def call(self, function: Callable[[Engine], object]):
         """function(engine) run on the driver thread between two steps; its result."""
+        return await asyncio.wrap_future(self.run_on_thread(function))
+
+    def run_on_thread(self, function: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Queue function(engine) to run on the driver thread between two steps (from any thread); the
+        future of its result. The engine takes no step while it runs."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._put(("call", function, future))
-        return await asyncio.wrap_future(future)
+        return future
 
     def _put(self, command: tuple) -> None:
         with self._lock:

@@ -1,0 +1,395 @@
+"""`twinfer serve` on CPU: a tiny model behind the OpenAI API on a loopback port, driven by the `openai` client.
+
+Outputs are checked against LLM.generate on the same weights (greedy), KV blocks against leaks after clients
+go away, and every bad request against its OpenAI error body. Where a test needs the engine to hold still (a
+request in flight while a client disconnects), it parks the engine's thread on a gate: nothing depends on
+timing.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+
+from analysis.run_store import read_run
+from engine import LLM, SamplingParams
+from tests.http_server import ServerThread
+from tests.test_llm import VOCAB, model_folder  # noqa: F401 (the tiny model fixture)
+from twinfer.serving.app import create_app
+from twinfer.serving.request_log import RequestLog
+
+MODEL = "tiny"
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }} {% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def reference(model_folder):  # noqa: F811
+    return LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def served(model_folder):  # noqa: F811
+    """The LLM whose engine the servers of this module serve (one server at a time)."""
+    return LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+
+
+@pytest.fixture()
+def serve(served):
+    """Start a server on the shared engine with these options; stopped after the test."""
+    started = []
+
+    def start(**options) -> ServerThread:
+        options.setdefault("chat_template", CHAT_TEMPLATE)
+        app = create_app(served.engine, served.tokenizer, model_name=MODEL, **options)
+        server = ServerThread(app).__enter__()
+        server.app = app
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def client(server, **options) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=options.pop("api_key", "unused"), max_retries=0,
+                         **options)
+
+
+def async_client(server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def greedy(reference, prompt, max_tokens: int) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return reference.generate([prompt], params, use_tqdm=False)[0].token_ids
+
+
+class Gate:
+    """Parks the server's engine thread (it takes no step) until opened."""
+
+    def __init__(self, server) -> None:
+        self._open = threading.Event()
+        self._parked = threading.Event()
+
+        def park(engine):
+            self._parked.set()
+            self._open.wait(timeout=60)
+
+        server.app.state.driver.run_on_thread(park)
+        assert self._parked.wait(timeout=60)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def engine_state(server, function):
+    """function(engine) evaluated on the engine's thread between steps."""
+    return server.app.state.driver.run_on_thread(function).result(timeout=60)
+
+
+def wait_until_idle(server) -> None:
+    """Wait (bounded) until the engine has nothing left: every abort applied, every request ended."""
+    for _ in range(600):
+        if not engine_state(server, lambda engine: engine.has_unfinished()):
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("the engine still has unfinished requests after 30 s")
+
+
+def free_blocks(server) -> tuple[int, int]:
+    return engine_state(server, lambda engine: (engine.block_manager.num_free_blocks, engine.block_manager.num_blocks))
+
+
+# ---- the API with the openai client
+
+
+def test_completion_whole_and_streamed_equal_generate(serve, reference):
+    server = serve()
+    expected = greedy(reference, [5, 6, 7, 8], 6)
+    whole = client(server).completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = whole.choices[0]
+    assert choice.token_ids == expected and choice.finish_reason == "length"
+    assert choice.text.split() == [f"w{token - 2}" for token in expected]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (4, 6, 10)
+
+    chunks = list(client(server).completions.create(
+        model=MODEL, prompt="w3 w4 w5 w6", max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True}))
+    streamed = [token for chunk in chunks for choice in chunk.choices for token in choice.token_ids]
+    assert streamed == expected
+    assert "".join(choice.text for chunk in chunks for choice in chunk.choices).split() == choice.text.split()
+    assert [choice.finish_reason for chunk in chunks for choice in chunk.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+
+
+def test_chat_whole_and_streamed_follow_the_template(serve, reference):
+    server = serve()
+    messages = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w12 w13 w14"}]
+    prompt = reference.tokenizer.encode("w10 w11 w12 w13 w14 ", add_special_tokens=False)
+    expected = greedy(reference, prompt, 5)
+    whole = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                                   extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].token_ids == expected
+    assert whole.usage.prompt_tokens == len(prompt)
+
+    chunks = list(client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(choice.delta.content or "" for chunk in chunks for choice in chunk.choices)
+    assert content.split() == whole.choices[0].message.content.split()
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_n_choices_and_several_prompts_each_get_their_index(serve, reference):
+    server = serve()
+    response = client(server).completions.create(
+        model=MODEL, prompt=[[5, 6, 7], [9, 10]], n=3, max_tokens=4, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert [choice.index for choice in response.choices] == list(range(6))
+    # Greedy: the three choices of a prompt are that prompt's one greedy completion.
+    for prompt_index, prompt in enumerate([[5, 6, 7], [9, 10]]):
+        expected = greedy(reference, prompt, 4)
+        assert [choice.token_ids for choice in response.choices[3 * prompt_index:3 * prompt_index + 3]] == [expected] * 3
+    assert response.usage.prompt_tokens == 5 and response.usage.completion_tokens == 24
+
+
+def test_seeded_choices_differ_and_reproduce(serve):
+    server = serve()
+
+    def sample():
+        return [choice.token_ids for choice in client(server).completions.create(
+            model=MODEL, prompt=[5, 6], n=2, max_tokens=12, temperature=1.0, seed=7,
+            extra_body={"ignore_eos": True, "return_token_ids": True}).choices]
+
+    first = sample()
+    assert first == sample()
+    assert first[0] != first[1]  # choice i samples with seed + i, as vLLM's parallel sampling
+
+
+def test_models_health_and_metrics(serve):
+    server = serve()
+    models = client(server).models.list()
+    assert [model.id for model in models.data] == [MODEL]
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    for _ in range(3):
+        client(server).completions.create(model=MODEL, prompt=[5, 6, 7] * 8, max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+                 "vllm:inter_token_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum"):
+        assert f"{name}{{" in text, name
+    samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:") and "_bucket" not in line}
+    assert samples["vllm:time_to_first_token_seconds_count"] == 3
+    assert samples["vllm:request_generation_tokens_sum"] == 9
+    assert samples["vllm:num_requests_running"] == 0
+    # The same 24-token prompt three times: its full blocks are found in the prefix cache the second time.
+    assert samples["vllm:prefix_cache_hits_total"] >= 16
+
+
+# ---- many clients, and clients that go away
+
+
+def test_64_concurrent_streams_equal_generate(serve, reference):
+    server = serve()
+    prompts = [[2 + (7 * index + offset) % (VOCAB - 2) for offset in range(3 + index % 9)] for index in range(64)]
+    lengths = [4 + index % 13 for index in range(64)]
+    expected = reference.generate(prompts, [SamplingParams(temperature=0, max_tokens=length, ignore_eos=True)
+                                            for length in lengths], use_tqdm=False)
+
+    async def one(api, prompt, length):
+        stream = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=length, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        return [token async for chunk in stream for choice in chunk.choices for token in choice.token_ids]
+
+    async def all_of_them():
+        api = async_client(server)
+        return await asyncio.gather(*(one(api, prompt, length) for prompt, length in zip(prompts, lengths)))
+
+    outputs = asyncio.run(all_of_them())
+    assert outputs == [output.token_ids for output in expected]
+    wait_until_idle(server)
+    assert free_blocks(server)[0] == free_blocks(server)[1]
+
+
+def _read_sse_events(response, count: int) -> list[dict]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+            if len(events) == count:
+                break
+    return events
+
+
+def test_a_stream_closed_mid_way_aborts_its_request_and_frees_its_blocks(serve):
+    server = serve()
+    body = {"model": MODEL, "prompt": list(range(2, 40)), "max_tokens": 150, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.base_url}/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            assert _read_sse_events(response, 1)  # running: it has sampled a token
+            gate = Gate(server)  # hold the engine so the request is surely unfinished when the client leaves
+    # Leaving the with blocks closed the connection.
+    gate.open()
+    wait_until_idle(server)
+    records = engine_state(server, lambda engine: engine.request_records)
+    aborted = [record for record in records.values() if record.reason == "aborted: client disconnected"]
+    assert aborted and aborted[-1].output_len < 150
+    assert free_blocks(server)[0] == free_blocks(server)[1]
+
+
+def test_a_whole_response_whose_client_leaves_is_aborted(serve):
+    server = serve()
+    gate = Gate(server)
+    body = json.dumps({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        # The request is queued behind the gate; wait until the server has read it (bounded), then leave.
+        for _ in range(600):
+            if server.app.state.serving.num_in_flight:
+                break
+            threading.Event().wait(0.05)
+        assert server.app.state.serving.num_in_flight == 1
+    gate.open()
+    wait_until_idle(server)
+    records = engine_state(server, lambda engine: engine.request_records)
+    assert list(records.values())[-1].reason == "aborted: client disconnected"
+    assert free_blocks(server)[0] == free_blocks(server)[1]
+    for _ in range(600):  # the handler sees the disconnect and counts the request out
+        if not server.app.state.serving.num_in_flight:
+            break
+        threading.Event().wait(0.05)
+    assert server.app.state.serving.num_in_flight == 0
+
+
+def test_over_the_concurrency_limit_is_429(serve):
+    server = serve(max_concurrent_requests=1)
+    gate = Gate(server)
+    results = {}
+
+    def first():
+        results["first"] = client(server).completions.create(model=MODEL, prompt=[5], max_tokens=2)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    for _ in range(600):
+        if server.app.state.serving.num_in_flight:
+            break
+        threading.Event().wait(0.05)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client(server).completions.create(model=MODEL, prompt=[5], max_tokens=2)
+    assert refused.value.body["code"] == "rate_limit_exceeded"
+    gate.open()
+    thread.join(timeout=60)
+    assert results["first"].usage.completion_tokens == 2
+
+
+# ---- bad input and auth
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "malformed JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    ({"prompt": [5]}, 400, "model", "model"),
+    ({"model": "other", "prompt": [5]}, 404, "model", "does not exist"),
+    ({"model": MODEL, "prompt": [5] * 250, "max_tokens": 10}, 400, "max_tokens", "maximum context length is 256"),
+    ({"model": MODEL, "prompt": [5], "temperature": -0.5}, 400, "temperature", "temperature"),
+    ({"model": MODEL, "prompt": [5], "top_p": 0}, 400, "top_p", "top_p"),
+    ({"model": MODEL, "prompt": [5], "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"model": MODEL, "prompt": [5], "n": 0}, 400, "n", "n must be"),
+    ({"model": MODEL, "prompt": [5], "temperature": "hot"}, 400, "temperature", "number"),
+    ({"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
+    ({"model": MODEL, "prompt": [VOCAB]}, 400, "prompt", "outside the vocabulary"),
+    ({"model": MODEL, "prompt": [5], "suffix": "x"}, 400, "suffix", "not supported"),
+])
+def test_bad_completion_requests_get_openai_errors(serve, body, status, param, words):
+    server = serve()
+    if isinstance(body, dict):
+        response = httpx.post(f"{server.base_url}/v1/completions", json=body)
+    else:
+        response = httpx.post(f"{server.base_url}/v1/completions", content=body,
+                              headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = error_of(response)
+    assert error["param"] == param and words in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_get_openai_errors(serve, served):
+    server = serve(chat_template=None)
+    url = f"{server.base_url}/v1/chat/completions"
+    no_template = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "w3"}]})
+    assert no_template.status_code == 400 and "no chat template" in error_of(no_template)["message"]
+    no_messages = httpx.post(url, json={"model": MODEL, "messages": []})
+    assert no_messages.status_code == 400 and error_of(no_messages)["param"] == "messages"
+    bad_role = httpx.post(url, json={"model": MODEL, "messages": [{"role": "robot", "content": "w3"}]})
+    assert bad_role.status_code == 400 and error_of(bad_role)["param"] == "messages"
+    image = httpx.post(url, json={"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert image.status_code == 400 and "image_url" in error_of(image)["message"]
+
+
+def test_a_request_larger_than_the_whole_kv_cache_is_refused_and_logged(model_folder, tmp_path):  # noqa: F811
+    llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64, num_gpu_blocks_override=4)
+    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL,
+                     request_log=RequestLog(tmp_path / "log", "cpu", {"model": model_folder}))
+    with ServerThread(app) as server:
+        response = httpx.post(f"{server.base_url}/v1/completions",
+                              json={"model": MODEL, "prompt": [5] * 60, "max_tokens": 20})
+        assert response.status_code == 400 and "KV blocks" in error_of(response)["message"]
+    run = read_run(tmp_path / "log")
+    assert run.requests.column("status").to_pylist() == ["rejected"]
+
+
+def test_api_key_is_required_on_v1_routes_only(serve):
+    server = serve(api_key="sesame")
+    with pytest.raises(openai.AuthenticationError):
+        client(server).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(server, api_key="wrong").completions.create(model=MODEL, prompt=[5], max_tokens=1)
+    unauthorized = httpx.post(f"{server.base_url}/v1/completions", content=b"{not json")
+    assert unauthorized.status_code == 401 and error_of(unauthorized)["code"] == "invalid_api_key"
+    assert client(server, api_key="sesame").completions.create(model=MODEL, prompt=[5], max_tokens=1).choices
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+    assert httpx.get(f"{server.base_url}/metrics").status_code == 200
+
+
+# ---- the request log
+
+
+def test_every_accepted_request_is_in_the_request_log(model_folder, tmp_path):  # noqa: F811
+    llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+    log = RequestLog(tmp_path / "log", "cpu", {"model": model_folder})
+    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL, request_log=log)
+    with ServerThread(app) as server:
+        api = client(server)
+        api.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+        api.completions.create(model=MODEL, prompt=[5, 6], n=2, max_tokens=2, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.BadRequestError):  # refused before the engine: not accepted, not logged
+            api.completions.create(model=MODEL, prompt=[5], temperature=-1)
+        written = httpx.post(f"{server.base_url}/request_log").json()
+        assert written["num_requests"] == 3 and written["complete"]
+        on_demand = read_run(tmp_path / "log")
+        assert on_demand.requests.column("output_len").to_pylist() == [3, 2, 2]
+        api.completions.create(model=MODEL, prompt=[8], max_tokens=1)
+    run = read_run(tmp_path / "log")  # rewritten when the server stopped
+    assert run.requests.num_rows == 4 and set(run.requests.column("status").to_pylist()) == {"finished"}
+    assert run.steps.num_rows > 0 and run.metadata["executor_kind"] == "cpu"
