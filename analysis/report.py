@@ -27,7 +27,7 @@ from analysis.timeseries import (
     throughput_series,
 )
 
-REAL_KINDS = ("gpu", "cpu")
+REAL_KINDS = ("gpu", "cpu", "http")
 SCATTER_POINTS = 5000
 TIMELINE_COLORS = {"ttft": "#7f7f7f", "itl_ok": "#2ca02c", "itl_slow": "#d62728"}
 TIMELINE_LABELS = {"ttft": "waiting for first token (TTFT)", "itl_ok": "token gaps <= {t}", "itl_slow": "token gaps > {t}"}
