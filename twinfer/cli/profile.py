@@ -3,6 +3,7 @@ operators a step is made of, for the composed cost model of any model (on a GPU)
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(commands) -> None:
@@ -12,6 +13,11 @@ def register(commands) -> None:
                         help="time the operators of a step for every supported model family (no --model)")
     parser.add_argument("--tables", default=None,
                         help="with --operators: only these operator tables, comma-separated (default: all)")
+    parser.add_argument("--update", default=None, metavar="PROFILE",
+                        help="with --operators: write PROFILE with the tables timed now (or --merge's) replacing "
+                        "its own, to --out")
+    parser.add_argument("--merge", default=None, metavar="TIMED",
+                        help="with --update: take the replacing tables from this operator profile instead of timing")
     parser.add_argument("--quick", action="store_true", help="with --operators: tiny grids, a check that all runs")
     parser.add_argument("--model", default=None, help="preset name or model folder (dummy weights are used)")
     parser.add_argument("--out", required=True, help="Parquet file to write")
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _operators(args: argparse.Namespace) -> int:
+    if args.merge is not None:
+        return _update(args, args.merge)
     import torch
 
     from simulator.operator_profile import profile_operators
@@ -87,7 +95,26 @@ def _operators(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     tables = tuple(name.strip() for name in args.tables.split(",")) if args.tables else None
-    path = profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
+    if args.update is not None and tables is None:
+        raise ValueError("--update re-measures some tables of a profile: name them with --tables")
+    timed = Path(args.out).with_name(Path(args.out).name + ".timed") if args.update else args.out
+    path = profile_operators(timed, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
                              grid=quick_grid() if args.quick else None, tables=tables)
+    if args.update is not None:
+        _update(args, path)
+        Path(path).unlink()
+        return 0
     print(f"operator profile written to {path}")
+    return 0
+
+
+def _update(args: argparse.Namespace, timed) -> int:
+    from simulator.operator_profile import update_operator_profile
+
+    if args.update is None:
+        raise ValueError("--merge names the tables to put into a profile: give that profile with --update")
+    table = update_operator_profile(args.update, timed, args.out)
+    replaced = json.loads(dict(table.schema.metadata)[b"remeasured"])
+    print(f"operator profile {args.update} written to {args.out} ({table.num_rows} rows) with these tables from "
+          f"{timed}: {', '.join(sorted(replaced))}")
     return 0
