@@ -89,7 +89,11 @@ def _serve(args, listener: socket.socket, api_key: str | None, chat_template: st
           f"{', API key required' if api_key else ''}{'' if tokenizer else ', no tokenizer: token-id prompts only'})",
           flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[listener])
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass  # uvicorn raises Ctrl-C again once it has shut down (and the request log is written)
+    print("twinfer serve: stopped", flush=True)
     return 0
 
 
