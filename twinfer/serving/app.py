@@ -7,6 +7,7 @@ in vLLM.
 
 import asyncio
 import hmac
+import inspect
 import time
 from contextlib import asynccontextmanager
 
@@ -79,7 +80,11 @@ def create_app(engine: Engine, tokenizer=None, *, model_name: str, model_source:
                 path = request_log.write(engine, RequestLog.snapshot(engine))
                 print(f"twinfer serve: request log written to {path}", flush=True)
 
-    app = FastAPI(title="twinfer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    options = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        # FastAPI's OpenTelemetry spans cost time on every request and chunk; nothing here reads them.
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(title="twinfer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **options)
     app.state.driver = driver
     app.state.serving = serving
     app.state.metrics = metrics
