@@ -393,3 +393,76 @@ def test_every_accepted_request_is_in_the_request_log(model_folder, tmp_path):  
     run = read_run(tmp_path / "log")  # rewritten when the server stopped
     assert run.requests.num_rows == 4 and set(run.requests.column("status").to_pylist()) == {"finished"}
     assert run.steps.num_rows > 0 and run.metadata["executor_kind"] == "cpu"
+
+
+# ---- load, and the command line
+
+
+@pytest.mark.slow
+def test_a_bounded_load_ends_with_every_request_answered_and_no_block_leaked(serve):
+    """400 requests from 48 clients at once, streamed or whole, a quarter of the streams dropped after their
+    first chunk; it stops by itself (a fixed count, each request bounded by the client's timeout)."""
+    server = serve()
+    outcomes = []
+
+    async def one(api, index):
+        prompt = [2 + (index * 5 + offset) % 100 for offset in range(4 + index % 20)]
+        options = dict(model=MODEL, prompt=prompt, max_tokens=1 + index % 24, temperature=0.7, seed=index,
+                       extra_body={"ignore_eos": True})
+        if index % 2:
+            response = await api.completions.create(**options)
+            outcomes.append(("whole", response.usage.completion_tokens == options["max_tokens"]))
+            return
+        stream = await api.completions.create(**options, stream=True)
+        if index % 8 == 0:
+            async for _ in stream:
+                break
+            await stream.close()
+            outcomes.append(("dropped", True))
+            return
+        finish = [choice.finish_reason async for chunk in stream for choice in chunk.choices if choice.finish_reason]
+        outcomes.append(("streamed", finish == ["length"]))
+
+    async def load():
+        api = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        limit = asyncio.Semaphore(48)
+
+        async def bounded(index):
+            async with limit:
+                await one(api, index)
+
+        await asyncio.gather(*(bounded(index) for index in range(400)))
+
+    asyncio.run(load())
+    assert len(outcomes) == 400 and all(ok for _, ok in outcomes)
+    wait_until_idle(server)
+    assert free_blocks(server)[0] == free_blocks(server)[1]
+    assert server.app.state.serving.num_in_flight == 0
+
+
+@pytest.mark.slow
+def test_twinfer_serve_command_serves_and_writes_its_log_on_ctrl_c(model_folder, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twinfer", "serve", model_folder, "--port", "0", "--device", "cpu",
+         "--served-model-name", MODEL, "--api-key", "k", "--request-log", str(tmp_path / "log"),
+         "--chat-template", CHAT_TEMPLATE],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = process.stdout.readline()
+        assert " on http://127.0.0.1:" in line, line
+        base_url = line.split(" on ", 1)[1].split("/v1", 1)[0]
+        api = openai.OpenAI(base_url=f"{base_url}/v1", api_key="k", max_retries=0)
+        reply = api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w3 w4"}],
+                                            max_tokens=3, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 3
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "request log written" in output and "Traceback" not in output
+    assert read_run(tmp_path / "log").requests.column("output_len").to_pylist() == [3]
