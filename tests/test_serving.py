@@ -92,6 +92,15 @@ def engine_state(server, function):
     return server.app.state.driver.run_on_thread(function).result(timeout=60)
 
 
+def wait_for(condition, what: str) -> None:
+    """Wait (bounded) until condition() holds."""
+    for _ in range(1200):
+        if condition():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"still not {what} after 60 s")
+
+
 def wait_until_idle(server) -> None:
     """Wait (bounded) until the engine has nothing left: every abort applied, every request ended."""
     for _ in range(600):
@@ -240,7 +249,8 @@ def test_a_stream_closed_mid_way_aborts_its_request_and_frees_its_blocks(serve):
             assert response.status_code == 200
             assert _read_sse_events(response, 1)  # running: it has sampled a token
             gate = Gate(server)  # hold the engine so the request is surely unfinished when the client leaves
-    # Leaving the with blocks closed the connection.
+    # Leaving the with blocks closed the connection; once the server has seen it, the engine may go on.
+    wait_for(lambda: server.app.state.serving.num_in_flight == 0, "seen the disconnect")
     gate.open()
     wait_until_idle(server)
     records = engine_state(server, lambda engine: engine.request_records)
@@ -256,22 +266,14 @@ def test_a_whole_response_whose_client_leaves_is_aborted(serve):
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        # The request is queued behind the gate; wait until the server has read it (bounded), then leave.
-        for _ in range(600):
-            if server.app.state.serving.num_in_flight:
-                break
-            threading.Event().wait(0.05)
-        assert server.app.state.serving.num_in_flight == 1
+        # The request is queued behind the gate; wait until the server has read it, then leave.
+        wait_for(lambda: server.app.state.serving.num_in_flight == 1, "reading the request")
+    wait_for(lambda: server.app.state.serving.num_in_flight == 0, "seen the disconnect")
     gate.open()
     wait_until_idle(server)
     records = engine_state(server, lambda engine: engine.request_records)
     assert list(records.values())[-1].reason == "aborted: client disconnected"
     assert free_blocks(server)[0] == free_blocks(server)[1]
-    for _ in range(600):  # the handler sees the disconnect and counts the request out
-        if not server.app.state.serving.num_in_flight:
-            break
-        threading.Event().wait(0.05)
-    assert server.app.state.serving.num_in_flight == 0
 
 
 def test_over_the_concurrency_limit_is_429(serve):
@@ -284,10 +286,7 @@ def test_over_the_concurrency_limit_is_429(serve):
 
     thread = threading.Thread(target=first)
     thread.start()
-    for _ in range(600):
-        if server.app.state.serving.num_in_flight:
-            break
-        threading.Event().wait(0.05)
+    wait_for(lambda: server.app.state.serving.num_in_flight == 1, "serving the first request")
     with pytest.raises(openai.RateLimitError) as refused:
         client(server).completions.create(model=MODEL, prompt=[5], max_tokens=2)
     assert refused.value.body["code"] == "rate_limit_exceeded"

@@ -166,8 +166,12 @@ class EngineDriver:
         engine = self.engine
         if kind == "add":
             _, request_id, sink, prompt_token_ids, params, arrival_time = command
-            engine.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params,
-                               arrival_time=arrival_time, request_id=request_id)
+            try:
+                engine.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params,
+                                   arrival_time=arrival_time, request_id=request_id)
+            except (ValueError, TypeError) as error:  # this request's fault: the engine goes on
+                self._send([(sink, Delta(request_id, [], error=str(error)))])
+                return True
             added = engine.requests[request_id]
             if isinstance(added, Sequence):
                 self._active[request_id] = _Active(added, sink)

@@ -216,6 +216,10 @@ class _Response:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self._closed = False
+        # A streamed completion's chunks differ only in a few fields: their JSON is this head and a short tail
+        # (a quarter of the time json.dumps of the whole chunk takes, on every token of every stream).
+        self._chunk_head = (f'data: {{"id": {json.dumps(self.id)}, "object": "text_completion", "created": '
+                            f'{self.created}, "model": {json.dumps(serving.model_name)}, "choices": [{{"index": ')
 
     def close(self) -> None:
         """Abort every choice still running (the client went away, or the server failed) and count the
@@ -312,6 +316,13 @@ class _Response:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def _completion_chunk(self, choice: _Choice, text: str, token_ids: list[int]) -> str:
+        """A streamed completion's chunk after its first (the same JSON as _chunk's, built faster)."""
+        finish = "null" if choice.finish_reason is None else f'"{choice.finish_reason}"'
+        ids = f', "token_ids": {token_ids}' if self.request.return_token_ids else ""
+        return (f'{self._chunk_head}{choice.index}, "text": {json.dumps(text, ensure_ascii=False)}, '
+                f'"logprobs": null, "finish_reason": {finish}, "stop_reason": null{ids}}}]}}\n\n')
+
     def _stream_choice(self, choice: _Choice, text: str, token_ids: list[int], first: bool) -> dict:
         request = self.request
         if self.chat:
@@ -355,6 +366,9 @@ class _Response:
             for request_id, (text, token_ids) in pending.items():
                 choice = self.by_request_id[request_id]
                 first = choice.index not in started
+                if not (first or self.chat or continuous):
+                    yield self._completion_chunk(choice, text, token_ids)
+                    continue
                 started.add(choice.index)
                 yield self._chunk([self._stream_choice(choice, text, token_ids, first)],
                                   self.usage() if continuous else None)
