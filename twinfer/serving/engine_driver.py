@@ -38,6 +38,11 @@ class Delta:
     """The ended request's sequence (its times, for metrics); None until it ends."""
     error: str | None = None
     """Why the engine refused or lost the request (then nothing more comes)."""
+    text: str | None = None
+    """The text the tokens add, when the engine decodes text itself (a sequence with a detokenizer, which
+    also applies stop strings); None: the server decodes."""
+    stop_reason: int | str | None = None
+    """The stop token or stop string that ended it, when the engine records one."""
 
     @property
     def is_last(self) -> bool:
@@ -54,6 +59,7 @@ class _Active:
     sequence: Sequence
     sink: asyncio.Queue
     num_sent: int = 0
+    num_chars_sent: int = 0
 
 
 class EngineDriver:
@@ -207,8 +213,14 @@ class EngineDriver:
                 start = seq.num_prompt_tokens + active.num_sent
                 delta = Delta(request_id, token_ids[start:start + num_outputs - active.num_sent].tolist())
                 active.num_sent = num_outputs
+                detokenizer = getattr(seq, "detokenizer", None)
+                if detokenizer is not None:
+                    text = detokenizer.text(finished)
+                    delta.text = text[active.num_chars_sent:]
+                    active.num_chars_sent = len(text)
                 if finished:
                     delta.finish_reason = str(seq.finish_reason)
+                    delta.stop_reason = getattr(seq, "stop_reason", None)
                     delta.sequence = seq
                     ended.append(request_id)
                 batch.append((active.sink, delta))

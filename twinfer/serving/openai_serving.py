@@ -39,6 +39,7 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     error: str | None = None
     num_cached_tokens: int = 0
 
@@ -49,12 +50,16 @@ class _Choice:
     def apply(self, delta: Delta) -> str:
         """Take a delta in; the text it adds."""
         self.token_ids.extend(delta.token_ids)
-        text = self.decoder.add(delta.token_ids, final=delta.is_last) if self.decoder is not None else ""
+        if delta.text is not None:  # the engine's own text (its stop strings applied)
+            text = delta.text
+        else:
+            text = self.decoder.add(delta.token_ids, final=delta.is_last) if self.decoder is not None else ""
         self.text += text
         if delta.error is not None:
             self.error = delta.error
         elif delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
             self.num_cached_tokens = delta.sequence.num_cached_tokens or 0
         return text
 
@@ -289,13 +294,13 @@ class _Response:
         request = self.request
         if self.chat:
             body = {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                    "logprobs": None, "finish_reason": choice.finish_reason, "stop_reason": None}
+                    "logprobs": None, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
         else:
             text = choice.text
             if request.echo:
                 text = self._prompt_text(choice.prompt) + text
             body = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": choice.finish_reason,
-                    "stop_reason": None}
+                    "stop_reason": choice.stop_reason}
         if request.return_token_ids:
             body["prompt_token_ids"] = choice.prompt.token_ids
             body["token_ids"] = choice.token_ids
@@ -319,9 +324,10 @@ class _Response:
     def _completion_chunk(self, choice: _Choice, text: str, token_ids: list[int]) -> str:
         """A streamed completion's chunk after its first (the same JSON as _chunk's, built faster)."""
         finish = "null" if choice.finish_reason is None else f'"{choice.finish_reason}"'
+        stop = json.dumps(choice.stop_reason, ensure_ascii=False)
         ids = f', "token_ids": {token_ids}' if self.request.return_token_ids else ""
         return (f'{self._chunk_head}{choice.index}, "text": {json.dumps(text, ensure_ascii=False)}, '
-                f'"logprobs": null, "finish_reason": {finish}, "stop_reason": null{ids}}}]}}\n\n')
+                f'"logprobs": null, "finish_reason": {finish}, "stop_reason": {stop}{ids}}}]}}\n\n')
 
     def _stream_choice(self, choice: _Choice, text: str, token_ids: list[int], first: bool) -> dict:
         request = self.request
@@ -332,7 +338,7 @@ class _Response:
             if first and request.echo:
                 text = self._prompt_text(choice.prompt) + text
             body = {"index": choice.index, "text": text, "logprobs": None, "finish_reason": choice.finish_reason,
-                    "stop_reason": None}
+                    "stop_reason": choice.stop_reason}
         if request.return_token_ids:
             body["token_ids"] = token_ids
             if first:
