@@ -39,32 +39,36 @@ def test_outputs_come_back_in_input_order_with_their_lengths(llm):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == prompts
-    assert [len(o.token_ids) for o in outputs] == [3, 9, 5]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 9, 5]
     # Greedy is a function of the prompt alone: the same prompt alone gives the same tokens.
     alone = llm.generate([prompts[1]], params[1], use_tqdm=False)[0]
-    assert alone.token_ids == outputs[1].token_ids
+    assert alone.outputs[0].token_ids == outputs[1].outputs[0].token_ids
 
 
 def test_string_prompts_are_tokenized_and_decoded(llm):
     out = llm.generate(["w3 w4 w5"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
-    assert out.prompt_token_ids == [5, 6, 7]
-    assert out.text is not None and len(out.text.split()) == 4
+    assert out.prompt_token_ids == [5, 6, 7] and out.prompt == "w3 w4 w5"
+    completion = out.outputs[0]
+    assert completion.text.split() == [f"w{token - 2}" for token in completion.token_ids]
+    assert (completion.finish_reason, completion.stop_reason) == ("length", None)
 
 
 def test_seeded_requests_reproduce_in_any_batch(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
-    alone = llm.generate([[3, 4, 5]], params, use_tqdm=False)[0].token_ids
-    crowded = llm.generate([[7] * 30, [3, 4, 5], [9, 9]], [other, params, other], use_tqdm=False)[1].token_ids
+    alone = llm.generate([[3, 4, 5]], params, use_tqdm=False)[0].outputs[0].token_ids
+    crowded = llm.generate([[7] * 30, [3, 4, 5], [9, 9]], [other, params, other], use_tqdm=False)[1].outputs[0].token_ids
     assert alone == crowded
 
 
 def test_generation_stops_at_a_stop_token_and_eos_comes_from_the_config(llm):
     free = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    free = free.outputs[0]
     stop = free.token_ids[2]
     stopped = llm.generate([[5, 6]], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(stop,)),
-                           use_tqdm=False)[0]
+                           use_tqdm=False)[0].outputs[0]
     assert stopped.token_ids == free.token_ids[:free.token_ids.index(stop) + 1]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
     assert 1 in llm.engine_config.eos_token_ids
 
 
