@@ -175,6 +175,7 @@ class Scheduler:
         sequences = []
         append = sequences.append
         finishing = self._finishing
+        has_token_history = False
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
@@ -196,11 +197,13 @@ class Scheduler:
             if params.needs_token_history or (params.prompt_logprobs is not None and start < seq.num_prompt_tokens):
                 scheduled_seq.token_history = token_ids[:]
                 scheduled_seq.num_prompt_tokens = seq.num_prompt_tokens
+                has_token_history = True
             append(scheduled_seq)
             seq.num_computed_tokens = end
         released, self._released_seq_ids = self._released_seq_ids, []
         output = SchedulerOutput(
-            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences)
+            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences),
+            has_token_history=has_token_history,
         )
         self._step += 1
         self._in_flight.append(scheduled)

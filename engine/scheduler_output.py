@@ -57,6 +57,8 @@ class SchedulerOutput:
     features: Any = None
     """The batch's BatchFeatures (engine/stats.py), summarized once by the scheduler for the step log and
     any cost model; None on outputs built elsewhere (engine.stats.batch_features then computes them)."""
+    has_token_history: bool = False
+    """Whether any sequence carries its token_history (a request with penalties, bad words or prompt logprobs)."""
 
     @property
     def num_batched_tokens(self) -> int:
