@@ -113,11 +113,15 @@ class LLM:
             requests.append((text, list(self.tokenizer.encode(text, add_special_tokens=False))))
         return self._run(requests, sampling_params, use_tqdm)
 
-    def _run(self, requests: list[tuple[str | None, list[int]]], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[str | None, list[int]]], sampling_params,
+             use_tqdm: bool) -> list[RequestOutput]:
         """Check every request before queueing any, run the engine until all finish, return their outputs."""
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(requests)
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(requests)
         if len(params) != len(requests):
             raise ValueError(f"got {len(params)} sampling params for {len(requests)} prompts")
         engine = self.engine

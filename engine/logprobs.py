@@ -16,7 +16,8 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
     return chosen[:, 0], ranks, top_ids, top_logprobs
 
 
-def to_token_logprobs(token_ids: list[int], computed: tuple[torch.Tensor, ...], counts: list[int]) -> list[TokenLogprobs]:
+def to_token_logprobs(token_ids: list[int], computed: tuple[torch.Tensor, ...],
+                      counts: list[int]) -> list[TokenLogprobs]:
     """compute_logprobs' tensors as one TokenLogprobs per row (the chosen token, then the row's count of top
     tokens; -1: every one computed). Reading them waits for the device."""
     chosen, ranks, top_ids, top_logprobs = (tensor.tolist() for tensor in computed)

@@ -16,7 +16,9 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     """An int or float, not a bool (NaN passes here and fails every range check)."""
-    return type(value) is float or type(value) is int or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if type(value) is float or type(value) is int:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _token_ids(name: str, values) -> tuple[int, ...]:
@@ -91,8 +93,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """The same for every prompt token after the first (such a request skips the prefix cache)."""
     detokenize: bool = True
+    """False: no text (CompletionOutput.text stays "")."""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    """Accepted as vLLM accepts it; twinfer decodes with fast tokenizers only, whose decoders never put spaces
+    between special tokens, so it changes nothing here."""
     logit_bias: dict[int, float] | None = field(default=None, hash=False)
     """Added to the logits of these token ids (values clamped to [-100, 100])."""
     allowed_token_ids: tuple[int, ...] | None = None
@@ -162,7 +167,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number greater than zero, got "
                              f"{self.repetition_penalty!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite non-negative number (0 is greedy), got {self.temperature!r}")
+            raise ValueError(f"temperature must be a finite non-negative number (0 is greedy), "
+                             f"got {self.temperature!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k):

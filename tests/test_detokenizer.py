@@ -121,7 +121,8 @@ def test_stop_strings_end_the_sequence_in_the_engine(folder, tokenizer):
     ends = [len(tokenizer.decode(free.token_ids[:i], skip_special_tokens=False)) for i in range(1, 30)]
     boundary = next(b for b in ends[5:] if "\ufffd" not in free.text[b - 2:b + 2] and len(free.text[b - 2:b + 2]) == 4)
     stop = free.text[boundary - 2:boundary + 2]
-    completing = next(i for i in range(1, 41) if stop in tokenizer.decode(free.token_ids[:i], skip_special_tokens=False))
+    completing = next(i for i in range(1, 41)
+                      if stop in tokenizer.decode(free.token_ids[:i], skip_special_tokens=False))
 
     import dataclasses
 

@@ -59,7 +59,8 @@ def test_seeded_requests_reproduce_in_any_batch(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=8, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
     alone = llm.generate([[3, 4, 5]], params, use_tqdm=False)[0].outputs[0].token_ids
-    crowded = llm.generate([[7] * 30, [3, 4, 5], [9, 9]], [other, params, other], use_tqdm=False)[1].outputs[0].token_ids
+    crowded = llm.generate([[7] * 30, [3, 4, 5], [9, 9]], [other, params, other], use_tqdm=False)[1]
+    crowded = crowded.outputs[0].token_ids
     assert alone == crowded
 
 
@@ -340,3 +341,36 @@ def test_stop_strings_and_bad_words_need_a_tokenizer():
     with pytest.raises(ValueError, match=r"logit_bias has token id\(s\) \[999999\] outside the vocabulary"):
         llm.generate([[1, 2]], SamplingParams(logit_bias={999999: 1.0}), use_tqdm=False)
     assert llm.engine.requests == {}  # nothing was queued
+
+
+# ---- the same on CUDA: decode and mixed-step CUDA graphs, the triton backend, asynchronous scheduling
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mixed_cuda_graphs", [False, True])
+def test_sampling_features_on_cuda_graphs_match_transformers(model_folder, reference, mixed_cuda_graphs):
+    llm = LLM(model_folder, device="cuda", dtype="float32", attention_backend="triton", max_num_batched_tokens=16,
+              max_num_seqs=8, mixed_cuda_graphs=mixed_cuda_graphs)
+    for ours, theirs in CASES:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, **ours)
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+        for prompt, output in zip(PROMPTS, outputs):
+            assert output.outputs[0].token_ids == _transformers_greedy(reference, prompt, **theirs), (ours, prompt)
+    assert any(step.cuda_graph_batch_size for step in llm.engine.step_records)
+    # Logprobs of sampled tokens (decode graphs) and of a prompt split into chunks of 16 (eager or mixed graphs).
+    prompt = list(range(30, 70))
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    output = llm.generate([prompt], params, use_tqdm=False)[0]
+    completion = output.outputs[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(reference(torch.tensor([prompt + completion.token_ids])).logits[0].double(), -1)
+    for position, entry in enumerate(output.prompt_logprobs[1:], 1):
+        _check_position(entry, prompt[position], expected[position - 1], 2)
+    for index, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        _check_position(entry, token, expected[len(prompt) - 1 + index], 3)
+    # n > 1 shares the prefill; seeded completions reproduce alone.
+    first_step = len(llm.engine.step_records)
+    shared = llm.generate([prompt], SamplingParams(n=2, seed=9, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert sum(step.num_prefill_tokens for step in llm.engine.step_records[first_step:]) == 40 + 8
+    alone = llm.generate([prompt], SamplingParams(seed=10, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert shared.outputs[1].token_ids == alone.outputs[0].token_ids
+    llm.shutdown()

@@ -216,8 +216,9 @@ def test_seeded_rows_reproduce_whatever_the_batch_with_processors_and_min_p():
     vocab = 300
     logits = torch.randn(1, vocab).repeat(4, 1)
     bias = ProcessorTensors(bias_rows=torch.tensor([0]), bias_tokens=torch.tensor([5]), bias_values=torch.tensor([3.0]))
-    alone = SamplingTensors(temperatures=torch.ones(1), seeded_rows=torch.tensor([0]), seed_keys=torch.tensor([seed_key(9)]),
-                            output_indices=torch.tensor([2]), min_p=torch.tensor([0.05]), processors=bias)
+    alone = SamplingTensors(temperatures=torch.ones(1), seeded_rows=torch.tensor([0]),
+                            seed_keys=torch.tensor([seed_key(9)]), output_indices=torch.tensor([2]),
+                            min_p=torch.tensor([0.05]), processors=bias)
     token_alone = Sampler(0, "cpu")(logits[:1], alone).item()
     crowded_bias = ProcessorTensors(bias_rows=torch.tensor([2, 3]), bias_tokens=torch.tensor([5, 8]),
                                     bias_values=torch.tensor([3.0, 1.0]))
