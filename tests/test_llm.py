@@ -132,9 +132,10 @@ class OpenAIPenalties(transformers.LogitsProcessor):
 def _transformers_greedy(reference, prompt: list[int], **kwargs) -> list[int]:
     frequency, presence = kwargs.pop("frequency_penalty", 0.0), kwargs.pop("presence_penalty", 0.0)
     processors = transformers.LogitsProcessorList([OpenAIPenalties(len(prompt), frequency, presence)])
+    kwargs.setdefault("do_sample", False)
     with torch.no_grad():
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, logits_processor=processors, pad_token_id=0, **kwargs)
+                                 logits_processor=processors, pad_token_id=0, **kwargs)
     return out[0, len(prompt):].tolist()
 
 
@@ -170,6 +171,21 @@ def test_the_cases_above_change_the_output(llm):
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, **ours)
         changed = llm.generate(PROMPTS, params, use_tqdm=False)
         assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(base, changed)), ours
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token_as_transformers_does(llm, reference):
+    """Sampling at min_p 1 can only pick the most likely token: transformers' sampling with its MinPLogitsWarper
+    at 1 gives the same tokens, and so does greedy decoding."""
+    sampled = SamplingParams(temperature=1.0, min_p=1.0, seed=2, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS,
+                             presence_penalty=1.0)  # the penalty keeps the tokens varied
+    outputs = llm.generate(PROMPTS, sampled, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        theirs = _transformers_greedy(reference, prompt, presence_penalty=1.0, do_sample=True, min_p=1.0, top_k=0,
+                                      temperature=1.0)
+        assert output.outputs[0].token_ids == theirs
+        assert len(set(theirs)) > 1
+    free = llm.generate(PROMPTS, dataclasses.replace(sampled, min_p=0.0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in free] != [o.outputs[0].token_ids for o in outputs]
 
 
 def test_min_tokens_holds_eos_back(llm):
