@@ -3,6 +3,7 @@
 import heapq
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from engine.clock import Clock, VirtualClock
 from engine.config import EngineConfig
 from engine.decode_fast_forward import fast_forward_decodes
 from engine.executor import AsyncExecutor, DecodeRunPredictor, Executor
+from engine.outputs import RequestOutput, request_output
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import StepResult
@@ -23,10 +25,13 @@ class Engine:
     """Feeds arrived requests to the scheduler and runs each step on the executor."""
 
     def __init__(
-        self, config: EngineConfig, executor: Executor, clock: Clock | None = None, fast_forward: bool = True
+        self, config: EngineConfig, executor: Executor, clock: Clock | None = None, fast_forward: bool = True,
+        tokenizer=None,
     ) -> None:
-        """fast_forward: apply runs of pure-decode steps in bulk when the executor predicts them (simulation)."""
+        """fast_forward: apply runs of pure-decode steps in bulk when the executor predicts them (simulation).
+        tokenizer: a transformers tokenizer, for text outputs, stop strings and bad words (None: token ids only)."""
         self.config = config
+        self.tokenizer = tokenizer
         self.executor = executor
         self.clock = clock if clock is not None else VirtualClock()
         num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else executor.num_kv_blocks
@@ -56,6 +61,12 @@ class Engine:
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
+        self.parents: dict[str, list[Sequence]] = {}
+        """Requests with n > 1: their completions' sequences in index order (each also in self.sequences)."""
+        self._held_forks: list[tuple[Sequence, list[Sequence]]] = []
+        """(first completion, the others): the others wait until the first has computed the prompt."""
+        self._prompts: dict[str, str] = {}
+        """The prompt text of requests added with one (for their RequestOutput)."""
 
     # ---- requests
 
@@ -67,15 +78,21 @@ class Engine:
         sampling_params: SamplingParams,
         arrival_time: float | None = None,
         request_id: str | None = None,
+        prompt: str | None = None,
     ) -> str:
         """Queue a request to arrive at arrival_time (default now); returns its id.
 
         A request that can never be served (too long for max_model_len, or needing more KV blocks than the
-        whole cache) is recorded as rejected with the reason, not raised.
+        whole cache) is recorded as rejected with the reason, not raised. Sampling params the model cannot
+        honour (token ids outside the vocabulary, stop strings without a tokenizer) raise ValueError.
+
+        With n > 1 the completions are n sequences with vLLM's request ids "0_ID" .. "{n-1}_ID" (a seeded
+        request's completion i has seed + i); the first is scheduled at once and the others once it has
+        computed the prompt, so they find the prompt's full blocks in the prefix cache: one prefill.
         """
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.parents:
             raise ValueError(f"request id {request_id!r} was already added")
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -92,6 +109,9 @@ class Engine:
             raise ValueError(
                 f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
             )
+        if sampling_params.truncate_prompt_tokens is not None:
+            prompt_token_ids = self.truncate_prompt(prompt_token_ids, sampling_params)
+        sampling_params = self.resolve_sampling_params(sampling_params, len(prompt_token_ids), request_id)
 
         reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
         if reason:
@@ -105,11 +125,60 @@ class Engine:
             )
             self.num_rejected += 1
             return request_id
-        seq = Sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+        if prompt is not None:
+            self._prompts[request_id] = prompt
+        if sampling_params.n == 1:
+            self._add_sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+            return request_id
+        children = []
+        for index in range(sampling_params.n):
+            child_params = replace(sampling_params, n=1,
+                                   seed=None if sampling_params.seed is None else sampling_params.seed + index,
+                                   # Only the first computes the prompt: the others read its blocks.
+                                   prompt_logprobs=sampling_params.prompt_logprobs if index == 0 else None)
+            children.append(self._add_sequence(seq_id if index == 0 else next(self._seq_ids), f"{index}_{request_id}",
+                                               prompt_token_ids, child_params, float(arrival_time), queue=index == 0))
+        self.parents[request_id] = children
+        self._held_forks.append((children[0], children[1:]))
+        return request_id
+
+    def _add_sequence(self, seq_id: int, request_id: str, prompt_token_ids, params: SamplingParams,
+                      arrival_time: float, queue: bool = True) -> Sequence:
+        seq = Sequence(seq_id, request_id, prompt_token_ids, params, arrival_time)
+        if self.tokenizer is not None and params.detokenize:
+            from engine.detokenizer import IncrementalDetokenizer  # the tokenizers library, only with a tokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self.requests[request_id] = seq
         self.sequences[request_id] = seq
-        heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
-        return request_id
+        if queue:
+            heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
+        return seq
+
+    def truncate_prompt(self, prompt_token_ids, params: SamplingParams):
+        """The prompt's last truncate_prompt_tokens tokens (-1: the last max_model_len), as vLLM truncates."""
+        keep = self.config.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+        return prompt_token_ids[-keep:] if len(prompt_token_ids) > keep else prompt_token_ids
+
+    def resolve_sampling_params(self, params: SamplingParams, prompt_len: int, request_id: str) -> SamplingParams:
+        """params checked against this model and engine, with max_tokens None resolved to what max_model_len
+        leaves and bad words tokenized; ValueError naming the request and the field otherwise."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: stop strings {list(params.stop)} need a tokenizer and this "
+                             "engine has none (token-id prompts on a model without tokenizer files); use "
+                             "stop_token_ids")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError(f"request {request_id!r}: bad_words need a tokenizer and this engine has none; "
+                                 "give bad_words_token_ids instead")
+            params = params.with_tokenizer(self.tokenizer)
+        try:
+            params.check_vocab(self.config.vocab_size)
+        except ValueError as error:
+            raise ValueError(f"request {request_id!r}: {error}") from None
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max(1, self.config.max_model_len - prompt_len))
+        return params
 
     def _rejection_reason(self, prompt_len: int, max_tokens: int) -> str:
         config = self.config
@@ -130,6 +199,10 @@ class Engine:
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
         """Stop a request that has not finished; it is recorded as aborted with the reason."""
+        if request_id in self.parents:
+            for child in self.parents[request_id]:
+                self.abort(child.request_id, reason)
+            return
         seq = self.requests[request_id]
         if not isinstance(seq, Sequence) or seq.finish_time is not None:
             return  # rejected, or finished (one released while its last token is in flight is not, until update())
@@ -140,6 +213,19 @@ class Engine:
         else:
             self.scheduler.abort(seq, reason, self.clock.now())
             self.num_finished += 1
+        if self._held_forks:
+            self._release_forks()
+
+    def _release_forks(self) -> None:
+        """Queue the held completions of every request whose first completion has computed the prompt (or ended)."""
+        still_held = []
+        for first, others in self._held_forks:
+            if first.first_token_time is None and first.finish_time is None:
+                still_held.append((first, others))
+                continue
+            # Ahead of later arrivals: they arrived with the first, and the prompt's blocks are cached now.
+            self.scheduler.add_first([seq for seq in others if seq.finish_time is None])
+        self._held_forks = still_held
 
     def _abort_pending(self, seq: Sequence, reason: str) -> None:
         # It never arrived: its finish is no earlier than its arrival, so its latency is not negative.
@@ -195,7 +281,8 @@ class Engine:
             return True
         if self._last_step_busy and self.step_records:
             self.step_records.end_last_step_at(now)
-        if self._fast_forward and fast_forward_decodes(self, now):
+        # Fast-forwarding appends tokens in bulk: never with a tokenizer, which reads them one by one.
+        if self._fast_forward and self.tokenizer is None and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True
 
@@ -208,6 +295,8 @@ class Engine:
         result = self.executor.execute(output)
         end = self.clock.advance(result.duration)
         self.num_finished += len(self.scheduler.update(output, result, end))
+        if self._held_forks:
+            self._release_forks()
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         self._last_step_busy = True
         return True
@@ -245,6 +334,8 @@ class Engine:
             start = max(scheduled_at, self._last_finish_time)
             end = self.clock.advance(result.duration)
             self.num_finished += len(scheduler.update(previous, result, end))
+            if self._held_forks:
+                self._release_forks()
             self._record_step(previous, start, end - start, result.cuda_graph_batch_size, stats, state)
             self._last_finish_time = end
         return True
@@ -306,6 +397,16 @@ class Engine:
 
     def output_token_ids(self, request_id: str) -> list[int]:
         return self.sequences[request_id].output_token_ids
+
+    def request_output(self, request_id: str) -> RequestOutput:
+        """The request's RequestOutput as it stands (vLLM's shape: completions so far, finished or not)."""
+        sequences = self.parents.get(request_id)
+        if sequences is None:
+            request = self.requests[request_id]
+            if not isinstance(request, Sequence):
+                raise ValueError(f"request {request_id!r} was {request.status}: {request.reason}")
+            sequences = [request]
+        return request_output(request_id, self._prompts.get(request_id), sequences, self.tokenizer)
 
     @property
     def request_records(self) -> dict[str, RequestRecord]:
