@@ -71,10 +71,27 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
+    from twinfer.cli.result_flags import add_result_flags
+
     parser.add_argument("--out", required=True, help="run folder to write")
-    parser.add_argument("--goodput", nargs="+", default=None, metavar="SLO", help="e.g. ttft:500 tpot:50 e2el:5000")
-    parser.add_argument("--save-result", default=None, help="write vLLM-style result JSON here")
-    parser.add_argument("--no-progress", action="store_true")
+    add_goodput_option(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_result_flags(parser)
+
+
+def check_output_flags(args: argparse.Namespace) -> None:
+    """The goodput SLOs and result-JSON flags parsed before a run starts: a typo fails at once."""
+    from analysis.summary import parse_goodput
+    from twinfer.cli.result_flags import check_result_flags
+
+    if args.goodput:
+        parse_goodput(args.goodput)
+    check_result_flags(args)
+
+
+def add_goodput_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
+                        help="goodput SLOs as vLLM's, in ms: e.g. ttft:500 tpot:50 e2el:5000")
 
 
 def load_trace(args: argparse.Namespace):
@@ -98,27 +115,32 @@ def load_trace(args: argparse.Namespace):
     return trace
 
 
-def print_run_summary(run_path: Path, goodput, save_result) -> None:
+def print_run_summary(run_path: Path, args: argparse.Namespace) -> None:
     """summarize() right after a run, without the collector scanning the run's objects again."""
     import gc
 
     # The engine's millions of objects are still alive: keep the collector from scanning them again.
     gc.freeze()
     try:
-        summarize(run_path, goodput, save_result)
+        summarize(run_path, args)
     finally:
         gc.unfreeze()
 
 
-def summarize(run_path, goodput, save_result, percentiles=None) -> None:
-    """Print a run's metrics in vLLM's layout, and save them as vLLM-style JSON when asked."""
+def summarize(run_path, args: argparse.Namespace) -> None:
+    """Print a run's metrics in vLLM's layout (the selected metrics and percentiles), and save vLLM's result JSON
+    when asked."""
     from analysis.metrics import compute_metrics
     from analysis.run_store import read_run
-    from analysis.summary import DEFAULT_PERCENTILES, parse_goodput, print_summary, save_result_json
+    from analysis.summary import parse_goodput, print_summary
+    from twinfer.cli.result_flags import save_result, wants_result
+    from twinfer.result_json import parse_metric_percentiles, parse_percentile_metrics
 
-    percentiles = percentiles or DEFAULT_PERCENTILES
+    percentiles = parse_metric_percentiles(args.metric_percentiles)
+    shown = parse_percentile_metrics(args.percentile_metrics)
+    goodput = parse_goodput(args.goodput) if args.goodput else None
     run = read_run(run_path)
-    metrics = compute_metrics(run, goodput=parse_goodput(goodput) if goodput else None)
+    metrics = compute_metrics(run, goodput=goodput)
     if not run.metadata.get("complete", True):
         statuses = run.requests.column("status").to_pylist()
         print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
@@ -130,7 +152,6 @@ def summarize(run_path, goodput, save_result, percentiles=None) -> None:
         if meta.get("prefix_affinity"):
             print(f"prefix affinity: {meta['prefix_affinity']['home']} requests sent home, "
                   f"{meta['prefix_affinity']['fallback']} to the least-loaded replica because home was overloaded")
-    print_summary(metrics, percentiles)
-    if save_result:
-        save_result_json(metrics, save_result, percentiles)
-        print(f"result JSON: {save_result}")
+    print_summary(metrics, percentiles, shown)
+    if wants_result(args):
+        print(f"result JSON: {save_result(args, run, goodput)}")

@@ -2,8 +2,9 @@
 
 import argparse
 
-from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, engine_args_from,
-                                 load_trace, print_run_summary)
+from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, check_output_flags,
+                                 engine_args_from, load_trace, print_run_summary)
+from twinfer.cli.result_flags import traffic_of
 
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 
@@ -36,6 +37,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.replay import replay
 
+    check_output_flags(args)
     trace = load_trace(args)
     engine_args = engine_args_from(args, device=DEVICES.get(executor))
     built: list[dict] = []
@@ -47,7 +49,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
                 cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
         else:
             engine, metadata = real_engine_and_metadata(engine_args)
-        built.append(metadata)
+        built.append({**metadata, "traffic": traffic_of(args, trace)})
         return engine
 
     engines = build_replicas(build_one, replicas)
@@ -67,7 +69,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
             if isinstance(engine.executor, ShutdownExecutor):
                 engine.executor.shutdown()
     print(f"run written to {path}")
-    print_run_summary(path, args.goodput, args.save_result)
+    print_run_summary(path, args)
     return 0
 
 
