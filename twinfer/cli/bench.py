@@ -12,6 +12,10 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from twinfer.cli.cuda_required import require_cuda
+
+    require_cuda("`twinfer bench throughput`", "on a CPU, measure a trace with `twinfer replay TRACE --executor cpu` "
+                 "or predict a GPU's with `--executor sim`")
     from twinfer.throughput_benchmark import main as throughput
 
     argv = ["--model", args.model, "--num-seqs", str(args.num_seqs)]

@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
         return _operators(args)
     if args.model is None:
         raise ValueError("--model is required (or --operators for the operator profile)")
+    device = args.device or "cuda"
+    if device.startswith("cuda"):
+        from twinfer.cli.cuda_required import require_cuda
+
+        require_cuda("`twinfer profile`", "profile this CPU with --device cpu, or --operators (which uses the CPU "
+                     "when there is no GPU)")
     import pyarrow.parquet as pq
 
     from simulator.profile import profile
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
-        device=args.device or "cuda",
+        device=device,
         seed=args.seed,
         max_shapes=args.max_shapes,
         serving_seconds=args.serving_seconds,

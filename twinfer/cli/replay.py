@@ -4,6 +4,7 @@ import argparse
 
 from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, check_output_flags,
                                  engine_args_from, load_trace, print_run_summary)
+from twinfer.cli.cuda_required import require_cuda
 from twinfer.cli.result_flags import traffic_of
 
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}
@@ -38,6 +39,9 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     from twinfer.replay import replay
 
     check_output_flags(args)
+    if executor == "gpu":
+        require_cuda("--executor gpu", "use --executor cpu (the real model on this CPU) or --executor sim (the "
+                     "simulator)")
     trace = load_trace(args)
     engine_args = engine_args_from(args, device=DEVICES.get(executor))
     built: list[dict] = []
