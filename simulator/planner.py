@@ -41,7 +41,7 @@ from engine.engine_args import EngineArgs
 from simulator.cluster import ClusterRun
 from simulator.gpu_prices import DEFAULT_PRICES, price_of
 from simulator.plan_table import PlanResult, probes_table, rank_plans
-from simulator.router import ROUTERS, make_router
+from simulator.router import DEFAULT_ROUTER, ROUTERS, make_router
 from simulator.slo import Slo, SloMonitor, slo_values
 from simulator.trace_requests import TraceRequests
 from traces.schema import Trace
@@ -76,7 +76,7 @@ class PlanSettings:
     model: str
     slos: tuple[Slo, ...]
     target_rate: float
-    router: str = "least-outstanding"
+    router: str = DEFAULT_ROUTER
     dtype: str = "bfloat16"
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None

@@ -1,7 +1,12 @@
 """An engine whose executor is a cost model: the simulator's twin of the real engine, configured by an EngineArgs."""
 
+import logging
+
 from engine.clock import VirtualClock
 from engine.engine_args import EngineArgs
+
+
+log = logging.getLogger(__name__)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -75,9 +80,9 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         "mixed_cuda_graphs": bool(mixed),
     }
     if cost_model.provenance == "roofline":
-        print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+        log.info(f"UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
     elif cost_model.provenance == "composed":
-        print(f"note: composed simulation ({cost_model.label}): step times composed from timed operators")
+        log.info(f"composed simulation ({cost_model.label}): step times composed from timed operators")
     return engine, metadata
 
 

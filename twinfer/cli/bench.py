@@ -5,10 +5,11 @@ import argparse
 
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="benchmarks")
-    parser.add_argument("which", choices=["throughput"])
-    parser.add_argument("--model", default="qwen3-0.6b")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("which", choices=["throughput"], help="the benchmark: throughput (offline, nano-vLLM's "
+                        "workload, against the roofline)")
+    parser.add_argument("--model", default="qwen3-0.6b", help="preset name or model folder (dummy weights)")
+    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    parser.add_argument("--num-seqs", type=int, default=256, help="sequences in the workload")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,10 +9,10 @@ def register(commands) -> None:
     parser = commands.add_parser("calibrate", help="fit a cost model from profiles and/or runs' steps")
     parser.add_argument("inputs", nargs="+", help="profile Parquet files or run folders")
     parser.add_argument("--out", required=True, help="where to write the cost model JSON")
-    parser.add_argument("--gpu", required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--gpu", required=True, help="the GPU the profiles and runs were measured on, e.g. h100")
+    parser.add_argument("--model", required=True, help="the model profiled (preset name or folder)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size measured")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype measured")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction of steps held out to score the fit")
 
 

@@ -2,31 +2,40 @@
 the summary."""
 
 import argparse
+import logging
+import warnings
 from pathlib import Path
 
 from engine.engine_args import ATTENTION_BACKENDS, LOAD_FORMATS, EngineArgs
 
+log = logging.getLogger("twinfer")
+
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (vLLM's names and defaults)")
-    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--max-model-len", type=int, default=None, help="default: the model's, capped at 32768")
     group.add_argument("--max-num-seqs", type=int, default=None, help="default: as vLLM picks for the GPU")
     group.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: as vLLM picks for the GPU")
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of equal prompt prefixes")
+    group.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="split long prompts over steps, batched with decodes")
     group.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the KV block count")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
                        help="schedule the next step while one runs (give the same choice to replay and simulate)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    group.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    group.add_argument("--dtype", default="auto")
-    group.add_argument("--enforce-eager", action="store_true")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of GPU memory for weights, activations and the KV cache")
+    group.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, help="GPUs each model is sharded over")
+    group.add_argument("--dtype", default="auto", help="weights' dtype (auto: bfloat16, float32 on a CPU)")
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     group.add_argument("--mixed-cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                        help="also run steps with prompt chunks as CUDA graphs (default: on at TP 1 with CUDA graphs "
                             "and the triton backend)")
-    group.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    group.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                       help="paged-attention kernels")
+    group.add_argument("--load-format", default="auto", choices=LOAD_FORMATS,
+                       help="dummy: random weights of the model's shape (no download)")
 
 
 def engine_args_from(args: argparse.Namespace, *, device: str | None = None) -> EngineArgs:
@@ -66,7 +75,7 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=None, help="keep requests arriving in the first S seconds")
     parser.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
     parser.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt tokens, sampling and arrival draws")
     parser.add_argument("--arrivals", default=None, help="arrival process for length tables, e.g. poisson:2.0")
 
 
@@ -109,9 +118,17 @@ def load_trace(args: argparse.Namespace):
         max_output_len=getattr(args, "max_output_len", None),
         seed=getattr(args, "seed", 0),
     )
-    trace = load_with_options(args.trace, options)
+    # A reader both warns of what it fixed and keeps it in the trace's notes: each is said once, here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = load_with_options(args.trace, options)
+    warned = [str(warning.message) for warning in caught]
     for note in trace.notes:
-        print(f"trace {trace.name}: {note}")
+        said = [text for text in warned if text.endswith(note)]
+        (log.warning if said else log.info)(f"trace {trace.name}: {note}")
+        warned = [text for text in warned if text not in said]
+    for text in warned:
+        log.warning(text)
     return trace
 
 
@@ -143,8 +160,8 @@ def summarize(run_path, args: argparse.Namespace) -> None:
     metrics = compute_metrics(run, goodput=goodput)
     if not run.metadata.get("complete", True):
         statuses = run.requests.column("status").to_pylist()
-        print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
-              "finished; the rest are counted as failed")
+        log.warning(f"{run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
+                    "finished; the rest are counted as failed")
     meta = run.metadata
     if meta.get("replicas", 1) > 1:
         print(f"{meta['replicas']} replicas behind {meta['router']}: requests per replica "

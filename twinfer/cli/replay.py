@@ -13,7 +13,8 @@ DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 def register(commands) -> None:
     parser = commands.add_parser("replay", help="replay a trace through an executor at its arrival times")
     add_trace_options(parser)
-    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu")
+    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu",
+                        help="gpu: the model on CUDA; cpu: the model on this CPU; sim: the cost model")
     parser.add_argument("--model", required=True, help="HF model folder or preset name")
     parser.add_argument("--gpu", default="h100", help="for --executor sim: the GPU simulated")
     parser.add_argument("--profile", default=None,

@@ -5,8 +5,8 @@ import argparse
 
 def register(commands) -> None:
     parser = commands.add_parser("report", help="one self-contained HTML report of one or more runs")
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("-o", "--output", default="report.html")
+    parser.add_argument("runs", nargs="+", help="run folders")
+    parser.add_argument("-o", "--output", default="report.html", help="the HTML file to write")
 
 
 def run(args: argparse.Namespace) -> int:
