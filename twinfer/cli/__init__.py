@@ -6,11 +6,11 @@ import sys
 from twinfer import __version__
 from twinfer.cli.console_log import console_logging, level_of
 from twinfer.cli.help_format import HelpFormatter
-from twinfer.cli import bench, calibrate, compare, demo, plan, profile, replay, report, simulate, summary
+from twinfer.cli import bench, calibrate, compare, demo, plan, profile, replay, report, simulate, summary, trace
 
 SUBCOMMANDS = {
     module.__name__.rsplit(".", 1)[1]: module
-    for module in (replay, simulate, summary, compare, report, profile, calibrate, plan, bench, demo)
+    for module in (replay, simulate, summary, compare, report, profile, calibrate, plan, bench, demo, trace)
 }
 
 

@@ -68,7 +68,8 @@ def engine_args_from(args: argparse.Namespace, *, device: str | None = None) -> 
 
 def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", help="a trace file, or a bundled sample: azure-conv, mooncake-conv, demo")
-    parser.add_argument("--format", default=None, help="trace format (default: detected from the columns)")
+    parser.add_argument("--format", default=None, help="trace format: azure, mooncake, burstgpt, length_table, native, "
+                        "sharegpt, vllm-custom (default: detected from the columns)")
     parser.add_argument("--time-scale", type=float, default=None, help="multiply inter-arrival times by this")
     parser.add_argument("--request-rate", type=float, default=None, help="rescale arrivals to this mean rate (req/s)")
     parser.add_argument("--max-requests", type=int, default=None, help="keep the first N requests")
@@ -76,7 +77,12 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
     parser.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt tokens, sampling and arrival draws")
-    parser.add_argument("--arrivals", default=None, help="arrival process for length tables, e.g. poisson:2.0")
+    parser.add_argument("--arrivals", default=None,
+                        help="arrival process, for traces without timestamps (length tables, ShareGPT, vLLM custom) "
+                        "or replacing a trace's: poisson:RATE, gamma:RATE:CV, constant:RATE, all-at-once")
+    parser.add_argument("--tokenizer", default=None,
+                        help="for ShareGPT and vLLM custom traces: the tokenizer (folder or cached Hub id) counting "
+                        "their prompts' tokens (default: characters / 4)")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +123,7 @@ def load_trace(args: argparse.Namespace):
         max_prompt_len=getattr(args, "max_prompt_len", None),
         max_output_len=getattr(args, "max_output_len", None),
         seed=getattr(args, "seed", 0),
+        tokenizer=getattr(args, "tokenizer", None),
     )
     # A reader both warns of what it fixed and keeps it in the trace's notes: each is said once, here.
     with warnings.catch_warnings(record=True) as caught:
