@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from twinfer import __version__
-from twinfer.cli import SUBCOMMANDS, build_parser, main
+from twinfer.cli import build_parser, main
 
 
 def subcommand_parsers():
@@ -23,9 +23,18 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"twinfer {__version__}"
 
 
-@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
-def test_every_option_has_help_and_its_default_is_shown(name):
-    parser = subcommand_parsers()[name]
+def nested(parser, name):
+    """The parser and those of its sub-subcommands (twinfer trace export), by their command line."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub_parser in action.choices.items():
+                yield from nested(sub_parser, f"{name} {sub_name}")
+
+
+@pytest.mark.parametrize("name, parser", [pair for name, parser in sorted(subcommand_parsers().items())
+                                          for pair in nested(parser, name)])
+def test_every_option_has_help_and_its_default_is_shown(name, parser):
     missing = [action.dest for action in parser._actions if action.help is None]
     assert not missing, f"twinfer {name}: options without help: {missing}"
     text = parser.format_help()

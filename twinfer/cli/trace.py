@@ -10,7 +10,8 @@ EXPORT_FORMATS = ("vllm-custom",)
 
 def register(commands) -> None:
     parser = commands.add_parser("trace", help="trace files: export to vLLM's benchmark dataset formats")
-    actions = parser.add_subparsers(dest="trace_command", required=True, parser_class=type(parser))
+    actions = parser.add_subparsers(dest="trace_command", required=True, parser_class=type(parser),
+                                    help="what to do with the trace")
     export = actions.add_parser("export", help="write a trace as vLLM's custom dataset (JSON lines of prompt text and "
                                 "output_tokens), for `vllm bench serve --dataset-name custom`")
     export.add_argument("trace", help="a trace file, a bundled sample (azure-conv, mooncake-conv, demo) or a "
