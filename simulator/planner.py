@@ -130,6 +130,8 @@ class ConfigPlan:
     calibrated: bool = False
     provenance: str = "roofline"
     """Which kind of cost model predicted it: calibrated, composed or roofline."""
+    calibration_quality: str = ""
+    """'poorly calibrated: why' when a calibrated profile failed its quality gates; '' otherwise."""
     cost_model: str = ""
     num_kv_blocks: int = 0
     max_rate: float = 0.0
@@ -211,7 +213,10 @@ def search_config(config: PlanConfig, settings: PlanSettings, window: TraceReque
         build, metadata = replica_builder(config, settings)
     except (ValueError, KeyError) as error:
         return ConfigPlan(config, "error", note=str(error))
+    quality = metadata.get("calibration_quality") or {}
+    poor = "poorly calibrated: " + "; ".join(quality["reasons"]) if quality.get("poorly_calibrated") else ""
     base = dict(calibrated=bool(metadata.get("calibrated")), provenance=str(metadata.get("provenance", "roofline")),
+                calibration_quality=poor,
                 cost_model=str(metadata.get("profile", "")),
                 num_kv_blocks=int(metadata["num_kv_blocks"]))
     probes: list[Probe] = []

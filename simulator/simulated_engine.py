@@ -24,6 +24,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
     from simulator.gpu_specs import gpu_spec
     from simulator.kv_capacity import estimate_num_kv_blocks
     from simulator.model_shape import ModelShape
+    from simulator.calibration_quality import quality_of, warn_if_poor
     from simulator.profile_library import cost_model_for
 
     model, tp = args.model, args.tensor_parallel_size
@@ -34,6 +35,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
     cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
+    warn_if_poor(cost_model, "used to simulate")
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -73,6 +75,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         "profile": cost_model.label,
         "calibrated": bool(cost_model.calibrated),
         "provenance": cost_model.provenance,
+        "calibration_quality": quality_of(cost_model),
         "cost_model": cost_model.to_json(),
         "tensor_parallel_size": tp,
         "dtype": dtype,

@@ -19,6 +19,7 @@ def register(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fit, save and print the fit report."""
     from simulator.calibrate import fit, read_steps
+    from simulator.calibration_quality import warn_if_poor
     from simulator.gpu_specs import gpu_key
 
     columns, _ = read_steps(args.inputs)
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         source=", ".join(Path(p).name for p in args.inputs),
     )
     calibration.cost_model.save(args.out)
+    warn_if_poor(calibration.cost_model, f"written to {args.out}")
     print(json.dumps(calibration.cost_model.fit_report, indent=1))
     print(f"wrote {args.out} ({calibration.cost_model.label})")
     return 0

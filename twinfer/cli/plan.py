@@ -1,6 +1,7 @@
 """`twinfer plan`: capacity planning, which GPUs and configurations serve a trace within its SLOs."""
 
 import argparse
+import logging
 from pathlib import Path
 
 from simulator.router import DEFAULT_ROUTER, ROUTERS
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     for kind, error in EXPECTED_ERROR.items():
         if kind in kinds:
             print(f"note: '{kind}' rows: {error}")
+    poor = sorted({row["calibration_quality"] for row in result.table.to_pylist() if row["calibration_quality"]})
+    for verdict in poor:
+        logging.getLogger("twinfer").warning(f"rows marked POORLY CALIBRATED come from a profile that is {verdict}")
     if "roofline" in kinds and not args.mix_roofline:
         print("note: 'roofline' rows (no calibrated profile or operator profile for that GPU/model/TP) are ranked "
               "after the others; --mix-roofline ranks them together")

@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.fit_out:
         from simulator.calibrate import fit_profile_table
+        from simulator.calibration_quality import warn_if_poor
 
         calibration = fit_profile_table(pq.read_table(path), source=path.name)
         calibration.cost_model.save(args.fit_out)
+        warn_if_poor(calibration.cost_model, f"written to {args.fit_out}")
         print(json.dumps(calibration.cost_model.fit_report, indent=1))
         print(f"wrote {args.fit_out}")
     print(f"profile written to {path}")
