@@ -323,3 +323,17 @@ def test_roofline_rows_rank_after_calibrated_and_composed_ones_unless_mixed():
     assert apart[1]["expected_error"] == EXPECTED_ERROR["roofline"]
     mixed = rank_plans([cheap_roofline, dearer_composed], settings, prices, mix_roofline=True).to_pylist()
     assert [row["calibration"] for row in mixed] == ["roofline", "composed"]
+
+
+def test_pareto_legend_names_each_markers_calibration_kind():
+    from analysis.plan_report import pareto_figure
+
+    def row(gpu, kind, cost, rate, quality=""):
+        return {"gpu": gpu, "tp": 1, "max_num_seqs": 16, "calibration": kind, "calibration_quality": quality,
+                "replica_hourly_cost": cost, "max_rate_per_replica": rate, "pareto": True, "gpus": 1,
+                "hourly_cost": cost}
+    figure = pareto_figure([row("h100", "calibrated", 2.0, 5.0), row("h100", "roofline", 4.0, 9.0),
+                            row("a100-80g", "calibrated", 1.5, 3.0, "poorly calibrated: held-out MAPE 51%")])
+    names = {trace.name: trace.marker.symbol for trace in figure.data if trace.mode == "markers"}
+    assert names == {"h100: \u25c6 calibrated": "diamond", "h100: \u25cb roofline": "circle-open",
+                     "a100-80g: \u25c6 calibrated (POORLY CALIBRATED)": "diamond"}
