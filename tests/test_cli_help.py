@@ -70,3 +70,14 @@ def test_quiet_keeps_warnings_drops_notes(tmp_path, capsys):
     assert "no calibrated profile" in err and "clipped the output" not in err
     # The logging set-up is undone after the command.
     assert logging.getLogger().level == logging.WARNING and warnings.showwarning is not None
+
+
+def test_a_command_run_inside_another_says_each_thing_once(tmp_path, capsys):
+    from twinfer.cli.console_log import console_logging
+
+    with console_logging(logging.INFO):
+        assert main(["simulate", "demo", "--model", "qwen3-8b", "--gpu", "a100-80g", "--out", str(tmp_path / "run"),
+                     "--no-progress", "--max-output-len", "8"]) == 0
+    err = capsys.readouterr().err
+    assert sum("no calibrated profile" in line for line in err.splitlines()) == 1
+    assert sum("clipped the output" in line for line in err.splitlines()) == 1

@@ -23,12 +23,20 @@ def level_of(quiet: bool, verbose: bool) -> int:
     return logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """The handler console_logging installs, told apart from any other."""
+
+
 @contextlib.contextmanager
 def console_logging(level: int):
     """Log to stderr at `level` while the command runs, Python warnings included (one line each, text only);
-    the logging and warnings set-up is restored afterwards."""
+    the logging and warnings set-up is restored afterwards. A command run inside another (`twinfer demo` runs
+    several) keeps the outer set-up, so nothing is said twice."""
     root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
+    if any(isinstance(existing, _ConsoleHandler) for existing in root.handlers):
+        yield
+        return
+    handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_ConsoleFormat())
     warning_logger = logging.getLogger("py.warnings")
     previous_level, previous_show = root.level, warnings.showwarning
