@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     traffic = {**traffic_of(args, trace), "max_concurrency": args.max_concurrency}
     if args.request_rate is not None:
         traffic["burstiness"] = args.burstiness
+        if math.isinf(args.request_rate):
+            traffic["request_rate"] = None  # all at once: the result JSON's "inf"
     path = bench_serve(trace, options, args.out, vocab_size=vocab_size, seed=args.seed,
                        metadata={"traffic": traffic})
     print(f"run written to {path}")
