@@ -66,7 +66,7 @@ def async_client(server) -> openai.AsyncOpenAI:
 
 def greedy(reference, prompt, max_tokens: int) -> list[int]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return reference.generate([prompt], params, use_tqdm=False)[0].token_ids
+    return reference.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
 
 
 class Gate:
@@ -225,7 +225,7 @@ def test_64_concurrent_streams_equal_generate(serve, reference):
         return await asyncio.gather(*(one(api, prompt, length) for prompt, length in zip(prompts, lengths)))
 
     outputs = asyncio.run(all_of_them())
-    assert outputs == [output.token_ids for output in expected]
+    assert outputs == [output.outputs[0].token_ids for output in expected]
     wait_until_idle(server)
     assert free_blocks(server)[0] == free_blocks(server)[1]
 
