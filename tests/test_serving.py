@@ -44,7 +44,7 @@ def serve(served):
 
     def start(**options) -> ServerThread:
         options.setdefault("chat_template", CHAT_TEMPLATE)
-        app = create_app(served.engine, served.tokenizer, model_name=MODEL, **options)
+        app = create_app(served.engine, model_name=MODEL, **options)
         server = ServerThread(app).__enter__()
         server.app = app
         started.append(server)
@@ -160,15 +160,31 @@ def test_chat_whole_and_streamed_follow_the_template(serve, reference):
 
 def test_n_choices_and_several_prompts_each_get_their_index(serve, reference):
     server = serve()
+    prompts = [[5, 6, 7], [9, 10]]
     response = client(server).completions.create(
-        model=MODEL, prompt=[[5, 6, 7], [9, 10]], n=3, max_tokens=4, temperature=0,
+        model=MODEL, prompt=prompts, n=3, max_tokens=4, temperature=1.0, seed=11,
         extra_body={"ignore_eos": True, "return_token_ids": True})
     assert [choice.index for choice in response.choices] == list(range(6))
-    # Greedy: the three choices of a prompt are that prompt's one greedy completion.
-    for prompt_index, prompt in enumerate([[5, 6, 7], [9, 10]]):
-        expected = greedy(reference, prompt, 4)
-        assert [choice.token_ids for choice in response.choices[3 * prompt_index:3 * prompt_index + 3]] == [expected] * 3
+    # Choice prompt * n + i is completion i of that prompt: seeded with seed + i, as LLM.generate's n.
+    expected = reference.generate(prompts, SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=4,
+                                                          ignore_eos=True), use_tqdm=False)
+    assert [choice.token_ids for choice in response.choices] == [
+        completion.token_ids for output in expected for completion in output.outputs]
     assert response.usage.prompt_tokens == 5 and response.usage.completion_tokens == 24
+
+
+def test_n_completions_share_one_prefill(serve):
+    server = serve()
+    prompt = list(range(60, 100))  # 40 tokens no other test sends: two full blocks of 16, and 8 more
+    first_step = engine_state(server, lambda engine: len(engine.step_records))
+    response = client(server).completions.create(model=MODEL, prompt=prompt, n=2, max_tokens=3, temperature=1.0,
+                                                 seed=3, extra_body={"ignore_eos": True})
+    assert [choice.index for choice in response.choices] == [0, 1]
+    steps = engine_state(server, lambda engine: engine.step_records[first_step:])
+    # The first completion computes the prompt; the second finds its full blocks cached and computes the rest.
+    assert sum(step.num_prefill_tokens for step in steps) == 40 + 8
+    assert sum(step.prefix_cache_hit_tokens for step in steps) == 32
+    assert response.usage.prompt_tokens == 40 and response.usage.completion_tokens == 6
 
 
 def test_seeded_choices_differ_and_reproduce(serve):
@@ -348,7 +364,7 @@ def test_bad_chat_requests_get_openai_errors(serve, served):
 
 def test_a_request_larger_than_the_whole_kv_cache_is_refused_and_logged(model_folder, tmp_path):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64, num_gpu_blocks_override=4)
-    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL,
+    app = create_app(llm.engine, model_name=MODEL,
                      request_log=RequestLog(tmp_path / "log", "cpu", {"model": model_folder}))
     with ServerThread(app) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
@@ -377,7 +393,7 @@ def test_api_key_is_required_on_v1_routes_only(serve):
 def test_every_accepted_request_is_in_the_request_log(model_folder, tmp_path):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
     log = RequestLog(tmp_path / "log", "cpu", {"model": model_folder})
-    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL, request_log=log)
+    app = create_app(llm.engine, model_name=MODEL, request_log=log)
     with ServerThread(app) as server:
         api = client(server)
         api.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
