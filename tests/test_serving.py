@@ -221,6 +221,159 @@ def test_models_health_and_metrics(serve):
     assert samples["vllm:prefix_cache_hits_total"] >= 16
 
 
+# ---- the engine's sampling fields, stop strings and logprobs over HTTP
+
+
+def generate_one(reference, prompt, params: SamplingParams):
+    """LLM.generate's completion of one prompt (the reference the server must equal)."""
+    return reference.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+def test_stop_strings_end_the_text_whole_and_streamed(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    sampled = dict(temperature=1.0, seed=21, max_tokens=12, ignore_eos=True)
+    words = generate_one(reference, prompt, SamplingParams(**sampled)).text.split()
+    stop = f"{words[4]} {words[5]}"  # two tokens: found across a token boundary
+    expected = generate_one(reference, prompt, SamplingParams(**sampled, stop=[stop]))
+    assert stop not in expected.text and expected.finish_reason == "stop"
+
+    body = {"model": MODEL, "prompt": prompt, **sampled, "stop": [stop], "return_token_ids": True}
+    whole = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert (whole["text"], whole["token_ids"]) == (expected.text, expected.token_ids)
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", stop)
+
+    chunks = list(client(server).completions.create(stream=True, **{
+        key: value for key, value in body.items() if key in ("model", "prompt", "max_tokens", "temperature", "seed",
+                                                              "stop")}, extra_body={"ignore_eos": True}))
+    texts = [choice.text for chunk in chunks for choice in chunk.choices]
+    assert all(stop not in text for text in texts)
+    assert "".join(texts) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    kept = httpx.post(f"{server.base_url}/v1/completions", json={**body, "include_stop_str_in_output": True},
+                      timeout=60).json()["choices"][0]
+    assert kept["text"] == expected.text + stop
+
+
+def test_penalties_are_applied_as_llm_generate_applies_them(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    greedy_params = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    penalties = dict(presence_penalty=1.5, frequency_penalty=1.0, repetition_penalty=1.3)
+    plain = generate_one(reference, prompt, SamplingParams(**greedy_params))
+    expected = generate_one(reference, prompt, SamplingParams(**greedy_params, **penalties))
+    assert expected.token_ids != plain.token_ids  # greedy repeats itself on this model; penalties stop that
+    response = client(server).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, presence_penalty=1.5, frequency_penalty=1.0,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.3, "return_token_ids": True})
+    assert response.choices[0].token_ids == expected.token_ids
+    assert response.choices[0].text == expected.text
+
+
+@pytest.mark.parametrize("fields", [
+    {"min_tokens": 3, "logit_bias": {"1": 100}},  # EOS forced, but not before 3 tokens
+    {"allowed_token_ids": [7, 9, 11], "temperature": 1.0, "seed": 4},
+    {"bad_words": ["w4"], "temperature": 0},
+    {"min_p": 0.5, "temperature": 1.0, "seed": 5},
+    {"top_k": 3, "temperature": 1.0, "seed": 6},
+    {"stop_token_ids": [6]},
+    {"truncate_prompt_tokens": 2},
+])
+def test_every_vllm_sampling_field_reaches_the_engine(serve, reference, fields):
+    server = serve()
+    prompt = [5, 6, 7, 8]
+    fields = {"temperature": 0, "max_tokens": 8, **fields}
+    expected = generate_one(reference, prompt, SamplingParams(**fields))
+    body = {"model": MODEL, "prompt": prompt, "return_token_ids": True, **fields}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert (choice["token_ids"], choice["text"]) == (expected.token_ids, expected.text)
+    assert (choice["finish_reason"], choice["stop_reason"]) == (expected.finish_reason, expected.stop_reason)
+    if "truncate_prompt_tokens" in fields:
+        assert response.json()["usage"]["prompt_tokens"] == 2
+
+
+def _approx(values):
+    return pytest.approx(values, abs=1e-5)
+
+
+def test_completion_logprobs_are_openais_shape_of_llm_generates(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    expected = generate_one(reference, prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                              logprobs=2))
+    chosen = [entry[token] for token, entry in zip(expected.token_ids, expected.logprobs)]
+    tokens = [logprob.decoded_token for logprob in chosen]
+    options = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                   extra_body={"ignore_eos": True})
+    logprobs = client(server).completions.create(**options).choices[0].logprobs
+    assert logprobs.tokens == tokens
+    assert logprobs.token_logprobs == _approx([logprob.logprob for logprob in chosen])
+    # The sampled token and the 2 most likely (greedy: the sampled is the most likely, so 2 in all).
+    assert [set(top) for top in logprobs.top_logprobs] == [
+        {logprob.decoded_token for logprob in entry.values()} for entry in expected.logprobs]
+    for top, entry in zip(logprobs.top_logprobs, expected.logprobs):
+        assert list(top.values()) == _approx([logprob.logprob for logprob in entry.values()])
+    assert logprobs.text_offset == [sum(len(token) for token in tokens[:index]) for index in range(len(tokens))]
+
+    chunks = list(client(server).completions.create(**options, stream=True))
+    streamed = [chunk.choices[0].logprobs for chunk in chunks]
+    assert [token for part in streamed for token in part.tokens] == tokens
+    assert [value for part in streamed for value in part.token_logprobs] == logprobs.token_logprobs
+    assert [top for part in streamed for top in part.top_logprobs] == logprobs.top_logprobs
+    # Each chunk's offsets start where the text streamed before it ends.
+    text_before = 0
+    for chunk, part in zip(chunks, streamed):
+        assert part.text_offset[0] == text_before
+        text_before += len(chunk.choices[0].text)
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    expected = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=1,
+                                                           prompt_logprobs=1), use_tqdm=False)[0]
+    response = httpx.post(f"{server.base_url}/v1/completions", json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "logprobs": 1,
+        "echo": True, "prompt_logprobs": 1}, timeout=60).json()["choices"][0]
+    logprobs = response["logprobs"]
+    assert logprobs["tokens"] == ["w3", "w4", "w5"] + [
+        entry[token].decoded_token for token, entry in zip(expected.outputs[0].token_ids, expected.outputs[0].logprobs)]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:3] == _approx([entry[token].logprob for token, entry
+                                                       in zip(prompt[1:], expected.prompt_logprobs[1:])])
+    assert response["prompt_logprobs"][0] is None
+    assert {int(token): value["logprob"] for token, value in response["prompt_logprobs"][1].items()} == _approx(
+        {token: logprob.logprob for token, logprob in expected.prompt_logprobs[1].items()})
+
+
+def test_chat_logprobs_are_openais_shape_of_llm_generates(serve, reference):
+    server = serve()
+    messages = [{"role": "user", "content": "w10 w11 w12"}]
+    prompt = reference.tokenizer.encode("w10 w11 w12 ", add_special_tokens=False)
+    expected = generate_one(reference, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                              logprobs=3))
+    options = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+                   extra_body={"ignore_eos": True})
+    content = client(server).chat.completions.create(**options).choices[0].logprobs.content
+    assert len(content) == 4
+    for item, token, entry in zip(content, expected.token_ids, expected.logprobs):
+        assert item.token == entry[token].decoded_token and item.logprob == _approx(entry[token].logprob)
+        assert item.bytes == list(item.token.encode())
+        most_likely = sorted(entry.values(), key=lambda logprob: logprob.rank)
+        assert [top.token for top in item.top_logprobs] == [logprob.decoded_token for logprob in most_likely]
+        assert [top.logprob for top in item.top_logprobs] == _approx([logprob.logprob for logprob in most_likely])
+
+    chunks = list(client(server).chat.completions.create(**options, stream=True))
+    streamed = [item for chunk in chunks for choice in chunk.choices if choice.logprobs
+                for item in choice.logprobs.content]
+    assert [item.model_dump() for item in streamed] == [item.model_dump() for item in content]
+    no_logprobs = client(server).chat.completions.create(**{**options, "logprobs": False, "top_logprobs": None})
+    assert no_logprobs.choices[0].logprobs is None
+
+
 # ---- many clients, and clients that go away
 
 
@@ -334,6 +487,14 @@ def error_of(response: httpx.Response) -> dict:
     ({"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
     ({"model": MODEL, "prompt": [VOCAB]}, 400, "prompt", "outside the vocabulary"),
     ({"model": MODEL, "prompt": [5], "suffix": "x"}, 400, "suffix", "not supported"),
+    ({"model": MODEL, "prompt": [5], "n": 2, "temperature": 0}, 400, "n", "greedy"),
+    ({"model": MODEL, "prompt": [5], "stop": ["w3", ""]}, 400, "stop", "empty string"),
+    ({"model": MODEL, "prompt": [5], "logit_bias": {"x": 1}}, 400, "logit_bias", "not a token id"),
+    ({"model": MODEL, "prompt": [5], "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
+    ({"model": MODEL, "prompt": [5], "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens", "max_tokens=4"),
+    ({"model": MODEL, "prompt": [5], "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
+    ({"model": MODEL, "prompt": [5], "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", "stream"),
+    ({"model": MODEL, "prompt": [5], "allowed_token_ids": [VOCAB]}, 400, None, "outside the vocabulary"),
 ])
 def test_bad_completion_requests_get_openai_errors(serve, body, status, param, words):
     server = serve()
