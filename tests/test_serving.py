@@ -528,11 +528,32 @@ def test_a_request_larger_than_the_whole_kv_cache_is_refused_and_logged(model_fo
     app = create_app(llm.engine, model_name=MODEL,
                      request_log=RequestLog(tmp_path / "log", "cpu", {"model": model_folder}))
     with ServerThread(app) as server:
-        response = httpx.post(f"{server.base_url}/v1/completions",
-                              json={"model": MODEL, "prompt": [5] * 60, "max_tokens": 20})
-        assert response.status_code == 400 and "KV blocks" in error_of(response)["message"]
+        for n in (1, 2):  # every choice of a refused request is answered, whole or streamed
+            for stream in (False, True):
+                response = httpx.post(f"{server.base_url}/v1/completions", timeout=60, json={
+                    "model": MODEL, "prompt": [5] * 60, "max_tokens": 20, "n": n, "stream": stream})
+                if stream:
+                    error = _read_sse_events(response, 1)[0]["error"]
+                    assert response.status_code == 200 and "KV blocks" in error["message"]
+                else:
+                    assert response.status_code == 400 and "KV blocks" in error_of(response)["message"]
     run = read_run(tmp_path / "log")
-    assert run.requests.column("status").to_pylist() == ["rejected"]
+    assert run.requests.column("status").to_pylist() == ["rejected"] * 4
+
+
+def test_a_model_without_tokenizer_serves_token_ids_and_says_what_needs_text():
+    llm = LLM("tiny-qwen3", device="cpu", max_model_len=256, max_num_batched_tokens=64)  # a preset: no tokenizer
+    with ServerThread(create_app(llm.engine, model_name=MODEL)) as server:
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0, "return_token_ids": True}
+        choice = httpx.post(url, json=body, timeout=60).json()["choices"][0]
+        assert choice["text"] == "" and len(choice["token_ids"]) == 3
+        assert choice["logprobs"]["tokens"] == [f"token_id:{token}" for token in choice["token_ids"]]
+        stop = httpx.post(url, json={**body, "stop": ["w3"]}, timeout=60)
+        assert stop.status_code == 400 and "need a tokenizer" in error_of(stop)["message"]
+        text = httpx.post(url, json={**body, "prompt": "w3 w4"}, timeout=60)
+        assert text.status_code == 400 and "send the prompt as token ids" in error_of(text)["message"]
 
 
 def test_api_key_is_required_on_v1_routes_only(serve):

@@ -53,12 +53,7 @@ class Delta:
     sequence: Sequence | None = None
     """The ended completion's sequence (its times, for metrics); None until it ends."""
     error: str | None = None
-    """Why the engine refused or lost the request (then nothing more comes)."""
-
-    @property
-    def is_last(self) -> bool:
-        """Whether nothing more comes for this completion."""
-        return self.finish_reason is not None or self.error is not None
+    """Why the engine refused or lost the request (then nothing more comes for any of its completions)."""
 
 
 class EngineUnavailable(RuntimeError):

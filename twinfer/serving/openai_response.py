@@ -85,7 +85,8 @@ class OpenAIResponse:
         self.request_ids = [request_id for request_id, _ in prompts]
         self.prompts = [prompt for _, prompt in prompts]
         n = params.n
-        self.choices = [_Choice(index, prompt) for index, prompt in enumerate(p for p in self.prompts for _ in range(n))]
+        self.choices = [_Choice(index, prompt)
+                        for index, prompt in enumerate(prompt for prompt in self.prompts for _ in range(n))]
         self.by_completion = {(request_id, completion): self.choices[prompt_index * n + completion]
                               for prompt_index, request_id in enumerate(self.request_ids) for completion in range(n)}
         self.sink = sink
@@ -184,10 +185,20 @@ class OpenAIResponse:
             body["prompt_logprobs"] = self._prompt_logprobs(self.choices[0])  # vLLM's: one chat, one prompt
         return JSONResponse(body)
 
+    def _apply(self, delta: Delta) -> _Choice:
+        """Take a delta in; the choice it belongs to. An error (a request refused or lost) ends every choice of
+        its engine request: nothing more comes for any of them."""
+        choice = self.by_completion[delta.request_id, delta.index]
+        choice.apply(delta)
+        if delta.error is not None:
+            for completion in range(self.params.n):
+                self.by_completion[delta.request_id, completion].error = delta.error
+        return choice
+
     async def _collect(self) -> None:
         while self._unfinished():
             for delta in await self._next():
-                self.by_completion[delta.request_id, delta.index].apply(delta)
+                self._apply(delta)
 
     def _whole_choice(self, choice: _Choice) -> dict:
         request = self.request
@@ -269,8 +280,7 @@ class OpenAIResponse:
             # Deltas of one choice that came together go out as one chunk.
             pieces: dict[int, _Piece] = {}
             for delta in await self._next():
-                choice = self.by_completion[delta.request_id, delta.index]
-                choice.apply(delta)
+                choice = self._apply(delta)
                 piece = pieces.setdefault(choice.index, _Piece())
                 piece.text += delta.text
                 piece.token_ids += delta.token_ids
