@@ -5,7 +5,8 @@ import argparse
 import math
 import os
 
-from twinfer.cli.options import print_run_summary
+from twinfer.cli.options import add_output_options, check_output_flags, print_run_summary
+from twinfer.cli.result_flags import traffic_of
 
 
 def register(which) -> None:
@@ -39,10 +40,7 @@ def register(which) -> None:
     parser.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
     parser.add_argument("--max-output-len", type=int, default=None, help="clip output lengths (reported)")
     parser.add_argument("--seed", type=int, default=0, help="prompt token ids and arrivals (default: %(default)s)")
-    parser.add_argument("--out", required=True, help="run folder to write")
-    parser.add_argument("--goodput", nargs="+", default=None, metavar="SLO", help="e.g. ttft:500 tpot:50 e2el:5000")
-    parser.add_argument("--save-result", default=None, help="write vLLM-style result JSON here")
-    parser.add_argument("--no-progress", action="store_true")
+    add_output_options(parser)
 
 
 def arrival_spec(request_rate: float | None, burstiness: float) -> str | None:
@@ -84,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.request_rate is not None and args.time_scale is not None:
         raise ValueError("give either --request-rate or --time-scale, not both")
+    check_output_flags(args)
     options = BenchServeOptions(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None, max_concurrency=args.max_concurrency,
@@ -95,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
         max_output_len=args.max_output_len, seed=args.seed))
     for note in trace.notes:
         print(f"trace {trace.name}: {note}")
-    path = bench_serve(trace, options, args.out, vocab_size=vocab_size, seed=args.seed)
+    traffic = {**traffic_of(args, trace), "max_concurrency": args.max_concurrency}
+    if args.request_rate is not None:
+        traffic["burstiness"] = args.burstiness
+        if math.isinf(args.request_rate):
+            traffic["request_rate"] = None  # all at once: the result JSON's "inf"
+    path = bench_serve(trace, options, args.out, vocab_size=vocab_size, seed=args.seed,
+                       metadata={"traffic": traffic})
     print(f"run written to {path}")
-    print_run_summary(path, args.goodput, args.save_result)
+    print_run_summary(path, args)
     return 0

@@ -2,8 +2,10 @@
 
 import argparse
 
-from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, engine_args_from,
-                                 load_trace, print_run_summary)
+from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, check_output_flags,
+                                 engine_args_from, load_trace, print_run_summary)
+from twinfer.cli.cuda_required import require_cuda
+from twinfer.cli.result_flags import traffic_of
 
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 
@@ -11,7 +13,8 @@ DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 def register(commands) -> None:
     parser = commands.add_parser("replay", help="replay a trace through an executor at its arrival times")
     add_trace_options(parser)
-    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu")
+    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu",
+                        help="gpu: the model on CUDA; cpu: the model on this CPU; sim: the cost model")
     parser.add_argument("--model", required=True, help="HF model folder or preset name")
     parser.add_argument("--gpu", default="h100", help="for --executor sim: the GPU simulated")
     parser.add_argument("--profile", default=None,
@@ -36,6 +39,10 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.replay import replay
 
+    check_output_flags(args)
+    if executor == "gpu":
+        require_cuda("--executor gpu", "use --executor cpu (the real model on this CPU) or --executor sim (the "
+                     "simulator)")
     trace = load_trace(args)
     engine_args = engine_args_from(args, device=DEVICES.get(executor))
     built: list[dict] = []
@@ -47,7 +54,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
                 cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
         else:
             engine, metadata = real_engine_and_metadata(engine_args)
-        built.append(metadata)
+        built.append({**metadata, "traffic": traffic_of(args, trace)})
         return engine
 
     engines = build_replicas(build_one, replicas)
@@ -67,7 +74,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
             if isinstance(engine.executor, ShutdownExecutor):
                 engine.executor.shutdown()
     print(f"run written to {path}")
-    print_run_summary(path, args.goodput, args.save_result)
+    print_run_summary(path, args)
     return 0
 
 
