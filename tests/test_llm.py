@@ -385,8 +385,9 @@ def test_sampling_features_on_cuda_graphs_match_transformers(model_folder, refer
         _check_position(entry, token, expected[len(prompt) - 1 + index], 3)
     # n > 1 shares the prefill; seeded completions reproduce alone.
     first_step = len(llm.engine.step_records)
-    shared = llm.generate([prompt], SamplingParams(n=2, seed=9, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    fresh = list(range(80, 120))  # a prompt no earlier request cached
+    shared = llm.generate([fresh], SamplingParams(n=2, seed=9, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert sum(step.num_prefill_tokens for step in llm.engine.step_records[first_step:]) == 40 + 8
-    alone = llm.generate([prompt], SamplingParams(seed=10, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    alone = llm.generate([fresh], SamplingParams(seed=10, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert shared.outputs[1].token_ids == alone.outputs[0].token_ids
     llm.shutdown()

@@ -8,7 +8,7 @@ from twinfer.cli import bench_serve
 
 def register(commands) -> None:
     parser = commands.add_parser("bench", help="benchmarks: offline throughput, or a trace against a server")
-    which = parser.add_subparsers(dest="which", required=True)
+    which = parser.add_subparsers(dest="which", required=True, parser_class=type(parser), help="the benchmark")
     throughput = which.add_parser("throughput", help="offline throughput on nano-vLLM's workload, against the "
                                   "roofline (GPU)")
     throughput.add_argument("--model", default="qwen3-0.6b", help="preset name or model folder (dummy weights)")

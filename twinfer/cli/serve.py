@@ -37,7 +37,7 @@ def register(commands) -> None:
                         help="write every request the engine accepted here as a run folder (the replay's schema) "
                              "when the server stops, and on POST /request_log")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is a GPU")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler and dummy weights")
     add_engine_options(parser)
     # A server schedules asynchronously where it can (EngineArgs' default); replay's flag default is off.
     parser.set_defaults(async_scheduling=None)
