@@ -7,12 +7,12 @@ import torch
 
 from engine.engine import Engine
 from engine.engine_args import EngineArgs, build_real_engine
-from engine.model_config import load_model_config, model_folder
+from engine.model_config import load_model_config
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
 
 CPU_DEFAULT_MAX_MODEL_LEN = 4096
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class LLM:
@@ -40,18 +40,9 @@ class LLM:
         self.engine_config = self.engine.config
         self.executor = self.engine.executor
         self.model_config = model_config
-        self.tokenizer = self._load_tokenizer(args.tokenizer or args.model)
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
         self.engine.tokenizer = self.tokenizer
         self._next_request = 0
-
-    @staticmethod
-    def _load_tokenizer(model: str):
-        folder = model_folder(model)
-        if folder is None or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            return None
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder))
 
     def get_tokenizer(self):
         """The model's tokenizer (None for a preset or a folder without tokenizer files)."""

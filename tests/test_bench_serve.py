@@ -30,7 +30,7 @@ def test_arrival_spec_is_vllms_gamma_process():
 
 def test_bench_serve_accounts_for_every_request(model_folder, tmp_path, capsys):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
-    app = create_app(llm.engine, llm.tokenizer, model_name="tiny",
+    app = create_app(llm.engine, model_name="tiny",
                      request_log=RequestLog(tmp_path / "server", "cpu", {"model": model_folder}))
     with ServerThread(app) as server:
         code = main(["bench", "serve", WORKLOAD, "--base-url", server.base_url, "--model", "tiny", "--tokenizer",
@@ -62,7 +62,7 @@ def test_bench_serve_accounts_for_every_request(model_folder, tmp_path, capsys):
 
 def test_bench_serve_records_refused_requests(model_folder, tmp_path):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64, max_model_len=32)
-    with ServerThread(create_app(llm.engine, llm.tokenizer, model_name="tiny")) as server:
+    with ServerThread(create_app(llm.engine, model_name="tiny")) as server:
         main(["bench", "serve", WORKLOAD, "--base-url", server.base_url, "--model", "tiny", "--vocab-size", "128",
               "--request-rate", "inf", "--out", str(tmp_path / "http"), "--no-progress"])
     requests = read_run(tmp_path / "http").requests

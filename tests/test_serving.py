@@ -44,7 +44,7 @@ def serve(served):
 
     def start(**options) -> ServerThread:
         options.setdefault("chat_template", CHAT_TEMPLATE)
-        app = create_app(served.engine, served.tokenizer, model_name=MODEL, **options)
+        app = create_app(served.engine, model_name=MODEL, **options)
         server = ServerThread(app).__enter__()
         server.app = app
         started.append(server)
@@ -66,7 +66,7 @@ def async_client(server) -> openai.AsyncOpenAI:
 
 def greedy(reference, prompt, max_tokens: int) -> list[int]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return reference.generate([prompt], params, use_tqdm=False)[0].token_ids
+    return reference.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
 
 
 class Gate:
@@ -160,15 +160,31 @@ def test_chat_whole_and_streamed_follow_the_template(serve, reference):
 
 def test_n_choices_and_several_prompts_each_get_their_index(serve, reference):
     server = serve()
+    prompts = [[5, 6, 7], [9, 10]]
     response = client(server).completions.create(
-        model=MODEL, prompt=[[5, 6, 7], [9, 10]], n=3, max_tokens=4, temperature=0,
+        model=MODEL, prompt=prompts, n=3, max_tokens=4, temperature=1.0, seed=11,
         extra_body={"ignore_eos": True, "return_token_ids": True})
     assert [choice.index for choice in response.choices] == list(range(6))
-    # Greedy: the three choices of a prompt are that prompt's one greedy completion.
-    for prompt_index, prompt in enumerate([[5, 6, 7], [9, 10]]):
-        expected = greedy(reference, prompt, 4)
-        assert [choice.token_ids for choice in response.choices[3 * prompt_index:3 * prompt_index + 3]] == [expected] * 3
+    # Choice prompt * n + i is completion i of that prompt: seeded with seed + i, as LLM.generate's n.
+    expected = reference.generate(prompts, SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=4,
+                                                          ignore_eos=True), use_tqdm=False)
+    assert [choice.token_ids for choice in response.choices] == [
+        completion.token_ids for output in expected for completion in output.outputs]
     assert response.usage.prompt_tokens == 5 and response.usage.completion_tokens == 24
+
+
+def test_n_completions_share_one_prefill(serve):
+    server = serve()
+    prompt = list(range(60, 100))  # 40 tokens no other test sends: two full blocks of 16, and 8 more
+    first_step = engine_state(server, lambda engine: len(engine.step_records))
+    response = client(server).completions.create(model=MODEL, prompt=prompt, n=2, max_tokens=3, temperature=1.0,
+                                                 seed=3, extra_body={"ignore_eos": True})
+    assert [choice.index for choice in response.choices] == [0, 1]
+    steps = engine_state(server, lambda engine: engine.step_records[first_step:])
+    # The first completion computes the prompt; the second finds its full blocks cached and computes the rest.
+    assert sum(step.num_prefill_tokens for step in steps) == 40 + 8
+    assert sum(step.prefix_cache_hit_tokens for step in steps) == 32
+    assert response.usage.prompt_tokens == 40 and response.usage.completion_tokens == 6
 
 
 def test_seeded_choices_differ_and_reproduce(serve):
@@ -205,6 +221,159 @@ def test_models_health_and_metrics(serve):
     assert samples["vllm:prefix_cache_hits_total"] >= 16
 
 
+# ---- the engine's sampling fields, stop strings and logprobs over HTTP
+
+
+def generate_one(reference, prompt, params: SamplingParams):
+    """LLM.generate's completion of one prompt (the reference the server must equal)."""
+    return reference.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+def test_stop_strings_end_the_text_whole_and_streamed(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    sampled = dict(temperature=1.0, seed=21, max_tokens=12, ignore_eos=True)
+    words = generate_one(reference, prompt, SamplingParams(**sampled)).text.split()
+    stop = f"{words[4]} {words[5]}"  # two tokens: found across a token boundary
+    expected = generate_one(reference, prompt, SamplingParams(**sampled, stop=[stop]))
+    assert stop not in expected.text and expected.finish_reason == "stop"
+
+    body = {"model": MODEL, "prompt": prompt, **sampled, "stop": [stop], "return_token_ids": True}
+    whole = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert (whole["text"], whole["token_ids"]) == (expected.text, expected.token_ids)
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", stop)
+
+    chunks = list(client(server).completions.create(stream=True, **{
+        key: value for key, value in body.items() if key in ("model", "prompt", "max_tokens", "temperature", "seed",
+                                                              "stop")}, extra_body={"ignore_eos": True}))
+    texts = [choice.text for chunk in chunks for choice in chunk.choices]
+    assert all(stop not in text for text in texts)
+    assert "".join(texts) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    kept = httpx.post(f"{server.base_url}/v1/completions", json={**body, "include_stop_str_in_output": True},
+                      timeout=60).json()["choices"][0]
+    assert kept["text"] == expected.text + stop
+
+
+def test_penalties_are_applied_as_llm_generate_applies_them(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    greedy_params = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    penalties = dict(presence_penalty=1.5, frequency_penalty=1.0, repetition_penalty=1.3)
+    plain = generate_one(reference, prompt, SamplingParams(**greedy_params))
+    expected = generate_one(reference, prompt, SamplingParams(**greedy_params, **penalties))
+    assert expected.token_ids != plain.token_ids  # greedy repeats itself on this model; penalties stop that
+    response = client(server).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, presence_penalty=1.5, frequency_penalty=1.0,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.3, "return_token_ids": True})
+    assert response.choices[0].token_ids == expected.token_ids
+    assert response.choices[0].text == expected.text
+
+
+@pytest.mark.parametrize("fields", [
+    {"min_tokens": 3, "logit_bias": {"1": 100}},  # EOS forced, but not before 3 tokens
+    {"allowed_token_ids": [7, 9, 11], "temperature": 1.0, "seed": 4},
+    {"bad_words": ["w4"], "temperature": 0},
+    {"min_p": 0.5, "temperature": 1.0, "seed": 5},
+    {"top_k": 3, "temperature": 1.0, "seed": 6},
+    {"stop_token_ids": [6]},
+    {"truncate_prompt_tokens": 2},
+])
+def test_every_vllm_sampling_field_reaches_the_engine(serve, reference, fields):
+    server = serve()
+    prompt = [5, 6, 7, 8]
+    fields = {"temperature": 0, "max_tokens": 8, **fields}
+    expected = generate_one(reference, prompt, SamplingParams(**fields))
+    body = {"model": MODEL, "prompt": prompt, "return_token_ids": True, **fields}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert (choice["token_ids"], choice["text"]) == (expected.token_ids, expected.text)
+    assert (choice["finish_reason"], choice["stop_reason"]) == (expected.finish_reason, expected.stop_reason)
+    if "truncate_prompt_tokens" in fields:
+        assert response.json()["usage"]["prompt_tokens"] == 2
+
+
+def _approx(values):
+    return pytest.approx(values, abs=1e-5)
+
+
+def test_completion_logprobs_are_openais_shape_of_llm_generates(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    expected = generate_one(reference, prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                              logprobs=2))
+    chosen = [entry[token] for token, entry in zip(expected.token_ids, expected.logprobs)]
+    tokens = [logprob.decoded_token for logprob in chosen]
+    options = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                   extra_body={"ignore_eos": True})
+    logprobs = client(server).completions.create(**options).choices[0].logprobs
+    assert logprobs.tokens == tokens
+    assert logprobs.token_logprobs == _approx([logprob.logprob for logprob in chosen])
+    # The sampled token and the 2 most likely (greedy: the sampled is the most likely, so 2 in all).
+    assert [set(top) for top in logprobs.top_logprobs] == [
+        {logprob.decoded_token for logprob in entry.values()} for entry in expected.logprobs]
+    for top, entry in zip(logprobs.top_logprobs, expected.logprobs):
+        assert list(top.values()) == _approx([logprob.logprob for logprob in entry.values()])
+    assert logprobs.text_offset == [sum(len(token) for token in tokens[:index]) for index in range(len(tokens))]
+
+    chunks = list(client(server).completions.create(**options, stream=True))
+    streamed = [chunk.choices[0].logprobs for chunk in chunks]
+    assert [token for part in streamed for token in part.tokens] == tokens
+    assert [value for part in streamed for value in part.token_logprobs] == logprobs.token_logprobs
+    assert [top for part in streamed for top in part.top_logprobs] == logprobs.top_logprobs
+    # Each chunk's offsets start where the text streamed before it ends.
+    text_before = 0
+    for chunk, part in zip(chunks, streamed):
+        assert part.text_offset[0] == text_before
+        text_before += len(chunk.choices[0].text)
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(serve, reference):
+    server = serve()
+    prompt = [5, 6, 7]
+    expected = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=1,
+                                                           prompt_logprobs=1), use_tqdm=False)[0]
+    response = httpx.post(f"{server.base_url}/v1/completions", json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "logprobs": 1,
+        "echo": True, "prompt_logprobs": 1}, timeout=60).json()["choices"][0]
+    logprobs = response["logprobs"]
+    assert logprobs["tokens"] == ["w3", "w4", "w5"] + [
+        entry[token].decoded_token for token, entry in zip(expected.outputs[0].token_ids, expected.outputs[0].logprobs)]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:3] == _approx([entry[token].logprob for token, entry
+                                                       in zip(prompt[1:], expected.prompt_logprobs[1:])])
+    assert response["prompt_logprobs"][0] is None
+    assert {int(token): value["logprob"] for token, value in response["prompt_logprobs"][1].items()} == _approx(
+        {token: logprob.logprob for token, logprob in expected.prompt_logprobs[1].items()})
+
+
+def test_chat_logprobs_are_openais_shape_of_llm_generates(serve, reference):
+    server = serve()
+    messages = [{"role": "user", "content": "w10 w11 w12"}]
+    prompt = reference.tokenizer.encode("w10 w11 w12 ", add_special_tokens=False)
+    expected = generate_one(reference, prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                              logprobs=3))
+    options = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+                   extra_body={"ignore_eos": True})
+    content = client(server).chat.completions.create(**options).choices[0].logprobs.content
+    assert len(content) == 4
+    for item, token, entry in zip(content, expected.token_ids, expected.logprobs):
+        assert item.token == entry[token].decoded_token and item.logprob == _approx(entry[token].logprob)
+        assert item.bytes == list(item.token.encode())
+        most_likely = sorted(entry.values(), key=lambda logprob: logprob.rank)
+        assert [top.token for top in item.top_logprobs] == [logprob.decoded_token for logprob in most_likely]
+        assert [top.logprob for top in item.top_logprobs] == _approx([logprob.logprob for logprob in most_likely])
+
+    chunks = list(client(server).chat.completions.create(**options, stream=True))
+    streamed = [item for chunk in chunks for choice in chunk.choices if choice.logprobs
+                for item in choice.logprobs.content]
+    assert [item.model_dump() for item in streamed] == [item.model_dump() for item in content]
+    no_logprobs = client(server).chat.completions.create(**{**options, "logprobs": False, "top_logprobs": None})
+    assert no_logprobs.choices[0].logprobs is None
+
+
 # ---- many clients, and clients that go away
 
 
@@ -225,7 +394,7 @@ def test_64_concurrent_streams_equal_generate(serve, reference):
         return await asyncio.gather(*(one(api, prompt, length) for prompt, length in zip(prompts, lengths)))
 
     outputs = asyncio.run(all_of_them())
-    assert outputs == [output.token_ids for output in expected]
+    assert outputs == [output.outputs[0].token_ids for output in expected]
     wait_until_idle(server)
     assert free_blocks(server)[0] == free_blocks(server)[1]
 
@@ -318,6 +487,14 @@ def error_of(response: httpx.Response) -> dict:
     ({"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
     ({"model": MODEL, "prompt": [VOCAB]}, 400, "prompt", "outside the vocabulary"),
     ({"model": MODEL, "prompt": [5], "suffix": "x"}, 400, "suffix", "not supported"),
+    ({"model": MODEL, "prompt": [5], "n": 2, "temperature": 0}, 400, "n", "greedy"),
+    ({"model": MODEL, "prompt": [5], "stop": ["w3", ""]}, 400, "stop", "empty string"),
+    ({"model": MODEL, "prompt": [5], "logit_bias": {"x": 1}}, 400, "logit_bias", "not a token id"),
+    ({"model": MODEL, "prompt": [5], "presence_penalty": 3}, 400, "presence_penalty", "[-2, 2]"),
+    ({"model": MODEL, "prompt": [5], "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens", "max_tokens=4"),
+    ({"model": MODEL, "prompt": [5], "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
+    ({"model": MODEL, "prompt": [5], "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs", "stream"),
+    ({"model": MODEL, "prompt": [5], "allowed_token_ids": [VOCAB]}, 400, None, "outside the vocabulary"),
 ])
 def test_bad_completion_requests_get_openai_errors(serve, body, status, param, words):
     server = serve()
@@ -348,14 +525,35 @@ def test_bad_chat_requests_get_openai_errors(serve, served):
 
 def test_a_request_larger_than_the_whole_kv_cache_is_refused_and_logged(model_folder, tmp_path):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64, num_gpu_blocks_override=4)
-    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL,
+    app = create_app(llm.engine, model_name=MODEL,
                      request_log=RequestLog(tmp_path / "log", "cpu", {"model": model_folder}))
     with ServerThread(app) as server:
-        response = httpx.post(f"{server.base_url}/v1/completions",
-                              json={"model": MODEL, "prompt": [5] * 60, "max_tokens": 20})
-        assert response.status_code == 400 and "KV blocks" in error_of(response)["message"]
+        for n in (1, 2):  # every choice of a refused request is answered, whole or streamed
+            for stream in (False, True):
+                response = httpx.post(f"{server.base_url}/v1/completions", timeout=60, json={
+                    "model": MODEL, "prompt": [5] * 60, "max_tokens": 20, "n": n, "stream": stream})
+                if stream:
+                    error = _read_sse_events(response, 1)[0]["error"]
+                    assert response.status_code == 200 and "KV blocks" in error["message"]
+                else:
+                    assert response.status_code == 400 and "KV blocks" in error_of(response)["message"]
     run = read_run(tmp_path / "log")
-    assert run.requests.column("status").to_pylist() == ["rejected"]
+    assert run.requests.column("status").to_pylist() == ["rejected"] * 4
+
+
+def test_a_model_without_tokenizer_serves_token_ids_and_says_what_needs_text():
+    llm = LLM("tiny-qwen3", device="cpu", max_model_len=256, max_num_batched_tokens=64)  # a preset: no tokenizer
+    with ServerThread(create_app(llm.engine, model_name=MODEL)) as server:
+        url = f"{server.base_url}/v1/completions"
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                "logprobs": 0, "return_token_ids": True}
+        choice = httpx.post(url, json=body, timeout=60).json()["choices"][0]
+        assert choice["text"] == "" and len(choice["token_ids"]) == 3
+        assert choice["logprobs"]["tokens"] == [f"token_id:{token}" for token in choice["token_ids"]]
+        stop = httpx.post(url, json={**body, "stop": ["w3"]}, timeout=60)
+        assert stop.status_code == 400 and "need a tokenizer" in error_of(stop)["message"]
+        text = httpx.post(url, json={**body, "prompt": "w3 w4"}, timeout=60)
+        assert text.status_code == 400 and "send the prompt as token ids" in error_of(text)["message"]
 
 
 def test_api_key_is_required_on_v1_routes_only(serve):
@@ -377,7 +575,7 @@ def test_api_key_is_required_on_v1_routes_only(serve):
 def test_every_accepted_request_is_in_the_request_log(model_folder, tmp_path):  # noqa: F811
     llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
     log = RequestLog(tmp_path / "log", "cpu", {"model": model_folder})
-    app = create_app(llm.engine, llm.tokenizer, model_name=MODEL, request_log=log)
+    app = create_app(llm.engine, model_name=MODEL, request_log=log)
     with ServerThread(app) as server:
         api = client(server)
         api.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})

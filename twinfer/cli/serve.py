@@ -4,12 +4,12 @@ Prometheus metrics), on 127.0.0.1 unless --host says otherwise."""
 import argparse
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 from twinfer.cli.options import add_engine_options, engine_args_from
 
 API_KEY_VARIABLE = "TWINFER_API_KEY"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def register(commands) -> None:
@@ -25,6 +25,8 @@ def register(commands) -> None:
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_VARIABLE} when "
                              "set, else none)")
+    parser.add_argument("--tokenizer", default=None, help="a model folder or Hub id whose tokenizer to use "
+                                                            "(default: MODEL's)")
     parser.add_argument("--served-model-name", default=None, help="the name clients give as model (default: MODEL)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
@@ -66,21 +68,23 @@ def _serve(args, listener: socket.socket, api_key: str | None, chat_template: st
     import torch
     import uvicorn
 
+    from engine.tokenizer import load_tokenizer
     from twinfer.cli.replay import real_engine_and_metadata
     from twinfer.serving.app import create_app
     from twinfer.serving.request_log import RequestLog
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine_args = engine_args_from(args, device=device)
+    engine_args = replace(engine_args_from(args, device=device), tokenizer=args.tokenizer)
     engine, metadata = real_engine_and_metadata(engine_args)
-    tokenizer = load_tokenizer(args.model)
+    # The engine decodes each output's text itself, applying stop strings, as LLM's engine does.
+    engine.tokenizer = tokenizer = load_tokenizer(engine_args.tokenizer or engine_args.model)
     name = args.served_model_name or args.model
     executor_kind = "gpu" if device == "cuda" else "cpu"
     request_log = None
     if args.request_log is not None:
         request_log = RequestLog(args.request_log, executor_kind,
                                  {**metadata, "served_model_name": name, "load_format": engine_args.load_format})
-    app = create_app(engine, tokenizer, model_name=name, model_source=args.model, api_key=api_key,
+    app = create_app(engine, model_name=name, model_source=args.model, api_key=api_key,
                      chat_template=chat_template, max_concurrent_requests=args.max_concurrent_requests,
                      request_log=request_log)
     host, port = listener.getsockname()[:2]
@@ -95,16 +99,6 @@ def _serve(args, listener: socket.socket, api_key: str | None, chat_template: st
         pass  # uvicorn raises Ctrl-C again once it has shut down (and the request log is written)
     print("twinfer serve: stopped", flush=True)
     return 0
-
-
-def load_tokenizer(model: str):
-    """The model folder's tokenizer; None for a preset or a folder without tokenizer files."""
-    folder = Path(model)
-    if not folder.is_dir() or not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _chat_template(value: str | None) -> str | None:

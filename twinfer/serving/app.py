@@ -54,15 +54,16 @@ def _validation_error(error: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=location[0] if location else None)
 
 
-def create_app(engine: Engine, tokenizer=None, *, model_name: str, model_source: str | None = None,
+def create_app(engine: Engine, *, model_name: str, model_source: str | None = None,
                api_key: str | None = None, chat_template: str | None = None,
                max_concurrent_requests: int | None = None, request_log: RequestLog | None = None) -> FastAPI:
     """The server's app: it starts the engine's thread when it starts and stops it (writing the request log,
-    when given) when it stops."""
+    when given) when it stops. Text comes from the engine's tokenizer (engine.tokenizer: it tokenizes prompts,
+    decodes outputs and applies stop strings); without one, prompts are token ids and outputs have no text."""
     driver = EngineDriver(engine)
     metrics = ServerMetrics(driver, model_name, engine.config.max_model_len)
     driver.on_finish = metrics.observe_finished
-    serving = OpenAIServing(driver, tokenizer, model_name=model_name, max_model_len=engine.config.max_model_len,
+    serving = OpenAIServing(driver, engine.tokenizer, model_name=model_name, max_model_len=engine.config.max_model_len,
                             vocab_size=engine.config.vocab_size, chat_template=chat_template,
                             max_concurrent_requests=max_concurrent_requests)
     created = int(time.time())

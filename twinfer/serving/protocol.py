@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies (completions and chat completions), with vLLM's extra sampling fields.
 
-Unknown fields are ignored, as vLLM does (clients send fields of newer API versions); fields this server
-cannot honour are refused by request_sampling with a 400 naming them.
+Unknown fields are ignored, as vLLM does (clients send fields of newer API versions); the few this server
+cannot honour (suffix, tools, structured output) are refused by request_sampling with a 400 naming them.
 """
 
 from typing import Annotated, Literal
@@ -46,8 +46,16 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[NonNegativeInt] | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[NonNegativeInt] | None = None
+    prompt_logprobs: int | None = None
+    """Log-probabilities of the prompt's tokens too (returned as prompt_logprobs; not with stream)."""
+    truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False
+    """Name each token of the logprobs "token_id:ID" rather than by its text."""
     return_token_ids: bool = False
     """Add prompt_token_ids and each choice's token_ids to the response (vLLM's, for clients that count tokens)."""
 

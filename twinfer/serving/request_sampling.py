@@ -1,106 +1,74 @@
 """An OpenAI request's sampling fields as the engine's SamplingParams, by the field names of vLLM's.
 
-A field is passed on when SamplingParams has a field of its vLLM name; a request that sets one to a value
-other than its neutral default while SamplingParams lacks it is refused with a 400 naming the field, rather
-than silently served without it. `n` is not passed on: the server runs n requests (choices), as vLLM does,
-each with seed + index when a seed is given.
+Every vLLM sampling field a request gives is passed on as it is; SamplingParams validates them, and its message
+(which starts with the field's name) becomes a 400 naming that field. n is the engine's own: one engine request
+of n completions sharing the prompt's prefill, completion i seeded with seed + i (vLLM's rule).
 """
 
-import dataclasses
-from dataclasses import dataclass
+import re
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from twinfer.serving.api_error import bad_request
 from twinfer.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_N = 128
-MAX_LOGPROBS = 20
 
-# (request field, SamplingParams field by vLLM's name, the value that changes nothing). Fields whose neutral
-# value is None are passed on whenever given.
-_OPTIONAL_FIELDS = (
-    ("top_k", "top_k", None),
-    ("min_p", "min_p", 0.0),
-    ("presence_penalty", "presence_penalty", 0.0),
-    ("frequency_penalty", "frequency_penalty", 0.0),
-    ("repetition_penalty", "repetition_penalty", 1.0),
-    ("min_tokens", "min_tokens", 0),
-    ("seed", "seed", None),
-    ("ignore_eos", "ignore_eos", False),
-    ("include_stop_str_in_output", "include_stop_str_in_output", False),
+# Request fields passed to SamplingParams under the same name whenever the request gives them (None: not given,
+# SamplingParams' default applies).
+_PASSED_ON = (
+    "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "seed", "min_tokens", "ignore_eos", "stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias",
+    "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
 )
+_FIELD_NAME = re.compile(r"[a-z_]+")
 
 
-@dataclass(frozen=True)
-class ChoiceSampling:
-    """How to sample every choice of one request."""
+def sampling_params(request: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    """The request's SamplingParams, or a 400 naming the field that is out of range or not supported.
 
-    params: SamplingParams
-    """Choice 0's; choice i differs only by seed + i."""
-    n: int
-    logprobs: int | None
-    """How many top alternatives to return per token (0: only the sampled token's); None: no logprobs."""
-
-    def for_choice(self, index: int) -> SamplingParams:
-        """The params of choice `index`: a different seed for each when a seed is given (vLLM's rule)."""
-        if index == 0 or self.params.seed is None:
-            return self.params
-        return dataclasses.replace(self.params, seed=self.params.seed + index)
-
-
-def supported_fields() -> frozenset[str]:
-    """The vLLM sampling fields this engine's SamplingParams has."""
-    return frozenset(field.name for field in dataclasses.fields(SamplingParams))
-
-
-def choice_sampling(request: CompletionRequest | ChatCompletionRequest, *, prompt_len: int,
-                    max_model_len: int) -> ChoiceSampling:
-    """The request's SamplingParams, or a 400 naming the field that is out of range or not supported."""
-    supported = supported_fields()
+    max_tokens is the request's (chat: max_completion_tokens first); by default 16 for completions (OpenAI's)
+    and None for chat, which the engine resolves to the rest of the context (vLLM's)."""
     _refuse_unsupported(request)
     if not 1 <= request.n <= MAX_N:
         raise bad_request(f"n must be between 1 and {MAX_N}, got {request.n}", "n")
-    max_tokens, max_tokens_param = _max_tokens(request, prompt_len, max_model_len)
-    kwargs: dict = {"max_tokens": max_tokens}
-    if request.temperature is not None:
-        kwargs["temperature"] = request.temperature
-    if request.top_p is not None:
-        kwargs["top_p"] = request.top_p
-    for name, field, neutral in _OPTIONAL_FIELDS:
-        value = getattr(request, name)
-        if value is None or value == neutral:
-            continue
-        if field not in supported:
-            raise bad_request(f"{name} is not supported by this server's engine", name)
-        kwargs[field] = value
-    if request.stop_token_ids:
-        kwargs["stop_token_ids"] = tuple(request.stop_token_ids)
-    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if stop:
-        if "stop" not in supported:
-            raise bad_request("stop strings are not supported by this server's engine", "stop")
-        kwargs["stop"] = stop
-    if request.logit_bias:
-        if "logit_bias" not in supported:
-            raise bad_request("logit_bias is not supported by this server's engine", "logit_bias")
-        try:
-            kwargs["logit_bias"] = {int(token): float(bias) for token, bias in request.logit_bias.items()}
-        except ValueError:
-            raise bad_request("logit_bias keys must be token ids", "logit_bias") from None
+    kwargs = {name: getattr(request, name) for name in _PASSED_ON if getattr(request, name) is not None}
+    max_tokens, max_tokens_param = max_tokens_of(request)
+    kwargs["max_tokens"] = max_tokens
     logprobs, logprobs_param = _logprobs(request)
-    if logprobs is not None:
-        if "logprobs" not in supported:
-            raise bad_request("logprobs are not supported by this server's engine", logprobs_param)
-        kwargs["logprobs"] = logprobs
-    if "skip_special_tokens" in supported:
-        kwargs["skip_special_tokens"] = request.skip_special_tokens
+    kwargs["logprobs"] = logprobs
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and isinstance(request, CompletionRequest) and request.echo:
+        prompt_logprobs = logprobs  # the echoed prompt's tokens get logprobs too (vLLM's rule)
+    _check_logprobs_count(prompt_logprobs, "prompt_logprobs")
+    kwargs["prompt_logprobs"] = prompt_logprobs
     try:
-        params = SamplingParams(**kwargs)
+        return SamplingParams(**kwargs)
     except (ValueError, TypeError) as error:
-        # SamplingParams' messages begin with the field's name.
-        field = str(error).split(" ", 1)[0]
-        raise bad_request(str(error), max_tokens_param if field == "max_tokens" else field) from None
-    return ChoiceSampling(params, request.n, logprobs)
+        field = _FIELD_NAME.match(str(error))
+        param = field.group() if field else None
+        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(param, param)
+        raise bad_request(str(error), param if param in type(request).model_fields else None) from None
+
+
+def max_tokens_of(request) -> tuple[int | None, str]:
+    """The request's max_tokens and the field that gave it."""
+    if isinstance(request, ChatCompletionRequest):
+        if request.max_completion_tokens is not None:
+            return request.max_completion_tokens, "max_completion_tokens"
+        return request.max_tokens, "max_tokens"
+    return (16 if request.max_tokens is None else request.max_tokens), "max_tokens"
+
+
+def check_context(request, prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    """A 400 in OpenAI's words when the prompt and the completion cannot fit the model's context."""
+    wanted = max(max_tokens or 1, 1)
+    if prompt_len + wanted <= max_model_len:
+        return
+    where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    raise bad_request(
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_len + wanted} tokens ({prompt_len} in the {where}, {wanted} in the completion). Please reduce "
+        f"the length of the {where} or completion.", max_tokens_of(request)[1])
 
 
 def _refuse_unsupported(request) -> None:
@@ -109,42 +77,27 @@ def _refuse_unsupported(request) -> None:
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request(f"best_of must equal n ({request.n}) here; other values are not supported", "best_of")
-        if request.echo and request.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
     else:
         if request.tools:
             raise bad_request("tool calling is not supported", "tools")
         if request.response_format and request.response_format.get("type", "text") != "text":
             raise bad_request("only the text response format is supported", "response_format")
-
-
-def _max_tokens(request, prompt_len: int, max_model_len: int) -> tuple[int, str]:
-    """max_tokens (chat: max_completion_tokens first); by default 16 for completions (OpenAI's) and the rest
-    of the context for chat (vLLM's)."""
-    param = "max_tokens"
-    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
-        max_tokens, param = request.max_completion_tokens, "max_completion_tokens"
-    elif request.max_tokens is not None:
-        max_tokens = request.max_tokens
-    else:
-        max_tokens = 16 if isinstance(request, CompletionRequest) else max_model_len - prompt_len
-    where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-    if prompt_len + max(max_tokens, 1) > max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max(max_tokens, 1)} tokens ({prompt_len} in the {where}, {max(max_tokens, 1)} in the "
-            f"completion). Please reduce the length of the {where} or completion.", param)
-    return max_tokens, param
+    if request.stream and request.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs are not available when stream is enabled", "prompt_logprobs")
 
 
 def _logprobs(request) -> tuple[int | None, str]:
+    """How many top alternatives each output token's logprobs list (0: only the sampled token), or None."""
     if isinstance(request, ChatCompletionRequest):
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         value, param = (request.top_logprobs or 0) if request.logprobs else None, "top_logprobs"
     else:
         value, param = request.logprobs, "logprobs"
-    if value is not None and not 0 <= value <= MAX_LOGPROBS:
-        raise bad_request(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param)
+    _check_logprobs_count(value, param)
     return value, param
 
+
+def _check_logprobs_count(value: int | None, param: str) -> None:
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise bad_request(f"{param} must be between 0 and {MAX_LOGPROBS}, got {value}", param)
