@@ -112,6 +112,11 @@ class BlockManager:
         """Share of looked-up prompt tokens that were found in the prefix cache."""
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
+    def holds_nothing(self) -> bool:
+        """Whether every block is free and has no holder (what an engine with no request left must see)."""
+        return (len(self._free) == self.num_blocks and not self._extra_holders
+                and self.num_free_blocks == self.num_blocks)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -2,7 +2,7 @@
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -56,6 +56,8 @@ class Engine:
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
+        self._in_executor = False
+        """True while the executor runs a step: a failure there leaves the scheduler's bookkeeping whole."""
 
     # ---- requests
 
@@ -128,18 +130,28 @@ class Engine:
             )
         return ""
 
-    def abort(self, request_id: str, reason: str = "aborted") -> None:
-        """Stop a request that has not finished; it is recorded as aborted with the reason."""
-        seq = self.requests[request_id]
-        if not isinstance(seq, Sequence) or seq.finish_time is not None:
-            return  # rejected, or finished (one released while its last token is in flight is not, until update())
-        if seq.status is RequestStatus.WAITING and seq not in self.scheduler.waiting:
-            self._pending = [entry for entry in self._pending if entry[2] is not seq]
-            heapq.heapify(self._pending)
-            self._abort_pending(seq, reason)
-        else:
-            self.scheduler.abort(seq, reason, self.clock.now())
-            self.num_finished += 1
+    def abort(self, request_ids: str | Iterable[str], reason: str = "aborted") -> None:
+        """Stop requests that have not finished (one id or several, as vLLM's abort_request): each is recorded as
+        aborted with the reason and its KV blocks are freed. Ids unknown, rejected or finished are ignored, as
+        vLLM ignores them: a client may abort a request that has just finished."""
+        for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+            seq = self.requests.get(request_id)
+            if not isinstance(seq, Sequence) or seq.finish_time is not None:
+                continue  # rejected, finished (one released while its last token is in flight is not, until update())
+            if seq.status is RequestStatus.WAITING and seq not in self.scheduler.waiting:
+                self._pending = [entry for entry in self._pending if entry[2] is not seq]
+                heapq.heapify(self._pending)
+                self._abort_pending(seq, reason)
+            else:
+                self.scheduler.abort(seq, reason, self.clock.now())
+                self.num_finished += 1
+        if self._in_flight is not None and all(
+                seq.finish_time is not None for seq in self.scheduler.unapplied_sequences()):
+            # Nothing the step in flight computes is wanted any more: it is dropped, not waited for.
+            self._in_flight = None
+            self.scheduler.drop_in_flight()
+        if not self.has_unfinished():
+            self._reset_if_inconsistent()
 
     def _abort_pending(self, seq: Sequence, reason: str) -> None:
         # It never arrived: its finish is no earlier than its arrival, so its latency is not negative.
@@ -157,9 +169,63 @@ class Engine:
         pending, self._pending = self._pending, []
         for _, _, seq in pending:
             self._abort_pending(seq, reason)
-        for request_id, seq in self.sequences.items():
+        self.abort([request_id for request_id, seq in self.sequences.items() if seq.finish_time is None], reason)
+        self._reset_if_inconsistent()
+
+    def _abandon_unapplied_steps(self, error: BaseException) -> None:
+        """A step failed (the executor raised, or an interrupt struck inside step()): the requests of every step
+        scheduled and not applied are aborted, as their computed and pending tokens will never be known, and
+        those steps are dropped; the other requests go on as if nothing happened."""
+        if isinstance(error, KeyboardInterrupt):
+            reason = "interrupted"
+        else:
+            reason = f"error: {type(error).__name__}: {error}"
+        victims = self.scheduler.unapplied_sequences()
+        self._in_flight = None
+        self.scheduler.drop_in_flight()
+        now = self.clock.now()
+        for seq in victims:
             if seq.finish_time is None:
-                self.abort(request_id, reason)
+                self.scheduler.abort(seq, reason, now)
+                self.num_finished += 1
+        if not self.has_unfinished():
+            self._reset_if_inconsistent()
+
+    def _abort_everything(self, error: BaseException) -> None:
+        """A step failed outside the executor (an interrupt in the middle of scheduling or of the block manager's
+        bookkeeping): none of that state can be trusted, so every request not finished is aborted without it and
+        the scheduler and block manager are rebuilt empty."""
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {type(error).__name__}: {error}"
+        now = self.clock.now()
+        self._pending = []
+        for seq in self.sequences.values():
+            if seq.finish_time is None:
+                seq.status = RequestStatus.ABORTED
+                seq.finish_reason = FinishReason.ABORT
+                seq.abort_reason = reason
+                seq.finish_time = max(now, seq.arrival_time)
+                seq.block_table = []
+                self.num_finished += 1
+        self._rebuild_scheduler()
+
+    def _reset_if_inconsistent(self) -> None:
+        """With nothing left to serve, no KV block may be held and no step wait to be applied. An interrupt that
+        struck in the middle of the scheduler's or the block manager's bookkeeping can leave such leftovers;
+        then both are rebuilt empty (the prefix cache with them, so nothing is ever read from a half-made entry)."""
+        if not (self.block_manager.holds_nothing() and not self.scheduler.has_steps_in_flight()):
+            self._rebuild_scheduler()
+
+    def _rebuild_scheduler(self) -> None:
+        """An empty scheduler and block manager in place of the old ones, keeping the step count and cache statistics."""
+        old_manager, old_scheduler = self.block_manager, self.scheduler
+        manager = BlockManager(old_manager.num_blocks, old_manager.block_size, old_manager.enable_prefix_caching)
+        manager.num_query_tokens = old_manager.num_query_tokens
+        manager.num_hit_tokens = old_manager.num_hit_tokens
+        manager.num_evictions = old_manager.num_evictions
+        scheduler = Scheduler(self.config, manager)
+        scheduler.advance_steps(old_scheduler.advance_steps(0))
+        self.block_manager, self.scheduler = manager, scheduler
+        self._in_flight = None
 
     # ---- the loop
 
@@ -182,9 +248,22 @@ class Engine:
             self.scheduler.add(heapq.heappop(pending)[2])
 
     def step(self) -> bool:
-        """Run one step, or wait for the next arrival when idle; False when there is nothing left."""
-        if self.config.async_scheduling:
-            return self._step_async()
+        """Run one step, or wait for the next arrival when idle; False when there is nothing left.
+
+        If the executor raises (an error, or Ctrl-C while it runs), the requests of the steps not applied are
+        aborted and the others go on; an interrupt anywhere else in the step aborts every request and rebuilds the
+        scheduler. Either way the error goes on, and the engine is consistent for whatever comes next."""
+        try:
+            return self._step_async() if self.config.async_scheduling else self._step_sync()
+        except BaseException as error:
+            if self._in_executor:
+                self._in_executor = False
+                self._abandon_unapplied_steps(error)
+            else:
+                self._abort_everything(error)
+            raise
+
+    def _step_sync(self) -> bool:
         now = self.clock.now()
         self._admit_arrivals(now)
         if not self.scheduler.has_unfinished():
@@ -205,7 +284,9 @@ class Engine:
                 f"step {output.step}: nothing schedulable with {len(self.scheduler.waiting)} waiting and "
                 f"{len(self.scheduler.running)} running requests"
             )
+        self._in_executor = True
         result = self.executor.execute(output)
+        self._in_executor = False
         end = self.clock.advance(result.duration)
         self.num_finished += len(self.scheduler.update(output, result, end))
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
@@ -237,11 +318,14 @@ class Engine:
                 f"nothing schedulable with {len(scheduler.waiting)} waiting and {len(scheduler.running)} running requests"
             )
         self._in_flight = None
+        self._in_executor = True
         if output is not None:
             self._in_flight = (output, self._submit(output), now, scheduler.last_stats)
         if in_flight is not None:
             previous, pending, scheduled_at, stats = in_flight
             result = pending if isinstance(pending, StepResult) else pending.result()
+        self._in_executor = False
+        if in_flight is not None:
             start = max(scheduled_at, self._last_finish_time)
             end = self.clock.advance(result.duration)
             self.num_finished += len(scheduler.update(previous, result, end))

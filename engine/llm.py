@@ -1,8 +1,11 @@
 """Offline batched generation in the manner of vLLM's LLM class: prompts in, completions out, in order."""
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.engine import Engine
@@ -23,6 +26,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None
     finish_reason: str
+    """stop or length, as vLLM's; "rejected" for a prompt that the whole KV cache cannot hold (no tokens)."""
 
 
 class LLM:
@@ -71,10 +75,19 @@ class LLM:
                     "pass lists of token ids instead"
                 )
             return prompt, list(self.tokenizer.encode(prompt))
-        try:
-            ids = [int(token) for token in prompt]
-        except (TypeError, ValueError):
-            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}") from None
+        if isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+            raise TypeError(f"prompt {index} is a {prompt.ndim}-D array of shape {prompt.shape}; a prompt of token "
+                            "ids is 1-D (pass a list of 1-D prompts for a batch)")
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if isinstance(prompt, np.ndarray) and prompt.dtype.kind not in "iu":
+            raise TypeError(f"prompt {index} is an array of {prompt.dtype}; token ids must be integers")
+        # Floats are refused, not truncated, and bools are not token ids even though Python counts them as ints.
+        for position, token in enumerate(() if isinstance(prompt, np.ndarray) else prompt):
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"prompt {index} has {token!r} ({type(token).__name__}) at position {position}; "
+                                "token ids must be integers")
+        ids = [int(token) for token in prompt]
         vocab = self.model_config.vocab_size
         bad = [token for token in ids if not 0 <= token < vocab]
         if bad:
@@ -84,7 +97,13 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt (strings or token-id lists); outputs come back in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, np.ndarray):
+            if prompts.ndim != 1:
+                raise TypeError(f"prompts is a {prompts.ndim}-D array of shape {prompts.shape}; pass one prompt as a "
+                                "1-D array or list of token ids, or several as a list of them")
+            prompts = [prompts]
+        elif isinstance(prompts, str) or (
+                isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
@@ -106,28 +125,32 @@ class LLM:
             requests.append((text, ids, param))
 
         request_ids = []
-        for text, ids, param in requests:
-            request_ids.append(self.engine.add_request(
-                prompt_token_ids=ids, sampling_params=param, request_id=f"llm-{self._next_request}"))
-            self._next_request += 1
-
         progress = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=len(requests), desc="Generating", unit="req", dynamic_ncols=True)
-        sequences = [self.engine.sequences.get(rid) for rid in request_ids]
-        done = 0
-
-        def on_step(engine: Engine) -> None:
-            nonlocal done
-            finished = sum(1 for seq in sequences if seq is not None and seq.is_finished)
-            if progress is not None and finished > done:
-                progress.update(finished - done)
-            done = finished
-
         try:
+            for text, ids, param in requests:
+                request_ids.append(self.engine.add_request(
+                    prompt_token_ids=ids, sampling_params=param, request_id=f"llm-{self._next_request}"))
+                self._next_request += 1
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=len(requests), desc="Generating", unit="req", dynamic_ncols=True)
+            sequences = [self.engine.sequences.get(rid) for rid in request_ids]
+            done = 0
+
+            def on_step(engine: Engine) -> None:
+                nonlocal done
+                finished = sum(1 for seq in sequences if seq is not None and seq.is_finished)
+                if progress is not None and finished > done:
+                    progress.update(finished - done)
+                done = finished
+
             self.engine.run(on_step=on_step)
+        except BaseException:
+            # Ctrl-C or an error: this call's requests are dropped with their KV blocks, so the next call
+            # starts as on a fresh LLM.
+            self.abort(request_ids)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -136,12 +159,21 @@ class LLM:
         outputs = []
         for index, (rid, (text, ids, _)) in enumerate(zip(request_ids, requests)):
             record = records[rid]
+            if record.status == "rejected":
+                # It can never be served (the whole KV cache is too small for it); the others were.
+                warnings.warn(f"prompt {index} was rejected: {record.reason}", RuntimeWarning, stacklevel=2)
+                outputs.append(RequestOutput(index, text, ids, [], None, "rejected"))
+                continue
             if record.status != "finished":
                 raise RuntimeError(f"prompt {index} was not served ({record.status}): {record.reason}")
             token_ids = list(self.engine.output_token_ids(rid))
             completion = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
             outputs.append(RequestOutput(index, text, ids, token_ids, completion, record.reason))
         return outputs
+
+    def abort(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests by id (one or several; those unknown or finished are ignored), freeing their KV blocks."""
+        self.engine.abort(request_ids)
 
     def shutdown(self) -> None:
         """Release worker processes (tensor parallelism)."""

@@ -19,7 +19,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature:
+        # A bool is an int to Python, but temperature=True is a mistake, not 1.0.
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or self.temperature != self.temperature):
             raise ValueError(f"temperature must be a number, got {self.temperature!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
@@ -27,7 +29,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (both disable it) or positive, got {self.top_k}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
             raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
