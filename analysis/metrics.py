@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis.exact_quantiles import BatchStatistics
 from engine.sequence import RequestStatus
 
 STORED_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
@@ -36,7 +37,9 @@ class Distribution:
     p95: float
     p99: float
     p99_9: float
-    samples: np.ndarray = field(repr=False, compare=False)
+    samples: np.ndarray | None = field(repr=False, compare=False)
+    """The values themselves; None when they were too many to hold (then only known_percentiles are known)."""
+    known_percentiles: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, values) -> "Distribution":
@@ -57,10 +60,33 @@ class Distribution:
             samples=samples,
         )
 
+    @classmethod
+    def of_statistics(cls, statistics: BatchStatistics, percentiles=()) -> "Distribution":
+        """Statistics of values read in batches (too many to hold), with these percentiles besides the stored."""
+        wanted = sorted(set(STORED_PERCENTILES) | {float(p) for p in percentiles})
+        known = statistics.percentiles(wanted) if statistics.count else {p: 0.0 for p in wanted}
+        return cls(
+            count=statistics.count,
+            mean=statistics.mean,
+            std=statistics.std,
+            median=known[50.0],
+            p90=known[90.0],
+            p95=known[95.0],
+            p99=known[99.0],
+            p99_9=known[99.9],
+            samples=None,
+            known_percentiles=known,
+        )
+
     def percentile(self, p: float) -> float:
         """Any percentile (0..100) of the samples, in seconds; 0 when there are none."""
         if not 0 <= p <= 100:
             raise ValueError(f"percentile must be within 0..100, got {p}")
+        if self.samples is None:
+            if float(p) not in self.known_percentiles:
+                raise ValueError(f"percentile {p} was not computed: these values were read in batches, with "
+                                 f"percentiles {sorted(self.known_percentiles)}")
+            return self.known_percentiles[float(p)]
         if self.samples.size == 0:
             return 0.0
         return float(np.percentile(self.samples, p))
@@ -171,8 +197,12 @@ def check_goodput_slos(slos_ms: dict[str, float]) -> dict[str, float]:
     return checked
 
 
-def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
-    """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms."""
+def compute_metrics(run, goodput: dict[str, float] | None = None, *, itl: Distribution | None = None,
+                    max_output_tokens_per_s: float | None = None) -> Metrics:
+    """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms.
+
+    itl and max_output_tokens_per_s, when given, are used instead of reading the token_times column (which a
+    table read without it lacks: compute_metrics_of_file reads it in batches)."""
     requests: pa.Table = run if isinstance(run, pa.Table) else run.requests
     status = _column(requests, "status").astype(str)
     done = status == RequestStatus.FINISHED
@@ -219,9 +249,10 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
         total_token_throughput=per_second(total_input + total_output),
         ttft=Distribution.of(ttft[~np.isnan(ttft)]),
         tpot=Distribution.of(tpot[(output_lens > 1) & ~np.isnan(tpot)]),
-        itl=Distribution.of(inter_token_latencies(completed)),
+        itl=itl if itl is not None else Distribution.of(inter_token_latencies(completed)),
         e2el=Distribution.of(e2el[~np.isnan(e2el)]),
-        max_output_tokens_per_s=_peak_output_tokens_per_s(completed, start_time),
+        max_output_tokens_per_s=(max_output_tokens_per_s if max_output_tokens_per_s is not None
+                                 else _peak_output_tokens_per_s(completed, start_time)),
         max_concurrent_requests=_peak_concurrency(
             _float_column(completed, "arrival_time"), _float_column(completed, "finish_time")
         ),
@@ -229,3 +260,41 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
         num_good=num_good,
         request_goodput=request_goodput,
     )
+
+
+_TOKEN_TIME_BATCH = 2048
+"""Requests whose token times are read at once (a few hundred thousand values, a few MB)."""
+
+
+def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, percentiles=()) -> Metrics:
+    """compute_metrics of a requests.parquet without holding its token times: they are read a row group at a
+    time (a simulated week has hundreds of millions), the ITL percentiles found exactly in a few passes."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    columns = [name for name in file.schema_arrow.names if name != "token_times"]
+    requests = file.read(columns=columns)
+    start_time, _ = run_window(requests)
+
+    def token_times():
+        for batch in file.iter_batches(batch_size=_TOKEN_TIME_BATCH, columns=["status", "token_times"]):
+            done = pc.equal(batch.column("status"), RequestStatus.FINISHED.value)
+            yield pa.Table.from_batches([batch]).filter(done)
+
+    def gaps():
+        for table in token_times():
+            values = inter_token_latencies(table)
+            yield values[~np.isnan(values)]
+
+    peak = np.zeros(0, dtype=np.int64)
+    for table in token_times():
+        flat = pc.list_flatten(table.column("token_times")).to_numpy(zero_copy_only=False)
+        buckets = np.floor(flat - start_time).astype(np.int64)
+        counts = np.bincount(buckets[buckets >= 0])
+        if counts.size > peak.size:
+            counts[: peak.size] += peak
+            peak = counts
+        else:
+            peak[: counts.size] += counts
+    itl = Distribution.of_statistics(BatchStatistics(gaps), percentiles)
+    return compute_metrics(requests, goodput, itl=itl, max_output_tokens_per_s=float(peak.max()) if peak.size else 0.0)

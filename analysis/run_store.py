@@ -178,6 +178,22 @@ def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, m
     except (TypeError, ValueError) as error:
         raise ValueError(f"run metadata is not plain JSON: {error}") from error
 
+    staging = make_staging(out_dir)
+    try:
+        # zstd: smaller than the default snappy on these tables (about half) and no slower to write.
+        _write_file(staging / REQUESTS_FILE, lambda f: pq.write_table(requests, f, compression="zstd"))
+        _write_file(staging / STEPS_FILE, lambda f: pq.write_table(steps, f, compression="zstd"))
+        _write_file(staging / METADATA_FILE, lambda f: f.write(metadata_text.encode()))
+        commit_staging(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def make_staging(out_dir: Path) -> Path:
+    """A new private folder next to out_dir to write a run into (commit_staging moves it into place); refuses
+    an out_dir that is not an earlier run nor an empty folder."""
     if out_dir.exists() and not _is_replaceable(out_dir):
         raise FileExistsError(
             f"{out_dir} exists and is not a run folder (no {REQUESTS_FILE}); refusing to replace it"
@@ -185,25 +201,30 @@ def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, m
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.writing-"))
-    try:
-        # zstd: smaller than the default snappy on these tables (about half) and no slower to write.
-        _write_file(staging / REQUESTS_FILE, lambda f: pq.write_table(requests, f, compression="zstd"))
-        _write_file(staging / STEPS_FILE, lambda f: pq.write_table(steps, f, compression="zstd"))
-        _write_file(staging / METADATA_FILE, lambda f: f.write(metadata_text.encode()))
-        if out_dir.exists():
-            # rename() cannot replace a non-empty folder: move the old run aside first, so readers see
-            # either the old run or the new one, never a mix.
-            retired = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.replaced-"))
-            os.rename(out_dir, retired / "run")
-            os.rename(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # mkdtemp makes the folder private (0700); a run folder gets the permissions any new folder would (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging
+
+
+def commit_staging(staging: Path, out_dir: Path) -> None:
+    """Move a fully written staging folder to out_dir, atomically replacing an earlier run there."""
+    if out_dir.exists() and not _is_replaceable(out_dir):
+        raise FileExistsError(
+            f"{out_dir} exists and is not a run folder (no {REQUESTS_FILE}); refusing to replace it"
+        )
+    parent = out_dir.parent
+    if out_dir.exists():
+        # rename() cannot replace a non-empty folder: move the old run aside first, so readers see
+        # either the old run or the new one, never a mix.
+        retired = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.replaced-"))
+        os.rename(out_dir, retired / "run")
+        os.rename(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)
     _fsync_dir(parent)
-    return out_dir
 
 
 def _is_replaceable(path: Path) -> bool:
@@ -234,9 +255,13 @@ def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
     return _conform(table, schema, str(path))
 
 
-def read_run(path: str | os.PathLike) -> Run:
-    """Read a run folder; a clear error names what is missing or malformed."""
-    path = Path(path)
+def read_run_metadata(path: str | os.PathLike) -> dict:
+    """A run folder's metadata.json, checked as read_run checks it (without reading the tables)."""
+    path = _check_run_folder(Path(path))
+    return _read_metadata(path)
+
+
+def _check_run_folder(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"run folder {path} does not exist")
     if not path.is_dir():
@@ -244,12 +269,23 @@ def read_run(path: str | os.PathLike) -> Run:
     missing = [name for name in RUN_FILES if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a run folder: missing {', '.join(missing)}")
+    return path
+
+
+def _read_metadata(path: Path) -> dict:
     try:
         metadata = json.loads((path / METADATA_FILE).read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path / METADATA_FILE}: invalid JSON at line {error.lineno}: {error.msg}") from error
     if not isinstance(metadata, dict):
         raise ValueError(f"{path / METADATA_FILE}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read a run folder; a clear error names what is missing or malformed."""
+    path = _check_run_folder(Path(path))
+    metadata = _read_metadata(path)
     requests = _read_table(path / REQUESTS_FILE, REQUESTS_SCHEMA)
     steps = _read_table(path / STEPS_FILE, STEPS_SCHEMA)
     return Run(path=path, requests=requests, steps=steps, metadata=metadata)

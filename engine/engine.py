@@ -2,6 +2,7 @@
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -83,30 +84,37 @@ class Engine:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         if arrival_time is None:
             arrival_time = self.clock.now()
+        if not math.isfinite(arrival_time):
+            raise ValueError(f"request {request_id!r}: arrival_time must be a finite number of seconds, got {arrival_time!r}")
         if prompt_token_ids is None:
             if prompt_len is None:
                 raise ValueError(f"request {request_id!r}: give prompt_token_ids or prompt_len")
-            if not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
+            if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
                 raise ValueError(f"request {request_id!r}: prompt_len must be a non-negative integer, got {prompt_len!r}")
-            rng = np.random.default_rng(seq_id)
-            prompt_token_ids = rng.integers(0, self.config.vocab_size, int(prompt_len)).tolist()
-        elif prompt_len is not None and prompt_len != len(prompt_token_ids):
-            raise ValueError(
-                f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
-            )
+            num_prompt_tokens = int(prompt_len)
+        else:
+            num_prompt_tokens = len(prompt_token_ids)
+            if prompt_len is not None and prompt_len != num_prompt_tokens:
+                raise ValueError(
+                    f"request {request_id!r}: prompt_len {prompt_len} disagrees with {num_prompt_tokens} prompt tokens"
+                )
 
-        reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
+        # Checked before any token is made: a length from a trace may be far beyond what memory holds.
+        reason = self._rejection_reason(num_prompt_tokens, sampling_params.max_tokens)
         if reason:
             self.requests[request_id] = RequestRecord(
                 request_id=request_id,
                 arrival_time=float(arrival_time),
-                prompt_len=len(prompt_token_ids),
+                prompt_len=num_prompt_tokens,
                 max_tokens=sampling_params.max_tokens,
                 status=RequestStatus.REJECTED,
                 reason=reason,
             )
             self.num_rejected += 1
             return request_id
+        if prompt_token_ids is None:
+            rng = np.random.default_rng(seq_id)
+            prompt_token_ids = rng.integers(0, self.config.vocab_size, num_prompt_tokens).tolist()
         seq = Sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
         self.requests[request_id] = seq
         self.sequences[request_id] = seq
@@ -387,6 +395,22 @@ class Engine:
             self.horizon = None
 
     # ---- results
+
+    def pop_ended_records(self) -> list[RequestRecord]:
+        """The records of the requests that have ended (finished, aborted or rejected), in the order added, which
+        the engine then forgets: a long trace streams its records out this way, so memory holds only the requests
+        not ended. Their ids are forgotten too (a later request may reuse one)."""
+        ended = [request_id for request_id, request in self.requests.items()
+                 if not isinstance(request, Sequence) or request.finish_time is not None]
+        records = []
+        for request_id in ended:
+            request = self.requests.pop(request_id)
+            if isinstance(request, Sequence):
+                del self.sequences[request_id]
+                records.append(_record_of(request))
+            else:
+                records.append(request)
+        return records
 
     def output_token_ids(self, request_id: str) -> list[int]:
         return self.sequences[request_id].output_token_ids

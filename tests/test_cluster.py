@@ -58,7 +58,7 @@ def test_one_replica_routed_request_by_request_gives_exactly_the_replay(tmp_path
     )
     (engine,), metadata = _engines(1, "--max-num-seqs", "8")
     replay_path = replay(trace, engine, tmp_path / "replay", executor_kind="sim", show_progress=False,
-                         metadata=metadata)
+                         metadata=metadata).path
     result = _cluster(trace, 1, RoundRobinRouter(), "--max-num-seqs", "8", stop_check=lambda now, replicas: None,
                       check_every=1)
     cluster_path = result.write(tmp_path / "cluster", {"executor_kind": "sim"})
@@ -212,7 +212,7 @@ def test_an_interrupted_cluster_run_keeps_every_request(tmp_path, capsys):
     trace = random_workload(num_prompts=40, input_len=64, output_len=200, arrivals=ConstantRate(rate=20.0))
     engines, metadata = _engines(2)
     path = replay(trace, engines, tmp_path / "run", executor_kind="sim", router=InterruptingRouter(30),
-                  show_progress=False, metadata=metadata)
+                  show_progress=False, metadata=metadata).path
     assert "interrupted" in capsys.readouterr().out
     run = read_run(path)
     statuses = run.requests.column("status").to_pylist()

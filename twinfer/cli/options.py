@@ -71,7 +71,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument("--out", required=True, help="run folder to write (checked, and locked against other runs, "
+                        "before any work)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     parser.add_argument("--goodput", nargs="+", default=None, metavar="SLO", help="e.g. ttft:500 tpot:50 e2el:5000")
     parser.add_argument("--save-result", default=None, help="write vLLM-style result JSON here")
     parser.add_argument("--no-progress", action="store_true")
@@ -98,32 +100,29 @@ def load_trace(args: argparse.Namespace):
     return trace
 
 
-def print_run_summary(run_path: Path, goodput, save_result) -> None:
-    """summarize() right after a run, without the collector scanning the run's objects again."""
-    import gc
-
-    # The engine's millions of objects are still alive: keep the collector from scanning them again.
-    gc.freeze()
-    try:
-        summarize(run_path, goodput, save_result)
-    finally:
-        gc.unfreeze()
-
-
 def summarize(run_path, goodput, save_result, percentiles=None) -> None:
     """Print a run's metrics in vLLM's layout, and save them as vLLM-style JSON when asked."""
-    from analysis.metrics import compute_metrics
-    from analysis.run_store import read_run
-    from analysis.summary import DEFAULT_PERCENTILES, parse_goodput, print_summary, save_result_json
+    from analysis.metrics import compute_metrics_of_file
+    from analysis.run_store import REQUESTS_FILE, read_run_metadata
+    from analysis.summary import DEFAULT_PERCENTILES, parse_goodput
 
     percentiles = percentiles or DEFAULT_PERCENTILES
-    run = read_run(run_path)
-    metrics = compute_metrics(run, goodput=parse_goodput(goodput) if goodput else None)
-    if not run.metadata.get("complete", True):
-        statuses = run.requests.column("status").to_pylist()
-        print(f"NOTE: {run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
-              "finished; the rest are counted as failed")
-    meta = run.metadata
+    metadata = read_run_metadata(run_path)
+    metrics = compute_metrics_of_file(Path(run_path) / REQUESTS_FILE, parse_goodput(goodput) if goodput else None,
+                                      percentiles)
+    print_metrics(metrics, metadata, run_path, save_result, percentiles)
+
+
+def print_metrics(metrics, metadata: dict, run_path, save_result, percentiles=None) -> None:
+    """Print metrics in vLLM's layout (with what the run's metadata adds), and save them as JSON when asked."""
+    from analysis.summary import DEFAULT_PERCENTILES, print_summary, save_result_json
+
+    percentiles = percentiles or DEFAULT_PERCENTILES
+    if not metadata.get("complete", True):
+        stopped = f" (stopped by {metadata['stopped_by']})" if metadata.get("stopped_by") else ""
+        print(f"NOTE: {run_path} is an interrupted run: {metrics.completed} of {metrics.num_requests} requests "
+              f"finished; the rest are counted as failed{stopped}")
+    meta = metadata
     if meta.get("replicas", 1) > 1:
         print(f"{meta['replicas']} replicas behind {meta['router']}: requests per replica "
               f"{meta['requests_per_replica']}, prefix-cache hit rate {meta['prefix_cache_hit_rate']:.1%}")

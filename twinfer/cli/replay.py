@@ -3,7 +3,7 @@
 import argparse
 
 from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, engine_args_from,
-                                 load_trace, print_run_summary)
+                                 load_trace, print_metrics)
 
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 
@@ -29,45 +29,58 @@ def run(args: argparse.Namespace) -> int:
 
 def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, router: str | None = None) -> int:
     """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
-    run and print its summary. `twinfer replay` and `twinfer simulate` both come here."""
+    run and print its summary. `twinfer replay` and `twinfer simulate` both come here.
+
+    --out is checked and locked before any work; SIGTERM is handled as Ctrl-C (the finished part is written,
+    marked incomplete, and the exit status is 128 + the signal's number)."""
+    from analysis.run_output import RunFolderLock, check_out_dir
+    from analysis.summary import parse_goodput
     from engine.executor import ShutdownExecutor
     from simulator.cluster import build_replicas
     from simulator.router import make_router
     from simulator.simulated_engine import build_simulated_engine
+    from twinfer.interrupts import signal_of, signals_as_interrupts
     from twinfer.replay import replay
 
-    trace = load_trace(args)
-    engine_args = engine_args_from(args, device=DEVICES.get(executor))
-    built: list[dict] = []
+    goodput = parse_goodput(args.goodput) if args.goodput else None
+    check_out_dir(args.out, overwrite=args.overwrite)
+    with RunFolderLock(args.out), signals_as_interrupts():
+        check_out_dir(args.out, overwrite=args.overwrite)  # again, now that no other run can change it
+        trace = load_trace(args)
+        engine_args = engine_args_from(args, device=DEVICES.get(executor))
+        built: list[dict] = []
 
-    def build_one():
-        if executor == "sim":
-            engine, metadata = build_simulated_engine(
-                engine_args, gpu=args.gpu, profile=args.profile,
-                cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
-        else:
-            engine, metadata = real_engine_and_metadata(engine_args)
-        built.append(metadata)
-        return engine
+        def build_one():
+            if executor == "sim":
+                engine, metadata = build_simulated_engine(
+                    engine_args, gpu=args.gpu, profile=args.profile,
+                    cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
+            else:
+                engine, metadata = real_engine_and_metadata(engine_args)
+            built.append(metadata)
+            return engine
 
-    engines = build_replicas(build_one, replicas)
-    try:
-        path = replay(
-            trace,
-            engines,
-            args.out,
-            executor_kind=executor,
-            router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
-            seed=args.seed,
-            show_progress=not args.no_progress,
-            metadata=built[0],
-        )
-    finally:
-        for engine in engines:
-            if isinstance(engine.executor, ShutdownExecutor):
-                engine.executor.shutdown()
-    print(f"run written to {path}")
-    print_run_summary(path, args.goodput, args.save_result)
+        engines = build_replicas(build_one, replicas)
+        try:
+            result = replay(
+                trace,
+                engines,
+                args.out,
+                executor_kind=executor,
+                router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
+                seed=args.seed,
+                show_progress=not args.no_progress,
+                metadata=built[0],
+                goodput=goodput,
+            )
+        finally:
+            for engine in engines:
+                if isinstance(engine.executor, ShutdownExecutor):
+                    engine.executor.shutdown()
+    print(f"run written to {result.path}")
+    print_metrics(result.metrics, result.metadata, result.path, args.save_result)
+    if result.interrupt is not None:
+        return 128 + signal_of(result.interrupt)
     return 0
 
 
