@@ -262,6 +262,9 @@ def compute_metrics(run, goodput: dict[str, float] | None = None, *, itl: Distri
     )
 
 
+_METRIC_COLUMNS = ("status", "arrival_time", "first_scheduled_time", "finish_time", "prompt_len", "output_len",
+                   "ttft", "tpot", "e2e")
+"""The columns compute_metrics reads besides token_times."""
 _TOKEN_TIME_BATCH = 2048
 """Requests whose token times are read at once (a few hundred thousand values, a few MB)."""
 
@@ -272,8 +275,7 @@ def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, perce
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    columns = [name for name in file.schema_arrow.names if name != "token_times"]
-    requests = file.read(columns=columns)
+    requests = file.read(columns=list(_METRIC_COLUMNS))
     start_time, _ = run_window(requests)
 
     def token_times():
