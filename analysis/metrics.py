@@ -274,14 +274,19 @@ def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, perce
     time (a simulated week has hundreds of millions), the ITL percentiles found exactly in a few passes."""
     import pyarrow.parquet as pq
 
+    from analysis.run_store import check_values
+
     file = pq.ParquetFile(path)
-    requests = file.read(columns=list(_METRIC_COLUMNS))
+    requests = file.read(columns=["request_id", *_METRIC_COLUMNS])
+    check_values(requests, str(path))
     start_time, _ = run_window(requests)
 
     def token_times():
         for batch in file.iter_batches(batch_size=_TOKEN_TIME_BATCH, columns=["status", "token_times"]):
             done = pc.equal(batch.column("status"), RequestStatus.FINISHED.value)
-            yield pa.Table.from_batches([batch]).filter(done)
+            table = pa.Table.from_batches([batch]).filter(done)
+            check_values(table.select(["token_times"]), str(path))
+            yield table
 
     def gaps():
         for table in token_times():

@@ -59,7 +59,9 @@ def _probe_write(folder: Path, out_dir: Path) -> None:
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, b"\0" * PROBE_BYTES)
+            data = memoryview(b"\0" * PROBE_BYTES)
+            while data:  # a nearly full disk takes part of a write without an error: the next part fails
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)

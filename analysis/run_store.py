@@ -146,7 +146,21 @@ def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
         if nulls:
             row = pc.index(pc.is_null(table.column(name)), True).as_py()
             raise ValueError(f"{where}: column {name!r} has {nulls} null value(s), the first at row {row}")
-    if "status" in schema.names:
+    check_values(table, where)
+    return table
+
+
+_TIME_COLUMNS = ("arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "ttft", "tpot", "e2e",
+                 "start_time", "duration")
+"""Seconds from the run's start, or latencies: never negative, never infinite or NaN (null: not reached)."""
+_COUNT_COLUMNS = ("prompt_len", "output_len", "max_tokens", "cached_tokens", "num_preemptions")
+
+
+def check_values(table: pa.Table, where: str) -> None:
+    """What a run's tables must hold whatever wrote them (a tampered or corrupt file is refused): known statuses,
+    each request id once, times finite and not negative, counts not negative. Checks the columns present."""
+    names = table.column_names
+    if "status" in names:
         status = table.column("status")
         unknown = pc.invert(pc.is_in(status, value_set=pa.array(REQUEST_STATUSES)))
         if pc.any(unknown).as_py():
@@ -155,7 +169,30 @@ def _conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
                 f"{where}: column 'status' holds {status[row].as_py()!r} at row {row}; "
                 f"expected one of {', '.join(REQUEST_STATUSES)}"
             )
-    return table
+    if "request_id" in names and table.num_rows:
+        ids = table.column("request_id")
+        if pc.count_distinct(ids).as_py() != table.num_rows:
+            counts = pc.value_counts(ids)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]
+            first = pc.index(ids, repeated["values"]).as_py()
+            raise ValueError(f"{where}: request id {repeated['values'].as_py()!r} appears "
+                             f"{repeated['counts'].as_py()} times (first at row {first}); each request has one row")
+    for name in _TIME_COLUMNS + ("token_times",):
+        if name not in names:
+            continue
+        values = table.column(name)
+        if name == "token_times":
+            values = pc.list_flatten(values)
+        bad = pc.or_kleene(pc.invert(pc.is_finite(values)), pc.less(values, 0))
+        if pc.any(bad).as_py():
+            value = values.filter(pc.fill_null(bad, False))[0].as_py()
+            row = "" if name == "token_times" else f" at row {pc.index(pc.fill_null(bad, False), True).as_py()}"
+            raise ValueError(f"{where}: column {name!r} holds {value!r}{row}; times are finite and not negative")
+    for name in _COUNT_COLUMNS:
+        if name in names and table.num_rows and pc.min(table.column(name)).as_py() is not None \
+                and pc.min(table.column(name)).as_py() < 0:
+            row = pc.index(pc.fill_null(pc.less(table.column(name), 0), False), True).as_py()
+            raise ValueError(f"{where}: column {name!r} is negative at row {row}")
 
 
 def _write_file(path: Path, write) -> None:
@@ -279,6 +316,8 @@ def _read_metadata(path: Path) -> dict:
         raise ValueError(f"{path / METADATA_FILE}: invalid JSON at line {error.lineno}: {error.msg}") from error
     if not isinstance(metadata, dict):
         raise ValueError(f"{path / METADATA_FILE}: expected a JSON object, got {type(metadata).__name__}")
+    if not isinstance(metadata.get("complete", True), bool):
+        raise ValueError(f"{path / METADATA_FILE}: 'complete' is {metadata['complete']!r}; expected true or false")
     return metadata
 
 

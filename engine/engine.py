@@ -184,10 +184,7 @@ class Engine:
         """A step failed (the executor raised, or an interrupt struck inside step()): the requests of every step
         scheduled and not applied are aborted, as their computed and pending tokens will never be known, and
         those steps are dropped; the other requests go on as if nothing happened."""
-        if isinstance(error, KeyboardInterrupt):
-            reason = "interrupted"
-        else:
-            reason = f"error: {type(error).__name__}: {error}"
+        reason = _failure_reason(error)
         victims = self.scheduler.unapplied_sequences()
         self._in_flight = None
         self.scheduler.drop_in_flight()
@@ -203,7 +200,7 @@ class Engine:
         """A step failed outside the executor (an interrupt in the middle of scheduling or of the block manager's
         bookkeeping): none of that state can be trusted, so every request not finished is aborted without it and
         the scheduler and block manager are rebuilt empty."""
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"error: {type(error).__name__}: {error}"
+        reason = _failure_reason(error)
         now = self.clock.now()
         self._pending = []
         for seq in self.sequences.values():
@@ -422,6 +419,14 @@ class Engine:
             request_id: _record_of(request) if isinstance(request, Sequence) else request
             for request_id, request in self.requests.items()
         }
+
+
+def _failure_reason(error: BaseException) -> str:
+    """Why the requests of a failed step were aborted: "interrupted" (Ctrl-C), "interrupted by SIGTERM" (an
+    interrupt naming another signal), or the error."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted" if str(error) in ("", "SIGINT") else f"interrupted by {error}"
+    return f"error: {type(error).__name__}: {error}"
 
 
 def _record_of(seq: Sequence) -> RequestRecord:

@@ -42,12 +42,15 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     from twinfer.interrupts import signal_of, signals_as_interrupts
     from twinfer.replay import replay
 
+    # Every setting is checked before any work: the SLOs, the engine's sizes, the output folder.
     goodput = parse_goodput(args.goodput) if args.goodput else None
+    engine_args = engine_args_from(args, device=DEVICES.get(executor))
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer, got {replicas!r}")
     check_out_dir(args.out, overwrite=args.overwrite)
     with RunFolderLock(args.out), signals_as_interrupts():
         check_out_dir(args.out, overwrite=args.overwrite)  # again, now that no other run can change it
         trace = load_trace(args)
-        engine_args = engine_args_from(args, device=DEVICES.get(executor))
         built: list[dict] = []
 
         def build_one():
