@@ -106,6 +106,9 @@ class RunWriter:
                          self.steps_per_group)
             for path in self._step_paths:
                 path.unlink()
+        for path in self.staging.iterdir():  # on disk before the folder is renamed into place
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
         self._sealed = True
 
     def commit(self, metadata: dict) -> Path:
