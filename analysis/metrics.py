@@ -128,6 +128,12 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
 
 
+def _status_is(table: pa.Table, *statuses: RequestStatus) -> np.ndarray:
+    """Which rows have one of these statuses, as booleans (no array of millions of strings is made)."""
+    mask = pc.is_in(table.column("status"), value_set=pa.array([status.value for status in statuses]))
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+
 def _float_column(table: pa.Table, name: str) -> np.ndarray:
     return pc.fill_null(table.column(name).cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
 
@@ -176,9 +182,9 @@ def run_window(requests: pa.Table) -> tuple[float, float]:
     start_time = float(np.nanmin(arrivals)) if arrivals.size else 0.0
     # An interrupted run records the requests still to come as aborted at their arrival time, however far
     # in the future: they never reached the engine, so they do not stretch the window past the interruption.
-    status = _column(requests, "status").astype(str)
     never_arrived = (
-        (status == RequestStatus.ABORTED) & np.isnan(_float_column(requests, "first_scheduled_time")) & ~(finishes > arrivals)
+        _status_is(requests, RequestStatus.ABORTED) & np.isnan(_float_column(requests, "first_scheduled_time"))
+        & ~(finishes > arrivals)
     )
     finishes = finishes[np.isfinite(finishes) & ~never_arrived]
     end_time = float(finishes.max()) if finishes.size else start_time
@@ -204,8 +210,7 @@ def compute_metrics(run, goodput: dict[str, float] | None = None, *, itl: Distri
     itl and max_output_tokens_per_s, when given, are used instead of reading the token_times column (which a
     table read without it lacks: compute_metrics_of_file reads it in batches)."""
     requests: pa.Table = run if isinstance(run, pa.Table) else run.requests
-    status = _column(requests, "status").astype(str)
-    done = status == RequestStatus.FINISHED
+    done = _status_is(requests, RequestStatus.FINISHED)
     completed = requests.filter(pa.array(done))
 
     start_time, end_time = run_window(requests)
@@ -235,10 +240,10 @@ def compute_metrics(run, goodput: dict[str, float] | None = None, *, itl: Distri
     return Metrics(
         num_requests=requests.num_rows,
         completed=int(done.sum()),
-        failed=int(np.isin(status, (RequestStatus.REJECTED, RequestStatus.ABORTED)).sum()),
-        num_rejected=int((status == RequestStatus.REJECTED).sum()),
-        num_aborted=int((status == RequestStatus.ABORTED).sum()),
-        num_unfinished=int(np.isin(status, (RequestStatus.WAITING, RequestStatus.RUNNING)).sum()),
+        failed=int(_status_is(requests, RequestStatus.REJECTED, RequestStatus.ABORTED).sum()),
+        num_rejected=int(_status_is(requests, RequestStatus.REJECTED).sum()),
+        num_aborted=int(_status_is(requests, RequestStatus.ABORTED).sum()),
+        num_unfinished=int(_status_is(requests, RequestStatus.WAITING, RequestStatus.RUNNING).sum()),
         total_input_tokens=total_input,
         total_output_tokens=total_output,
         start_time=start_time,
@@ -276,7 +281,8 @@ def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, perce
 
     from analysis.run_store import check_values
 
-    file = pq.ParquetFile(path)
+    # pre_buffer would keep every row group read so far in memory: the token times are read once per pass.
+    file = pq.ParquetFile(path, pre_buffer=False)
     requests = file.read(columns=["request_id", *_METRIC_COLUMNS])
     check_values(requests, str(path))
     start_time, _ = run_window(requests)

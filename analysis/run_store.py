@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -70,16 +71,45 @@ def software_versions() -> dict[str, str | None]:
     return versions
 
 
+class _HashSink(io.RawIOBase):
+    """A writable file that feeds what is written to a hash."""
+
+    def __init__(self, digest) -> None:
+        super().__init__()
+        self._digest = digest
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return len(data)
+
+
+class _HashSink(io.RawIOBase):
+    """A writable file that feeds what is written to a hash."""
+
+    def __init__(self, digest) -> None:
+        super().__init__()
+        self._digest = digest
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return len(data)
+
+
 def trace_fingerprint(source: pa.Table | str | os.PathLike) -> str:
     """sha256 of a trace file's bytes, or of a trace table's values and schema (chunking ignored)."""
     digest = hashlib.sha256()
     if isinstance(source, pa.Table):
         # One chunk per column and no schema metadata, so equal tables hash equal however they were built.
         table = source.replace_schema_metadata(None).combine_chunks()
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
+        # The IPC stream goes straight into the hash: a trace of millions of rows is not copied twice more.
+        with pa.ipc.new_stream(pa.PythonFile(_HashSink(digest), mode="w"), table.schema) as writer:
             writer.write_table(table)
-        digest.update(sink.getvalue().to_pybytes())
     else:
         with open(source, "rb") as file:
             for block in iter(lambda: file.read(1 << 20), b""):

@@ -53,6 +53,8 @@ class RunWriter:
         names = [STEPS_FILE] if num_replicas == 1 else [f".steps-{index}.parquet" for index in range(num_replicas)]
         self._step_paths = [self.staging / name for name in names]
         self._steps = [pq.ParquetWriter(path, STEPS_SCHEMA, compression="zstd") for path in self._step_paths]
+        self._step_batches: list[list[pa.Table]] = [[] for _ in range(num_replicas)]
+        self._num_step_rows = [0] * num_replicas
         self._sealed = False
 
     # ---- while the run goes
@@ -81,8 +83,21 @@ class RunWriter:
     def add_steps(self, columns: dict[str, np.ndarray], replica: int = 0) -> None:
         """Append a batch of one replica's steps (StepLog.drain()'s columns)."""
         if len(next(iter(columns.values()))):
-            self._steps[replica].write_table(pa.Table.from_pydict(columns, schema=STEPS_SCHEMA),
-                                             row_group_size=self.steps_per_group)
+            self._step_batches[replica].append(pa.Table.from_pydict(columns, schema=STEPS_SCHEMA))
+            self._num_step_rows[replica] += len(next(iter(columns.values())))
+            if self._num_step_rows[replica] >= self.steps_per_group:
+                self._flush_steps(replica, whole_groups_only=True)
+
+    def _flush_steps(self, replica: int, whole_groups_only: bool = False) -> None:
+        # Full row groups: each group's metadata stays in memory (and in the footer) until the file is closed.
+        if not self._step_batches[replica]:
+            return
+        table = pa.concat_tables(self._step_batches[replica])
+        size = table.num_rows - table.num_rows % self.steps_per_group if whole_groups_only else table.num_rows
+        self._steps[replica].write_table(table.slice(0, size), row_group_size=self.steps_per_group)
+        rest = table.slice(size)
+        self._step_batches[replica] = [rest] if rest.num_rows else []
+        self._num_step_rows[replica] = rest.num_rows
 
     # ---- at the end
 
@@ -96,6 +111,8 @@ class RunWriter:
         if self._sealed:
             return
         self._flush_requests()
+        for replica in range(self.num_replicas):
+            self._flush_steps(replica)
         self._requests.close()
         if self._assignment is not None:
             self._assignment.close()
@@ -142,7 +159,7 @@ class RunWriter:
 def _merge_steps(paths: list[Path], out: Path, owners_out: Path, rows_per_group: int) -> None:
     """K-way merge of replicas' step files (each in start-time order) into one, ties by replica, a row group of
     each file at a time; step_replicas.parquet says whose each row is."""
-    readers = [pq.ParquetFile(path).iter_batches(batch_size=rows_per_group) for path in paths]
+    readers = [pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows_per_group) for path in paths]
     buffers: list[pa.Table | None] = [None] * len(paths)
     exhausted = [False] * len(paths)
     with pq.ParquetWriter(out, STEPS_SCHEMA, compression="zstd") as steps_writer, \

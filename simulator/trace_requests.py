@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 
 from analysis.run_store import trace_fingerprint
 from engine.engine import Engine
@@ -54,12 +55,47 @@ class LazyPromptTokens:
         return self._last
 
 
+class RequestIds(Sequence[str]):
+    """A trace's request ids, kept in their Arrow column: a tuple of millions of Python strings would cost
+    about 65 bytes each, ten times the column's."""
+
+    def __init__(self, column: pa.Array | pa.ChunkedArray) -> None:
+        self._column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self._column))
+            if step != 1:
+                raise ValueError("request ids are sliced with step 1 only")
+            return RequestIds(self._column.slice(start, max(stop - start, 0)))
+        return self._column[index].as_py()
+
+    def __iter__(self):
+        for start in range(0, len(self._column), 1 << 16):
+            yield from self._column.slice(start, 1 << 16).to_pylist()
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, RequestIds):
+            return self._column.equals(other._column)
+        if isinstance(other, (tuple, list)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"RequestIds({len(self)} ids)"
+
+
 @dataclass(frozen=True)
 class TraceRequests:
     """A trace's requests: ids, arrival times, prompt token ids (int32 arrays) and output lengths."""
 
     name: str
-    request_ids: tuple[str, ...]
+    request_ids: Sequence[str]
     arrival_times: np.ndarray
     prompt_token_ids: Sequence[np.ndarray | None]
     """None for a request longer than the max_prompt_len given to from_trace: the engine rejects it by length."""
@@ -84,7 +120,7 @@ class TraceRequests:
         tokens = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed, max_prompt_len=max_prompt_len)
         return cls(
             name=trace.name,
-            request_ids=tuple(table.column("request_id").to_pylist()),
+            request_ids=RequestIds(table.column("request_id")),
             arrival_times=table.column("arrival_time").to_numpy().astype(np.float64),
             prompt_token_ids=LazyPromptTokens(tokens, table.num_rows) if lazy else tuple(tokens),
             output_lens=table.column("output_len").to_numpy().astype(np.int64),
