@@ -155,7 +155,7 @@ class ClusterRun:
 
     def _write_ready(self, upto: int | None = None) -> None:
         """Write the ended records that come next in arrival order; with upto, also make aborted records for the
-        requests before it that were never added (an interrupted run)."""
+        requests before it that have none (never added: an interrupted run)."""
         ended, index = self._ended, self._next_to_write
         records, replicas = [], []
         while True:
@@ -163,10 +163,10 @@ class ClusterRun:
             if entry is None:
                 if upto is None or index >= upto:
                     break
-                if self.assignment[index] >= 0:
-                    raise RuntimeError(f"request {self.requests.request_ids[index]} was added but never ended")
-                entry = (self._never_added_record(index), 0)
-                self.assignment[index] = 0
+                # Never added (an interrupted run), or its record lost to an interrupt while being handed over:
+                # it still gets its row, aborted.
+                entry = (self._never_added_record(index), max(self.assignment[index], 0))
+                self.assignment[index] = entry[1]
             records.append(entry[0])
             replicas.append(entry[1])
             index += 1

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis.run_store import trace_fingerprint
 from engine.engine import Engine
@@ -117,6 +118,11 @@ class TraceRequests:
         read, in order (a replay); else all at once (the planner reads them many times, in windows).
         """
         table = trace.table
+        ids = table.column("request_id")
+        if pc.count_distinct(ids).as_py() != len(ids):  # a run has one row per request, found by its id
+            counts = pc.value_counts(ids)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+            raise ValueError(f"trace {trace.name!r}: request id {repeated!r} appears more than once")
         tokens = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed, max_prompt_len=max_prompt_len)
         return cls(
             name=trace.name,

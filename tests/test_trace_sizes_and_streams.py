@@ -101,3 +101,17 @@ def test_a_bad_trace_on_standard_input_names_standard_input(tmp_path):
         cwd=ROOT, input=b"garbage,columns\n1,2\n", capture_output=True)
     assert completed.returncode == 2
     assert completed.stderr.decode().startswith("twinfer simulate: error: /dev/stdin: unknown trace format")
+
+
+def test_a_trace_built_by_code_with_a_repeated_request_id_is_refused_before_the_run():
+    import numpy as np
+    import pyarrow as pa
+    import pytest
+
+    from traces.trace_builder import build_trace
+
+    trace = build_trace(source=None, arrival_time=np.array([0.0, 1.0, 2.0]), prompt_len=np.array([5, 6, 7]),
+                        output_len=np.array([2, 2, 2]), name="twice", source_format="synthetic",
+                        request_id=pa.array(["a", "b", "a"]))
+    with pytest.raises(ValueError, match="trace 'twice': request id 'a' appears more than once"):
+        TraceRequests.from_trace(trace, vocab_size=1000)
