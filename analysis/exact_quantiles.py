@@ -15,8 +15,8 @@ import numpy as np
 
 _SIGN = np.uint64(1 << 63)
 _DIGIT_BITS = 16
-_GATHER_AT_MOST = 1 << 22
-"""A group of at most this many values (32 MB) is gathered and partitioned instead of histogrammed again."""
+_GATHER_AT_MOST = 1 << 20
+"""A group of at most this many values (8 MB) is gathered and partitioned instead of histogrammed again."""
 
 
 def _keys(values: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Replay a trace at its arrival times, on one engine or on replicas behind a router, and store the run folder."""
 
+import ctypes
 import datetime
 import gc
 import signal
@@ -153,6 +154,7 @@ def _run_and_write(trace, replicas, requests, writer, router, executor_kind, see
                 cluster.abort(reason)
             cluster.finish_stream()
             writer.seal()
+            _return_freed_memory()  # before the metrics pass, whose peak adds to what the run left
             metrics = compute_metrics_of_file(writer.requests_path, goodput, percentiles)
             run_meta = run_metadata(
                 executor_kind=executor_kind,
@@ -181,3 +183,15 @@ def _run_and_write(trace, replicas, requests, writer, router, executor_kind, see
     elif failure is not None:
         raise RuntimeError(f"replay failed; the finished part is in {path} (marked incomplete)") from failure
     return ReplayResult(path, metrics, run_meta, interrupt)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory of the run's freed objects back to the system: Arrow's pool keeps freed pages, and glibc
+    keeps the pages of millions of small freed lists (a simulated week's token times) unless trimmed."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
