@@ -18,6 +18,8 @@ from analysis.report import write_page
 MARKERS = {"calibrated": "diamond", "composed": "square", "roofline": "circle-open"}
 """The Pareto plot's marker of each kind of cost model, so a reader tells predictions of different trust apart."""
 MARKER_NAMES = {"diamond": "&#9670;", "square": "&#9632;", "circle-open": "&#9675;"}
+MARKER_GLYPHS = {"diamond": "\u25c6", "square": "\u25a0", "circle-open": "\u25cb"}
+"""The same shapes as characters, for the plot's legend."""
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
@@ -127,20 +129,26 @@ def pareto_figure(rows: list[dict]) -> go.Figure:
     gpus = sorted({row["gpu"] for row in feasible})
     palette = qualitative.Plotly
     for index, gpu in enumerate(gpus):
-        points = [row for row in feasible if row["gpu"] == gpu]
-        figure.add_trace(
-            go.Scatter(
-                x=[row["replica_hourly_cost"] for row in points],
-                y=[row["max_rate_per_replica"] for row in points],
-                mode="markers",
-                name=gpu,
-                marker={"size": 10, "color": palette[index % len(palette)],
-                        "symbol": [MARKERS.get(row["calibration"], "circle-open") for row in points]},
-                text=[f"{_config_label(row)}: {row['calibration']}; plan {row['gpus'] or '-'} GPUs, "
-                      f"${row['hourly_cost'] or 0:.2f}/h" for row in points],
-                hovertemplate="%{text}<br>replica $%{x:.2f}/h sustains %{y:.2f} req/s<extra></extra>",
+        # One trace per GPU and kind of cost model, so the legend names each marker's kind.
+        for kind in sorted({row["calibration"] for row in feasible if row["gpu"] == gpu}):
+            points = [row for row in feasible if row["gpu"] == gpu and row["calibration"] == kind]
+            poor = any(row.get("calibration_quality") for row in points)
+            figure.add_trace(
+                go.Scatter(
+                    x=[row["replica_hourly_cost"] for row in points],
+                    y=[row["max_rate_per_replica"] for row in points],
+                    mode="markers",
+                    name=f"{gpu}: {MARKER_GLYPHS[MARKERS.get(kind, 'circle-open')]} {kind}"
+                         + (" (POORLY CALIBRATED)" if poor else ""),
+                    legendgroup=gpu,
+                    marker={"size": 10, "color": palette[index % len(palette)],
+                            "symbol": MARKERS.get(kind, "circle-open")},
+                    text=[f"{_config_label(row)}: {row['calibration']}"
+                          + (f" ({row['calibration_quality']})" if row.get("calibration_quality") else "")
+                          + f"; plan {row['gpus'] or '-'} GPUs, ${row['hourly_cost'] or 0:.2f}/h" for row in points],
+                    hovertemplate="%{text}<br>replica $%{x:.2f}/h sustains %{y:.2f} req/s<extra></extra>",
+                )
             )
-        )
     front = sorted((row for row in feasible if row["pareto"]), key=lambda row: row["replica_hourly_cost"])
     if front:
         figure.add_trace(

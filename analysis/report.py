@@ -23,12 +23,14 @@ from analysis.summary import percentile_word
 from analysis.timeseries import (
     cdf_points,
     request_timeline,
+    length_histogram,
     run_time_range,
+    step_event_rates,
     step_series,
     throughput_series,
 )
 
-REAL_KINDS = ("gpu", "cpu")
+REAL_KINDS = ("gpu", "cpu", "http")
 SCATTER_POINTS = 5000
 TIMELINE_COLORS = {"ttft": "#7f7f7f", "itl_ok": "#2ca02c", "itl_slow": "#d62728"}
 TIMELINE_LABELS = {"ttft": "waiting for first token (TTFT)", "itl_ok": "token gaps <= {t}", "itl_slow": "token gaps > {t}"}
@@ -176,33 +178,65 @@ def _cdf_figure(labels, metrics: list[Metrics], colors) -> go.Figure:
     return figure
 
 
-def _over_time_figure(runs, labels, colors, num_bins: int) -> go.Figure:
-    titles = ("output tokens/s", "running (solid) and waiting (dashed) requests", "tokens per step (batch)", "KV-cache usage (%)")
-    figure = make_subplots(rows=4, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.06)
+def _axis_time(time: np.ndarray, start: float, end: float, normalize: bool) -> np.ndarray:
+    """Times from the run's own start, in seconds or (normalize) in % of the run's span."""
+    since = time - start
+    return since / max(end - start, 1e-12) * 100 if normalize else since
+
+
+def _over_time_figure(runs, labels, colors, num_bins: int, normalize_time: bool = False) -> go.Figure:
+    titles = ("output tokens/s (solid) and finished requests/s (dotted, right axis)",
+              "running (solid) and waiting (dashed) requests", "tokens per step (batch)", "KV-cache usage (%)",
+              "preemptions/s", "prefix-cache hit tokens/s")
+    specs = [[{"secondary_y": True}]] + [[{}] for _ in titles[1:]]
+    figure = make_subplots(rows=len(titles), cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.05,
+                           specs=specs)
     for index, (run, label) in enumerate(zip(runs, labels)):
         start, end = run_time_range(run.requests, run.steps)
         throughput = throughput_series(run.requests, start, end, num_bins)
         state = step_series(run.steps, start, end, num_bins)
-        time = state.column("time").to_numpy()
+        events = step_event_rates(run.steps, start, end, num_bins)
+        time = _axis_time(state.column("time").to_numpy(), start, end, normalize_time)
         color = colors[index]
         common = {"mode": "lines", "legendgroup": label}
-        figure.add_trace(
-            go.Scatter(x=throughput.column("time").to_numpy(), y=throughput.column("output_tokens_per_s").to_numpy(),
-                       name=label, line={"color": color}, **common), row=1, col=1)
-        figure.add_trace(
-            go.Scatter(x=time, y=state.column("num_running").to_numpy(), name=label, showlegend=False,
-                       line={"color": color}, **common), row=2, col=1)
-        figure.add_trace(
-            go.Scatter(x=time, y=state.column("num_waiting").to_numpy(), name=f"{label} waiting", showlegend=False,
-                       line={"color": color, "dash": "dash"}, **common), row=2, col=1)
-        figure.add_trace(
-            go.Scatter(x=time, y=state.column("num_batched_tokens").to_numpy(), name=label, showlegend=False,
-                       line={"color": color}, **common), row=3, col=1)
-        figure.add_trace(
-            go.Scatter(x=time, y=state.column("kv_cache_usage").to_numpy() * 100, name=label, showlegend=False,
-                       line={"color": color}, **common), row=4, col=1)
-    figure.update_xaxes(title_text="time from run start (s)", row=4, col=1)
-    figure.update_layout(title=f"Over time ({num_bins} bins; step columns weighted by step duration)", height=900)
+
+        def line(y, row, name=label, dash=None, secondary=False, show=False):
+            figure.add_trace(go.Scatter(x=time, y=y, name=name, showlegend=show, line={"color": color, "dash": dash},
+                                        **common), row=row, col=1, **({"secondary_y": True} if secondary else {}))
+
+        line(throughput.column("output_tokens_per_s").to_numpy(), 1, show=True)
+        line(throughput.column("finished_requests_per_s").to_numpy(), 1, name=f"{label} finished req/s", dash="dot",
+             secondary=True)
+        line(state.column("num_running").to_numpy(), 2)
+        line(state.column("num_waiting").to_numpy(), 2, name=f"{label} waiting", dash="dash")
+        line(state.column("num_batched_tokens").to_numpy(), 3)
+        line(state.column("kv_cache_usage").to_numpy() * 100, 4)
+        line(events.column("preemptions_per_s").to_numpy(), 5)
+        line(events.column("prefix_hit_tokens_per_s").to_numpy(), 6)
+    axis = "time (% of each run's span)" if normalize_time else "time from each run's own start (s)"
+    figure.update_xaxes(title_text=axis, row=len(titles), col=1)
+    figure.update_yaxes(title_text="req/s", row=1, col=1, secondary_y=True)
+    figure.update_layout(title=f"Over time ({num_bins} bins per run; step columns weighted by step duration)",
+                         height=1250)
+    return figure
+
+
+def _lengths_figure(runs, labels, colors) -> go.Figure:
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("prompt length (tokens)", "output length (tokens)"))
+    for index, (run, label) in enumerate(zip(runs, labels)):
+        for column, name in enumerate(("prompt_len", "max_tokens"), start=1):
+            # Output: the trace's asked-for length (max_tokens), so rejected and unfinished requests count too.
+            bins = length_histogram(run.requests.column(name).to_numpy(zero_copy_only=False))
+            centers = (bins.column("bin_start").to_numpy() + bins.column("bin_end").to_numpy()) / 2
+            figure.add_trace(
+                go.Bar(x=centers, y=bins.column("count").to_numpy(), name=label, legendgroup=label,
+                       showlegend=column == 1, marker={"color": colors[index]}, opacity=0.6,
+                       width=(bins.column("bin_end").to_numpy() - bins.column("bin_start").to_numpy()),
+                       customdata=np.stack([bins.column("bin_start").to_numpy(), bins.column("bin_end").to_numpy()], 1),
+                       hovertemplate="%{customdata[0]:.0f}-%{customdata[1]:.0f} tokens: %{y} requests"),
+                row=1, col=column)
+    figure.update_yaxes(title_text="requests", row=1, col=1)
+    figure.update_layout(title="Request lengths (every request of the trace)", barmode="overlay", height=400)
     return figure
 
 
@@ -211,24 +245,34 @@ def _timeline_figure(run, label: str, itl_threshold: float, max_requests: int) -
     figure = go.Figure()
     threshold_text = f"{itl_threshold * 1000:.1f} ms"
     kinds = segments.column("kind").to_numpy(zero_copy_only=False)
+    prompt_lens = dict(zip(run.requests.column("request_id").to_pylist(), run.requests.column("prompt_len").to_pylist()))
     for kind, color in TIMELINE_COLORS.items():
         chosen = np.flatnonzero(kinds == kind)
         rows = segments.column("row").to_numpy()[chosen]
         starts = segments.column("start").to_numpy()[chosen]
         ends = segments.column("end").to_numpy()[chosen]
-        ids = np.asarray(segments.column("request_id").to_pylist(), dtype=object)[chosen] if chosen.size else []
+        tokens = segments.column("num_tokens").to_numpy()[chosen]
+        ids = segments.column("request_id").to_pylist()
+        # As vLLM's timeline: the request id and the bar's times in ms.
+        hover = [
+            f"request {ids[i]} (prompt {prompt_lens.get(ids[i])} tokens)<br>"
+            + (f"TTFT {1000 * (e - s):.1f} ms: {1000 * s:.1f} to {1000 * e:.1f} ms" if kind == "ttft" else
+               f"{n} tokens in {1000 * (e - s):.1f} ms ({1000 * (e - s) / max(n, 1):.1f} ms each): "
+               f"{1000 * s:.1f} to {1000 * e:.1f} ms")
+            for i, s, e, n in zip(chosen, starts, ends, tokens)
+        ]
         # One trace per colour: every bar is a line segment, separated by None (a gap in the line).
         x = np.empty(chosen.size * 3, dtype=object)
         y = np.empty(chosen.size * 3, dtype=object)
         text = np.empty(chosen.size * 3, dtype=object)
         x[0::3], x[1::3] = starts, ends
         y[0::3], y[1::3] = rows, rows
-        text[0::3] = ids
-        text[1::3] = ids
+        text[0::3] = hover
+        text[1::3] = hover
         figure.add_trace(
             go.Scatter(
                 x=x, y=y, text=text, mode="lines", line={"color": color, "width": 4},
-                name=TIMELINE_LABELS[kind].format(t=threshold_text), hoverinfo="x+text", connectgaps=False,
+                name=TIMELINE_LABELS[kind].format(t=threshold_text), hoverinfo="text", connectgaps=False,
             )
         )
     count = len(set(segments.column("row").to_pylist()))
@@ -256,18 +300,28 @@ def _step_scatter_figure(comparison: Comparison) -> go.Figure:
     if real.size > SCATTER_POINTS:
         keep = np.sort(np.random.default_rng(0).choice(real.size, SCATTER_POINTS, replace=False))
         real, simulated = real[keep], simulated[keep]
+    # Log axes: step durations span orders of magnitude (decode steps of ms, long prefills of 100s of ms), and on
+    # linear axes most points crowd the origin.
+    positive = (real > 0) & (simulated > 0)
+    real, simulated = real[positive], simulated[positive]
     figure = go.Figure()
     figure.add_trace(
-        go.Scatter(x=real, y=simulated, mode="markers", name=which, marker={"size": 4, "opacity": 0.5})
+        go.Scatter(x=real, y=simulated, mode="markers", name=which, marker={"size": 4, "opacity": 0.5},
+                   hovertemplate="measured %{x:.2f} ms, predicted %{y:.2f} ms<extra></extra>")
     )
-    top = float(max(real.max(initial=0.0), simulated.max(initial=0.0))) or 1.0
-    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured",
+    low = float(min(real.min(initial=np.inf), simulated.min(initial=np.inf)))
+    top = float(max(real.max(initial=0.0), simulated.max(initial=0.0)))
+    if not np.isfinite(low) or top <= 0:
+        low, top = 0.1, 1.0
+    figure.add_trace(go.Scatter(x=[low, top], y=[low, top], mode="lines", name="predicted = measured",
                                 line={"color": "#444", "dash": "dot"}))
+    figure.update_xaxes(type="log")
+    figure.update_yaxes(type="log")
     mape = "n/a" if mape_value is None else f"{mape_value * 100:.2f}%"
     figure.update_layout(
         title=f"Step duration: predicted vs measured ({comparison.simulated_name} vs {comparison.real_name}; MAPE {mape})",
-        xaxis_title="measured step duration (ms)",
-        yaxis_title="predicted step duration (ms)",
+        xaxis_title="measured step duration (ms, log)",
+        yaxis_title="predicted step duration (ms, log)",
         height=520,
     )
     return figure
@@ -284,9 +338,11 @@ def build_report(
     percentiles=(50.0, 90.0, 99.0),
     num_bins: int = 300,
     step_predictor_for=None,
+    normalize_time: bool = False,
 ) -> ReportContents:
     """Write one self-contained HTML report of the runs; itl_threshold_ms defaults to the tpot SLO, else each
-    run's p90 ITL. step_predictor_for(simulated_run) may return a step predictor for compare_runs (or None)."""
+    run's p90 ITL. step_predictor_for(simulated_run) may return a step predictor for compare_runs (or None).
+    Each run is drawn over time from its own start; normalize_time puts every run on 0-100% of its span."""
     runs = list(runs)
     if not runs:
         raise ValueError("build_report needs at least one run")
@@ -312,7 +368,8 @@ def build_report(
         if comparison.num_matched_steps or comparison.predicted_step_errors is not None:
             figures.append((f"real-vs-sim-{len(comparisons)}", _step_scatter_figure(comparison)))
     figures.append(("cdfs", _cdf_figure(labels, metrics, colors)))
-    figures.append(("over-time", _over_time_figure(runs, labels, colors, num_bins)))
+    figures.append(("over-time", _over_time_figure(runs, labels, colors, num_bins, normalize_time)))
+    figures.append(("lengths", _lengths_figure(runs, labels, colors)))
     for index, (run, label) in enumerate(zip(runs, labels)):
         figures.append((f"timeline-{index}", _timeline_figure(run, label, thresholds[index], timeline_requests)))
 

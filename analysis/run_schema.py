@@ -6,30 +6,70 @@ from engine.sequence import RequestStatus
 from engine.stats import RequestRecord, StepRecord
 from engine.step_log import StepLog
 
-REQUESTS_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.string()),
-        ("arrival_time", pa.float64()),
-        ("first_scheduled_time", pa.float64()),
-        ("first_token_time", pa.float64()),
-        ("finish_time", pa.float64()),
-        ("prompt_len", pa.int64()),
-        ("output_len", pa.int64()),
-        ("max_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
-        ("num_preemptions", pa.int64()),
-        ("ttft", pa.float64()),
-        ("tpot", pa.float64()),
-        ("e2e", pa.float64()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("token_times", pa.list_(pa.float64())),
-    ]
+SECONDS = "s"
+"""Times are seconds from the run's start (durations in seconds); summaries and result JSON print milliseconds."""
+
+REQUESTS_COLUMNS = (
+    ("request_id", pa.string(), None, "the trace's request id"),
+    ("arrival_time", pa.float64(), SECONDS, "when the request arrived"),
+    ("first_scheduled_time", pa.float64(), SECONDS, "when the scheduler first gave it a step (null: never)"),
+    ("first_token_time", pa.float64(), SECONDS, "when its first output token was produced"),
+    ("finish_time", pa.float64(), SECONDS, "when it finished, was rejected or aborted"),
+    ("prompt_len", pa.int64(), "tokens", "prompt length"),
+    ("output_len", pa.int64(), "tokens", "output tokens produced"),
+    ("max_tokens", pa.int64(), "tokens", "output tokens asked for (the trace's output length)"),
+    ("cached_tokens", pa.int64(), "tokens", "prompt tokens found in the prefix cache"),
+    ("num_preemptions", pa.int64(), "count", "times it was preempted (recomputed)"),
+    ("ttft", pa.float64(), SECONDS, "time to first token: first_token_time - arrival_time"),
+    ("tpot", pa.float64(), SECONDS, "time per output token after the first: (e2e - ttft) / (output_len - 1)"),
+    ("e2e", pa.float64(), SECONDS, "end-to-end latency of a finished request: finish_time - arrival_time"),
+    ("status", pa.string(), None, "finished, rejected or aborted (waiting/running: a run stopped early)"),
+    ("reason", pa.string(), None, "stop or length for a finished request; why, for the others"),
+    ("token_times", pa.list_(pa.float64()), SECONDS, "when each output token was produced"),
 )
+"""(name, type, unit, meaning) of every requests.parquet column; the unit is also the column's Parquet field
+metadata {"unit": ...}, so a stored file says it."""
 
 _ARROW_TYPES = {int: pa.int64(), float: pa.float64()}
-STEPS_SCHEMA = pa.schema([(name, _ARROW_TYPES[kind]) for name, kind in StepRecord.__annotations__.items()])
+STEP_UNITS = {
+    "step": ("count", "the step's number, from 0"),
+    "start_time": (SECONDS, "when the step started"),
+    "duration": (SECONDS, "how long it took: measured (real run) or predicted (simulated run)"),
+    "num_prefill_seqs": ("count", "sequences with a prompt chunk in the step"),
+    "num_prefill_tokens": ("tokens", "prompt tokens computed"),
+    "num_decode_seqs": ("count", "sequences decoding one token"),
+    "num_decode_tokens": ("tokens", "decode tokens computed"),
+    "decode_context_tokens": ("tokens", "sum of the context lengths the decodes read"),
+    "prefill_context_tokens": ("tokens", "sum of the cached context before each prompt chunk"),
+    "prefill_attention_work": ("query-key pairs", "prefill attention work: new * (context + (new + 1) / 2)"),
+    "num_running": ("count", "sequences running after the step"),
+    "num_waiting": ("count", "sequences waiting after the step"),
+    "kv_blocks_used": ("blocks", "KV-cache blocks in use"),
+    "kv_blocks_total": ("blocks", "KV-cache blocks in all"),
+    "num_preempted": ("count", "sequences preempted in the step"),
+    "prefix_cache_hit_tokens": ("tokens", "prompt tokens found in the prefix cache in the step"),
+    "cuda_graph_batch_size": ("tokens", "padded token rows of the CUDA graph run (0: eager)"),
+    "num_batched_tokens": ("tokens", "tokens computed in the step"),
+}
+"""Unit and meaning of every steps.parquet column (StepRecord's fields)."""
+
+
+def _field(name: str, arrow_type: pa.DataType, unit: str | None) -> pa.Field:
+    return pa.field(name, arrow_type, metadata=None if unit is None else {"unit": unit})
+
+
+REQUESTS_SCHEMA = pa.schema([_field(name, arrow_type, unit) for name, arrow_type, unit, _ in REQUESTS_COLUMNS])
+STEPS_SCHEMA = pa.schema(
+    [_field(name, _ARROW_TYPES[kind], STEP_UNITS[name][0]) for name, kind in StepRecord.__annotations__.items()]
+)
 """StepRecord's fields, in order."""
+
+
+def column_unit(schema: pa.Schema, name: str) -> str | None:
+    """The unit a column's field metadata states (None for text columns)."""
+    metadata = schema.field(name).metadata or {}
+    unit = metadata.get(b"unit")
+    return None if unit is None else unit.decode()
 
 
 def requests_table(records: list[RequestRecord]) -> pa.Table:

@@ -23,7 +23,8 @@ REQUESTS_FILE = "requests.parquet"
 STEPS_FILE = "steps.parquet"
 METADATA_FILE = "metadata.json"
 RUN_FILES = (REQUESTS_FILE, STEPS_FILE, METADATA_FILE)
-EXECUTOR_KINDS = ("gpu", "cpu", "sim")
+EXECUTOR_KINDS = ("gpu", "cpu", "sim", "http")
+"""Who served the run: the engine on a GPU or a CPU, the simulator, or an HTTP server (`bench serve`: no steps)."""
 REQUEST_STATUSES = tuple(RequestStatus)
 """A request's status in requests.parquet: waiting or running only in a run stopped before the end."""
 # Columns every reader relies on (metrics, compare, reports); the rest may be null (a request never

@@ -1,9 +1,4 @@
-"""The printed summary and result JSON of a run, in vLLM benchmark_serving's layout and field names."""
-
-import json
-import math
-import os
-from pathlib import Path
+"""The printed summary of a run, in vLLM benchmark_serving's layout (the result JSON: twinfer/result_json.py)."""
 
 from analysis.metrics import GOODPUT_METRICS, Distribution, Metrics, check_goodput_slos
 
@@ -30,6 +25,7 @@ def _line(label: str, value) -> str:
 def format_summary(
     metrics: Metrics,
     percentiles=DEFAULT_PERCENTILES,
+    shown=("ttft", "tpot", "itl", "e2el"),
     title: str = " Serving Benchmark Result ",
 ) -> str:
     """The summary as vLLM's benchmark_serving prints it (labels, widths, ms), so its parsers read it."""
@@ -49,6 +45,8 @@ def format_summary(
     lines.append(_line("Peak concurrent requests:", float(metrics.max_concurrent_requests)))
     lines.append(_line("Total Token throughput (tok/s):", metrics.total_token_throughput))
     for key, name, header in SUMMARY_METRICS:
+        if key not in shown:
+            continue
         distribution: Distribution = getattr(metrics, key)
         lines.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
         lines.append(_line(f"Mean {name} (ms):", distribution.mean * 1000))
@@ -59,53 +57,9 @@ def format_summary(
     return "\n".join(lines)
 
 
-def print_summary(metrics: Metrics, percentiles=DEFAULT_PERCENTILES) -> None:
+def print_summary(metrics: Metrics, percentiles=DEFAULT_PERCENTILES, shown=("ttft", "tpot", "itl", "e2el")) -> None:
     """Print format_summary()."""
-    print(format_summary(metrics, percentiles))
-
-
-def result_dict(metrics: Metrics, percentiles=None) -> dict:
-    """The metrics under vLLM's result-JSON field names, latencies in ms; every stored percentile included."""
-    percentiles = sorted(set((50.0, 90.0, 95.0, 99.0, 99.9)) | set(percentiles or ()))
-    result = {
-        "duration": metrics.duration,
-        "completed": metrics.completed,
-        "failed": metrics.failed,
-        "num_rejected": metrics.num_rejected,
-        "num_aborted": metrics.num_aborted,
-        "num_unfinished": metrics.num_unfinished,
-        "total_input_tokens": metrics.total_input_tokens,
-        "total_output_tokens": metrics.total_output_tokens,
-        "request_throughput": metrics.request_throughput,
-        "request_goodput": metrics.request_goodput,
-        "goodput_slos_ms": metrics.goodput_slos_ms,
-        "output_throughput": metrics.output_throughput,
-        "total_token_throughput": metrics.total_token_throughput,
-        "max_output_tokens_per_s": metrics.max_output_tokens_per_s,
-        "max_concurrent_requests": metrics.max_concurrent_requests,
-    }
-    for key, _, _ in SUMMARY_METRICS:
-        distribution: Distribution = getattr(metrics, key)
-        result[f"mean_{key}_ms"] = distribution.mean * 1000
-        result[f"median_{key}_ms"] = distribution.median * 1000
-        result[f"std_{key}_ms"] = distribution.std * 1000
-        for p in percentiles:
-            result[f"p{percentile_word(p)}_{key}_ms"] = distribution.percentile(p) * 1000
-    return result
-
-
-def save_result_json(metrics: Metrics, path: str | os.PathLike, percentiles=None, extra: dict | None = None) -> Path:
-    """Write result_dict() (plus extra keys, e.g. the run's metadata) as JSON, like vLLM's --save-result."""
-    result = result_dict(metrics, percentiles)
-    if extra:
-        result.update(extra)
-    for key, value in result.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            result[key] = None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    print(format_summary(metrics, percentiles, shown))
 
 
 def parse_goodput(pairs) -> dict[str, float]:

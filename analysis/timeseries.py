@@ -96,10 +96,33 @@ def step_series(steps: pa.Table, start: float, end: float, num_bins: int = DEFAU
     return pa.table(columns)
 
 
+def step_event_rates(steps: pa.Table, start: float, end: float, num_bins: int = DEFAULT_BINS) -> pa.Table:
+    """Preemptions per second and prefix-cache hit tokens per second, in num_bins bins of [start, end] (each step
+    counted in the bin it starts in)."""
+    edges = _bin_edges(start, end, num_bins)
+    width = edges[1] - edges[0]
+    columns = {"time": (edges[:-1] + edges[1:]) / 2}
+    start_times = steps.column("start_time").to_numpy() if steps.num_rows else np.empty(0)
+    for name, column in (("preemptions_per_s", "num_preempted"), ("prefix_hit_tokens_per_s", "prefix_cache_hit_tokens")):
+        values = steps.column(column).to_numpy().astype(np.float64) if steps.num_rows else np.empty(0)
+        sums, _ = np.histogram(start_times, bins=edges, weights=values)
+        columns[name] = sums / width
+    return pa.table(columns)
+
+
+def length_histogram(lengths, num_bins: int = 40) -> pa.Table:
+    """Counts of lengths (tokens) in num_bins equal bins from 0 to the largest; (bin_start, bin_end, count)."""
+    values = np.asarray(lengths, dtype=np.float64)
+    top = float(values.max()) if values.size else 1.0
+    edges = np.linspace(0.0, max(top, 1.0), num_bins + 1)
+    counts, _ = np.histogram(values, bins=edges)
+    return pa.table({"bin_start": edges[:-1], "bin_end": edges[1:], "count": counts.astype(np.int64)})
+
+
 def request_timeline(requests: pa.Table, itl_threshold: float, max_requests: int = 200) -> pa.Table:
     """Bars for up to max_requests consecutive finished requests (by arrival, from the middle of the run):
     the wait to the first token ("ttft"), then runs of token gaps at or under the threshold ("itl_ok") or
-    over it ("itl_slow")."""
+    over it ("itl_slow"); num_tokens is how many tokens each bar produced."""
     finished = requests.filter(pc.equal(requests.column("status"), "finished"))
     finished = finished.take(pc.sort_indices(finished, [("arrival_time", "ascending")]))
     if finished.num_rows > max_requests:
@@ -107,14 +130,15 @@ def request_timeline(requests: pa.Table, itl_threshold: float, max_requests: int
         # the run is past the warm-up.
         first = (finished.num_rows - max_requests) // 2
         finished = finished.slice(first, max_requests)
-    rows: dict[str, list] = {"row": [], "request_id": [], "kind": [], "start": [], "end": []}
+    rows: dict[str, list] = {"row": [], "request_id": [], "kind": [], "start": [], "end": [], "num_tokens": []}
 
-    def add(row: int, request_id: str, kind: str, start: float, end: float) -> None:
+    def add(row: int, request_id: str, kind: str, start: float, end: float, num_tokens: int = 0) -> None:
         rows["row"].append(row)
         rows["request_id"].append(request_id)
         rows["kind"].append(kind)
         rows["start"].append(float(start))
         rows["end"].append(float(end))
+        rows["num_tokens"].append(int(num_tokens))
 
     request_ids = finished.column("request_id").to_pylist()
     arrivals = finished.column("arrival_time").to_numpy()
@@ -123,7 +147,7 @@ def request_timeline(requests: pa.Table, itl_threshold: float, max_requests: int
         times = np.asarray(token_lists[row].values, dtype=np.float64) if token_lists[row].is_valid else np.empty(0)
         if times.size == 0:
             continue
-        add(row, request_ids[row], "ttft", arrivals[row], times[0])
+        add(row, request_ids[row], "ttft", arrivals[row], times[0], 1)
         if times.size < 2:
             continue
         slow = np.diff(times) > itl_threshold
@@ -131,7 +155,7 @@ def request_timeline(requests: pa.Table, itl_threshold: float, max_requests: int
         change = np.flatnonzero(np.diff(slow.astype(np.int8))) + 1
         bounds = np.concatenate([[0], change, [slow.size]])
         for first, last in zip(bounds[:-1], bounds[1:]):
-            add(row, request_ids[row], "itl_slow" if slow[first] else "itl_ok", times[first], times[last])
+            add(row, request_ids[row], "itl_slow" if slow[first] else "itl_ok", times[first], times[last], last - first)
     return pa.table(
         {
             "row": pa.array(rows["row"], pa.int64()),
@@ -139,5 +163,6 @@ def request_timeline(requests: pa.Table, itl_threshold: float, max_requests: int
             "kind": pa.array(rows["kind"], pa.string()),
             "start": pa.array(rows["start"], pa.float64()),
             "end": pa.array(rows["end"], pa.float64()),
+            "num_tokens": pa.array(rows["num_tokens"], pa.int64()),
         }
     )

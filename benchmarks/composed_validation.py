@@ -66,11 +66,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for real_path in sorted(Path(args.runs).glob("real-*")):
-        model, case = next((m, c) for (m, c) in LOADS if real_path.name == f"real-{m}-{c}")
+        # real-MODEL-CASE, or real-MODEL-CASE-VARIANT for the same load under other engine options
+        model, case = next((m, c) for (m, c) in LOADS if real_path.name.startswith(f"real-{m}-{c}"))
+        label = real_path.name.removeprefix("real-")
         real = read_run(real_path)
-        sim_path = work / f"sim-{args.kind}-{model}-{case}"
+        sim_path = work / f"sim-{args.kind}-{label}"
+        engine = real.metadata["engine_config"]
         command = ["simulate", *load_options(model, case), "--duration", args.duration, "--model", model,
                    "--gpu", args.gpu, "--num-gpu-blocks-override", str(real.metadata["num_kv_blocks"]),
+                   "--max-num-seqs", str(engine["max_num_seqs"]),
+                   "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
                    "--out", str(sim_path), "--no-progress"]
         if args.profile:
             command += ["--profile", args.profile]
@@ -83,13 +88,32 @@ def main() -> None:
             raise SystemExit(f"simulate failed for {real_path.name}: {' '.join(command)}")
         simulated = read_run(sim_path)
         comparison = compare_runs(real, simulated, step_predictor=step_predictor_of(simulated))
-        print(f"\n##### {model} {case} ({args.kind})")
+        print(f"\n##### {label} ({args.kind})")
         print(comparison.format())
-        results[f"{model}/{case}"] = comparison.to_dict()
-        misses = missed_targets(results[f"{model}/{case}"])
+        results[label] = comparison.to_dict()
+        misses = missed_targets(results[label])
         print("targets: " + ("all met" if not misses else "missed " + "; ".join(misses)))
+    print()
+    print(markdown_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+def markdown_table(results: dict) -> str:
+    """BENCHMARKS.md's table: per case the cost model's step MAPE on the real run's batches, latency errors (%),
+    throughput error."""
+    lines = ["| case | step MAPE | TTFT mean/p50/p99 % | TPOT mean/p50/p99 % | E2EL mean/p50/p99 % | throughput |",
+             "|---|---|---|---|---|---|"]
+    for label, comparison in results.items():
+        errors = {(row["metric"], row["statistic"]): row["relative_error"] for row in comparison["metric_errors"]}
+
+        def cells(metric: str) -> str:
+            return "/".join(f"{100 * errors[(metric, stat)]:+.1f}" for stat in ("mean", "p50", "p99"))
+
+        step = comparison["predicted_step_mape"]
+        lines.append(f"| {label} | {'-' if step is None else f'{100 * step:.1f}%'} | {cells('ttft')} | "
+                     f"{cells('tpot')} | {cells('e2el')} | {100 * errors[('output_throughput', '')]:+.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

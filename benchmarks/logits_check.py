@@ -49,7 +49,7 @@ def run_logits_check(model: str = "qwen3-0.6b", *, num_prompts: int = 8, new_tok
             errors.append(((ours - theirs).norm() / theirs.norm()).item())
 
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    ours_tokens = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    ours_tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     agree_prefix, exact = [], 0
     with torch.inference_mode():
         for prompt, tokens in zip(prompts, ours_tokens):

@@ -17,7 +17,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--model", default="qwen3-8b")
-    parser.add_argument("--slo", default="ttft_p99=2000,tpot_p99=100")
+    parser.add_argument("--slo", default="ttft:2000 tpot:100", help="METRIC:MS objectives at p99")
     parser.add_argument("--target-rate", default="16", help="3x the trace's own 5.5 req/s, roughly")
     parser.add_argument("--out", default="plan-speed")
     parser.add_argument("--workers", default=None)
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     argv = ["plan", args.trace, "--model", args.model, "--gpu", "h100,h200", "--tp", "1,2,4",
-            "--max-num-seqs", "32,64,128,256", "--slo", args.slo, "--target-rate", args.target_rate,
+            "--max-num-seqs", "32,64,128,256", "--slo", *args.slo.split(), "--target-rate", args.target_rate,
             "--out", args.out]
     if args.workers:
         argv += ["--workers", args.workers]

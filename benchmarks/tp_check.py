@@ -34,7 +34,7 @@ def _greedy(model: str, prompts, new_tokens: int, tensor_parallel_size: int, enf
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return [o.token_ids for o in outputs], info
+    return [o.outputs[0].token_ids for o in outputs], info
 
 
 def run_tp_check(model: str = "qwen3-0.6b", *, num_prompts: int = 32, new_tokens: int = 16, seed: int = 0,

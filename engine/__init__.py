@@ -4,7 +4,7 @@
 simulator does) never imports torch.
 """
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from engine import outputs
+
+        return getattr(outputs, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -4,6 +4,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from engine.clock import Clock, VirtualClock
 from engine.config import EngineConfig
 from engine.decode_fast_forward import fast_forward_decodes
 from engine.executor import AsyncExecutor, DecodeRunPredictor, Executor
+from engine.outputs import RequestOutput, request_output
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.scheduler_output import StepResult
@@ -24,10 +26,13 @@ class Engine:
     """Feeds arrived requests to the scheduler and runs each step on the executor."""
 
     def __init__(
-        self, config: EngineConfig, executor: Executor, clock: Clock | None = None, fast_forward: bool = True
+        self, config: EngineConfig, executor: Executor, clock: Clock | None = None, fast_forward: bool = True,
+        tokenizer=None,
     ) -> None:
-        """fast_forward: apply runs of pure-decode steps in bulk when the executor predicts them (simulation)."""
+        """fast_forward: apply runs of pure-decode steps in bulk when the executor predicts them (simulation).
+        tokenizer: a transformers tokenizer, for text outputs, stop strings and bad words (None: token ids only)."""
         self.config = config
+        self.tokenizer = tokenizer
         self.executor = executor
         self.clock = clock if clock is not None else VirtualClock()
         num_blocks = config.num_kv_blocks if config.num_kv_blocks is not None else executor.num_kv_blocks
@@ -57,6 +62,12 @@ class Engine:
         self._in_flight: tuple | None = None
         """Asynchronous scheduling: (output, pending result, time scheduled, schedule stats) of the step running now."""
         self._last_finish_time = 0.0
+        self.parents: dict[str, list[Sequence]] = {}
+        """Requests with n > 1: their completions' sequences in index order (each also in self.sequences)."""
+        self._held_forks: list[tuple[Sequence, list[Sequence]]] = []
+        """(first completion, the others): the others wait until the first has computed the prompt."""
+        self._prompts: dict[str, str] = {}
+        """The prompt text of requests added with one (for their RequestOutput)."""
         self._in_executor = False
         """True while the executor runs a step: a failure there leaves the scheduler's bookkeeping whole."""
 
@@ -70,15 +81,21 @@ class Engine:
         sampling_params: SamplingParams,
         arrival_time: float | None = None,
         request_id: str | None = None,
+        prompt: str | None = None,
     ) -> str:
         """Queue a request to arrive at arrival_time (default now); returns its id.
 
         A request that can never be served (too long for max_model_len, or needing more KV blocks than the
-        whole cache) is recorded as rejected with the reason, not raised.
+        whole cache) is recorded as rejected with the reason, not raised. Sampling params the model cannot
+        honour (token ids outside the vocabulary, stop strings without a tokenizer) raise ValueError.
+
+        With n > 1 the completions are n sequences with vLLM's request ids "0_ID" .. "{n-1}_ID" (a seeded
+        request's completion i has seed + i); the first is scheduled at once and the others once it has
+        computed the prompt, so they find the prompt's full blocks in the prefix cache: one prefill.
         """
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else str(request_id)
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.parents:
             raise ValueError(f"request id {request_id!r} was already added")
         if not isinstance(sampling_params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -91,13 +108,18 @@ class Engine:
                 raise ValueError(f"request {request_id!r}: give prompt_token_ids or prompt_len")
             if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
                 raise ValueError(f"request {request_id!r}: prompt_len must be a non-negative integer, got {prompt_len!r}")
-            num_prompt_tokens = int(prompt_len)
+            # A range stands in for the tokens, made only once the request is accepted (truncating it is free).
+            prompt_token_ids_or_range = range(int(prompt_len))
         else:
-            num_prompt_tokens = len(prompt_token_ids)
-            if prompt_len is not None and prompt_len != num_prompt_tokens:
+            if prompt_len is not None and prompt_len != len(prompt_token_ids):
                 raise ValueError(
-                    f"request {request_id!r}: prompt_len {prompt_len} disagrees with {num_prompt_tokens} prompt tokens"
+                    f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
                 )
+            prompt_token_ids_or_range = prompt_token_ids
+        if sampling_params.truncate_prompt_tokens is not None:
+            prompt_token_ids_or_range = self.truncate_prompt(prompt_token_ids_or_range, sampling_params)
+        num_prompt_tokens = len(prompt_token_ids_or_range)
+        sampling_params = self.resolve_sampling_params(sampling_params, num_prompt_tokens, request_id)
 
         # Checked before any token is made: a length from a trace may be far beyond what memory holds.
         reason = self._rejection_reason(num_prompt_tokens, sampling_params.max_tokens)
@@ -115,11 +137,62 @@ class Engine:
         if prompt_token_ids is None:
             rng = np.random.default_rng(seq_id)
             prompt_token_ids = rng.integers(0, self.config.vocab_size, num_prompt_tokens).tolist()
-        seq = Sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+        else:
+            prompt_token_ids = prompt_token_ids_or_range
+        if prompt is not None:
+            self._prompts[request_id] = prompt
+        if sampling_params.n == 1:
+            self._add_sequence(seq_id, request_id, prompt_token_ids, sampling_params, float(arrival_time))
+            return request_id
+        children = []
+        for index in range(sampling_params.n):
+            child_params = replace(sampling_params, n=1,
+                                   seed=None if sampling_params.seed is None else sampling_params.seed + index,
+                                   # Only the first computes the prompt: the others read its blocks.
+                                   prompt_logprobs=sampling_params.prompt_logprobs if index == 0 else None)
+            children.append(self._add_sequence(seq_id if index == 0 else next(self._seq_ids), f"{index}_{request_id}",
+                                               prompt_token_ids, child_params, float(arrival_time), queue=index == 0))
+        self.parents[request_id] = children
+        self._held_forks.append((children[0], children[1:]))
+        return request_id
+
+    def _add_sequence(self, seq_id: int, request_id: str, prompt_token_ids, params: SamplingParams,
+                      arrival_time: float, queue: bool = True) -> Sequence:
+        seq = Sequence(seq_id, request_id, prompt_token_ids, params, arrival_time)
+        if self.tokenizer is not None and params.detokenize:
+            from engine.detokenizer import IncrementalDetokenizer  # the tokenizers library, only with a tokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self.requests[request_id] = seq
         self.sequences[request_id] = seq
-        heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
-        return request_id
+        if queue:
+            heapq.heappush(self._pending, (seq.arrival_time, seq_id, seq))
+        return seq
+
+    def truncate_prompt(self, prompt_token_ids, params: SamplingParams):
+        """The prompt's last truncate_prompt_tokens tokens (-1: the last max_model_len), as vLLM truncates."""
+        keep = self.config.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+        return prompt_token_ids[-keep:] if len(prompt_token_ids) > keep else prompt_token_ids
+
+    def resolve_sampling_params(self, params: SamplingParams, prompt_len: int, request_id: str) -> SamplingParams:
+        """params checked against this model and engine, with max_tokens None resolved to what max_model_len
+        leaves and bad words tokenized; ValueError naming the request and the field otherwise."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: stop strings {list(params.stop)} need a tokenizer and this "
+                             "engine has none (token-id prompts on a model without tokenizer files); use "
+                             "stop_token_ids")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError(f"request {request_id!r}: bad_words need a tokenizer and this engine has none; "
+                                 "give bad_words_token_ids instead")
+            params = params.with_tokenizer(self.tokenizer)
+        try:
+            params.check_vocab(self.config.vocab_size)
+        except ValueError as error:
+            raise ValueError(f"request {request_id!r}: {error}") from None
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max(1, self.config.max_model_len - prompt_len))
+        return params
 
     def _rejection_reason(self, prompt_len: int, max_tokens: int) -> str:
         config = self.config
@@ -139,10 +212,14 @@ class Engine:
         return ""
 
     def abort(self, request_ids: str | Iterable[str], reason: str = "aborted") -> None:
-        """Stop requests that have not finished (one id or several, as vLLM's abort_request): each is recorded as
-        aborted with the reason and its KV blocks are freed. Ids unknown, rejected or finished are ignored, as
-        vLLM ignores them: a client may abort a request that has just finished."""
+        """Stop requests that have not finished (one id or several, as vLLM's abort_request; a request with n > 1
+        by its id stops all its completions): each is recorded as aborted with the reason and its KV blocks are
+        freed. Ids unknown, rejected or finished are ignored, as vLLM ignores them: a client may abort a request
+        that has just finished. Call it from the thread that steps the engine."""
         for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+            if request_id in self.parents:
+                self.abort([child.request_id for child in self.parents[request_id]], reason)
+                continue
             seq = self.requests.get(request_id)
             if not isinstance(seq, Sequence) or seq.finish_time is not None:
                 continue  # rejected, finished (one released while its last token is in flight is not, until update())
@@ -153,6 +230,8 @@ class Engine:
             else:
                 self.scheduler.abort(seq, reason, self.clock.now())
                 self.num_finished += 1
+        if self._held_forks:
+            self._release_forks()
         if self._in_flight is not None and all(
                 seq.finish_time is not None for seq in self.scheduler.unapplied_sequences()):
             # Nothing the step in flight computes is wanted any more: it is dropped, not waited for.
@@ -160,6 +239,17 @@ class Engine:
             self.scheduler.drop_in_flight()
         if not self.has_unfinished():
             self._reset_if_inconsistent()
+
+    def _release_forks(self) -> None:
+        """Queue the held completions of every request whose first completion has computed the prompt (or ended)."""
+        still_held = []
+        for first, others in self._held_forks:
+            if first.first_token_time is None and first.finish_time is None:
+                still_held.append((first, others))
+                continue
+            # Ahead of later arrivals: they arrived with the first, and the prompt's blocks are cached now.
+            self.scheduler.add_first([seq for seq in others if seq.finish_time is None])
+        self._held_forks = still_held
 
     def _abort_pending(self, seq: Sequence, reason: str) -> None:
         # It never arrived: its finish is no earlier than its arrival, so its latency is not negative.
@@ -181,7 +271,7 @@ class Engine:
         self._reset_if_inconsistent()
 
     def _abandon_unapplied_steps(self, error: BaseException) -> None:
-        """A step failed (the executor raised, or an interrupt struck inside step()): the requests of every step
+        """A step failed (the executor raised, or an interrupt struck while it ran): the requests of every step
         scheduled and not applied are aborted, as their computed and pending tokens will never be known, and
         those steps are dropped; the other requests go on as if nothing happened."""
         reason = _failure_reason(error)
@@ -193,6 +283,8 @@ class Engine:
             if seq.finish_time is None:
                 self.scheduler.abort(seq, reason, now)
                 self.num_finished += 1
+        if self._held_forks:
+            self._release_forks()
         if not self.has_unfinished():
             self._reset_if_inconsistent()
 
@@ -203,6 +295,7 @@ class Engine:
         reason = _failure_reason(error)
         now = self.clock.now()
         self._pending = []
+        self._held_forks = []
         for seq in self.sequences.values():
             if seq.finish_time is None:
                 seq.status = RequestStatus.ABORTED
@@ -279,7 +372,8 @@ class Engine:
             return True
         if self._last_step_busy and self.step_records:
             self.step_records.end_last_step_at(now)
-        if self._fast_forward and fast_forward_decodes(self, now):
+        # Fast-forwarding appends tokens in bulk: never with a tokenizer, which reads them one by one.
+        if self._fast_forward and self.tokenizer is None and fast_forward_decodes(self, now):
             self._last_step_busy = True
             return True
 
@@ -294,6 +388,8 @@ class Engine:
         self._in_executor = False
         end = self.clock.advance(result.duration)
         self.num_finished += len(self.scheduler.update(output, result, end))
+        if self._held_forks:
+            self._release_forks()
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         self._last_step_busy = True
         return True
@@ -334,6 +430,8 @@ class Engine:
             start = max(scheduled_at, self._last_finish_time)
             end = self.clock.advance(result.duration)
             self.num_finished += len(scheduler.update(previous, result, end))
+            if self._held_forks:
+                self._release_forks()
             self._record_step(previous, start, end - start, result.cuda_graph_batch_size, stats, state)
             self._last_finish_time = end
         return True
@@ -407,10 +505,25 @@ class Engine:
                 records.append(_record_of(request))
             else:
                 records.append(request)
+            self._prompts.pop(request_id, None)
+        for parent, children in list(self.parents.items()):
+            if all(child.finish_time is not None for child in children):
+                del self.parents[parent]
+                self._prompts.pop(parent, None)
         return records
 
     def output_token_ids(self, request_id: str) -> list[int]:
         return self.sequences[request_id].output_token_ids
+
+    def request_output(self, request_id: str) -> RequestOutput:
+        """The request's RequestOutput as it stands (vLLM's shape: completions so far, finished or not)."""
+        sequences = self.parents.get(request_id)
+        if sequences is None:
+            request = self.requests[request_id]
+            if not isinstance(request, Sequence):
+                raise ValueError(f"request {request_id!r} was {request.status}: {request.reason}")
+            sequences = [request]
+        return request_output(request_id, self._prompts.get(request_id), sequences, self.tokenizer)
 
     @property
     def request_records(self) -> dict[str, RequestRecord]:

@@ -8,10 +8,9 @@ Defaults are vLLM's except where a field's note says otherwise.
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.config import EngineConfig, default_max_model_len, vllm_default_limits
-from engine.model_config import ModelConfig, is_preset
+from engine.model_config import ModelConfig, model_folder
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "triton", "flash-attn", "torch")
@@ -22,7 +21,8 @@ class EngineArgs:
     """How to build an engine of any executor; validated here, so a bad value fails before anything loads."""
 
     model: str
-    """A Hugging Face model folder or a bundled preset name (qwen3-0.6b, qwen3-8b, ...)."""
+    """A Hugging Face model folder, a Hub id in the local Hugging Face cache (Qwen/Qwen3-0.6B), or a bundled
+    preset name (qwen3-0.6b, qwen3-8b, ...)."""
     tokenizer: str | None = None
     """None: the model's folder."""
     dtype: str = "auto"
@@ -149,9 +149,10 @@ def _check_positive_int(name: str, value, alternative: str = "") -> None:
 
 def _generation_eos_ids(model: str) -> tuple[int, ...]:
     """EOS ids from generation_config.json when the model folder has one (chat models list several)."""
-    if is_preset(model):
+    folder = model_folder(model)
+    if folder is None:
         return ()
-    path = Path(model) / "generation_config.json"
+    path = folder / "generation_config.json"
     if not path.is_file():
         return ()
     eos = json.loads(path.read_text()).get("eos_token_id")

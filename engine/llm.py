@@ -1,39 +1,29 @@
-"""Offline batched generation in the manner of vLLM's LLM class: prompts in, completions out, in order."""
+"""Offline batched generation in the manner of vLLM v0.11's LLM class: prompts or chats in, RequestOutputs out,
+in order."""
 
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from engine.engine import Engine
 from engine.engine_args import EngineArgs, build_real_engine
-from engine.model_config import is_preset, load_model_config
+from engine.model_config import load_model_config
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import load_tokenizer
 
 CPU_DEFAULT_MAX_MODEL_LEN = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
-    """One prompt's completion."""
-
-    index: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-    """stop or length, as vLLM's; "rejected" for a prompt that the whole KV cache cannot hold (no tokens)."""
 
 
 class LLM:
     """A model with its KV cache and scheduler, ready to generate.
 
-    model is a local Hugging Face folder (config.json, *.safetensors, tokenizer files when present) or a
-    bundled preset name (qwen3-0.6b, qwen3-8b, llama-3-8b, qwen3-32b) run with dummy weights.
+    model is a local Hugging Face folder (config.json, *.safetensors, tokenizer files when present), a Hub id
+    found in the local Hugging Face cache (Qwen/Qwen3-0.6B), or a bundled preset name (qwen3-0.6b, qwen3-8b,
+    llama-3-8b, qwen3-32b) run with dummy weights.
     """
 
     def __init__(self, model: str, **kwargs) -> None:
@@ -53,21 +43,22 @@ class LLM:
         self.engine_config = self.engine.config
         self.executor = self.engine.executor
         self.model_config = model_config
-        self.tokenizer = self._load_tokenizer(args.tokenizer or args.model)
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        self.engine.tokenizer = self.tokenizer
         self._next_request = 0
 
-    @staticmethod
-    def _load_tokenizer(model: str):
-        if is_preset(model) or not Path(model).is_dir():
-            return None
-        folder = Path(model)
-        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return None
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder))
+    def get_tokenizer(self):
+        """The model's tokenizer (None for a preset or a folder without tokenizer files)."""
+        return self.tokenizer
 
     def _prompt_ids(self, index: int, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):  # vLLM's TextPrompt / TokensPrompt
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"prompt {index} is a dict without 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(
@@ -96,80 +87,121 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt (strings or token-id lists); outputs come back in input order."""
+        """Complete every prompt (strings, token-id lists, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
+        dicts); one RequestOutput per prompt, in input order."""
         if isinstance(prompts, np.ndarray):
             if prompts.ndim != 1:
                 raise TypeError(f"prompts is a {prompts.ndim}-D array of shape {prompts.shape}; pass one prompt as a "
                                 "1-D array or list of token ids, or several as a list of them")
             prompts = [prompts]
-        elif isinstance(prompts, str) or (
+        elif isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         prompts = list(prompts)
+        return self._run([self._prompt_ids(index, prompt) for index, prompt in enumerate(prompts)],
+                         sampling_params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or a list of them, each
+        rendered by the tokenizer's chat template (or chat_template); one RequestOutput per conversation."""
+        if self.tokenizer is None:
+            raise ValueError(f"chat needs a tokenizer and model {self.model_config.source!r} has none")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        requests = []
+        for index, conversation in enumerate(conversations):
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    conversation, tokenize=False, chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                    **(chat_template_kwargs or {}))
+            except ValueError as error:
+                raise ValueError(f"conversation {index}: {error}") from None
+            # The template writes the special tokens (BOS, role markers) itself.
+            requests.append((text, list(self.tokenizer.encode(text, add_special_tokens=False))))
+        return self._run(requests, sampling_params, use_tqdm)
+
+    def _run(self, requests: list[tuple[str | None, list[int]]], sampling_params,
+             use_tqdm: bool) -> list[RequestOutput]:
+        """Check every request before queueing any, run the engine until all finish, return their outputs."""
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(requests)
+        if len(params) != len(requests):
+            raise ValueError(f"got {len(params)} sampling params for {len(requests)} prompts")
+        engine = self.engine
         max_len = self.engine_config.max_model_len
-        requests = []
-        for index, (prompt, param) in enumerate(zip(prompts, params)):
-            text, ids = self._prompt_ids(index, prompt)
+        for index, ((_, ids), param) in enumerate(zip(requests, params)):
             if not ids:
                 raise ValueError(f"prompt {index} is empty")
-            if len(ids) + param.max_tokens > max_len:
+            if param.truncate_prompt_tokens is not None:
+                ids = engine.truncate_prompt(ids, param)
+            resolved = engine.resolve_sampling_params(param, len(ids), f"prompt {index}")
+            if len(ids) + resolved.max_tokens > max_len:
                 raise ValueError(
-                    f"prompt {index} has {len(ids)} tokens; with max_tokens {param.max_tokens} that exceeds "
+                    f"prompt {index} has {len(ids)} tokens; with max_tokens {resolved.max_tokens} that exceeds "
                     f"max_model_len {max_len}"
                 )
-            requests.append((text, ids, param))
 
         request_ids = []
-        progress = None
         try:
-            for text, ids, param in requests:
-                request_ids.append(self.engine.add_request(
-                    prompt_token_ids=ids, sampling_params=param, request_id=f"llm-{self._next_request}"))
+            for (text, ids), param in zip(requests, params):
+                request_ids.append(engine.add_request(prompt_token_ids=ids, sampling_params=param,
+                                                      request_id=f"llm-{self._next_request}", prompt=text))
                 self._next_request += 1
-            if use_tqdm:
-                from tqdm.auto import tqdm
-
-                progress = tqdm(total=len(requests), desc="Generating", unit="req", dynamic_ncols=True)
-            sequences = [self.engine.sequences.get(rid) for rid in request_ids]
-            done = 0
-
-            def on_step(engine: Engine) -> None:
-                nonlocal done
-                finished = sum(1 for seq in sequences if seq is not None and seq.is_finished)
-                if progress is not None and finished > done:
-                    progress.update(finished - done)
-                done = finished
-
-            self.engine.run(on_step=on_step)
+            self._run_engine(request_ids, use_tqdm)
         except BaseException:
             # Ctrl-C or an error: this call's requests are dropped with their KV blocks, so the next call
-            # starts as on a fresh LLM.
+            # starts as on a fresh LLM (vLLM's LLM aborts the requests it added when adding fails).
             self.abort(request_ids)
             raise
+
+        records = engine.request_records
+        outputs = []
+        for index, request_id in enumerate(request_ids):
+            record = records.get(request_id)
+            if record is not None and record.status == "rejected":
+                # It can never be served (the whole KV cache is too small for it); the others were.
+                warnings.warn(f"prompt {index} was rejected: {record.reason}", RuntimeWarning, stacklevel=3)
+                outputs.append(_rejected_output(request_id, requests[index], params[index], record))
+                continue
+            children = engine.parents.get(request_id)
+            for child_id in [seq.request_id for seq in children] if children else [request_id]:
+                record = records[child_id]
+                if record.status != "finished":
+                    raise RuntimeError(f"prompt {index} was not served ({record.status}): {record.reason}")
+            outputs.append(engine.request_output(request_id))
+        return outputs
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> None:
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(request_ids), desc="Generating", unit="req", dynamic_ncols=True)
+        engine = self.engine
+        groups = []
+        for request_id in request_ids:
+            seq = engine.sequences.get(request_id)
+            groups.append(engine.parents.get(request_id) or ([seq] if seq is not None else []))
+        done = 0
+
+        def on_step(engine: Engine) -> None:
+            nonlocal done
+            finished = sum(1 for group in groups if all(seq.is_finished for seq in group))
+            if progress is not None and finished > done:
+                progress.update(finished - done)
+            done = finished
+
+        try:
+            engine.run(on_step=on_step)
         finally:
             if progress is not None:
                 progress.close()
-
-        records = self.engine.request_records
-        outputs = []
-        for index, (rid, (text, ids, _)) in enumerate(zip(request_ids, requests)):
-            record = records[rid]
-            if record.status == "rejected":
-                # It can never be served (the whole KV cache is too small for it); the others were.
-                warnings.warn(f"prompt {index} was rejected: {record.reason}", RuntimeWarning, stacklevel=2)
-                outputs.append(RequestOutput(index, text, ids, [], None, "rejected"))
-                continue
-            if record.status != "finished":
-                raise RuntimeError(f"prompt {index} was not served ({record.status}): {record.reason}")
-            token_ids = list(self.engine.output_token_ids(rid))
-            completion = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else None
-            outputs.append(RequestOutput(index, text, ids, token_ids, completion, record.reason))
-        return outputs
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests by id (one or several; those unknown or finished are ignored), freeing their KV blocks."""
@@ -184,3 +216,12 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _rejected_output(request_id: str, request: tuple[str | None, list[int]], params: SamplingParams,
+                     record) -> RequestOutput:
+    """The output of a prompt the engine rejected: finished, with no tokens and finish_reason "rejected"."""
+    text, ids = request
+    outputs = [CompletionOutput(index, "", [], None, None, "rejected") for index in range(params.n)]
+    metrics = RequestMetrics(record.arrival_time, None, None, None, record.arrival_time)
+    return RequestOutput(request_id, text, list(ids), None, outputs, True, metrics)

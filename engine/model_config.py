@@ -1,11 +1,15 @@
-"""A model's shape, read from a Hugging Face config.json (a local folder or a bundled preset)."""
+"""A model's shape, read from a Hugging Face config.json (a local folder, a Hub id in the local cache, or a
+bundled preset), and where a model name's files are."""
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 _ARCHITECTURE_BY_MODEL_TYPE = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -142,8 +146,50 @@ def model_config_from_dict(raw: dict, source: str = "config.json") -> ModelConfi
     )
 
 
+def hub_cache_dir() -> Path:
+    """The local Hugging Face Hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub (read now,
+    so a changed environment counts)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether model is shaped like a Hub repository id (owner/name) rather than a path."""
+    return _HUB_ID.fullmatch(model) is not None and not Path(model).exists()
+
+
+def hub_snapshot(model: str) -> Path | None:
+    """The folder of the Hub model's snapshot in the local cache (its main revision), or None when not cached.
+    Never downloads."""
+    if not is_hub_id(model):
+        return None
+    cache = hub_cache_dir()
+    if not (cache / f"models--{model.replace('/', '--')}").is_dir():
+        return None  # not cached: huggingface_hub need not even be imported
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
+def model_folder(model: str) -> Path | None:
+    """The folder holding the model's files (a local folder or a cached Hub snapshot); None for a preset."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if (PRESETS_DIR / f"{model.lower()}.json").is_file():
+        return None
+    return hub_snapshot(model)
+
+
 def resolve_model_path(model: str) -> Path:
-    """The config.json for a model folder or a bundled preset name, or a clear error."""
+    """The config.json for a model folder, a Hub id in the local cache or a bundled preset name, or a clear error."""
     path = Path(model)
     if path.is_dir():
         config = path / "config.json"
@@ -153,9 +199,22 @@ def resolve_model_path(model: str) -> Path:
     preset = PRESETS_DIR / f"{model.lower()}.json"
     if preset.is_file():
         return preset
+    snapshot = hub_snapshot(model)
+    if snapshot is not None:
+        config = snapshot / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"the cached snapshot of {model!r} ({snapshot}) has no config.json; download it "
+                                    f"again: hf download {model}")
+        return config
+    if is_hub_id(model):
+        raise FileNotFoundError(
+            f"model {model!r} is not in the local Hugging Face cache ({hub_cache_dir()}, set by HF_HUB_CACHE or "
+            f"HF_HOME), nor a local folder or a bundled preset ({', '.join(preset_names())}); download it first "
+            f"with `hf download {model}` (huggingface_hub's CLI), or give the model folder's path"
+        )
     raise FileNotFoundError(
         f"model {model!r} is neither a local folder with config.json nor a bundled preset "
-        f"(presets: {', '.join(preset_names())})"
+        f"(presets: {', '.join(preset_names())}), nor a Hub id (owner/name) in the local Hugging Face cache"
     )
 
 

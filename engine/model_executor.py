@@ -26,9 +26,11 @@ class PendingResult:
         self._start = time.perf_counter()
 
     def result(self) -> StepResult:
-        sampled, graph_size = self._pending.result()
+        pending = self._pending
+        sampled, graph_size = pending.result()
         return StepResult(sampled_token_ids=sampled, duration=time.perf_counter() - self._start,
-                          cuda_graph_batch_size=graph_size)
+                          cuda_graph_batch_size=graph_size, logprobs=pending.logprobs,
+                          prompt_logprobs=pending.prompt_logprobs)
 
 
 class ModelExecutor:
@@ -134,8 +136,12 @@ class ModelExecutor:
         """Run one step on every rank; rank 0 samples and times it (device sync included)."""
         for commands in self._commands:
             commands.put(("execute", scheduler_output))
-        sampled, graph_size, duration = self.runner.timed_execute(scheduler_output)
-        return StepResult(sampled_token_ids=sampled, duration=duration, cuda_graph_batch_size=graph_size)
+        start = time.perf_counter()
+        pending = self.runner.launch(scheduler_output)
+        sampled, graph_size = pending.result()  # waits for the device
+        return StepResult(sampled_token_ids=sampled, duration=time.perf_counter() - start,
+                          cuda_graph_batch_size=graph_size, logprobs=pending.logprobs,
+                          prompt_logprobs=pending.prompt_logprobs)
 
     def execute_async(self, scheduler_output: SchedulerOutput) -> "PendingResult":
         """Queue one step and return at once (asynchronous scheduling; one process, so TP size 1)."""

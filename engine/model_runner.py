@@ -8,7 +8,6 @@ the device (one transfer per step) is engine/step_inputs.py's.
 import contextlib
 import gc
 import itertools
-import time
 
 import numpy as np
 import torch
@@ -22,8 +21,9 @@ from engine.layers.fusion import enable_fusion
 from engine.loader import LOAD_FORMATS, checkpoint_shapes, dummy_tensors, load_weights, safetensors_tensors
 from engine.model_config import ModelConfig, is_preset, load_model_config, resolve_model_path
 from engine.models import attention_features, model_class
+from engine.logprobs import compute_logprobs, to_token_logprobs
 from engine.sampler import Sampler, SamplingTensors
-from engine.scheduler_output import PENDING_TOKEN, SchedulerOutput
+from engine.scheduler_output import PENDING_TOKEN, SchedulerOutput, TokenLogprobs
 from engine.step_inputs import (
     StagingBuffer,
     StepInputs,
@@ -31,6 +31,7 @@ from engine.step_inputs import (
     fixed_layout,
     prepare_decode,
     prepare_prefill,
+    prepare_prompt_logprobs,
     prepare_sample,
 )
 
@@ -53,14 +54,22 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
 
 
 class PendingStep:
-    """A launched step's samples, on their way to the host."""
+    """A launched step's samples, on their way to the host (and the log-probabilities of requests that ask)."""
 
     def __init__(self, tokens: torch.Tensor | None, sampled_ids: list[int], graph_size: int,
-                 host: torch.Tensor | None, on_cuda: bool) -> None:
+                 host: torch.Tensor | None, on_cuda: bool, sample_logprobs=None, prompt_logprobs=None) -> None:
+        """sample_logprobs: (compute_logprobs' tensors, their rows' seq ids, top tokens wanted per row);
+        prompt_logprobs: (compute_logprobs' tensors, the step's PromptLogprobPlan)."""
         self.sampled_ids = sampled_ids
         self.graph_size = graph_size
         self._tokens = tokens
         self._host = host
+        self._sample_logprobs = sample_logprobs
+        self._prompt_logprobs = prompt_logprobs
+        self.logprobs: dict[int, TokenLogprobs] | None = None
+        """After result(): StepResult.logprobs."""
+        self.prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] | None = None
+        """After result(): StepResult.prompt_logprobs."""
         self._event = None
         if on_cuda:
             # Every step is waited for, sampling or not: the staging buffers are reused on the
@@ -72,9 +81,22 @@ class PendingStep:
         """(sampled token per seq id, CUDA-graph batch size or 0), waiting for this step only."""
         if self._event is not None:
             self._event.synchronize()
+        if self._prompt_logprobs is not None:
+            computed, plan = self._prompt_logprobs
+            entries = to_token_logprobs(plan.targets.tolist(), computed,
+                                        [count for _, _, num, count in plan.spans for _ in range(num)])
+            self.prompt_logprobs, start = {}, 0
+            for seq_id, first_index, num, _ in plan.spans:
+                self.prompt_logprobs[seq_id] = (first_index, entries[start:start + num])
+                start += num
         if self._tokens is None:
             return {}, self.graph_size
         values = self._host.tolist() if self._host is not None else self._tokens.tolist()
+        if self._sample_logprobs is not None:
+            computed, seq_ids, counts = self._sample_logprobs
+            rows = {seq_id: row for row, seq_id in enumerate(self.sampled_ids)}
+            entries = to_token_logprobs([values[rows[seq_id]] for seq_id in seq_ids], computed, counts)
+            self.logprobs = dict(zip(seq_ids, entries))
         return dict(zip(self.sampled_ids, values)), self.graph_size
 
 
@@ -349,7 +371,7 @@ class ModelRunner:
         if one_token_per_row(num_tokens, num_seqs):
             decode_graph_size = self.dispatch.decode_size(num_seqs)
             host = prepare_decode(seqs, decode_graph_size or num_seqs, self.block_size, self._block_table_rows)
-            last_token_rows = np.arange(num_seqs, dtype=np.int32)
+            last_token_rows = token_starts = np.arange(num_seqs, dtype=np.int32)
             num_single = num_seqs
         else:
             # One-token rows first: the attention backend may hand them to its decode kernel as a block.
@@ -359,11 +381,17 @@ class ModelRunner:
                 seqs = singles + [seq for seq in seqs if len(seq.token_ids) != 1]
             host = prepare_prefill(seqs, num_single, self.block_size)
             last_token_rows = host.cu_seqlens_q[1:] - 1
+            token_starts = host.cu_seqlens_q[:-1]
             mixed_graph_size = self.dispatch.mixed_size(num_tokens, num_seqs)
             if mixed_graph_size:
                 host = fixed_layout(host, mixed_graph_size, self.mixed_graphs)
-        sample, sampled_ids = prepare_sample(seqs, last_token_rows)
-        arrays = arrays_of(host) | arrays_of(sample)
+        sample, sampled_ids = prepare_sample(seqs, last_token_rows, self.engine_config.eos_token_ids,
+                                             self._pending_reader())
+        arrays = arrays_of(host) | sample.upload_arrays()
+        prompt_plan = prepare_prompt_logprobs(seqs, token_starts) if scheduler_output.has_token_history else None
+        if prompt_plan is not None:
+            arrays["prompt_logprob_rows"] = prompt_plan.rows
+            arrays["prompt_logprob_targets"] = prompt_plan.targets
         # Inputs still on the device (the previous step's samples): only one-token rows, which lead.
         pending_rows = np.flatnonzero(host.input_ids[:num_single] == PENDING_TOKEN).astype(np.int32)
         if pending_rows.size:
@@ -375,7 +403,22 @@ class ModelRunner:
             pending_tokens = self._last_tokens[dev["pending_sources"].long()].to(torch.int32)
             dev["input_ids"][dev["pending_rows"].long()] = pending_tokens
         return StepInputs(dev["input_ids"], dev["positions"], host.metadata(dev), dev["logit_rows"],
-                          sample.tensors(dev), sampled_ids, decode_graph_size, mixed_graph_size)
+                          sample.tensors(dev), sampled_ids, decode_graph_size, mixed_graph_size,
+                          sample.logprob_counts, prompt_plan, dev.get("prompt_logprob_rows"),
+                          dev.get("prompt_logprob_targets"))
+
+    def _pending_reader(self):
+        """seq id -> the token it sampled in the step launched last, read from the device once per step and only
+        if asked (the logits processors of a request with a token history; this waits for that step)."""
+        values = None
+
+        def read(seq_id: int) -> int:
+            nonlocal values
+            if values is None:
+                values = self._last_tokens.tolist()
+            return values[self._last_rows[seq_id]]
+
+        return read
 
     @torch.inference_mode()
     def launch(self, scheduler_output: SchedulerOutput) -> "PendingStep":
@@ -393,17 +436,28 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         if step.decode_graph_size:
             graph_size = step.decode_graph_size
-            logits = self.graphs.replay(graph_size, step.input_ids, step.positions, step.metadata)
-            logits = logits[step.logit_rows] if len(sampled_ids) != graph_size else logits
+            all_logits = self.graphs.replay(graph_size, step.input_ids, step.positions, step.metadata)
+            logits = all_logits[step.logit_rows] if len(sampled_ids) != graph_size else all_logits
+            prompt_logprobs = self._score_prompt(step, lambda rows: all_logits[rows])
         else:
             hidden = self.hidden_states(step)
             graph_size = step.mixed_graph_size
+            prompt_logprobs = self._score_prompt(step, lambda rows: self.model.compute_logits(hidden[rows]))
             if not sampled_ids:
-                return PendingStep(None, [], graph_size, None, on_cuda)
+                return PendingStep(None, [], graph_size, None, on_cuda, prompt_logprobs=prompt_logprobs)
             logits = self.model.compute_logits(hidden[step.logit_rows])
         if not sampled_ids or self.rank != 0:
-            return PendingStep(None, [], graph_size, None, on_cuda)
+            return PendingStep(None, [], graph_size, None, on_cuda, prompt_logprobs=prompt_logprobs)
         tokens = self.sampler(logits, step.sampling)
+        sample_logprobs = None
+        if step.sampling.logprob_rows is not None:
+            # From the raw logits, as vLLM's default logprobs mode: before penalties and temperature.
+            rows = step.sampling.logprob_rows
+            num_top = step.sampling.num_logprobs
+            num_top = logits.shape[-1] if num_top == -1 else min(num_top, logits.shape[-1])
+            computed = compute_logprobs(logits[rows], tokens[rows], num_top)
+            seq_ids = [sampled_ids[row] for row in rows.tolist()]
+            sample_logprobs = (computed, seq_ids, step.logprob_counts)
         self._last_tokens = tokens
         self._last_rows = {seq_id: row for row, seq_id in enumerate(sampled_ids)}
         host = None
@@ -412,7 +466,27 @@ class ModelRunner:
             self._token_turn ^= 1
             host = self._token_buffers[self._token_turn][:len(sampled_ids)]
             host.copy_(tokens, non_blocking=True)
-        return PendingStep(tokens, sampled_ids, graph_size, host, on_cuda)
+        return PendingStep(tokens, sampled_ids, graph_size, host, on_cuda, sample_logprobs, prompt_logprobs)
+
+    def _score_prompt(self, step: StepInputs, logits_of):
+        """The prompt logprobs this step computes, or None: logits_of(rows) gives the logits of rows of the step's
+        hidden states, on every rank (the LM head gathers over ranks); rank 0 scores them, max_num_seqs rows at a
+        time, which bounds the memory as the sampler's own peak does."""
+        plan = step.prompt_logprobs
+        if plan is None:
+            return None
+        vocab_size = self.model_config.vocab_size
+        num_top = max(vocab_size if count == -1 else count for *_, count in plan.spans)
+        chunk = self.engine_config.max_num_seqs
+        parts = []
+        for start in range(0, len(plan.rows), chunk):
+            rows = step.prompt_logprob_rows[start:start + chunk].long()
+            logits = logits_of(rows)
+            if self.rank == 0:
+                parts.append(compute_logprobs(logits, step.prompt_logprob_targets[start:start + chunk], num_top))
+        if self.rank != 0:
+            return None
+        return tuple(torch.cat(tensors) for tensors in zip(*parts)), plan
 
     def hidden_states(self, step: StepInputs) -> torch.Tensor:
         """The model's forward (no LM head) over a prepared step: in its mixed-step CUDA graph when prepared for
@@ -424,9 +498,3 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int]:
         """Run one step; (sampled token per seq id (rank 0 only), CUDA-graph batch size or 0)."""
         return self.launch(scheduler_output).result()
-
-    def timed_execute(self, scheduler_output: SchedulerOutput) -> tuple[dict[int, int], int, float]:
-        """execute() plus its wall time, which includes waiting for the device (execute waits for every step)."""
-        start = time.perf_counter()
-        sampled, graph_size = self.execute(scheduler_output)
-        return sampled, graph_size, time.perf_counter() - start

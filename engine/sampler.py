@@ -1,4 +1,5 @@
-"""Token sampling on the device: greedy, temperature, top-k, top-p, and per-request seeds.
+"""Token sampling on the device: logits processors, greedy, temperature, min-p, top-k, top-p, per-request seeds,
+and log-probabilities, in vLLM v0.11's order.
 
 Sampling uses the exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability
 p_i (computed as argmax(logit_i - log E_i), the Gumbel-max trick, so no softmax is needed). Unseeded rows draw E from the engine's generator; a seeded row derives E from a counter-based hash of
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.layers.fusion import fusable
+from engine.logits_processors import ProcessorTensors, apply_logits_processors
 
 # Odd 64-bit constants (splitmix64 and golden-ratio multipliers) written as signed int64.
 _K_SEED = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -43,6 +45,14 @@ class SamplingTensors:
     """[seeded] seed_key(seed) of those rows."""
     output_indices: torch.Tensor | None = None
     """[seeded] index of the output token each of those rows samples now."""
+    min_p: torch.Tensor | None = None
+    """[rows] float32; 0 disables. None: no row uses min-p."""
+    processors: ProcessorTensors | None = None
+    """Logit changes before temperature (penalties, bias, bans); None: no row has any."""
+    logprob_rows: torch.Tensor | None = None
+    """[asking] rows whose requests want logprobs. None: no row does."""
+    num_logprobs: int = 0
+    """The most top tokens any of those rows wants (-1: the whole vocabulary)."""
 
 
 def _logical_right_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,6 +71,13 @@ def seeded_exponential(seed_keys: torch.Tensor, output_indices: torch.Tensor, vo
     x = x ^ _logical_right_shift(x, 31)
     uniform = (_logical_right_shift(x, 40).float() + 0.5) * (1.0 / (1 << 24))
     return -torch.log(uniform)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit whose probability is below its row's min_p times the row's highest probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -87,15 +104,21 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-        """Token ids [rows] (int64) for logits [rows, vocab]."""
+        """Token ids [rows] (int64) for logits [rows, vocab] (which are left as they are)."""
+        if params.processors is not None:
+            logits = apply_logits_processors(logits, params.processors)
         if params.temperatures is None:
             return logits.argmax(dim=-1)
         temperatures = params.temperatures
-        if params.top_k is not None or params.top_p is not None:
+        if params.top_k is not None or params.top_p is not None or params.min_p is not None:
             # Filter the temperature-scaled logits; greedy rows keep their argmax (top-1 is never dropped).
             is_greedy = temperatures == 0
             scaled = logits.float() / torch.where(is_greedy, 1.0, temperatures)[:, None]
-            logits = apply_top_k_top_p(scaled, params.top_k, params.top_p)
+            if params.min_p is not None:
+                scaled = apply_min_p(scaled, params.min_p)
+            if params.top_k is not None or params.top_p is not None:
+                scaled = apply_top_k_top_p(scaled, params.top_k, params.top_p)
+            logits = scaled
             temperatures = torch.where(is_greedy, 0.0, 1.0)
         noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(
             generator=self.generator)

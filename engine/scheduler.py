@@ -54,6 +54,12 @@ class Scheduler:
         seq.status = RequestStatus.WAITING
         self.waiting.append(seq)
 
+    def add_first(self, seqs: list[Sequence]) -> None:
+        """Queue seqs, in order, ahead of every waiting sequence."""
+        for seq in reversed(seqs):
+            seq.status = RequestStatus.WAITING
+            self.waiting.appendleft(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -144,7 +150,8 @@ class Scheduler:
         if num_preempted == 0:
             while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
                 seq = self.waiting[0]
-                cached = block_manager.find_cached_prefix(seq)
+                # Prompt logprobs need every prompt position computed (vLLM skips the cache for them too).
+                cached = block_manager.find_cached_prefix(seq) if seq.sampling_params.prompt_logprobs is None else []
                 num_cached = len(cached) * block_manager.block_size
                 num_new = seq.num_tokens - num_cached
                 if not config.enable_chunked_prefill and num_new > budget:
@@ -168,6 +175,7 @@ class Scheduler:
         sequences = []
         append = sequences.append
         finishing = self._finishing
+        has_token_history = False
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
@@ -183,12 +191,19 @@ class Scheduler:
                 seq.num_pending_tokens = pending + 1
                 if num_outputs + 1 >= params.max_tokens:
                     finishing.append(seq)
-            append(ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table,
-                                     num_new == 1 and start >= seq.num_prompt_tokens, samples, num_outputs, params))
+            scheduled_seq = ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table,
+                                              num_new == 1 and start >= seq.num_prompt_tokens, samples, num_outputs,
+                                              params)
+            if params.needs_token_history or (params.prompt_logprobs is not None and start < seq.num_prompt_tokens):
+                scheduled_seq.token_history = token_ids[:]
+                scheduled_seq.num_prompt_tokens = seq.num_prompt_tokens
+                has_token_history = True
+            append(scheduled_seq)
             seq.num_computed_tokens = end
         released, self._released_seq_ids = self._released_seq_ids, []
         output = SchedulerOutput(
-            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences)
+            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences),
+            has_token_history=has_token_history,
         )
         self._step += 1
         self._in_flight.append(scheduled)
@@ -234,6 +249,7 @@ class Scheduler:
         block_manager = self.block_manager
         finished: list[tuple[Sequence, FinishReason]] = []
         sampled = result.sampled_token_ids
+        logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
         block_size = block_manager.block_size
         running = RequestStatus.RUNNING
@@ -241,6 +257,8 @@ class Scheduler:
         for (seq, _), scheduled in zip(self._in_flight[0], output.sequences):
             if seq.finish_time is not None:
                 continue  # aborted, or stopped by a token while this step was in flight: its sample is dropped
+            if prompt_logprobs is not None and seq.seq_id in prompt_logprobs:
+                _store_prompt_logprobs(seq, *prompt_logprobs[seq.seq_id])
             if scheduled.samples:
                 try:
                     token = sampled[seq.seq_id]
@@ -254,6 +272,8 @@ class Scheduler:
                 seq.token_times.append(now)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
+                if logprobs is not None and seq.logprobs is not None:
+                    seq.logprobs.append(logprobs[seq.seq_id])
                 reason = finish_reason(seq, token)
                 if reason is not None:
                     finished.append((seq, reason))
@@ -268,16 +288,28 @@ class Scheduler:
         return [seq for seq, _ in finished]
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Why seq finishes having just sampled token (the last of its token_ids); None if it goes on."""
+        """Why seq finishes having just sampled token (the last of its token_ids); None if it goes on. Sets
+        its stop_reason, and feeds its detokenizer, which may find a stop string (vLLM v0.11's check_stop, then
+        its detokenizer's stop strings)."""
         params = seq.sampling_params
-        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:
-            return FinishReason.LENGTH
-        if self.stops_on(params, token):
-            return FinishReason.STOP
-        return None
+        num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
+        reason = None
+        if num_outputs >= params.max_tokens:
+            reason = FinishReason.LENGTH
+        elif num_outputs >= params.min_tokens and self.stops_on(params, token):
+            reason = FinishReason.STOP
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+        if seq.detokenizer is not None:
+            stop = seq.detokenizer.update(token, reason is FinishReason.STOP)
+            if stop is not None:
+                seq.stop_reason = stop
+                return FinishReason.STOP
+        return reason
 
     def stops_on(self, params, token: int) -> bool:
-        """Whether sampling token stops a request of these sampling params (a stop token, or EOS unless ignored)."""
+        """Whether sampling token stops a request of these sampling params once past its min_tokens (a stop
+        token, or EOS unless ignored)."""
         return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
 
     def num_samples_to_first_finish(self, token: int) -> int:
@@ -286,9 +318,12 @@ class Scheduler:
         fewest = None
         for seq in self.running:
             params = seq.sampling_params
+            num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
+            num_left = params.max_tokens - num_outputs
             if self.stops_on(params, token):
-                return 1
-            num_left = params.max_tokens - (len(seq.token_ids) - seq.num_prompt_tokens)
+                num_left = min(num_left, max(1, params.min_tokens - num_outputs))
+                if num_left == 1:
+                    return 1
             if fewest is None or num_left < fewest:
                 fewest = num_left
         return fewest
@@ -319,3 +354,11 @@ class Scheduler:
         seq.finish_reason = FinishReason.ABORT
         seq.abort_reason = reason
         seq.finish_time = now
+
+
+def _store_prompt_logprobs(seq: Sequence, first_index: int, entries: list) -> None:
+    """Keep a step's prompt logprobs (positions scored before, by a computation redone after preemption, stay)."""
+    stored = seq.prompt_logprobs
+    for index, entry in enumerate(entries, first_index):
+        if stored[index] is None:
+            stored[index] = entry

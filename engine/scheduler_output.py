@@ -1,7 +1,7 @@
 """The seam between deciding and doing: what the scheduler asks an executor to run."""
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.sampling_params import SamplingParams
 
@@ -33,6 +33,11 @@ class ScheduledSequence:
     num_output_tokens: int
     """Tokens generated so far; the index of the token sampled this step (for seeded sampling)."""
     sampling_params: SamplingParams
+    token_history: Any = None
+    """Only when the sampling params need it (penalties, bad words, prompt logprobs): every token the
+    scheduler knows of the sequence, prompt then output (an int32 array; a pending token is not in it)."""
+    num_prompt_tokens: int = 0
+    """The prompt's length, given with token_history."""
 
     @property
     def context_len(self) -> int:
@@ -52,6 +57,8 @@ class SchedulerOutput:
     features: Any = None
     """The batch's BatchFeatures (engine/stats.py), summarized once by the scheduler for the step log and
     any cost model; None on outputs built elsewhere (engine.stats.batch_features then computes them)."""
+    has_token_history: bool = False
+    """Whether any sequence carries its token_history (a request with penalties, bad words or prompt logprobs)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -60,6 +67,15 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.sequences
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities at one position: the chosen token's first (sampled, or the prompt's next token), then
+    the most likely tokens in order; ranks are 1-based positions in the whole distribution."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,3 +89,8 @@ class StepResult:
     cuda_graph_batch_size: int = 0
     """Rows of the CUDA graph replayed (the padded batch of a decode graph, the padded token count of a
     mixed-step graph: one row per token either way), or 0 when the step ran eagerly."""
+    logprobs: dict[int, TokenLogprobs] | None = None
+    """Per seq id whose request asks for logprobs: those of the token sampled this step (None: no such row)."""
+    prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] | None = None
+    """Per seq id whose request asks for prompt logprobs and whose prompt this step computed: (index of the
+    first prompt token scored, its TokenLogprobs and those of the next ones)."""

@@ -37,7 +37,7 @@ class RequestStatus(StrEnum):
 
 
 class FinishReason(StrEnum):
-    """Why a request ended, as vLLM reports it: a stop token or EOS, max_tokens reached, or an abort."""
+    """Why a request ended, as vLLM reports it: a stop token, stop string or EOS, max_tokens reached, or an abort."""
 
     STOP = "stop"
     LENGTH = "length"
@@ -68,6 +68,10 @@ class Sequence:
         "finish_time",
         "finish_reason",
         "abort_reason",
+        "stop_reason",
+        "detokenizer",
+        "logprobs",
+        "prompt_logprobs",
     )
 
     def __init__(
@@ -104,6 +108,14 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.abort_reason = ""
         """What the caller gave as the cause of an abort."""
+        self.stop_reason: int | str | None = None
+        """The stop token id or stop string that finished it (None for EOS, length and abort)."""
+        self.detokenizer = None
+        """Its IncrementalDetokenizer when the engine has a tokenizer (text and stop strings), else None."""
+        self.logprobs = [] if sampling_params.logprobs is not None else None
+        """TokenLogprobs per output token, when its request asks for logprobs."""
+        self.prompt_logprobs = [None] * self.num_prompt_tokens if sampling_params.prompt_logprobs is not None else None
+        """TokenLogprobs per prompt token (None for the first, and until computed), when its request asks."""
 
     @property
     def num_tokens(self) -> int:

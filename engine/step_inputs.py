@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.logits_processors import ProcessorArrays, prepare_processors
 from engine.sampler import SamplingTensors, seed_key
 
 _ALIGN = 16  # int32 elements: 64 bytes
@@ -151,13 +152,44 @@ class SampleArrays:
     seeded_rows: np.ndarray | None = None
     seed_keys: np.ndarray | None = None
     output_indices: np.ndarray | None = None
+    min_p: np.ndarray | None = None
+    logprob_rows: np.ndarray | None = None
+    """Rows (of the sampling rows) whose requests want logprobs."""
+    logprob_counts: list[int] | None = None
+    """How many top tokens each of those rows wants (-1: the whole vocabulary)."""
+    processors: ProcessorArrays | None = None
+
+    def upload_arrays(self) -> dict[str, np.ndarray]:
+        """Every array to copy to the device, by name."""
+        arrays = arrays_of(self)
+        return arrays | self.processors.arrays() if self.processors is not None else arrays
 
     def tensors(self, dev: dict[str, torch.Tensor]) -> SamplingTensors:
+        processors = self.processors.tensors(dev) if self.processors is not None else None
+        logprob_rows = dev["logprob_rows"].long() if self.logprob_rows is not None else None
+        num_logprobs = 0
+        if self.logprob_counts:
+            num_logprobs = -1 if -1 in self.logprob_counts else max(self.logprob_counts)
         if self.temperatures is None:
-            return SamplingTensors()
+            if processors is None and logprob_rows is None:
+                return SamplingTensors()
+            return SamplingTensors(processors=processors, logprob_rows=logprob_rows, num_logprobs=num_logprobs)
         seeded_rows = dev["seeded_rows"].long() if self.seeded_rows is not None else None
         return SamplingTensors(dev["temperatures"], dev.get("top_k"), dev.get("top_p"), seeded_rows,
-                               dev.get("seed_keys"), dev.get("output_indices"))
+                               dev.get("seed_keys"), dev.get("output_indices"), dev.get("min_p"), processors,
+                               logprob_rows, num_logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobPlan:
+    """The prompt positions a step scores for requests asking for prompt logprobs."""
+
+    rows: np.ndarray
+    """Rows of the step's hidden states (or decode-graph logits) whose next token is a prompt token."""
+    targets: np.ndarray
+    """That next prompt token, per row."""
+    spans: list[tuple[int, int, int, int]]
+    """Per sequence: (seq id, index of its first prompt token scored, how many, top tokens wanted (-1: all))."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +207,11 @@ class StepInputs:
     """The batch size of the decode CUDA graph this step replays; 0 when it replays none."""
     mixed_graph_size: int = 0
     """The token count of the mixed-step CUDA graph this step replays; 0 when it replays none."""
+    logprob_counts: list[int] | None = None
+    """Per row of sampling.logprob_rows: how many top tokens its request wants (-1: all)."""
+    prompt_logprobs: PromptLogprobPlan | None = None
+    prompt_logprob_rows: torch.Tensor | None = None
+    prompt_logprob_targets: torch.Tensor | None = None
 
 
 def prepare_decode(seqs, rows: int, block_size: int, table_cache: dict[int, np.ndarray]) -> DecodeArrays:
@@ -261,9 +298,11 @@ def fixed_layout(arrays: PrefillArrays, num_tokens: int, graphs) -> FixedLayoutA
                              tile_map, work_map, starts, np.asarray([partition_size], np.int32))
 
 
-def prepare_sample(seqs, last_token_rows: np.ndarray) -> tuple[SampleArrays, list[int]]:
+def prepare_sample(seqs, last_token_rows: np.ndarray, eos_token_ids: tuple[int, ...] = (),
+                   pending_token=None) -> tuple[SampleArrays, list[int]]:
     """Host arrays of the sequences that sample (last_token_rows: each sequence's last row of hidden states),
-    and their seq ids in the same order."""
+    and their seq ids in the same order. eos_token_ids and pending_token (seq id -> its token still on the
+    device) serve the logits processors of requests that have any."""
     if all(seq.samples for seq in seqs):  # every step of pure decodes
         logit_rows = last_token_rows
     else:
@@ -272,9 +311,14 @@ def prepare_sample(seqs, last_token_rows: np.ndarray) -> tuple[SampleArrays, lis
         logit_rows = last_token_rows[picked]
     sampled_ids = [seq.seq_id for seq in seqs]
     params = [seq.sampling_params for seq in seqs]
+    extras = {}
+    if any(p.uses_logits_processors or p.logprobs is not None for p in params):
+        extras = _sample_extras(seqs, params, eos_token_ids, pending_token)
     if all(p.greedy for p in params):
-        return SampleArrays(logit_rows), sampled_ids
+        return SampleArrays(logit_rows, **extras), sampled_ids
     temperatures = np.asarray([0.0 if p.greedy else p.temperature for p in params], np.float32)
+    if any(p.min_p > 0.0 for p in params):
+        extras["min_p"] = np.asarray([p.min_p for p in params], np.float32)
     top_k = top_p = seeded_rows = seed_keys = output_indices = None
     if any(p.top_k > 0 and not p.greedy for p in params):
         top_k = np.asarray([max(p.top_k, 0) for p in params], np.int32)
@@ -285,4 +329,35 @@ def prepare_sample(seqs, last_token_rows: np.ndarray) -> tuple[SampleArrays, lis
         seeded_rows = np.asarray(seeded, np.int32)
         seed_keys = np.asarray([seed_key(params[row].seed) for row in seeded], np.int32)
         output_indices = np.asarray([seqs[row].num_output_tokens for row in seeded], np.int32)
-    return SampleArrays(logit_rows, temperatures, top_k, top_p, seeded_rows, seed_keys, output_indices), sampled_ids
+    return (SampleArrays(logit_rows, temperatures, top_k, top_p, seeded_rows, seed_keys, output_indices, **extras),
+            sampled_ids)
+
+
+def _sample_extras(seqs, params, eos_token_ids, pending_token) -> dict:
+    """SampleArrays' fields for logits processors and logprobs (the slow path: only rows that ask)."""
+    extras = {"processors": prepare_processors(seqs, eos_token_ids, pending_token)}
+    asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+    if asking:
+        extras["logprob_rows"] = np.asarray(asking, np.int32)
+        extras["logprob_counts"] = [params[row].logprobs for row in asking]
+    return extras
+
+
+def prepare_prompt_logprobs(seqs, token_starts: np.ndarray) -> PromptLogprobPlan | None:
+    """The prompt positions this step scores (seqs in the step's row order, token_starts: each one's first row
+    of hidden states), or None when no sequence asks for prompt logprobs here."""
+    rows, targets, spans = [], [], []
+    for seq, first_row in zip(seqs, token_starts.tolist()):
+        if seq.token_history is None or seq.sampling_params.prompt_logprobs is None:
+            continue
+        start = seq.num_computed_tokens
+        # Position p's logits predict token p + 1: score the prompt tokens after this chunk's positions.
+        end = min(start + len(seq.token_ids), seq.num_prompt_tokens - 1)
+        if end <= start:
+            continue
+        rows.append(np.arange(first_row, first_row + end - start, dtype=np.int32))
+        targets.append(np.frombuffer(seq.token_history, np.int32)[start + 1:end + 1])
+        spans.append((seq.seq_id, start + 1, end - start, seq.sampling_params.prompt_logprobs))
+    if not spans:
+        return None
+    return PromptLogprobPlan(np.concatenate(rows), np.concatenate(targets).astype(np.int32), spans)

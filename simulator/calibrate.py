@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simulator.calibration_quality import assess
 from simulator.cost_model import (
     DEFAULT_KNOTS,
     FEATURE_COLUMNS,
@@ -252,6 +253,8 @@ def fit(
         "heldout_median_ape": round(heldout_median, 5),
         "heldout_mape_by_kind": {kind: round(value, 5) for kind, value in by_kind.items()},
         "train_mape": round(train_mape, 5),
+        "num_serving_steps": int(np.count_nonzero(columns["serving"][usable] > 0)),
     }
+    report["calibration_quality"] = assess(report)
     cost_model = CostModel(gpu, model, tp, dtype, coefficients, knots, eager_overlap=overlap, fit_report=report)
     return Calibration(cost_model, heldout_mape, by_kind, len(usable) - num_heldout, num_heldout)

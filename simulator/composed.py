@@ -22,7 +22,8 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                (host_step was fitted as serving steps' durations less their wait for the device, so an eager
                step's terms include launching the probe model's kernels: taken out when the metadata names the
                probe's layers, since this model's own launches are in the max below)
-  duration   = host + (gpu + graph_replay(kernels in the graph))           in a CUDA graph
+  duration   = host + (gpu + graph_replay(K) - K * spacing)                 in a CUDA graph of K kernels
+               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds)
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
                launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
                when the profile does not time the launchers apart; kernels counted per layer x L plus those around
@@ -153,8 +154,16 @@ class ComposedCostModel:
         layers, sharded = self.shape.num_layers, self.tp > 1
         replay, launch = self.operators.graph_replay, self.operators.launch
 
+        # graph_replay(m) is the host clock of a graph of m one-element kernels, replayed and waited for: a fixed
+        # cost plus each kernel's spacing inside a graph. Every operator's seconds were timed inside a graph of many
+        # calls, so they hold that spacing already; a step pays only the rest, replay(m) - m * spacing.
+        nodes = replay.axes[0]
+        spacing = (float(replay.at(nodes[-1])) - float(replay.at(nodes[0]))) / (nodes[-1] - nodes[0]) \
+            if len(nodes) > 1 else 0.0
+
         def replayed(attention: str, head: bool) -> float:
-            return float(replay.at(kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]))
+            kernels = kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]
+            return max(0.0, float(replay.at(kernels)) - kernels * spacing)
 
         def launched(attention: str) -> float:
             counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)

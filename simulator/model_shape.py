@@ -4,6 +4,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.model_config import hub_snapshot
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "engine" / "presets"
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "fp8": 1}
@@ -147,10 +149,12 @@ class ModelShape:
     def load(cls, model: str | Path) -> "ModelShape":
         """From a preset name (engine/presets/NAME.json), a config.json path, or a model folder holding one."""
         path = Path(model)
+        snapshot = None
         if path.is_dir():
             path = path / "config.json"
         elif not path.is_file():
-            path = PRESETS_DIR / f"{model}.json"
+            snapshot = hub_snapshot(str(model))
+            path = snapshot / "config.json" if snapshot is not None else PRESETS_DIR / f"{model}.json"
         if not path.is_file():
             known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
             raise FileNotFoundError(
@@ -162,4 +166,6 @@ class ModelShape:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: line {error.lineno}: not valid JSON: {error.msg}") from None
         name = path.stem if path.parent == PRESETS_DIR else (path.parent.name if path.name == "config.json" else path.stem)
+        if snapshot is not None:
+            name = str(model).split("/")[-1]  # the snapshot's folder is named by its commit
         return cls.from_config(config, name=name)

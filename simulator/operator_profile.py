@@ -20,6 +20,7 @@ the tables gemm_profile, attention_profile, elementwise_profile, overhead_profil
 all_reduce_profile.
 
     twinfer profile --operators --out FILE.parquet [--max-seconds 300] [--quick] [--tables gemm,...]
+    twinfer profile --operators --tables rms_norm,rotary --update FILE.parquet --out FILE.parquet   (re-measure)
 """
 
 import contextlib
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from simulator.all_reduce_profile import all_reduce_table
@@ -240,6 +242,38 @@ def read_operator_profile(path) -> pa.Table:
     if not table.schema.remove_metadata().equals(OPERATOR_PROFILE_SCHEMA):
         raise ValueError(f"{path}: columns differ from OPERATOR_PROFILE_SCHEMA")
     return table
+
+
+def replace_tables(base: pa.Table, update: pa.Table, *, base_name: str = "base", update_name: str = "update") -> pa.Table:
+    """The base profile with every operator the update holds re-measured: the base's rows of those operators
+    dropped, the update's appended; the metadata stays the base's, with "remeasured" naming each replaced table's
+    date and command. Both must come from the same kind of GPU and dtype."""
+    meta = {key.decode(): value.decode() for key, value in (base.schema.metadata or {}).items()}
+    new = {key.decode(): value.decode() for key, value in (update.schema.metadata or {}).items()}
+    for key in ("gpu", "dtype", "attention_backend"):
+        if meta.get(key) != new.get(key):
+            raise ValueError(f"{update_name} was timed with {key}={new.get(key)!r}, {base_name} with "
+                             f"{meta.get(key)!r}: their rows cannot be mixed")
+    ops = sorted(set(update.column("op").to_pylist()))
+    if not ops:
+        raise ValueError(f"{update_name} has no rows to put in {base_name}")
+    keep = pa.compute.invert(pa.compute.is_in(base.column("op"), value_set=pa.array(ops)))
+    rows = pa.concat_tables([base.filter(keep).replace_schema_metadata(None), update.replace_schema_metadata(None)])
+    remeasured = json.loads(meta.get("remeasured", "{}"))
+    remeasured.update({op: {"date": new.get("date"), "command": new.get("command"), "gpu_name": new.get("gpu_name")}
+                       for op in ops})
+    meta["remeasured"] = json.dumps(remeasured)
+    tables, updated_tables = json.loads(meta.get("tables", "{}")), json.loads(new.get("tables", "{}"))
+    meta["tables"] = json.dumps({**tables, **{op: updated_tables[op] for op in ops if op in updated_tables}})
+    return rows.replace_schema_metadata(meta)
+
+
+def update_operator_profile(base_path, update_path, out_path) -> pa.Table:
+    """Write base_path's profile with update_path's operators replacing its own to out_path (may be base_path)."""
+    table = replace_tables(read_operator_profile(base_path), read_operator_profile(update_path),
+                           base_name=str(base_path), update_name=str(update_path))
+    meta = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+    return write_operator_profile(table.to_pylist(), meta, Path(out_path))
 
 
 def _print_summary(summary, rows: list[dict], out_path: Path, metadata: dict, log) -> None:

@@ -37,6 +37,7 @@ PLAN_SCHEMA = pa.schema(
         ("pareto", pa.bool_()),
         ("cost_per_million_requests", pa.float64()),
         ("calibration", pa.string()),
+        ("calibration_quality", pa.string()),
         ("expected_error", pa.string()),
         ("cost_model", pa.string()),
         ("num_kv_blocks", pa.int64()),
@@ -46,7 +47,8 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 """One row per configuration, ranked by hourly cost then GPUs (rank null for infeasible ones);
-calibration is the kind of cost model that predicted the row (calibrated, composed or roofline) and
+calibration is the kind of cost model that predicted the row (calibrated, composed or roofline),
+calibration_quality says "poorly calibrated: why" for a calibrated profile that failed its quality gates, and
 expected_error what the validation in BENCHMARKS.md measured for that kind; roofline rows are ranked after
 every calibrated or composed one (their latencies were 20-40% short in that validation) unless the caller
 mixes them; pareto marks the configurations no other beats on both a replica's hourly cost and the rate one
@@ -54,7 +56,8 @@ replica sustains."""
 
 EXPECTED_ERROR = {
     "calibrated": "mean latencies within 5% on the machine profiled (Qwen3-8B, H200; up to 10% on another)",
-    "composed": "not validated yet (BENCHMARKS.md, session 8)",
+    "composed": "step MAPE 2.6-5.8%, mean latencies -11% to +6%, optimistic above 1B (8 held-out H200 replays of "
+                "Qwen3-0.6B/8B/32B and Llama-3-8B, session 9)",
     "roofline": "latencies 20-40% short (Llama-3-8B, Qwen3-32B on an H200, session 8)",
 }
 """The error band of each kind of cost model, as BENCHMARKS.md measured it on real replays."""
@@ -122,6 +125,7 @@ def rank_plans(plans: Sequence[ConfigPlan], settings: PlanSettings, prices: dict
                 "pareto": False,
                 "cost_per_million_requests": cost / (settings.target_rate * 3600) * 1e6 if cost is not None else None,
                 "calibration": plan.provenance,
+                "calibration_quality": plan.calibration_quality,
                 "expected_error": EXPECTED_ERROR.get(plan.provenance, ""),
                 "cost_model": plan.cost_model,
                 "num_kv_blocks": plan.num_kv_blocks or None,
@@ -234,5 +238,6 @@ def format_plan(table: pa.Table, limit: int = 10) -> str:
         lines.append(
             f"{row['rank']:>4} {config:<22} {row['replicas']:>8} {row['gpus']:>5} "
             f"{rate:>9} {row['hourly_cost']:>8.2f}  {row['calibration']}"
+            + (" (POORLY CALIBRATED)" if row.get("calibration_quality") else "")
         )
     return "\n".join(lines)

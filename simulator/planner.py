@@ -41,7 +41,7 @@ from engine.engine_args import EngineArgs
 from simulator.cluster import ClusterRun
 from simulator.gpu_prices import DEFAULT_PRICES, price_of
 from simulator.plan_table import PlanResult, probes_table, rank_plans
-from simulator.router import ROUTERS, make_router
+from simulator.router import DEFAULT_ROUTER, ROUTERS, make_router
 from simulator.slo import Slo, SloMonitor, slo_values
 from simulator.trace_requests import TraceRequests
 from traces.schema import Trace
@@ -76,7 +76,7 @@ class PlanSettings:
     model: str
     slos: tuple[Slo, ...]
     target_rate: float
-    router: str = "least-outstanding"
+    router: str = DEFAULT_ROUTER
     dtype: str = "bfloat16"
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
@@ -130,6 +130,8 @@ class ConfigPlan:
     calibrated: bool = False
     provenance: str = "roofline"
     """Which kind of cost model predicted it: calibrated, composed or roofline."""
+    calibration_quality: str = ""
+    """'poorly calibrated: why' when a calibrated profile failed its quality gates; '' otherwise."""
     cost_model: str = ""
     num_kv_blocks: int = 0
     max_rate: float = 0.0
@@ -211,7 +213,10 @@ def search_config(config: PlanConfig, settings: PlanSettings, window: TraceReque
         build, metadata = replica_builder(config, settings)
     except (ValueError, KeyError) as error:
         return ConfigPlan(config, "error", note=str(error))
+    quality = metadata.get("calibration_quality") or {}
+    poor = "poorly calibrated: " + "; ".join(quality["reasons"]) if quality.get("poorly_calibrated") else ""
     base = dict(calibrated=bool(metadata.get("calibrated")), provenance=str(metadata.get("provenance", "roofline")),
+                calibration_quality=poor,
                 cost_model=str(metadata.get("profile", "")),
                 num_kv_blocks=int(metadata["num_kv_blocks"]))
     probes: list[Probe] = []

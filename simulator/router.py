@@ -14,6 +14,9 @@ import numpy as np
 import xxhash
 
 ROUTERS = ("round-robin", "least-outstanding", "prefix-affinity")
+DEFAULT_ROUTER = "least-outstanding"
+"""The router `twinfer simulate --replicas` and `twinfer plan` use unless told: each request to the replica with
+the fewest outstanding, as a load balancer in front of vLLM replicas would."""
 
 
 def outstanding_requests(engine) -> int:

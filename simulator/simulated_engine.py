@@ -1,7 +1,12 @@
 """An engine whose executor is a cost model: the simulator's twin of the real engine, configured by an EngineArgs."""
 
+import logging
+
 from engine.clock import VirtualClock
 from engine.engine_args import EngineArgs
+
+
+log = logging.getLogger(__name__)
 
 
 def _dtype_name(dtype: str) -> str:
@@ -19,6 +24,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
     from simulator.gpu_specs import gpu_spec
     from simulator.kv_capacity import estimate_num_kv_blocks
     from simulator.model_shape import ModelShape
+    from simulator.calibration_quality import quality_of, warn_if_poor
     from simulator.profile_library import cost_model_for
 
     model, tp = args.model, args.tensor_parallel_size
@@ -29,6 +35,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
     cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
+    warn_if_poor(cost_model, "used to simulate")
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -68,6 +75,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         "profile": cost_model.label,
         "calibrated": bool(cost_model.calibrated),
         "provenance": cost_model.provenance,
+        "calibration_quality": quality_of(cost_model),
         "cost_model": cost_model.to_json(),
         "tensor_parallel_size": tp,
         "dtype": dtype,
@@ -75,9 +83,9 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         "mixed_cuda_graphs": bool(mixed),
     }
     if cost_model.provenance == "roofline":
-        print(f"note: UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+        log.info(f"UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
     elif cost_model.provenance == "composed":
-        print(f"note: composed simulation ({cost_model.label}): step times composed from timed operators")
+        log.info(f"composed simulation ({cost_model.label}): step times composed from timed operators")
     return engine, metadata
 
 

@@ -1,4 +1,4 @@
-"""Latency objectives: parsing --slo, judging a simulation against them, stopping it once one is broken."""
+"""Latency objectives: parsing --slo (vLLM's --goodput form METRIC:MS, at one percentile), judging a simulation against them, stopping it once one is broken."""
 
 from __future__ import annotations
 
@@ -37,27 +37,38 @@ class Slo:
         return f"{self.metric}_p{self.percentile:g}"
 
 
-def parse_slos(text: str) -> tuple[Slo, ...]:
-    """'ttft_p99=2000,tpot_p99=100' (milliseconds) -> SLOs; a clear error names the bad item."""
+DEFAULT_SLO_PERCENTILE = 99.0
+
+
+def parse_slos(items, percentile: float = DEFAULT_SLO_PERCENTILE) -> tuple[Slo, ...]:
+    """vLLM's --goodput form, METRIC:MS items (e.g. ["ttft:2000", "tpot:100"] or "ttft:2000 tpot:100"), each an
+    objective on that percentile of the metric; a clear error names the bad item, and the old form's new spelling."""
+    if isinstance(items, str):
+        items = [items]
+    parts = [part for item in items for part in str(item).replace(",", " ").split()]
     slos = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        metric, _, percentile = name.strip().partition("_p")
+    for item in parts:
+        name, sep, value = item.partition(":")
+        if "=" in item and not sep:
+            metric, _, old_percentile = name.partition("=")[0].partition("_p")
+            new = f"{metric}:{item.partition('=')[2]}"
+            at = f" --slo-percentile {old_percentile}" if old_percentile else ""
+            raise ValueError(f"--slo {item!r} is the old form; write vLLM's METRIC:MS, e.g. --slo {new}{at}")
         try:
-            if not sep or not percentile:
+            if not sep:
                 raise ValueError
-            slo = Slo(metric.strip().lower(), float(percentile), float(value))
+            slo = Slo(name.strip().lower(), float(percentile), float(value))
         except ValueError as error:
             detail = f": {error}" if str(error) else ""
             raise ValueError(
-                f"--slo item {item!r} is not METRIC_pPERCENTILE=MS (e.g. ttft_p99=2000; metrics "
+                f"--slo item {item!r} is not METRIC:MS (e.g. --slo ttft:2000 tpot:100; metrics "
                 f"{', '.join(SLO_METRICS)}){detail}"
             ) from None
         slos.append(slo)
     if not slos:
-        raise ValueError("--slo names no objective; e.g. --slo ttft_p99=2000,tpot_p99=100")
+        raise ValueError("--slo names no objective; e.g. --slo ttft:2000 tpot:100")
     if len({slo.name for slo in slos}) != len(slos):
-        raise ValueError(f"--slo names an objective twice: {text!r}")
+        raise ValueError(f"--slo names an objective twice: {' '.join(parts)!r}")
     return tuple(slos)
 
 

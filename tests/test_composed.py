@@ -141,6 +141,15 @@ def test_the_composition_adds_up(qwen3_8b):
     assert 3e-3 < qwen3_8b.predict(decode(1, 100), 1) < 8e-3
 
 
+def test_a_graph_costs_its_fixed_replay_once_not_its_kernels_again(qwen3_8b):
+    # The synthetic graph_replay is 8 us + 0.9 us a kernel; every operator was "timed in a graph", so a step pays the
+    # 8 us only, whatever its kernel count (a 64-layer model's graph has twice the 8B's kernels).
+    step = decode(16, 1000)
+    assert qwen3_8b.step_breakdown(step, 16)["graph_replay"] == pytest.approx(8e-6, rel=1e-6)
+    deeper = ComposedCostModel(ModelShape.load("qwen3-32b"), qwen3_8b.profile)
+    assert deeper.step_breakdown(step, 16)["graph_replay"] == pytest.approx(8e-6, rel=1e-6)
+
+
 def test_tensor_parallelism_halves_the_gemms_and_adds_all_reduces(qwen3_8b, qwen3_8b_tp2):
     step = prefill(4096)
     one, two = qwen3_8b.step_breakdown(step), qwen3_8b_tp2.step_breakdown(step)

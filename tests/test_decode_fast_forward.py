@@ -138,14 +138,17 @@ def test_fast_forward_equals_stepping_when_identical_prompts_reuse_cached_decode
 @given(st.integers(0, 10_000), st.sampled_from([0.0, 0.5, 3.0]))
 def test_fast_forward_stops_on_stop_tokens_and_eos_as_stepping_does(seed, span):
     """Some requests stop on the token every step samples (as a stop token, or as EOS they do not ignore):
-    they end after one token with reason stop; the others run to max_tokens; nothing differs from stepping."""
+    they end after max(1, min_tokens) tokens with reason stop (vLLM's check_stop: length first); the others run
+    to max_tokens; nothing differs from stepping."""
     rng = random.Random(seed)
     token = PredictingExecutor.token_id
     requests = []
     for _ in range(rng.randrange(2, 12)):
         kind = rng.choice(["stop token", "eos", "ignore eos"])
+        max_tokens = rng.randrange(1, 80)
         params = SamplingParams(
-            max_tokens=rng.randrange(1, 80),
+            max_tokens=max_tokens,
+            min_tokens=rng.choice([0, 0, rng.randrange(0, max_tokens + 1)]),
             stop_token_ids=(token,) if kind == "stop token" else (),
             ignore_eos=kind == "ignore eos",
         )
@@ -167,7 +170,7 @@ def test_fast_forward_stops_on_stop_tokens_and_eos_as_stepping_does(seed, span):
     assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
     for (_, params, _), record in zip(requests, skipped.request_records.values()):
         stops = token in params.stop_token_ids or (not params.ignore_eos and token in config.eos_token_ids)
-        if stops and params.max_tokens > 1:
-            assert (record.reason, record.output_len) == ("stop", 1)
+        if stops and max(1, params.min_tokens) < params.max_tokens:
+            assert (record.reason, record.output_len) == ("stop", max(1, params.min_tokens))
         else:
             assert (record.reason, record.output_len) == ("length", params.max_tokens)

@@ -61,7 +61,7 @@ class Interrupt:
 
 
 def _outputs(llm: LLM, prompts, params=GREEDY):
-    return [(out.token_ids, out.finish_reason) for out in llm.generate(prompts, params, use_tqdm=False)]
+    return [(out.outputs[0].token_ids, out.outputs[0].finish_reason) for out in llm.generate(prompts, params, use_tqdm=False)]
 
 
 prompt_lists = st.lists(st.lists(st.integers(3, 4000), min_size=1, max_size=20), min_size=1, max_size=5)
@@ -109,11 +109,11 @@ def test_a_prompt_larger_than_the_whole_kv_cache_is_rejected_and_the_others_are_
     prompts = [[5, 6, 7], [9] * 60, [11, 12]]
     with pytest.warns(RuntimeWarning, match="prompt 1 was rejected: needs 17 KV blocks"):
         outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [out.finish_reason for out in outputs] == ["length", "rejected", "length"]
-    assert outputs[1].token_ids == []
+    assert [out.outputs[0].finish_reason for out in outputs] == ["length", "rejected", "length"]
+    assert outputs[1].outputs[0].token_ids == [] and outputs[1].finished
     roomy = tiny_llm("fresh", 64, False)
-    assert [out.token_ids for out in outputs[::2]] == [out.token_ids for out in
-                                                       roomy.generate(prompts[::2], GREEDY, use_tqdm=False)]
+    assert [out.outputs[0].token_ids for out in outputs[::2]] == [
+        out.outputs[0].token_ids for out in roomy.generate(prompts[::2], GREEDY, use_tqdm=False)]
 
 
 @pytest.mark.parametrize("prompt, problem", [
@@ -134,11 +134,11 @@ def test_a_two_dimensional_array_is_refused_and_a_one_dimensional_one_is_a_promp
     with pytest.raises(TypeError, match=r"prompt 1 is a 2-D array"):
         llm.generate([[5, 6], np.array([[5, 6]])], GREEDY, use_tqdm=False)
     from_array = llm.generate(np.array([5, 6, 7], dtype=np.int32), GREEDY, use_tqdm=False)
-    assert from_array[0].token_ids == llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].token_ids
+    assert from_array[0].outputs[0].token_ids == llm.generate([5, 6, 7], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize("keywords, problem", [
-    ({"temperature": True}, "temperature must be a number, got True"),
+    ({"temperature": True}, "temperature must be a finite non-negative number .*got True"),
     ({"top_p": True}, "top_p must be in"),
 ])
 def test_sampling_params_refuse_booleans_for_numbers(keywords, problem):

@@ -6,9 +6,11 @@ first: those tests then rerun this file in a fresh interpreter process).
 """
 
 import dataclasses
+import json
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -101,6 +103,25 @@ def test_host_step_is_fitted_from_the_probe_serving(quick_profile):
     assert set(host) <= set(HOST_TERMS) and {"step", "decode_seq", "prefill_token"} <= set(host)
     assert all(value >= 0 for value in host.values()) and sum(host.values()) > 0
     assert '"probe": "tiny-qwen3"' in metadata["host_step"]
+
+
+def test_re_measured_tables_replace_their_rows_and_are_named(quick_profile, tmp_path):
+    columns, metadata, _ = quick_profile
+    base = pa.Table.from_pydict(columns, schema=profiler.OPERATOR_PROFILE_SCHEMA.with_metadata(metadata))
+    base_path, update_path, out = tmp_path / "base.parquet", tmp_path / "norms.parquet", tmp_path / "out.parquet"
+    profiler.write_operator_profile(base.to_pylist(), metadata, base_path)
+    norms = [dict(row, seconds=row["seconds"] / 10) for row in _rows(columns, op="rms_norm")]
+    profiler.write_operator_profile(norms, {**metadata, "date": "2026-12-03T13:07:37+00:00"}, update_path)
+    merged = profiler.update_operator_profile(base_path, update_path, out)
+    read = profiler.read_operator_profile(out).to_pydict()
+    assert sorted(row["seconds"] for row in _rows(read, op="rms_norm")) == sorted(row["seconds"] for row in norms)
+    assert len(_rows(read, op="gemm")) == len(_rows(columns, op="gemm"))
+    assert merged.num_rows == len(columns["op"])
+    remeasured = json.loads(dict(merged.schema.metadata)[b"remeasured"])
+    assert list(remeasured) == ["rms_norm"] and remeasured["rms_norm"]["date"] == "2026-12-03T13:07:37+00:00"
+    profiler.write_operator_profile(norms, {**metadata, "dtype": "float16"}, update_path)
+    with pytest.raises(ValueError, match="dtype"):
+        profiler.update_operator_profile(base_path, update_path, out)
 
 
 def test_a_short_budget_stops_cleanly_and_says_so(tmp_path):

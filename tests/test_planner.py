@@ -25,7 +25,7 @@ from twinfer.cli import main
 from twinfer.cli.plan import parse_int_list
 
 MODEL = "qwen3-0.6b"
-SLOS = "ttft_p99=150,tpot_p99=10"
+SLOS = "ttft:150 tpot:10"
 
 
 @pytest.fixture(autouse=True)
@@ -51,21 +51,20 @@ def _requests(trace, settings):
 
 
 def test_parse_slos_and_bad_input():
-    slos = parse_slos("ttft_p99=2000, tpot_p99.9=100,e2el_p50=9000")
+    slos = parse_slos(["ttft:2000", "tpot:100", "e2el:9000"])
     assert [(s.metric, s.percentile, s.limit_ms) for s in slos] == [
-        ("ttft", 99.0, 2000.0), ("tpot", 99.9, 100.0), ("e2el", 50.0, 9000.0)]
+        ("ttft", 99.0, 2000.0), ("tpot", 99.0, 100.0), ("e2el", 99.0, 9000.0)]
+    slos = parse_slos("ttft:2000,tpot:100", percentile=99.9)
     assert slos[1].name == "tpot_p99.9"
-    for bad, message in [("ttft=2000", "METRIC_pPERCENTILE"), ("ttfb_p99=5", "unknown"),
-                         ("ttft_p99=-1", "positive"), ("ttft_p120=5", "percentile"), ("", "names no objective"),
-                         ("ttft_p99=1,ttft_p99=2", "twice")]:
+    for bad, message in [("ttft", "METRIC:MS"), ("ttfb:5", "unknown"), ("ttft:-1", "positive"), ("", "no objective"),
+                         ("ttft:1 ttft:2", "twice")]:
         with pytest.raises(ValueError, match=message):
             parse_slos(bad)
-    assert parse_prices("h100=2.5")["h100"] == 2.5 and parse_prices(None)["h200"] > 0
-    with pytest.raises(ValueError, match="GPU=DOLLARS"):
-        parse_prices("h100:2")
-    assert parse_int_list("1,2,4,2", "--tp") == (1, 2, 4)
-    with pytest.raises(ValueError, match="--tp: 'x'"):
-        parse_int_list("1,x", "--tp")
+    with pytest.raises(ValueError, match="percentile"):
+        parse_slos("ttft:5", percentile=120)
+    # The old form is refused in one line that spells the new one.
+    with pytest.raises(ValueError, match=r"old form; write vLLM's METRIC:MS, e.g. --slo ttft:2000 --slo-percentile 99$"):
+        parse_slos("ttft_p99=2000")
 
 
 def test_slo_values_match_the_run_metrics(tmp_path):
@@ -101,7 +100,7 @@ def test_early_stop_only_when_the_slo_is_surely_broken():
 def test_a_request_rejected_after_the_monitors_last_look_still_fails_the_probe():
     # 201 requests: the monitor looks every 2 arrivals, so not after the last one, a prompt too long for
     # max_model_len arriving when every other request is done. No rate can serve it.
-    settings = _settings(slos=parse_slos("ttft_p99=2000"), target_rate=1.0, max_model_len=1024)
+    settings = _settings(slos=parse_slos("ttft:2000"), target_rate=1.0, max_model_len=1024)
     count = 201
     rng = np.random.default_rng(0)
     lens = [64] * (count - 1) + [2000]
@@ -117,7 +116,7 @@ def test_a_request_rejected_after_the_monitors_last_look_still_fails_the_probe()
 def test_monitor_threshold_is_the_percentile_rule():
     # p99 of 101 samples: broken once 2 samples exceed the limit (positions 99 and 100), not with 1.
     requests = _requests(_trace(101), _settings())
-    monitor = SloMonitor(parse_slos("ttft_p99=100"), requests)
+    monitor = SloMonitor(parse_slos("ttft:100"), requests)
     assert monitor._threshold == [2]
     values = np.zeros(101)
     values[-1] = 1.0
@@ -211,19 +210,19 @@ def test_plan_cli_writes_outputs(tmp_path, capsys):
     pa_csv.write_csv(table, trace_path)
     out = tmp_path / "plan"
     code = main(["plan", str(trace_path), "--model", MODEL, "--gpu", "h100,a100-80g", "--tp", "1",
-                 "--max-num-seqs", "16", "--price", "a100-80g=2.0", "--slo", SLOS, "--target-rate", "40",
+                 "--max-num-seqs", "16", "--price", "a100-80g=2.0", "--slo", *SLOS.split(), "--target-rate", "40",
                  "--workers", "1", "--search-steps", "1", "--verify-top", "0", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "rank config" in printed and "roofline" in printed
     assert {p.name for p in out.iterdir()} >= {"plan.csv", "plan.parquet", "probes.parquet", "plan.json", "plan.html"}
-    assert main(["plan", str(trace_path), "--model", MODEL, "--slo", "ttft=5", "--target-rate", "4",
+    assert main(["plan", str(trace_path), "--model", MODEL, "--slo", "ttft_p99=5", "--target-rate", "4",
                  "--out", str(out)]) == 2
-    assert "METRIC_pPERCENTILE" in capsys.readouterr().err
+    assert "old form; write vLLM's METRIC:MS, e.g. --slo ttft:5" in capsys.readouterr().err
 
 
 def test_an_slo_no_rate_can_meet_is_infeasible_after_a_few_probes():
-    settings = _settings(slos=parse_slos("ttft_p99=1"), target_rate=10.0)
+    settings = _settings(slos=parse_slos("ttft:1"), target_rate=10.0)
     result = search_config(PlanConfig("h100", 1, 16), settings, _requests(_trace(), settings))
     assert result.status == "infeasible" and "no rate sustained" in result.note
     assert result.replicas == 0 and len(result.probes) <= 10  # not all 13 halvings
@@ -270,7 +269,7 @@ def test_a_rate_never_seen_broken_is_shown_as_a_lower_bound(tmp_path):
     """With SLOs no rate breaks, the search stops at its ceiling: the table and the report say '>=', not a limit."""
     from simulator.plan_table import format_plan
 
-    settings = _settings(slos=parse_slos("ttft_p99=1000000,tpot_p99=1000000"), target_rate=5.0)
+    settings = _settings(slos=parse_slos("ttft:1000000 tpot:1000000"), target_rate=5.0)
     result = plan(_trace(40), [PlanConfig("h100", 1, 16)], settings, prices={"h100": 2.0}, search_requests=40,
                   verify_top=0, workers=1, show_progress=False)
     row = result.table.to_pylist()[0]
@@ -324,3 +323,17 @@ def test_roofline_rows_rank_after_calibrated_and_composed_ones_unless_mixed():
     assert apart[1]["expected_error"] == EXPECTED_ERROR["roofline"]
     mixed = rank_plans([cheap_roofline, dearer_composed], settings, prices, mix_roofline=True).to_pylist()
     assert [row["calibration"] for row in mixed] == ["roofline", "composed"]
+
+
+def test_pareto_legend_names_each_markers_calibration_kind():
+    from analysis.plan_report import pareto_figure
+
+    def row(gpu, kind, cost, rate, quality=""):
+        return {"gpu": gpu, "tp": 1, "max_num_seqs": 16, "calibration": kind, "calibration_quality": quality,
+                "replica_hourly_cost": cost, "max_rate_per_replica": rate, "pareto": True, "gpus": 1,
+                "hourly_cost": cost}
+    figure = pareto_figure([row("h100", "calibrated", 2.0, 5.0), row("h100", "roofline", 4.0, 9.0),
+                            row("a100-80g", "calibrated", 1.5, 3.0, "poorly calibrated: held-out MAPE 51%")])
+    names = {trace.name: trace.marker.symbol for trace in figure.data if trace.mode == "markers"}
+    assert names == {"h100: \u25c6 calibrated": "diamond", "h100: \u25cb roofline": "circle-open",
+                     "a100-80g: \u25c6 calibrated (POORLY CALIBRATED)": "diamond"}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from analysis.run_store import read_run
+from engine.stats import BatchFeatures
 from simulator.composed import ComposedCostModel
 from simulator.cost_model import CostModel
 from simulator.profile_library import (
@@ -114,3 +115,24 @@ def test_the_calibrated_model_round_trips_through_a_run_too(tmp_path):
     run = read_run(replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False,
                           metadata=metadata).path)
     np.testing.assert_allclose(step_predictor_of(run)(run.steps), run.steps.column("duration").to_numpy(), rtol=1e-9)
+
+
+PRESETS = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "llama-3-8b", "llama-3-70b",
+           "qwen2.5-7b", "qwen2.5-72b"]
+
+
+def test_the_bundled_h200_operator_profile_composes_every_preset():
+    """On an H200 a model without a calibrated profile is composed from the shipped operator profile, at any TP, and
+    bigger models take longer per decode step."""
+    decode_ms = {}
+    for model in PRESETS:
+        composed, warned = quietly(cost_model_for, "h200", model, kind="composed")
+        assert composed.provenance == "composed" and not warned
+        tp4, _ = quietly(cost_model_for, "h200", model, tp=4, kind="composed")
+        step = BatchFeatures(0, 0, 32, 32, 32 * 1000, 0, 0.0, 32)
+        decode_ms[model] = composed.predict(step, 32) * 1e3
+        assert 0 < tp4.predict(step, 32) < composed.predict(step, 32)
+    assert quietly(cost_model_for, "h200", "llama-3-8b")[0].provenance == "composed"  # auto: no calibrated one
+    assert decode_ms["qwen3-0.6b"] < decode_ms["qwen3-8b"] < decode_ms["qwen3-32b"] < decode_ms["qwen2.5-72b"]
+    # An 8B decode step of 32 sequences on an H200 reads 16 GB of weights: several milliseconds, not one or fifty.
+    assert 4 < decode_ms["qwen3-8b"] < 15

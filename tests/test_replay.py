@@ -73,7 +73,7 @@ def test_an_interrupted_replay_keeps_what_finished(tmp_path, capsys, error):
     reasons = [r for r, s in zip(run.requests.column("reason").to_pylist(), statuses) if s == "aborted"]
     assert all(("interrupted" in r) or ("device lost" in r) for r in reasons)
     assert main(["summary", str(path)]) == 0
-    assert f"interrupted run: {statuses.count('finished')} of 40 requests finished" in capsys.readouterr().out
+    assert f"interrupted run: {statuses.count('finished')} of 40 requests finished" in capsys.readouterr().err
 
 
 def test_cli_replay_summary_and_result_json(tmp_path, capsys):

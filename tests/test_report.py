@@ -7,9 +7,11 @@ import pyarrow as pa
 import pytest
 
 from analysis.metrics import compute_metrics
-from analysis.report import build_report, real_sim_pairs
+from analysis.report import _over_time_figure, _step_scatter_figure, _timeline_figure, build_report, real_sim_pairs
+from analysis.compare import compare_runs
 from analysis.run_store import Run, read_run, run_metadata, write_run
-from analysis.timeseries import cdf_points, request_timeline, step_series, throughput_series
+from analysis.timeseries import (cdf_points, length_histogram, request_timeline, step_event_rates, step_series,
+                                 throughput_series)
 from tests.runs import engine_run
 
 
@@ -31,9 +33,9 @@ def test_single_run_report_has_every_plot(tmp_path, tables):
     write_run(tmp_path / "run", *tables, run_metadata(executor_kind="cpu", model="tiny", trace_name="t"))
     contents = build_report([read_run(tmp_path / "run")], tmp_path / "report.html")
     html = contents.path.read_text()
-    assert figure_names(html) == ["cdfs", "over-time", "timeline-0"]
-    assert contents.num_figures == 3
-    assert html.count("Plotly.newPlot(") == 3
+    assert figure_names(html) == ["cdfs", "over-time", "lengths", "timeline-0"]
+    assert contents.num_figures == 4
+    assert html.count("Plotly.newPlot(") == 4
     # plotly.js inlined exactly once and nothing fetched from elsewhere: the file works offline.
     assert html.count("plotly.js v") == 1
     assert not re.search(r"<script[^>]*\ssrc=", html)
@@ -41,8 +43,9 @@ def test_single_run_report_has_every_plot(tmp_path, tables):
     metrics = compute_metrics(read_run(tmp_path / "run"))
     assert f"<td>{metrics.output_throughput:.2f}</td>" in html
     for label in ("TTFT (ms)", "TPOT (ms)", "E2EL (ms)", "KV-cache usage (%)", "running (solid) and waiting",
-                  "tokens per step", "Request timeline"):
-        assert label in html, label
+                  "tokens per step", "Request timeline", "preemptions/s", "prefix-cache hit tokens/s",
+                  "finished requests/s", "prompt length (tokens)", "output length (tokens)"):
+        assert label in html.replace("\\u002f", "/"), label
 
 
 def test_real_and_simulated_runs_get_a_comparison(tmp_path, tables):
@@ -55,7 +58,8 @@ def test_real_and_simulated_runs_get_a_comparison(tmp_path, tables):
     assert real_sim_pairs([real, sim, other]) == [(0, 1)]
     contents = build_report([real, sim, other], tmp_path / "report.html")
     html = contents.path.read_text()
-    assert figure_names(html) == ["real-vs-sim-1", "cdfs", "over-time", "timeline-0", "timeline-1", "timeline-2"]
+    assert figure_names(html) == ["real-vs-sim-1", "cdfs", "over-time", "lengths", "timeline-0",
+                                  "timeline-1", "timeline-2"]
     assert "Real vs simulated: H100 sim (sim) against H100 real (gpu)" in html
     assert "step duration MAPE 5.00%" in html
     assert "UNCALIBRATED" in html
@@ -130,3 +134,81 @@ def test_report_uses_a_step_predictor_when_given(tmp_path, tables):
     ).path.read_text()
     assert "Cost model on the real run's own batches: step duration MAPE 10.00%" in html
     assert "cost model on every real step" in html
+
+
+def shifted(tables, seconds, stretch=1.0):
+    """The run's tables with every time moved by `seconds` and spans stretched by `stretch`."""
+    requests, steps = tables
+    def move(table, names):
+        for name in names:
+            index = table.schema.get_field_index(name)
+            values = table.column(name)
+            if pa.types.is_list(values.type):
+                flat = pa.compute.list_flatten(values).to_numpy() * stretch + seconds
+                moved = pa.ListArray.from_arrays(values.combine_chunks().offsets, pa.array(flat))
+            else:
+                moved = pa.compute.add(pa.compute.multiply(values, stretch), seconds)
+            table = table.set_column(index, table.schema.field(index), moved)
+        return table
+    return (move(requests, ["arrival_time", "first_scheduled_time", "first_token_time", "finish_time", "token_times"]),
+            move(steps, ["start_time"]))
+
+
+def test_each_run_is_drawn_from_its_own_start_and_normalized_on_request(tmp_path, tables):
+    short = make_run(tmp_path / "a", tables, "cpu", name="short")
+    late_long = make_run(tmp_path / "b", shifted(tables, 400.0, stretch=20.0), "sim", name="long")
+    colors = ["#1f77b4", "#ff7f0e"]
+    figure = _over_time_figure([short, late_long], ["short", "long"], colors, 50)
+    starts = {trace.name: trace.x[0] for trace in figure.data if trace.name in ("short", "long")}
+    ends = {trace.name: trace.x[-1] for trace in figure.data if trace.name in ("short", "long")}
+    # Both start near 0 (not at 400 s), each ending at its own span.
+    assert max(starts.values()) < 0.02 * ends["long"]
+    assert ends["long"] > 10 * ends["short"]
+    normalized = _over_time_figure([short, late_long], ["short", "long"], colors, 50, normalize_time=True)
+    last = [trace.x[-1] for trace in normalized.data if trace.name in ("short", "long")]
+    assert last == pytest.approx([99.0] * len(last)) and len(last) >= 2  # bin centres: the last at 99% of 50 bins
+    assert "% of each run" in normalized.layout.xaxis6.title.text
+
+
+def test_event_rates_and_length_histograms_count_everything(tables):
+    requests, steps = tables
+    end = float((steps.column("start_time").to_numpy() + steps.column("duration").to_numpy()).max())
+    rates = step_event_rates(steps, 0.0, end, num_bins=40)
+    width = end / 40
+    assert (rates.column("preemptions_per_s").to_numpy() * width).sum() == pytest.approx(
+        steps.column("num_preempted").to_numpy().sum())
+    assert steps.column("num_preempted").to_numpy().sum() > 0  # the fixture's run does preempt
+    assert (rates.column("prefix_hit_tokens_per_s").to_numpy() * width).sum() == pytest.approx(
+        steps.column("prefix_cache_hit_tokens").to_numpy().sum())
+    lengths = length_histogram(requests.column("prompt_len").to_numpy())
+    assert lengths.column("count").to_numpy().sum() == requests.num_rows
+
+
+def test_step_scatter_has_log_axes_and_timeline_hover_says_request_and_ms(tmp_path, tables):
+    real, sim = make_run(tmp_path / "r", tables, "gpu"), make_run(tmp_path / "s", tables, "sim")
+    scatter = _step_scatter_figure(compare_runs(real, sim))
+    assert scatter.layout.xaxis.type == "log" and scatter.layout.yaxis.type == "log"
+    timeline = _timeline_figure(real, "r", itl_threshold=0.05, max_requests=20)
+    hover = [text for trace in timeline.data for text in trace.text if text]
+    first_id = sorted(set(t.split()[1] for t in hover))[0]
+    assert first_id.startswith("req-")
+    assert any(text.startswith("request req-") and "TTFT" in text and " ms" in text for text in hover)
+    assert any("tokens in" in text and "ms each" in text for text in hover)
+
+
+def test_report_cli_flags(tmp_path, tables, capsys):
+    from twinfer.cli import main
+
+    write_run(tmp_path / "run", *tables, run_metadata(executor_kind="cpu", model="tiny", trace_name="t"))
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "run"), "-o", str(out), "--goodput", "ttft:500", "tpot:50",
+                 "--itl-threshold", "25", "--metric-percentiles", "75,99.9", "--normalize-time",
+                 "--timeline-requests", "30"]) == 0
+    html = out.read_text().replace("\\u002f", "/").replace("\\u003e", ">")
+    assert "P75 TTFT (ms)" in html and "P99.9 E2EL (ms)" in html and "P90 TTFT" not in html
+    assert "goodput (req/s)" in html
+    assert "token gaps > 25.0 ms" in html
+    assert "% of each run" in html
+    assert "30 consecutive requests" in html
+    assert main(["report", str(tmp_path / "run"), "-o", str(out), "--itl-threshold", "-1"]) == 2
+    assert "--itl-threshold must be a positive" in capsys.readouterr().err

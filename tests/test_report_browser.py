@@ -38,7 +38,8 @@ window.addEventListener('load', function () {
       errors: window.__twinferErrors,
       plots: document.querySelectorAll('.twinfer-figure .js-plotly-plot .plot-container .main-svg').length,
       rendered: Array.prototype.map.call(document.querySelectorAll('.twinfer-figure'), function (f) {
-        return [f.dataset.figure, f.querySelectorAll('.plot-container').length, f.querySelectorAll('g.trace').length];
+        return [f.dataset.figure, f.querySelectorAll('.plot-container').length,
+                f.querySelectorAll('g.trace, g.barlayer .point').length];
       })
     });
     document.body.appendChild(probe);
@@ -115,7 +116,11 @@ def test_report_renders_in_chromium(chromium, report, tmp_path):
     probe = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     assert probe["errors"] == []
     assert "Uncaught" not in dump.stderr, dump.stderr[-2000:]
-    assert len(probe["rendered"]) == report.num_figures == 5
+    # Step scatter (log axes), CDFs, over time (six rows: preemptions, prefix hits, finished req/s among them),
+    # length distributions, and a timeline per run.
+    assert [name for name, _, _ in probe["rendered"]] == ["real-vs-sim-1", "cdfs", "over-time", "lengths",
+                                                          "timeline-0", "timeline-1"]
+    assert len(probe["rendered"]) == report.num_figures == 6
     for name, containers, traces in probe["rendered"]:
         assert containers == 1, f"figure {name} did not render"
         assert traces > 0, f"figure {name} drew no trace"

@@ -75,7 +75,7 @@ def test_summary_compare_and_report(runs, tmp_path):
 
 def test_plan(tmp_path):
     out = tmp_path / "plan"
-    printed = twinfer("plan", "azure-conv", "--model", "qwen3-0.6b", "--gpu", "h100", "--slo", "ttft_p99=2000",
+    printed = twinfer("plan", "azure-conv", "--model", "qwen3-0.6b", "--gpu", "h100", "--slo", "ttft:2000",
                       "--target-rate", "2", "--max-requests", "200", "--search-requests", "100", "--verify-top", "0",
                       "--search-steps", "2", "--workers", "1", "--no-progress", "--out", str(out))
     assert "rank config" in printed and (out / "plan.csv").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+from traces.errors import TraceWarning
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
@@ -15,7 +18,14 @@ BUNDLED = {
 
 
 def bundled_trace_path(name: str | Path) -> Path | None:
-    """The file of a bundled sample, if `name` is one (and not an existing path); None otherwise."""
-    if isinstance(name, str) and name in BUNDLED and not Path(name).exists():
-        return SAMPLES_DIR / BUNDLED[name]
-    return None
+    """The file of a bundled sample, if `name` is one; None otherwise.
+
+    A bare name is the sample even where a local file or folder has that name (a warning names both); the
+    local one is read when written as a path (./demo), so which one a command reads never depends on the
+    folder it runs in without saying so."""
+    if not isinstance(name, str) or name not in BUNDLED:
+        return None
+    if Path(name).exists():
+        warnings.warn(f"{name!r} is read as the bundled sample {BUNDLED[name]}, not the local {name!r} here; "
+                      f"write ./{name} to read the local one", TraceWarning, stacklevel=2)
+    return SAMPLES_DIR / BUNDLED[name]

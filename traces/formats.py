@@ -20,6 +20,10 @@ from traces.length_table import read_length_table
 from traces.mooncake import read_mooncake
 from traces.native import REQUIRED as NATIVE_COLUMNS
 from traces.native import read_native
+from traces.sharegpt import COLUMNS as SHAREGPT_COLUMNS
+from traces.sharegpt import read_sharegpt
+from traces.vllm_custom import COLUMNS as VLLM_CUSTOM_COLUMNS
+from traces.vllm_custom import read_vllm_custom
 from traces.schema import Trace
 from traces.source import TraceSource, readable_twice
 
@@ -31,6 +35,8 @@ READERS = {
     "burstgpt": read_burstgpt,
     "length_table": read_length_table,
     "native": read_native,
+    "sharegpt": read_sharegpt,
+    "vllm_custom": read_vllm_custom,
 }
 """Format name -> reader; the columns (or JSON fields) that identify each are in FORMAT_COLUMNS."""
 
@@ -40,9 +46,14 @@ FORMAT_COLUMNS = {
     "burstgpt": BURSTGPT_COLUMNS,
     "length_table": LENGTH_TABLE_COLUMNS,
     "native": NATIVE_COLUMNS,
+    "sharegpt": SHAREGPT_COLUMNS,
+    "vllm_custom": VLLM_CUSTOM_COLUMNS,
 }
+TEXT_FORMATS = ("sharegpt", "vllm_custom")
+"""Formats of prompt texts without timestamps: lengths from a tokenizer (or approximated), arrivals drawn."""
 
-_ALIASES = {"vidur": "length_table", "sarathi": "length_table", "length-table": "length_table", "twinfer": "native"}
+_ALIASES = {"vidur": "length_table", "sarathi": "length_table", "length-table": "length_table", "twinfer": "native",
+            "vllm-custom": "vllm_custom", "custom": "vllm_custom"}
 
 
 def known_formats() -> str:
@@ -120,6 +131,8 @@ def _columns_of(path: Path) -> list[str]:
         except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a corrupt footer
             raise TraceError(f"unreadable Parquet file: {error}", path) from None
     source = TraceSource.open(path, kind="lines")
+    if source.data.lstrip().startswith(b"["):
+        return _first_entry_keys(source)
     for number, line in enumerate(source.data.splitlines(), 1):
         if not line.strip():
             continue
@@ -132,3 +145,16 @@ def _columns_of(path: Path) -> list[str]:
         break
     source.kind = "csv"
     return csv_header(source)
+
+
+def _first_entry_keys(source: TraceSource) -> list[str]:
+    """The keys of the first object of a JSON array (a ShareGPT file), without parsing the rest."""
+    text = source.data.decode("utf-8")
+    start = text.index("[") + 1
+    while start < len(text) and text[start].isspace():
+        start += 1
+    try:
+        entry, _ = json.JSONDecoder().raw_decode(text, start)
+    except ValueError as error:
+        raise TraceError(f"not valid JSON: {error}", source.path, text.count("\n", 0, start) + 1) from None
+    return list(entry) if isinstance(entry, dict) else []

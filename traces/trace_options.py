@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from traces.arrivals import parse_arrival_process
-from traces.formats import format_name, detect_format, read_trace
+from traces.formats import TEXT_FORMATS, detect_format, format_name, read_trace
 from traces.bundled import bundled_trace_path
 from traces.errors import TraceError
 from traces.source import readable_twice
@@ -31,6 +31,8 @@ class TraceOptions:
     max_prompt_len: int | None = None
     max_output_len: int | None = None
     seed: int = 0
+    tokenizer: str | None = None
+    """For prompt texts (sharegpt, vllm_custom): the tokenizer counting their tokens (a folder or cached Hub id)."""
 
     def __post_init__(self) -> None:
         if self.time_scale is not None and self.request_rate is not None:
@@ -57,11 +59,15 @@ def load_trace(path: str | Path, options: TraceOptions = TraceOptions()) -> Trac
     given = bundled_trace_path(path) or Path(path)
     with readable_twice(given) as resolved:
         fmt = format_name(options.format) if options.format is not None else detect_format(resolved)
+        if options.tokenizer is not None and fmt not in TEXT_FORMATS:
+            raise ValueError(f"--tokenizer applies to traces of prompt texts ({', '.join(TEXT_FORMATS)}), not {fmt}")
         if fmt == "length_table":
             trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed)
+        elif fmt in TEXT_FORMATS:
+            trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed, tokenizer=options.tokenizer)
         else:
             trace = read_trace(resolved, format=fmt)
-    if arrivals is not None and fmt != "length_table":
+    if arrivals is not None and fmt != "length_table" and fmt not in TEXT_FORMATS:
         trace = with_arrivals(trace, arrivals, options.seed)
     return _apply(trace, options, given)
 

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "LLM": "engine.llm",
-    "RequestOutput": "engine.llm",
+    "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
     "EngineArgs": "engine.engine_args",
     "EngineConfig": "engine.config",

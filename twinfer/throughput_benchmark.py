@@ -101,7 +101,7 @@ def run_twinfer(model: str, prompts, output_lens, *, dtype: str, max_model_len: 
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outputs)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     steps = llm.engine.step_records[first_step:]
     graph_steps = sum(1 for s in steps if s.cuda_graph_batch_size)
     kinds: dict[str, list[float]] = {}

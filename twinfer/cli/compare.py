@@ -6,8 +6,8 @@ import json
 
 def register(commands) -> None:
     parser = commands.add_parser("compare", help="real versus simulated run: step and metric errors")
-    parser.add_argument("real_run")
-    parser.add_argument("sim_run")
+    parser.add_argument("real_run", help="the run folder of a real replay")
+    parser.add_argument("sim_run", help="the run folder of a simulation of the same trace")
     parser.add_argument("--json", default=None, help="write the comparison here")
 
 

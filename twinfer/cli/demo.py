@@ -5,7 +5,7 @@ import argparse
 
 def register(commands) -> None:
     parser = commands.add_parser("demo", help="the whole loop on a CPU in a few minutes")
-    parser.add_argument("--out", default="twinfer-demo")
+    parser.add_argument("--out", default="twinfer-demo", help="folder for the demo's runs and report")
 
 
 def run(args: argparse.Namespace) -> int:

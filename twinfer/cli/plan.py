@@ -1,21 +1,32 @@
 """`twinfer plan`: capacity planning, which GPUs and configurations serve a trace within its SLOs."""
 
 import argparse
+import logging
 from pathlib import Path
+
+from simulator.router import DEFAULT_ROUTER, ROUTERS
+from simulator.slo import DEFAULT_SLO_PERCENTILE
 
 
 def register(commands) -> None:
     parser = commands.add_parser("plan", help="capacity planning: GPUs and configs to serve a trace within SLOs")
-    parser.add_argument("trace")
-    parser.add_argument("--format", default=None)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--gpu", default="h100")
-    parser.add_argument("--tp", default="1")
-    parser.add_argument("--max-num-seqs", default=None)
-    parser.add_argument("--slo", required=True, help="e.g. ttft_p99=2000,tpot_p99=100 (ms)")
+    parser.add_argument("trace", help="a trace file, a bundled sample (azure-conv, mooncake-conv, demo) or a "
+                        "synthetic workload spec")
+    parser.add_argument("--format", default=None, help="trace format (default: detected from the columns)")
+    parser.add_argument("--model", required=True, help="preset name or model folder")
+    parser.add_argument("--gpu", default="h100", help="GPUs to consider, comma-separated, e.g. h100,h200")
+    parser.add_argument("--tp", default="1", help="tensor-parallel sizes to consider, comma-separated, e.g. 1,2,4")
+    parser.add_argument("--max-num-seqs", default=None, help="max_num_seqs values to consider, comma-separated "
+                        "(default: as vLLM picks for each GPU)")
+    parser.add_argument("--slo", required=True, nargs="+", metavar="METRIC:MS",
+                        help="latency objectives in vLLM's --goodput form, in ms, e.g. --slo ttft:2000 tpot:100 "
+                        "(metrics ttft, tpot, itl, e2el), each at --slo-percentile")
+    parser.add_argument("--slo-percentile", type=float, default=DEFAULT_SLO_PERCENTILE,
+                        help="the percentile of each --slo metric that must stay within its limit")
     parser.add_argument("--target-rate", type=float, required=True, help="requests per second to serve")
     parser.add_argument("--price", default=None, help="e.g. h100=2.5,h200=3.5 ($ per GPU-hour)")
-    parser.add_argument("--router", default="least-outstanding")
+    parser.add_argument("--router", default=DEFAULT_ROUTER, choices=ROUTERS,
+                        help="how each configuration's replicas share the requests")
     parser.add_argument("--max-requests", type=int, default=None, help="keep the first N requests of the trace")
     parser.add_argument("--duration", type=float, default=None, help="keep requests arriving in the first S seconds")
     parser.add_argument("--max-prompt-len", type=int, default=None, help="clip prompt lengths (reported)")
@@ -27,11 +38,12 @@ def register(commands) -> None:
     parser.add_argument("--verify-top", type=int, default=3,
                       help="verify the K cheapest configs on the whole trace at the target rate (0: none)")
     parser.add_argument("--search-steps", type=int, default=6, help="bisection steps after bracketing the rate")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--out", default="plan")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="the engine's token budget per step (default: as vLLM picks for each GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt tokens and arrival draws")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default="plan", help="folder for plan.csv, plan.parquet and plan.html")
+    parser.add_argument("--workers", type=int, default=None, help="parallel simulations (default: the CPU count)")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", help="run the sweep on a Ray cluster")
 
 
@@ -63,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     configs = [PlanConfig(gpu, tp, seqs) for gpu in gpus for tp in tps for seqs in seqs_for[gpu]]
     settings = PlanSettings(
         model=args.model,
-        slos=parse_slos(args.slo),
+        slos=parse_slos(args.slo, args.slo_percentile),
         target_rate=args.target_rate,
         router=args.router,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -92,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     for kind, error in EXPECTED_ERROR.items():
         if kind in kinds:
             print(f"note: '{kind}' rows: {error}")
+    poor = sorted({row["calibration_quality"] for row in result.table.to_pylist() if row["calibration_quality"]})
+    for verdict in poor:
+        logging.getLogger("twinfer").warning(f"rows marked POORLY CALIBRATED come from a profile that is {verdict}")
     if "roofline" in kinds and not args.mix_roofline:
         print("note: 'roofline' rows (no calibrated profile or operator profile for that GPU/model/TP) are ranked "
               "after the others; --mix-roofline ranks them together")

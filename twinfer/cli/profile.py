@@ -3,6 +3,7 @@ operators a step is made of, for the composed cost model of any model (on a GPU)
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(commands) -> None:
@@ -12,21 +13,27 @@ def register(commands) -> None:
                         help="time the operators of a step for every supported model family (no --model)")
     parser.add_argument("--tables", default=None,
                         help="with --operators: only these operator tables, comma-separated (default: all)")
+    parser.add_argument("--update", default=None, metavar="PROFILE",
+                        help="with --operators: write PROFILE with the tables timed now (or --merge's) replacing "
+                        "its own, to --out")
+    parser.add_argument("--merge", default=None, metavar="TIMED",
+                        help="with --update: take the replacing tables from this operator profile instead of timing")
     parser.add_argument("--quick", action="store_true", help="with --operators: tiny grids, a check that all runs")
     parser.add_argument("--model", default=None, help="preset name or model folder (dummy weights are used)")
     parser.add_argument("--out", required=True, help="Parquet file to write")
-    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 (float32 for --operators on a CPU)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="total time budget, setup included (default: 480, or 300 with --operators)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timings of each shape")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's, capped at 32768")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--max-num-seqs", type=int, default=1024)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="largest step of the grid, in tokens")
+    parser.add_argument("--max-num-seqs", type=int, default=1024, help="largest decode batch of the grid")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory the engine "
+                        "may use")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--device", default=None, help="default: cuda (for --operators: cuda when there is a GPU)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and tokens")
     parser.add_argument("--max-shapes", type=int, default=None, help="stop after this many grid shapes (a quick check)")
     parser.add_argument("--fit-out", help="also fit a cost model and write its JSON here")
     parser.add_argument("--serving-seconds", type=float, default=0.0,
@@ -44,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
         return _operators(args)
     if args.model is None:
         raise ValueError("--model is required (or --operators for the operator profile)")
+    device = args.device or "cuda"
+    if device.startswith("cuda"):
+        from twinfer.cli.cuda_required import require_cuda
+
+        require_cuda("`twinfer profile`", "profile this CPU with --device cpu, or --operators (which uses the CPU "
+                     "when there is no GPU)")
     import pyarrow.parquet as pq
 
     from simulator.profile import profile
@@ -60,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
-        device=args.device or "cuda",
+        device=device,
         seed=args.seed,
         max_shapes=args.max_shapes,
         serving_seconds=args.serving_seconds,
@@ -69,9 +82,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.fit_out:
         from simulator.calibrate import fit_profile_table
+        from simulator.calibration_quality import warn_if_poor
 
         calibration = fit_profile_table(pq.read_table(path), source=path.name)
         calibration.cost_model.save(args.fit_out)
+        warn_if_poor(calibration.cost_model, f"written to {args.fit_out}")
         print(json.dumps(calibration.cost_model.fit_report, indent=1))
         print(f"wrote {args.fit_out}")
     print(f"profile written to {path}")
@@ -79,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _operators(args: argparse.Namespace) -> int:
+    if args.merge is not None:
+        return _update(args, args.merge)
     import torch
 
     from simulator.operator_profile import profile_operators
@@ -87,7 +104,26 @@ def _operators(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     tables = tuple(name.strip() for name in args.tables.split(",")) if args.tables else None
-    path = profile_operators(args.out, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
+    if args.update is not None and tables is None:
+        raise ValueError("--update re-measures some tables of a profile: name them with --tables")
+    timed = Path(args.out).with_name(Path(args.out).name + ".timed") if args.update else args.out
+    path = profile_operators(timed, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
                              grid=quick_grid() if args.quick else None, tables=tables)
+    if args.update is not None:
+        _update(args, path)
+        Path(path).unlink()
+        return 0
     print(f"operator profile written to {path}")
+    return 0
+
+
+def _update(args: argparse.Namespace, timed) -> int:
+    from simulator.operator_profile import update_operator_profile
+
+    if args.update is None:
+        raise ValueError("--merge names the tables to put into a profile: give that profile with --update")
+    table = update_operator_profile(args.update, timed, args.out)
+    replaced = json.loads(dict(table.schema.metadata)[b"remeasured"])
+    print(f"operator profile {args.update} written to {args.out} ({table.num_rows} rows) with these tables from "
+          f"{timed}: {', '.join(sorted(replaced))}")
     return 0

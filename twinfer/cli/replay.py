@@ -2,8 +2,10 @@
 
 import argparse
 
-from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, engine_args_from,
-                                 load_trace, print_metrics)
+from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, check_output_flags,
+                                 engine_args_from, load_trace, print_run_summary)
+from twinfer.cli.cuda_required import require_cuda
+from twinfer.cli.result_flags import traffic_of
 
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 
@@ -11,7 +13,8 @@ DEVICES = {"gpu": "cuda", "cpu": "cpu"}
 def register(commands) -> None:
     parser = commands.add_parser("replay", help="replay a trace through an executor at its arrival times")
     add_trace_options(parser)
-    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu")
+    parser.add_argument("--executor", choices=["gpu", "cpu", "sim"], default="gpu",
+                        help="gpu: the model on CUDA; cpu: the model on this CPU; sim: the cost model")
     parser.add_argument("--model", required=True, help="HF model folder or preset name")
     parser.add_argument("--gpu", default="h100", help="for --executor sim: the GPU simulated")
     parser.add_argument("--profile", default=None,
@@ -31,8 +34,9 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
     run and print its summary. `twinfer replay` and `twinfer simulate` both come here.
 
-    --out is checked and locked before any work; SIGTERM is handled as Ctrl-C (the finished part is written,
-    marked incomplete, and the exit status is 128 + the signal's number)."""
+    Every setting is checked before any work (the SLOs and result flags, the engine's sizes, CUDA, the output
+    folder), and --out is locked against other runs; SIGTERM is handled as Ctrl-C: the finished part is written,
+    marked incomplete, and the exit status is 128 + the signal's number."""
     from analysis.run_output import RunFolderLock, check_out_dir
     from analysis.summary import parse_goodput
     from engine.executor import ShutdownExecutor
@@ -41,9 +45,12 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
     from simulator.simulated_engine import build_simulated_engine
     from twinfer.interrupts import signal_of, signals_as_interrupts
     from twinfer.replay import replay
+    from twinfer.result_json import parse_metric_percentiles
 
-    # Every setting is checked before any work: the SLOs, the engine's sizes, the output folder.
-    goodput = parse_goodput(args.goodput) if args.goodput else None
+    check_output_flags(args)
+    if executor == "gpu":
+        require_cuda("--executor gpu", "use --executor cpu (the real model on this CPU) or --executor sim (the "
+                     "simulator)")
     engine_args = engine_args_from(args, device=DEVICES.get(executor))
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"--replicas must be a positive integer, got {replicas!r}")
@@ -60,7 +67,7 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
                     cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
             else:
                 engine, metadata = real_engine_and_metadata(engine_args)
-            built.append(metadata)
+            built.append({**metadata, "traffic": traffic_of(args, trace)})
             return engine
 
         engines = build_replicas(build_one, replicas)
@@ -74,14 +81,15 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
                 seed=args.seed,
                 show_progress=not args.no_progress,
                 metadata=built[0],
-                goodput=goodput,
+                goodput=parse_goodput(args.goodput) if args.goodput else None,
+                percentiles=parse_metric_percentiles(args.metric_percentiles),
             )
         finally:
             for engine in engines:
                 if isinstance(engine.executor, ShutdownExecutor):
                     engine.executor.shutdown()
-    print(f"run written to {result.path}")
-    print_metrics(result.metrics, result.metadata, result.path, args.save_result)
+        print(f"run written to {result.path}")
+        print_run_summary(result, args)
     if result.interrupt is not None:
         return 128 + signal_of(result.interrupt)
     return 0

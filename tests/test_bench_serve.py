@@ -1,0 +1,72 @@
+"""`twinfer bench serve` against `twinfer serve`'s app on a loopback port: every request of the trace is
+accounted for, on both sides, and the run is read by summary, compare and report beside a simulated one."""
+
+import json
+
+import pytest
+
+from analysis.run_store import read_run
+from engine import LLM
+from tests.http_server import ServerThread
+from tests.test_llm import model_folder  # noqa: F401 (the tiny model fixture)
+from twinfer.cli import main
+from twinfer.cli.bench_serve import arrival_spec
+from twinfer.serving.app import create_app
+from twinfer.serving.request_log import RequestLog
+
+WORKLOAD = "random:num_prompts=40,input_len=24,output_len=8,range_ratio=0.5"
+
+
+def test_arrival_spec_is_vllms_gamma_process():
+    assert arrival_spec(None, 1.0) is None
+    assert arrival_spec(float("inf"), 1.0) == "all-at-once"
+    assert arrival_spec(4.0, 1.0) == "poisson:4.0"
+    assert arrival_spec(4.0, 0.25) == "gamma:4.0:2.0"  # shape 0.25: coefficient of variation 2
+    with pytest.raises(ValueError, match="give a request rate"):
+        arrival_spec(None, 0.5)
+    with pytest.raises(ValueError, match="burstiness"):
+        arrival_spec(4.0, 0.0)
+
+
+def test_bench_serve_accounts_for_every_request(model_folder, tmp_path, capsys):  # noqa: F811
+    llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+    app = create_app(llm.engine, model_name="tiny",
+                     request_log=RequestLog(tmp_path / "server", "cpu", {"model": model_folder}))
+    with ServerThread(app) as server:
+        code = main(["bench", "serve", WORKLOAD, "--base-url", server.base_url, "--model", "tiny", "--tokenizer",
+                     model_folder, "--request-rate", "400", "--burstiness", "0.5", "--max-concurrency", "8",
+                     "--out", str(tmp_path / "http"), "--no-progress", "--save-result", str(tmp_path / "r.json")])
+    assert code == 0
+    client = read_run(tmp_path / "http")
+    served = read_run(tmp_path / "server")
+    requests = client.requests
+    assert requests.num_rows == 40 and set(requests.column("status").to_pylist()) == {"finished"}
+    assert client.metadata["executor_kind"] == "http" and client.steps.num_rows == 0
+    # Each request got exactly the trace's output length, and the server saw the same prompts.
+    assert requests.column("output_len").to_pylist() == requests.column("max_tokens").to_pylist()
+    assert sorted(served.requests.column("prompt_len").to_pylist()) == sorted(requests.column("prompt_len").to_pylist())
+    assert [len(times) for times in requests.column("token_times").to_pylist()] == requests.column("output_len").to_pylist()
+    output = capsys.readouterr().out
+    assert "Successful requests:" in output and "40" in output
+    assert json.loads((tmp_path / "r.json").read_text())["completed"] == 40
+
+    # The same trace simulated: compare and report take the http run as the real one.
+    assert main(["replay", WORKLOAD, "--arrivals", arrival_spec(400.0, 0.5), "--executor", "sim", "--model", model_folder,
+                 "--cost-model", "roofline", "--out", str(tmp_path / "sim"), "--no-progress"]) == 0
+    sim = read_run(tmp_path / "sim")
+    assert sim.trace_fingerprint == client.trace_fingerprint
+    assert main(["compare", str(tmp_path / "http"), str(tmp_path / "sim")]) == 0
+    assert main(["report", str(tmp_path / "http"), str(tmp_path / "sim"), "-o", str(tmp_path / "report.html")]) == 0
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_bench_serve_records_refused_requests(model_folder, tmp_path):  # noqa: F811
+    llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64, max_model_len=32)
+    with ServerThread(create_app(llm.engine, model_name="tiny")) as server:
+        main(["bench", "serve", WORKLOAD, "--base-url", server.base_url, "--model", "tiny", "--vocab-size", "128",
+              "--request-rate", "inf", "--out", str(tmp_path / "http"), "--no-progress"])
+    requests = read_run(tmp_path / "http").requests
+    statuses = requests.column("status").to_pylist()
+    assert len(statuses) == 40 and "rejected" in statuses
+    rejected = [reason for reason, status in zip(requests.column("reason").to_pylist(), statuses) if status == "rejected"]
+    assert all(reason.startswith("HTTP 400: This model's maximum context length is 32") for reason in rejected)

@@ -1,0 +1,144 @@
+"""The HTTP application: OpenAI's routes, /health, /metrics and the request log, on FastAPI.
+
+Routes under /v1 and /request_log need `Authorization: Bearer KEY` when the server has an API key (checked
+before the body is read, so a client without the key learns nothing else); /health and /metrics do not, as
+in vLLM.
+"""
+
+import asyncio
+import hmac
+import inspect
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from engine.engine import Engine
+from twinfer.serving.api_error import APIError
+from twinfer.serving.engine_driver import EngineDriver
+from twinfer.serving.metrics import CONTENT_TYPE, ServerMetrics
+from twinfer.serving.openai_serving import OpenAIServing
+from twinfer.serving.protocol import ChatCompletionRequest, CompletionRequest
+from twinfer.serving.request_log import RequestLog
+
+
+class _BearerAuth:
+    """ASGI middleware: 401 for a protected route without the right bearer token."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] == "/request_log"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                error = APIError(401, "Incorrect API key provided: send the server's --api-key as a bearer token "
+                                      "(Authorization: Bearer KEY).", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    """A 400 naming the first field that failed, or saying the JSON is malformed."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON in the request body: {first.get('ctx', {}).get('error', first['msg'])}")
+    if not location:
+        return APIError(400, f"the request body must be a JSON object of the request's fields ({first['msg']})")
+    param = ".".join(location) or None
+    return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=location[0] if location else None)
+
+
+def create_app(engine: Engine, *, model_name: str, model_source: str | None = None,
+               api_key: str | None = None, chat_template: str | None = None,
+               max_concurrent_requests: int | None = None, request_log: RequestLog | None = None) -> FastAPI:
+    """The server's app: it starts the engine's thread when it starts and stops it (writing the request log,
+    when given) when it stops. Text comes from the engine's tokenizer (engine.tokenizer: it tokenizes prompts,
+    decodes outputs and applies stop strings); without one, prompts are token ids and outputs have no text."""
+    driver = EngineDriver(engine)
+    metrics = ServerMetrics(driver, model_name, engine.config.max_model_len)
+    driver.on_finish = metrics.observe_finished
+    serving = OpenAIServing(driver, engine.tokenizer, model_name=model_name, max_model_len=engine.config.max_model_len,
+                            vocab_size=engine.config.vocab_size, chat_template=chat_template,
+                            max_concurrent_requests=max_concurrent_requests)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if hasattr(engine.clock, "restart"):
+            engine.clock.restart()  # the log's times count from the server's start
+        driver.start()
+        try:
+            yield
+        finally:
+            driver.stop()
+            if request_log is not None:
+                path = request_log.write(engine, RequestLog.snapshot(engine))
+                print(f"twinfer serve: request log written to {path}", flush=True)
+
+    options = {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        # FastAPI's OpenTelemetry spans cost time on every request and chunk; nothing here reads them.
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    app = FastAPI(title="twinfer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **options)
+    app.state.driver = driver
+    app.state.serving = serving
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        return _validation_error(error).response()
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, error):
+        return APIError(404, f"no route {request.method} {request.url.path}").response()
+
+    @app.exception_handler(405)
+    async def wrong_method(request: Request, error):
+        return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if driver.is_running:
+            return Response(status_code=200)
+        return APIError(503, driver.error or "the engine is not running").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "twinfer",
+                "root": model_source or model_name, "parent": None, "max_model_len": engine.config.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request):
+        return await serving.completions(request, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request):
+        return await serving.chat_completions(request, raw)
+
+    @app.post("/request_log")
+    async def write_request_log() -> JSONResponse:
+        if request_log is None:
+            raise APIError(404, "this server keeps no request log: start it with --request-log DIR")
+        snapshot = await driver.call(RequestLog.snapshot)
+        path = await asyncio.to_thread(request_log.write, engine, snapshot)
+        return JSONResponse({"path": str(path), "num_requests": snapshot[0].num_rows, "complete": snapshot[2]})
+
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    return app
+
