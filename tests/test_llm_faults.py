@@ -144,3 +144,23 @@ def test_a_two_dimensional_array_is_refused_and_a_one_dimensional_one_is_a_promp
 def test_sampling_params_refuse_booleans_for_numbers(keywords, problem):
     with pytest.raises(ValueError, match=problem):
         SamplingParams(**keywords)
+
+
+@pytest.mark.parametrize("where", ["model", "between"])
+def test_an_interrupted_request_with_several_completions_ends_all_of_them(where):
+    """n = 2: the second completion waits for the first's prompt blocks; an interrupt ends both, and the next
+    call's seeded completions are a fresh LLM's."""
+    llm = tiny_llm("victim", 64, True)
+    params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=6, ignore_eos=True)
+    before = len(llm.engine.requests)
+    with Interrupt(llm, where, 2, KeyboardInterrupt()):
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[5, 6, 7, 8, 9, 10], [11] * 9], params, use_tqdm=False)
+    records = list(llm.engine.request_records.values())[before:]
+    assert len(records) == 4 and all(record.status in ("finished", "aborted") for record in records)
+    assert not llm.engine.has_unfinished() and llm.engine.block_manager.holds_nothing()
+    prompts = [[12, 13, 14], [15] * 20]
+    again = [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+    fresh = [[c.token_ids for c in out.outputs]
+             for out in tiny_llm("fresh", 64, True).generate(prompts, params, use_tqdm=False)]
+    assert again == fresh
