@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from analysis.exact_quantiles import BatchStatistics
 from engine.sequence import RequestStatus
 
 STORED_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
@@ -36,7 +37,9 @@ class Distribution:
     p95: float
     p99: float
     p99_9: float
-    samples: np.ndarray = field(repr=False, compare=False)
+    samples: np.ndarray | None = field(repr=False, compare=False)
+    """The values themselves; None when they were too many to hold (then only known_percentiles are known)."""
+    known_percentiles: dict[float, float] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, values) -> "Distribution":
@@ -57,10 +60,33 @@ class Distribution:
             samples=samples,
         )
 
+    @classmethod
+    def of_statistics(cls, statistics: BatchStatistics, percentiles=()) -> "Distribution":
+        """Statistics of values read in batches (too many to hold), with these percentiles besides the stored."""
+        wanted = sorted(set(STORED_PERCENTILES) | {float(p) for p in percentiles})
+        known = statistics.percentiles(wanted) if statistics.count else {p: 0.0 for p in wanted}
+        return cls(
+            count=statistics.count,
+            mean=statistics.mean,
+            std=statistics.std,
+            median=known[50.0],
+            p90=known[90.0],
+            p95=known[95.0],
+            p99=known[99.0],
+            p99_9=known[99.9],
+            samples=None,
+            known_percentiles=known,
+        )
+
     def percentile(self, p: float) -> float:
         """Any percentile (0..100) of the samples, in seconds; 0 when there are none."""
         if not 0 <= p <= 100:
             raise ValueError(f"percentile must be within 0..100, got {p}")
+        if self.samples is None:
+            if float(p) not in self.known_percentiles:
+                raise ValueError(f"percentile {p} was not computed: these values were read in batches, with "
+                                 f"percentiles {sorted(self.known_percentiles)}")
+            return self.known_percentiles[float(p)]
         if self.samples.size == 0:
             return 0.0
         return float(np.percentile(self.samples, p))
@@ -102,6 +128,12 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
 
 
+def _status_is(table: pa.Table, *statuses: RequestStatus) -> np.ndarray:
+    """Which rows have one of these statuses, as booleans (no array of millions of strings is made)."""
+    mask = pc.is_in(table.column("status"), value_set=pa.array([status.value for status in statuses]))
+    return pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+
+
 def _float_column(table: pa.Table, name: str) -> np.ndarray:
     return pc.fill_null(table.column(name).cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
 
@@ -136,11 +168,11 @@ def _peak_output_tokens_per_s(requests: pa.Table, start_time: float) -> float:
 def _peak_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
     if arrivals.size == 0:
         return 0
-    # Half-open [arrival, finish): at equal times a departure goes before an arrival.
-    times = np.concatenate([arrivals, finishes])
-    deltas = np.concatenate([np.ones(arrivals.size, np.int64), -np.ones(finishes.size, np.int64)])
-    order = np.lexsort((deltas, times))
-    return int(np.cumsum(deltas[order]).max())
+    # Half-open [arrival, finish): at equal times a departure goes before an arrival. So just after the i-th
+    # arrival (in time order), i + 1 have arrived and those finished at or before it have left.
+    arrivals = np.sort(arrivals)
+    left = np.searchsorted(np.sort(finishes), arrivals, side="right")
+    return int((np.arange(1, arrivals.size + 1) - left).max())
 
 
 def run_window(requests: pa.Table) -> tuple[float, float]:
@@ -150,9 +182,9 @@ def run_window(requests: pa.Table) -> tuple[float, float]:
     start_time = float(np.nanmin(arrivals)) if arrivals.size else 0.0
     # An interrupted run records the requests still to come as aborted at their arrival time, however far
     # in the future: they never reached the engine, so they do not stretch the window past the interruption.
-    status = _column(requests, "status").astype(str)
     never_arrived = (
-        (status == RequestStatus.ABORTED) & np.isnan(_float_column(requests, "first_scheduled_time")) & ~(finishes > arrivals)
+        _status_is(requests, RequestStatus.ABORTED) & np.isnan(_float_column(requests, "first_scheduled_time"))
+        & ~(finishes > arrivals)
     )
     finishes = finishes[np.isfinite(finishes) & ~never_arrived]
     end_time = float(finishes.max()) if finishes.size else start_time
@@ -171,21 +203,25 @@ def check_goodput_slos(slos_ms: dict[str, float]) -> dict[str, float]:
     return checked
 
 
-def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
-    """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms."""
+def compute_metrics(run, goodput: dict[str, float] | None = None, *, itl: Distribution | None = None,
+                    max_output_tokens_per_s: float | None = None) -> Metrics:
+    """vLLM's metrics of a run (a Run or its requests table); goodput maps ttft/tpot/e2el to SLOs in ms.
+
+    itl and max_output_tokens_per_s, when given, are used instead of reading the token_times column (which a
+    table read without it lacks: compute_metrics_of_file reads it in batches)."""
     requests: pa.Table = run if isinstance(run, pa.Table) else run.requests
-    status = _column(requests, "status").astype(str)
-    done = status == RequestStatus.FINISHED
-    completed = requests.filter(pa.array(done))
+    done = _status_is(requests, RequestStatus.FINISHED)
+    # Columns are taken one at a time and masked, not the table filtered whole: a simulated week has millions of rows.
+    completed = requests.filter(pa.array(done)) if itl is None or max_output_tokens_per_s is None else None
 
     start_time, end_time = run_window(requests)
     duration = max(end_time - start_time, 0.0)
 
-    ttft = _float_column(completed, "ttft")
-    tpot = _float_column(completed, "tpot")
-    e2el = _float_column(completed, "e2e")
-    output_lens = _column(completed, "output_len").astype(np.int64)
-    total_input = int(_column(completed, "prompt_len").astype(np.int64).sum())
+    ttft = _float_column(requests, "ttft")[done]
+    tpot = _float_column(requests, "tpot")[done]
+    e2el = _float_column(requests, "e2e")[done]
+    output_lens = _column(requests, "output_len").astype(np.int64)[done]
+    total_input = int(_column(requests, "prompt_len").astype(np.int64)[done].sum())
     total_output = int(output_lens.sum())
 
     def per_second(amount: float) -> float:
@@ -194,7 +230,7 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
     num_good = request_goodput = slos = None
     if goodput:
         slos = check_goodput_slos(goodput)
-        good = np.ones(completed.num_rows, dtype=bool)
+        good = np.ones(int(done.sum()), dtype=bool)
         # As vLLM: a request with a single output token has TPOT 0 for goodput.
         measured = {"ttft": ttft, "tpot": np.where(np.isnan(tpot), 0.0, tpot), "e2el": e2el}
         for name, limit_ms in slos.items():
@@ -205,10 +241,10 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
     return Metrics(
         num_requests=requests.num_rows,
         completed=int(done.sum()),
-        failed=int(np.isin(status, (RequestStatus.REJECTED, RequestStatus.ABORTED)).sum()),
-        num_rejected=int((status == RequestStatus.REJECTED).sum()),
-        num_aborted=int((status == RequestStatus.ABORTED).sum()),
-        num_unfinished=int(np.isin(status, (RequestStatus.WAITING, RequestStatus.RUNNING)).sum()),
+        failed=int(_status_is(requests, RequestStatus.REJECTED, RequestStatus.ABORTED).sum()),
+        num_rejected=int(_status_is(requests, RequestStatus.REJECTED).sum()),
+        num_aborted=int(_status_is(requests, RequestStatus.ABORTED).sum()),
+        num_unfinished=int(_status_is(requests, RequestStatus.WAITING, RequestStatus.RUNNING).sum()),
         total_input_tokens=total_input,
         total_output_tokens=total_output,
         start_time=start_time,
@@ -219,13 +255,61 @@ def compute_metrics(run, goodput: dict[str, float] | None = None) -> Metrics:
         total_token_throughput=per_second(total_input + total_output),
         ttft=Distribution.of(ttft[~np.isnan(ttft)]),
         tpot=Distribution.of(tpot[(output_lens > 1) & ~np.isnan(tpot)]),
-        itl=Distribution.of(inter_token_latencies(completed)),
+        itl=itl if itl is not None else Distribution.of(inter_token_latencies(completed)),
         e2el=Distribution.of(e2el[~np.isnan(e2el)]),
-        max_output_tokens_per_s=_peak_output_tokens_per_s(completed, start_time),
+        max_output_tokens_per_s=(max_output_tokens_per_s if max_output_tokens_per_s is not None
+                                 else _peak_output_tokens_per_s(completed, start_time)),
         max_concurrent_requests=_peak_concurrency(
-            _float_column(completed, "arrival_time"), _float_column(completed, "finish_time")
+            _float_column(requests, "arrival_time")[done], _float_column(requests, "finish_time")[done]
         ),
         goodput_slos_ms=slos,
         num_good=num_good,
         request_goodput=request_goodput,
     )
+
+
+_METRIC_COLUMNS = ("status", "arrival_time", "first_scheduled_time", "finish_time", "prompt_len", "output_len",
+                   "ttft", "tpot", "e2e")
+"""The columns compute_metrics reads besides token_times."""
+_TOKEN_TIME_BATCH = 2048
+"""Requests whose token times are read at once (a few hundred thousand values, a few MB)."""
+
+
+def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, percentiles=()) -> Metrics:
+    """compute_metrics of a requests.parquet without holding its token times: they are read a row group at a
+    time (a simulated week has hundreds of millions), the ITL percentiles found exactly in a few passes."""
+    import pyarrow.parquet as pq
+
+    from analysis.run_store import check_values
+
+    # pre_buffer would keep every row group read so far in memory: the token times are read once per pass.
+    file = pq.ParquetFile(path, pre_buffer=False)
+    check_values(file.read(columns=["request_id"]), str(path))  # each id once; then let go of the ids
+    requests = file.read(columns=list(_METRIC_COLUMNS))
+    check_values(requests, str(path))
+    start_time, _ = run_window(requests)
+
+    def token_times():
+        for batch in file.iter_batches(batch_size=_TOKEN_TIME_BATCH, columns=["status", "token_times"]):
+            done = pc.equal(batch.column("status"), RequestStatus.FINISHED.value)
+            table = pa.Table.from_batches([batch]).filter(done)
+            check_values(table.select(["token_times"]), str(path))
+            yield table
+
+    def gaps():
+        for table in token_times():
+            values = inter_token_latencies(table)
+            yield values[~np.isnan(values)]
+
+    peak = np.zeros(0, dtype=np.int64)
+    for table in token_times():
+        flat = pc.list_flatten(table.column("token_times")).to_numpy(zero_copy_only=False)
+        buckets = np.floor(flat - start_time).astype(np.int64)
+        counts = np.bincount(buckets[buckets >= 0])
+        if counts.size > peak.size:
+            counts[: peak.size] += peak
+            peak = counts
+        else:
+            peak[: counts.size] += counts
+    itl = Distribution.of_statistics(BatchStatistics(gaps), percentiles)
+    return compute_metrics(requests, goodput, itl=itl, max_output_tokens_per_s=float(peak.max()) if peak.size else 0.0)

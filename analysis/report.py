@@ -16,6 +16,7 @@ import plotly.offline
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from analysis.atomic_file import write_text_atomically
 from analysis.compare import Comparison, compare_runs
 from analysis.metrics import Metrics, compute_metrics
 from analysis.summary import percentile_word
@@ -395,10 +396,5 @@ def build_report(
 
 
 def write_page(page: str, out_path: str | os.PathLike) -> Path:
-    """Write an HTML page through a staging file, so that a reader never finds half a report."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_path.with_name(f".{out_path.name}.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, out_path)
-    return out_path
+    """Write an HTML page whole or not at all (a full disk leaves neither half a report nor a temporary)."""
+    return write_text_atomically(out_path, page)

@@ -42,7 +42,7 @@ def child(trace: str, model: str, gpu: str, gc_off: bool) -> dict:
     """Run `twinfer simulate` once in this process; CPU seconds of main() and of its phases."""
     import analysis.metrics
     import analysis.run_store
-    import engine.engine
+    import analysis.run_writer
     import simulator.cluster
     import simulator.trace_requests
     import twinfer.cli.replay
@@ -51,13 +51,13 @@ def child(trace: str, model: str, gpu: str, gc_off: bool) -> dict:
     phases: dict[str, float] = {}
     _timed(twinfer.cli.replay, "load_trace", "load trace", phases)
     _timed(simulator.trace_requests.TraceRequests, "from_trace", "trace requests (token ids)", phases)
-    _timed(simulator.cluster.ClusterRun, "_queue_all_then_run", "add requests and engine run", phases)
-    _timed(engine.engine.Engine, "run", "engine run", phases)
-    _timed(simulator.cluster, "requests_table", "requests table", phases)
-    _timed(simulator.cluster, "steps_table", "steps table", phases)
-    _timed(simulator.cluster, "write_run", "write run", phases)
-    _timed(analysis.run_store, "read_run", "summary: read run", phases)
-    _timed(analysis.metrics, "compute_metrics", "summary: metrics", phases)
+    # A simulated run streams: requests are added, run and written as it goes (the phases overlap).
+    _timed(simulator.cluster.ClusterRun, "_stream_one", "add requests, engine run, write as it goes", phases)
+    _timed(simulator.cluster.ClusterRun, "_drain", "hand ended requests and steps to the writer", phases)
+    _timed(analysis.run_writer, "requests_table", "requests row groups", phases)
+    _timed(simulator.cluster.ClusterRun, "finish_stream", "write the rest", phases)
+    _timed(analysis.run_writer.RunWriter, "seal", "seal the tables", phases)
+    _timed(analysis.metrics, "compute_metrics_of_file", "summary: metrics", phases)
     if gc_off:
         gc.disable()
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):

@@ -112,6 +112,11 @@ class BlockManager:
         """Share of looked-up prompt tokens that were found in the prefix cache."""
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
+    def holds_nothing(self) -> bool:
+        """Whether every block is free and has no holder (what an engine with no request left must see)."""
+        return (len(self._free) == self.num_blocks and not self._extra_holders
+                and self.num_free_blocks == self.num_blocks)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -347,6 +352,8 @@ class BlockManager:
         sources = self._block_sources
         for block_id in victims:
             sources[block_id] = None
+        if self._freed_tables:
+            self._forget_evicted_owners(victims, digests)
         if self._late_hashes:
             late = self._late_hashes
             for index, block_id in enumerate(victims):
@@ -370,6 +377,23 @@ class BlockManager:
                     else:
                         del hash_to_block[digest]
         return victims
+
+    def _forget_evicted_owners(self, victims: list[int], digests: list) -> None:
+        """Forget the deferring sequences whose root block is among the victims: a sequence's blocks are freed
+        together, root last, so all its committed blocks are evicted by then and registering them later would
+        register nothing. Without this every unshared prompt of a trace would be kept to the end."""
+        root_owners, freed_tables = self._root_owners, self._freed_tables
+        for block_id, digest in zip(victims, digests):
+            if digest is None:
+                continue
+            owner = root_owners.get(digest)
+            if owner is None:
+                continue
+            freed = freed_tables.get(owner.seq_id)
+            if freed is not None and freed[0] and freed[0][0] == block_id:
+                del root_owners[digest]
+                del freed_tables[owner.seq_id]
+                self._deferring.discard(owner.seq_id)
 
     def _add_twin(self, digest: int, block_id: int) -> None:
         self._twins.add(block_id)

@@ -2,7 +2,8 @@
 
 import heapq
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -67,6 +68,8 @@ class Engine:
         """(first completion, the others): the others wait until the first has computed the prompt."""
         self._prompts: dict[str, str] = {}
         """The prompt text of requests added with one (for their RequestOutput)."""
+        self._in_executor = False
+        """True while the executor runs a step: a failure there leaves the scheduler's bookkeeping whole."""
 
     # ---- requests
 
@@ -98,33 +101,44 @@ class Engine:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
         if arrival_time is None:
             arrival_time = self.clock.now()
+        if not math.isfinite(arrival_time):
+            raise ValueError(f"request {request_id!r}: arrival_time must be a finite number of seconds, got {arrival_time!r}")
         if prompt_token_ids is None:
             if prompt_len is None:
                 raise ValueError(f"request {request_id!r}: give prompt_token_ids or prompt_len")
-            if not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
+            if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or prompt_len < 0:
                 raise ValueError(f"request {request_id!r}: prompt_len must be a non-negative integer, got {prompt_len!r}")
-            rng = np.random.default_rng(seq_id)
-            prompt_token_ids = rng.integers(0, self.config.vocab_size, int(prompt_len)).tolist()
-        elif prompt_len is not None and prompt_len != len(prompt_token_ids):
-            raise ValueError(
-                f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
-            )
+            # A range stands in for the tokens, made only once the request is accepted (truncating it is free).
+            prompt_token_ids_or_range = range(int(prompt_len))
+        else:
+            if prompt_len is not None and prompt_len != len(prompt_token_ids):
+                raise ValueError(
+                    f"request {request_id!r}: prompt_len {prompt_len} disagrees with {len(prompt_token_ids)} prompt tokens"
+                )
+            prompt_token_ids_or_range = prompt_token_ids
         if sampling_params.truncate_prompt_tokens is not None:
-            prompt_token_ids = self.truncate_prompt(prompt_token_ids, sampling_params)
-        sampling_params = self.resolve_sampling_params(sampling_params, len(prompt_token_ids), request_id)
+            prompt_token_ids_or_range = self.truncate_prompt(prompt_token_ids_or_range, sampling_params)
+        num_prompt_tokens = len(prompt_token_ids_or_range)
+        sampling_params = self.resolve_sampling_params(sampling_params, num_prompt_tokens, request_id)
 
-        reason = self._rejection_reason(len(prompt_token_ids), sampling_params.max_tokens)
+        # Checked before any token is made: a length from a trace may be far beyond what memory holds.
+        reason = self._rejection_reason(num_prompt_tokens, sampling_params.max_tokens)
         if reason:
             self.requests[request_id] = RequestRecord(
                 request_id=request_id,
                 arrival_time=float(arrival_time),
-                prompt_len=len(prompt_token_ids),
+                prompt_len=num_prompt_tokens,
                 max_tokens=sampling_params.max_tokens,
                 status=RequestStatus.REJECTED,
                 reason=reason,
             )
             self.num_rejected += 1
             return request_id
+        if prompt_token_ids is None:
+            rng = np.random.default_rng(seq_id)
+            prompt_token_ids = rng.integers(0, self.config.vocab_size, num_prompt_tokens).tolist()
+        else:
+            prompt_token_ids = prompt_token_ids_or_range
         if prompt is not None:
             self._prompts[request_id] = prompt
         if sampling_params.n == 1:
@@ -197,24 +211,34 @@ class Engine:
             )
         return ""
 
-    def abort(self, request_id: str, reason: str = "aborted") -> None:
-        """Stop a request that has not finished; it is recorded as aborted with the reason."""
-        if request_id in self.parents:
-            for child in self.parents[request_id]:
-                self.abort(child.request_id, reason)
-            return
-        seq = self.requests[request_id]
-        if not isinstance(seq, Sequence) or seq.finish_time is not None:
-            return  # rejected, or finished (one released while its last token is in flight is not, until update())
-        if seq.status is RequestStatus.WAITING and seq not in self.scheduler.waiting:
-            self._pending = [entry for entry in self._pending if entry[2] is not seq]
-            heapq.heapify(self._pending)
-            self._abort_pending(seq, reason)
-        else:
-            self.scheduler.abort(seq, reason, self.clock.now())
-            self.num_finished += 1
+    def abort(self, request_ids: str | Iterable[str], reason: str = "aborted") -> None:
+        """Stop requests that have not finished (one id or several, as vLLM's abort_request; a request with n > 1
+        by its id stops all its completions): each is recorded as aborted with the reason and its KV blocks are
+        freed. Ids unknown, rejected or finished are ignored, as vLLM ignores them: a client may abort a request
+        that has just finished. Call it from the thread that steps the engine."""
+        for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+            if request_id in self.parents:
+                self.abort([child.request_id for child in self.parents[request_id]], reason)
+                continue
+            seq = self.requests.get(request_id)
+            if not isinstance(seq, Sequence) or seq.finish_time is not None:
+                continue  # rejected, finished (one released while its last token is in flight is not, until update())
+            if seq.status is RequestStatus.WAITING and seq not in self.scheduler.waiting:
+                self._pending = [entry for entry in self._pending if entry[2] is not seq]
+                heapq.heapify(self._pending)
+                self._abort_pending(seq, reason)
+            else:
+                self.scheduler.abort(seq, reason, self.clock.now())
+                self.num_finished += 1
         if self._held_forks:
             self._release_forks()
+        if self._in_flight is not None and all(
+                seq.finish_time is not None for seq in self.scheduler.unapplied_sequences()):
+            # Nothing the step in flight computes is wanted any more: it is dropped, not waited for.
+            self._in_flight = None
+            self.scheduler.drop_in_flight()
+        if not self.has_unfinished():
+            self._reset_if_inconsistent()
 
     def _release_forks(self) -> None:
         """Queue the held completions of every request whose first completion has computed the prompt (or ended)."""
@@ -243,9 +267,63 @@ class Engine:
         pending, self._pending = self._pending, []
         for _, _, seq in pending:
             self._abort_pending(seq, reason)
-        for request_id, seq in self.sequences.items():
+        self.abort([request_id for request_id, seq in self.sequences.items() if seq.finish_time is None], reason)
+        self._reset_if_inconsistent()
+
+    def _abandon_unapplied_steps(self, error: BaseException) -> None:
+        """A step failed (the executor raised, or an interrupt struck while it ran): the requests of every step
+        scheduled and not applied are aborted, as their computed and pending tokens will never be known, and
+        those steps are dropped; the other requests go on as if nothing happened."""
+        reason = _failure_reason(error)
+        victims = self.scheduler.unapplied_sequences()
+        self._in_flight = None
+        self.scheduler.drop_in_flight()
+        now = self.clock.now()
+        for seq in victims:
             if seq.finish_time is None:
-                self.abort(request_id, reason)
+                self.scheduler.abort(seq, reason, now)
+                self.num_finished += 1
+        if self._held_forks:
+            self._release_forks()
+        if not self.has_unfinished():
+            self._reset_if_inconsistent()
+
+    def _abort_everything(self, error: BaseException) -> None:
+        """A step failed outside the executor (an interrupt in the middle of scheduling or of the block manager's
+        bookkeeping): none of that state can be trusted, so every request not finished is aborted without it and
+        the scheduler and block manager are rebuilt empty."""
+        reason = _failure_reason(error)
+        now = self.clock.now()
+        self._pending = []
+        self._held_forks = []
+        for seq in self.sequences.values():
+            if seq.finish_time is None:
+                seq.status = RequestStatus.ABORTED
+                seq.finish_reason = FinishReason.ABORT
+                seq.abort_reason = reason
+                seq.finish_time = max(now, seq.arrival_time)
+                seq.block_table = []
+                self.num_finished += 1
+        self._rebuild_scheduler()
+
+    def _reset_if_inconsistent(self) -> None:
+        """With nothing left to serve, no KV block may be held and no step wait to be applied. An interrupt that
+        struck in the middle of the scheduler's or the block manager's bookkeeping can leave such leftovers;
+        then both are rebuilt empty (the prefix cache with them, so nothing is ever read from a half-made entry)."""
+        if not (self.block_manager.holds_nothing() and not self.scheduler.has_steps_in_flight()):
+            self._rebuild_scheduler()
+
+    def _rebuild_scheduler(self) -> None:
+        """An empty scheduler and block manager in place of the old ones, keeping the step count and cache statistics."""
+        old_manager, old_scheduler = self.block_manager, self.scheduler
+        manager = BlockManager(old_manager.num_blocks, old_manager.block_size, old_manager.enable_prefix_caching)
+        manager.num_query_tokens = old_manager.num_query_tokens
+        manager.num_hit_tokens = old_manager.num_hit_tokens
+        manager.num_evictions = old_manager.num_evictions
+        scheduler = Scheduler(self.config, manager)
+        scheduler.advance_steps(old_scheduler.advance_steps(0))
+        self.block_manager, self.scheduler = manager, scheduler
+        self._in_flight = None
 
     # ---- the loop
 
@@ -268,9 +346,22 @@ class Engine:
             self.scheduler.add(heapq.heappop(pending)[2])
 
     def step(self) -> bool:
-        """Run one step, or wait for the next arrival when idle; False when there is nothing left."""
-        if self.config.async_scheduling:
-            return self._step_async()
+        """Run one step, or wait for the next arrival when idle; False when there is nothing left.
+
+        If the executor raises (an error, or Ctrl-C while it runs), the requests of the steps not applied are
+        aborted and the others go on; an interrupt anywhere else in the step aborts every request and rebuilds the
+        scheduler. Either way the error goes on, and the engine is consistent for whatever comes next."""
+        try:
+            return self._step_async() if self.config.async_scheduling else self._step_sync()
+        except BaseException as error:
+            if self._in_executor:
+                self._in_executor = False
+                self._abandon_unapplied_steps(error)
+            else:
+                self._abort_everything(error)
+            raise
+
+    def _step_sync(self) -> bool:
         now = self.clock.now()
         self._admit_arrivals(now)
         if not self.scheduler.has_unfinished():
@@ -292,7 +383,9 @@ class Engine:
                 f"step {output.step}: nothing schedulable with {len(self.scheduler.waiting)} waiting and "
                 f"{len(self.scheduler.running)} running requests"
             )
+        self._in_executor = True
         result = self.executor.execute(output)
+        self._in_executor = False
         end = self.clock.advance(result.duration)
         self.num_finished += len(self.scheduler.update(output, result, end))
         if self._held_forks:
@@ -326,11 +419,14 @@ class Engine:
                 f"nothing schedulable with {len(scheduler.waiting)} waiting and {len(scheduler.running)} running requests"
             )
         self._in_flight = None
+        self._in_executor = True
         if output is not None:
             self._in_flight = (output, self._submit(output), now, scheduler.last_stats)
         if in_flight is not None:
             previous, pending, scheduled_at, stats = in_flight
             result = pending if isinstance(pending, StepResult) else pending.result()
+        self._in_executor = False
+        if in_flight is not None:
             start = max(scheduled_at, self._last_finish_time)
             end = self.clock.advance(result.duration)
             self.num_finished += len(scheduler.update(previous, result, end))
@@ -395,6 +491,27 @@ class Engine:
 
     # ---- results
 
+    def pop_ended_records(self) -> list[RequestRecord]:
+        """The records of the requests that have ended (finished, aborted or rejected), in the order added, which
+        the engine then forgets: a long trace streams its records out this way, so memory holds only the requests
+        not ended. Their ids are forgotten too (a later request may reuse one)."""
+        ended = [request_id for request_id, request in self.requests.items()
+                 if not isinstance(request, Sequence) or request.finish_time is not None]
+        records = []
+        for request_id in ended:
+            request = self.requests.pop(request_id)
+            if isinstance(request, Sequence):
+                del self.sequences[request_id]
+                records.append(_record_of(request))
+            else:
+                records.append(request)
+            self._prompts.pop(request_id, None)
+        for parent, children in list(self.parents.items()):
+            if all(child.finish_time is not None for child in children):
+                del self.parents[parent]
+                self._prompts.pop(parent, None)
+        return records
+
     def output_token_ids(self, request_id: str) -> list[int]:
         return self.sequences[request_id].output_token_ids
 
@@ -415,6 +532,14 @@ class Engine:
             request_id: _record_of(request) if isinstance(request, Sequence) else request
             for request_id, request in self.requests.items()
         }
+
+
+def _failure_reason(error: BaseException) -> str:
+    """Why the requests of a failed step were aborted: "interrupted" (Ctrl-C), "interrupted by SIGTERM" (an
+    interrupt naming another signal), or the error."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted" if str(error) in ("", "SIGINT") else f"interrupted by {error}"
+    return f"error: {type(error).__name__}: {error}"
 
 
 def _record_of(seq: Sequence) -> RequestRecord:

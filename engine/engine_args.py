@@ -81,6 +81,10 @@ class EngineArgs:
     def engine_config(self, model_config: ModelConfig, *, gpu_memory_gib: float | None) -> EngineConfig:
         """The scheduler's EngineConfig for this model on a GPU of this much memory (None: a CPU or unknown)."""
         max_model_len = self.max_model_len or default_max_model_len(model_config.max_position_embeddings)
+        if model_config.max_position_embeddings and max_model_len > model_config.max_position_embeddings:
+            # As vLLM, and as the real engine refuses it: positions beyond the model's are not simulated either.
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"({model_config.max_position_embeddings}, {model_config.source})")
         default_seqs, default_tokens = vllm_default_limits(gpu_memory_gib)
         max_num_batched_tokens = self.max_num_batched_tokens
         if max_num_batched_tokens is None:
@@ -116,6 +120,10 @@ def build_real_engine(args: EngineArgs):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        why = "torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"device {device!r} needs a CUDA GPU, and {why}; run on the CPU (device 'cpu', "
+                         "--executor cpu) or simulate (--executor sim)")
     gpu_memory_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30 if on_cuda else None
     config = args.engine_config(load_model_config(args.model), gpu_memory_gib=gpu_memory_gib)
     executor = ModelExecutor(

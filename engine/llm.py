@@ -1,14 +1,17 @@
 """Offline batched generation in the manner of vLLM v0.11's LLM class: prompts or chats in, RequestOutputs out,
 in order."""
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from engine.engine import Engine
 from engine.engine_args import EngineArgs, build_real_engine
 from engine.model_config import load_model_config
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import load_tokenizer
 
@@ -63,10 +66,19 @@ class LLM:
                     "pass lists of token ids instead"
                 )
             return prompt, list(self.tokenizer.encode(prompt))
-        try:
-            ids = [int(token) for token in prompt]
-        except (TypeError, ValueError):
-            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}") from None
+        if isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+            raise TypeError(f"prompt {index} is a {prompt.ndim}-D array of shape {prompt.shape}; a prompt of token "
+                            "ids is 1-D (pass a list of 1-D prompts for a batch)")
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        if isinstance(prompt, np.ndarray) and prompt.dtype.kind not in "iu":
+            raise TypeError(f"prompt {index} is an array of {prompt.dtype}; token ids must be integers")
+        # Floats are refused, not truncated, and bools are not token ids even though Python counts them as ints.
+        for position, token in enumerate(() if isinstance(prompt, np.ndarray) else prompt):
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)):
+                raise TypeError(f"prompt {index} has {token!r} ({type(token).__name__}) at position {position}; "
+                                "token ids must be integers")
+        ids = [int(token) for token in prompt]
         vocab = self.model_config.vocab_size
         bad = [token for token in ids if not 0 <= token < vocab]
         if bad:
@@ -77,7 +89,13 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete every prompt (strings, token-id lists, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...}
         dicts); one RequestOutput per prompt, in input order."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, np.ndarray):
+            if prompts.ndim != 1:
+                raise TypeError(f"prompts is a {prompts.ndim}-D array of shape {prompts.shape}; pass one prompt as a "
+                                "1-D array or list of token ids, or several as a list of them")
+            prompts = [prompts]
+        elif isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         prompts = list(prompts)
         return self._run([self._prompt_ids(index, prompt) for index, prompt in enumerate(prompts)],
@@ -130,15 +148,27 @@ class LLM:
                 )
 
         request_ids = []
-        for (text, ids), param in zip(requests, params):
-            request_ids.append(engine.add_request(prompt_token_ids=ids, sampling_params=param,
-                                                  request_id=f"llm-{self._next_request}", prompt=text))
-            self._next_request += 1
-        self._run_engine(request_ids, use_tqdm)
+        try:
+            for (text, ids), param in zip(requests, params):
+                request_ids.append(engine.add_request(prompt_token_ids=ids, sampling_params=param,
+                                                      request_id=f"llm-{self._next_request}", prompt=text))
+                self._next_request += 1
+            self._run_engine(request_ids, use_tqdm)
+        except BaseException:
+            # Ctrl-C or an error: this call's requests are dropped with their KV blocks, so the next call
+            # starts as on a fresh LLM (vLLM's LLM aborts the requests it added when adding fails).
+            self.abort(request_ids)
+            raise
 
         records = engine.request_records
         outputs = []
         for index, request_id in enumerate(request_ids):
+            record = records.get(request_id)
+            if record is not None and record.status == "rejected":
+                # It can never be served (the whole KV cache is too small for it); the others were.
+                warnings.warn(f"prompt {index} was rejected: {record.reason}", RuntimeWarning, stacklevel=3)
+                outputs.append(_rejected_output(request_id, requests[index], params[index], record))
+                continue
             children = engine.parents.get(request_id)
             for child_id in [seq.request_id for seq in children] if children else [request_id]:
                 record = records[child_id]
@@ -173,6 +203,10 @@ class LLM:
             if progress is not None:
                 progress.close()
 
+    def abort(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests by id (one or several; those unknown or finished are ignored), freeing their KV blocks."""
+        self.engine.abort(request_ids)
+
     def shutdown(self) -> None:
         """Release worker processes (tensor parallelism)."""
         self.executor.shutdown()
@@ -182,3 +216,12 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _rejected_output(request_id: str, request: tuple[str | None, list[int]], params: SamplingParams,
+                     record) -> RequestOutput:
+    """The output of a prompt the engine rejected: finished, with no tokens and finish_reason "rejected"."""
+    text, ids = request
+    outputs = [CompletionOutput(index, "", [], None, None, "rejected") for index in range(params.n)]
+    metrics = RequestMetrics(record.arrival_time, None, None, None, record.arrival_time)
+    return RequestOutput(request_id, text, list(ids), None, outputs, True, metrics)

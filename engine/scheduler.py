@@ -223,6 +223,21 @@ class Scheduler:
         self._step -= 1
         self._released_seq_ids = list(output.finished_seq_ids) + self._released_seq_ids
 
+    def has_steps_in_flight(self) -> bool:
+        """Whether a step scheduled has not been applied by update() yet."""
+        return bool(self._in_flight)
+
+    def unapplied_sequences(self) -> list[Sequence]:
+        """The sequences of every step scheduled and not yet applied, and those released while their last
+        token is in flight: what a failed step leaves without its samples."""
+        seen: dict[int, Sequence] = {}
+        for step in self._in_flight:
+            for seq, _ in step:
+                seen.setdefault(seq.seq_id, seq)
+        for seq in self._finishing:
+            seen.setdefault(seq.seq_id, seq)
+        return list(seen.values())
+
     def drop_in_flight(self) -> None:
         """Forget the steps in flight without applying their results (an interrupted run aborts the rest)."""
         self._in_flight.clear()
@@ -238,7 +253,8 @@ class Scheduler:
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None
         block_size = block_manager.block_size
         running = RequestStatus.RUNNING
-        for (seq, _), scheduled in zip(self._in_flight.popleft(), output.sequences):
+        # The step stays listed until it is applied whole: a failure half way leaves its sequences findable.
+        for (seq, _), scheduled in zip(self._in_flight[0], output.sequences):
             if seq.finish_time is not None:
                 continue  # aborted, or stopped by a token while this step was in flight: its sample is dropped
             if prompt_logprobs is not None and seq.seq_id in prompt_logprobs:
@@ -268,6 +284,7 @@ class Scheduler:
                 commit(seq)
         for seq, reason in finished:
             self.finish(seq, reason, now)
+        self._in_flight.popleft()
         return [seq for seq, _ in finished]
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -48,6 +48,29 @@ class StepLog:
         self._num_run_rows_end = -1
         """The row count right after the last run (so the last row is a run's when they are equal)."""
         self._duration_overrides: dict[int, float] = {}
+        self.num_drained = 0
+        """Rows handed out by drain() and no longer held."""
+
+    def drain(self, keep_last: bool = True) -> dict[str, np.ndarray]:
+        """The columns of every row but the last, which the log forgets: a long run writes its steps out as it
+        goes, so its memory does not grow with its length. The last row stays, as a plain row (the engine may
+        still stretch it, end_last_step_at), unless keep_last is False (the run is over); num_drained counts
+        the rows handed out."""
+        columns = self.numpy_columns()
+        if not keep_last:
+            drained = self.num_drained + self._num_rows
+            self.__init__()
+            self.num_drained = drained
+            return columns
+        if self._num_rows <= 1:
+            return {name: values[:0] for name, values in columns.items()}
+        last = tuple(values[-1].item() for values in columns.values())
+        drained = self.num_drained + self._num_rows - 1
+        self.__init__()
+        self._rows.append(last)
+        self._num_rows = 1
+        self.num_drained = drained
+        return {name: values[:-1] for name, values in columns.items()}
 
     def append(self, record: StepRecord) -> None:
         """Add one step."""

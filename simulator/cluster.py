@@ -30,15 +30,18 @@ import pyarrow.parquet as pq
 
 from analysis.run_schema import requests_table, steps_table
 from analysis.run_store import write_run
+from analysis.run_writer import REPLICAS_FILE, REPLICAS_SCHEMA, STEP_REPLICAS_FILE, STEP_REPLICAS_SCHEMA, RunWriter
 from engine.clock import WallClock
 from engine.engine import Engine
+from engine.sequence import RequestStatus
+from engine.stats import RequestRecord
 from simulator.router import RoutedRequest
-from simulator.trace_requests import TraceRequests
+from simulator.trace_requests import TraceRequests, trace_sampling_params
 
-REPLICAS_FILE = "replicas.parquet"
-STEP_REPLICAS_FILE = "step_replicas.parquet"
-REPLICAS_SCHEMA = pa.schema([("request_id", pa.string()), ("replica", pa.int32())])
-STEP_REPLICAS_SCHEMA = pa.schema([("replica", pa.int32()), ("step", pa.int64())])
+ADD_BATCH = 1024
+"""Streaming: requests are added this many at a time, whenever fewer than this many wait for their arrival."""
+DRAIN_EVERY = 4096
+"""Streaming: ended requests are handed to the writer once this many have piled up in an engine."""
 
 StopCheck = Callable[[float, Sequence[Engine]], str | None]
 """Called now and then with the cluster's time and replicas; a non-empty string stops the run early."""
@@ -59,6 +62,16 @@ class ClusterRun:
         self.assignment = [-1] * len(requests)
         """Replica of each request, in arrival order (-1 for requests never routed: an early stop)."""
         self.stopped: str | None = None
+        # Streaming (run(writer=...)): the requests added and not yet written, by id, the ended ones waiting for
+        # an earlier one to end (records are written in arrival order), and where each engine's count stands.
+        self.writer: RunWriter | None = None
+        self._live: dict[str, int] = {}
+        self._ended: dict[int, tuple[RequestRecord, int]] = {}
+        self._next_to_write = 0
+        self._num_drained = [0] * len(self.replicas)
+        self._abort_reason: str | None = None
+        self.num_output_tokens_drained = 0
+        """Streaming: output tokens of the requests the engines have handed over (for progress)."""
 
     @property
     def router_name(self) -> str | None:
@@ -72,6 +85,7 @@ class ClusterRun:
         check_every: int = 0,
         drain_interval: float = 1.0,
         on_progress: Callable[[Engine], None] | None = None,
+        writer: RunWriter | None = None,
     ) -> "ClusterRun":
         """Serve every request at its arrival time and run the replicas to the end.
 
@@ -79,20 +93,117 @@ class ClusterRun:
         arrivals) and every `drain_interval` simulated seconds after the last arrival; a reason it returns
         stops the run there (the planner uses this to give up on a rate that has already broken its SLO).
         on_progress is called with the engine concerned after each step or routed arrival.
+
+        writer: write the run into it (finish_stream() writes what is left at the end). On a virtual clock the
+        run streams: requests are added a batch at a time ahead of their arrival and ended ones written out as
+        it goes, so memory holds the requests in the system, not the trace's. A real engine is given every
+        request first and writes at the end, so that its steps never wait on the adding.
         """
+        if writer is not None:
+            if stop_check is not None:
+                raise ValueError("a streamed run cannot stop early: give either a writer or a stop_check")
+            self.writer = writer
         if len(self.replicas) == 1 and stop_check is None:
-            self._queue_all_then_run(on_progress)
+            if writer is None or isinstance(self.replicas[0].clock, WallClock):
+                self._queue_all_then_run(on_progress)
+            else:
+                self._stream_one(on_progress)
         else:
             self._route_at_arrivals(stop_check, check_every, drain_interval, on_progress)
         return self
+
+    def _add(self, replica: int, index: int) -> None:
+        request_id = self.requests.request_ids[index]
+        if self.writer is not None:
+            self._live[request_id] = index
+        self.requests.add(self.replicas[replica], index)
+        self.assignment[index] = replica
+
+    def _stream_one(self, on_progress) -> None:
+        # Requests are added in batches whenever few wait for their arrival: the engine always knows the next
+        # arrival (so a decode fast-forward never runs past one) and never holds more than a batch ahead.
+        engine = self.replicas[0]
+        count = len(self.requests)
+        next_index = 0
+        while True:
+            while next_index < count and engine.num_pending < ADD_BATCH:
+                stop = min(next_index + ADD_BATCH, count)
+                for index in range(next_index, stop):
+                    self._add(0, index)
+                next_index = stop
+            if not engine.step():
+                break
+            if on_progress is not None:
+                on_progress(engine)
+            self._drain(0)
+
+    def _drain(self, replica: int, final: bool = False) -> None:
+        """Streaming: hand the engine's ended requests (in arrival order) and its steps to the writer, when
+        enough have piled up or at the end."""
+        engine = self.replicas[replica]
+        if final or engine.num_finished + engine.num_rejected - self._num_drained[replica] >= DRAIN_EVERY:
+            records = engine.pop_ended_records()
+            self._num_drained[replica] += len(records)
+            self.num_output_tokens_drained += sum(record.output_len for record in records)
+            live, ended = self._live, self._ended
+            for record in records:
+                ended[live.pop(record.request_id)] = (record, replica)
+            self._write_ready()
+        if final or len(engine.step_records) >= DRAIN_EVERY * 4:
+            steps = engine.step_records.drain(keep_last=not final)
+            self.writer.add_steps(steps, replica)
+
+    def _write_ready(self, upto: int | None = None) -> None:
+        """Write the ended records that come next in arrival order; with upto, also make aborted records for the
+        requests before it that have none (never added: an interrupted run)."""
+        ended, index = self._ended, self._next_to_write
+        records, replicas = [], []
+        while True:
+            entry = ended.pop(index, None)
+            if entry is None:
+                if upto is None or index >= upto:
+                    break
+                # Never added (an interrupted run), or its record lost to an interrupt while being handed over:
+                # it still gets its row, aborted.
+                entry = (self._never_added_record(index), max(self.assignment[index], 0))
+                self.assignment[index] = entry[1]
+            records.append(entry[0])
+            replicas.append(entry[1])
+            index += 1
+            if len(records) >= DRAIN_EVERY:
+                self.writer.add_requests(records, replicas)
+                records, replicas = [], []
+        self._next_to_write = index
+        if records:
+            self.writer.add_requests(records, replicas)
+
+    def _never_added_record(self, index: int) -> RequestRecord:
+        """The record of a request an interrupted run never reached, as Engine.abort_all would leave it."""
+        requests = self.requests
+        arrival = float(requests.arrival_times[index])
+        now = max(engine.clock.now() for engine in self.replicas)
+        return RequestRecord(
+            request_id=requests.request_ids[index],
+            arrival_time=arrival,
+            prompt_len=requests.prompt_len(index),
+            max_tokens=trace_sampling_params(int(requests.output_lens[index])).max_tokens,
+            finish_time=max(now, arrival),
+            status=RequestStatus.ABORTED,
+            reason=f"{RequestStatus.ABORTED}: {self._abort_reason}",
+        )
+
+    def finish_stream(self) -> None:
+        """Streaming: write every record and step still held (after the run, or after abort())."""
+        for replica in range(len(self.replicas)):
+            self._drain(replica, final=True)
+        self._write_ready(upto=len(self.requests))
 
     def _queue_all_then_run(self, on_progress) -> None:
         # The engine admits each request at its arrival time itself: a real engine's steps then never wait
         # on routing, and the run is the one routing request by request gives (tests/test_cluster.py).
         engine = self.replicas[0]
         for index in range(len(self.requests)):
-            self.requests.add(engine, index)
-            self.assignment[index] = 0
+            self._add(0, index)
         if isinstance(engine.clock, WallClock):
             engine.clock.restart()  # time zero of a real run: every request queued, the first may arrive
         engine.run(on_step=on_progress)
@@ -103,6 +214,7 @@ class ClusterRun:
         if check_every <= 0:
             check_every = max(1, count // 100)
         ids, arrivals, tokens = requests.request_ids, requests.arrival_times, requests.prompt_token_ids
+        streaming = self.writer is not None
         for index in range(count):
             arrival = float(arrivals[index])
             for engine in replicas:
@@ -110,23 +222,34 @@ class ClusterRun:
             replica = 0
             if len(replicas) > 1:
                 replica = router.route(RoutedRequest(ids[index], arrival, tokens[index]), replicas)
-            requests.add(replicas[replica], index)
-            self.assignment[index] = replica
+            self._add(replica, index)
             if on_progress is not None:
                 on_progress(replicas[replica])
+            if streaming:
+                self._drain(replica)
             if stop_check is not None and (index + 1) % check_every == 0:
                 self.stopped = stop_check(arrival, replicas) or None
                 if self.stopped:
                     return
         if stop_check is None:
-            for engine in replicas:
-                engine.run(on_step=on_progress)
+            for replica, engine in enumerate(replicas):
+                while engine.step():
+                    if on_progress is not None:
+                        on_progress(engine)
+                    if streaming:
+                        self._drain(replica)
         else:
             self.stopped = _drain_with_checks(replicas, stop_check, drain_interval)
 
     def abort(self, reason: str) -> None:
         """Stop now: every request not finished is recorded as aborted with the reason (those never routed,
         on the first replica), so the run still holds a row for each request of the trace."""
+        if self.writer is not None:
+            # Those never added get their records when written (finish_stream), not engine state now.
+            self._abort_reason = reason
+            for engine in self.replicas:
+                engine.abort_all(reason)
+            return
         # A request interrupted while being added may be in its replica already.
         owners = {request_id: replica for replica, engine in enumerate(self.replicas)
                   for request_id in engine.request_records}

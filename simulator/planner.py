@@ -339,15 +339,20 @@ _WORKER_TRACE: list[Trace] = []
 def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> TraceRequests:
     """The trace's busiest `count` consecutive requests (all when None) with their token ids (made once
     per process), scaled as the whole trace would be."""
+    from engine.config import default_max_model_len
     from engine.model_config import load_model_config
 
     from analysis.run_store import trace_fingerprint
 
-    vocab_size = load_model_config(settings.model).vocab_size
+    model_config = load_model_config(settings.model)
+    vocab_size = model_config.vocab_size
+    # Longer prompts are rejected by every configuration: no token ids are made for them.
+    max_model_len = settings.max_model_len or default_max_model_len(model_config.max_position_embeddings)
     key = (trace_fingerprint(trace.table), vocab_size, settings.seed)
     full = _REQUESTS_CACHE.get(key)
     if full is None:
-        full = _REQUESTS_CACHE[key] = TraceRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed)
+        full = _REQUESTS_CACHE[key] = TraceRequests.from_trace(trace, vocab_size=vocab_size, seed=settings.seed,
+                                                               max_prompt_len=max_model_len)
     return full if count is None or count >= len(full) else full.busiest_window(count)
 
 

@@ -70,6 +70,9 @@ class ReferenceBlockManager:
     def hit_rate(self) -> float:
         return self.num_hit_tokens / self.num_query_tokens if self.num_query_tokens else 0.0
 
+    def holds_nothing(self) -> bool:
+        return not any(self.ref_counts)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from analysis.metrics import compute_metrics
@@ -58,7 +59,7 @@ def test_one_replica_routed_request_by_request_gives_exactly_the_replay(tmp_path
     )
     (engine,), metadata = _engines(1, "--max-num-seqs", "8")
     replay_path = replay(trace, engine, tmp_path / "replay", executor_kind="sim", show_progress=False,
-                         metadata=metadata)
+                         metadata=metadata).path
     result = _cluster(trace, 1, RoundRobinRouter(), "--max-num-seqs", "8", stop_check=lambda now, replicas: None,
                       check_every=1)
     cluster_path = result.write(tmp_path / "cluster", {"executor_kind": "sim"})
@@ -212,7 +213,7 @@ def test_an_interrupted_cluster_run_keeps_every_request(tmp_path, capsys):
     trace = random_workload(num_prompts=40, input_len=64, output_len=200, arrivals=ConstantRate(rate=20.0))
     engines, metadata = _engines(2)
     path = replay(trace, engines, tmp_path / "run", executor_kind="sim", router=InterruptingRouter(30),
-                  show_progress=False, metadata=metadata)
+                  show_progress=False, metadata=metadata).path
     assert "interrupted" in capsys.readouterr().out
     run = read_run(path)
     statuses = run.requests.column("status").to_pylist()
@@ -220,3 +221,67 @@ def test_an_interrupted_cluster_run_keeps_every_request(tmp_path, capsys):
     assert "finished" in statuses and "aborted" in statuses and set(statuses) <= {"finished", "aborted"}
     assert sum(run.metadata["requests_per_replica"]) == 40
     assert read_replica_assignment(path).num_rows == 40
+
+
+@pytest.mark.parametrize("count, router", [(1, None), (3, "least-outstanding")])
+def test_a_streamed_run_writes_exactly_the_tables_kept_in_memory(tmp_path, monkeypatch, count, router):
+    """Streaming (requests added a batch ahead, records and steps written as they end) changes nothing: with tiny
+    batches and row groups, so that every boundary is crossed many times, the tables equal the in-memory run's."""
+    import simulator.cluster
+    from analysis.run_writer import RunWriter
+
+    monkeypatch.setattr(simulator.cluster, "ADD_BATCH", 7)
+    monkeypatch.setattr(simulator.cluster, "DRAIN_EVERY", 5)
+    trace = shared_prefix_workload(num_groups=6, prompts_per_group=30, system_prompt_len=256, question_len=64,
+                                   output_len=40, arrivals=Poisson(rate=40.0), seed=3)
+    kept = _cluster(trace, count, make_router(router, block_size=16) if router else None, "--max-num-seqs", "16")
+    kept_path = kept.write(tmp_path / "kept", {"executor_kind": "sim"})
+
+    engines, _ = _engines(count, "--max-num-seqs", "16")
+    requests = TraceRequests.from_trace(trace, vocab_size=engines[0].config.vocab_size, lazy=True)
+    writer = RunWriter(tmp_path / "streamed", num_replicas=count, requests_per_group=11, steps_per_group=13)
+    streamed = ClusterRun(requests, engines, make_router(router, block_size=16) if router else None)
+    most_held = []
+    streamed.run(writer=writer, on_progress=lambda engine: most_held.append(len(engine.requests)))
+    streamed.finish_stream()
+    streamed_path = writer.commit({"executor_kind": "sim"})
+
+    kept_run, streamed_run = read_run(kept_path), read_run(streamed_path)
+    assert streamed_run.requests.equals(kept_run.requests)
+    assert streamed_run.steps.equals(kept_run.steps)
+    if count > 1:
+        for name in ("replicas.parquet", "step_replicas.parquet"):
+            assert pq.read_table(streamed_path / name).equals(pq.read_table(kept_path / name))
+    # The engines held a bounded window of the trace, never all of it.
+    assert max(most_held) < 60 < trace.table.num_rows
+
+
+def test_an_interrupted_streamed_run_records_every_request_once(tmp_path, monkeypatch):
+    import simulator.cluster
+    from analysis.run_writer import RunWriter
+
+    monkeypatch.setattr(simulator.cluster, "ADD_BATCH", 4)
+    monkeypatch.setattr(simulator.cluster, "DRAIN_EVERY", 3)
+    trace = random_workload(num_prompts=200, input_len=64, output_len=30, arrivals=ConstantRate(rate=50.0))
+    (engine,), _ = _engines(1)
+    requests = TraceRequests.from_trace(trace, vocab_size=engine.config.vocab_size, lazy=True)
+    writer = RunWriter(tmp_path / "run", requests_per_group=8)
+    cluster = ClusterRun(requests, [engine])
+    steps = 0
+
+    def interrupt(_engine):
+        nonlocal steps
+        steps += 1
+        if steps == 300:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(writer=writer, on_progress=interrupt)
+    cluster.abort("interrupted")
+    cluster.finish_stream()
+    run = read_run(writer.commit({"executor_kind": "sim", "complete": False}))
+    assert run.requests.column("request_id").to_pylist() == trace.table.column("request_id").to_pylist()
+    statuses = run.requests.column("status").to_pylist()
+    assert {"finished", "aborted"} == set(statuses)
+    never_arrived = [r for r in run.requests.to_pylist() if r["status"] == "aborted" and r["first_scheduled_time"] is None]
+    assert never_arrived and all(r["finish_time"] >= r["arrival_time"] for r in never_arrived)

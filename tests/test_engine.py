@@ -417,3 +417,46 @@ def test_async_scheduling_with_stop_tokens_and_aborts_finishes_each_request_once
             assert output == expected
         else:
             assert record.status == "aborted" and output == expected[: len(output)]
+
+
+class FailingOnceExecutor(PagedEchoExecutor):
+    """Raises at its n-th step only, as a transient device error would."""
+
+    def __init__(self, *args, fail_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def execute(self, scheduler_output):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("device lost")
+        return super().execute(scheduler_output)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failed_step_aborts_its_requests_and_the_engine_serves_the_rest(asynchronous):
+    config = EngineConfig(block_size=2, num_kv_blocks=40, async_scheduling=asynchronous)
+    engine = Engine(config, FailingOnceExecutor(40, 2, fail_at=3))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    engine.add_request(prompt_token_ids=[1, 2, 3], sampling_params=params, request_id="early", arrival_time=0.0)
+    engine.add_request(prompt_token_ids=[4, 5, 6], sampling_params=params, request_id="late", arrival_time=1.0)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.run()
+    engine.run()  # the engine goes on
+    records = engine.request_records
+    assert records["early"].status == "aborted" and records["early"].reason == "aborted: error: RuntimeError: device lost"
+    assert records["late"].status == "finished"
+    assert engine.output_token_ids("late") == reference_outputs([4, 5, 6], 5)
+    assert engine.block_manager.holds_nothing() and engine.num_finished == 2
+
+
+def test_abort_takes_one_id_or_several_and_ignores_unknown_ones():
+    engine = Engine(EngineConfig(block_size=2, num_kv_blocks=40), PagedEchoExecutor(40, 2))
+    for request_id in ("a", "b", "c"):
+        engine.add_request(prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=4), request_id=request_id)
+    engine.step()
+    engine.abort("a")
+    engine.abort(["b", "missing"])
+    engine.run()
+    assert [record.status for record in engine.request_records.values()] == ["aborted", "aborted", "finished"]

@@ -142,3 +142,28 @@ def test_interrupted_run_duration_ends_at_the_interruption():
     assert m.failed == 4
     empty_steps = STEPS_SCHEMA.empty_table()
     assert run_time_range(table, empty_steps) == pytest.approx((0.0, 3.2))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 2048])
+def test_metrics_of_a_requests_file_read_in_batches_are_those_of_the_whole_table(tmp_path, monkeypatch, batch):
+    """The streamed computation (token times read a few requests at a time, exact ITL percentiles in passes) gives
+    the numbers of compute_metrics on the table in memory, and the percentiles asked for besides."""
+    import pyarrow.parquet as pq
+
+    import analysis.metrics
+    from analysis.metrics import compute_metrics_of_file
+    from tests.runs import engine_run
+
+    monkeypatch.setattr(analysis.metrics, "_TOKEN_TIME_BATCH", batch)
+    requests, _ = engine_run(60, request_rate=30.0, seed=4, num_kv_blocks=300)
+    pq.write_table(requests, tmp_path / "requests.parquet", row_group_size=7)
+    slos = {"ttft": 300.0, "tpot": 40.0}
+    in_memory = compute_metrics(requests, slos)
+    streamed = compute_metrics_of_file(tmp_path / "requests.parquet", slos, percentiles=(25.0, 99.0))
+    assert streamed == in_memory  # every field but the samples themselves
+    assert streamed.itl.count == in_memory.itl.count > 1000
+    for p in (25.0, 50.0, 99.0, 99.9):
+        assert streamed.itl.percentile(p) == in_memory.itl.percentile(p)
+    assert streamed.itl.std == pytest.approx(in_memory.itl.std, rel=1e-12)
+    with pytest.raises(ValueError, match="percentile 75 was not computed"):
+        streamed.itl.percentile(75)

@@ -100,7 +100,7 @@ def test_a_simulated_run_stores_its_cost_model_and_predicts_its_own_steps_back(t
     assert metadata["provenance"] == provenance and metadata["calibrated"] is False
     trace = random_workload(num_prompts=40, input_len=500, output_len=40, range_ratio=0.9, arrivals=Poisson(rate=30.0),
                             seed=2)
-    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False, metadata=metadata)
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False, metadata=metadata).path
     run = read_run(path)
     predicted = step_predictor_of(run)(run.steps)
     np.testing.assert_allclose(predicted, run.steps.column("duration").to_numpy(), rtol=1e-9)
@@ -113,7 +113,7 @@ def test_the_calibrated_model_round_trips_through_a_run_too(tmp_path):
     trace = random_workload(num_prompts=20, input_len=200, output_len=20, range_ratio=0.9, arrivals=Poisson(rate=30.0),
                             seed=1)
     run = read_run(replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False,
-                          metadata=metadata))
+                          metadata=metadata).path)
     np.testing.assert_allclose(step_predictor_of(run)(run.steps), run.steps.column("duration").to_numpy(), rtol=1e-9)
 
 

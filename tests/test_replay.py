@@ -24,7 +24,7 @@ def test_every_request_is_in_the_run_finished_or_rejected(tmp_path):
     # A cache of 4 blocks of 16 tokens cannot hold the longest prompts: those are rejected, with the reason.
     config = EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=4, vocab_size=1000)
     engine = Engine(config, PredictingExecutor(4, 16))
-    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)
+    path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False).path
     run = read_run(path)
     requests = run.requests.to_pylist()
     assert sorted(r["request_id"] for r in requests) == sorted(trace.table.column("request_id").to_pylist())
@@ -35,7 +35,7 @@ def test_every_request_is_in_the_run_finished_or_rejected(tmp_path):
     lengths = dict(zip(trace.table.column("request_id").to_pylist(), trace.table.column("output_len").to_pylist()))
     assert all(r["output_len"] == lengths[r["request_id"]] for r in finished)
     assert run.metadata["complete"] is True and run.metadata["executor_kind"] == "sim"
-    assert run.steps.num_rows == len(engine.step_records)
+    assert run.steps.num_rows == engine.step_records.num_drained  # streamed out as the run went
 
 
 class InterruptingExecutor(PredictingExecutor):
@@ -59,7 +59,7 @@ def test_an_interrupted_replay_keeps_what_finished(tmp_path, capsys, error):
     config = EngineConfig(block_size=16, max_model_len=512, num_kv_blocks=400, vocab_size=1000)
     engine = Engine(config, executor, fast_forward=False)
     if isinstance(error, KeyboardInterrupt):
-        path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)
+        path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False).path
     else:
         with pytest.raises(RuntimeError, match="finished part is in"):
             replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False)

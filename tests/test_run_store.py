@@ -181,3 +181,50 @@ def test_runs_stored_in_benchmarks_data_still_read_with_their_columns_and_status
         run = read_run(folder)
         assert pq.read_schema(folder / "steps.parquet").names == STEPS_SCHEMA.names
         assert set(run.requests.column("status").to_pylist()) <= set(RequestStatus)
+
+
+def _tampered(tmp_path, tables, change_requests=None, change_metadata=None):
+    """A run written properly, then edited on disk as a hand or a broken tool might."""
+    requests, steps = tables
+    path = write_run(tmp_path / "run", requests, steps, metadata())
+    if change_requests is not None:
+        pq.write_table(change_requests(requests), path / "requests.parquet")
+    if change_metadata is not None:
+        data = json.loads((path / "metadata.json").read_text())
+        change_metadata(data)
+        (path / "metadata.json").write_text(json.dumps(data))
+    return path
+
+
+def _set(column: str, row: int, value):
+    def change(table: pa.Table) -> pa.Table:
+        values = table.column(column).to_pylist()
+        values[row] = value
+        index = table.column_names.index(column)
+        return table.set_column(index, column, pa.array(values, table.schema.field(column).type))
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda t: pa.concat_tables([t, t.slice(3, 1)]), r"request id 'req-3' appears 2 times \(first at row 3\)"),
+    (_set("ttft", 2, -0.5), r"column 'ttft' holds -0.5 at row 2; times are finite and not negative"),
+    (_set("arrival_time", 4, float("nan")), r"column 'arrival_time' holds nan at row 4"),
+    (_set("e2e", 1, float("inf")), r"column 'e2e' holds inf at row 1"),
+    (_set("output_len", 0, -3), r"column 'output_len' is negative at row 0"),
+    (_set("token_times", 0, [0.1, float("nan")]), r"column 'token_times' holds nan"),
+])
+def test_tampered_requests_are_refused_on_read_with_the_row(tmp_path, tables, capsys, change, problem):
+    path = _tampered(tmp_path, tables, change_requests=change)
+    with pytest.raises(ValueError, match=problem):
+        read_run(path)
+    from twinfer.cli import main
+
+    assert main(["summary", str(path)]) == 2
+    assert "requests.parquet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, "false"])
+def test_a_complete_flag_that_is_not_a_boolean_is_refused(tmp_path, tables, value):
+    path = _tampered(tmp_path, tables, change_metadata=lambda data: data.update(complete=value))
+    with pytest.raises(ValueError, match=f"'complete' is {value!r}; expected true or false"):
+        read_run(path)

@@ -25,7 +25,7 @@ from traces.sharegpt import read_sharegpt
 from traces.vllm_custom import COLUMNS as VLLM_CUSTOM_COLUMNS
 from traces.vllm_custom import read_vllm_custom
 from traces.schema import Trace
-from traces.source import TraceSource
+from traces.source import TraceSource, readable_twice
 
 MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
 
@@ -64,6 +64,9 @@ def known_formats() -> str:
 def read_trace(path: str | Path, format: str | None = None, **options) -> Trace:
     """Read any supported trace (or a bundled sample by name); the format is detected unless given."""
     path = bundled_trace_path(path) or Path(path)
+    if not path.is_file() and path.exists() and not path.is_dir():  # a stream: read it once, then twice
+        with readable_twice(path) as copy:
+            return read_trace(copy, format, **options)
     name = format_name(format) if format is not None else detect_format(path)
     if name != "native" and _is_parquet(path):
         # The other readers read text; given Parquet bytes they would only say "not UTF-8 text".

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +97,27 @@ class TraceSource:
         except csv.Error:
             pass
         return starts[1:]  # the first record is the header
+
+
+@contextmanager
+def readable_twice(path: str | Path) -> Iterator[Path]:
+    """The path itself, or for a stream (a FIFO, /dev/stdin, a process substitution) a temporary copy of the same
+    name: a stream can be read only once, and a trace is read twice (its head to tell the format, then whole).
+    Errors name the path given, not the copy."""
+    path = Path(path)
+    if not path.exists() or path.is_file() or path.is_dir():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="twinfer-trace-") as folder:
+        copy = Path(folder) / path.name
+        try:
+            with open(path, "rb") as stream, open(copy, "wb") as file:
+                shutil.copyfileobj(stream, file, 1 << 20)
+        except OSError as error:
+            raise TraceError(f"cannot read: {error.strerror or error}", path) from None
+        try:
+            yield copy
+        except TraceError as error:
+            if error.path != str(copy):
+                raise
+            raise TraceError(error.message, path, error.line) from None

@@ -50,18 +50,25 @@ def prompt_token_ids_for(
     )
 
 
-def trace_prompt_token_ids(trace: Trace, *, vocab_size: int, seed: int = 0) -> Iterator[np.ndarray]:
-    """Prompt token ids of every trace row, in order; rows that carry prompt_token_ids keep them."""
+def trace_prompt_token_ids(
+    trace: Trace, *, vocab_size: int, seed: int = 0, max_prompt_len: int | None = None
+) -> Iterator[np.ndarray | None]:
+    """Prompt token ids of every trace row, in order; rows that carry prompt_token_ids keep them.
+
+    A row longer than max_prompt_len yields None: its length is checked before anything is made for it, so a
+    trace claiming billions of tokens is rejected row by row instead of exhausting memory.
+    """
     table = trace.table
     hash_block_size = trace.hash_block_size
     if hash_block_size < 1:
         raise ValueError(f"hash_block_size must be positive, got {hash_block_size}")
     _token_range(vocab_size)
-    request_ids = table.column("request_id").to_pylist()
+    id_column = table.column("request_id")
     prompt_lens = table.column("prompt_len").to_numpy().astype(np.int64)
     if len(prompt_lens) and prompt_lens.min() < 0:
         row = int(np.argmax(prompt_lens < 0))
-        raise ValueError(f"trace {trace.name!r} request {request_ids[row]}: prompt_len must be non-negative")
+        raise ValueError(f"trace {trace.name!r} request {id_column[row].as_py()}: prompt_len must be non-negative")
+    too_long = prompt_lens > max_prompt_len if max_prompt_len is not None else np.zeros(len(prompt_lens), bool)
     # Prefix block ids as one flat array plus each row's count (a null list counts as empty).
     prefix = table.column("prefix_block_ids").combine_chunks()
     num_ids = pc.fill_null(pc.list_value_length(prefix), 0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -71,15 +78,16 @@ def trace_prompt_token_ids(trace: Trace, *, vocab_size: int, seed: int = 0) -> I
     given = table.column("prompt_token_ids")
     has_given = given.null_count < len(given)
     given_ids = given.to_pylist() if has_given else None
-    # Rows that carry their tokens are synthesized as empty and replaced below.
-    synthesized_lens = prompt_lens.copy()
+    # Rows that carry their tokens, and rows too long, are synthesized as empty and replaced below.
+    synthesized_lens = np.where(too_long, 0, prompt_lens)
+    num_shared[too_long] = 0
     if has_given:
         for row, ids in enumerate(given_ids):
             if ids is not None:
                 synthesized_lens[row] = 0
                 num_shared[row] = 0
 
-    num_rows = len(request_ids)
+    num_rows = len(prompt_lens)
     ends = np.cumsum(synthesized_lens)
     batch_start = 0
     while batch_start < num_rows:
@@ -94,7 +102,7 @@ def trace_prompt_token_ids(trace: Trace, *, vocab_size: int, seed: int = 0) -> I
             synthesized_lens[rows],
             shared,
             flat_ids[id_index],
-            request_ids[rows],
+            id_column.slice(batch_start, batch_end - batch_start).to_pylist(),
             vocab_size=vocab_size,
             hash_block_size=hash_block_size,
             seed=seed,
@@ -102,11 +110,13 @@ def trace_prompt_token_ids(trace: Trace, *, vocab_size: int, seed: int = 0) -> I
         row_ends = np.cumsum(synthesized_lens[rows]).tolist()
         start = 0
         for row, end in zip(range(batch_start, batch_end), row_ends):
-            if has_given and given_ids[row] is not None:
+            if too_long[row]:
+                yield None
+            elif has_given and given_ids[row] is not None:
                 row_tokens = np.asarray(given_ids[row], dtype=np.int32)
                 if row_tokens.size and (row_tokens.min() < 0 or row_tokens.max() >= vocab_size):
                     raise ValueError(
-                        f"trace {trace.name!r} request {request_ids[row]}: prompt_token_ids outside the "
+                        f"trace {trace.name!r} request {id_column[row].as_py()}: prompt_token_ids outside the "
                         f"vocabulary of {vocab_size}"
                     )
                 yield row_tokens

@@ -10,6 +10,7 @@ from traces.arrivals import parse_arrival_process
 from traces.formats import TEXT_FORMATS, detect_format, format_name, read_trace
 from traces.bundled import bundled_trace_path
 from traces.errors import TraceError
+from traces.source import readable_twice
 from traces.schema import Trace
 from traces.synthetic import is_workload_spec, workload_from_spec
 from traces.transforms import cap_lengths, scale_time, slice_count, slice_time, with_arrivals, with_request_rate
@@ -55,19 +56,20 @@ def load_trace(path: str | Path, options: TraceOptions = TraceOptions()) -> Trac
     arrivals = parse_arrival_process(options.arrivals) if options.arrivals is not None else None
     if is_workload_spec(path):
         return _apply(workload_from_spec(str(path), arrivals=arrivals, seed=options.seed), options, Path(str(path)))
-    resolved = bundled_trace_path(path) or Path(path)
-    fmt = format_name(options.format) if options.format is not None else detect_format(resolved)
-    if options.tokenizer is not None and fmt not in TEXT_FORMATS:
-        raise ValueError(f"--tokenizer applies to traces of prompt texts ({', '.join(TEXT_FORMATS)}), not {fmt}")
-    if fmt == "length_table":
-        trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed)
-    elif fmt in TEXT_FORMATS:
-        trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed, tokenizer=options.tokenizer)
-    else:
-        trace = read_trace(resolved, format=fmt)
-        if arrivals is not None:
-            trace = with_arrivals(trace, arrivals, options.seed)
-    return _apply(trace, options, resolved)
+    given = bundled_trace_path(path) or Path(path)
+    with readable_twice(given) as resolved:
+        fmt = format_name(options.format) if options.format is not None else detect_format(resolved)
+        if options.tokenizer is not None and fmt not in TEXT_FORMATS:
+            raise ValueError(f"--tokenizer applies to traces of prompt texts ({', '.join(TEXT_FORMATS)}), not {fmt}")
+        if fmt == "length_table":
+            trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed)
+        elif fmt in TEXT_FORMATS:
+            trace = read_trace(resolved, format=fmt, arrivals=arrivals, seed=options.seed, tokenizer=options.tokenizer)
+        else:
+            trace = read_trace(resolved, format=fmt)
+    if arrivals is not None and fmt != "length_table" and fmt not in TEXT_FORMATS:
+        trace = with_arrivals(trace, arrivals, options.seed)
+    return _apply(trace, options, given)
 
 
 def _apply(trace: Trace, options: TraceOptions, resolved: Path) -> Trace:

@@ -16,7 +16,6 @@ import datetime
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from analysis.atomic_file import write_text_atomically
 from analysis.metrics import Distribution, compute_metrics
 from analysis.summary import percentile_word
 
@@ -212,16 +212,4 @@ def result_path(result: dict, options: ResultOptions, *, result_dir: str | None 
 
 def write_result_json(result: dict, path: str | os.PathLike) -> Path:
     """Write the result as JSON (atomically: a reader never sees half a file); the folder is made if needed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".writing")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
-
+    return write_text_atomically(path, json.dumps(result, indent=2, allow_nan=False) + "\n")

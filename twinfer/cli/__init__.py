@@ -1,6 +1,7 @@
 """The `twinfer` command: one module per subcommand, each with register(commands) and run(args)."""
 
 import argparse
+import signal
 import sys
 
 from twinfer import __version__
@@ -49,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     with console_logging(level_of(args.quiet, args.verbose)):
         try:
             return SUBCOMMANDS[args.command].run(args) or 0
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, OSError) as error:  # bad input or a file that cannot be read or written: one line
             print(f"twinfer {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as interrupt:  # before or after a run (a run itself writes its finished part)
+            from twinfer.interrupts import signal_of
+
+            signum = signal_of(interrupt)
+            print(f"twinfer {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import argparse
 import math
 import os
 
-from twinfer.cli.options import add_output_options, check_output_flags, print_run_summary
+from twinfer.cli.options import add_output_options, check_output_flags, summarize
 from twinfer.cli.result_flags import traffic_of
 
 
@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.request_rate is not None and args.time_scale is not None:
         raise ValueError("give either --request-rate or --time-scale, not both")
+    from analysis.run_output import RunFolderLock, check_out_dir
+
     check_output_flags(args)
+    check_out_dir(args.out, overwrite=args.overwrite)
     options = BenchServeOptions(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None, max_concurrency=args.max_concurrency,
@@ -99,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
         traffic["burstiness"] = args.burstiness
         if math.isinf(args.request_rate):
             traffic["request_rate"] = None  # all at once: the result JSON's "inf"
-    path = bench_serve(trace, options, args.out, vocab_size=vocab_size, seed=args.seed,
-                       metadata={"traffic": traffic})
-    print(f"run written to {path}")
-    print_run_summary(path, args)
+    with RunFolderLock(args.out):
+        check_out_dir(args.out, overwrite=args.overwrite)
+        path = bench_serve(trace, options, args.out, vocab_size=vocab_size, seed=args.seed,
+                           metadata={"traffic": traffic})
+        print(f"run written to {path}")
+        summarize(path, args)
     return 0

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-from pathlib import Path
 
 
 def register(commands) -> None:
@@ -13,6 +12,7 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from analysis.atomic_file import write_text_atomically
     from analysis.compare import compare_runs
     from analysis.run_store import read_run
     from simulator.profile_library import step_predictor_of
@@ -21,5 +21,5 @@ def run(args: argparse.Namespace) -> int:
     comparison = compare_runs(real, simulated, step_predictor=step_predictor_of(simulated))
     print(comparison.format())
     if args.json:
-        Path(args.json).write_text(json.dumps(comparison.to_dict(), indent=2))
+        write_text_atomically(args.json, json.dumps(comparison.to_dict(), indent=2))
     return 0

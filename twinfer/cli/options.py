@@ -88,7 +88,9 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     from twinfer.cli.result_flags import add_result_flags
 
-    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument("--out", required=True, help="run folder to write (checked, and locked against other runs, "
+                        "before any work)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     add_goodput_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_result_flags(parser)
@@ -139,37 +141,42 @@ def load_trace(args: argparse.Namespace):
     return trace
 
 
-def print_run_summary(run_path: Path, args: argparse.Namespace) -> None:
-    """summarize() right after a run, without the collector scanning the run's objects again."""
-    import gc
+def print_run_summary(result, args: argparse.Namespace) -> None:
+    """Print a replay's metrics (computed from what it wrote, not read back) in vLLM's layout (the selected metrics
+    and percentiles), and save vLLM's result JSON when asked."""
+    from analysis.summary import parse_goodput
+    from twinfer.result_json import parse_metric_percentiles, parse_percentile_metrics
 
-    # The engine's millions of objects are still alive: keep the collector from scanning them again.
-    gc.freeze()
-    try:
-        summarize(run_path, args)
-    finally:
-        gc.unfreeze()
+    _print_summary(result.metrics, result.metadata, result.path, args, parse_metric_percentiles(args.metric_percentiles),
+                   parse_percentile_metrics(args.percentile_metrics),
+                   parse_goodput(args.goodput) if args.goodput else None)
 
 
 def summarize(run_path, args: argparse.Namespace) -> None:
     """Print a run's metrics in vLLM's layout (the selected metrics and percentiles), and save vLLM's result JSON
-    when asked."""
-    from analysis.metrics import compute_metrics
-    from analysis.run_store import read_run
-    from analysis.summary import parse_goodput, print_summary
-    from twinfer.cli.result_flags import save_result, wants_result
+    when asked. The token times are read a batch at a time: a simulated week's run is summarized in flat memory."""
+    from analysis.metrics import compute_metrics_of_file
+    from analysis.run_store import REQUESTS_FILE, read_run_metadata
+    from analysis.summary import parse_goodput
     from twinfer.result_json import parse_metric_percentiles, parse_percentile_metrics
 
     percentiles = parse_metric_percentiles(args.metric_percentiles)
     shown = parse_percentile_metrics(args.percentile_metrics)
     goodput = parse_goodput(args.goodput) if args.goodput else None
-    run = read_run(run_path)
-    metrics = compute_metrics(run, goodput=goodput)
-    if not run.metadata.get("complete", True):
-        statuses = run.requests.column("status").to_pylist()
-        log.warning(f"{run_path} is an interrupted run: {statuses.count('finished')} of {len(statuses)} requests "
-                    "finished; the rest are counted as failed")
-    meta = run.metadata
+    metadata = read_run_metadata(run_path)
+    metrics = compute_metrics_of_file(Path(run_path) / REQUESTS_FILE, goodput, percentiles)
+    _print_summary(metrics, metadata, run_path, args, percentiles, shown, goodput)
+
+
+def _print_summary(metrics, meta: dict, run_path, args, percentiles, shown, goodput) -> None:
+    from analysis.run_store import read_run
+    from analysis.summary import print_summary
+    from twinfer.cli.result_flags import save_result, wants_result
+
+    if not meta.get("complete", True):
+        stopped = f" (stopped by {meta['stopped_by']})" if meta.get("stopped_by") else ""
+        log.warning(f"{run_path} is an interrupted run: {metrics.completed} of {metrics.num_requests} requests "
+                    f"finished; the rest are counted as failed{stopped}")
     if meta.get("replicas", 1) > 1:
         print(f"{meta['replicas']} replicas behind {meta['router']}: requests per replica "
               f"{meta['requests_per_replica']}, prefix-cache hit rate {meta['prefix_cache_hit_rate']:.1%}")
@@ -177,5 +184,5 @@ def summarize(run_path, args: argparse.Namespace) -> None:
             print(f"prefix affinity: {meta['prefix_affinity']['home']} requests sent home, "
                   f"{meta['prefix_affinity']['fallback']} to the least-loaded replica because home was overloaded")
     print_summary(metrics, percentiles, shown)
-    if wants_result(args):
-        print(f"result JSON: {save_result(args, run, goodput)}")
+    if wants_result(args):  # the result JSON's per-request fields need the run's tables
+        print(f"result JSON: {save_result(args, read_run(run_path), goodput)}")

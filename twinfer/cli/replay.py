@@ -32,49 +32,66 @@ def run(args: argparse.Namespace) -> int:
 
 def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, router: str | None = None) -> int:
     """Replay the trace on one engine of this executor, or on simulated replicas behind the router; write the
-    run and print its summary. `twinfer replay` and `twinfer simulate` both come here."""
+    run and print its summary. `twinfer replay` and `twinfer simulate` both come here.
+
+    Every setting is checked before any work (the SLOs and result flags, the engine's sizes, CUDA, the output
+    folder), and --out is locked against other runs; SIGTERM is handled as Ctrl-C: the finished part is written,
+    marked incomplete, and the exit status is 128 + the signal's number."""
+    from analysis.run_output import RunFolderLock, check_out_dir
+    from analysis.summary import parse_goodput
     from engine.executor import ShutdownExecutor
     from simulator.cluster import build_replicas
     from simulator.router import make_router
     from simulator.simulated_engine import build_simulated_engine
+    from twinfer.interrupts import signal_of, signals_as_interrupts
     from twinfer.replay import replay
+    from twinfer.result_json import parse_metric_percentiles
 
     check_output_flags(args)
     if executor == "gpu":
         require_cuda("--executor gpu", "use --executor cpu (the real model on this CPU) or --executor sim (the "
                      "simulator)")
-    trace = load_trace(args)
     engine_args = engine_args_from(args, device=DEVICES.get(executor))
-    built: list[dict] = []
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"--replicas must be a positive integer, got {replicas!r}")
+    check_out_dir(args.out, overwrite=args.overwrite)
+    with RunFolderLock(args.out), signals_as_interrupts():
+        check_out_dir(args.out, overwrite=args.overwrite)  # again, now that no other run can change it
+        trace = load_trace(args)
+        built: list[dict] = []
 
-    def build_one():
-        if executor == "sim":
-            engine, metadata = build_simulated_engine(
-                engine_args, gpu=args.gpu, profile=args.profile,
-                cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
-        else:
-            engine, metadata = real_engine_and_metadata(engine_args)
-        built.append({**metadata, "traffic": traffic_of(args, trace)})
-        return engine
+        def build_one():
+            if executor == "sim":
+                engine, metadata = build_simulated_engine(
+                    engine_args, gpu=args.gpu, profile=args.profile,
+                    cost_model_kind=None if args.cost_model == "auto" else args.cost_model)
+            else:
+                engine, metadata = real_engine_and_metadata(engine_args)
+            built.append({**metadata, "traffic": traffic_of(args, trace)})
+            return engine
 
-    engines = build_replicas(build_one, replicas)
-    try:
-        path = replay(
-            trace,
-            engines,
-            args.out,
-            executor_kind=executor,
-            router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
-            seed=args.seed,
-            show_progress=not args.no_progress,
-            metadata=built[0],
-        )
-    finally:
-        for engine in engines:
-            if isinstance(engine.executor, ShutdownExecutor):
-                engine.executor.shutdown()
-    print(f"run written to {path}")
-    print_run_summary(path, args)
+        engines = build_replicas(build_one, replicas)
+        try:
+            result = replay(
+                trace,
+                engines,
+                args.out,
+                executor_kind=executor,
+                router=make_router(router, block_size=engine_args.block_size) if replicas > 1 else None,
+                seed=args.seed,
+                show_progress=not args.no_progress,
+                metadata=built[0],
+                goodput=parse_goodput(args.goodput) if args.goodput else None,
+                percentiles=parse_metric_percentiles(args.metric_percentiles),
+            )
+        finally:
+            for engine in engines:
+                if isinstance(engine.executor, ShutdownExecutor):
+                    engine.executor.shutdown()
+        print(f"run written to {result.path}")
+        print_run_summary(result, args)
+    if result.interrupt is not None:
+        return 128 + signal_of(result.interrupt)
     return 0
 
 
