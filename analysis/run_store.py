@@ -87,21 +87,6 @@ class _HashSink(io.RawIOBase):
         return len(data)
 
 
-class _HashSink(io.RawIOBase):
-    """A writable file that feeds what is written to a hash."""
-
-    def __init__(self, digest) -> None:
-        super().__init__()
-        self._digest = digest
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self._digest.update(data)
-        return len(data)
-
-
 def trace_fingerprint(source: pa.Table | str | os.PathLike) -> str:
     """sha256 of a trace file's bytes, or of a trace table's values and schema (chunking ignored)."""
     digest = hashlib.sha256()

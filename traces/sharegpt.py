@@ -13,13 +13,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from traces.arrivals import AllAtOnce, ArrivalProcess
 from traces.errors import TraceError, TraceWarning
 from traces.schema import Trace
 from traces.source import TraceSource
-from traces.text_length import APPROXIMATION_NOTE, load_tokenizer, token_ids_of, token_lengths
+from traces.text_length import load_tokenizer, prompt_lengths, token_lengths
 from traces.trace_builder import build_trace
 
 COLUMNS = ("conversations",)
@@ -33,14 +32,8 @@ def read_sharegpt(path: str | Path, *, tokenizer=None, arrivals: ArrivalProcess 
     source = TraceSource.open(path, kind="lines")
     prompts, completions, lines, notes = _conversations(source)
     tokenizer = load_tokenizer(tokenizer)
-    prompt_token_ids = None
-    if tokenizer is None:
-        notes.append(APPROXIMATION_NOTE)
-        prompt_len = token_lengths(prompts)
-    else:
-        ids = token_ids_of(prompts, tokenizer)
-        prompt_len = np.array([len(row) for row in ids], dtype=np.int64)
-        prompt_token_ids = pa.array(ids, pa.list_(pa.int32()))
+    prompt_len, prompt_token_ids, length_notes = prompt_lengths(prompts, tokenizer)
+    notes += length_notes
     output_len = token_lengths(completions, tokenizer)
     process = arrivals or AllAtOnce()
     if arrivals is None:

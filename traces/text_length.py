@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 CHARS_PER_TOKEN = 4
 """About four characters of English text per token for the BPE tokenizers of today's LLMs (OpenAI's rule of
@@ -41,3 +42,12 @@ def token_lengths(texts: Sequence[str], tokenizer=None) -> np.ndarray:
     if tokenizer is None:
         return np.array([approximate_token_count(text) for text in texts], dtype=np.int64)
     return np.array([len(ids) for ids in token_ids_of(texts, tokenizer)], dtype=np.int64)
+
+
+def prompt_lengths(prompts: Sequence[str], tokenizer) -> tuple[np.ndarray, pa.Array | None, list[str]]:
+    """(lengths, token ids or None, notes) of a trace's prompt texts: with a tokenizer the ids are kept and the
+    lengths exact, else the lengths are approximated and a note says so."""
+    if tokenizer is None:
+        return token_lengths(prompts), None, [APPROXIMATION_NOTE]
+    ids = token_ids_of(prompts, tokenizer)
+    return (np.array([len(row) for row in ids], dtype=np.int64), pa.array(ids, pa.list_(pa.int32())), [])

@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from traces.arrivals import AllAtOnce, ArrivalProcess
 from traces.errors import TraceError
 from traces.schema import Trace
 from traces.source import TraceSource
-from traces.text_length import APPROXIMATION_NOTE, load_tokenizer, token_ids_of, token_lengths
+from traces.text_length import load_tokenizer, prompt_lengths
 from traces.tokens import trace_prompt_token_ids
 from traces.trace_builder import build_trace
 
@@ -56,15 +55,7 @@ def read_vllm_custom(path: str | Path, *, tokenizer=None, output_len: int | None
     if not prompts:
         raise TraceError("empty trace: the file has no request rows", source.path)
     tokenizer = load_tokenizer(tokenizer)
-    notes = []
-    prompt_token_ids = None
-    if tokenizer is None:
-        notes.append(APPROXIMATION_NOTE)
-        prompt_len = token_lengths(prompts)
-    else:
-        ids = token_ids_of(prompts, tokenizer)
-        prompt_len = np.array([len(row) for row in ids], dtype=np.int64)
-        prompt_token_ids = pa.array(ids, pa.list_(pa.int32()))
+    prompt_len, prompt_token_ids, notes = prompt_lengths(prompts, tokenizer)
     output = np.array(outputs, dtype=np.int64)
     process = arrivals or AllAtOnce()
     notes.append("the dataset has no timestamps and no arrival process was given: every request arrives at 0"
