@@ -1,9 +1,11 @@
 """Replay: every trace request lands in the run folder, interrupts keep the finished part, the CLI round trip."""
 
 import json
+import re
 
 import pytest
 
+from analysis.metrics import compute_metrics
 from analysis.run_store import read_run
 from twinfer.cli import main
 from engine.config import EngineConfig
@@ -113,6 +115,18 @@ def test_cli_simulate_with_asynchronous_scheduling(tmp_path, capsys):
     async_run, sync_run = runs["--async-scheduling"], runs["--no-async-scheduling"]
     assert async_run.requests.column("output_len").to_pylist() == sync_run.requests.column("output_len").to_pylist()
     assert async_run.steps.column("num_batched_tokens").to_pylist() != sync_run.steps.column("num_batched_tokens").to_pylist()
+
+
+def test_cli_simulate_ends_with_its_speed(tmp_path, capsys):
+    """The last line says how much serving was simulated in how much wall-clock time, start-up included."""
+    out = tmp_path / "sim"
+    assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    match = re.fullmatch(r"simulated ([\d,.]+) s of serving in ([\d,.]+) s wall-clock, start-up included: "
+                         r"([\d,]+)x real time", last)
+    assert match, last
+    simulated, wall = (float(group.replace(",", "")) for group in match.groups()[:2])
+    assert simulated == pytest.approx(compute_metrics(read_run(out)).duration, abs=0.1) and wall > 0
 
 
 @pytest.mark.parametrize("flags, graphs_expected", [([], True), (["--no-mixed-cuda-graphs"], False),

@@ -1,10 +1,15 @@
 """The `twinfer` command: one module per subcommand, each with register(commands) and run(args)."""
 
-import argparse
-import signal
-import sys
+import time
 
-from twinfer import __version__
+STARTED = time.perf_counter()
+"""When the command started (this module is imported first): simulate's speed counts its start-up too."""
+
+import argparse  # noqa: E402 - after the clock starts
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from twinfer import __version__  # noqa: E402
 from twinfer.cli.console_log import console_logging, level_of
 from twinfer.cli.help_format import HelpFormatter
 from twinfer.cli import (bench, calibrate, compare, demo, plan, profile, replay, report, serve, simulate, summary,

@@ -1,6 +1,7 @@
 """`twinfer replay`: a trace through an executor (GPU, CPU or the cost model) at its arrival times."""
 
 import argparse
+import time
 
 from twinfer.cli.options import (add_engine_options, add_output_options, add_trace_options, check_output_flags,
                                  engine_args_from, load_trace, print_run_summary)
@@ -90,9 +91,21 @@ def replay_trace(args: argparse.Namespace, executor: str, replicas: int = 1, rou
                     engine.executor.shutdown()
         print(f"run written to {result.path}")
         print_run_summary(result, args)
+        if executor == "sim":
+            print(simulation_speed(result.metrics.duration))
     if result.interrupt is not None:
         return 128 + signal_of(result.interrupt)
     return 0
+
+
+def simulation_speed(simulated_seconds: float) -> str:
+    """How fast the simulator ran: the run's simulated span against the command's wall-clock time so far, start-up,
+    trace reading and writing included."""
+    from twinfer.cli import STARTED
+
+    wall = time.perf_counter() - STARTED
+    return (f"simulated {simulated_seconds:,.1f} s of serving in {wall:,.2f} s wall-clock, start-up included: "
+            f"{simulated_seconds / wall:,.0f}x real time")
 
 
 def real_engine_and_metadata(engine_args):
