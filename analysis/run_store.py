@@ -218,18 +218,23 @@ def _write_file(path: Path, write) -> None:
         os.fsync(file.fileno())
 
 
+def metadata_json(metadata: dict) -> str:
+    """A run's metadata.json text: the software versions and complete=True unless given; plain JSON only."""
+    metadata = dict(metadata)
+    metadata.setdefault("software", software_versions())
+    metadata.setdefault("complete", True)
+    try:
+        return json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"run metadata is not plain JSON: {error}") from error
+
+
 def write_run(out_dir: str | os.PathLike, requests: pa.Table, steps: pa.Table, metadata: dict) -> Path:
     """Write a run folder atomically: into a temporary sibling, then renamed over any earlier run there."""
     out_dir = Path(out_dir)
     requests = _conform(requests, REQUESTS_SCHEMA, "requests table")
     steps = _conform(steps, STEPS_SCHEMA, "steps table")
-    metadata = dict(metadata)
-    metadata.setdefault("software", software_versions())
-    metadata.setdefault("complete", True)
-    try:
-        metadata_text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"run metadata is not plain JSON: {error}") from error
+    metadata_text = metadata_json(metadata)
 
     staging = make_staging(out_dir)
     try:

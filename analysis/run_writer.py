@@ -9,7 +9,6 @@ merge reads one row group of each at a time).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 
 from analysis.run_schema import REQUESTS_SCHEMA, STEPS_SCHEMA, requests_table
 from analysis.run_store import (METADATA_FILE, REQUESTS_FILE, STEPS_FILE, commit_staging, make_staging,
-                                software_versions)
+                                metadata_json)
 from engine.stats import RequestRecord
 
 REPLICAS_FILE = "replicas.parquet"
@@ -131,13 +130,7 @@ class RunWriter:
     def commit(self, metadata: dict) -> Path:
         """Seal, write metadata.json and move the staging folder to out_dir (replacing an earlier run there)."""
         self.seal()
-        metadata = dict(metadata)
-        metadata.setdefault("software", software_versions())
-        metadata.setdefault("complete", True)
-        try:
-            text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"run metadata is not plain JSON: {error}") from error
+        text = metadata_json(metadata)
         with open(self.staging / METADATA_FILE, "wb") as file:
             file.write(text.encode())
             file.flush()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -88,15 +87,7 @@ def _first_row_with_null_id(hash_ids: pa.Array) -> int:
 
 def _locate_bad_line(source: TraceSource) -> None:
     """pyarrow rejected the file: find the first line that does not hold a valid request object."""
-    for number, line in enumerate(source.data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as error:
-            raise TraceError(f"not a JSON object: {error}", source.path, number) from None
-        if not isinstance(record, dict):
-            raise TraceError(f"expected a JSON object, found {type(record).__name__}", source.path, number)
+    for number, record in source.json_objects():
         for key in _REQUIRED:
             value = record.get(key)
             if key == "timestamp":

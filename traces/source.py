@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -49,6 +50,20 @@ class TraceSource:
             line = data.count(b"\n", 0, error.start) + 1
             raise TraceError(f"not UTF-8 text (byte {error.start} of the file)", path, line) from None
         return cls(path=path, data=data, kind=kind)
+
+    def json_objects(self) -> Iterator[tuple[int, dict]]:
+        """(1-based line, object) of each non-empty line of a JSON-lines file; a line that is not a JSON object is
+        a TraceError naming it."""
+        for number, line in enumerate(self.data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise TraceError(f"not a JSON object: {error}", self.path, number) from None
+            if not isinstance(record, dict):
+                raise TraceError(f"expected a JSON object, found {type(record).__name__}", self.path, number)
+            yield number, record
 
     def error(self, row: int | None, message: str) -> TraceError:
         """A TraceError for data row `row` (0-based, in file order), naming its line."""

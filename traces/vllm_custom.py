@@ -31,15 +31,7 @@ def read_vllm_custom(path: str | Path, *, tokenizer=None, output_len: int | None
     characters; output lengths from "output_tokens" (or output_len for every row)."""
     source = TraceSource.open(path, kind="lines")
     prompts, outputs = [], []
-    for line_number, line in enumerate(source.data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise TraceError(f"not a JSON object: {error}", source.path, line_number) from None
-        if not isinstance(row, dict):
-            raise TraceError(f"expected a JSON object, found {type(row).__name__}", source.path, line_number)
+    for line_number, row in source.json_objects():
         prompt = row.get("prompt")
         if not isinstance(prompt, str):
             raise TraceError("no \"prompt\" text", source.path, line_number)
