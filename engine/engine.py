@@ -298,6 +298,7 @@ class Engine:
         self._held_forks = []
         for seq in self.sequences.values():
             if seq.finish_time is None:
+                seq.drop_unrecorded_tokens()  # the interrupt may have struck between a token and its time
                 seq.status = RequestStatus.ABORTED
                 seq.finish_reason = FinishReason.ABORT
                 seq.abort_reason = reason

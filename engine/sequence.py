@@ -117,6 +117,17 @@ class Sequence:
         self.prompt_logprobs = [None] * self.num_prompt_tokens if sampling_params.prompt_logprobs is not None else None
         """TokenLogprobs per prompt token (None for the first, and until computed), when its request asks."""
 
+    def drop_unrecorded_tokens(self) -> None:
+        """Make the output tokens, their times and logprobs agree again after an interrupt cut their update short:
+        keep the outputs every list recorded."""
+        kept = min(self.num_output_tokens, len(self.token_times))
+        if self.logprobs is not None:
+            kept = min(kept, len(self.logprobs))
+            del self.logprobs[kept:]
+        del self.token_ids[self.num_prompt_tokens + kept:]
+        del self.token_times[kept:]
+        self.first_token_time = self.token_times[0] if self.token_times else None
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
