@@ -8,6 +8,13 @@ On the GPU machine (no fastapi, uvicorn, starlette or pydantic there), from the 
 wheels of .whl/ carried along:
 
     python3 benchmarks/serve_overhead.py [--models qwen3-0.6b,qwen3-8b] [--duration 40]
+                                         [--variants uvloop-0.5,asyncio-0.5,uvloop-0.1]
+
+Each variant runs server and client on an event loop (uvloop, or asyncio's own) with the interpreter's switch
+interval in ms (how soon a thread waiting for the GIL gets it: the server's event loop shares the interpreter
+with the engine's thread; twinfer serve lowers it to 0.5 ms). Both sides state their clock's origin, so each
+request's overhead splits into the way in (client sends -> engine has it) and the way out (engine's first
+token -> client reads it).
 
 (`--executor cpu --models FOLDER --trace T --time-scale S` checks the script itself on a CPU.)
 """
@@ -15,6 +22,7 @@ wheels of .whl/ carried along:
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,10 +40,11 @@ ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--async-schedu
 SITE = Path("/tmp/site")
 
 
-def install_wheels() -> dict:
-    """Install .whl/*.whl into /tmp/site (when present) and return the environment the commands run in."""
+def install_wheels(executor: str) -> dict:
+    """Install .whl/*.whl (the GPU machine's Python's) into /tmp/site for a GPU run, and return the environment
+    the commands run in."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
-    wheels = sorted((REPO / ".whl").glob("*.whl"))
+    wheels = sorted((REPO / ".whl").glob("*.whl")) if executor == "gpu" else []
     if wheels:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, wheels)], check=True)
@@ -64,13 +73,31 @@ def trace_flags(args, model: str) -> list[str]:
     return [args.trace, "--time-scale", str(time_scale), "--duration", str(args.duration)]
 
 
-def serve_and_bench(args, model: str, name: str, runs: Path, env: dict) -> None:
+VARIANT_MAIN = """import sys
+loop, interval_ms = sys.argv.pop(1), float(sys.argv.pop(1))
+if loop == "asyncio":
+    sys.modules["uvloop"] = None  # uvicorn and bench serve then take asyncio's loop
+sys.setswitchinterval(interval_ms / 1000)
+from twinfer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def twinfer_command(variant: str) -> list[str]:
+    """`python -m twinfer` on a variant's event loop and switch interval ("uvloop-0.5": uvloop, 0.5 ms)."""
+    loop, interval_ms = variant.split("-")
+    if loop not in ("uvloop", "asyncio"):
+        raise SystemExit(f"variant {variant!r}: the loop must be uvloop or asyncio")
+    return [sys.executable, "-c", VARIANT_MAIN, loop, interval_ms]
+
+
+def serve_and_bench(args, model: str, name: str, variant: str, runs: Path, env: dict) -> None:
     """Start `twinfer serve` on a free port, replay the slice through `bench serve`, stop the server (SIGINT:
     it writes its request log)."""
     device = ["--device", "cpu"] if args.executor == "cpu" else []
     server = subprocess.Popen(
-        [sys.executable, "-m", "twinfer", "serve", model, *ENGINE_FLAGS, *device, "--port", "0",
-         "--served-model-name", name, "--request-log", str(runs / f"server-{name}")],
+        [*twinfer_command(variant), "serve", model, *ENGINE_FLAGS, *device, "--port", "0",
+         "--served-model-name", name, "--request-log", str(runs / f"server-{name}-{variant}")],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base_url = None
@@ -90,8 +117,8 @@ def serve_and_bench(args, model: str, name: str, runs: Path, env: dict) -> None:
                     break
             except OSError:
                 time.sleep(0.5)
-        run([sys.executable, "-m", "twinfer", "bench", "serve", *trace_flags(args, model), "--base-url", base_url,
-             "--model", name, "--tokenizer", model, "--no-progress", "--out", str(runs / f"http-{name}")], env,
+        run([*twinfer_command(variant), "bench", "serve", *trace_flags(args, model), "--base-url", base_url,
+             "--model", name, "--tokenizer", model, "--no-progress", "--out", str(runs / f"http-{name}-{variant}")], env,
             timeout=args.duration + 240)
     finally:
         server.send_signal(signal.SIGINT)
@@ -101,21 +128,52 @@ def serve_and_bench(args, model: str, name: str, runs: Path, env: dict) -> None:
             server.kill()
 
 
-def summary(runs: Path, model: str) -> dict:
+def _metrics(path: Path) -> dict:
     from analysis.metrics import compute_metrics
     from analysis.run_store import read_run
 
-    measured = {}
-    for kind in ("inproc", "http", "server"):
-        metrics = compute_metrics(read_run(runs / f"{kind}-{model}"))
-        measured[kind] = {"completed": metrics.completed, "failed": metrics.failed,
-                          "output_throughput": metrics.output_throughput,
-                          "ttft_p50_ms": metrics.ttft.median * 1000, "tpot_p50_ms": metrics.tpot.median * 1000,
-                          "ttft_mean_ms": metrics.ttft.mean * 1000, "tpot_mean_ms": metrics.tpot.mean * 1000}
-    inproc, http = measured["inproc"], measured["http"]
-    measured["throughput_ratio"] = http["output_throughput"] / inproc["output_throughput"]
-    measured["ttft_p50_overhead_ms"] = http["ttft_p50_ms"] - inproc["ttft_p50_ms"]
-    measured["tpot_p50_overhead_ms"] = http["tpot_p50_ms"] - inproc["tpot_p50_ms"]
+    metrics = compute_metrics(read_run(path))
+    return {"completed": metrics.completed, "failed": metrics.failed, "output_throughput": metrics.output_throughput,
+            "ttft_p50_ms": metrics.ttft.median * 1000, "tpot_p50_ms": metrics.tpot.median * 1000,
+            "ttft_mean_ms": metrics.ttft.mean * 1000, "tpot_mean_ms": metrics.tpot.mean * 1000}
+
+
+def split(http: Path, server: Path) -> dict:
+    """Per request (matched in arrival order), on the machine's one clock: the way in (client sends -> the engine
+    has it) and the way out (the engine's first token -> the client reads it), p50 and p90 in ms."""
+    import numpy as np
+
+    from analysis.run_store import read_run
+
+    client, served = read_run(http), read_run(server)
+    origins = client.metadata.get("clock_origin"), served.metadata.get("clock_origin")
+    if None in origins:
+        return {}
+    sent = client.requests.to_pandas().sort_values("arrival_time")
+    got = served.requests.to_pandas().sort_values("arrival_time")
+    if len(sent) != len(got) or (sent["prompt_len"].to_numpy() != got["prompt_len"].to_numpy()).any():
+        return {"error": "the client's and the server's requests do not pair up"}
+    offset = origins[1] - origins[0]  # a server time + offset = the same moment in the client's times
+    way_in = got["arrival_time"].to_numpy() + offset - sent["first_scheduled_time"].to_numpy()
+    way_out = sent["first_token_time"].to_numpy() - (got["first_token_time"].to_numpy() + offset)
+
+    def stats(values) -> dict:
+        values = values[np.isfinite(values)] * 1000
+        return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90))}
+
+    return {"way_in": stats(way_in), "way_out": stats(way_out)}
+
+
+def summary(runs: Path, model: str, variants: list[str]) -> dict:
+    measured = {"inproc": _metrics(runs / f"inproc-{model}")}
+    inproc = measured["inproc"]
+    for variant in variants:
+        http, server = runs / f"http-{model}-{variant}", runs / f"server-{model}-{variant}"
+        result = {"http": _metrics(http), "server": _metrics(server), "split": split(http, server)}
+        result["throughput_ratio"] = result["http"]["output_throughput"] / inproc["output_throughput"]
+        result["ttft_p50_overhead_ms"] = result["http"]["ttft_p50_ms"] - inproc["ttft_p50_ms"]
+        result["tpot_p50_overhead_ms"] = result["http"]["tpot_p50_ms"] - inproc["tpot_p50_ms"]
+        measured[variant] = result
     return measured
 
 
@@ -126,12 +184,15 @@ def main() -> None:
     parser.add_argument("--trace", default=TRACE)
     parser.add_argument("--time-scale", type=float, default=None, help="default: the model's in TIME_SCALES")
     parser.add_argument("--executor", choices=["gpu", "cpu"], default="gpu", help="cpu: a check of this script")
+    parser.add_argument("--variants", default="uvloop-0.5", help="comma-separated LOOP-MS: event loop (uvloop or "
+                        "asyncio) and switch interval in ms, each a server and client of its own")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    env = install_wheels()
+    env = install_wheels(args.executor)
     runs = REPO / "runs" / "serve-overhead"
-    runs.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(runs, ignore_errors=True)  # this script's own scratch: the last call's runs are in its $OUT
+    runs.mkdir(parents=True)
     results = {}
     for model in args.models.split(","):
         name = Path(model).name
@@ -139,17 +200,24 @@ def main() -> None:
         run([sys.executable, "-m", "twinfer", "replay", *trace_flags(args, model), "--executor", args.executor,
              "--model", model, *ENGINE_FLAGS, "--no-progress", "--out", str(runs / f"inproc-{name}")], env,
             timeout=args.duration + 240)
-        serve_and_bench(args, model, name, runs, env)
-        results[name] = summary(runs, name)
-    print(f"\n{'model':<12} {'req ok (in/http)':>17} {'tput ratio':>10} {'TTFT p50 in/http ms':>20} "
-          f"{'+ms':>6} {'TPOT p50 in/http ms':>20} {'+ms':>6}")
+        variants = args.variants.split(",")
+        for variant in variants:
+            serve_and_bench(args, model, name, variant, runs, env)
+        results[name] = summary(runs, name, variants)
+    print(f"\n{'model':<12} {'variant':<12} {'req ok (in/http)':>17} {'tput ratio':>10} {'TTFT p50 in/http ms':>20} "
+          f"{'+ms':>6} {'TPOT p50 in/http':>17} {'+ms':>6} {'in p50/p90':>11} {'out p50/p90':>11}")
     for model, result in results.items():
-        inproc, http = result["inproc"], result["http"]
-        print(f"{model:<12} {inproc['completed']:>8}/{http['completed']:<8} {result['throughput_ratio']:>10.3f} "
-              f"{inproc['ttft_p50_ms']:>9.2f}/{http['ttft_p50_ms']:<10.2f} {result['ttft_p50_overhead_ms']:>6.2f} "
-              f"{inproc['tpot_p50_ms']:>9.2f}/{http['tpot_p50_ms']:<10.2f} {result['tpot_p50_overhead_ms']:>6.2f}")
-        print(f"{'':<12} server's own log: TTFT p50 {result['server']['ttft_p50_ms']:.2f} ms, TPOT p50 "
-              f"{result['server']['tpot_p50_ms']:.2f} ms")
+        inproc = result["inproc"]
+        for variant, measured in result.items():
+            if variant == "inproc":
+                continue
+            http, parts = measured["http"], measured["split"]
+            way = {key: f"{parts[key]['p50_ms']:.2f}/{parts[key]['p90_ms']:.2f}" if key in parts else "-"
+                   for key in ("way_in", "way_out")}
+            print(f"{model:<12} {variant:<12} {inproc['completed']:>8}/{http['completed']:<8} "
+                  f"{measured['throughput_ratio']:>10.3f} {inproc['ttft_p50_ms']:>9.2f}/{http['ttft_p50_ms']:<10.2f} "
+                  f"{measured['ttft_p50_overhead_ms']:>6.2f} {inproc['tpot_p50_ms']:>8.2f}/{http['tpot_p50_ms']:<8.2f} "
+                  f"{measured['tpot_p50_overhead_ms']:>6.2f} {way['way_in']:>11} {way['way_out']:>11}")
     (out / "serve_overhead.json").write_text(json.dumps(results, indent=2))
     with tarfile.open(out / "serve-runs.tgz", "w:gz") as archive:
         archive.add(runs, arcname="runs-serve")

@@ -12,6 +12,11 @@ class WallClock:
     def now(self) -> float:
         return time.perf_counter() - self._origin
 
+    @property
+    def origin(self) -> float:
+        """Time zero on time.perf_counter's clock (system-wide on Linux: another process's times line up)."""
+        return self._origin
+
     def restart(self) -> None:
         """Make this moment time zero (call just before the first request may arrive)."""
         self._origin = time.perf_counter()

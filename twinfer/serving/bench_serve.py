@@ -96,6 +96,16 @@ async def _replay(requests: list[HttpRequest], options: BenchServeOptions,
     return start
 
 
+def _event_loop_factory():
+    """uvloop's event loop where it is installed (uvicorn serves on it too), else asyncio's: the client's own
+    latency is part of every TTFT and ITL it times."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def bench_serve(trace: Trace, options: BenchServeOptions, out_dir: str | Path, *, vocab_size: int, seed: int = 0,
                 metadata: dict | None = None) -> Path:
     """Replay the trace against the server and write the run folder; returns its path."""
@@ -104,8 +114,10 @@ def bench_serve(trace: Trace, options: BenchServeOptions, out_dir: str | Path, *
     wall_start = time.perf_counter()
     records: dict[str, RequestRecord] = {}
     failure: BaseException | None = None
+    clock_origin = None
     try:
-        asyncio.run(_replay(requests, options, records))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            clock_origin = runner.run(_replay(requests, options, records))
     except KeyboardInterrupt as interrupt:
         failure = interrupt
     wall_duration = time.perf_counter() - wall_start
@@ -133,6 +145,9 @@ def bench_serve(trace: Trace, options: BenchServeOptions, out_dir: str | Path, *
         trace_source_format=trace.source_format,
         trace_notes=list(trace.notes),
         seed=seed,
+        # time zero on time.perf_counter's clock: a server's request log on this machine states its own, so
+        # a request's times on both sides line up (what the client saw against what the server did)
+        clock_origin=clock_origin,
         **(metadata or {}),
     )
     ordered = [records[request.request_id] for request in requests]

@@ -38,6 +38,7 @@ class RequestLog:
             complete=complete,
             started_at=self.started_at,
             wall_duration=time.perf_counter() - self._wall_start,
+            clock_origin=getattr(engine.clock, "origin", None),  # a client's run on this machine lines up with it
             **self.metadata,
         )
         return write_run(self.out_dir, requests, steps, metadata)
