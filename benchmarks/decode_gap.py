@@ -7,7 +7,9 @@ For decode batches of R sequences at the replays' mean context, uniform and spre
 GPU kernel time by class under torch.profiler (GEMMs, attention, the rest) in graph and eager mode, and sets
 each beside the composed cost model's terms for the same batch features.
 
-    python3 benchmarks/decode_gap.py --model qwen3-8b [--json OUT]
+    python3 benchmarks/decode_gap.py --model qwen3-8b --mode graph|eager [--json OUT]
+
+(one mode per process: a second LLM in the same process would find the first one's memory still held)
 """
 
 import argparse
@@ -100,7 +102,7 @@ def measure(model: str, eager: bool, rng_seed: int = 0) -> list[dict]:
     from engine import LLM, SamplingParams
 
     llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=32768, max_num_seqs=1024,
-              max_num_batched_tokens=8192, enforce_eager=eager, gpu_memory_utilization=0.45)  # the graph and the eager LLM one after the other
+              max_num_batched_tokens=8192, enforce_eager=eager, gpu_memory_utilization=0.85)
     runner = llm.executor.runner
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
     rng = np.random.default_rng(rng_seed)
@@ -116,20 +118,18 @@ def measure(model: str, eager: bool, rng_seed: int = 0) -> list[dict]:
                    "kernels": profile_classes(lambda: runner.execute(batch)),
                    "composed": composed_classes(model, num_seqs, int(sum(lens)), graph)}
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "kernels"} |
-                             {"kernels": {k: v for k, v in row["kernels"].items() if k != "top"}}), flush=True)
+            print(f"R={num_seqs} spread={spread}: top kernels {row['kernels']['top'][:4]}", flush=True)
     llm.shutdown()
-    del llm
-    torch.cuda.empty_cache()
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-8b")
+    parser.add_argument("--mode", choices=["graph", "eager"], default="graph")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows = measure(args.model, eager=False) + measure(args.model, eager=True)
+    rows = measure(args.model, eager=args.mode == "eager")
     print(f"\nGPU: {torch.cuda.get_device_name()}, {args.model}; ms per step; composed gpu = its total less host")
     print(f"{'mode':<6}{'R':>4}{'spread':>7}{'step':>8}{'kern':>8}{'comp gpu':>9}{'gemm r/c':>14}{'attn r/c':>14}"
           f"{'other r/c':>14}")

@@ -139,9 +139,11 @@ def _metrics(path: Path) -> dict:
 
 
 def split(http: Path, server: Path) -> dict:
-    """Per request (matched in arrival order), on the machine's one clock: the way in (client sends -> the engine
-    has it) and the way out (the engine's first token -> the client reads it), p50 and p90 in ms."""
+    """Per request, on the machine's one clock: the way in (client sends -> the engine has it) and the way out (the
+    engine's first token -> the client reads it), p50 and p90 in ms. Each client request is paired with the
+    server's request of the same prompt and output length arriving nearest in time."""
     import numpy as np
+    import pandas as pd
 
     from analysis.run_store import read_run
 
@@ -149,15 +151,20 @@ def split(http: Path, server: Path) -> dict:
     origins = client.metadata.get("clock_origin"), served.metadata.get("clock_origin")
     if None in origins:
         return {}
-    sent = client.requests.to_pandas().sort_values("arrival_time")
-    got = served.requests.to_pandas().sort_values("arrival_time")
-    if len(sent) != len(got) or (sent["prompt_len"].to_numpy() != got["prompt_len"].to_numpy()).any():
+    keys = ["prompt_len", "max_tokens"]
+    sent = client.requests.to_pandas()[keys + ["first_scheduled_time", "first_token_time"]]
+    got = served.requests.to_pandas()[keys + ["arrival_time", "first_token_time"]]
+    got = got.assign(time=got["arrival_time"] + origins[1] - origins[0])  # on the client's clock
+    sent = sent.assign(time=sent["first_scheduled_time"])
+    paired = pd.merge_asof(sent.sort_values("time"), got.sort_values("time"), on="time", by=keys,
+                           direction="nearest", suffixes=("_client", "_server"))
+    if paired["arrival_time"].isna().any() or paired["arrival_time"].duplicated().any():
         return {"error": "the client's and the server's requests do not pair up"}
-    offset = origins[1] - origins[0]  # a server time + offset = the same moment in the client's times
-    way_in = got["arrival_time"].to_numpy() + offset - sent["first_scheduled_time"].to_numpy()
-    way_out = sent["first_token_time"].to_numpy() - (got["first_token_time"].to_numpy() + offset)
+    way_in = (paired["arrival_time"] + origins[1] - origins[0] - paired["first_scheduled_time"]).to_numpy()
+    way_out = (paired["first_token_time_client"] - (paired["first_token_time_server"] + origins[1] - origins[0]))
 
     def stats(values) -> dict:
+        values = np.asarray(values, dtype=float)
         values = values[np.isfinite(values)] * 1000
         return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90))}
 

@@ -173,6 +173,17 @@ def test_n_choices_and_several_prompts_each_get_their_index(serve, reference):
     assert response.usage.prompt_tokens == 5 and response.usage.completion_tokens == 24
 
 
+def test_text_prompts_in_a_list_are_each_a_prompt(serve):
+    server = serve()
+    # w5 w6 w7 is token ids [7, 8, 9] in the tiny word-level vocabulary; "1" and "2" are text, never ids.
+    texts = client(server).completions.create(model=MODEL, prompt=["w5 w6 w7", "1", "2"], max_tokens=3,
+                                              temperature=0, extra_body={"return_token_ids": True})
+    ids = client(server).completions.create(model=MODEL, prompt=[[7, 8, 9], [0], [0]], max_tokens=3,
+                                            temperature=0, extra_body={"return_token_ids": True})
+    assert len(texts.choices) == 3
+    assert [choice.token_ids for choice in texts.choices] == [choice.token_ids for choice in ids.choices]
+
+
 def test_n_completions_share_one_prefill(serve):
     server = serve()
     prompt = list(range(60, 100))  # 40 tokens no other test sends: two full blocks of 16, and 8 more
@@ -486,6 +497,10 @@ def error_of(response: httpx.Response) -> dict:
     ({"model": MODEL, "prompt": [5], "temperature": "hot"}, 400, "temperature", "number"),
     ({"model": MODEL, "prompt": []}, 400, "prompt", "empty"),
     ({"model": MODEL, "prompt": [VOCAB]}, 400, "prompt", "outside the vocabulary"),
+    ({"model": MODEL, "prompt": [-1]}, 400, "prompt", "token id -1 is outside"),
+    ({"model": MODEL, "prompt": [5, "w3"]}, 400, "prompt", "prompt"),  # token ids and text in one list
+    ({"model": MODEL, "prompt": [True]}, 400, "prompt", "prompt"),
+    ({"model": MODEL, "prompt": [5.5]}, 400, "prompt", "prompt"),
     ({"model": MODEL, "prompt": [5], "suffix": "x"}, 400, "suffix", "not supported"),
     ({"model": MODEL, "prompt": [5], "n": 2, "temperature": 0}, 400, "n", "greedy"),
     ({"model": MODEL, "prompt": [5], "stop": ["w3", ""]}, 400, "stop", "empty string"),

@@ -41,9 +41,9 @@ class OpenAIServing:
     # ---- prompts
 
     def _token_ids(self, ids: list[int], param: str) -> list[int]:
-        bad = [token for token in ids if not 0 <= token < self.vocab_size]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # in C: a Python loop cost 0.1 ms a prompt
+            bad = next(token for token in ids if not 0 <= token < self.vocab_size)
+            raise bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param)
         return ids
 
     def _encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
@@ -55,7 +55,7 @@ class OpenAIServing:
         """The prompts of a completion request: a string, a list of strings, token ids, or lists of them."""
         if isinstance(prompt, str):
             prompts = [Prompt(prompt, self._encode(prompt, "prompt"))]
-        elif prompt and all(isinstance(item, int) for item in prompt):
+        elif prompt and isinstance(prompt[0], int):  # the request's validation made the list all ints
             prompts = [Prompt(None, self._token_ids(list(prompt), "prompt"))]
         else:
             prompts = [Prompt(item, self._encode(item, "prompt")) if isinstance(item, str)
