@@ -17,6 +17,7 @@ work=/tmp/flash_build
 src=$work/flash_attn-$version
 limit_bytes=$((16 * 1024 * 1024))
 BUILD_LIMIT_S=${BUILD_LIMIT_S:-510}
+MAX_JOBS=${MAX_JOBS:-16}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 phases=()
 t0=$(date +%s)
@@ -42,11 +43,11 @@ echo "=== patch"
 python3 "$root/benchmarks/flash_attn_forward_only.py" "$src" || finish "patch failed" 4
 mark patch
 
-echo "=== build (limit ${BUILD_LIMIT_S} s)"
+echo "=== build (limit ${BUILD_LIMIT_S} s, $MAX_JOBS jobs)"
 cd "$src" || finish "no source folder" 5
 # FORCE_BUILD: setup.py would otherwise try to download a prebuilt wheel; with an explicit -gencode flag torch's
 # cpp_extension adds no arch flags of its own, and TORCH_CUDA_ARCH_LIST says sm90 as well.
-FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 NVCC_THREADS=1 \
+FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$MAX_JOBS NVCC_THREADS=1 \
     timeout -k 10 "$BUILD_LIMIT_S" python3 -m pip wheel . --no-deps --no-build-isolation --no-index -v -w "$work/dist"
 status=$?
 mark build
