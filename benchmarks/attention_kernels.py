@@ -2,10 +2,13 @@
 
     python benchmarks/attention_kernels.py            # default tilings
     python benchmarks/attention_kernels.py --sweep    # also try other tilings, fastest first
+    python benchmarks/attention_kernels.py --flash    # also the flash-attn backend beside Triton (needs flash_attn)
 
 Decode is memory-bound: its figure is KV bytes read per second, set against the device
 copy bandwidth measured in the same run. Prefill is compute-bound: causal attention
-FLOP/s, set against torch's scaled_dot_product_attention on the same (dense) problem.
+FLOP/s, set against torch's scaled_dot_product_attention on the same (dense) problem. Where the flash_attn
+package is installed, the flash-attn backend (engine/kernels/flash_attn_backend.py) is timed beside the Triton
+kernels on the same shapes, at block size 256 (the smallest its paged kernels take).
 """
 
 import argparse
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.testing
 
-from engine.kernels import reference
+from engine.kernels import flash_attn_backend, reference
 from engine.kernels.decode_attention import DecodeTiling, paged_decode_attention
 from engine.kernels.prefill_attention import PrefillTiling, default_prefill_tiling, paged_prefill_attention
 from engine.kernels.store_kvcache import store_kvcache
@@ -46,17 +49,22 @@ def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, b
     return k_cache, v_cache, tables
 
 
-def bench_decode(batch, context_len, q_heads, kv_heads, head_dim, block_size, tiling=None):
-    """(ms, GB/s of KV read, max abs error vs the torch reference)."""
+def bench_decode(batch, context_len, q_heads, kv_heads, head_dim, block_size, tiling=None, backend="triton"):
+    """(ms, GB/s of KV read, max abs error vs the torch reference) of the triton or flash-attn backend."""
     k_cache, v_cache, tables = paged_cache(batch, context_len, kv_heads, head_dim, block_size)
     q = torch.randn(batch, q_heads, head_dim, dtype=DTYPE, device="cuda")
     seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device="cuda")
     args = (q, k_cache, v_cache, seq_lens, tables, head_dim**-0.5)
-    out = paged_decode_attention(*args, tiling=tiling)
+    def run():
+        if backend == "flash-attn":
+            return flash_attn_backend.paged_decode_attention(*args)
+        return paged_decode_attention(*args, tiling=tiling)
+
+    out = run()
     rows = slice(0, 8)  # the reference loops in Python: check a few rows
     expected = reference.paged_decode_attention(q[rows], k_cache, v_cache, seq_lens[rows], tables[rows], head_dim**-0.5)
     error = (out[rows].float() - expected.float()).abs().max().item()
-    ms = bench_ms(lambda: paged_decode_attention(*args, tiling=tiling))
+    ms = bench_ms(run)
     kv_bytes = 2 * batch * context_len * kv_heads * head_dim * k_cache.element_size()
     return ms, kv_bytes / ms / 1e6, error
 
@@ -67,8 +75,12 @@ def causal_flops(query_lens, prefix_lens, q_heads, head_dim) -> float:
     return 4.0 * pairs * q_heads * head_dim
 
 
-def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, block_size, tiling=None, hint=True):
-    """(ms, TFLOP/s, max abs error vs the torch reference); hint passes max_query_len as a model runner would."""
+def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, block_size, tiling=None, hint=True,
+                  backend="triton"):
+    """(ms, TFLOP/s, max abs error vs the torch reference); hint passes max_query_len as a model runner would.
+
+    The flash-attn backend reads the longest query and context on the host (one sync per call), as the engine pays.
+    """
     context_len = prefix_len + query_len
     k_cache, v_cache, tables = paged_cache(num_seqs, context_len, kv_heads, head_dim, block_size)
     q = torch.randn(num_seqs * query_len, q_heads, head_dim, dtype=DTYPE, device="cuda")
@@ -76,10 +88,15 @@ def bench_prefill(num_seqs, query_len, prefix_len, q_heads, kv_heads, head_dim, 
     seq_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device="cuda")
     args = (q, k_cache, v_cache, cu, seq_lens, tables, head_dim**-0.5)
     max_query_len = query_len if hint else None
-    out = paged_prefill_attention(*args, tiling=tiling, max_query_len=max_query_len)
+    def run():
+        if backend == "flash-attn":
+            return flash_attn_backend.paged_prefill_attention(*args)
+        return paged_prefill_attention(*args, tiling=tiling, max_query_len=max_query_len)
+
+    out = run()
     expected = reference.paged_prefill_attention(*args)
     error = (out.float() - expected.float()).abs().max().item()
-    ms = bench_ms(lambda: paged_prefill_attention(*args, tiling=tiling, max_query_len=max_query_len))
+    ms = bench_ms(run)
     flops = causal_flops([query_len] * num_seqs, [prefix_len] * num_seqs, q_heads, head_dim)
     return ms, flops / ms / 1e9, error
 
@@ -106,7 +123,10 @@ def bench_store(num_tokens, kv_heads, head_dim, block_size):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tilings")
+    parser.add_argument("--flash", action="store_true", help="also time the flash-attn backend (needs flash_attn)")
     args = parser.parse_args()
+    if args.flash and not flash_attn_backend.flash_attn_available():
+        parser.error("--flash needs the flash_attn package (it does not import here) and a CUDA device")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     copy_gbs = copy_bandwidth_gbs()
@@ -141,8 +161,37 @@ def main() -> None:
     ms, gbs = bench_store(8192, 8, 128, 16)
     print(f"\nstore_kvcache 8192 tokens 8x128: {ms:.3f} ms, {gbs:.0f} GB/s")
 
+    if args.flash:
+        flash_beside_triton()
     if args.sweep:
         sweep()
+
+
+def flash_beside_triton() -> None:
+    """The flash-attn backend and the Triton kernels on the headline shapes at block size 256, side by side."""
+    import flash_attn
+
+    print(f"\nflash-attn {flash_attn.__version__} beside Triton, bf16, block size 256 (ratio: Triton ms / flash ms)")
+    print(f"{'decode':32s} {'triton ms':>9} {'flash ms':>9} {'ratio':>6}  {'flash GB/s':>10}  triton err  flash err")
+    for label, shape in [
+        ("B256 ctx1024 32/8/128", (256, 1024, 32, 8, 128, 256)),
+        ("B256 ctx1024 16/8/128", (256, 1024, 16, 8, 128, 256)),
+        ("B64 ctx4096 32/8/128", (64, 4096, 32, 8, 128, 256)),
+        ("B8 ctx16384 32/8/128", (8, 16384, 32, 8, 128, 256)),
+    ]:
+        t_ms, _, t_err = bench_decode(*shape)
+        f_ms, f_gbs, f_err = bench_decode(*shape, backend="flash-attn")
+        print(f"{label:32s} {t_ms:9.3f} {f_ms:9.3f} {t_ms / f_ms:6.2f}  {f_gbs:10.0f}  {t_err:9.1e}  {f_err:9.1e}")
+    print(f"{'prefill':32s} {'triton ms':>9} {'flash ms':>9} {'ratio':>6}  {'flash TF/s':>10}  triton err  flash err")
+    for label, shape in [
+        ("8 x 1024 new, 32/8/128", (8, 1024, 0, 32, 8, 128, 256)),
+        ("8 x 1024 new, 16/8/128", (8, 1024, 0, 16, 8, 128, 256)),
+        ("8 x 512 new + 1536 cached", (8, 512, 1536, 32, 8, 128, 256)),
+        ("1 x 8192 new, 32/8/128", (1, 8192, 0, 32, 8, 128, 256)),
+    ]:
+        t_ms, _, t_err = bench_prefill(*shape)
+        f_ms, f_tflops, f_err = bench_prefill(*shape, backend="flash-attn")
+        print(f"{label:32s} {t_ms:9.3f} {f_ms:9.3f} {t_ms / f_ms:6.2f}  {f_tflops:10.1f}  {t_err:9.1e}  {f_err:9.1e}")
 
 
 def sweep() -> None:

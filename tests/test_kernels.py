@@ -537,7 +537,7 @@ def test_decode_replays_in_a_cuda_graph():
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-# ---------------------------------------------------------------- flash-attn backend (not installed here)
+# ---------------------------------------------------------------- flash-attn backend (optional package)
 
 
 def test_flash_attn_backend_refuses_small_blocks_before_importing():
@@ -630,3 +630,64 @@ def test_flash_attn_backend_calls_follow_its_documented_interface(monkeypatch):
         expected = (attention_float64(q64[seq:seq + 1], paged.keys[seq], paged.values[seq], length - 1, 0.25)[0]
                     if length else torch.zeros(4, 16, dtype=torch.float64))
         _assert_close(out[seq], expected, 1e-4)
+
+
+def _needs_flash_attn():
+    """Skip unless the flash_attn package imports and a GPU is present (benchmarks/flash_attn_check.sh installs it)."""
+    from engine.kernels import flash_attn_backend
+
+    if not flash_attn_backend.flash_attn_available():
+        pytest.skip("needs the flash_attn package and CUDA")
+    return flash_attn_backend
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_flash_attn_backend_against_float64_with_the_real_package(dtype, tolerance):
+    """With the real flash-attn at Qwen3-0.6B's attention shape (16 query heads over 8 KV heads of 128, blocks of
+    256): prompt chunks over cached prefixes (ragged, one query a single token, contexts crossing blocks) and
+    decode (an empty row too) give the attention written out in float64, never reading the NaN-filled slots past
+    a context or the table's padding block."""
+    backend = _needs_flash_attn()
+    generator = torch.Generator().manual_seed(12)
+    scale = 128**-0.5
+    prefix_lens, query_lens = [0, 250, 300, 700], [5, 20, 1, 333]
+    paged = PagedContexts([p + n for p, n in zip(prefix_lens, query_lens)], 8, 128, 256, generator, dtype=dtype)
+    q64 = torch.randn(sum(query_lens), 16, 128, generator=generator, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int64)
+    out = backend.paged_prefill_attention(
+        q64.to(DEVICE, dtype), paged.k_cache, paged.v_cache, cu.to(DEVICE), paged.seq_lens, paged.block_tables, scale)
+    assert out.dtype == dtype and out.shape == q64.shape
+    for seq, prefix in enumerate(prefix_lens):
+        expected = attention_float64(q64[cu[seq]:cu[seq + 1]], paged.keys[seq], paged.values[seq], prefix, scale)
+        _assert_close(out[cu[seq]:cu[seq + 1]], expected, tolerance)
+
+    decode_lens = [257, 0, 3, 1000]
+    paged = PagedContexts(decode_lens, 8, 128, 256, generator, dtype=dtype)
+    q64 = torch.randn(4, 16, 128, generator=generator, dtype=torch.float64)
+    out = backend.paged_decode_attention(
+        q64.to(DEVICE, dtype), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, scale)
+    assert out.shape == (4, 16, 128)
+    for seq, length in enumerate(decode_lens):
+        expected = (attention_float64(q64[seq:seq + 1], paged.keys[seq], paged.values[seq], length - 1, scale)[0]
+                    if length else torch.zeros(16, 128, dtype=torch.float64))
+        _assert_close(out[seq], expected, tolerance)
+
+
+def test_flash_attn_decode_replays_in_a_cuda_graph_with_the_real_package():
+    """The backend's decode takes no host sync, so a CUDA graph captured once follows new context lengths."""
+    backend = _needs_flash_attn()
+    generator = torch.Generator().manual_seed(13)
+    paged = PagedContexts([300, 1000, 17], 8, 128, 256, generator, dtype=torch.bfloat16)
+    q = torch.randn(3, 16, 128, generator=generator).to(DEVICE, torch.bfloat16)
+    seq_lens = paged.seq_lens.clone()
+    args = (q, paged.k_cache, paged.v_cache, seq_lens, paged.block_tables, 128**-0.5)
+    backend.paged_decode_attention(*args)  # load the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = backend.paged_decode_attention(*args)
+    for lens in ([300, 1000, 17], [1, 999, 0], [256, 512, 16]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        expected = reference.paged_decode_attention(*args)
+        torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
