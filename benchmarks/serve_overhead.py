@@ -8,11 +8,12 @@ On the GPU machine (no fastapi, uvicorn, starlette or pydantic there), from the 
 wheels of .whl/ carried along:
 
     python3 benchmarks/serve_overhead.py [--models qwen3-0.6b,qwen3-8b] [--duration 40]
-                                         [--variants uvloop-0.5,asyncio-0.5,uvloop-0.1]
+                                         [--variants uvloop-0.5,uvloop-0.5-thread,asyncio-0.5-thread]
 
 Each variant runs server and client on an event loop (uvloop, or asyncio's own) with the interpreter's switch
 interval in ms (how soon a thread waiting for the GIL gets it: the server's event loop shares the interpreter
-with the engine's thread; twinfer serve lowers it to 0.5 ms). Both sides state their clock's origin, so each
+with the engine's thread; twinfer serve lowers it to 0.5 ms), and the engine in a process of its own (twinfer
+serve's default) or, with "-thread", on a thread of the server's process (--no-engine-process). Both sides state their clock's origin, so each
 request's overhead splits into the way in (client sends -> engine has it) and the way out (engine's first
 token -> client reads it).
 
@@ -85,7 +86,7 @@ sys.exit(main(sys.argv[1:]))
 
 def twinfer_command(variant: str) -> list[str]:
     """`python -m twinfer` on a variant's event loop and switch interval ("uvloop-0.5": uvloop, 0.5 ms)."""
-    loop, interval_ms = variant.split("-")
+    loop, interval_ms = variant.split("-")[:2]
     if loop not in ("uvloop", "asyncio"):
         raise SystemExit(f"variant {variant!r}: the loop must be uvloop or asyncio")
     return [sys.executable, "-c", VARIANT_MAIN, loop, interval_ms]
@@ -97,6 +98,7 @@ def serve_and_bench(args, model: str, name: str, variant: str, runs: Path, env: 
     device = ["--device", "cpu"] if args.executor == "cpu" else []
     server = subprocess.Popen(
         [*twinfer_command(variant), "serve", model, *ENGINE_FLAGS, *device, "--port", "0",
+         *(["--no-engine-process"] if variant.endswith("-thread") else []),
          "--served-model-name", name, "--request-log", str(runs / f"server-{name}-{variant}")],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -191,8 +193,10 @@ def main() -> None:
     parser.add_argument("--trace", default=TRACE)
     parser.add_argument("--time-scale", type=float, default=None, help="default: the model's in TIME_SCALES")
     parser.add_argument("--executor", choices=["gpu", "cpu"], default="gpu", help="cpu: a check of this script")
-    parser.add_argument("--variants", default="uvloop-0.5", help="comma-separated LOOP-MS: event loop (uvloop or "
-                        "asyncio) and switch interval in ms, each a server and client of its own")
+    parser.add_argument("--variants", default="uvloop-0.5,uvloop-0.5-thread",
+                        help="comma-separated LOOP-MS[-thread]: event loop (uvloop or asyncio), switch interval in "
+                             "ms, the engine on a thread of the server (else its own process); each a server and "
+                             "client of its own")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,10 @@ def register(commands) -> None:
                              "when the server stops, and on POST /request_log")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when there is a GPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler and dummy weights")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="step the engine in a process of its own, as vLLM's engine core, so HTTP work never "
+                             "waits for the engine's Python (default: %(default)s; --no-engine-process: a thread "
+                             "of the server's process)")
     add_engine_options(parser)
     # A server schedules asynchronously where it can (EngineArgs' default); replay's flag default is off.
     parser.set_defaults(async_scheduling=None)
@@ -71,25 +75,33 @@ def _serve(args, listener: socket.socket, api_key: str | None, chat_template: st
     from engine.tokenizer import load_tokenizer
     from twinfer.cli.replay import real_engine_and_metadata
     from twinfer.serving.app import create_app
+    from twinfer.serving.engine_process import EngineProcess, RequestLogSpec
     from twinfer.serving.request_log import RequestLog
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine_args = replace(engine_args_from(args, device=device), tokenizer=args.tokenizer)
-    engine, metadata = real_engine_and_metadata(engine_args)
-    # The engine decodes each output's text itself, applying stop strings, as LLM's engine does.
-    engine.tokenizer = tokenizer = load_tokenizer(engine_args.tokenizer or engine_args.model)
     name = args.served_model_name or args.model
     executor_kind = "gpu" if device == "cuda" else "cpu"
-    request_log = None
-    if args.request_log is not None:
-        request_log = RequestLog(args.request_log, executor_kind,
-                                 {**metadata, "served_model_name": name, "load_format": engine_args.load_format})
+    log_metadata = {"served_model_name": name, "load_format": engine_args.load_format}
+    if args.engine_process:
+        log_spec = (RequestLogSpec(args.request_log, executor_kind, log_metadata)
+                    if args.request_log is not None else None)
+        engine = EngineProcess(engine_args, tokenizer=engine_args.tokenizer or engine_args.model, request_log=log_spec)
+        tokenizer, num_blocks, request_log = engine.tokenizer, engine.num_blocks, None
+    else:
+        engine, metadata = real_engine_and_metadata(engine_args)
+        # The engine decodes each output's text itself, applying stop strings, as LLM's engine does.
+        engine.tokenizer = tokenizer = load_tokenizer(engine_args.tokenizer or engine_args.model)
+        num_blocks = engine.block_manager.num_blocks
+        request_log = None
+        if args.request_log is not None:
+            request_log = RequestLog(args.request_log, executor_kind, {**metadata, **log_metadata})
     app = create_app(engine, model_name=name, model_source=args.model, api_key=api_key,
                      chat_template=chat_template, max_concurrent_requests=args.max_concurrent_requests,
                      request_log=request_log)
     host, port = listener.getsockname()[:2]
     print(f"twinfer serve: {name} on http://{host}:{port}/v1 ({executor_kind}, max_model_len "
-          f"{engine.config.max_model_len}, {engine.block_manager.num_blocks} KV blocks"
+          f"{engine.config.max_model_len}, {num_blocks} KV blocks"
           f"{', API key required' if api_key else ''}{'' if tokenizer else ', no tokenizer: token-id prompts only'})",
           flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
@@ -97,6 +109,9 @@ def _serve(args, listener: socket.socket, api_key: str | None, chat_template: st
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:
         pass  # uvicorn raises Ctrl-C again once it has shut down (and the request log is written)
+    finally:
+        if args.engine_process:
+            engine.close()  # already closed by the app's shutdown, unless uvicorn never started
     print("twinfer serve: stopped", flush=True)
     return 0
 

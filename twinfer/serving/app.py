@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from engine.engine import Engine
+from twinfer.serving.engine_process import EngineProcess
 from twinfer.serving.api_error import APIError
 from twinfer.serving.engine_driver import EngineDriver
 from twinfer.serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -54,31 +55,37 @@ def _validation_error(error: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=location[0] if location else None)
 
 
-def create_app(engine: Engine, *, model_name: str, model_source: str | None = None,
+def create_app(engine: "Engine | EngineProcess", *, model_name: str, model_source: str | None = None,
                api_key: str | None = None, chat_template: str | None = None,
                max_concurrent_requests: int | None = None, request_log: RequestLog | None = None) -> FastAPI:
-    """The server's app: it starts the engine's thread when it starts and stops it (writing the request log,
-    when given) when it stops. Text comes from the engine's tokenizer (engine.tokenizer: it tokenizes prompts,
-    decodes outputs and applies stop strings); without one, prompts are token ids and outputs have no text."""
-    driver = EngineDriver(engine)
-    metrics = ServerMetrics(driver, model_name, engine.config.max_model_len)
+    """The server's app: it starts the engine's loop when it starts and stops it (writing the request log,
+    when given) when it stops. The engine steps on a thread of this process (an Engine), or in a process of its
+    own (an EngineProcess, whose own request log is written there). Text comes from the engine's tokenizer (it
+    tokenizes prompts, decodes outputs and applies stop strings); without one, prompts are token ids and outputs
+    have no text."""
+    driver = EngineDriver(engine) if isinstance(engine, Engine) else engine
+    if request_log is not None and not isinstance(engine, Engine):
+        raise ValueError("an engine process writes its own request log: give it to EngineProcess")
+    config = driver.config
+    metrics = ServerMetrics(model_name, config.max_model_len)
     driver.on_finish = metrics.observe_finished
-    serving = OpenAIServing(driver, engine.tokenizer, model_name=model_name, max_model_len=engine.config.max_model_len,
-                            vocab_size=engine.config.vocab_size, chat_template=chat_template,
+    serving = OpenAIServing(driver, driver.tokenizer, model_name=model_name, max_model_len=config.max_model_len,
+                            vocab_size=config.vocab_size, chat_template=chat_template,
                             max_concurrent_requests=max_concurrent_requests)
     created = int(time.time())
+    log = request_log if isinstance(engine, Engine) else None
+    keeps_log = request_log is not None or getattr(driver, "keeps_request_log", False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if hasattr(engine.clock, "restart"):
+        if isinstance(engine, Engine) and hasattr(engine.clock, "restart"):
             engine.clock.restart()  # the log's times count from the server's start
         driver.start()
         try:
             yield
         finally:
-            driver.stop()
-            if request_log is not None:
-                path = request_log.write(engine, RequestLog.snapshot(engine))
+            path = await asyncio.to_thread(driver.close, log)
+            if path is not None:
                 print(f"twinfer serve: request log written to {path}", flush=True)
 
     options = {}
@@ -114,12 +121,14 @@ def create_app(engine: Engine, *, model_name: str, model_source: str | None = No
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
+        if driver.is_running:
+            metrics.update_engine_state(await driver.state())
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "twinfer",
-                "root": model_source or model_name, "parent": None, "max_model_len": engine.config.max_model_len}
+                "root": model_source or model_name, "parent": None, "max_model_len": config.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")
@@ -132,11 +141,10 @@ def create_app(engine: Engine, *, model_name: str, model_source: str | None = No
 
     @app.post("/request_log")
     async def write_request_log() -> JSONResponse:
-        if request_log is None:
+        if not keeps_log:
             raise APIError(404, "this server keeps no request log: start it with --request-log DIR")
-        snapshot = await driver.call(RequestLog.snapshot)
-        path = await asyncio.to_thread(request_log.write, engine, snapshot)
-        return JSONResponse({"path": str(path), "num_requests": snapshot[0].num_rows, "complete": snapshot[2]})
+        path, num_requests, complete = await driver.write_request_log(log)
+        return JSONResponse({"path": str(path), "num_requests": num_requests, "complete": complete})
 
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)

@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import traceback
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,10 +51,34 @@ class Delta:
     """stop, length or abort once the completion has ended."""
     stop_reason: int | str | None = None
     """The stop token or stop string that ended it."""
-    sequence: Sequence | None = None
-    """The ended completion's sequence (its times, for metrics); None until it ends."""
+    ended: "EndedRequest | None" = None
+    """The ended completion's counts and times (for usage and metrics); None until it ends."""
     error: str | None = None
     """Why the engine refused or lost the request (then nothing more comes for any of its completions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndedRequest:
+    """What the server's metrics and usage read of an ended completion (a Sequence's counts and times, on the
+    engine's clock): small and picklable, so it crosses from an engine process too."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    max_tokens: int
+    finish_reason: object
+    """engine.sequence.FinishReason, or None when it ended otherwise."""
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    token_times: list[float]
+    finish_time: float | None
+
+    @classmethod
+    def of(cls, seq: Sequence) -> "EndedRequest":
+        return cls(seq.num_prompt_tokens, seq.num_cached_tokens or 0, seq.num_output_tokens,
+                   seq.sampling_params.max_tokens, seq.finish_reason, seq.arrival_time, seq.first_scheduled_time,
+                   seq.first_token_time, list(seq.token_times), seq.finish_time)
 
 
 class EngineUnavailable(RuntimeError):
@@ -77,10 +102,13 @@ class _Active:
 class EngineDriver:
     """Runs an engine's steps on a thread while the event loop adds, streams and aborts requests."""
 
-    def __init__(self, engine: Engine, on_finish: Callable[[Sequence], None] | None = None) -> None:
-        """on_finish is called on the event loop with each request's sequence when it ends (metrics)."""
+    def __init__(self, engine: Engine, on_finish: Callable[[EndedRequest], None] | None = None,
+                 send: Callable[[list], None] | None = None) -> None:
+        """on_finish is called on the event loop with each completion's EndedRequest when it ends (metrics).
+        send: where the thread's batches of (sink, Delta) go instead of an event loop (an engine process's pipe)."""
         self.engine = engine
         self.on_finish = on_finish
+        self._send_batch = send
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}
         """Running completions by their sequence's request id."""
@@ -112,11 +140,26 @@ class EngineDriver:
         """True while the thread serves requests (not stopped, no failed step)."""
         return self._thread is not None and self._thread.is_alive() and not self._stopped and self.error is None
 
-    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: asyncio.Queue,
-            prompt: str | None = None) -> None:
-        """Queue a request arriving now (params.n completions); its Deltas are put on sink (which several
-        requests may share)."""
-        self._put(("add", request_id, sink, prompt_token_ids, params, self.engine.clock.now(), prompt))
+    @property
+    def config(self):
+        """The engine's EngineConfig (max_model_len, vocab_size, ...)."""
+        return self.engine.config
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (it decodes outputs and applies stop strings), or None."""
+        return self.engine.tokenizer
+
+    def truncate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        return self.engine.truncate_prompt(prompt_token_ids, params)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink,
+            prompt: str | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request arriving now, or at arrival_time on the engine's clock (params.n completions); its
+        Deltas are put on sink (which several requests may share)."""
+        if arrival_time is None:
+            arrival_time = self.engine.clock.now()
+        self._put(("add", request_id, sink, prompt_token_ids, params, arrival_time, prompt))
 
     def abort(self, request_id: str, reason: str) -> None:
         """Stop every completion of a request (each one's last delta has finish reason abort, their blocks are
@@ -125,6 +168,27 @@ class EngineDriver:
             self._put(("abort", request_id, reason))
         except EngineUnavailable:
             pass  # every request has been ended already
+
+    async def state(self) -> dict:
+        """The engine's state for /metrics, read between two steps."""
+        return await self.call(lambda engine: {**engine_state(engine), "preemptions": self.num_preemptions})
+
+    async def write_request_log(self, log) -> tuple:
+        """Write the request log (a RequestLog) as the engine stands: (path, number of requests, complete)."""
+        from twinfer.serving.request_log import RequestLog
+
+        snapshot = await self.call(RequestLog.snapshot)
+        path = await asyncio.to_thread(log.write, self.engine, snapshot)
+        return path, snapshot[0].num_rows, snapshot[2]
+
+    def close(self, log=None) -> Path | None:
+        """Stop (every unfinished request aborted) and write the request log when given; its path."""
+        from twinfer.serving.request_log import RequestLog
+
+        self.stop()
+        if log is None:
+            return None
+        return log.write(self.engine, RequestLog.snapshot(self.engine))
 
     async def call(self, function: Callable[[Engine], object]):
         """function(engine) run on the driver thread between two steps; its result."""
@@ -143,6 +207,18 @@ class EngineDriver:
                 raise EngineUnavailable(self.error or "the engine is not running")
             self._commands.put(command)
 
+    def run_here(self, before: Callable[[], None] | None = None) -> None:
+        """Run the step loop on the calling thread until stopped (an engine process's main thread); before() runs
+        once the driver takes commands."""
+        self._thread = threading.current_thread()
+        if before is not None:
+            before()
+        self._run()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to abort every unfinished request and end, without waiting for it."""
+        self._commands.put(("stop", reason))
+
     def stop(self, reason: str = "server shutdown") -> None:
         """Abort every unfinished request, end the thread and wait for it (blocking)."""
         if self._thread is None or not self._thread.is_alive():
@@ -151,11 +227,7 @@ class EngineDriver:
         self._thread.join()
 
     def _deliver(self, batch: list[tuple[asyncio.Queue, Delta]]) -> None:
-        on_finish = self.on_finish
-        for sink, delta in batch:
-            sink.put_nowait(delta)
-            if on_finish is not None and delta.sequence is not None:
-                on_finish(delta.sequence)
+        deliver(batch, self.on_finish)
 
     # ---- the driver thread
 
@@ -248,6 +320,9 @@ class EngineDriver:
             self._send(batch)
 
     def _send(self, batch: list) -> None:
+        if self._send_batch is not None:
+            self._send_batch(batch)
+            return
         try:
             self._loop.call_soon_threadsafe(self._deliver, batch)
         except RuntimeError:
@@ -294,5 +369,24 @@ def _delta(active: _Active) -> Delta | None:
     if finished:
         delta.finish_reason = str(seq.finish_reason)
         delta.stop_reason = seq.stop_reason
-        delta.sequence = seq
+        delta.ended = EndedRequest.of(seq)
     return delta
+
+
+def deliver(batch: list[tuple[asyncio.Queue, Delta]], on_finish: Callable[[EndedRequest], None] | None) -> None:
+    """On the event loop: each delta onto its request's queue, and each ended completion to on_finish."""
+    for sink, delta in batch:
+        sink.put_nowait(delta)
+        if on_finish is not None and delta.ended is not None:
+            on_finish(delta.ended)
+
+
+def engine_state(engine: Engine) -> dict:
+    """What /metrics reports of the engine (read between two steps): requests running and waiting, KV-cache
+    usage, prefix-cache queries and hits in tokens (the driver counts preemptions)."""
+    block_manager = engine.block_manager
+    return {"running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.waiting) + engine.num_pending,
+            "kv_cache_usage": block_manager.usage,
+            "prefix_cache_queries": block_manager.num_query_tokens,
+            "prefix_cache_hits": block_manager.num_hit_tokens}

@@ -2,14 +2,16 @@
 model_name and engine as vLLM's are.
 
 Engine state (running and waiting requests, KV-cache usage, prefix-cache and preemption counts) is read
-when /metrics is scraped, so the step loop pays nothing for it; request latencies are observed when each
-request ends.
+when /metrics is scraped (update_engine_state, then exposition), so the step loop pays nothing for it; request
+latencies are observed when each request ends.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.sequence import FinishReason, Sequence
+from twinfer.serving.engine_driver import EndedRequest
+
+from engine.sequence import FinishReason
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -33,29 +35,29 @@ def _token_buckets(max_model_len: int) -> list[int]:
 
 
 class _EngineStateCollector:
-    """Gauges and counters read from the engine at scrape time (plain reads of counts another thread updates)."""
+    """Gauges and counters of the engine's state as last read (engine_driver.engine_state's dict)."""
 
-    def __init__(self, driver, labels: dict[str, str]) -> None:
-        self.driver = driver
+    def __init__(self, labels: dict[str, str]) -> None:
         self.labels = labels
+        self.state = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0, "prefix_cache_queries": 0,
+                      "prefix_cache_hits": 0, "preemptions": 0}
 
     def collect(self):
-        engine = self.driver.engine
         names, values = list(self.labels), list(self.labels.values())
-        block_manager = engine.block_manager
+        state = self.state
         families = [
             (GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
-             len(engine.scheduler.running)),
+             state["running"]),
             (GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             len(engine.scheduler.waiting) + engine.num_pending),
+             state["waiting"]),
             (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-             block_manager.usage),
+             state["kv_cache_usage"]),
             (CounterMetricFamily, "vllm:prefix_cache_queries",
-             "Prefix cache queries, in terms of number of queried tokens.", block_manager.num_query_tokens),
+             "Prefix cache queries, in terms of number of queried tokens.", state["prefix_cache_queries"]),
             (CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-             block_manager.num_hit_tokens),
+             state["prefix_cache_hits"]),
             (CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-             self.driver.num_preemptions),
+             state["preemptions"]),
         ]
         for kind, name, documentation, value in families:
             family = kind(name, documentation, labels=names)
@@ -66,10 +68,11 @@ class _EngineStateCollector:
 class ServerMetrics:
     """Every metric of one server, in a registry of its own (several servers may share a process in tests)."""
 
-    def __init__(self, driver, model_name: str, max_model_len: int) -> None:
+    def __init__(self, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name, "engine": "0"}
-        self.registry.register(_EngineStateCollector(driver, labels))
+        self._engine_state = _EngineStateCollector(labels)
+        self.registry.register(self._engine_state)
         names = list(labels)
 
         def histogram(name: str, documentation: str, buckets) -> Histogram:
@@ -103,16 +106,20 @@ class ServerMetrics:
                                             "Histogram of time spent in WAITING phase for request.",
                                             REQUEST_LATENCY_BUCKETS)
 
-    def observe_finished(self, seq: Sequence) -> None:
+    def update_engine_state(self, state: dict) -> None:
+        """The engine's state as just read (engine_driver.engine_state's keys), for the next exposition."""
+        self._engine_state.state = state
+
+    def observe_finished(self, seq: EndedRequest) -> None:
         """Record an ended request (finished or aborted) as vLLM does: latencies from the engine's timestamps."""
         num_outputs = seq.num_output_tokens
-        self.prompt_tokens.inc(seq.num_prompt_tokens - (seq.num_cached_tokens or 0))
+        self.prompt_tokens.inc(seq.num_prompt_tokens - seq.num_cached_tokens)
         self.generation_tokens.inc(num_outputs)
         if seq.finish_reason is not None:
             self.request_success[seq.finish_reason].inc()
         self.request_prompt_tokens.observe(seq.num_prompt_tokens)
         self.request_generation_tokens.observe(num_outputs)
-        self.request_max_tokens.observe(seq.sampling_params.max_tokens)
+        self.request_max_tokens.observe(seq.max_tokens)
         if seq.first_scheduled_time is not None:
             self.request_queue_time.observe(seq.first_scheduled_time - seq.arrival_time)
         if seq.first_token_time is not None:

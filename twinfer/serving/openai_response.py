@@ -59,7 +59,7 @@ class _Choice:
         elif delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
-            self.num_cached_tokens = delta.sequence.num_cached_tokens or 0
+            self.num_cached_tokens = delta.ended.num_cached_tokens
 
 
 @dataclass

@@ -105,10 +105,9 @@ class OpenAIServing:
 
     async def _serve(self, request, raw: Request, prompts: list[Prompt], *, chat: bool):
         params = sampling_params(request)
-        engine = self.driver.engine
         for prompt in prompts:
             if params.truncate_prompt_tokens is not None:
-                truncated = engine.truncate_prompt(prompt.token_ids, params)
+                truncated = self.driver.truncate_prompt(prompt.token_ids, params)
                 if len(truncated) < len(prompt.token_ids):
                     prompt.token_ids, prompt.text = truncated, None  # an echo shows the tokens kept
             check_context(request, len(prompt.token_ids), params.max_tokens, self.max_model_len)

@@ -1,0 +1,136 @@
+"""The server with its engine in a process of its own (twinfer serve's default): the same answers as LLM.generate,
+streamed or whole, 64 concurrent streams, a disconnect freeing its blocks there, /metrics read from the child, the
+request log written by the child, and a clear error when the child cannot start or dies."""
+
+import asyncio
+import os
+import signal
+
+import httpx
+import pytest
+
+from analysis.run_store import read_run
+from engine import LLM, SamplingParams
+from engine.engine_args import EngineArgs
+from tests.http_server import ServerThread
+from tests.test_llm import model_folder  # noqa: F401 (the tiny model fixture)
+from tests.test_serving import async_client, client, wait_for
+from twinfer.serving.app import create_app
+from twinfer.serving.engine_process import EngineProcess, RequestLogSpec
+
+MODEL = "tiny"
+
+
+def engine_process(folder: str, log_dir=None) -> EngineProcess:
+    args = EngineArgs(model=folder, device="cpu", max_num_batched_tokens=64)
+    log = RequestLogSpec(str(log_dir), "cpu", {"model": folder}) if log_dir is not None else None
+    return EngineProcess(args, tokenizer=folder, request_log=log, start_timeout=300)
+
+
+def metric(server, name: str) -> float:
+    """A metric's value from /metrics, summed over its labels."""
+    text = httpx.get(f"{server.base_url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_an_engine_process_serves_what_llm_generate_gives(model_folder, tmp_path):  # noqa: F811
+    reference = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+    prompts = [[5 + i, 6, 7 + i % 5] * (1 + i % 4) for i in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [output.outputs[0].token_ids for output in reference.generate(prompts, params, use_tqdm=False)]
+    process = engine_process(model_folder, tmp_path / "log")
+    with ServerThread(create_app(process, model_name=MODEL)) as server:
+        whole = client(server).completions.create(model=MODEL, prompt=prompts[0], max_tokens=12, temperature=0,
+                                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert whole.choices[0].token_ids == expected[0]
+        assert whole.usage.completion_tokens == 12
+
+        async def stream(prompt) -> list[int]:
+            tokens = []
+            chunks = await async_client(server).completions.create(
+                model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+            async for chunk in chunks:
+                for choice in chunk.choices:
+                    tokens += getattr(choice, "token_ids", None) or []
+            return tokens
+
+        async def all_streams():
+            return await asyncio.gather(*(stream(prompt) for prompt in prompts))
+
+        assert asyncio.run(all_streams()) == expected
+        # The child's engine, read through /metrics: nothing running or held once every stream has ended.
+        wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, "idle")
+        assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
+        assert metric(server, "vllm:request_success_total") == 65  # counted here, from what the child sent
+        logged = httpx.post(f"{server.base_url}/request_log").json()
+        assert logged["num_requests"] == 65 and logged["complete"] is True
+    run = read_run(tmp_path / "log")  # written again by the child when the server stopped
+    assert run.requests.num_rows == 65 and set(run.requests.column("status").to_pylist()) == {"finished"}
+    assert run.metadata["clock_origin"] == process.clock_origin
+
+
+def test_a_disconnected_stream_is_aborted_in_the_engine_process(model_folder, tmp_path):  # noqa: F811
+    process = engine_process(model_folder, tmp_path / "log")
+    with ServerThread(create_app(process, model_name=MODEL)) as server:
+        body = {"model": MODEL, "prompt": list(range(2, 40)), "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body) as response:
+            next(response.iter_lines())  # the first token is out: the request runs in the child
+        wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, "aborted")
+        assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
+        httpx.post(f"{server.base_url}/request_log")
+        request = read_run(tmp_path / "log").requests.to_pylist()[0]
+        assert request["status"] == "aborted" and "client disconnected" in request["reason"]
+        assert request["output_len"] < 200
+
+
+def test_a_dead_engine_process_answers_503_and_ends_open_streams(model_folder):  # noqa: F811
+    process = engine_process(model_folder)
+    with ServerThread(create_app(process, model_name=MODEL)) as server:
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+        body = {"model": MODEL, "prompt": list(range(2, 40)), "max_tokens": 200, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(lines)
+            os.kill(process._process.pid, signal.SIGKILL)
+            rest = "\n".join(lines)  # the stream ends, saying why
+        assert "engine process exited unexpectedly" in rest
+        health = httpx.get(f"{server.base_url}/health")
+        assert health.status_code == 503 and "exited unexpectedly" in health.text
+        late = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, "prompt": [5], "max_tokens": 2})
+        assert late.status_code == 503
+
+
+def test_an_engine_process_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match="engine process failed to start"):
+        EngineProcess(EngineArgs(model=str(tmp_path / "no-such-model"), device="cpu"), start_timeout=300)
+
+
+def test_twinfer_serve_runs_its_engine_in_a_process_and_stops_on_ctrl_c(model_folder, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "twinfer", "serve", model_folder, "--device", "cpu", "--port", "0",
+                               "--served-model-name", MODEL, "--request-log", str(tmp_path / "log")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if " on http://" in line:
+                break
+        base_url = lines[-1].split(" on ", 1)[1].split("/v1", 1)[0]
+        children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+        commands = [open(f"/proc/{child}/cmdline", "rb").read() for child in children]
+        assert any(b"spawn_main" in command for command in commands)  # the engine's process
+        answer = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 3,
+                                                                "ignore_eos": True}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+    finally:
+        server.send_signal(signal.SIGINT)  # as Ctrl-C: the child ignores it and is told to stop
+        rest = server.communicate(timeout=120)[0]
+    assert server.returncode == 0, rest
+    assert "request log written" in rest and "stopped" in rest
+    assert read_run(tmp_path / "log").requests.num_rows == 1

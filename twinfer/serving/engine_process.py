@@ -1,0 +1,337 @@
+"""The engine in a process of its own, behind EngineDriver's surface, so the server's event loop never waits for
+the interpreter lock that the engine's Python holds (vLLM runs its engine core in a process apart for this reason).
+
+With the engine on a thread of the server's process, every wake-up of the event loop (a request arriving, a step's
+tokens to send) waited up to a switch interval for the lock while the engine's thread scheduled and launched
+steps: on an H200 with Qwen3-0.6B that was 1.5-2.2 ms each way, most of the HTTP path's TTFT overhead.
+
+The child builds the engine from EngineArgs and runs an EngineDriver on its main thread; a reader thread turns the
+parent's commands into the driver's. The driver's batches of deltas (one per step) go back through a pipe, keyed by
+request id, and a reader thread here hands each batch to the event loop in one wake-up. Arrivals cross on
+time.perf_counter's clock (system-wide on Linux): stamped here, moved onto the engine's clock there. Ctrl-C belongs
+to the parent: the child ignores SIGINT, and stops when told or when the parent's end of the pipe closes; it writes
+the request log itself (the engine's records never cross).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.engine import Engine
+from engine.engine_args import EngineArgs
+from engine.sampling_params import SamplingParams
+from twinfer.serving.engine_driver import Delta, EngineDriver, EngineUnavailable, deliver, engine_state
+
+STOP_TIMEOUT_S = 120.0
+"""How long closing waits for the child to abort its requests, write its log and exit before killing it."""
+
+
+@dataclass(frozen=True)
+class RequestLogSpec:
+    """Where the engine process writes the request log, and what its metadata adds to the engine's own."""
+
+    out_dir: str
+    executor_kind: str
+    metadata: dict
+
+
+@dataclass(frozen=True)
+class _Ready:
+    config: object
+    num_blocks: int
+    clock_origin: float
+
+
+class EngineProcess:
+    """An engine stepping in a child process; add, abort, state and the request log as EngineDriver has them."""
+
+    def __init__(self, engine_args: EngineArgs, *, tokenizer: str | None = None,
+                 request_log: RequestLogSpec | None = None, start_timeout: float | None = None) -> None:
+        """Start the child and wait until its engine is built (errors there are raised here, by message).
+        tokenizer: a model folder or Hub id whose tokenizer both processes load (None: the engine has none)."""
+        from engine.tokenizer import load_tokenizer
+
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        commands_in, self._commands = context.Pipe(duplex=False)
+        self._outputs, outputs_out = context.Pipe(duplex=False)
+        self._process = context.Process(target=_child_main, name="twinfer-engine",
+                                        args=(engine_args, tokenizer, request_log, commands_in, outputs_out))
+        self._process.start()
+        commands_in.close()
+        outputs_out.close()
+        self.keeps_request_log = request_log is not None
+        self.on_finish = None
+        self.error: str | None = None
+        self._send_lock = threading.Lock()
+        self._sinks: dict[str, asyncio.Queue] = {}
+        self._num_open: dict[str, int] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._log_path: Path | None = None
+        if not self._outputs.poll(start_timeout):
+            self._kill()
+            raise RuntimeError(f"the engine process did not start within {start_timeout} s")
+        try:
+            message = self._outputs.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the engine process exited ({self._process.exitcode}) before its engine was built")
+        if message[0] == "failed":
+            self._process.join()
+            raise RuntimeError(f"the engine process failed to start: {message[1]}")
+        ready: _Ready = message[1]
+        self.config = ready.config
+        self.num_blocks = ready.num_blocks
+        self.clock_origin = ready.clock_origin
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+
+    # ---- EngineDriver's surface, on the event loop
+
+    def start(self) -> None:
+        """Start handing the child's deltas to the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._reader = threading.Thread(target=self._read, name="twinfer-engine-outputs", daemon=True)
+        self._reader.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._process.is_alive() and not self._stopped.is_set() and self.error is None
+
+    def truncate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        # Engine.truncate_prompt reads only .config, which this has too: one rule for both kinds of server.
+        return Engine.truncate_prompt(self, prompt_token_ids, params)
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink,
+            prompt: str | None = None) -> None:
+        """Send a request arriving now (params.n completions); its Deltas are put on sink."""
+        if not self.is_running:
+            raise EngineUnavailable(self.error or "the engine is not running")
+        self._sinks[request_id] = sink
+        self._num_open[request_id] = params.n
+        self._send(("add", request_id, prompt_token_ids, params, time.perf_counter(), prompt))
+
+    def abort(self, request_id: str, reason: str) -> None:
+        """Stop every completion of a request (its blocks are freed there); a no-op once ended."""
+        if request_id in self._sinks and self.is_running:
+            try:
+                self._send(("abort", request_id, reason))
+            except EngineUnavailable:
+                pass
+
+    async def state(self) -> dict:
+        """The engine's state for /metrics (engine_driver.engine_state's keys), read between two steps."""
+        return await self._ask("state")
+
+    async def write_request_log(self, log=None) -> tuple:
+        """Have the child write its request log as the engine stands: (path, number of requests, complete)."""
+        if not self.keeps_request_log:
+            raise ValueError("this engine process keeps no request log")
+        path, num_requests, complete = await self._ask("log")
+        return Path(path), num_requests, complete
+
+    def close(self, log=None) -> Path | None:
+        """Stop the child (every unfinished request aborted, its request log written) and wait for it; the log's
+        path. Blocking: call it off the event loop."""
+        if self._process.is_alive() and not self._stopped.is_set():
+            try:
+                self._send(("stop", "server shutdown"))
+            except EngineUnavailable:
+                pass
+        if self._reader is not None:
+            self._reader.join(STOP_TIMEOUT_S)
+        else:  # never started: read up to the child's last word here
+            self._read()
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            self._kill()
+        return self._log_path
+
+    stop = close
+
+    # ---- the pipes
+
+    def _send(self, command: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._commands.send(command)
+            except (BrokenPipeError, OSError) as error:
+                raise EngineUnavailable(self.error or f"the engine process is gone ({error})") from None
+
+    async def _ask(self, what: str):
+        if not self.is_running:
+            raise EngineUnavailable(self.error or "the engine is not running")
+        token = next(self._tokens)
+        future = self._loop.create_future()
+        self._replies[token] = future
+        self._send((what, token))
+        return await future
+
+    def _read(self) -> None:
+        """The reader thread: each batch of deltas to the event loop, replies to their askers, until the child
+        says it stopped or its pipe closes."""
+        while True:
+            try:
+                message = self._outputs.recv()
+            except (EOFError, OSError):
+                self._process.join(5)
+                if not self._stopped.is_set():
+                    self.error = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+                    self._call_soon(self._fail_all, self.error)
+                self._stopped.set()
+                return
+            kind = message[0]
+            if kind == "deltas":
+                self._call_soon(self._deliver, message[1])
+            elif kind == "reply":
+                self._call_soon(self._answer, message[1], message[2], message[3])
+            elif kind == "stopped":
+                _, path, error = message
+                self._log_path = Path(path) if path is not None else None
+                if error is not None:
+                    self.error = error
+                self._stopped.set()
+                self._call_soon(self._fail_all, error or "the server is shutting down")
+                return
+
+    def _call_soon(self, callback, *args) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is reading any more
+
+    def _deliver(self, batch: list[tuple[str, Delta]]) -> None:
+        routed = []
+        for request_id, delta in batch:
+            sink = self._sinks.get(request_id)
+            if sink is None:
+                continue
+            routed.append((sink, delta))
+            if delta.error is not None:
+                self._forget(request_id)
+            elif delta.finish_reason is not None:
+                self._num_open[request_id] -= 1
+                if not self._num_open[request_id]:
+                    self._forget(request_id)
+        deliver(routed, self.on_finish)
+
+    def _forget(self, request_id: str) -> None:
+        self._sinks.pop(request_id, None)
+        self._num_open.pop(request_id, None)
+
+    def _answer(self, token: int, ok: bool, value) -> None:
+        future = self._replies.pop(token, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(RuntimeError(value))
+
+    def _fail_all(self, reason: str) -> None:
+        """Answer every open request and question: nothing more comes from the engine."""
+        batch = [(sink, Delta(request_id, 0, [], error=reason)) for request_id, sink in self._sinks.items()]
+        self._sinks.clear()
+        self._num_open.clear()
+        deliver(batch, None)
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(reason))
+        self._replies.clear()
+
+    def _kill(self) -> None:
+        self._process.kill()
+        self._process.join()
+
+
+def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: RequestLogSpec | None,
+                commands, outputs) -> None:
+    """The engine process: build the engine, say so, then step it until told to stop (or orphaned)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C: it tells this process to stop
+    try:
+        from engine.tokenizer import load_tokenizer
+        from twinfer.cli.replay import real_engine_and_metadata
+        from twinfer.serving.request_log import RequestLog
+
+        engine, metadata = real_engine_and_metadata(engine_args)
+        engine.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        log = (RequestLog(log_spec.out_dir, log_spec.executor_kind, {**metadata, **log_spec.metadata})
+               if log_spec is not None else None)
+        engine.clock.restart()  # the log's times count from the server's start
+    except BaseException as error:  # noqa: BLE001 (reported to the parent, which raises it)
+        traceback.print_exc()
+        outputs.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with lock:
+            try:
+                outputs.send(message)
+            except (BrokenPipeError, OSError):
+                pass  # the parent is gone; the reader sees the commands pipe close and stops the engine
+
+    driver = EngineDriver(engine, send=lambda batch: send(("deltas", batch)))
+    outputs.send(("ready", _Ready(engine.config, engine.block_manager.num_blocks, engine.clock.origin)))
+
+    def reply(token: int, function) -> None:
+        future = driver.run_on_thread(function)
+        future.add_done_callback(lambda done: send(
+            ("reply", token, done.exception() is None,
+             done.result() if done.exception() is None else f"{type(done.exception()).__name__}: "
+                                                             f"{done.exception()}")))
+
+    def write_log(current: Engine) -> tuple:
+        snapshot = RequestLog.snapshot(current)
+        return str(log.write(current, snapshot)), snapshot[0].num_rows, snapshot[2]
+
+    def read_commands() -> None:
+        origin = engine.clock.origin
+        while True:
+            try:
+                command = commands.recv()
+            except (EOFError, OSError):
+                command = ("stop", "the server process is gone")
+            kind = command[0]
+            try:
+                if kind == "add":
+                    _, request_id, token_ids, params, sent_at, prompt = command
+                    driver.add(request_id, token_ids, params, request_id, prompt, arrival_time=sent_at - origin)
+                elif kind == "abort":
+                    driver.abort(command[1], command[2])
+                elif kind == "state":
+                    reply(command[1], lambda current: {**engine_state(current),
+                                                       "preemptions": driver.num_preemptions})
+                elif kind == "log":
+                    if log is None:
+                        send(("reply", command[1], False, "this engine process keeps no request log"))
+                    else:
+                        reply(command[1], write_log)
+                elif kind == "stop":
+                    driver.request_stop(command[1])
+                    return
+            except EngineUnavailable:
+                if kind == "add":  # the engine failed: the parent learns why when the driver ends
+                    send(("deltas", [(command[1], Delta(command[1], 0, [], error=driver.error or "stopped"))]))
+
+    driver.run_here(before=lambda: threading.Thread(target=read_commands, name="twinfer-engine-commands",
+                                                    daemon=True).start())
+    path = None
+    if log is not None:
+        try:
+            path = str(log.write(engine, RequestLog.snapshot(engine)))
+        except Exception as error:  # noqa: BLE001 (the parent reports it)
+            driver.error = driver.error or f"the request log could not be written: {error}"
+    send(("stopped", path, driver.error))
