@@ -20,6 +20,7 @@ from engine import LLM, SamplingParams
 from tests.http_server import ServerThread
 from tests.test_llm import VOCAB, model_folder  # noqa: F401 (the tiny model fixture)
 from twinfer.serving.app import create_app
+from twinfer.serving.engine_driver import EngineDriver
 from twinfer.serving.request_log import RequestLog
 
 MODEL = "tiny"
@@ -678,3 +679,22 @@ def test_twinfer_serve_command_serves_and_writes_its_log_on_ctrl_c(model_folder,
     assert process.returncode == 0, output
     assert "request log written" in output and "Traceback" not in output
     assert read_run(tmp_path / "log").requests.column("output_len").to_pylist() == [3]
+
+
+def test_first_tokens_are_handed_on_before_the_running_streams(model_folder):  # noqa: F811
+    llm = LLM(model_folder, device="cpu", max_num_batched_tokens=64)
+    batches = []
+    driver = EngineDriver(llm.engine, send=batches.append)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for name in ("a", "b"):
+        driver._apply(("add", name, name, [5, 6, 7], params, 0.0, None))
+    while not any(delta.token_ids for batch in batches for _, delta in batch):
+        llm.engine.step()
+        driver._publish()
+    driver._apply(("add", "new", "new", [9, 10], params, 0.0, None))
+    while not any(delta.request_id == "new" and delta.token_ids for _, delta in batches[-1]):
+        llm.engine.step()
+        driver._publish()
+    # The step that gave "new" its first token gave a and b one more each: new's goes out first.
+    assert [delta.request_id for _, delta in batches[-1]] == ["new", "a", "b"]
+    llm.engine.abort_all("test over")

@@ -298,15 +298,21 @@ class EngineDriver:
         return True
 
     def _publish(self) -> None:
-        """Hand every completion's new output, and the ends of finished ones, to the event loop."""
+        """Hand every completion's new output, and the ends of finished ones, to the event loop: first tokens
+        first (the event loop writes the chunks in this order, and a new request's first token, its TTFT, would
+        otherwise wait behind a chunk for every stream already running)."""
+        firsts = []
         batch = []
         ended = []
         for sequence_id, active in self._active.items():
+            first = active.num_sent == 0
             delta = _delta(active)
             if delta is not None:
-                batch.append((active.sink, delta))
+                (firsts if first else batch).append((active.sink, delta))
                 if delta.finish_reason is not None:
                     ended.append(sequence_id)
+        if firsts:
+            batch = firsts + batch
         for sequence_id in ended:
             request_id = self._active.pop(sequence_id).request_id
             self._num_open[request_id] -= 1
