@@ -134,3 +134,21 @@ def test_twinfer_serve_runs_its_engine_in_a_process_and_stops_on_ctrl_c(model_fo
     assert server.returncode == 0, rest
     assert "request log written" in rest and "stopped" in rest
     assert read_run(tmp_path / "log").requests.num_rows == 1
+
+
+def test_an_engine_process_interrupted_while_starting_leaves_no_child(model_folder, monkeypatch):  # noqa: F811
+    import multiprocessing.connection
+
+    started = []
+    real_poll = multiprocessing.connection.Connection.poll
+
+    def interrupted_poll(self, timeout=0.0):
+        started.append(True)
+        raise KeyboardInterrupt  # Ctrl-C while the child builds its engine
+
+    monkeypatch.setattr(multiprocessing.connection.Connection, "poll", interrupted_poll)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(KeyboardInterrupt):
+        engine_process(model_folder)
+    monkeypatch.setattr(multiprocessing.connection.Connection, "poll", real_poll)
+    assert started and set(multiprocessing.active_children()) == before

@@ -79,14 +79,16 @@ class EngineProcess:
         self._reader: threading.Thread | None = None
         self._stopped = threading.Event()
         self._log_path: Path | None = None
-        if not self._outputs.poll(start_timeout):
-            self._kill()
-            raise RuntimeError(f"the engine process did not start within {start_timeout} s")
         try:
+            if not self._outputs.poll(start_timeout):
+                raise RuntimeError(f"the engine process did not start within {start_timeout} s")
             message = self._outputs.recv()
         except EOFError:
             self._process.join()
             raise RuntimeError(f"the engine process exited ({self._process.exitcode}) before its engine was built")
+        except BaseException:  # Ctrl-C while the model loads, or the timeout: no child left behind
+            self._kill()
+            raise
         if message[0] == "failed":
             self._process.join()
             raise RuntimeError(f"the engine process failed to start: {message[1]}")
