@@ -48,9 +48,12 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, 
     record = RequestRecord(request_id=request.request_id, arrival_time=request.arrival_time,
                            prompt_len=len(request.prompt_token_ids), max_tokens=request.max_tokens)
     progress = _Progress()
+    # Encoded before the clock starts (0.1-0.2 ms for a 1,000-token prompt): the request's TTFT is the server's.
+    payload = json.dumps(request_body(request, model)).encode()
+    headers = {**headers, "Content-Type": "application/json"}
     record.first_scheduled_time = time.perf_counter() - start  # sent (after any client-side concurrency wait)
     try:
-        async with session.post(url, json=request_body(request, model), headers=headers) as response:
+        async with session.post(url, data=payload, headers=headers) as response:
             if response.status != 200:
                 record.status = RequestStatus.REJECTED if 400 <= response.status < 500 else RequestStatus.ABORTED
                 record.reason = f"HTTP {response.status}: {_error_message(await response.text())}"
