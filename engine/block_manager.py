@@ -4,7 +4,8 @@ import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import is_not
 
 import xxhash
 
@@ -212,9 +213,7 @@ class BlockManager:
         if num_full_blocks <= first:
             return
         blocks = seq.block_table[first:num_full_blocks]
-        sources = self._block_sources
-        for block_id in blocks:
-            sources[block_id] = seq
+        _consume(map(self._block_sources.__setitem__, blocks, repeat(seq)))
         if first == 0:
             self.ensure_hashes(seq, 1)
             root = seq.block_hashes[0]
@@ -349,9 +348,7 @@ class BlockManager:
         self._cached_head = head
         self._num_cached_free -= count
         self.num_evictions += count
-        sources = self._block_sources
-        for block_id in victims:
-            sources[block_id] = None
+        _consume(map(self._block_sources.__setitem__, victims, repeat(None)))
         if self._freed_tables:
             self._forget_evicted_owners(victims, digests)
         if self._late_hashes:
@@ -363,7 +360,7 @@ class BlockManager:
         hash_to_block = self.hash_to_block
         twins = self._twins
         if not twins:
-            deque(map(hash_to_block.pop, digests, repeat(None)), maxlen=0)
+            _consume(map(hash_to_block.pop, digests, repeat(None)))
         else:
             for digest, block_id in zip(digests, victims):
                 if block_id in twins:
@@ -383,9 +380,8 @@ class BlockManager:
         together, root last, so all its committed blocks are evicted by then and registering them later would
         register nothing. Without this every unshared prompt of a trace would be kept to the end."""
         root_owners, freed_tables = self._root_owners, self._freed_tables
-        for block_id, digest in zip(victims, digests):
-            if digest is None:
-                continue
+        hashed = list(map(is_not, digests, repeat(None)))  # a deferring sequence's deeper entries carry none
+        for block_id, digest in zip(compress(victims, hashed), compress(digests, hashed)):
             owner = root_owners.get(digest)
             if owner is None:
                 continue
@@ -452,3 +448,8 @@ class BlockManager:
             self._num_cached_free += len(cached)
         seq.block_table = []
         seq.num_committed_blocks = 0
+
+
+def _consume(iterator) -> None:
+    """Run an iterator of side effects to its end in C (a map over a block list), keeping nothing."""
+    deque(iterator, maxlen=0)

@@ -28,10 +28,12 @@ def fast_forward_decodes(engine, now: float) -> bool:
         return False
     executor = engine.executor
     token = executor.token_id
+    context = 0
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
             return False
+        context += computed + 1
     # Every step samples one token of each sequence: the run may end with the step where the first ones
     # finish (a token that stops a sequence finishes it in the first step, leaving no run).
     steps_to_first_finish = scheduler.num_samples_to_first_finish(token)
@@ -61,7 +63,6 @@ def fast_forward_decodes(engine, now: float) -> bool:
             return False
 
     num_seqs = len(running)
-    context = sum(seq.num_computed_tokens + 1 for seq in running)
     # A pending arrival at or before a step's start would be admitted there: the run ends with the step
     # that ends at or after it.
     next_arrival = engine.next_arrival_time
@@ -74,15 +75,14 @@ def fast_forward_decodes(engine, now: float) -> bool:
 
     tokens = array("i", [token]) * num_steps
     ends = times[1:]
-    for seq in running:
-        seq.token_ids.extend(tokens)
-        seq.token_times.extend(ends)
-
     # Step j computes token position computed + j, and takes a block when that position starts one.
     allocations: list[tuple[int, int]] = []
     for index, seq in enumerate(running):
+        seq.token_ids.extend(tokens)
+        seq.token_times.extend(ends)
         first = len(seq.block_table) * block_size - seq.num_computed_tokens
-        allocations += zip(range(first, num_steps, block_size), repeat(index))
+        if first < num_steps:
+            allocations += zip(range(first, num_steps, block_size), repeat(index))
     if num_seqs > 1:
         allocations.sort()
     used_before = manager.num_used_blocks
