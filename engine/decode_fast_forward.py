@@ -26,6 +26,11 @@ def fast_forward_decodes(engine, now: float) -> bool:
     config = engine.config
     if scheduler.waiting or not running or len(running) > config.max_num_batched_tokens:
         return False
+    # The latest arrival, last in running, is the one likeliest still in its prompt (chunked prefill): a run
+    # that cannot start is told at once, not after a pass over every decoding sequence.
+    last = running[-1]
+    if last.num_computed_tokens != len(last.token_ids) - 1 or last.num_computed_tokens < last.num_prompt_tokens:
+        return False
     executor = engine.executor
     token = executor.token_id
     context = 0
