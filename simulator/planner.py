@@ -173,14 +173,16 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
 
     args = engine_args_of(config, settings)
 
-    def build():
+    def build(cost_model=None):
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build_simulated_engine(args, gpu=config.gpu)
+            return build_simulated_engine(args, gpu=config.gpu, cost_model=cost_model)
 
     engine, metadata = build()
     metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
-    return (lambda: build()[0]), metadata
+    # Every probe's replicas share the first engine's cost model (built once, not once per replica and probe).
+    cost_model = engine.executor.cost_model
+    return (lambda: build(cost_model)[0]), metadata
 
 
 def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
