@@ -100,7 +100,9 @@ def fast_forward_decodes(engine, now: float) -> bool:
                 running[index].block_table.append(block_id)
         if manager.enable_prefix_caching:
             for seq in running:
-                manager.commit_blocks(seq, (seq.num_computed_tokens + num_steps) // block_size)
+                num_full = (seq.num_computed_tokens + num_steps) // block_size
+                if num_full > seq.num_committed_blocks:  # else commit_blocks has nothing to do
+                    manager.commit_blocks(seq, num_full)
     else:
         _allocate_and_register_in_step_order(manager, running, allocations, num_steps)
 

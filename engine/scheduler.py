@@ -297,6 +297,8 @@ class Scheduler:
         its detokenizer's stop strings)."""
         params = seq.sampling_params
         num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
+        if not params.stops_on_tokens and seq.detokenizer is None:  # only its length can end it
+            return FinishReason.LENGTH if num_outputs >= params.max_tokens else None
         reason = None
         if num_outputs >= params.max_tokens:
             reason = FinishReason.LENGTH
