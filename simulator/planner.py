@@ -389,6 +389,10 @@ def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_a
                 results[index] = run_plan_task(task, trace)
                 bar.update()
         else:
+            # Made here once, the trace's token ids reach forked workers with their memory instead of being made
+            # again by each worker in each phase (other start methods make them in the worker, as before).
+            for settings in {task.settings for task in tasks}:
+                _requests_for(trace, settings, None)
             with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(tasks)),
                                      initializer=_init_worker, initargs=(trace,)) as pool:
                 futures = {pool.submit(run_plan_task, task): index for index, task in enumerate(tasks)}
