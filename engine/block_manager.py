@@ -4,8 +4,7 @@ import struct
 from array import array
 from collections import deque
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import is_not
+from itertools import repeat
 
 import xxhash
 
@@ -213,7 +212,9 @@ class BlockManager:
         if num_full_blocks <= first:
             return
         blocks = seq.block_table[first:num_full_blocks]
-        _consume(map(self._block_sources.__setitem__, blocks, repeat(seq)))
+        sources = self._block_sources
+        for block_id in blocks:
+            sources[block_id] = seq
         if first == 0:
             self.ensure_hashes(seq, 1)
             root = seq.block_hashes[0]
@@ -348,7 +349,9 @@ class BlockManager:
         self._cached_head = head
         self._num_cached_free -= count
         self.num_evictions += count
-        _consume(map(self._block_sources.__setitem__, victims, repeat(None)))
+        sources = self._block_sources
+        for block_id in victims:
+            sources[block_id] = None
         if self._freed_tables:
             self._forget_evicted_owners(victims, digests)
         if self._late_hashes:
@@ -360,7 +363,7 @@ class BlockManager:
         hash_to_block = self.hash_to_block
         twins = self._twins
         if not twins:
-            _consume(map(hash_to_block.pop, digests, repeat(None)))
+            deque(map(hash_to_block.pop, digests, repeat(None)), maxlen=0)
         else:
             for digest, block_id in zip(digests, victims):
                 if block_id in twins:
@@ -380,8 +383,9 @@ class BlockManager:
         together, root last, so all its committed blocks are evicted by then and registering them later would
         register nothing. Without this every unshared prompt of a trace would be kept to the end."""
         root_owners, freed_tables = self._root_owners, self._freed_tables
-        hashed = list(map(is_not, digests, repeat(None)))  # a deferring sequence's deeper entries carry none
-        for block_id, digest in zip(compress(victims, hashed), compress(digests, hashed)):
+        for block_id, digest in zip(victims, digests):
+            if digest is None:
+                continue
             owner = root_owners.get(digest)
             if owner is None:
                 continue
@@ -448,8 +452,3 @@ class BlockManager:
             self._num_cached_free += len(cached)
         seq.block_table = []
         seq.num_committed_blocks = 0
-
-
-def _consume(iterator) -> None:
-    """Run an iterator of side effects to its end in C (a map over a block list), keeping nothing."""
-    deque(iterator, maxlen=0)
