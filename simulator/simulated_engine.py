@@ -13,18 +13,6 @@ def _dtype_name(dtype: str) -> str:
     return "bfloat16" if dtype == "auto" else dtype
 
 
-def simulated_cost_model(args: EngineArgs, *, gpu: str, profile: str | None = None,
-                         cost_model_kind: str | None = None):
-    """The cost model build_simulated_engine uses for these arguments (warning when it is poorly calibrated)."""
-    from simulator.calibration_quality import warn_if_poor
-    from simulator.profile_library import cost_model_for
-
-    cost_model = cost_model_for(gpu, args.model, args.tensor_parallel_size, _dtype_name(args.dtype),
-                                profile_path=profile, kind=cost_model_kind)
-    warn_if_poor(cost_model, "used to simulate")
-    return cost_model
-
-
 def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = None,
                            cost_model_kind: str | None = None, cost_model=None):
     """An engine whose executor is the cost model for this GPU and the args' model (the profile given, else the
@@ -41,7 +29,8 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
     from simulator.gpu_specs import gpu_spec
     from simulator.kv_capacity import estimate_num_kv_blocks
     from simulator.model_shape import ModelShape
-    from simulator.calibration_quality import quality_of
+    from simulator.calibration_quality import quality_of, warn_if_poor
+    from simulator.profile_library import cost_model_for
 
     model, tp = args.model, args.tensor_parallel_size
     model_config = load_model_config(model)
@@ -51,7 +40,8 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
     if cost_model is None:
-        cost_model = simulated_cost_model(args, gpu=gpu, profile=profile, cost_model_kind=cost_model_kind)
+        cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
+        warn_if_poor(cost_model, "used to simulate")
     try:
         spec = gpu_spec(gpu)
     except KeyError:
