@@ -17,6 +17,9 @@ _SIGN = np.uint64(1 << 63)
 _DIGIT_BITS = 16
 _GATHER_AT_MOST = 1 << 20
 """A group of at most this many values (8 MB) is gathered and partitioned instead of histogrammed again."""
+_GATHER_ALL_AT_MOST = 1 << 23
+"""Values few enough (64 MB) are all gathered at once and partitioned: one pass (there is one group then, not one
+per rank)."""
 
 
 def _keys(values: np.ndarray) -> np.ndarray:
@@ -67,7 +70,8 @@ class BatchStatistics:
             groups: dict[tuple[int, int], list[int]] = {}
             for rank, (shift, prefix, _, _) in pending.items():
                 groups.setdefault((shift, prefix), []).append(rank)
-            gather = {group for group, members in groups.items() if pending[members[0]][3] <= _GATHER_AT_MOST}
+            gather = {group for group, members in groups.items()
+                      if pending[members[0]][3] <= (_GATHER_ALL_AT_MOST if group[0] == 64 else _GATHER_AT_MOST)}
             gathered: dict[tuple[int, int], list[np.ndarray]] = {group: [] for group in gather}
             histograms = {group: np.zeros(1 << _DIGIT_BITS, dtype=np.int64) for group in groups if group not in gather}
             for batch in self._batches():

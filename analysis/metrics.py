@@ -273,6 +273,8 @@ _METRIC_COLUMNS = ("status", "arrival_time", "first_scheduled_time", "finish_tim
 """The columns compute_metrics reads besides token_times."""
 _TOKEN_TIME_BATCH = 2048
 """Requests whose token times are read at once (a few hundred thousand values, a few MB)."""
+_GAPS_HELD_AT_MOST = 1 << 23
+"""Token gaps kept in memory between the ITL passes (64 MB) instead of read again from the file."""
 
 
 def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, percentiles=()) -> Metrics:
@@ -296,11 +298,13 @@ def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, perce
             check_values(table.select(["token_times"]), str(path))
             yield table
 
-    def gaps():
-        for table in token_times():
-            values = inter_token_latencies(table)
-            yield values[~np.isnan(values)]
+    def gaps_of(table: pa.Table) -> np.ndarray:
+        values = inter_token_latencies(table)
+        return values[~np.isnan(values)]
 
+    # The first pass keeps the gaps when they are few (a simulated hour's), so the ITL passes read no file.
+    held: list[np.ndarray] | None = []
+    num_held = 0
     peak = np.zeros(0, dtype=np.int64)
     for table in token_times():
         flat = pc.list_flatten(table.column("token_times")).to_numpy(zero_copy_only=False)
@@ -311,5 +315,18 @@ def compute_metrics_of_file(path, goodput: dict[str, float] | None = None, perce
             peak = counts
         else:
             peak[: counts.size] += counts
+        if held is not None:
+            held.append(gaps_of(table))
+            num_held += held[-1].size
+            if num_held > _GAPS_HELD_AT_MOST:
+                held = None
+
+    def gaps():
+        if held is not None:
+            yield from held
+            return
+        for table in token_times():
+            yield gaps_of(table)
+
     itl = Distribution.of_statistics(BatchStatistics(gaps), percentiles)
     return compute_metrics(requests, goodput, itl=itl, max_output_tokens_per_s=float(peak.max()) if peak.size else 0.0)

@@ -1,5 +1,8 @@
 """The two tables of a run folder, declared once for real and simulated runs alike."""
 
+from itertools import chain
+
+import numpy as np
 import pyarrow as pa
 
 from engine.sequence import RequestStatus
@@ -101,7 +104,21 @@ def requests_table(records: list[RequestRecord]) -> pa.Table:
         appenders["status"](record.status)
         appenders["reason"](record.reason)
         appenders["token_times"](record.token_times)
+    columns["token_times"] = _token_times_column(columns["token_times"])
     return pa.Table.from_pydict(columns, schema=REQUESTS_SCHEMA)
+
+
+def _token_times_column(token_times: list[list[float]]) -> pa.Array | list[list[float]]:
+    """The token_times column from each request's list: numpy gathers the millions of floats of a simulated hour
+    a few times faster than Arrow's conversion of nested Python lists (left to Arrow beyond 32-bit offsets)."""
+    lengths = np.fromiter(map(len, token_times), dtype=np.int64, count=len(token_times))
+    offsets = np.zeros(len(token_times) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        return token_times
+    values = np.fromiter(chain.from_iterable(token_times), dtype=np.float64, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values),
+                                    type=REQUESTS_SCHEMA.field("token_times").type)
 
 
 def steps_table(step_log: StepLog) -> pa.Table:

@@ -5,12 +5,17 @@ So a simulated run's memory does not grow with its trace: what has ended is on d
 the order given (a replay gives them in arrival order); steps in each replica's order, and with several
 replicas merged by start time when the run is sealed (each replica's steps are already in time order, so the
 merge reads one row group of each at a time).
+
+Row groups are encoded, compressed and written on a thread of their own (Arrow lets go of the GIL meanwhile), so
+on a machine with a second core the run goes on while its earlier part is written.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,15 @@ REQUESTS_PER_GROUP = 1 << 13
 """Requests buffered before a row group is written: their token times (hundreds each) stay a few MB."""
 STEPS_PER_GROUP = 1 << 16
 """Steps per row group (18 numbers each): about 10 MB."""
+WRITES_IN_FLIGHT = 2
+"""Row groups handed to the writing thread and not yet written, at most (memory holds a few, not the run)."""
+REQUESTS_DICTIONARY = ["request_id", "status", "reason"]
+"""The requests columns worth a dictionary (few distinct values, or none repeated but cheap): numbers compress
+better and faster without one."""
+
+
+def _parquet_writer(path: Path, schema: pa.Schema, dictionary: list[str] | bool = False) -> pq.ParquetWriter:
+    return pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=dictionary)
 
 
 class RunWriter:
@@ -45,13 +59,15 @@ class RunWriter:
         self.num_requests = 0
         self._records: list[RequestRecord] = []
         self._record_replicas: list[int] = []
-        self._requests = pq.ParquetWriter(self.staging / REQUESTS_FILE, REQUESTS_SCHEMA, compression="zstd")
-        self._assignment = (pq.ParquetWriter(self.staging / REPLICAS_FILE, REPLICAS_SCHEMA, compression="zstd")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-writer")
+        self._writes: deque[Future] = deque()
+        self._requests = _parquet_writer(self.staging / REQUESTS_FILE, REQUESTS_SCHEMA, REQUESTS_DICTIONARY)
+        self._assignment = (_parquet_writer(self.staging / REPLICAS_FILE, REPLICAS_SCHEMA, ["request_id"])
                             if num_replicas > 1 else None)
         # One steps file per replica; with one replica it is the run's steps.parquet.
         names = [STEPS_FILE] if num_replicas == 1 else [f".steps-{index}.parquet" for index in range(num_replicas)]
         self._step_paths = [self.staging / name for name in names]
-        self._steps = [pq.ParquetWriter(path, STEPS_SCHEMA, compression="zstd") for path in self._step_paths]
+        self._steps = [_parquet_writer(path, STEPS_SCHEMA) for path in self._step_paths]
         self._step_batches: list[list[pa.Table]] = [[] for _ in range(num_replicas)]
         self._num_step_rows = [0] * num_replicas
         self._sealed = False
@@ -70,9 +86,9 @@ class RunWriter:
         if not self._records:
             return
         table = requests_table(self._records)
-        self._requests.write_table(table, row_group_size=self.requests_per_group)
+        self._write(self._requests, table, row_group_size=self.requests_per_group)
         if self._assignment is not None:
-            self._assignment.write_table(pa.table(
+            self._write(self._assignment, pa.table(
                 {"request_id": table.column("request_id"), "replica": pa.array(self._record_replicas, pa.int32())},
                 schema=REPLICAS_SCHEMA))
             self._record_replicas = []
@@ -93,10 +109,25 @@ class RunWriter:
             return
         table = pa.concat_tables(self._step_batches[replica])
         size = table.num_rows - table.num_rows % self.steps_per_group if whole_groups_only else table.num_rows
-        self._steps[replica].write_table(table.slice(0, size), row_group_size=self.steps_per_group)
+        self._write(self._steps[replica], table.slice(0, size), row_group_size=self.steps_per_group)
         rest = table.slice(size)
         self._step_batches[replica] = [rest] if rest.num_rows else []
         self._num_step_rows[replica] = rest.num_rows
+
+    def _write(self, writer: pq.ParquetWriter, table: pa.Table, **options) -> None:
+        """Hand a table to the writing thread (each file's tables are written in the order handed over)."""
+        while len(self._writes) >= WRITES_IN_FLIGHT:
+            self._writes.popleft().result()
+        self._writes.append(self._thread.submit(writer.write_table, table, **options))
+
+    def _finish_writes(self) -> None:
+        """Wait until every table handed over is written (raising the first error of the thread)."""
+        try:
+            while self._writes:
+                self._writes.popleft().result()
+        finally:
+            self._writes.clear()
+            self._thread.shutdown(wait=True)
 
     # ---- at the end
 
@@ -112,6 +143,7 @@ class RunWriter:
         self._flush_requests()
         for replica in range(self.num_replicas):
             self._flush_steps(replica)
+        self._finish_writes()
         self._requests.close()
         if self._assignment is not None:
             self._assignment.close()
@@ -140,6 +172,10 @@ class RunWriter:
 
     def discard(self) -> None:
         """Remove the staging folder (the run is abandoned)."""
+        try:
+            self._finish_writes()
+        except Exception:  # noqa: BLE001 - the write that failed is what is being handled
+            pass
         for writer in [self._requests, self._assignment, *self._steps]:
             if writer is not None:
                 try:
@@ -155,8 +191,8 @@ def _merge_steps(paths: list[Path], out: Path, owners_out: Path, rows_per_group:
     readers = [pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows_per_group) for path in paths]
     buffers: list[pa.Table | None] = [None] * len(paths)
     exhausted = [False] * len(paths)
-    with pq.ParquetWriter(out, STEPS_SCHEMA, compression="zstd") as steps_writer, \
-            pq.ParquetWriter(owners_out, STEP_REPLICAS_SCHEMA, compression="zstd") as owners_writer:
+    with _parquet_writer(out, STEPS_SCHEMA) as steps_writer, \
+            _parquet_writer(owners_out, STEP_REPLICAS_SCHEMA) as owners_writer:
         while True:
             for index, reader in enumerate(readers):
                 if not exhausted[index] and (buffers[index] is None or buffers[index].num_rows == 0):

@@ -34,7 +34,8 @@ class BlockManager:
 
     A simulated trace moves millions of blocks, and a prompt's blocks come and go together, so the
     bookkeeping works on whole block lists (slices, set and dict updates) rather than block by block:
-    - a free block is in the `_free` set; a held one has one holder plus `_extra_holders[b]` (prefix hits);
+    - a free block has `_free[b]` set (a byte per block: a set of tens of thousands of ids, churned by every
+      request, costs a cache miss per id); a held one has one holder plus `_extra_holders[b]` (prefix hits);
     - free blocks without a hash wait on a stack, the next one to reuse at its end;
     - free blocks with a hash wait in a FIFO with their hashes. A cached block taken back by a prefix hit
       leaves a dead entry there, counted in `_dead_entries` and skipped when the FIFO is consumed;
@@ -62,7 +63,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_to_block: dict[int, int] = {}
-        self._free = set(range(num_blocks))
+        self._free = bytearray(b"\x01") * num_blocks
         self._extra_holders: dict[int, int] = {}
         self._uncached_free = list(range(num_blocks - 1, -1, -1))
         self._cached_queue: list[int] = []
@@ -114,7 +115,7 @@ class BlockManager:
 
     def holds_nothing(self) -> bool:
         """Whether every block is free and has no holder (what an engine with no request left must see)."""
-        return (len(self._free) == self.num_blocks and not self._extra_holders
+        return (0 not in self._free and not self._extra_holders
                 and self.num_free_blocks == self.num_blocks)
 
     def blocks_needed(self, num_tokens: int) -> int:
@@ -127,7 +128,7 @@ class BlockManager:
         return [
             BlockView(
                 block_id,
-                0 if block_id in self._free else 1 + self._extra_holders.get(block_id, 0),
+                0 if self._free[block_id] else 1 + self._extra_holders.get(block_id, 0),
                 registered.get(block_id),
             )
             for block_id in range(self.num_blocks)
@@ -261,13 +262,15 @@ class BlockManager:
             digest = owner.block_hashes[index]
             if hash_to_block.setdefault(digest, block_id) != block_id:
                 self._add_twin(digest, block_id)
-            elif block_id in free:
+            elif free[block_id]:
                 self._late_hashes[block_id] = digest  # its FIFO entry has no hash to evict it by
 
     def registers_independently(self, digests: list[int]) -> bool:
         """Whether registering digests commutes with allocations: none repeats, none is owned by a free
         block (which an allocation may evict)."""
-        return len(set(digests)) == len(digests) and self._free.isdisjoint(map(self.hash_to_block.get, digests))
+        free = self._free
+        return len(set(digests)) == len(digests) and not any(
+            free[block_id] for block_id in map(self.hash_to_block.get, digests) if block_id is not None)
 
     # ---- allocation
 
@@ -275,7 +278,7 @@ class BlockManager:
         """Whether seq can take cached_block_ids and room for num_new_tokens more tokens."""
         total_tokens = len(cached_block_ids) * self.block_size + num_new_tokens
         num_fresh = self.blocks_needed(total_tokens) - len(cached_block_ids) - len(seq.block_table)
-        num_cached_idle = len(self._free.intersection(cached_block_ids)) if cached_block_ids else 0
+        num_cached_idle = sum(map(self._free.__getitem__, cached_block_ids)) if cached_block_ids else 0
         return num_fresh + num_cached_idle <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, cached_block_ids: list[int], num_new_tokens: int) -> None:
@@ -283,9 +286,9 @@ class BlockManager:
         assert not seq.block_table, "allocate() is for a sequence holding no blocks"
         free, extra = self._free, self._extra_holders
         for block_id in cached_block_ids:
-            if block_id in free:
+            if free[block_id]:
                 # Taken back from the cached FIFO: its entry there is now dead.
-                free.discard(block_id)
+                free[block_id] = 0
                 self._dead_entries[block_id] = self._dead_entries.get(block_id, 0) + 1
                 self._num_cached_free -= 1
             else:
@@ -317,7 +320,9 @@ class BlockManager:
             taken = stack[::-1]
             stack.clear()
             taken += self._evict(count - num_uncached)
-        self._free.difference_update(taken)
+        free = self._free
+        for block_id in taken:
+            free[block_id] = 0
         return taken
 
     def _evict(self, count: int) -> list[int]:
@@ -429,10 +434,10 @@ class BlockManager:
             released = table
             uncached = table[num_committed:]
             cached = None
-        num_free = len(free)
-        free.update(released)
-        if len(free) - num_free != len(released):
-            raise RuntimeError(f"blocks of sequence {seq.seq_id} freed more often than they were allocated")
+        for block_id in released:
+            if free[block_id]:
+                raise RuntimeError(f"blocks of sequence {seq.seq_id} freed more often than they were allocated")
+            free[block_id] = 1
         # The head of seq is reused first among uncached blocks; its tail is evicted first among cached ones.
         self._uncached_free += reversed(uncached)
         if cached is None:

@@ -19,25 +19,48 @@ FIRST_CHUNK = 64
 def fast_forward_decodes(engine, now: float) -> bool:
     """Apply as many pure-decode steps as can be proven identical to stepping; False if none.
 
-    The engine's executor is a DecodeRunPredictor.
+    The engine's executor is a DecodeRunPredictor. A run that ends only because sequences finished (no
+    arrival due by then, no horizon reached) is followed by the run of those left, as the engine's next
+    step would start it: one call covers a batch draining between two arrivals.
     """
+    ran = False
+    while True:
+        outcome = _apply_run(engine, now)
+        if outcome is None:
+            return ran
+        ran = True
+        if not outcome:
+            return True
+        now = engine.clock.now()
+
+
+def _apply_run(engine, now: float) -> bool | None:
+    """Apply one run of identical pure-decode steps: None if there is none; else whether it ended only because
+    sequences finished (before any arrival or horizon), so that the next step may start another run."""
     scheduler = engine.scheduler
     running = scheduler.running
     config = engine.config
     if scheduler.waiting or not running or len(running) > config.max_num_batched_tokens:
-        return False
+        return None
+    # The latest arrival, last in running, is the one likeliest still in its prompt (chunked prefill): a run
+    # that cannot start is told at once, not after a pass over every decoding sequence.
+    last = running[-1]
+    if last.num_computed_tokens != len(last.token_ids) - 1 or last.num_computed_tokens < last.num_prompt_tokens:
+        return None
     executor = engine.executor
     token = executor.token_id
+    context = 0
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
-            return False
+            return None
+        context += computed + 1
     # Every step samples one token of each sequence: the run may end with the step where the first ones
     # finish (a token that stops a sequence finishes it in the first step, leaving no run).
     steps_to_first_finish = scheduler.num_samples_to_first_finish(token)
     max_steps = steps_to_first_finish
     if max_steps < MIN_STEPS:
-        return False
+        return None
 
     manager = engine.block_manager
     block_size = manager.block_size
@@ -58,10 +81,9 @@ def fast_forward_decodes(engine, now: float) -> bool:
                 high = middle
         max_steps = low
         if max_steps < MIN_STEPS:
-            return False
+            return None
 
     num_seqs = len(running)
-    context = sum(seq.num_computed_tokens + 1 for seq in running)
     # A pending arrival at or before a step's start would be admitted there: the run ends with the step
     # that ends at or after it.
     next_arrival = engine.next_arrival_time
@@ -70,19 +92,18 @@ def fast_forward_decodes(engine, now: float) -> bool:
     times = _step_times(executor, now, num_seqs, context, max_steps, next_arrival)
     num_steps = len(times) - 1
     if num_steps < MIN_STEPS:
-        return False
+        return None
 
     tokens = array("i", [token]) * num_steps
     ends = times[1:]
-    for seq in running:
-        seq.token_ids.extend(tokens)
-        seq.token_times.extend(ends)
-
     # Step j computes token position computed + j, and takes a block when that position starts one.
     allocations: list[tuple[int, int]] = []
     for index, seq in enumerate(running):
+        seq.token_ids.extend(tokens)
+        seq.token_times.extend(ends)
         first = len(seq.block_table) * block_size - seq.num_computed_tokens
-        allocations += zip(range(first, num_steps, block_size), repeat(index))
+        if first < num_steps:
+            allocations += zip(range(first, num_steps, block_size), repeat(index))
     if num_seqs > 1:
         allocations.sort()
     used_before = manager.num_used_blocks
@@ -95,7 +116,9 @@ def fast_forward_decodes(engine, now: float) -> bool:
                 running[index].block_table.append(block_id)
         if manager.enable_prefix_caching:
             for seq in running:
-                manager.commit_blocks(seq, (seq.num_computed_tokens + num_steps) // block_size)
+                num_full = (seq.num_computed_tokens + num_steps) // block_size
+                if num_full > seq.num_committed_blocks:  # else commit_blocks has nothing to do
+                    manager.commit_blocks(seq, num_full)
     else:
         _allocate_and_register_in_step_order(manager, running, allocations, num_steps)
 
@@ -124,7 +147,7 @@ def fast_forward_decodes(engine, now: float) -> bool:
         state_after_finish,
     )
     engine.clock.sleep_until(end)
-    return True
+    return state_after_finish is not None and (next_arrival is None or end < next_arrival)
 
 
 def _step_times(executor, now: float, num_seqs: int, context: int, max_steps: int, next_arrival) -> list[float]:

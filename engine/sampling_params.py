@@ -110,6 +110,9 @@ class SamplingParams:
     """Whether the sampler needs the request's earlier tokens (penalties, multi-token bad words)."""
     uses_logits_processors: bool = field(default=False, init=False, repr=False, compare=False)
     """Whether any logit is changed before temperature (penalties, bias, bans, allowed tokens, min_tokens)."""
+    stops_on_tokens: bool = field(default=True, init=False, repr=False, compare=False)
+    """Whether a sampled token may stop the request (a stop token, or EOS unless ignored); False: only its length
+    (or a stop string) ends it, which the scheduler checks without looking at the token."""
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -155,6 +158,7 @@ class SamplingParams:
             set_field(self, "needs_token_history", penalized or any(len(word) > 1 for word in words))
         if penalized or words or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None:
             set_field(self, "uses_logits_processors", True)
+        set_field(self, "stops_on_tokens", bool(self.stop_token_ids) or not self.ignore_eos)
 
     def _check_numbers(self) -> None:
         if not _is_int(self.n) or self.n < 1:

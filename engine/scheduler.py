@@ -274,9 +274,13 @@ class Scheduler:
                     seq.first_token_time = now
                 if logprobs is not None and seq.logprobs is not None:
                     seq.logprobs.append(logprobs[seq.seq_id])
-                reason = finish_reason(seq, token)
-                if reason is not None:
-                    finished.append((seq, reason))
+                params = seq.sampling_params
+                if params.stops_on_tokens or seq.detokenizer is not None:
+                    reason = finish_reason(seq, token)
+                    if reason is not None:
+                        finished.append((seq, reason))
+                elif len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:  # finish_reason's length rule
+                    finished.append((seq, FinishReason.LENGTH))
             # A sequence released since (finishing or preempted) holds no blocks to commit; its blocks
             # computed before were committed by the update of the step before.
             if (commit is not None and seq.num_computed_tokens // block_size > seq.num_committed_blocks
@@ -293,6 +297,8 @@ class Scheduler:
         its detokenizer's stop strings)."""
         params = seq.sampling_params
         num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
+        if not params.stops_on_tokens and seq.detokenizer is None:  # only its length can end it
+            return FinishReason.LENGTH if num_outputs >= params.max_tokens else None
         reason = None
         if num_outputs >= params.max_tokens:
             reason = FinishReason.LENGTH
@@ -310,7 +316,8 @@ class Scheduler:
     def stops_on(self, params, token: int) -> bool:
         """Whether sampling token stops a request of these sampling params once past its min_tokens (a stop
         token, or EOS unless ignored)."""
-        return token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids)
+        return params.stops_on_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.config.eos_token_ids))
 
     def num_samples_to_first_finish(self, token: int) -> int:
         """How many more samples the running sequences take until finish_reason stops the first of them, if
@@ -320,7 +327,7 @@ class Scheduler:
             params = seq.sampling_params
             num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
             num_left = params.max_tokens - num_outputs
-            if self.stops_on(params, token):
+            if params.stops_on_tokens and self.stops_on(params, token):
                 num_left = min(num_left, max(1, params.min_tokens - num_outputs))
                 if num_left == 1:
                     return 1

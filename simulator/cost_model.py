@@ -211,14 +211,16 @@ class CostModel:
         host = self._host(0, 0, num_decode_seqs)
         gpu = self._gpu(cuda_graph_batch_size or num_decode_seqs, 0.0, 0)
         per_context = self._decode_context
-        gpus = [gpu + per_context * (decode_context_tokens + step * num_decode_seqs) for step in range(num_steps)]
+        contexts = (range(decode_context_tokens, decode_context_tokens + num_steps * num_decode_seqs, num_decode_seqs)
+                    if num_decode_seqs else [decode_context_tokens] * num_steps)
+        # One pass per case, each step's gpu part computed inside: the same additions as predict(), in its order.
         if cuda_graph_batch_size:
-            return [host + step_gpu for step_gpu in gpus]
+            return [host + (gpu + per_context * context) for context in contexts]
         host = host + self._serving_eager
         launch = self._eager
         if self.eager_overlap:
-            return [host + max(launch, step_gpu) for step_gpu in gpus]
-        return [host + (launch + step_gpu) for step_gpu in gpus]
+            return [host + max(launch, gpu + per_context * context) for context in contexts]
+        return [host + (launch + (gpu + per_context * context)) for context in contexts]
 
     def predict_columns(self, columns: dict) -> np.ndarray:
         """Vectorized predictions for step columns (as in steps.parquet); equal to predict() up to rounding."""

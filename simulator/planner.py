@@ -173,14 +173,16 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
 
     args = engine_args_of(config, settings)
 
-    def build():
+    def build(cost_model=None):
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build_simulated_engine(args, gpu=config.gpu)
+            return build_simulated_engine(args, gpu=config.gpu, cost_model=cost_model)
 
     engine, metadata = build()
     metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
-    return (lambda: build()[0]), metadata
+    # Every probe's replicas share the first engine's cost model (built once, not once per replica and probe).
+    cost_model = engine.executor.cost_model
+    return (lambda: build(cost_model)[0]), metadata
 
 
 def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
@@ -387,6 +389,10 @@ def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_a
                 results[index] = run_plan_task(task, trace)
                 bar.update()
         else:
+            # Made here once, the trace's token ids reach forked workers with their memory instead of being made
+            # again by each worker in each phase (other start methods make them in the worker, as before).
+            for settings in {task.settings for task in tasks}:
+                _requests_for(trace, settings, None)
             with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(tasks)),
                                      initializer=_init_worker, initargs=(trace,)) as pool:
                 futures = {pool.submit(run_plan_task, task): index for index, task in enumerate(tasks)}

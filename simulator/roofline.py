@@ -139,14 +139,19 @@ class Roofline:
         pair_term = self._pair_s * 0.0
         host = self.host.step_s + self.host.per_seq_s * num_decode_seqs
         first = decode_context_tokens + num_decode_seqs
-        gpus = [matmul + kv_s * (first + step * num_decode_seqs) + pair_term for step in range(num_steps)]
-        if self.tp > 1:
-            fixed, per_token = self._allreduce_fixed_s, self._allreduce_s_per_token
-            gpus = [gpu + (fixed + per_token * tokens) for gpu in gpus]
-        if cuda_graph_batch_size:
-            return [host + gpu for gpu in gpus]
+        # KV read per step: context plus batched tokens, as _predict_values adds them (whole numbers, exact).
+        contexts = (range(first, first + num_steps * num_decode_seqs, num_decode_seqs) if num_decode_seqs
+                    else [first] * num_steps)
+        # One pass per case, each step's gpu part computed inside: _predict_values' additions, in its order.
         launch = self._launch_s
-        return [host + max(gpu, launch) for gpu in gpus]
+        if self.tp > 1:
+            reduce = self._allreduce_fixed_s + self._allreduce_s_per_token * tokens
+            if cuda_graph_batch_size:
+                return [host + (matmul + kv_s * context + pair_term + reduce) for context in contexts]
+            return [host + max(matmul + kv_s * context + pair_term + reduce, launch) for context in contexts]
+        if cuda_graph_batch_size:
+            return [host + (matmul + kv_s * context + pair_term) for context in contexts]
+        return [host + max(matmul + kv_s * context + pair_term, launch) for context in contexts]
 
     def to_json(self) -> dict:
         """The JSON-able form a simulated run keeps in its metadata (every figure it was computed from)."""

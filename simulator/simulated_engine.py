@@ -14,9 +14,14 @@ def _dtype_name(dtype: str) -> str:
 
 
 def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = None,
-                           cost_model_kind: str | None = None):
+                           cost_model_kind: str | None = None, cost_model=None):
     """An engine whose executor is the cost model for this GPU and the args' model (the profile given, else the
-    most trusted one, or the kind asked for: profile_library.cost_model_for), and the metadata its runs record."""
+    most trusted one, or the kind asked for: profile_library.cost_model_for), and the metadata its runs record.
+
+    cost_model: the one an engine built here for the same arguments uses (engine.executor.cost_model), shared
+    instead of made again: a planner's probes build many engines of one configuration, and composing a model
+    from an operator profile takes a tenth of a second. Cost models are immutable (a composed one fills its
+    tables as steps ask, each entry the same whenever it is filled)."""
     from engine.engine import Engine
     from engine.graph_dispatch import GraphDispatch, resolve_mixed_cuda_graphs
     from engine.model_config import load_model_config
@@ -34,8 +39,9 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
-    cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
-    warn_if_poor(cost_model, "used to simulate")
+    if cost_model is None:
+        cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
+        warn_if_poor(cost_model, "used to simulate")
     try:
         spec = gpu_spec(gpu)
     except KeyError:

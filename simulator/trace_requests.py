@@ -110,12 +110,14 @@ class TraceRequests:
 
     @classmethod
     def from_trace(cls, trace: Trace, *, vocab_size: int, seed: int = 0, max_prompt_len: int | None = None,
-                   lazy: bool = False) -> "TraceRequests":
+                   lazy: bool = False, token_contents: bool = True) -> "TraceRequests":
         """The trace's requests, their token ids made from the trace's lengths and prefix ids (traces.tokens).
 
         Prompts longer than max_prompt_len (an engine's max_model_len: it can never serve them) get no token ids,
         so a trace's sizes are checked before anything is allocated for them. lazy: token ids made as they are
         read, in order (a replay); else all at once (the planner reads them many times, in windows).
+        token_contents False: for engines that read only the prompts' lengths (a simulation without prefix
+        caching, behind no router), prompts of zeros, unless the trace carries its own token ids (checked then).
         """
         table = trace.table
         ids = table.column("request_id")
@@ -123,7 +125,10 @@ class TraceRequests:
             counts = pc.value_counts(ids)
             repeated = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
             raise ValueError(f"trace {trace.name!r}: request id {repeated!r} appears more than once")
-        tokens = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed, max_prompt_len=max_prompt_len)
+        if token_contents or table.column("prompt_token_ids").null_count < table.num_rows:
+            tokens = trace_prompt_token_ids(trace, vocab_size=vocab_size, seed=seed, max_prompt_len=max_prompt_len)
+        else:
+            tokens = _zero_prompts(table.column("prompt_len").to_numpy(), max_prompt_len)
         return cls(
             name=trace.name,
             request_ids=RequestIds(table.column("request_id")),
@@ -199,6 +204,12 @@ class TraceRequests:
         if not np.isfinite(current):
             raise ValueError(f"{self.name}: {len(self)} requests with no time span cannot be set to a rate")
         return dataclasses.replace(self, arrival_times=self.arrival_times * (current / rate))
+
+
+def _zero_prompts(prompt_lens: np.ndarray, max_prompt_len: int | None) -> Iterator[np.ndarray | None]:
+    """Prompts of zeros, of the trace's lengths (None beyond max_prompt_len, as trace_prompt_token_ids gives)."""
+    for length in prompt_lens.tolist():
+        yield None if max_prompt_len is not None and length > max_prompt_len else np.zeros(length, dtype=np.int32)
 
 
 def add_trace_requests(engine: Engine, trace: Trace, *, vocab_size: int, seed: int = 0) -> int:

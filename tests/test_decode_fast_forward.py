@@ -174,3 +174,22 @@ def test_fast_forward_stops_on_stop_tokens_and_eos_as_stepping_does(seed, span):
             assert (record.reason, record.output_len) == ("stop", max(1, params.min_tokens))
         else:
             assert (record.reason, record.output_len) == ("length", params.max_tokens)
+
+
+def test_a_batch_draining_before_the_next_arrival_takes_one_engine_step():
+    """Sequences finishing one after another, with no arrival in between, are fast-forwarded run after run within
+    one engine step (each run still recorded as the steps stepping gives)."""
+    workload = dict(seed=5, block_size=4, max_num_seqs=8, budget=400, num_kv_blocks=300, prefix_caching=False,
+                    num_requests=6, span=0.0)
+    stepped, skipped = run(workload, fast_forward=False), run(workload, fast_forward=True)
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    engine = Engine(skipped.config, PredictingExecutor(300, 4))
+    for index, max_tokens in enumerate((10, 25, 40, 70)):
+        engine.add_request(prompt_token_ids=[index + 1] * 8, arrival_time=0.0,
+                           sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    calls = 0
+    while engine.step():
+        calls += 1
+    assert calls == 2  # the prefill step, then the four runs of the drain
+    assert len(engine.step_records) == 70
+    assert engine.num_finished == 4

@@ -17,13 +17,14 @@ PERCENTILES = [0, 0.1, 1, 25, 50, 90, 95, 99, 99.9, 100]
        num_batches=st.integers(1, 9), gather_at_most=st.sampled_from([0, 7, 1 << 22]))
 def test_percentiles_mean_and_std_are_numpys(values, num_batches, gather_at_most):
     batches = np.array_split(values, num_batches)
-    previous = exact_quantiles._GATHER_AT_MOST
-    exact_quantiles._GATHER_AT_MOST = gather_at_most  # 0: histogram down to the last bit
+    previous = exact_quantiles._GATHER_AT_MOST, exact_quantiles._GATHER_ALL_AT_MOST
+    # 0: histogram down to the last bit
+    exact_quantiles._GATHER_AT_MOST = exact_quantiles._GATHER_ALL_AT_MOST = gather_at_most
     try:
         statistics = BatchStatistics(lambda: iter(batches))
         got = statistics.percentiles(PERCENTILES)
     finally:
-        exact_quantiles._GATHER_AT_MOST = previous
+        exact_quantiles._GATHER_AT_MOST, exact_quantiles._GATHER_ALL_AT_MOST = previous
     assert [got[p] for p in PERCENTILES] == np.percentile(values, PERCENTILES).tolist()
     scale = max(1.0, float(np.abs(values).max()))
     assert statistics.count == values.size

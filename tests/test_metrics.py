@@ -145,9 +145,12 @@ def test_interrupted_run_duration_ends_at_the_interruption():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 2048])
-def test_metrics_of_a_requests_file_read_in_batches_are_those_of_the_whole_table(tmp_path, monkeypatch, batch):
-    """The streamed computation (token times read a few requests at a time, exact ITL percentiles in passes) gives
-    the numbers of compute_metrics on the table in memory, and the percentiles asked for besides."""
+@pytest.mark.parametrize("gaps_held", [0, 1 << 23])
+def test_metrics_of_a_requests_file_read_in_batches_are_those_of_the_whole_table(tmp_path, monkeypatch, batch,
+                                                                                 gaps_held):
+    """The streamed computation (token times read a few requests at a time, exact ITL percentiles in passes over
+    the file, or over the gaps held when they are few) gives the numbers of compute_metrics on the table in
+    memory, and the percentiles asked for besides."""
     import pyarrow.parquet as pq
 
     import analysis.metrics
@@ -155,6 +158,7 @@ def test_metrics_of_a_requests_file_read_in_batches_are_those_of_the_whole_table
     from tests.runs import engine_run
 
     monkeypatch.setattr(analysis.metrics, "_TOKEN_TIME_BATCH", batch)
+    monkeypatch.setattr(analysis.metrics, "_GAPS_HELD_AT_MOST", gaps_held)
     requests, _ = engine_run(60, request_rate=30.0, seed=4, num_kv_blocks=300)
     pq.write_table(requests, tmp_path / "requests.parquet", row_group_size=7)
     slos = {"ttft": 300.0, "tpot": 40.0}

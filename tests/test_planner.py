@@ -337,3 +337,28 @@ def test_pareto_legend_names_each_markers_calibration_kind():
     names = {trace.name: trace.marker.symbol for trace in figure.data if trace.mode == "markers"}
     assert names == {"h100: \u25c6 calibrated": "diamond", "h100: \u25cb roofline": "circle-open",
                      "a100-80g: \u25c6 calibrated (POORLY CALIBRATED)": "diamond"}
+
+
+def test_probes_sharing_a_composed_cost_model_simulate_as_with_a_fresh_one(tmp_path):
+    """A composed model fills its tables as steps ask; the planner gives one to every probe of a configuration, so a
+    probe after others must see exactly the step times a model built for it alone gives."""
+    from engine.engine_args import EngineArgs
+    from simulator.simulated_engine import build_simulated_engine
+    from tests.synthetic_operators import synthetic_operator_profile
+
+    operators = str(synthetic_operator_profile(tmp_path / "h200_operators.parquet"))
+    args = EngineArgs(model="qwen3-8b", tensor_parallel_size=2, max_num_seqs=64)
+    requests = _requests(_trace(150), _settings())
+
+    def simulate(rate: float, cost_model=None):
+        engine, _ = build_simulated_engine(args, gpu="h200", profile=operators, cost_model=cost_model)
+        ClusterRun(requests.at_rate(rate), [engine]).run()
+        return engine
+
+    shared = simulate(4.0).executor.cost_model
+    assert shared.provenance == "composed"
+    simulate(40.0, shared)  # bigger batches: the shared model's tables grow
+    again, fresh = simulate(12.0, shared), simulate(12.0)
+    assert again.executor.cost_model is shared and fresh.executor.cost_model is not shared
+    assert len(again.step_records) > 500
+    assert list(again.step_records) == list(fresh.step_records)

@@ -174,3 +174,28 @@ def test_cli_simulate_of_the_cpu_executor_runs_every_step_eagerly(tmp_path, caps
     run = read_run(out)
     assert run.metadata["enforce_eager"] is True and run.metadata["mixed_cuda_graphs"] is False
     assert set(run.steps.column("cuda_graph_batch_size").to_pylist()) == {0}
+
+
+def test_cli_simulate_without_prefix_caching_needs_only_the_prompt_lengths(tmp_path, monkeypatch, capsys):
+    """Without a prefix cache a simulation never reads its prompts' tokens, so it is given zeros of their lengths
+    instead of the trace's synthesized tokens: the run is the one those tokens give."""
+    import simulator.trace_requests
+
+    made = []
+    original = simulator.trace_requests.TraceRequests.from_trace.__func__
+
+    def from_trace(cls, *args, token_contents=True, **kwargs):
+        made.append(token_contents)
+        return original(cls, *args, token_contents=token_contents or force, **kwargs)
+
+    monkeypatch.setattr(simulator.trace_requests.TraceRequests, "from_trace", classmethod(from_trace))
+    runs = []
+    for force in (False, True):
+        out = tmp_path / f"tokens-{force}"
+        assert main(["simulate", "demo", "--model", "qwen3-0.6b", "--gpu", "h100", "--out", str(out),
+                     "--no-progress", "--no-enable-prefix-caching", "--max-num-seqs", "8"]) == 0
+        runs.append(read_run(out))
+    capsys.readouterr()
+    assert made == [False, False]  # what replay asked for; the second run was given the tokens regardless
+    assert runs[0].requests.equals(runs[1].requests) and runs[0].steps.equals(runs[1].steps)
+    assert len(runs[0].steps) > 100

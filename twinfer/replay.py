@@ -106,8 +106,12 @@ def replay(
     wall_start = time.perf_counter()
     # Prompts longer than every replica's max_model_len are rejected without making their tokens.
     max_prompt_len = min(engine.config.max_model_len for engine in replicas)
+    # A simulation reads its prompts' tokens only to hash them for the prefix cache, or to route by them; else
+    # their lengths are all it needs, and making the tokens would be a tenth of its time.
+    token_contents = executor_kind != "sim" or len(replicas) > 1 or any(
+        engine.config.enable_prefix_caching for engine in replicas)
     requests = TraceRequests.from_trace(trace, vocab_size=replicas[0].config.vocab_size, seed=seed,
-                                        max_prompt_len=max_prompt_len, lazy=True)
+                                        max_prompt_len=max_prompt_len, lazy=True, token_contents=token_contents)
     writer = RunWriter(out_dir, num_replicas=len(replicas))
     try:
         return _run_and_write(trace, replicas, requests, writer, router, executor_kind, seed, show_progress,
