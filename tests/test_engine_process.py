@@ -108,32 +108,66 @@ def test_an_engine_process_that_cannot_start_says_why(tmp_path):
         EngineProcess(EngineArgs(model=str(tmp_path / "no-such-model"), device="cpu"), start_timeout=300)
 
 
-def test_twinfer_serve_runs_its_engine_in_a_process_and_stops_on_ctrl_c(model_folder, tmp_path):  # noqa: F811
+def start_twinfer_serve(model_folder: str, log_dir, **popen) -> tuple:
+    """`twinfer serve` of the tiny model on a free port, its engine in a process: (the server process, its URL)."""
     import subprocess
     import sys
 
     server = subprocess.Popen([sys.executable, "-m", "twinfer", "serve", model_folder, "--device", "cpu", "--port", "0",
-                               "--served-model-name", MODEL, "--request-log", str(tmp_path / "log")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--served-model-name", MODEL, "--request-log", str(log_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    lines = []
+    for line in server.stdout:
+        lines.append(line)
+        if " on http://" in line:
+            break
+    assert " on http://" in lines[-1], "".join(lines)
+    return server, lines[-1].split(" on ", 1)[1].split("/v1", 1)[0]
+
+
+def answer_three_tokens(base_url: str) -> None:
+    answer = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 3,
+                                                            "ignore_eos": True}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+
+
+def test_twinfer_serve_runs_its_engine_in_a_process_and_stops_on_ctrl_c(model_folder, tmp_path):  # noqa: F811
+    import subprocess
+
+    server, base_url = start_twinfer_serve(model_folder, tmp_path / "log")
     try:
-        lines = []
-        for line in server.stdout:
-            lines.append(line)
-            if " on http://" in line:
-                break
-        base_url = lines[-1].split(" on ", 1)[1].split("/v1", 1)[0]
         children = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
         commands = [open(f"/proc/{child}/cmdline", "rb").read() for child in children]
         assert any(b"spawn_main" in command for command in commands)  # the engine's process
-        answer = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 3,
-                                                                "ignore_eos": True}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
+        answer_three_tokens(base_url)
     finally:
         server.send_signal(signal.SIGINT)  # as Ctrl-C: the child ignores it and is told to stop
         rest = server.communicate(timeout=120)[0]
     assert server.returncode == 0, rest
     assert "request log written" in rest and "stopped" in rest
     assert read_run(tmp_path / "log").requests.num_rows == 1
+
+
+def test_twinfer_serve_stopped_by_sigterm_to_its_process_group_writes_its_request_log(model_folder, tmp_path):  # noqa: F811
+    """systemd's default stop (and `kill -- -PGID`) sends SIGTERM to every process of the group at once: the engine
+    process too must stop cleanly and write the request log, not die with it."""
+    server, base_url = start_twinfer_serve(model_folder, tmp_path / "log", start_new_session=True)
+    try:
+        answer_three_tokens(base_url)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        rest = server.communicate(timeout=120)[0]
+    assert "request log written" in rest, rest
+    assert read_run(tmp_path / "log").requests.num_rows == 1
+    wait_for(lambda: not _group_alive(server.pid), "every process of the server's group to end")
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_an_engine_process_interrupted_while_starting_leaves_no_child(model_folder, monkeypatch):  # noqa: F811

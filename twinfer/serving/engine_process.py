@@ -9,8 +9,8 @@ The child builds the engine from EngineArgs and runs an EngineDriver on its main
 parent's commands into the driver's. The driver's batches of deltas (one per step) go back through a pipe, keyed by
 request id, and a reader thread here hands each batch to the event loop in one wake-up. Arrivals cross on
 time.perf_counter's clock (system-wide on Linux): stamped here, moved onto the engine's clock there. Ctrl-C belongs
-to the parent: the child ignores SIGINT, and stops when told or when the parent's end of the pipe closes; it writes
-the request log itself (the engine's records never cross).
+to the parent: the child ignores SIGINT, and stops when told, on SIGTERM, or when the parent's end of the pipe closes;
+it writes the request log itself (the engine's records never cross).
 """
 
 from __future__ import annotations
@@ -286,6 +286,9 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
                 pass  # the parent is gone; the reader sees the commands pipe close and stops the engine
 
     driver = EngineDriver(engine, send=lambda batch: send(("deltas", batch)))
+    # A SIGTERM sent to the whole process group (systemd's default stop, `kill -- -PGID`) reaches this process
+    # too: it stops as when the parent says so, its requests aborted and its request log written, instead of dying.
+    signal.signal(signal.SIGTERM, lambda signum, frame: driver.request_stop("server shutdown"))
     outputs.send(("ready", _Ready(engine.config, engine.block_manager.num_blocks, engine.clock.origin)))
 
     def reply(token: int, function) -> None:
