@@ -5,6 +5,7 @@ request log written by the child, and a clear error when the child cannot start 
 import asyncio
 import os
 import signal
+import threading
 
 import httpx
 import pytest
@@ -186,3 +187,23 @@ def test_an_engine_process_interrupted_while_starting_leaves_no_child(model_fold
         engine_process(model_folder)
     monkeypatch.setattr(multiprocessing.connection.Connection, "poll", real_poll)
     assert started and set(multiprocessing.active_children()) == before
+
+
+def test_metrics_and_the_request_log_answer_when_the_engine_process_dies_while_asked(model_folder, tmp_path):  # noqa: F811
+    """A scrape waiting on the child when it dies still gets the metrics (the engine's state as last read), and a
+    request log asked of a dead child is a 503 saying why, not an internal error."""
+    import concurrent.futures
+
+    process = engine_process(model_folder, tmp_path / "log")
+    with ServerThread(create_app(process, model_name=MODEL)) as server:
+        assert metric(server, "vllm:num_requests_running") == 0
+        os.kill(process._process.pid, signal.SIGSTOP)  # the child cannot answer the next scrape
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            scrape = pool.submit(httpx.get, f"{server.base_url}/metrics", timeout=60)
+            threading.Event().wait(0.5)
+            assert not scrape.done()
+            os.kill(process._process.pid, signal.SIGKILL)
+            response = scrape.result()
+        assert response.status_code == 200 and "vllm:kv_cache_usage_perc" in response.text
+        logged = httpx.post(f"{server.base_url}/request_log")
+        assert logged.status_code == 503 and "exited unexpectedly" in logged.json()["error"]["message"]

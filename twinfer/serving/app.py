@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from engine.engine import Engine
 from twinfer.serving.engine_process import EngineProcess
 from twinfer.serving.api_error import APIError
-from twinfer.serving.engine_driver import EngineDriver
+from twinfer.serving.engine_driver import EngineDriver, EngineUnavailable
 from twinfer.serving.metrics import CONTENT_TYPE, ServerMetrics
 from twinfer.serving.openai_serving import OpenAIServing
 from twinfer.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -122,7 +122,10 @@ def create_app(engine: "Engine | EngineProcess", *, model_name: str, model_sourc
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         if driver.is_running:
-            metrics.update_engine_state(await driver.state())
+            try:
+                metrics.update_engine_state(await driver.state())
+            except EngineUnavailable:
+                pass  # the engine stopped while asked: its state as last read
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -143,7 +146,10 @@ def create_app(engine: "Engine | EngineProcess", *, model_name: str, model_sourc
     async def write_request_log() -> JSONResponse:
         if not keeps_log:
             raise APIError(404, "this server keeps no request log: start it with --request-log DIR")
-        path, num_requests, complete = await driver.write_request_log(log)
+        try:
+            path, num_requests, complete = await driver.write_request_log(log)
+        except EngineUnavailable as error:
+            raise APIError(503, f"the request log cannot be written now: {error}") from None
         return JSONResponse({"path": str(path), "num_requests": num_requests, "complete": complete})
 
     if api_key:

@@ -197,6 +197,8 @@ class EngineProcess:
                 self._call_soon(self._deliver, message[1])
             elif kind == "reply":
                 self._call_soon(self._answer, message[1], message[2], message[3])
+            elif kind == "unavailable":  # asked while the child's engine stops: no answer will come
+                self._call_soon(self._answer, message[1], None, message[2])
             elif kind == "stopped":
                 _, path, error = message
                 self._log_path = Path(path) if path is not None else None
@@ -240,7 +242,7 @@ class EngineProcess:
         if ok:
             future.set_result(value)
         else:
-            future.set_exception(RuntimeError(value))
+            future.set_exception(RuntimeError(value) if ok is False else EngineUnavailable(value))
 
     def _fail_all(self, reason: str) -> None:
         """Answer every open request and question: nothing more comes from the engine."""
@@ -291,12 +293,17 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
     signal.signal(signal.SIGTERM, lambda signum, frame: driver.request_stop("server shutdown"))
     outputs.send(("ready", _Ready(engine.config, engine.block_manager.num_blocks, engine.clock.origin)))
 
+    def answer(token: int, done) -> None:
+        error = done.exception()
+        if error is None:
+            send(("reply", token, True, done.result()))
+        elif isinstance(error, EngineUnavailable):  # queued as the driver stopped
+            send(("unavailable", token, str(error)))
+        else:
+            send(("reply", token, False, f"{type(error).__name__}: {error}"))
+
     def reply(token: int, function) -> None:
-        future = driver.run_on_thread(function)
-        future.add_done_callback(lambda done: send(
-            ("reply", token, done.exception() is None,
-             done.result() if done.exception() is None else f"{type(done.exception()).__name__}: "
-                                                             f"{done.exception()}")))
+        driver.run_on_thread(function).add_done_callback(lambda done: answer(token, done))
 
     def write_log(current: Engine) -> tuple:
         snapshot = RequestLog.snapshot(current)
@@ -327,9 +334,11 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
                 elif kind == "stop":
                     driver.request_stop(command[1])
                     return
-            except EngineUnavailable:
-                if kind == "add":  # the engine failed: the parent learns why when the driver ends
-                    send(("deltas", [(command[1], Delta(command[1], 0, [], error=driver.error or "stopped"))]))
+            except EngineUnavailable as error:  # the driver has stopped (told to, or its engine failed)
+                if kind == "add":
+                    send(("deltas", [(command[1], Delta(command[1], 0, [], error=str(error)))]))
+                elif kind in ("state", "log"):  # answered now, not when the child's last log is written
+                    send(("unavailable", command[1], str(error)))
 
     driver.run_here(before=lambda: threading.Thread(target=read_commands, name="twinfer-engine-commands",
                                                     daemon=True).start())
