@@ -25,9 +25,15 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler_output import TokenLogprobs
 from engine.sequence import Sequence
 
-# The thread waiting for a GPU step gets the interpreter back within this long of the step's end, not the
-# default 5 ms, while the event loop's thread is busy writing responses.
 SWITCH_INTERVAL_S = 0.0005
+"""How soon a thread waiting for the interpreter gets it (shorten_switch_interval)."""
+
+
+def shorten_switch_interval() -> None:
+    """A thread waiting for the interpreter (the event loop, a pipe's reader) gets it within SWITCH_INTERVAL_S of
+    asking while another thread runs Python (the engine's steps), not the default 5 ms."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 @dataclass(slots=True)
@@ -130,8 +136,7 @@ class EngineDriver:
     def start(self) -> None:
         """Start the thread; call from the event loop that will read the deltas."""
         self._loop = asyncio.get_running_loop()
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        shorten_switch_interval()
         self._thread = threading.Thread(target=self._run, name="twinfer-engine", daemon=True)
         self._thread.start()
 

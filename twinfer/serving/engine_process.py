@@ -28,7 +28,14 @@ from pathlib import Path
 from engine.engine import Engine
 from engine.engine_args import EngineArgs
 from engine.sampling_params import SamplingParams
-from twinfer.serving.engine_driver import Delta, EngineDriver, EngineUnavailable, deliver, engine_state
+from twinfer.serving.engine_driver import (
+    Delta,
+    EngineDriver,
+    EngineUnavailable,
+    deliver,
+    engine_state,
+    shorten_switch_interval,
+)
 
 STOP_TIMEOUT_S = 120.0
 """How long closing waits for the child to abort its requests, write its log and exit before killing it."""
@@ -103,6 +110,7 @@ class EngineProcess:
     def start(self) -> None:
         """Start handing the child's deltas to the running event loop."""
         self._loop = asyncio.get_running_loop()
+        shorten_switch_interval()  # the reader thread and the event loop share this process's interpreter
         self._reader = threading.Thread(target=self._read, name="twinfer-engine-outputs", daemon=True)
         self._reader.start()
 
@@ -264,6 +272,7 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
                 commands, outputs) -> None:
     """The engine process: build the engine, say so, then step it until told to stop (or orphaned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C: it tells this process to stop
+    shorten_switch_interval()  # the command reader waits for the interpreter while the engine steps
     try:
         from engine.tokenizer import load_tokenizer
         from twinfer.cli.replay import real_engine_and_metadata
