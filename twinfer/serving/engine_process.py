@@ -314,9 +314,29 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
     def reply(token: int, function) -> None:
         driver.run_on_thread(function).add_done_callback(lambda done: answer(token, done))
 
-    def write_log(current: Engine) -> tuple:
-        snapshot = RequestLog.snapshot(current)
-        return str(log.write(current, snapshot)), snapshot[0].num_rows, snapshot[2]
+    log_lock = threading.Lock()
+    """Held while a log is written: one on demand and the last one never overlap."""
+
+    def write_log(token: int) -> None:
+        """The tables taken between two steps; written on a thread of their own while the engine steps on (a
+        Parquet write on the engine's thread would pause every stream)."""
+        def written(done) -> None:
+            if done.exception() is not None:
+                answer(token, done)
+                return
+
+            def write() -> None:
+                requests, steps, complete = snapshot = done.result()
+                try:
+                    with log_lock:
+                        path = log.write(engine, snapshot)
+                    send(("reply", token, True, (str(path), requests.num_rows, complete)))
+                except Exception as error:  # noqa: BLE001 (the asker gets it)
+                    send(("reply", token, False, f"{type(error).__name__}: {error}"))
+
+            threading.Thread(target=write, name="twinfer-request-log", daemon=True).start()
+
+        driver.run_on_thread(RequestLog.snapshot).add_done_callback(written)
 
     def read_commands() -> None:
         origin = engine.clock.origin
@@ -339,7 +359,7 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
                     if log is None:
                         send(("reply", command[1], False, "this engine process keeps no request log"))
                     else:
-                        reply(command[1], write_log)
+                        write_log(command[1])
                 elif kind == "stop":
                     driver.request_stop(command[1])
                     return
@@ -354,7 +374,8 @@ def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: Reques
     path = None
     if log is not None:
         try:
-            path = str(log.write(engine, RequestLog.snapshot(engine)))
+            with log_lock:
+                path = str(log.write(engine, RequestLog.snapshot(engine)))
         except Exception as error:  # noqa: BLE001 (the parent reports it)
             driver.error = driver.error or f"the request log could not be written: {error}"
     send(("stopped", path, driver.error))
