@@ -46,6 +46,9 @@ def test_bench_serve_accounts_for_every_request(model_folder, tmp_path, capsys):
     assert requests.column("output_len").to_pylist() == requests.column("max_tokens").to_pylist()
     assert sorted(served.requests.column("prompt_len").to_pylist()) == sorted(requests.column("prompt_len").to_pylist())
     assert [len(times) for times in requests.column("token_times").to_pylist()] == requests.column("output_len").to_pylist()
+    # Sent at their arrival times, never before (the client's timers count whole milliseconds).
+    sent, arrivals = requests.column("first_scheduled_time").to_pylist(), requests.column("arrival_time").to_pylist()
+    assert all(at_send >= arrival for at_send, arrival in zip(sent, arrivals))
     output = capsys.readouterr().out
     assert "Successful requests:" in output and "40" in output
     assert json.loads((tmp_path / "r.json").read_text())["completed"] == 40
@@ -70,3 +73,22 @@ def test_bench_serve_records_refused_requests(model_folder, tmp_path):  # noqa: 
     assert len(statuses) == 40 and "rejected" in statuses
     rejected = [reason for reason, status in zip(requests.column("reason").to_pylist(), statuses) if status == "rejected"]
     assert all(reason.startswith("HTTP 400: This model's maximum context length is 32") for reason in rejected)
+
+
+def test_requests_wait_for_their_time_and_never_go_early():
+    import time
+
+    import uvloop
+
+    from twinfer.serving.bench_serve import _sleep_until
+
+    async def early_by() -> list[float]:
+        result = []
+        for index in range(40):
+            when = time.perf_counter() + 0.0003 + 0.00037 * index  # fractions of a millisecond
+            await _sleep_until(when)
+            result.append(when - time.perf_counter())
+        return result
+
+    # uvloop's timers count whole milliseconds: a plain sleep there returns up to ~1 ms early.
+    assert max(uvloop.run(early_by())) <= 0

@@ -77,9 +77,7 @@ async def _replay(requests: list[HttpRequest], options: BenchServeOptions,
     start = time.perf_counter()
 
     async def one(request: HttpRequest) -> None:
-        delay = request.arrival_time - (time.perf_counter() - start)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _sleep_until(start + request.arrival_time)
         if limit is None:
             record = await send_request(session, options.url, headers, request, options.model, start)
         else:
@@ -94,6 +92,21 @@ async def _replay(requests: list[HttpRequest], options: BenchServeOptions,
     finally:
         progress.close()
     return start
+
+
+SPIN_S = 0.002
+"""The last stretch before a request's time is waited by yielding to the event loop, not by its timer."""
+
+
+async def _sleep_until(when: float) -> None:
+    """Return at perf_counter time `when`, never before: uvloop's timers count whole milliseconds and fire up to
+    about 1 ms early or late, so the timer sleeps until SPIN_S before and the loop is yielded to from there (other
+    streams are served meanwhile)."""
+    delay = when - time.perf_counter()
+    if delay > SPIN_S:
+        await asyncio.sleep(delay - SPIN_S)
+    while time.perf_counter() < when:
+        await asyncio.sleep(0)
 
 
 def _event_loop_factory():
