@@ -16,14 +16,15 @@ import queue
 import sys
 import threading
 import traceback
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import TokenLogprobs
 from engine.sequence import Sequence
+from twinfer.serving.request_log import RequestLog
 
 SWITCH_INTERVAL_S = 0.0005
 """How soon a thread waiting for the interpreter gets it (shorten_switch_interval)."""
@@ -180,16 +181,12 @@ class EngineDriver:
 
     async def write_request_log(self, log) -> tuple:
         """Write the request log (a RequestLog) as the engine stands: (path, number of requests, complete)."""
-        from twinfer.serving.request_log import RequestLog
-
         snapshot = await self.call(RequestLog.snapshot)
         path = await asyncio.to_thread(log.write, self.engine, snapshot)
         return path, snapshot[0].num_rows, snapshot[2]
 
     def close(self, log=None) -> Path | None:
         """Stop (every unfinished request aborted) and write the request log when given; its path."""
-        from twinfer.serving.request_log import RequestLog
-
         self.stop()
         if log is None:
             return None
