@@ -6,6 +6,9 @@ output (tokens, the text the engine's detokenizer has released, logprobs; how it
 event loop in one batch (one wake-up per step, however many requests), where they go to the queue each request
 was added with. A request with n > 1 is one engine request of n completions (the engine shares their prefill);
 each completion's deltas carry its index. Asynchronous scheduling is the engine's own (Engine.step).
+
+`twinfer serve` runs the same driver on the main thread of an engine process (engine_process.py), whose batches go
+down a pipe instead of to an event loop; `--no-engine-process` and tests run it on a thread of the server.
 """
 
 from __future__ import annotations
