@@ -167,6 +167,14 @@ def patches(root: Path) -> list[Patch]:
               "            // and 128 x 32 (48 KB smem) is the fastest for non-causal since we get 2 CTAs per SM.\n"
               "            if constexpr (is_sm8x) {\n",
               "head_dim 128 forward without the sm86/sm89 tile shapes"),
+        # The H200 check of session 10 found a head_dim-64 call not refused by the switch's TORCH_CHECK (the build's
+        # self-check crashed there): the package says what it holds, and twinfer's backend refuses other head dims
+        # before any call (engine/kernels/flash_attn_backend.py).
+        Patch("flash_attn/__init__.py", f'__version__ = "{VERSION}"\n',
+              f'__version__ = "{VERSION}"\n'
+              f"# {BUILD_NOTE}: forward kernels of these head dims only.\n"
+              f"TWINFER_HEAD_DIMS = ({HEAD_DIM},)\n",
+              "the package names the head dims it has kernels for"),
     ]
 
 

@@ -691,3 +691,27 @@ def test_flash_attn_decode_replays_in_a_cuda_graph_with_the_real_package():
         graph.replay()
         expected = reference.paged_decode_attention(*args)
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_flash_attn_backend_refuses_head_dims_a_forward_only_build_lacks(monkeypatch):
+    """benchmarks/build_flash_attn.sh's wheel names its head dims; another one is refused before any kernel runs."""
+    import sys
+    import types
+
+    from engine.kernels import flash_attn_backend
+
+    stand_in = _FlashAttnStandIn()
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = stand_in.flash_attn_varlen_func
+    module.flash_attn_with_kvcache = stand_in.flash_attn_with_kvcache
+    module.TWINFER_HEAD_DIMS = (128,)
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    paged = PagedContexts([5], 2, 16, 256, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="head_dim 128 only, and the model's is 16"):
+        flash_attn_backend.paged_decode_attention(
+            torch.zeros(1, 4, 16, device=DEVICE), paged.k_cache, paged.v_cache, paged.seq_lens, paged.block_tables, 1.0)
+    with pytest.raises(ValueError, match="head_dim 128 only"):
+        flash_attn_backend.paged_prefill_attention(
+            torch.zeros(5, 4, 16, device=DEVICE), paged.k_cache, paged.v_cache,
+            torch.tensor([0, 5], device=DEVICE), paged.seq_lens, paged.block_tables, 1.0)
+    assert stand_in.calls == []

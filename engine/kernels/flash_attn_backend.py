@@ -42,6 +42,20 @@ def store_kvcache(
     triton_store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
 
+def _check_head_dim(where: str, head_dim: int) -> None:
+    """Refuse a head dim the installed package has no kernels for: a build that names its head dims
+    (TWINFER_HEAD_DIMS, set by benchmarks/build_flash_attn.sh's forward-only build) was seen to crash on others
+    rather than refuse them. (An import of a loaded module is a dictionary lookup.)"""
+    import flash_attn
+
+    head_dims = getattr(flash_attn, "TWINFER_HEAD_DIMS", None)
+    if head_dims is not None and head_dim not in head_dims:
+        raise ValueError(
+            f"{where}: this flash-attn build has kernels for head_dim {', '.join(map(str, head_dims))} only, and the "
+            f"model's is {head_dim}; use the triton attention backend, or a full flash-attn build"
+        )
+
+
 def _check_block_size(where: str, k_cache: torch.Tensor) -> None:
     """Refuse caches whose block size flash-attn 2's paged kernels cannot read."""
     block_size = k_cache.shape[1]
@@ -63,6 +77,7 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of packed new tokens q [T, Hq, D] over each sequence's cached context (new tokens included)."""
     _check_block_size("flash_attn paged_prefill_attention", k_cache)
+    _check_head_dim("flash_attn paged_prefill_attention", q.shape[-1])
     from flash_attn import flash_attn_varlen_func
 
     cu_seqlens_k = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=q.device)
@@ -95,6 +110,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of one new token per sequence, q [B, Hq, D], over its whole cached context; empty rows give zeros."""
     _check_block_size("flash_attn paged_decode_attention", k_cache)
+    _check_head_dim("flash_attn paged_decode_attention", q.shape[-1])
     from flash_attn import flash_attn_with_kvcache
 
     # flash-attn splits long contexts itself (num_splits=0: its heuristic) and, with no
