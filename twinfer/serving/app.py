@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from engine.engine import Engine
 from twinfer.serving.engine_process import EngineProcess
@@ -43,7 +44,7 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
-def _validation_error(error: RequestValidationError) -> APIError:
+def _validation_error(error: RequestValidationError | ValidationError) -> APIError:
     """A 400 naming the first field that failed, or saying the JSON is malformed."""
     first = error.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -53,6 +54,14 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, f"the request body must be a JSON object of the request's fields ({first['msg']})")
     param = ".".join(location) or None
     return APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=location[0] if location else None)
+
+
+async def _body(raw: Request, model: type[BaseModel]) -> BaseModel:
+    """The request's JSON body as `model`, or the 400 that names what is wrong with it."""
+    try:
+        return model.model_validate_json(await raw.body())
+    except ValidationError as error:
+        raise _validation_error(error) from None
 
 
 def create_app(engine: "Engine | EngineProcess", *, model_name: str, model_source: str | None = None,
@@ -134,13 +143,17 @@ def create_app(engine: "Engine | EngineProcess", *, model_name: str, model_sourc
                 "root": model_source or model_name, "parent": None, "max_model_len": config.max_model_len}
         return JSONResponse({"object": "list", "data": [card]})
 
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest, raw: Request):
-        return await serving.completions(request, raw)
+    # The two generation routes are plain Starlette routes that validate the body with pydantic themselves:
+    # FastAPI's per-route machinery (dependency solving, body to arguments) cost 0.24 ms of a 0.65 ms way in on
+    # the development CPU, on every request's TTFT. Errors are the same 400s as FastAPI's validation gives.
+    async def completions(raw: Request):
+        return await serving.completions(await _body(raw, CompletionRequest), raw)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest, raw: Request):
-        return await serving.chat_completions(request, raw)
+    async def chat_completions(raw: Request):
+        return await serving.chat_completions(await _body(raw, ChatCompletionRequest), raw)
+
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 
     @app.post("/request_log")
     async def write_request_log() -> JSONResponse:
