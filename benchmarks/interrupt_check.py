@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from tests.interrupt_in_llm import Interrupt  # noqa: E402
 
 
 def _prompts(rng: random.Random, count: int, vocab: int) -> list[list[int]]:
@@ -28,39 +29,11 @@ def _prompts(rng: random.Random, count: int, vocab: int) -> list[list[int]]:
 
 def _interrupted_generate(llm: LLM, prompts, params, where: str, at: int) -> None:
     """Raise KeyboardInterrupt at the at-th model launch or after the at-th engine step, as Ctrl-C would."""
-    calls = 0
-
-    def count():
-        nonlocal calls
-        calls += 1
-        if calls == at:
-            raise KeyboardInterrupt
-
-    runner, engine = llm.executor.runner, llm.engine
-    if where == "model":
-        launch = runner.launch
-
-        def interrupting_launch(output):
-            count()
-            return launch(output)
-
-        runner.launch = interrupting_launch
-    else:
-        step = engine.step
-
-        def interrupting_step():
-            busy = step()
-            count()
-            return busy
-
-        engine.step = interrupting_step
-    try:
-        llm.generate(prompts, params, use_tqdm=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        runner.__dict__.pop("launch", None)
-        engine.__dict__.pop("step", None)
+    with Interrupt(llm, where, at, KeyboardInterrupt()):
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+        except KeyboardInterrupt:
+            pass
 
 
 def main(argv=None) -> int:

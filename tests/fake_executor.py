@@ -58,6 +58,17 @@ def reference_outputs(prompt: list[int], max_tokens: int, vocab_size: int = 1000
     return outputs
 
 
+def assert_output_as_recorded(engine, request_id: str, record, expected: list[int]) -> None:
+    """A request's tokens are the reference's (all of them once finished, a prefix once aborted), each with its
+    time, and it has ended."""
+    output = engine.output_token_ids(request_id)
+    assert record.finish_time is not None and len(record.token_times) == len(output)
+    if record.status == "finished":
+        assert output == expected
+    else:
+        assert record.status == "aborted" and output == expected[: len(output)]
+
+
 class PredictingExecutor:
     """A cost-model-like executor: constant tokens and durations that depend on the batch, predictable ahead."""
 

@@ -10,7 +10,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestStatus
-from tests.fake_executor import PagedEchoExecutor, reference_outputs
+from tests.fake_executor import PagedEchoExecutor, assert_output_as_recorded, reference_outputs
 
 
 def check_invariants(engine: Engine) -> None:
@@ -411,12 +411,7 @@ def test_async_scheduling_with_stop_tokens_and_aborts_finishes_each_request_once
         expected = reference_outputs(prompts[request_id], record.max_tokens, 4)
         if 0 in expected:
             expected = expected[: expected.index(0) + 1]
-        output = engine.output_token_ids(request_id)
-        assert record.finish_time is not None and len(record.token_times) == len(output)
-        if record.status == "finished":
-            assert output == expected
-        else:
-            assert record.status == "aborted" and output == expected[: len(output)]
+        assert_output_as_recorded(engine, request_id, record, expected)
 
 
 class FailingOnceExecutor(PagedEchoExecutor):

@@ -13,7 +13,7 @@ import engine as engine_package
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
-from tests.fake_executor import PagedEchoExecutor, reference_outputs
+from tests.fake_executor import PagedEchoExecutor, assert_output_as_recorded, reference_outputs
 
 BLOCK_SIZE = 2
 ENGINE_FOLDER = os.path.dirname(engine_package.__file__)
@@ -143,13 +143,8 @@ def test_after_any_fault_every_request_is_accounted_for_once_and_the_next_batch_
             if record.status == "rejected":
                 assert "KV blocks" in record.reason
                 continue
-            expected = reference_outputs(prompts[request_id], record.max_tokens)
-            output = engine.output_token_ids(request_id)
-            assert record.finish_time is not None and len(record.token_times) == len(output)
-            if record.status == "finished":
-                assert output == expected
-            else:
-                assert record.status == "aborted" and output == expected[: len(output)]
+            assert_output_as_recorded(engine, request_id, record,
+                                      reference_outputs(prompts[request_id], record.max_tokens))
         if fault is None and not aborts:
             assert not interrupted
             assert all(records[request_id].status in ("finished", "rejected") for request_id in round_ids)

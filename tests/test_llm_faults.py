@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
+from tests.interrupt_in_llm import Interrupt
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 _llms: dict = {}
@@ -19,45 +20,6 @@ def tiny_llm(role: str, num_blocks: int, asynchronous: bool) -> LLM:
         _llms[key] = LLM("tiny-qwen3", device="cpu", max_num_batched_tokens=32, max_num_seqs=4, block_size=4,
                          num_gpu_blocks_override=num_blocks, async_scheduling=asynchronous)
     return _llms[key]
-
-
-class Interrupt:
-    """Raises KeyboardInterrupt (or an error) inside the model's n-th step, or right after the engine's n-th step
-    (where LLM.generate's progress callback runs)."""
-
-    def __init__(self, llm: LLM, where: str, at: int, error: BaseException) -> None:
-        self.llm, self.where, self.at, self.error = llm, where, at, error
-        self.calls = 0
-
-    def __enter__(self):
-        engine, runner = self.llm.engine, self.llm.executor.runner
-        if self.where == "model":
-            original = runner.launch
-
-            def launch(output):
-                self._count()
-                return original(output)
-
-            runner.launch = launch
-        else:
-            original = engine.step
-
-            def step():
-                busy = original()
-                self._count()
-                return busy
-
-            engine.step = step
-        return self
-
-    def _count(self) -> None:
-        self.calls += 1
-        if self.calls == self.at:
-            raise self.error
-
-    def __exit__(self, *exc) -> None:
-        self.llm.executor.runner.__dict__.pop("launch", None)
-        self.llm.engine.__dict__.pop("step", None)
 
 
 def _outputs(llm: LLM, prompts, params=GREEDY):

@@ -167,7 +167,6 @@ class EngineProcess:
             self._kill()
         return self._log_path
 
-    stop = close
 
     # ---- the pipes
 
