@@ -7,7 +7,14 @@ For decode batches of R sequences at the replays' mean context, uniform and spre
 GPU kernel time by class under torch.profiler (GEMMs, attention, the rest) in graph and eager mode, and sets
 each beside the composed cost model's terms for the same batch features.
 
-    python3 benchmarks/decode_gap.py --model qwen3-8b --mode graph|eager [--json OUT]
+    python3 benchmarks/decode_gap.py --model qwen3-8b --mode graph|eager [--max-model-len N] [--json OUT]
+
+In graph mode it also splits the step's time into the graph's kernel span (first kernel's start to the last one's
+end) and what lies outside it, the span into kernels and gaps between them, and times the step's attention and
+GEMM shapes again in isolation the way the operator profile does (simulator/attention_profile.py,
+gemm_profile.py: in a CUDA graph of many calls, inputs rotated past the L2), at the step's exact shapes and its
+block tables' width: in-step against isolated tells an operator that runs slower inside a step from a profile
+grid that interpolates badly (isolated against the composed table value). The SM clock is read beside each.
 
 (one mode per process: a second LLM in the same process would find the first one's memory still held)
 """
@@ -50,8 +57,31 @@ def kernel_class(name: str) -> str:
     return "other"
 
 
+def sm_clock_mhz() -> int | None:
+    """The SM clock now (NVML through torch), or None where it cannot be read."""
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # noqa: BLE001 - pynvml missing or not permitted: the figure is optional
+        return None
+
+
+def kernel_span(events, iters: int) -> dict[str, float]:
+    """Per step (kernels in launch order, split into iters equal runs): the graph's kernel span and the gaps in it, ms."""
+    kernels = sorted((event.time_range.start, event.time_range.end) for event in events)
+    per_step = len(kernels) // iters
+    if per_step == 0:
+        return {}
+    spans, gaps = [], []
+    for index in range(iters):
+        run = kernels[index * per_step:(index + 1) * per_step]
+        span = max(end for _, end in run) - run[0][0]
+        spans.append(span)
+        gaps.append(span - sum(end - start for start, end in run))
+    return {"kernels_per_step": per_step, "span": statistics.median(spans) / 1e3, "gaps": statistics.median(gaps) / 1e3}
+
+
 def profile_classes(step, iters: int = 10) -> dict[str, float]:
-    """Milliseconds of GPU kernel time per step by class, and the busiest kernels."""
+    """Milliseconds of GPU kernel time per step by class, the busiest kernels, and the kernel span."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -70,6 +100,7 @@ def profile_classes(step, iters: int = 10) -> dict[str, float]:
         kernels.append((event.key[:70], round(ms, 4), event.count // iters))
     classes["total"] = sum(classes.values())
     classes["top"] = sorted(kernels, key=lambda k: -k[1])[:6]
+    classes.update(kernel_span([event for event in prof.events() if event.device_type.name == "CUDA"], iters))
     return classes
 
 
@@ -98,10 +129,48 @@ def composed_classes(model: str, num_seqs: int, context_tokens: int, graph: int)
             "other": 1e3 * (total - gemm - parts["attention"] - host), "host": 1e3 * host, "total": 1e3 * total}
 
 
-def measure(model: str, eager: bool, rng_seed: int = 0) -> list[dict]:
+def isolated(model: str, max_model_len: int, graph_sizes: tuple[int, ...], device=None) -> dict:
+    """The step's decode attention (tables max_model_len wide, every sequence at MEAN_CONTEXT) and its model's GEMMs
+    (m = each graph size) timed as the operator profile times them: {("attention", R) or (n, k, m): seconds}."""
+    from simulator.attention_profile import decode_attention_table
+    from simulator.gemm_profile import gemm_table
+    from simulator.operator_profile import profile_context
+    from simulator.operator_shapes import BLOCK_SIZE, OperatorGrid, dims_of
+    from simulator.operator_timing import TableRun
+
+    dims = dims_of(model)
+    width = -(-max_model_len // BLOCK_SIZE) * BLOCK_SIZE
+    grid = OperatorGrid(models=(dims,), tp_candidates=(1,), gemm_m=graph_sizes, decode_seqs=BATCH_SIZES,
+                        decode_contexts=(MEAN_CONTEXT,), decode_table_tokens=width, extra_attention_layouts=())
+    context = profile_context(device or torch.device("cuda"), torch.bfloat16, grid)
+    run = TableRun("isolated", time.perf_counter() + 120, context, print)
+    decode_attention_table(run, context)
+    gemm_table(run, context)
+    times = {}
+    for row in run.rows:
+        if row["op"] == "decode_attention" and row["variant"] == "":
+            times[("attention", row["num_seqs"])] = row["seconds"]
+        elif row["op"] == "gemm":
+            times[(row["n"], row["k"], row["m"])] = row["seconds"]
+    return times
+
+
+def isolated_step(times: dict, model: str, num_seqs: int, graph: int) -> dict[str, float]:
+    """ms per step of the isolated timings: attention x layers, and the GEMMs (LM head at the graph's rows)."""
+    from simulator.operator_shapes import dims_of
+    from simulator.profile_library import composed_model
+
+    dims, layers = dims_of(model), composed_model("h200", model).shape.num_layers
+    gemm = 0.0
+    for name, (n, k) in dims.linear_shapes(1).items():  # inside a decode graph every GEMM runs on its G rows
+        gemm += times.get((n, k, graph), float("nan")) * (1 if name == "lm_head" else layers)
+    return {"attention": 1e3 * layers * times.get(("attention", num_seqs), float("nan")), "gemm": 1e3 * gemm}
+
+
+def measure(model: str, eager: bool, max_model_len: int, rng_seed: int = 0) -> list[dict]:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=32768, max_num_seqs=1024,
+    llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=max_model_len, max_num_seqs=1024,
               max_num_batched_tokens=8192, enforce_eager=eager, gpu_memory_utilization=0.85)
     runner = llm.executor.runner
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -114,11 +183,17 @@ def measure(model: str, eager: bool, rng_seed: int = 0) -> list[dict]:
             _, graph = runner.execute(batch)
             row = {"mode": "eager" if eager else "graph", "num_seqs": num_seqs, "spread": spread,
                    "context_tokens": int(sum(lens)), "max_context": int(max(lens)), "graph_size": graph,
-                   "step_ms": wall_ms(lambda: runner.execute(batch)),
+                   "step_ms": wall_ms(lambda: runner.execute(batch)), "sm_clock_mhz": sm_clock_mhz(),
                    "kernels": profile_classes(lambda: runner.execute(batch)),
                    "composed": composed_classes(model, num_seqs, int(sum(lens)), graph)}
             rows.append(row)
             print(f"R={num_seqs} spread={spread}: top kernels {row['kernels']['top'][:4]}", flush=True)
+    if not eager:
+        times = isolated(model, max_model_len, tuple(sorted({row["graph_size"] for row in rows})))
+        clock = sm_clock_mhz()
+        for row in rows:
+            row["isolated"] = {**isolated_step(times, model, row["num_seqs"], row["graph_size"]),
+                               "sm_clock_mhz": clock}
     llm.shutdown()
     return rows
 
@@ -127,9 +202,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-8b")
     parser.add_argument("--mode", choices=["graph", "eager"], default="graph")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's, at most 32768 (as the held-out replays ran)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    rows = measure(args.model, eager=args.mode == "eager")
+    from engine.model_config import load_model_config
+
+    max_model_len = args.max_model_len or min(32768, load_model_config(args.model).max_position_embeddings)
+    rows = measure(args.model, eager=args.mode == "eager", max_model_len=max_model_len)
     print(f"\nGPU: {torch.cuda.get_device_name()}, {args.model}; ms per step; composed gpu = its total less host")
     print(f"{'mode':<6}{'R':>4}{'spread':>7}{'step':>8}{'kern':>8}{'comp gpu':>9}{'gemm r/c':>14}{'attn r/c':>14}"
           f"{'other r/c':>14}")
