@@ -74,7 +74,7 @@ def main() -> None:
         engine = real.metadata["engine_config"]
         command = ["simulate", *load_options(model, case), "--duration", args.duration, "--model", model,
                    "--gpu", args.gpu, "--num-gpu-blocks-override", str(real.metadata["num_kv_blocks"]),
-                   "--max-num-seqs", str(engine["max_num_seqs"]),
+                   "--max-num-seqs", str(engine["max_num_seqs"]), "--max-model-len", str(engine["max_model_len"]),
                    "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
                    "--out", str(sim_path), "--no-progress"]
         if args.profile:

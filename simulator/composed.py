@@ -48,6 +48,7 @@ from simulator.model_operators import (
     kernel_counts,
 )
 from simulator.model_shape import ModelShape
+from simulator.operator_shapes import BLOCK_SIZE
 from simulator.operator_tables import OperatorProfile, linear, linear_increasing, position
 
 FORMAT = "twinfer-composed-cost-model"
@@ -68,6 +69,8 @@ class ComposedCostModel:
     """Bytes/s per GPU to its peers, for the ring formula when the profile has no all_reduce rows at this tp."""
     sampler: str = "greedy"
     """The sampler variant timed (trace replays sample greedily)."""
+    max_model_len: int | None = None
+    """The engine's: its decode CUDA graphs' block tables are this wide (None: as wide as the profile's)."""
 
     calibrated = False
     provenance = "composed"
@@ -79,8 +82,9 @@ class ComposedCostModel:
                             ("key/value heads", self.shape.num_kv_heads)):
             if count % self.tp:
                 raise ValueError(f"tp={self.tp} does not divide model {self.shape.name!r}'s {count} {what}")
+        width = None if self.max_model_len is None else -(-self.max_model_len // BLOCK_SIZE) * BLOCK_SIZE
         operators = find_model_operators(self.profile, self.shape, self.tp, self.dtype, self.sampler,
-                                         self.interconnect_bandwidth)
+                                         self.interconnect_bandwidth, decode_table_tokens=width)
         self._set("operators", operators)
         self._set_kernel_costs()
         # Attention by kind of step: rows (and planes) per number of sequences, filled as steps ask for them.
@@ -364,6 +368,7 @@ class ComposedCostModel:
             "tp": self.tp,
             "dtype": self.dtype,
             "sampler": self.sampler,
+            "max_model_len": self.max_model_len,
             "interconnect_bandwidth": self.interconnect_bandwidth,
             "all_reduce_source": self.all_reduce_source,
             "operator_profile": self.profile.subset(self.operators.used_rows).to_json(),
@@ -382,7 +387,7 @@ class ComposedCostModel:
         try:
             return cls(ModelShape(**data["model"]), OperatorProfile.from_json(data["operator_profile"]), tp=data["tp"],
                        dtype=data["dtype"], interconnect_bandwidth=data.get("interconnect_bandwidth"),
-                       sampler=data.get("sampler", "greedy"))
+                       sampler=data.get("sampler", "greedy"), max_model_len=data.get("max_model_len"))
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{source}: {error}") from None
 

@@ -143,8 +143,10 @@ class _Finder:
 
 
 def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, dtype: str, sampler: str,
-                         interconnect_bandwidth: float | None) -> ModelOperators:
-    """Every operator a step of this model calls, from the profile; one ValueError names all that are missing."""
+                         interconnect_bandwidth: float | None, decode_table_tokens: int | None = None) -> ModelOperators:
+    """Every operator a step of this model calls, from the profile; one ValueError names all that are missing.
+    decode_table_tokens: how wide the engine's decode CUDA graphs make their block tables (its max_model_len);
+    None: as wide as the profile's."""
     find = _Finder(profile, dtype)
     hidden, head_dim = shape.hidden_size, shape.head_dim
     heads, kv_heads = shape.num_attention_heads // tp, shape.num_kv_heads // tp
@@ -174,6 +176,12 @@ def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, d
     lm_head = gemm(vocab_per_rank, hidden)
     sampler_curve = width("sampler", shape.vocab_size, variant=sampler)
     decode, prefill = _attention_grids(find, heads, kv_heads, head_dim, shape.num_layers)
+    profiled_width = int(profile.metadata.get("decode_table_tokens", 0) or 0)
+    if (decode_table_tokens and profiled_width and decode_table_tokens != profiled_width
+            and find.variant("decode_attention", ("exact_table",), head_dim) == "exact_table"
+            and decode["decode_graph"] is not None and decode["eager"] is not None):
+        decode["decode_graph"] = decode_graph_at_width(decode["decode_graph"], decode["eager"], profiled_width,
+                                                       decode_table_tokens)
     graph_replay = find.untyped("graph_replay", "m")
     # The profiler may time torch's launches and Triton's apart (variants "torch" and "triton").
     split = all(len(profile.rows_of("launch", variant=launcher)) for launcher in ("torch", "triton"))
@@ -197,6 +205,19 @@ def _attention_grids(find: _Finder, heads: int, kv_heads: int, head_dim: int, la
                                     kv_heads, head_dim, ("num_seqs", "query_len", "context_len"), layers)
                for kind, variants in PREFILL_VARIANTS.items()}
     return decode, prefill
+
+
+def decode_graph_at_width(graph: Grid, exact: Grid, profiled_width: int, width: int) -> Grid:
+    """The decode kernel of a CUDA graph whose block tables are `width` tokens wide, from the profile's (tables
+    profiled_width wide) and its exact-width variant: the kernel runs a program per table partition, and those past
+    a sequence's context return at once, so what a wide table costs over an exact one grows with its empty columns,
+    (width - context) / (profiled_width - context) of the measured difference at each context."""
+    rows, contexts = graph.axes
+    exact_seconds = exact.at(rows[:, None], contexts[None, :])
+    empty = np.clip((width - contexts) / np.maximum(profiled_width - contexts, 1.0), 0.0, None)
+    seconds = exact_seconds + np.maximum(graph.seconds - exact_seconds, 0.0) * empty[None, :]
+    # Kept non-decreasing along both axes, as every grid is.
+    return Grid(graph.axes, np.maximum.accumulate(np.maximum.accumulate(seconds, axis=0), axis=1))
 
 
 def _host_terms(find: _Finder) -> dict[str, float]:

@@ -65,8 +65,9 @@ def _interconnect_bandwidth(gpu: str) -> float | None:
 
 def composed_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16", *,
                    operator_profile: str | Path | None = None,
-                   directory: Path = PROFILES_DIR) -> ComposedCostModel:
-    """A model composed from an operator profile (given, else the GPU's bundled one); clear errors when missing."""
+                   directory: Path = PROFILES_DIR, max_model_len: int | None = None) -> ComposedCostModel:
+    """A model composed from an operator profile (given, else the GPU's bundled one); clear errors when missing.
+    max_model_len: the engine's (its decode graphs' block-table width), None: the profile's."""
     path = Path(operator_profile) if operator_profile is not None else Path(directory) / operator_profile_filename(gpu)
     if not path.is_file():
         available = available_operator_profiles(Path(directory))
@@ -75,7 +76,7 @@ def composed_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16", *
             f"{', '.join(available) or 'none'}. Time the GPU's operators with `twinfer profile --operators`."
         )
     return ComposedCostModel(ModelShape.load(model), OperatorProfile.read(path), tp=tp, dtype=dtype,
-                             interconnect_bandwidth=_interconnect_bandwidth(gpu))
+                             interconnect_bandwidth=_interconnect_bandwidth(gpu), max_model_len=max_model_len)
 
 
 def roofline_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16") -> Roofline:
@@ -89,14 +90,14 @@ def roofline_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16") -
     return Roofline(spec, ModelShape.load(model), tp=tp, dtype=dtype)
 
 
-def _explicit(path: Path, gpu: str, model: str, tp: int, dtype: str, kind: str | None):
+def _explicit(path: Path, gpu: str, model: str, tp: int, dtype: str, kind: str | None, max_model_len: int | None):
     operators = path.suffix == ".parquet"
     found = "composed" if operators else "calibrated"
     if kind not in (None, found):
         raise ValueError(f"--profile {path} is {'an operator profile' if operators else 'a calibrated profile'}, "
                          f"which gives a {found} cost model, not a {kind} one")
     if operators:
-        return composed_model(gpu, model, tp, dtype, operator_profile=path)
+        return composed_model(gpu, model, tp, dtype, operator_profile=path, max_model_len=max_model_len)
     return CostModel.load(path)
 
 
@@ -111,18 +112,20 @@ def cost_model_for(
     allow_roofline: bool = True,
     profiles_dir: Path = PROFILES_DIR,
     operator_profiles_dir: Path = PROFILES_DIR,
+    max_model_len: int | None = None,
 ):
     """The most trusted cost model there is for these (see the module docstring); kind "calibrated",
-    "composed" or "roofline" (None or "auto": any) asks for one and fails clearly when it cannot be had."""
+    "composed" or "roofline" (None or "auto": any) asks for one and fails clearly when it cannot be had.
+    max_model_len: the engine's, which a composed model's decode graphs depend on (None: the profile's)."""
     kind = None if kind == "auto" else kind
     if kind not in (None, *KINDS):
         raise ValueError(f"cost model kind {kind!r} is unknown; choose auto, {', '.join(KINDS)}")
     if profile_path is not None:
-        return _explicit(Path(profile_path), gpu, model, tp, dtype, kind)
+        return _explicit(Path(profile_path), gpu, model, tp, dtype, kind, max_model_len)
     if kind == "calibrated":
         return load_profile(gpu, model, tp, dtype, directory=profiles_dir)
     if kind == "composed":
-        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir)
+        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, max_model_len=max_model_len)
     if kind == "roofline":
         return roofline_model(gpu, model, tp, dtype)
     try:
@@ -130,7 +133,7 @@ def cost_model_for(
     except FileNotFoundError as no_calibrated:
         reasons = [str(no_calibrated)]
     try:
-        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir)
+        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, max_model_len=max_model_len)
     except FileNotFoundError as no_operators:
         reasons.append(str(no_operators))
     except ValueError as incomplete:  # the GPU's operator profile lacks something this model needs

@@ -39,9 +39,6 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
-    if cost_model is None:
-        cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind)
-        warn_if_poor(cost_model, "used to simulate")
     try:
         spec = gpu_spec(gpu)
     except KeyError:
@@ -55,6 +52,10 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         raise ValueError(f"tensor_parallel_size {tp} needs more than one {spec.name} host ({spec.gpus_per_host} GPUs "
                          "each): tensor parallelism runs within one host, as the real engine does")
     config = args.engine_config(model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None)
+    if cost_model is None:  # a composed model's decode graphs are as wide as the engine's max_model_len
+        cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind,
+                                    max_model_len=config.max_model_len)
+        warn_if_poor(cost_model, "used to simulate")
     num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
         spec,
         ModelShape.load(model),

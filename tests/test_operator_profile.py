@@ -21,8 +21,8 @@ from simulator import operator_profile as profiler
 from simulator.all_reduce_profile import time_all_reduce
 from simulator.host_step_profile import HOST_TERMS, fit_host_terms
 from simulator.operator_profile_schema import FORMAT, OPERATORS, VERSION
-from simulator.operator_shapes import (FULL_GRID, coarse_first, general_gemm_shapes, preset_gemm_shapes, quick_grid,
-                                       supported_models)
+from simulator.operator_shapes import (FULL_GRID, attention_layouts, coarse_first, general_gemm_shapes,
+                                       preset_gemm_shapes, quick_grid, supported_models)
 from simulator.operator_timing import Ceilings, OperatorTimer, ProfileContext, TableRun, operator_row
 
 EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce"}  # all-reduce needs several GPUs
@@ -267,7 +267,11 @@ def test_the_full_grid_builds_every_shape_and_composes_every_preset(tmp_path):
     assert counts["gemm"] == sum(sum(m <= largest for m in FULL_GRID.gemm_m)
                                  for _, _, largest in preset_gemm_shapes(models, FULL_GRID.tp_candidates,
                                                                          FULL_GRID.lm_head_max_m))
-    assert counts["decode_attention"] == 21 * 20 * 3 and counts["prefill_attention"] == 21 * 24 * 2
+    decode_shapes = sum(seqs * context <= FULL_GRID.decode_max_tokens for seqs in FULL_GRID.decode_seqs
+                        for context in FULL_GRID.decode_contexts)
+    layouts = len(attention_layouts(models, FULL_GRID))
+    assert decode_shapes == 83 and layouts == 21
+    assert counts["decode_attention"] == decode_shapes * layouts * 3 and counts["prefill_attention"] == 21 * 24 * 2
     rows += [operator_row(op, 1e-5 * max(1, m), 5, variant=variant, graph=op == "graph_replay",
                                    dtype="bfloat16", m=m, width=width)
              for op, variant, m, width in [("sampler", "greedy", 1, 151936), ("sampler", "greedy", 1024, 151936),

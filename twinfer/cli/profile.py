@@ -24,7 +24,7 @@ def register(commands) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 (float32 for --operators on a CPU)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="total time budget, setup included (default: 480, or 300 with --operators)")
+                        help="total time budget, setup included (default: 480, or 420 with --operators)")
     parser.add_argument("--repeats", type=int, default=3, help="timings of each shape")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's, capped at 32768")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="largest step of the grid, in tokens")
@@ -107,7 +107,7 @@ def _operators(args: argparse.Namespace) -> int:
     if args.update is not None and tables is None:
         raise ValueError("--update re-measures some tables of a profile: name them with --tables")
     timed = Path(args.out).with_name(Path(args.out).name + ".timed") if args.update else args.out
-    path = profile_operators(timed, device=device, dtype=dtype, max_seconds=args.max_seconds or 300.0,
+    path = profile_operators(timed, device=device, dtype=dtype, max_seconds=args.max_seconds or 420.0,
                              grid=quick_grid() if args.quick else None, tables=tables)
     if args.update is not None:
         _update(args, path)
