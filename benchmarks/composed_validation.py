@@ -76,7 +76,7 @@ def main() -> None:
                    "--gpu", args.gpu, "--num-gpu-blocks-override", str(real.metadata["num_kv_blocks"]),
                    "--max-num-seqs", str(engine["max_num_seqs"]), "--max-model-len", str(engine["max_model_len"]),
                    "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
-                   "--out", str(sim_path), "--no-progress"]
+                   "--out", str(sim_path), "--overwrite", "--no-progress"]
         if args.profile:
             command += ["--profile", args.profile]
         elif args.kind == "composed":

@@ -22,8 +22,10 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                (host_step was fitted as serving steps' durations less their wait for the device, so an eager
                step's terms include launching the probe model's kernels: taken out when the metadata names the
                probe's layers, since this model's own launches are in the max below)
-  duration   = host + (gpu + graph_replay(K) - K * spacing)                 in a CUDA graph of K kernels
-               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds)
+  duration   = host + (gpu + graph_replay(K) - K * spacing + K * gap)       in a CUDA graph of K kernels
+               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds;
+               gap: what a step's graph costs per kernel beyond its operators, measured on the profile's probe,
+               simulator/graph_kernel_gap.py)
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
                launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
                when the profile does not time the launchers apart; kernels counted per layer x L plus those around
@@ -40,6 +42,7 @@ import numpy as np
 
 from engine.stats import BatchFeatures
 from simulator.gpu_specs import gpu_key
+from simulator.graph_kernel_gap import graph_kernel_seconds, probe_graph_steps
 from simulator.model_operators import (
     activation_bytes,
     all_reduce_ring_seconds,
@@ -71,6 +74,9 @@ class ComposedCostModel:
     """The sampler variant timed (trace replays sample greedily)."""
     max_model_len: int | None = None
     """The engine's: its decode CUDA graphs' block tables are this wide (None: as wide as the profile's)."""
+    graph_kernel_seconds: float | None = None
+    """Added per kernel of a CUDA-graph step (simulator/graph_kernel_gap.py); None: measured from the profile's
+    probe steps (0 where the profile has none)."""
 
     calibrated = False
     provenance = "composed"
@@ -165,16 +171,21 @@ class ComposedCostModel:
         spacing = (float(replay.at(nodes[-1])) - float(replay.at(nodes[0]))) / (nodes[-1] - nodes[0]) \
             if len(nodes) > 1 else 0.0
 
-        def replayed(attention: str, head: bool) -> float:
-            kernels = kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]
-            return max(0.0, float(replay.at(kernels)) - kernels * spacing)
+        def graph_kernels(single: bool) -> int:
+            return kernel_counts(layers, sharded, "decode" if single else "mixed", head=single, row_gather=False)["all"]
+
+        def replayed(single: bool) -> float:
+            kernels = graph_kernels(single)
+            return max(0.0, float(replay.at(kernels)) - kernels * spacing) + kernels * self.graph_kernel_seconds
 
         def launched(attention: str) -> float:
             counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)
             return sum(float(curve.at(counts[launcher])) for launcher, curve in launch.items())
 
-        self._set("_replay_decode", replayed("decode", head=True))  # decode graphs capture the LM head
-        self._set("_replay_mixed", replayed("mixed", head=False))
+        if self.graph_kernel_seconds is None:
+            self._set("graph_kernel_seconds", self._probe_graph_kernel_seconds())
+        self._set("_replay_decode", replayed(single=True))  # decode graphs capture the LM head
+        self._set("_replay_mixed", replayed(single=False))
         self._set("_launch_single", launched("decode"))
         self._set("_launch_prefill", launched("prefill"))
         self._set("_launch_mixed", launched("mixed"))
@@ -186,6 +197,18 @@ class ComposedCostModel:
         self._set("probe_launches", probe_launches)
         terms = self.operators.host
         self._set("_host_terms", {**terms, "eager_step": terms["eager_step"] - probe_launches})
+
+    def _probe_graph_kernel_seconds(self) -> float:
+        """The profile probe's graph steps' shortfall per kernel against its own composition (0 without them)."""
+        found = probe_graph_steps(self.profile.metadata)
+        if found is None:
+            return 0.0
+        probe, probe_max_model_len, steps = found
+        model = ComposedCostModel(ModelShape.load(probe), self.profile, tp=1, dtype=self.dtype, sampler=self.sampler,
+                                  max_model_len=probe_max_model_len or None, graph_kernel_seconds=0.0)
+        layers = model.shape.num_layers
+        return graph_kernel_seconds(model, steps, lambda single: kernel_counts(
+            layers, False, "decode" if single else "mixed", head=single, row_gather=False)["all"])
 
     def _decode_row(self, kind: str, num_seqs: int) -> list[float]:
         rows = self._decode_rows[kind]
@@ -305,13 +328,20 @@ class ComposedCostModel:
         head_rows = np.where(~eager & single, tokens, rows)
         gpu = self._token_np[tokens] + (self._head_np[head_rows] + self._sampler_np[rows])
         gpu = gpu + self._attention_columns(get, single, eager)
-        terms = self._host_terms
-        host = (terms["step"] + terms["prefill_seq"] * prefill + terms["decode_seq"] * decode
-                + terms["prefill_token"] * get["num_prefill_tokens"]
-                + terms["mixed_step"] * ((prefill > 0) & (decode > 0)) + terms["eager_step"] * eager)
+        host = self.host_columns(get)
         replay = np.where(single, self._replay_decode, self._replay_mixed)
         launches = np.where(single, self._launch_single, np.where(decode > 0, self._launch_mixed, self._launch_prefill))
         return host + np.where(eager, np.maximum(launches, gpu), gpu + replay)
+
+    def host_columns(self, columns: dict) -> np.ndarray:
+        """The host terms of predict_columns() alone."""
+        get = {name: np.asarray(columns[name], dtype=np.float64) for name in (
+            "num_prefill_seqs", "num_prefill_tokens", "num_decode_seqs", "cuda_graph_batch_size")}
+        prefill, decode, eager = get["num_prefill_seqs"], get["num_decode_seqs"], get["cuda_graph_batch_size"] <= 0
+        terms = self._host_terms
+        return (terms["step"] + terms["prefill_seq"] * prefill + terms["decode_seq"] * decode
+                + terms["prefill_token"] * get["num_prefill_tokens"]
+                + terms["mixed_step"] * ((prefill > 0) & (decode > 0)) + terms["eager_step"] * eager)
 
     def _attention_columns(self, get: dict, single: np.ndarray, eager: np.ndarray) -> np.ndarray:
         prefill, decode = get["num_prefill_seqs"], get["num_decode_seqs"]
@@ -369,6 +399,7 @@ class ComposedCostModel:
             "dtype": self.dtype,
             "sampler": self.sampler,
             "max_model_len": self.max_model_len,
+            "graph_kernel_seconds": self.graph_kernel_seconds,
             "interconnect_bandwidth": self.interconnect_bandwidth,
             "all_reduce_source": self.all_reduce_source,
             "operator_profile": self.profile.subset(self.operators.used_rows).to_json(),
@@ -387,7 +418,8 @@ class ComposedCostModel:
         try:
             return cls(ModelShape(**data["model"]), OperatorProfile.from_json(data["operator_profile"]), tp=data["tp"],
                        dtype=data["dtype"], interconnect_bandwidth=data.get("interconnect_bandwidth"),
-                       sampler=data.get("sampler", "greedy"), max_model_len=data.get("max_model_len"))
+                       sampler=data.get("sampler", "greedy"), max_model_len=data.get("max_model_len"),
+                       graph_kernel_seconds=data.get("graph_kernel_seconds", 0.0))
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{source}: {error}") from None
 

@@ -130,7 +130,8 @@ def synthetic_operator_profile(path: str | Path, *, models=("qwen3-0.6b", "qwen3
     # Models sharing a shape (two TPs of one model, say) repeat rows: keep one of each.
     unique = {tuple(sorted(row.items())): row for row in rows}
     metadata = {"format": FORMAT, "version": VERSION, "gpu": gpu, "gpu_name": f"synthetic {gpu}",
-                "command": "tests/synthetic_operators.py", "host_step": json.dumps(probe) if probe else "not measured"}
+                "command": "tests/synthetic_operators.py", "host_step": json.dumps(probe) if probe else "not measured",
+                "decode_table_tokens": "32768"}
     table = pa.Table.from_pylist(list(unique.values()), schema=OPERATOR_PROFILE_SCHEMA.with_metadata(metadata))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -262,3 +262,54 @@ def test_bad_files_are_named(tmp_path):
         OperatorProfile.read(tmp_path / "x.parquet")
     with pytest.raises(ValueError, match="not a composed cost model"):
         ComposedCostModel.from_json({"format": "twinfer-cost-model"})
+
+
+def test_graph_steps_pay_the_probes_shortfall_per_kernel(tmp_path, qwen3_8b):
+    """A profile whose probe's graph steps waited 3 us a kernel longer for the device than the probe composes to
+    makes every composed graph step pay 3 us per kernel of its own graph (a deeper model more); eager steps and a
+    profile without graph steps are unchanged; the stored model predicts the same."""
+    from simulator.graph_kernel_gap import GRAPH_STEP_COLUMNS
+    from simulator.model_operators import kernel_counts
+    from tests.synthetic_operators import PROBE
+
+    base = OperatorProfile.read(synthetic_operator_profile(tmp_path / "base.parquet"))
+    probe = ComposedCostModel(ModelShape.load("qwen3-1.7b"), base, max_model_len=32768, graph_kernel_seconds=0.0)
+    steps = [(decode(r, c), r) for r, c in ((4, 700), (16, 1300), (40, 900), (64, 2000))]
+    steps.append((BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320), 384))
+    columns = {name: [] for name in GRAPH_STEP_COLUMNS}
+    for features, graph in steps:
+        single = features.num_batched_tokens == features.num_prefill_seqs + features.num_decode_seqs
+        kernels = kernel_counts(28, False, "decode" if single else "mixed", head=single, row_gather=False)["all"]
+        parts = probe.step_breakdown(features, graph)
+        for name in GRAPH_STEP_COLUMNS[:-1]:
+            columns[name].append(graph if name == "cuda_graph_batch_size" else getattr(features, name))
+        columns["device_wait"].append(sum(parts.values()) - parts["host"] + kernels * 3e-6)
+    report = dict(PROBE, probe_max_model_len=32768, graph_steps=columns)
+    measured = OperatorProfile.read(synthetic_operator_profile(tmp_path / "gaps.parquet"))
+    measured.metadata["host_step"] = json.dumps(report)
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), measured)
+    assert model.graph_kernel_seconds == pytest.approx(3e-6, rel=1e-6) and qwen3_8b.graph_kernel_seconds == 0.0
+    own = kernel_counts(36, False, "decode", head=True, row_gather=False)["all"]
+    assert model.predict(decode(16, 1000), 16) - qwen3_8b.predict(decode(16, 1000), 16) == pytest.approx(own * 3e-6)
+    assert model.predict(decode(16, 1000), 0) == qwen3_8b.predict(decode(16, 1000), 0)
+    deeper = ComposedCostModel(ModelShape.load("qwen3-32b"), measured)
+    assert deeper.step_breakdown(decode(16, 1000), 16)["graph_replay"] > model.step_breakdown(
+        decode(16, 1000), 16)["graph_replay"] + 300 * 3e-6
+    rebuilt = ComposedCostModel.from_json(json.loads(json.dumps(model.to_json())))
+    assert rebuilt.predict(decode(40, 900), 40) == model.predict(decode(40, 900), 40)
+
+
+def test_decode_graphs_are_as_wide_as_the_engines_max_model_len(profile, qwen3_8b):
+    """The profile's decode-graph kernel ran on tables 32,768 tokens wide; an engine of max_model_len 8,192 makes
+    narrower ones, whose empty partitions cost that share of the difference to an exact-width table."""
+    step = decode(40, 1000)
+    same = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, max_model_len=32768)
+    narrow = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, max_model_len=8192)
+    exact = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, max_model_len=1000)
+    wide = qwen3_8b.step_breakdown(step, 40)["attention"]
+    assert same.step_breakdown(step, 40)["attention"] == wide
+    floor = qwen3_8b.step_breakdown(step, 0)["attention"]  # eager steps: the exact-width table
+    assert exact.step_breakdown(step, 40)["attention"] == pytest.approx(floor, rel=1e-4)  # tables of whole blocks
+    # 36 layers, each 1 us over its exact table at full width: (8192 - 1000) / (32768 - 1000) of it.
+    assert narrow.step_breakdown(step, 40)["attention"] - floor == pytest.approx(36e-6 * 7192 / 31768, rel=1e-3)
+    assert narrow.predict(step, 0) == qwen3_8b.predict(step, 0)  # eager steps never used the graph's tables
