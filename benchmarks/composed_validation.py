@@ -82,6 +82,7 @@ def main() -> None:
         elif args.kind == "composed":
             command += ["--cost-model", "composed"]
         command.append("--mixed-cuda-graphs" if real.metadata.get("mixed_cuda_graphs") else "--no-mixed-cuda-graphs")
+        command.append("--async-scheduling" if engine.get("async_scheduling") else "--no-async-scheduling")
         with contextlib.redirect_stdout(io.StringIO()):
             status = twinfer(command)
         if status:

@@ -22,11 +22,13 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                (host_step was fitted as serving steps' durations less their wait for the device, so an eager
                step's terms include launching the probe model's kernels: taken out when the metadata names the
                probe's layers, since this model's own launches are in the max below)
-  duration   = host + (gpu + graph_replay(K) - K * spacing + K * gap)       in a CUDA graph of K kernels
-               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds;
-               gap: what a step's graph costs per kernel beyond its operators, measured on the profile's probe,
-               simulator/graph_kernel_gap.py)
+  duration   = host + (gpu + graph_replay(K) - K * spacing)                 in a CUDA graph of K kernels
+               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds)
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
+  with asynchronous scheduling the host's work for a step overlaps the device's previous one, so a step lasts
+  the longer of the two: max(host, gpu + replay term) in a graph, max(host + launches, gpu) eagerly (H200,
+  Qwen3-8B on the Azure slice: the real decode steps lasted the composed GPU part + 0.1 ms, where the same
+  load served synchronously took host + GPU).
                launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
                when the profile does not time the launchers apart; kernels counted per layer x L plus those around
 
@@ -42,7 +44,6 @@ import numpy as np
 
 from engine.stats import BatchFeatures
 from simulator.gpu_specs import gpu_key
-from simulator.graph_kernel_gap import graph_kernel_seconds, probe_graph_steps
 from simulator.model_operators import (
     activation_bytes,
     all_reduce_ring_seconds,
@@ -74,9 +75,8 @@ class ComposedCostModel:
     """The sampler variant timed (trace replays sample greedily)."""
     max_model_len: int | None = None
     """The engine's: its decode CUDA graphs' block tables are this wide (None: as wide as the profile's)."""
-    graph_kernel_seconds: float | None = None
-    """Added per kernel of a CUDA-graph step (simulator/graph_kernel_gap.py); None: measured from the profile's
-    probe steps (0 where the profile has none)."""
+    async_scheduling: bool = False
+    """The engine's: the host prepares each step while the device runs the one before."""
 
     calibrated = False
     provenance = "composed"
@@ -117,7 +117,8 @@ class ComposedCostModel:
     def label(self) -> str:
         source = Path(self.profile.source).name
         reduce = "" if self.tp == 1 else f"; all-reduce {self.all_reduce_source}"
-        return f"composed {self.gpu} {self.shape.name} tp{self.tp} {self.dtype} (operators {source}{reduce})"
+        overlap = "; host overlapped (async scheduling)" if self.async_scheduling else ""
+        return f"composed {self.gpu} {self.shape.name} tp{self.tp} {self.dtype} (operators {source}{reduce}{overlap})"
 
     # --- tables -------------------------------------------------------------------------------------------
 
@@ -176,14 +177,12 @@ class ComposedCostModel:
 
         def replayed(single: bool) -> float:
             kernels = graph_kernels(single)
-            return max(0.0, float(replay.at(kernels)) - kernels * spacing) + kernels * self.graph_kernel_seconds
+            return max(0.0, float(replay.at(kernels)) - kernels * spacing)
 
         def launched(attention: str) -> float:
             counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)
             return sum(float(curve.at(counts[launcher])) for launcher, curve in launch.items())
 
-        if self.graph_kernel_seconds is None:
-            self._set("graph_kernel_seconds", self._probe_graph_kernel_seconds())
         self._set("_replay_decode", replayed(single=True))  # decode graphs capture the LM head
         self._set("_replay_mixed", replayed(single=False))
         self._set("_launch_single", launched("decode"))
@@ -197,18 +196,6 @@ class ComposedCostModel:
         self._set("probe_launches", probe_launches)
         terms = self.operators.host
         self._set("_host_terms", {**terms, "eager_step": terms["eager_step"] - probe_launches})
-
-    def _probe_graph_kernel_seconds(self) -> float:
-        """The profile probe's graph steps' shortfall per kernel against its own composition (0 without them)."""
-        found = probe_graph_steps(self.profile.metadata)
-        if found is None:
-            return 0.0
-        probe, probe_max_model_len, steps = found
-        model = ComposedCostModel(ModelShape.load(probe), self.profile, tp=1, dtype=self.dtype, sampler=self.sampler,
-                                  max_model_len=probe_max_model_len or None, graph_kernel_seconds=0.0)
-        layers = model.shape.num_layers
-        return graph_kernel_seconds(model, steps, lambda single: kernel_counts(
-            layers, False, "decode" if single else "mixed", head=single, row_gather=False)["all"])
 
     def _decode_row(self, kind: str, num_seqs: int) -> list[float]:
         rows = self._decode_rows[kind]
@@ -285,6 +272,10 @@ class ComposedCostModel:
         single = features.num_batched_tokens == rows
         host = self._host(num_prefill, features.num_prefill_tokens, num_decode, not graph)
         gpu = self._fixed(tokens, graph if graph and single else rows, rows) + self._attention(features, graph, single)
+        if self.async_scheduling:
+            if graph:
+                return max(host, gpu + (self._replay_decode if single else self._replay_mixed))
+            return max(host + self._launches(single, num_decode), gpu)
         if graph:
             return host + (gpu + (self._replay_decode if single else self._replay_mixed))
         return host + max(self._launches(single, num_decode), gpu)
@@ -305,6 +296,12 @@ class ComposedCostModel:
         kind = "decode_graph" if graph else "eager"
         attention = linear_increasing(self._decode_knots[kind], self._decode_row(kind, num_decode_seqs), contexts)
         gpus = [fixed + seconds for seconds in attention]
+        if self.async_scheduling:
+            if graph:
+                replay = self._replay_decode
+                return [max(host, gpu + replay) for gpu in gpus]
+            launched = host + self._launch_single
+            return [max(launched, gpu) for gpu in gpus]
         if graph:
             replay = self._replay_decode
             return [host + (gpu + replay) for gpu in gpus]
@@ -331,6 +328,8 @@ class ComposedCostModel:
         host = self.host_columns(get)
         replay = np.where(single, self._replay_decode, self._replay_mixed)
         launches = np.where(single, self._launch_single, np.where(decode > 0, self._launch_mixed, self._launch_prefill))
+        if self.async_scheduling:
+            return np.where(eager, np.maximum(host + launches, gpu), np.maximum(host, gpu + replay))
         return host + np.where(eager, np.maximum(launches, gpu), gpu + replay)
 
     def host_columns(self, columns: dict) -> np.ndarray:
@@ -399,7 +398,7 @@ class ComposedCostModel:
             "dtype": self.dtype,
             "sampler": self.sampler,
             "max_model_len": self.max_model_len,
-            "graph_kernel_seconds": self.graph_kernel_seconds,
+            "async_scheduling": self.async_scheduling,
             "interconnect_bandwidth": self.interconnect_bandwidth,
             "all_reduce_source": self.all_reduce_source,
             "operator_profile": self.profile.subset(self.operators.used_rows).to_json(),
@@ -419,7 +418,7 @@ class ComposedCostModel:
             return cls(ModelShape(**data["model"]), OperatorProfile.from_json(data["operator_profile"]), tp=data["tp"],
                        dtype=data["dtype"], interconnect_bandwidth=data.get("interconnect_bandwidth"),
                        sampler=data.get("sampler", "greedy"), max_model_len=data.get("max_model_len"),
-                       graph_kernel_seconds=data.get("graph_kernel_seconds", 0.0))
+                       async_scheduling=bool(data.get("async_scheduling", False)))
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{source}: {error}") from None
 

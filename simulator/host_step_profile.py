@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from simulator.graph_kernel_gap import graph_steps_report
 from simulator.operator_shapes import OperatorGrid
 from simulator.operator_timing import ProfileContext, TableRun, release_memory
 
@@ -72,8 +71,7 @@ def host_step_table(run: TableRun, context: ProfileContext) -> None:
         run.log(f"host_step: {len(steps)} serving steps, fit {report}")
         for term, seconds_per_unit in coefficients.items():
             run.add("host_step", seconds_per_unit, report["steps"], variant=term, graph=False, tp=1)
-        context.host_report = dict(report, probe=grid.probe, probe_layers=layers,
-                                   probe_max_model_len=config.max_model_len, graph_steps=graph_steps_report(steps))
+        context.host_report = dict(report, probe=grid.probe, probe_layers=layers)
     finally:
         _release_executor(executor)
         del executor

@@ -65,9 +65,11 @@ def _interconnect_bandwidth(gpu: str) -> float | None:
 
 def composed_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16", *,
                    operator_profile: str | Path | None = None,
-                   directory: Path = PROFILES_DIR, max_model_len: int | None = None) -> ComposedCostModel:
+                   directory: Path = PROFILES_DIR, max_model_len: int | None = None,
+                   async_scheduling: bool = False) -> ComposedCostModel:
     """A model composed from an operator profile (given, else the GPU's bundled one); clear errors when missing.
-    max_model_len: the engine's (its decode graphs' block-table width), None: the profile's."""
+    max_model_len and async_scheduling: the engine's (its decode graphs' block-table width, None: the profile's;
+    whether the host's work overlaps the device's)."""
     path = Path(operator_profile) if operator_profile is not None else Path(directory) / operator_profile_filename(gpu)
     if not path.is_file():
         available = available_operator_profiles(Path(directory))
@@ -76,7 +78,8 @@ def composed_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16", *
             f"{', '.join(available) or 'none'}. Time the GPU's operators with `twinfer profile --operators`."
         )
     return ComposedCostModel(ModelShape.load(model), OperatorProfile.read(path), tp=tp, dtype=dtype,
-                             interconnect_bandwidth=_interconnect_bandwidth(gpu), max_model_len=max_model_len)
+                             interconnect_bandwidth=_interconnect_bandwidth(gpu), max_model_len=max_model_len,
+                             async_scheduling=async_scheduling)
 
 
 def roofline_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16") -> Roofline:
@@ -90,14 +93,14 @@ def roofline_model(gpu: str, model: str, tp: int = 1, dtype: str = "bfloat16") -
     return Roofline(spec, ModelShape.load(model), tp=tp, dtype=dtype)
 
 
-def _explicit(path: Path, gpu: str, model: str, tp: int, dtype: str, kind: str | None, max_model_len: int | None):
+def _explicit(path: Path, gpu: str, model: str, tp: int, dtype: str, kind: str | None, engine: dict):
     operators = path.suffix == ".parquet"
     found = "composed" if operators else "calibrated"
     if kind not in (None, found):
         raise ValueError(f"--profile {path} is {'an operator profile' if operators else 'a calibrated profile'}, "
                          f"which gives a {found} cost model, not a {kind} one")
     if operators:
-        return composed_model(gpu, model, tp, dtype, operator_profile=path, max_model_len=max_model_len)
+        return composed_model(gpu, model, tp, dtype, operator_profile=path, **engine)
     return CostModel.load(path)
 
 
@@ -113,19 +116,22 @@ def cost_model_for(
     profiles_dir: Path = PROFILES_DIR,
     operator_profiles_dir: Path = PROFILES_DIR,
     max_model_len: int | None = None,
+    async_scheduling: bool = False,
 ):
     """The most trusted cost model there is for these (see the module docstring); kind "calibrated",
     "composed" or "roofline" (None or "auto": any) asks for one and fails clearly when it cannot be had.
-    max_model_len: the engine's, which a composed model's decode graphs depend on (None: the profile's)."""
+    max_model_len, async_scheduling: the engine's, which a composed model depends on (its decode graphs' width,
+    None: the profile's; whether host and device overlap)."""
+    engine = {"max_model_len": max_model_len, "async_scheduling": async_scheduling}
     kind = None if kind == "auto" else kind
     if kind not in (None, *KINDS):
         raise ValueError(f"cost model kind {kind!r} is unknown; choose auto, {', '.join(KINDS)}")
     if profile_path is not None:
-        return _explicit(Path(profile_path), gpu, model, tp, dtype, kind, max_model_len)
+        return _explicit(Path(profile_path), gpu, model, tp, dtype, kind, engine)
     if kind == "calibrated":
         return load_profile(gpu, model, tp, dtype, directory=profiles_dir)
     if kind == "composed":
-        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, max_model_len=max_model_len)
+        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, **engine)
     if kind == "roofline":
         return roofline_model(gpu, model, tp, dtype)
     try:
@@ -133,7 +139,7 @@ def cost_model_for(
     except FileNotFoundError as no_calibrated:
         reasons = [str(no_calibrated)]
     try:
-        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, max_model_len=max_model_len)
+        return composed_model(gpu, model, tp, dtype, directory=operator_profiles_dir, **engine)
     except FileNotFoundError as no_operators:
         reasons.append(str(no_operators))
     except ValueError as incomplete:  # the GPU's operator profile lacks something this model needs

@@ -41,10 +41,10 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
     dtype = _dtype_name(args.dtype)
     try:
         spec = gpu_spec(gpu)
-    except KeyError:
+    except KeyError as unknown:
         if profile is None or args.num_gpu_blocks_override is None:
             raise ValueError(
-                f"unknown GPU {gpu!r}: simulating it needs --profile (its calibrated cost model) and "
+                f"{unknown.args[0]}; simulating another GPU needs --profile (its calibrated cost model) and "
                 "--num-gpu-blocks-override (its KV block count)"
             ) from None
         spec = None
@@ -52,9 +52,9 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         raise ValueError(f"tensor_parallel_size {tp} needs more than one {spec.name} host ({spec.gpus_per_host} GPUs "
                          "each): tensor parallelism runs within one host, as the real engine does")
     config = args.engine_config(model_config, gpu_memory_gib=spec.memory_bytes / 2**30 if spec is not None else None)
-    if cost_model is None:  # a composed model's decode graphs are as wide as the engine's max_model_len
+    if cost_model is None:  # a composed model follows the engine's decode-graph width and host/device overlap
         cost_model = cost_model_for(gpu, model, tp, dtype, profile_path=profile, kind=cost_model_kind,
-                                    max_model_len=config.max_model_len)
+                                    max_model_len=config.max_model_len, async_scheduling=config.async_scheduling)
         warn_if_poor(cost_model, "used to simulate")
     num_blocks = config.num_kv_blocks or estimate_num_kv_blocks(
         spec,

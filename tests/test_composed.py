@@ -63,10 +63,10 @@ def random_step(rng: random.Random) -> tuple[BatchFeatures, int]:
     return features, graph
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp,overlap", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("graph", [True, False])
-def test_decode_runs_are_bit_for_bit_predict(profile, tp, graph):
-    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
+def test_decode_runs_are_bit_for_bit_predict(profile, tp, overlap, graph):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap)
     executor = CostModelExecutor(model, 100_000, graphs=DECODE_GRAPHS_ONLY if graph else GraphDispatch())
     rng = random.Random(tp)
     # Runs that start below the first measured context, cross measured contexts (16, 64) and pass the last (32768).
@@ -100,9 +100,9 @@ def test_engine_fast_forward_matches_stepping(qwen3_8b):
     assert {record.status for record in stepped.request_records.values()} == {"finished"}
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_vectorized_columns_equal_predict(profile, tp):
-    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp)
+@pytest.mark.parametrize("tp,overlap", [(1, False), (2, False), (1, True)])
+def test_vectorized_columns_equal_predict(profile, tp, overlap):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap)
     rng = random.Random(11)
     steps = [random_step(rng) for _ in range(400)]
     columns = {name: np.array([getattr(features, name) for features, _ in steps])
@@ -264,41 +264,6 @@ def test_bad_files_are_named(tmp_path):
         ComposedCostModel.from_json({"format": "twinfer-cost-model"})
 
 
-def test_graph_steps_pay_the_probes_shortfall_per_kernel(tmp_path, qwen3_8b):
-    """A profile whose probe's graph steps waited 3 us a kernel longer for the device than the probe composes to
-    makes every composed graph step pay 3 us per kernel of its own graph (a deeper model more); eager steps and a
-    profile without graph steps are unchanged; the stored model predicts the same."""
-    from simulator.graph_kernel_gap import GRAPH_STEP_COLUMNS
-    from simulator.model_operators import kernel_counts
-    from tests.synthetic_operators import PROBE
-
-    base = OperatorProfile.read(synthetic_operator_profile(tmp_path / "base.parquet"))
-    probe = ComposedCostModel(ModelShape.load("qwen3-1.7b"), base, max_model_len=32768, graph_kernel_seconds=0.0)
-    steps = [(decode(r, c), r) for r, c in ((4, 700), (16, 1300), (40, 900), (64, 2000))]
-    steps.append((BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320), 384))
-    columns = {name: [] for name in GRAPH_STEP_COLUMNS}
-    for features, graph in steps:
-        single = features.num_batched_tokens == features.num_prefill_seqs + features.num_decode_seqs
-        kernels = kernel_counts(28, False, "decode" if single else "mixed", head=single, row_gather=False)["all"]
-        parts = probe.step_breakdown(features, graph)
-        for name in GRAPH_STEP_COLUMNS[:-1]:
-            columns[name].append(graph if name == "cuda_graph_batch_size" else getattr(features, name))
-        columns["device_wait"].append(sum(parts.values()) - parts["host"] + kernels * 3e-6)
-    report = dict(PROBE, probe_max_model_len=32768, graph_steps=columns)
-    measured = OperatorProfile.read(synthetic_operator_profile(tmp_path / "gaps.parquet"))
-    measured.metadata["host_step"] = json.dumps(report)
-    model = ComposedCostModel(ModelShape.load("qwen3-8b"), measured)
-    assert model.graph_kernel_seconds == pytest.approx(3e-6, rel=1e-6) and qwen3_8b.graph_kernel_seconds == 0.0
-    own = kernel_counts(36, False, "decode", head=True, row_gather=False)["all"]
-    assert model.predict(decode(16, 1000), 16) - qwen3_8b.predict(decode(16, 1000), 16) == pytest.approx(own * 3e-6)
-    assert model.predict(decode(16, 1000), 0) == qwen3_8b.predict(decode(16, 1000), 0)
-    deeper = ComposedCostModel(ModelShape.load("qwen3-32b"), measured)
-    assert deeper.step_breakdown(decode(16, 1000), 16)["graph_replay"] > model.step_breakdown(
-        decode(16, 1000), 16)["graph_replay"] + 300 * 3e-6
-    rebuilt = ComposedCostModel.from_json(json.loads(json.dumps(model.to_json())))
-    assert rebuilt.predict(decode(40, 900), 40) == model.predict(decode(40, 900), 40)
-
-
 def test_decode_graphs_are_as_wide_as_the_engines_max_model_len(profile, qwen3_8b):
     """The profile's decode-graph kernel ran on tables 32,768 tokens wide; an engine of max_model_len 8,192 makes
     narrower ones, whose empty partitions cost that share of the difference to an exact-width table."""
@@ -313,3 +278,21 @@ def test_decode_graphs_are_as_wide_as_the_engines_max_model_len(profile, qwen3_8
     # 36 layers, each 1 us over its exact table at full width: (8192 - 1000) / (32768 - 1000) of it.
     assert narrow.step_breakdown(step, 40)["attention"] - floor == pytest.approx(36e-6 * 7192 / 31768, rel=1e-3)
     assert narrow.predict(step, 0) == qwen3_8b.predict(step, 0)  # eager steps never used the graph's tables
+
+
+def test_asynchronous_scheduling_overlaps_host_and_device(profile, qwen3_8b):
+    """With the host preparing each step while the device runs the one before, a step lasts the longer of the
+    two: a large model's decode step its GPU part, a tiny model's mostly host; the stored model keeps the mode."""
+    overlapped = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, async_scheduling=True)
+    for step, graph in ((decode(32, 1500), 32), (decode(32, 1500), 0), (prefill(2048), 0),
+                        (BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320), 384)):
+        parts = qwen3_8b.step_breakdown(step, graph)
+        host = parts.pop("host")
+        launches = parts.pop("launch (overlaps the GPU)", 0.0)
+        device = sum(parts.values())
+        expected = max(host + launches, device) if not graph else max(host, device)
+        assert overlapped.predict(step, graph) == pytest.approx(expected, rel=1e-9)
+        assert overlapped.predict(step, graph) < qwen3_8b.predict(step, graph)
+    assert "async" in overlapped.label and "async" not in qwen3_8b.label
+    rebuilt = ComposedCostModel.from_json(json.loads(json.dumps(overlapped.to_json())))
+    assert rebuilt.predict(decode(32, 1500), 32) == overlapped.predict(decode(32, 1500), 32)
