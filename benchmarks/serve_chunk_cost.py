@@ -5,12 +5,13 @@ gets the loop.
 - server: --streams open /v1/completions streams (as `twinfer bench serve` asks: token ids, usage), each step one
   delta per stream handed over as the engine process's reader hands a batch over; the time from the hand-over to
   the last chunk passed to the ASGI server, per chunk (openai_response's chunk building, Starlette's
-  StreamingResponse; uvicorn's own write is not in it).
+  StreamingResponse; uvicorn's own write is not in it), the first chunks (they carry the prompt's token ids)
+  apart.
 - client: a process of its own writes such bursts of chunks (HTTP/1.1 chunked, as uvicorn does) over --streams
   loopback connections, and `twinfer bench serve`'s reading of a stream (twinfer.serving.http_request.read_stream,
   aiohttp on uvloop) takes them; the client process's CPU time per chunk.
 
-    python benchmarks/serve_chunk_cost.py [--streams 32] [--steps 400]
+    python benchmarks/serve_chunk_cost.py [--streams 32] [--steps 400] [--prompt-tokens 1000] [--side both]
 """
 
 import argparse
@@ -29,14 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # ---- server side
 
 
-async def _server_per_chunk_us(num_streams: int, num_steps: int) -> float:
+async def _server_per_chunk_us(num_streams: int, num_steps: int, prompt_tokens: int) -> tuple[float, float]:
+    """(us per first chunk, us per later chunk)."""
     from engine.sampling_params import SamplingParams
     from twinfer.serving.engine_driver import Delta, EndedRequest, deliver
     from twinfer.serving.http_request import HttpRequest, request_body
     from twinfer.serving.openai_response import OpenAIResponse, Prompt, streaming_response
     from twinfer.serving.protocol import CompletionRequest
 
-    body = request_body(HttpRequest("r", 0.0, list(range(5, 200)), num_steps), "qwen3-0.6b")
+    prompt = [5 + index % 1000 for index in range(prompt_tokens)]
+    body = request_body(HttpRequest("r", 0.0, prompt, num_steps), "qwen3-0.6b")
     request = CompletionRequest.model_validate(body)
     driver = SimpleNamespace(is_running=True, abort=lambda request_id, reason: None)
     serving = SimpleNamespace(tokenizer=None, model_name="qwen3-0.6b", driver=driver, num_in_flight=num_streams)
@@ -62,12 +65,12 @@ async def _server_per_chunk_us(num_streams: int, num_steps: int) -> float:
     for index in range(num_streams):
         sink = asyncio.Queue()
         params = SamplingParams(max_tokens=num_steps, temperature=0.0, ignore_eos=True)
-        response = OpenAIResponse(serving, request, params, f"cmpl-{index}", [(f"cmpl-{index}", Prompt(None, [1]))],
+        response = OpenAIResponse(serving, request, params, f"cmpl-{index}", [(f"cmpl-{index}", Prompt(None, prompt))],
                                   sink, chat=False)
         sinks.append(sink)
         tasks.append(asyncio.ensure_future(streaming_response(response)(scope, receive, send)))
     await asyncio.sleep(0.01)
-    elapsed = 0.0
+    elapsed = first = 0.0
     loop = asyncio.get_running_loop()
     ended = EndedRequest(1, 0, num_steps, num_steps, None, 0.0, 0.0, 0.0, [0.0] * num_steps, 1.0)
     for step in range(num_steps):
@@ -80,9 +83,12 @@ async def _server_per_chunk_us(num_streams: int, num_steps: int) -> float:
         started = time.perf_counter()
         loop.call_soon(deliver, batch, None)  # as the engine process's reader thread hands a batch over
         await asyncio.wait_for(all_sent.wait(), 10)  # a stream that failed: raised below
-        elapsed += time.perf_counter() - started
+        if step == 0:
+            first = time.perf_counter() - started
+        else:
+            elapsed += time.perf_counter() - started
     await asyncio.gather(*tasks)
-    return elapsed / (num_steps * num_streams + 2 * num_streams) * 1e6
+    return first / num_streams * 1e6, elapsed / ((num_steps - 1) * num_streams + 2 * num_streams) * 1e6
 
 
 # ---- client side
@@ -169,13 +175,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--prompt-tokens", type=int, default=1000, help="each stream's prompt (server side)")
     parser.add_argument("--side", choices=["server", "client", "both"], default="both")
     args = parser.parse_args()
     if args.side in ("server", "both"):
         import uvloop
 
-        server = min(uvloop.run(_server_per_chunk_us(args.streams, args.steps)) for _ in range(3))
-        print(f"server: {server:.1f} us per chunk ({args.streams} streams x {args.steps} steps, best of 3)")
+        first, later = min(uvloop.run(_server_per_chunk_us(args.streams, args.steps, args.prompt_tokens))
+                           for _ in range(3))
+        print(f"server: {later:.1f} us per chunk, {first:.1f} us per first chunk ({args.prompt_tokens}-token prompts) "
+              f"({args.streams} streams x {args.steps} steps, best of 3)")
     if args.side in ("client", "both"):
         client = min(_client_per_chunk_us(args.streams, args.steps) for _ in range(3))
         print(f"client: {client:.1f} us CPU per chunk ({args.streams} streams x {args.steps} steps, best of 3)")
