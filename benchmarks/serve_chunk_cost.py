@@ -7,6 +7,8 @@ gets the loop.
   the last chunk passed to the ASGI server, per chunk (openai_response's chunk building, Starlette's
   StreamingResponse; uvicorn's own write is not in it), the first chunks (they carry the prompt's token ids)
   apart.
+- engine: a step's deltas made (text detokenized) and pickled for the pipe by the engine process's driver, with
+  --streams running and a new request's first token among them: how soon that first token is handed over.
 - client: a process of its own writes such bursts of chunks (HTTP/1.1 chunked, as uvicorn does) over --streams
   loopback connections, and `twinfer bench serve`'s reading of a stream (twinfer.serving.http_request.read_stream,
   aiohttp on uvloop) takes them; the client process's CPU time per chunk.
@@ -25,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # serve_way_in's tiny model
 
 
 # ---- server side
@@ -89,6 +92,55 @@ async def _server_per_chunk_us(num_streams: int, num_steps: int, prompt_tokens: 
             elapsed += time.perf_counter() - started
     await asyncio.gather(*tasks)
     return first / num_streams * 1e6, elapsed / ((num_steps - 1) * num_streams + 2 * num_streams) * 1e6
+
+
+# ---- the engine process's side
+
+
+def _publish_us(num_streams: int, num_new: int) -> tuple[float, float]:
+    """(us from a step's end to a new request's first token handed to the pipe, us to the whole step's deltas
+    handed over), medians over num_new new requests joining num_streams running ones (tiny model, its word-level
+    detokenizer; each batch pickled as the engine process's pipe pickles it)."""
+    import pickle
+    import statistics
+    import tempfile
+
+    from engine import LLM
+    from engine.sampling_params import SamplingParams
+    from twinfer.serving.engine_driver import EngineDriver
+    from serve_way_in import tiny_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        llm = LLM(tiny_model(Path(folder)), device="cpu", max_num_batched_tokens=2048, max_model_len=4096)
+    sent: list[tuple[float, list[str]]] = []
+
+    def send(batch: list) -> None:
+        pickle.dumps(batch)
+        sent.append((time.perf_counter(), [delta.request_id for _, delta in batch]))
+
+    driver = EngineDriver(llm.engine, send=send)
+    params = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+    for index in range(num_streams):
+        driver._apply(("add", f"s{index}", f"s{index}", [5 + index, 6, 7, 8], params, 0.0, None))
+    for _ in range(3):
+        llm.engine.step()
+        driver._publish()
+    to_first, to_all = [], []
+    for index in range(num_new):
+        new = f"new{index}"
+        driver._apply(("add", new, new, [9, 10, 11], SamplingParams(temperature=0, max_tokens=1), 0.0, None))
+        while True:
+            llm.engine.step()
+            del sent[:]
+            started = time.perf_counter()
+            driver._publish()
+            firsts = [at for at, request_ids in sent if new in request_ids]
+            if firsts:
+                to_first.append((firsts[0] - started) * 1e6)
+                to_all.append((sent[-1][0] - started) * 1e6)
+                break
+    llm.engine.abort_all("measured")
+    return statistics.median(to_first), statistics.median(to_all)
 
 
 # ---- client side
@@ -176,16 +228,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--prompt-tokens", type=int, default=1000, help="each stream's prompt (server side)")
-    parser.add_argument("--side", choices=["server", "client", "both"], default="both")
+    parser.add_argument("--side", choices=["server", "engine", "client", "both", "all"], default="all",
+                        help="both: server and client")
     args = parser.parse_args()
-    if args.side in ("server", "both"):
+    if args.side in ("server", "both", "all"):
         import uvloop
 
         first, later = min(uvloop.run(_server_per_chunk_us(args.streams, args.steps, args.prompt_tokens))
                            for _ in range(3))
         print(f"server: {later:.1f} us per chunk, {first:.1f} us per first chunk ({args.prompt_tokens}-token prompts) "
               f"({args.streams} streams x {args.steps} steps, best of 3)")
-    if args.side in ("client", "both"):
+    if args.side in ("engine", "all"):
+        to_first, to_all = _publish_us(args.streams, 40)
+        print(f"engine: a new request's first token handed over {to_first:.0f} us after its step, the step's "
+              f"deltas {to_all:.0f} us ({args.streams} running streams, median of 40)")
+    if args.side in ("client", "both", "all"):
         client = min(_client_per_chunk_us(args.streams, args.steps) for _ in range(3))
         print(f"client: {client:.1f} us CPU per chunk ({args.streams} streams x {args.steps} steps, best of 3)")
 
