@@ -1,15 +1,15 @@
 """`twinfer bench serve --num-workers N`: the trace's requests sent from N client processes, each on an event loop
 of its own (as guidellm's workers), so the client is not the bottleneck of what it measures.
 
-Reading a streamed chunk costs the client's event loop about 20 us of Python (aiohttp's read, the JSON); every
-engine step brings one chunk per running stream at once, and a new request's first chunk, or its sending, waits
-behind the others on one loop (benchmarks/serve_chunk_cost.py). N loops share that out.
+Reading a streamed chunk costs the client about 30 us of CPU on the development machine (the socket's wake-up,
+aiohttp's read, the JSON; benchmarks/serve_chunk_cost.py); every engine step brings one chunk per running stream at
+once, and a new request's first chunk, or its sending, waits behind the others on one loop. N loops share that out.
 
 Request i goes to worker i mod N (the trace in arrival order: each worker sees the same arrival process, thinned).
 Every worker sends at the trace's times from one start on time.perf_counter's clock (system-wide on Linux), so the
 merged run is one run, with one clock origin. Records come back as requests end (the progress bar counts them all);
 --max-concurrency is split over the workers (each holds its share, so together they never exceed it). Ctrl-C stops
-the workers: what finished is kept, the rest recorded as interrupted by the caller.
+the workers: the records they had handed back are kept, the rest recorded as interrupted by the caller.
 """
 
 import asyncio
