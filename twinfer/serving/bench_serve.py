@@ -4,7 +4,7 @@ store the run in twinfer's schema (executor "http": requests only, no steps: the
 Every request is sent at its arrival time, or later when --max-concurrency requests are already open (then
 it waits, and that wait counts in its TTFT, as the trace's user would see it; its send time is stored as
 first_scheduled_time). Ctrl-C keeps what finished: the rest are recorded as aborted and the run marked
-incomplete.
+incomplete. With num_workers > 1 the requests are sent from that many processes (bench_workers), merged into one run.
 """
 
 import asyncio
