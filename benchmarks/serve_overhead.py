@@ -8,14 +8,15 @@ On the GPU machine (no fastapi, uvicorn, starlette or pydantic there), from the 
 wheels of .whl/ carried along:
 
     python3 benchmarks/serve_overhead.py [--models qwen3-0.6b,qwen3-8b] [--duration 40]
-                                         [--variants uvloop-0.5,uvloop-0.5-thread,asyncio-0.5-thread]
+                                         [--variants uvloop-0.5,uvloop-0.5-w4,uvloop-0.5-thread]
 
 Each variant runs server and client on an event loop (uvloop, or asyncio's own) with the interpreter's switch
 interval in ms (how soon a thread waiting for the GIL gets it: the server's event loop shares the interpreter
 with the engine's thread; twinfer serve lowers it to 0.5 ms), and the engine in a process of its own (twinfer
-serve's default) or, with "-thread", on a thread of the server's process (--no-engine-process). Both sides state their clock's origin, so each
-request's overhead splits into the way in (client sends -> engine has it) and the way out (engine's first
-token -> client reads it).
+serve's default) or, with "-thread", on a thread of the server's process (--no-engine-process); "-wN" sends the
+trace from N client processes (bench serve --num-workers N), e.g. uvloop-0.5-w4. Both sides state their clock's
+origin, so each request's overhead splits into the way in (client sends -> engine has it) and the way out (the
+engine's first token -> client reads it).
 
 (`--executor cpu --models FOLDER --trace T --time-scale S` checks the script itself on a CPU.)
 """
@@ -84,9 +85,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def variant_parts(variant: str) -> tuple[str, str, bool, int]:
+    """LOOP-MS[-thread][-wN]: (event loop, switch interval in ms, the engine on a thread, client workers)."""
+    loop, interval_ms, *rest = variant.split("-")
+    thread, num_workers = False, 1
+    for part in rest:
+        if part == "thread":
+            thread = True
+        elif part.startswith("w") and part[1:].isdigit() and int(part[1:]) >= 1:
+            num_workers = int(part[1:])
+        else:
+            raise SystemExit(f"variant {variant!r}: {part!r} is neither 'thread' nor 'wN' (N client workers)")
+    return loop, interval_ms, thread, num_workers
+
+
 def twinfer_command(variant: str) -> list[str]:
     """`python -m twinfer` on a variant's event loop and switch interval ("uvloop-0.5": uvloop, 0.5 ms)."""
-    loop, interval_ms = variant.split("-")[:2]
+    loop, interval_ms, _, _ = variant_parts(variant)
     if loop not in ("uvloop", "asyncio"):
         raise SystemExit(f"variant {variant!r}: the loop must be uvloop or asyncio")
     return [sys.executable, "-c", VARIANT_MAIN, loop, interval_ms]
@@ -96,9 +111,10 @@ def serve_and_bench(args, model: str, name: str, variant: str, runs: Path, env: 
     """Start `twinfer serve` on a free port, replay the slice through `bench serve`, stop the server (SIGINT:
     it writes its request log)."""
     device = ["--device", "cpu"] if args.executor == "cpu" else []
+    _, _, thread, num_workers = variant_parts(variant)
     server = subprocess.Popen(
         [*twinfer_command(variant), "serve", model, *ENGINE_FLAGS, *device, "--port", "0",
-         *(["--no-engine-process"] if variant.endswith("-thread") else []),
+         *(["--no-engine-process"] if thread else []),
          "--served-model-name", name, "--request-log", str(runs / f"server-{name}-{variant}")],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -120,7 +136,8 @@ def serve_and_bench(args, model: str, name: str, variant: str, runs: Path, env: 
             except OSError:
                 time.sleep(0.5)
         run([*twinfer_command(variant), "bench", "serve", *trace_flags(args, model), "--base-url", base_url,
-             "--model", name, "--tokenizer", model, "--no-progress", "--out", str(runs / f"http-{name}-{variant}")], env,
+             "--model", name, "--tokenizer", model, "--num-workers", str(num_workers), "--no-progress",
+             "--out", str(runs / f"http-{name}-{variant}")], env,
             timeout=args.duration + 240)
     finally:
         server.send_signal(signal.SIGINT)
@@ -194,9 +211,9 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=None, help="default: the model's in TIME_SCALES")
     parser.add_argument("--executor", choices=["gpu", "cpu"], default="gpu", help="cpu: a check of this script")
     parser.add_argument("--variants", default="uvloop-0.5,uvloop-0.5-thread",
-                        help="comma-separated LOOP-MS[-thread]: event loop (uvloop or asyncio), switch interval in "
-                             "ms, the engine on a thread of the server (else its own process); each a server and "
-                             "client of its own")
+                        help="comma-separated LOOP-MS[-thread][-wN]: event loop (uvloop or asyncio), switch "
+                             "interval in ms, the engine on a thread of the server (else its own process), N client "
+                             "processes (bench serve --num-workers; default 1); each a server and client of its own")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +232,7 @@ def main() -> None:
         for variant in variants:
             serve_and_bench(args, model, name, variant, runs, env)
         results[name] = summary(runs, name, variants)
-    print(f"\n{'model':<12} {'variant':<12} {'req ok (in/http)':>17} {'tput ratio':>10} {'TTFT p50 in/http ms':>20} "
+    print(f"\n{'model':<12} {'variant':<15} {'req ok (in/http)':>17} {'tput ratio':>10} {'TTFT p50 in/http ms':>20} "
           f"{'+ms':>6} {'TPOT p50 in/http':>17} {'+ms':>6} {'in p50/p90':>11} {'out p50/p90':>11}")
     for model, result in results.items():
         inproc = result["inproc"]
@@ -225,7 +242,7 @@ def main() -> None:
             http, parts = measured["http"], measured["split"]
             way = {key: f"{parts[key]['p50_ms']:.2f}/{parts[key]['p90_ms']:.2f}" if key in parts else "-"
                    for key in ("way_in", "way_out")}
-            print(f"{model:<12} {variant:<12} {inproc['completed']:>8}/{http['completed']:<8} "
+            print(f"{model:<12} {variant:<15} {inproc['completed']:>8}/{http['completed']:<8} "
                   f"{measured['throughput_ratio']:>10.3f} {inproc['ttft_p50_ms']:>9.2f}/{http['ttft_p50_ms']:<10.2f} "
                   f"{measured['ttft_p50_overhead_ms']:>6.2f} {inproc['tpot_p50_ms']:>8.2f}/{http['tpot_p50_ms']:<8.2f} "
                   f"{measured['tpot_p50_overhead_ms']:>6.2f} {way['way_in']:>11} {way['way_out']:>11}")

@@ -28,6 +28,12 @@ def register(which) -> None:
     parser.add_argument("--vocab-size", type=int, default=None, help="the vocabulary size, instead of --tokenizer")
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="at most this many requests open at once; the others wait (default: no limit)")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="client processes sending the requests, each on an event loop of its own; request i "
+                             "goes to worker i mod N (default: %(default)s, one process as vLLM's bench). One loop "
+                             "reads a chunk of every open stream each engine step, and a new request's first token "
+                             "waits behind them: with tens of streams and short steps use more, up to the cores the "
+                             "server leaves free. --max-concurrency is split over them")
     parser.add_argument("--request-rate", type=float, default=None,
                         help="replace the trace's arrival times by a gamma process at this many requests/s, as "
                              "vLLM's (inf: all at once; default: the trace's own times)")
@@ -89,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     options = BenchServeOptions(
         base_url=args.base_url, model=args.model, endpoint=args.endpoint,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None, max_concurrency=args.max_concurrency,
-        request_rate=args.request_rate, burstiness=args.burstiness, show_progress=not args.no_progress)
+        request_rate=args.request_rate, burstiness=args.burstiness, show_progress=not args.no_progress,
+        num_workers=args.num_workers)
     vocab_size = vocab_size_of(args)
     trace = load_trace(args.trace, TraceOptions(
         format=args.format, max_requests=args.max_requests, arrivals=arrival_spec(args.request_rate, args.burstiness),

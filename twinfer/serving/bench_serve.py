@@ -4,12 +4,13 @@ store the run in twinfer's schema (executor "http": requests only, no steps: the
 Every request is sent at its arrival time, or later when --max-concurrency requests are already open (then
 it waits, and that wait counts in its TTFT, as the trace's user would see it; its send time is stored as
 first_scheduled_time). Ctrl-C keeps what finished: the rest are recorded as aborted and the run marked
-incomplete.
+incomplete. With num_workers > 1 the requests are sent from that many processes (bench_workers), merged into one run.
 """
 
 import asyncio
 import datetime
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +42,19 @@ class BenchServeOptions:
     show_progress: bool = True
     timeout_s: float = 6 * 3600
     """A request's whole time, as vLLM's benchmark allows."""
+    num_workers: int = 1
+    """Client processes, each sending its share of the requests on an event loop of its own (bench_workers)."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be a positive integer, got {self.max_concurrency}")
+        if not (isinstance(self.num_workers, int) and self.num_workers >= 1):
+            raise ValueError(f"--num-workers must be a positive integer, got {self.num_workers!r}")
+        if self.max_concurrency is not None and self.max_concurrency < self.num_workers:
+            raise ValueError(f"--max-concurrency {self.max_concurrency} is split over --num-workers "
+                             f"{self.num_workers}: give each worker at least one")
 
     @property
     def url(self) -> str:
@@ -65,16 +73,14 @@ def trace_http_requests(trace: Trace, vocab_size: int, seed: int) -> tuple[list[
     return http_requests, requests.fingerprint
 
 
-async def _replay(requests: list[HttpRequest], options: BenchServeOptions,
-                  records: dict[str, RequestRecord]) -> float:
-    """Send every request at its time; records fill in as they end. Returns the start (perf_counter)."""
+async def replay(requests: list[HttpRequest], options: BenchServeOptions, on_record: Callable[[RequestRecord], None],
+                 start: float, max_concurrency: int | None) -> None:
+    """Send every request at its time after start (perf_counter), at most max_concurrency open at once; each
+    record goes to on_record as its request ends."""
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
-    limit = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else None
-    progress = tqdm(total=len(requests), desc=f"bench serve {options.model}", unit="req", dynamic_ncols=True,
-                    disable=not options.show_progress)
-    connector = aiohttp.TCPConnector(limit=options.max_concurrency or 0, force_close=False)
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=options.timeout_s)
-    start = time.perf_counter()
 
     async def one(request: HttpRequest) -> None:
         await _sleep_until(start + request.arrival_time)
@@ -83,15 +89,10 @@ async def _replay(requests: list[HttpRequest], options: BenchServeOptions,
         else:
             async with limit:
                 record = await send_request(session, options.url, headers, request, options.model, start)
-        records[request.request_id] = record
-        progress.update(1)
+        on_record(record)
 
-    try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 20) as session:
-            await asyncio.gather(*(one(request) for request in requests))
-    finally:
-        progress.close()
-    return start
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 20) as session:
+        await asyncio.gather(*(one(request) for request in requests))
 
 
 SPIN_S = 0.002
@@ -109,7 +110,7 @@ async def _sleep_until(when: float) -> None:
         await asyncio.sleep(0)
 
 
-def _event_loop_factory():
+def event_loop_factory():
     """uvloop's event loop where it is installed (uvicorn serves on it too), else asyncio's: the client's own
     latency is part of every TTFT and ITL it times."""
     try:
@@ -126,13 +127,28 @@ def bench_serve(trace: Trace, options: BenchServeOptions, out_dir: str | Path, *
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     wall_start = time.perf_counter()
     records: dict[str, RequestRecord] = {}
+    progress = tqdm(total=len(requests), desc=f"bench serve {options.model}", unit="req", dynamic_ncols=True,
+                    disable=not options.show_progress)
+
+    def on_record(record: RequestRecord) -> None:
+        records[record.request_id] = record
+        progress.update(1)
+
     failure: BaseException | None = None
     clock_origin = None
     try:
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            clock_origin = runner.run(_replay(requests, options, records))
+        if options.num_workers > 1:
+            from twinfer.serving.bench_workers import replay_in_workers  # it builds on this module
+
+            clock_origin = replay_in_workers(requests, options, on_record)
+        else:
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                clock_origin = time.perf_counter()
+                runner.run(replay(requests, options, on_record, clock_origin, options.max_concurrency))
     except KeyboardInterrupt as interrupt:
         failure = interrupt
+    finally:
+        progress.close()
     wall_duration = time.perf_counter() - wall_start
     for request in requests:  # never sent, or still open when interrupted
         if request.request_id not in records:
@@ -152,6 +168,7 @@ def bench_serve(trace: Trace, options: BenchServeOptions, out_dir: str | Path, *
         base_url=options.base_url,
         endpoint=options.endpoint,
         max_concurrency=options.max_concurrency,
+        num_workers=options.num_workers,
         # JSON has no infinity: vLLM's result JSON writes the string "inf" too.
         request_rate="inf" if options.request_rate == float("inf") else options.request_rate,
         burstiness=options.burstiness,

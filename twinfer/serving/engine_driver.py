@@ -304,20 +304,22 @@ class EngineDriver:
 
     def _publish(self) -> None:
         """Hand every completion's new output, and the ends of finished ones, to the event loop: first tokens
-        first (the event loop writes the chunks in this order, and a new request's first token, its TTFT, would
-        otherwise wait behind a chunk for every stream already running)."""
-        firsts = []
-        batch = []
-        ended = []
+        first, in a batch of their own sent before the running streams' deltas are even made (their text
+        detokenized, the batch pickled for an engine process), so that a new request's first token, its TTFT,
+        waits behind nothing of the streams already running."""
+        ended: list[str] = []
+        firsts: list[tuple] = []
+        running = []
         for sequence_id, active in self._active.items():
-            first = active.num_sent == 0
-            delta = _delta(active)
-            if delta is not None:
-                (firsts if first else batch).append((active.sink, delta))
-                if delta.finish_reason is not None:
-                    ended.append(sequence_id)
+            if active.num_sent:
+                running.append((sequence_id, active))
+            else:
+                _take_delta(sequence_id, active, firsts, ended)
         if firsts:
-            batch = firsts + batch
+            self._send(firsts)
+        batch: list[tuple] = []
+        for sequence_id, active in running:
+            _take_delta(sequence_id, active, batch, ended)
         for sequence_id in ended:
             request_id = self._active.pop(sequence_id).request_id
             self._num_open[request_id] -= 1
@@ -354,6 +356,15 @@ class EngineDriver:
         if batch:
             self._send(batch)
 
+
+
+def _take_delta(sequence_id: str, active: _Active, batch: list, ended: list[str]) -> None:
+    """Add the completion's delta, if it has one, to batch; its sequence id to ended when it has ended."""
+    delta = _delta(active)
+    if delta is not None:
+        batch.append((active.sink, delta))
+        if delta.finish_reason is not None:
+            ended.append(sequence_id)
 
 
 def _delta(active: _Active) -> Delta | None:

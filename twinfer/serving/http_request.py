@@ -8,6 +8,7 @@ without it is taken to send one token per chunk with text, as vLLM's benchmark a
 
 import json
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -59,14 +60,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, 
                 record.reason = f"HTTP {response.status}: {_error_message(await response.text())}"
                 record.finish_time = time.perf_counter() - start
                 return record
-            async for line in response.content:
-                now = time.perf_counter() - start
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                _take_chunk(json.loads(data), now, progress)
+            await read_stream(response.content.iter_any(), start, progress)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
         record.status = RequestStatus.ABORTED
         record.reason = f"{RequestStatus.ABORTED}: {type(error).__name__}: {error}"
@@ -84,6 +78,41 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, 
             record.status = RequestStatus.FINISHED
             record.reason = progress.finish_reason
     return record
+
+
+async def read_stream(received: AsyncIterable[bytes], start: float, progress: _Progress) -> None:
+    """Read a stream of server-sent events (the body's bytes as they come) up to [DONE] or its end, each chunk's
+    tokens timed when the bytes holding it arrived. Split into events here, not read line by line through
+    aiohttp's reader (two passes through its buffer code per chunk, on the loop that times every stream), and the
+    chunks one read brings came together, so they are timed together."""
+    pending = b""
+    async for data in received:
+        now = time.perf_counter() - start
+        pending += data
+        held = b""
+        if b"\r" in pending:  # SSE allows CRLF and CR line ends (sse-starlette sends CRLF)
+            if pending.endswith(b"\r"):  # maybe the first half of a CRLF: kept for the next read
+                pending, held = pending[:-1], b"\r"
+            pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = pending.split(b"\n\n")
+        pending = events.pop() + held
+        for event in events:
+            if _take_event(event, now, progress):
+                return
+    if pending.strip():
+        _take_event(pending, time.perf_counter() - start, progress)
+
+
+def _take_event(event: bytes, now: float, progress: _Progress) -> bool:
+    """One event's data lines; True at [DONE]."""
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue  # comments, event names, ids
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return True
+        _take_chunk(json.loads(data), now, progress)
+    return False
 
 
 def _take_chunk(chunk: dict, now: float, progress: _Progress) -> None:

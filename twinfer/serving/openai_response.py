@@ -5,6 +5,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -94,10 +95,13 @@ class OpenAIResponse:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self._closed = False
-        # A streamed completion's chunks differ only in a few fields: their JSON is this head and a short tail
-        # (a quarter of the time json.dumps of the whole chunk takes, on every token of every stream).
-        self._chunk_head = (f'data: {{"id": {json.dumps(self.id)}, "object": "text_completion", "created": '
-                            f'{self.created}, "model": {json.dumps(serving.model_name)}, "choices": [{{"index": ')
+        # A stream's chunks differ only in a few fields: their JSON is this head and a short tail (a fifth of the
+        # time json.dumps of the whole chunk takes, on every token of every stream).
+        chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        self._chunk_head = (f'data: {{"id": {_json_str(self.id)}, "object": "{chunk_object}", "created": '
+                            f'{self.created}, "model": {_json_str(serving.model_name)}, "choices": [{{"index": ')
+        self._prompt_ids_json: list[str] = []
+        """Each prompt's token ids as JSON, for its choices' first chunks (made before the first token comes)."""
 
     def close(self) -> None:
         """Abort every engine request still running (the client went away, or the server failed) and count the
@@ -233,14 +237,25 @@ class OpenAIResponse:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def _completion_chunk(self, choice: _Choice, piece: _Piece) -> str:
-        """A streamed completion's chunk after its first, without logprobs (the same JSON as _chunk's, built
-        faster)."""
-        finish = "null" if choice.finish_reason is None else f'"{choice.finish_reason}"'
-        stop = json.dumps(choice.stop_reason, ensure_ascii=False)
-        ids = f', "token_ids": {piece.token_ids}' if self.request.return_token_ids else ""
-        return (f'{self._chunk_head}{choice.index}, "text": {json.dumps(piece.text, ensure_ascii=False)}, '
-                f'"logprobs": null, "finish_reason": {finish}, "stop_reason": {stop}{ids}}}]}}\n\n')
+    def _plain_chunk(self, choice: _Choice, piece: _Piece, first: bool) -> str:
+        """A streamed chunk without logprobs, usage or echo, and not a chat's first (its role): the same JSON as
+        _chunk of _stream_choice's, built faster."""
+        text = piece.text
+        choice.num_chars_streamed += len(text)
+        if self.chat:
+            body = f'"delta": {{"content": {_json_str(text)}}}' if text else '"delta": {}'
+        else:
+            body = f'"text": {_json_str(text)}'
+        finish = "null" if choice.finish_reason is None else _json_str(choice.finish_reason)
+        stop = choice.stop_reason
+        stop = "null" if stop is None else (_json_str(stop) if isinstance(stop, str) else json.dumps(stop))
+        ids = ""
+        if self.request.return_token_ids:
+            ids = f', "token_ids": {json.dumps(piece.token_ids)}'
+            if first:
+                ids += f', "prompt_token_ids": {self._prompt_ids_json[choice.index // self.params.n]}'
+        return (f'{self._chunk_head}{choice.index}, {body}, "logprobs": null, "finish_reason": {finish}, '
+                f'"stop_reason": {stop}{ids}}}]}}\n\n')
 
     def _stream_choice(self, choice: _Choice, piece: _Piece, first: bool) -> dict:
         request = self.request
@@ -270,7 +285,10 @@ class OpenAIResponse:
         options = self.request.stream_options
         include_usage = options is not None and options.include_usage
         continuous = include_usage and options.continuous_usage_stats
-        with_logprobs = self.params.logprobs is not None
+        plain = not (continuous or self.params.logprobs is not None)
+        """Chunks by _plain_chunk (a completion's first too, unless it echoes the prompt)."""
+        if self.request.return_token_ids:  # while the prompt is computed, not on the first token's way out
+            self._prompt_ids_json = [json.dumps(prompt.token_ids) for prompt in self.prompts]
         started: set[int] = set()
         if self.chat:  # the role comes first, as OpenAI sends it
             for choice in self.choices:
@@ -293,16 +311,22 @@ class OpenAIResponse:
             for index, piece in pieces.items():
                 choice = self.choices[index]
                 first = index not in started
-                if not (first or self.chat or continuous or with_logprobs):
-                    choice.num_chars_streamed += len(piece.text)
-                    yield self._completion_chunk(choice, piece)
-                    continue
                 started.add(index)
-                yield self._chunk([self._stream_choice(choice, piece, first)], self.usage() if continuous else None)
+                if plain and not (first and (self.chat or self.request.echo)):
+                    yield self._plain_chunk(choice, piece, first)
+                else:
+                    yield self._chunk([self._stream_choice(choice, piece, first)],
+                                      self.usage() if continuous else None)
         else:
             if include_usage:
                 yield self._chunk([], self.usage())
         yield "data: [DONE]\n\n"
+
+
+def _json_str(text: str) -> str:
+    """A string as JSON, as json.dumps(text, ensure_ascii=False) writes it (its C encoder, without json.dumps'
+    encoder object)."""
+    return encode_basestring(text)
 
 
 class _AbortingStreamingResponse(StreamingResponse):
