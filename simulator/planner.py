@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -41,6 +42,7 @@ from engine.engine_args import EngineArgs
 from simulator.cluster import ClusterRun
 from simulator.gpu_prices import DEFAULT_PRICES, price_of
 from simulator.plan_table import PlanResult, probes_table, rank_plans
+from simulator.probe_memo import ProbeMemo, requests_key
 from simulator.router import DEFAULT_ROUTER, ROUTERS, make_router
 from simulator.slo import Slo, SloMonitor, slo_values
 from simulator.trace_requests import TraceRequests
@@ -188,6 +190,12 @@ def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callabl
 def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
               phase: str) -> Probe:
     """Simulate `replicas` replicas at `rate` and judge the SLOs (stopping early once one is broken)."""
+    return simulate_probe(build, settings, requests, rate, replicas, phase)[0]
+
+
+def simulate_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
+                   phase: str) -> tuple[Probe, list]:
+    """run_probe's probe, and the replicas' engines after the run."""
     start = time.perf_counter()
     scaled = requests.at_rate(rate)
     engines = [build() for _ in range(replicas)]
@@ -205,11 +213,27 @@ def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: floa
         broken = [f"{slo.name} {values[slo.name]:.0f} > {slo.limit_ms:g} ms"
                   for slo in settings.slos if values[slo.name] > slo.limit_ms]
         reason = "; ".join(broken)
-    return Probe(phase, float(rate), replicas, len(scaled), not reason, reason, result.stopped is not None,
-                 values, time.perf_counter() - start)
+    probe = Probe(phase, float(rate), replicas, len(scaled), not reason, reason, result.stopped is not None,
+                  values, time.perf_counter() - start)
+    return probe, engines
 
 
-def search_config(config: PlanConfig, settings: PlanSettings, window: TraceRequests) -> ConfigPlan:
+def memo_probe(memo: ProbeMemo | None, build, config: PlanConfig, num_kv_blocks: int, settings: PlanSettings,
+               requests: TraceRequests, rate: float, replicas: int, phase: str) -> Probe:
+    """run_probe, or the same simulation already run for another max_num_seqs (its seconds then 0)."""
+    if memo is None:
+        return run_probe(build, settings, requests, rate, replicas, phase)
+    key = (config.gpu, config.tp, settings, requests_key(requests), float(rate), replicas)
+    earlier = memo.find(key, config.max_num_seqs, num_kv_blocks)
+    if earlier is not None:
+        return dataclasses.replace(earlier, phase=phase, seconds=0.0)
+    probe, engines = simulate_probe(build, settings, requests, rate, replicas, phase)
+    memo.add(key, probe, engines, requests, config.max_num_seqs)
+    return probe
+
+
+def search_config(config: PlanConfig, settings: PlanSettings, window: TraceRequests,
+                  memo: ProbeMemo | None = None) -> ConfigPlan:
     """Highest sustained rate of one replica on the window, then the replicas the target rate needs."""
     try:
         build, metadata = replica_builder(config, settings)
@@ -231,7 +255,8 @@ def search_config(config: PlanConfig, settings: PlanSettings, window: TraceReque
         if earlier is not None:
             result = dataclasses.replace(earlier, phase=phase, seconds=0.0)
         else:
-            result = done[(rate, replicas)] = run_probe(build, settings, window, rate, replicas, phase)
+            result = done[(rate, replicas)] = memo_probe(memo, build, config, base["num_kv_blocks"], settings,
+                                                         window, rate, replicas, phase)
         probes.append(result)
         return result
 
@@ -296,13 +321,15 @@ def _verify(probe: Callable[[int], Probe], replicas: int, max_replicas: int) -> 
         replicas += 1
 
 
-def verify_config(plan: ConfigPlan, settings: PlanSettings, full: TraceRequests) -> ConfigPlan:
+def verify_config(plan: ConfigPlan, settings: PlanSettings, full: TraceRequests,
+                  memo: ProbeMemo | None = None) -> ConfigPlan:
     """Check the replica count on the whole trace at the target rate, adding replicas until the SLOs hold."""
-    build, _ = replica_builder(plan.config, settings)
+    build, metadata = replica_builder(plan.config, settings)
     probes = list(plan.probes)
 
     def probe(replicas: int) -> Probe:
-        result = run_probe(build, settings, full, settings.target_rate, replicas, "full")
+        result = memo_probe(memo, build, plan.config, int(metadata["num_kv_blocks"]), settings, full,
+                            settings.target_rate, replicas, "full")
         probes.append(result)
         return result
 
@@ -336,6 +363,8 @@ class PlanTask:
 _REQUESTS_CACHE: dict[tuple[str, int, int], TraceRequests] = {}
 """Token ids per (trace fingerprint, vocabulary, seed), made once per worker process."""
 _WORKER_TRACE: list[Trace] = []
+_WORKER_MEMO: list[ProbeMemo | None] = [None]
+"""The worker process's view of the plan's shared simulations (None: each task on its own)."""
 
 
 def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> TraceRequests:
@@ -358,25 +387,32 @@ def _requests_for(trace: Trace, settings: PlanSettings, count: int | None) -> Tr
     return full if count is None or count >= len(full) else full.busiest_window(count)
 
 
-def run_plan_task(task: PlanTask, trace: Trace | None = None) -> ConfigPlan:
+def run_plan_task(task: PlanTask, trace: Trace | None = None, memo: ProbeMemo | None = None) -> ConfigPlan:
     """Do one task (the same function runs in a process pool and as a Ray task)."""
-    trace = trace if trace is not None else _WORKER_TRACE[0]
+    if trace is None:
+        trace, memo = _WORKER_TRACE[0], _WORKER_MEMO[0]
     if task.kind == "search":
         window = _requests_for(trace, task.settings, task.search_requests)
-        return search_config(task.config, task.settings, window)
+        return search_config(task.config, task.settings, window, memo)
     if task.kind == "verify":
-        return verify_config(task.plan, task.settings, _requests_for(trace, task.settings, None))
+        return verify_config(task.plan, task.settings, _requests_for(trace, task.settings, None), memo)
     raise ValueError(f"unknown plan task kind {task.kind!r}")
 
 
-def _init_worker(trace: Trace) -> None:
+def _init_worker(trace: Trace, memo_store) -> None:
     _WORKER_TRACE[:] = [trace]
+    _WORKER_MEMO[0] = None if memo_store is None else ProbeMemo(memo_store)
     warnings.simplefilter("ignore")
 
 
+def _uses_processes(num_tasks: int, workers: int | None, ray_address: str | None) -> bool:
+    return ray_address is None and (workers or os.cpu_count() or 1) > 1 and num_tasks > 1
+
+
 def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_address: str | None,
-              description: str, show_progress: bool = True) -> list[ConfigPlan]:
-    """Run tasks across CPU cores (or on Ray), with a progress bar; results in task order."""
+              description: str, show_progress: bool = True, memo_store=None) -> list[ConfigPlan]:
+    """Run tasks across CPU cores (or on Ray), with a progress bar; results in task order. memo_store: where
+    the tasks share their simulations (a dict, or a manager's dict for worker processes; Ray tasks share none)."""
     results: list[ConfigPlan | None] = [None] * len(tasks)
     bar = tqdm(total=len(tasks), desc=description, unit="config", disable=not show_progress, dynamic_ncols=True)
     with bar:
@@ -384,9 +420,10 @@ def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_a
             for index, plan in _run_on_ray(tasks, trace, ray_address):
                 results[index] = plan
                 bar.update()
-        elif (workers or os.cpu_count() or 1) == 1 or len(tasks) == 1:
+        elif not _uses_processes(len(tasks), workers, ray_address):
+            memo = ProbeMemo(memo_store) if memo_store is not None else None
             for index, task in enumerate(tasks):
-                results[index] = run_plan_task(task, trace)
+                results[index] = run_plan_task(task, trace, memo)
                 bar.update()
         else:
             # Made here once, the trace's token ids reach forked workers with their memory instead of being made
@@ -394,7 +431,7 @@ def run_tasks(tasks: list[PlanTask], trace: Trace, *, workers: int | None, ray_a
             for settings in {task.settings for task in tasks}:
                 _requests_for(trace, settings, None)
             with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(tasks)),
-                                     initializer=_init_worker, initargs=(trace,)) as pool:
+                                     initializer=_init_worker, initargs=(trace, memo_store)) as pool:
                 futures = {pool.submit(run_plan_task, task): index for index, task in enumerate(tasks)}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
@@ -448,17 +485,26 @@ def plan(
                          f"(defaults exist for {', '.join(DEFAULT_PRICES)})")
     window = len(trace) if search_requests is None else max(2, min(search_requests, len(trace)))
     start = time.perf_counter()
-    run = dict(workers=workers, ray_address=ray_address, show_progress=show_progress)
-    tasks = [PlanTask("search", settings, window, config=config) for config in configs]
-    plans = run_tasks(tasks, trace, description="plan: search", **run)
-    search_seconds = time.perf_counter() - start
+    with contextlib.ExitStack() as stack:
+        # Configurations differing only in max_num_seqs often run the very same simulation (ProbeMemo says
+        # when): worker processes share theirs through a manager's dict.
+        if _uses_processes(len(configs), workers, ray_address):
+            memo_store = stack.enter_context(multiprocessing.Manager()).dict()
+        else:
+            memo_store = {} if ray_address is None else None
+        run = dict(workers=workers, ray_address=ray_address, show_progress=show_progress, memo_store=memo_store)
+        tasks = [PlanTask("search", settings, window, config=config) for config in configs]
+        plans = run_tasks(tasks, trace, description="plan: search", **run)
+        search_seconds = time.perf_counter() - start
 
-    if verify_top > 0 and window < len(trace):
-        top = _to_verify(rank_plans(plans, settings, prices, mix_roofline).to_pylist(), verify_top, settings.target_rate)
-        index = {(p.config.gpu, p.config.tp, p.config.max_num_seqs): i for i, p in enumerate(plans)}
-        verify = [PlanTask("verify", settings, window, plan=plans[index[key]]) for key in top]
-        for key, verified in zip(top, run_tasks(verify, trace, description="plan: verify on the whole trace", **run)):
-            plans[index[key]] = verified
+        if verify_top > 0 and window < len(trace):
+            top = _to_verify(rank_plans(plans, settings, prices, mix_roofline).to_pylist(), verify_top,
+                             settings.target_rate)
+            index = {(p.config.gpu, p.config.tp, p.config.max_num_seqs): i for i, p in enumerate(plans)}
+            verify = [PlanTask("verify", settings, window, plan=plans[index[key]]) for key in top]
+            for key, verified in zip(top, run_tasks(verify, trace, description="plan: verify on the whole trace",
+                                                    **run)):
+                plans[index[key]] = verified
     info = {
         "trace": trace.name,
         "trace_requests": len(trace),
