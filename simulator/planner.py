@@ -202,8 +202,14 @@ def simulate_probe(build, settings: PlanSettings, requests: TraceRequests, rate:
     monitor = SloMonitor(settings.slos, scaled)
     # The drain is checked about every TTFT budget, so a runaway queue is caught within one budget.
     interval = max(0.25, min(slo.limit_ms for slo in settings.slos) / 1000)
+    # Looked at every tenth of the violators an SLO allows (at least every 10 arrivals, at most 100 times), so
+    # a broken SLO stops the run soon after it is decided: every 19 arrivals of a 19,366-request trace at p99,
+    # every 10 of a 1,000-request window.
+    check_every = len(scaled) // 100
+    if math.isfinite(monitor.fewest_violators):
+        check_every = min(check_every, max(10, int(monitor.fewest_violators) // 10))
     result = ClusterRun(scaled, engines, make_router(settings.router, settings.block_size)).run(
-        stop_check=monitor, drain_interval=interval)
+        stop_check=monitor, check_every=max(1, check_every), drain_interval=interval)
     now = max(engine.clock.now() for engine in engines)
     values = slo_values(settings.slos, engines, now)
     # The monitor runs every few arrivals and while draining: a request rejected after its last look (one
@@ -493,14 +499,22 @@ def plan(
         else:
             memo_store = {} if ray_address is None else None
         run = dict(workers=workers, ray_address=ray_address, show_progress=show_progress, memo_store=memo_store)
-        tasks = [PlanTask("search", settings, window, config=config) for config in configs]
-        plans = run_tasks(tasks, trace, description="plan: search", **run)
+        # Smaller max_num_seqs first: the configurations of one GPU and TP then run one after another rather
+        # than side by side, so a larger one finds the simulations a smaller one shares (results in input order).
+        order = sorted(range(len(configs)), key=lambda i: configs[i].max_num_seqs)
+        tasks = [PlanTask("search", settings, window, config=configs[i]) for i in order]
+        plans = [None] * len(configs)
+        for i, searched in zip(order, run_tasks(tasks, trace, description="plan: search", **run)):
+            plans[i] = searched
         search_seconds = time.perf_counter() - start
 
         if verify_top > 0 and window < len(trace):
             top = _to_verify(rank_plans(plans, settings, prices, mix_roofline).to_pylist(), verify_top,
                              settings.target_rate)
             index = {(p.config.gpu, p.config.tp, p.config.max_num_seqs): i for i, p in enumerate(plans)}
+            # The most replicas first (the longest checks start first); configurations starting from the same
+            # count then follow one another, the later ones finding the earlier one's simulations to share.
+            top.sort(key=lambda key: -plans[index[key]].replicas)
             verify = [PlanTask("verify", settings, window, plan=plans[index[key]]) for key in top]
             for key, verified in zip(top, run_tasks(verify, trace, description="plan: verify on the whole trace",
                                                     **run)):
