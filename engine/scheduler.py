@@ -49,9 +49,10 @@ class Scheduler:
         self.state_before_schedule = (0, 0, 0)
         self.peak_num_running = 0
         """The most sequences ever running at once (statistics: whether max_num_seqs was ever reached)."""
-        self.num_kv_limited = 0
-        """Admissions refused and preemptions made for want of KV blocks (statistics: whether the cache's size
+        self.num_kv_refusals = 0
+        """Admissions refused for want of KV blocks (statistics: with num_preemptions, whether the cache's size
         ever decided anything)."""
+        self.num_preemptions = 0
         """(running, waiting, KV blocks used) as the last schedule began: the state after the step before
         it, which asynchronous scheduling records for that step (its update comes after this schedule)."""
 
@@ -165,7 +166,7 @@ class Scheduler:
                     break
                 num_new = min(num_new, budget)
                 if not block_manager.can_allocate(seq, cached, num_new):
-                    self.num_kv_limited += 1
+                    self.num_kv_refusals += 1
                     break
                 self.waiting.popleft()
                 block_manager.allocate(seq, cached, num_new)
@@ -179,7 +180,7 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
 
-        self.num_kv_limited += num_preempted
+        self.num_preemptions += num_preempted
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
         append = sequences.append

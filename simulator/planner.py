@@ -169,22 +169,39 @@ def engine_args_of(config: PlanConfig, settings: PlanSettings) -> EngineArgs:
     )
 
 
-def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[Callable, dict]:
-    """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
-    from simulator.simulated_engine import build_simulated_engine
+class ReplicaBuilder:
+    """Builds quiet simulated replicas of one configuration, all sharing the first one's cost model (built once,
+    not once per replica and probe)."""
 
-    args = engine_args_of(config, settings)
+    def __init__(self, config: PlanConfig, settings: PlanSettings) -> None:
+        self.config = config
+        self.args = engine_args_of(config, settings)
+        engine, metadata = self._build(self.args, None)
+        self.metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
+        self.cost_model = engine.executor.cost_model
+        self.token_id = engine.executor.token_id
+        """The token every simulated sample is."""
 
-    def build(cost_model=None):
+    def __call__(self):
+        """One replica."""
+        return self._build(self.args, self.cost_model)[0]
+
+    def without_prefix_caching(self):
+        """One replica with prefix caching off (the same run as with it, where no prompt can hit the cache)."""
+        return self._build(dataclasses.replace(self.args, enable_prefix_caching=False), self.cost_model)[0]
+
+    def _build(self, args: EngineArgs, cost_model):
+        from simulator.simulated_engine import build_simulated_engine
+
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return build_simulated_engine(args, gpu=config.gpu, cost_model=cost_model)
+            return build_simulated_engine(args, gpu=self.config.gpu, cost_model=cost_model)
 
-    engine, metadata = build()
-    metadata = {**metadata, "num_kv_blocks": engine.block_manager.num_blocks}
-    # Every probe's replicas share the first engine's cost model (built once, not once per replica and probe).
-    cost_model = engine.executor.cost_model
-    return (lambda: build(cost_model)[0]), metadata
+
+def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[ReplicaBuilder, dict]:
+    """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
+    builder = ReplicaBuilder(config, settings)
+    return builder, builder.metadata
 
 
 def run_probe(build, settings: PlanSettings, requests: TraceRequests, rate: float, replicas: int,
@@ -233,7 +250,18 @@ def memo_probe(memo: ProbeMemo | None, build, config: PlanConfig, num_kv_blocks:
     earlier = memo.find(key, config.max_num_seqs, num_kv_blocks)
     if earlier is not None:
         return dataclasses.replace(earlier, phase=phase, seconds=0.0)
-    probe, engines = simulate_probe(build, settings, requests, rate, replicas, phase)
+    probe, engines = None, []
+    if settings.enable_prefix_caching and isinstance(build, ReplicaBuilder) and \
+            not memo.prompts_can_meet(requests, settings.block_size, build.token_id):
+        # No prompt can hit the cache: the run without one is the same run, without its bookkeeping (a fifth of
+        # a whole-trace check), unless a preemption let a request meet its own blocks again.
+        probe, engines = simulate_probe(build.without_prefix_caching, settings, requests, rate, replicas, phase)
+        if any(engine.scheduler.num_preemptions for engine in engines):
+            seconds = probe.seconds
+            probe, engines = simulate_probe(build, settings, requests, rate, replicas, phase)
+            probe = dataclasses.replace(probe, seconds=probe.seconds + seconds)
+    if probe is None:
+        probe, engines = simulate_probe(build, settings, requests, rate, replicas, phase)
     memo.add(key, probe, engines, requests, config.max_num_seqs)
     return probe
 
@@ -397,6 +425,7 @@ def run_plan_task(task: PlanTask, trace: Trace | None = None, memo: ProbeMemo | 
     """Do one task (the same function runs in a process pool and as a Ray task)."""
     if trace is None:
         trace, memo = _WORKER_TRACE[0], _WORKER_MEMO[0]
+    memo = memo if memo is not None else ProbeMemo()  # a Ray task shares nothing, but its own probes
     if task.kind == "search":
         window = _requests_for(trace, task.settings, task.search_requests)
         return search_config(task.config, task.settings, window, memo)

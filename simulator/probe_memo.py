@@ -70,7 +70,8 @@ class ProbeMemo:
         manager = first.block_manager
         largest, can_hit = self._facts(requests, manager.block_size, first.executor.token_id,
                                        manager.enable_prefix_caching)
-        independent = not can_hit and not any(engine.scheduler.num_kv_limited for engine in replicas)
+        independent = not can_hit and not any(engine.scheduler.num_kv_refusals or engine.scheduler.num_preemptions
+                                               for engine in replicas)
         shared = SharedProbe(
             probe=probe,
             max_num_seqs=max_num_seqs,
@@ -82,6 +83,11 @@ class ProbeMemo:
         if shared.holds_for(max_num_seqs, manager.num_blocks):
             # Read, extend, write back: a manager's dict hands out copies, not the list it keeps.
             self._store[key] = [*self._store.get(key, ()), shared]
+
+    def prompts_can_meet(self, requests: TraceRequests, block_size: int, token_id: int) -> bool:
+        """Whether two of these requests can meet in a prefix cache (begin with the same block, its samples
+        token_id)."""
+        return self._facts(requests, block_size, token_id, True)[1]
 
     def _facts(self, requests: TraceRequests, block_size: int, token_id: int, prefix_caching: bool) -> tuple[int, bool]:
         """(KV blocks of the largest request, whether two requests' prompts can meet in the prefix cache)."""

@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 
-from simulator.planner import PlanConfig, PlanSettings, memo_probe, replica_builder, search_config, verify_config
+from simulator.planner import (PlanConfig, PlanSettings, memo_probe, replica_builder, search_config, simulate_probe,
+                               verify_config)
 from simulator.probe_memo import ProbeMemo
 from simulator.slo import parse_slos
 from simulator.trace_requests import TraceRequests
@@ -94,3 +95,23 @@ def test_a_cache_too_small_for_the_peak_or_the_largest_request_is_another_simula
     assert not shared.holds_for(10, 10**6)  # 10 running would have reached a limit of 10
     assert not dataclasses.replace(shared, peak_num_used_blocks=10).holds_for(32, 79)
     assert not dataclasses.replace(shared, independent=False).holds_for(32, 500)
+
+
+def test_a_run_without_the_prefix_cache_stands_for_one_with_it_only_while_nothing_is_preempted():
+    """Prompts that cannot meet in the cache: the planner simulates without it (cheaper), and again with it when
+    a preemption lets a request find its own blocks. Either way the probe is the one the cache-on run gives."""
+    requests = _requests(60)
+    for utilization, preempts in ((0.035, True), (0.04, False), (0.9, False)):
+        settings = _settings(gpu_memory_utilization=utilization)
+        build, metadata = replica_builder(PlanConfig("h100", 1, 64), settings)
+        expected, engines = simulate_probe(build, settings, requests, 60.0, 1, "search")
+        assert bool(engines[0].scheduler.num_preemptions) == preempts
+        quick, quick_engines = simulate_probe(build.without_prefix_caching, settings, requests, 60.0, 1, "search")
+        assert bool(quick_engines[0].scheduler.num_preemptions) == preempts
+        assert not quick_engines[0].block_manager.enable_prefix_caching
+        # A preempted request finds its own blocks again only with the cache: then the runs differ.
+        same = dataclasses.replace(quick, seconds=0.0) == dataclasses.replace(expected, seconds=0.0)
+        assert same != preempts
+        probe = memo_probe(ProbeMemo(), build, PlanConfig("h100", 1, 64), metadata["num_kv_blocks"], settings,
+                           requests, 60.0, 1, "search")
+        assert dataclasses.replace(probe, seconds=0.0) == dataclasses.replace(expected, seconds=0.0)
