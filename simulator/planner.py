@@ -181,6 +181,8 @@ class ReplicaBuilder:
         self.cost_model = engine.executor.cost_model
         self.token_id = engine.executor.token_id
         """The token every simulated sample is."""
+        self.preempts = False
+        """Whether a probe of this configuration preempted (its next probes then keep the prefix cache)."""
 
     def __call__(self):
         """One replica."""
@@ -251,12 +253,13 @@ def memo_probe(memo: ProbeMemo | None, build, config: PlanConfig, num_kv_blocks:
     if earlier is not None:
         return dataclasses.replace(earlier, phase=phase, seconds=0.0)
     probe, engines = None, []
-    if settings.enable_prefix_caching and isinstance(build, ReplicaBuilder) and \
+    if settings.enable_prefix_caching and isinstance(build, ReplicaBuilder) and not build.preempts and \
             not memo.prompts_can_meet(requests, settings.block_size, build.token_id):
         # No prompt can hit the cache: the run without one is the same run, without its bookkeeping (a fifth of
         # a whole-trace check), unless a preemption let a request meet its own blocks again.
         probe, engines = simulate_probe(build.without_prefix_caching, settings, requests, rate, replicas, phase)
         if any(engine.scheduler.num_preemptions for engine in engines):
+            build.preempts = True  # a second run each time would cost more than the cache's bookkeeping saves
             seconds = probe.seconds
             probe, engines = simulate_probe(build, settings, requests, rate, replicas, phase)
             probe = dataclasses.replace(probe, seconds=probe.seconds + seconds)
