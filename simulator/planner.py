@@ -19,7 +19,9 @@ first 1,000 requests were 11-32% optimistic.) The `verify_top` cheapest configur
 then verified on the whole trace at the target rate, adding replicas where the window was optimistic or
 removing them where it was pessimistic, and the table is ranked again; so is any configuration that one
 replica fewer would make as cheap as the best, when its window rate is within WINDOW_MARGIN of that. Configurations run in parallel
-processes (or as Ray tasks with `--ray`).
+processes (or as Ray tasks with `--ray`). Configurations that differ only in max_num_seqs share a simulation where
+neither that limit nor the KV cache decided anything in it (simulator/probe_memo.py), and where no two prompts can
+meet in the prefix cache a probe runs without it (the same run, cheaper) unless something was preempted.
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ class ReplicaBuilder:
 
 
 def replica_builder(config: PlanConfig, settings: PlanSettings) -> tuple[ReplicaBuilder, dict]:
-    """A quiet function building one simulated replica of the configuration, and that replica's metadata."""
+    """The configuration's ReplicaBuilder (called, it builds one quiet simulated replica), and a replica's metadata."""
     builder = ReplicaBuilder(config, settings)
     return builder, builder.metadata
 
