@@ -92,6 +92,8 @@ class BlockManager:
         """Prompt tokens looked up in the prefix cache (statistics)."""
         self.num_hit_tokens = 0
         self.num_evictions = 0
+        self.peak_num_used_blocks = 0
+        """The most blocks ever held at once (statistics)."""
 
     # ---- statistics
 
@@ -296,6 +298,8 @@ class BlockManager:
         seq.block_table = list(cached_block_ids)
         seq.num_committed_blocks = len(cached_block_ids)
         self._grow(seq, len(cached_block_ids) * self.block_size + num_new_tokens)
+        if cached_block_ids:
+            self._note_used()  # blocks taken back from the cache count as held too
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow a running seq's block table to cover num_new_tokens more tokens."""
@@ -323,7 +327,13 @@ class BlockManager:
         free = self._free
         for block_id in taken:
             free[block_id] = 0
+        self._note_used()
         return taken
+
+    def _note_used(self) -> None:
+        used = self.num_blocks - len(self._uncached_free) - self._num_cached_free
+        if used > self.peak_num_used_blocks:
+            self.peak_num_used_blocks = used
 
     def _evict(self, count: int) -> list[int]:
         """Take the count least recently freed cached blocks, dropping them from the prefix cache."""

@@ -1,7 +1,8 @@
 """Skipping through runs of identical pure-decode steps when an executor can predict them.
 
 A cost-model executor knows a decode step's duration without running anything, so long stretches
-where the same sequences just decode (no arrival, no preemption) can be applied in bulk, up to and
+where the same sequences just decode (no arrival, no preemption, and no admission: nothing waits, or
+max_num_seqs sequences already run) can be applied in bulk, up to and
 including the step where the first of them finish (by length). Every effect of stepping one by one is
 reproduced: block allocations at block boundaries, prefix-cache registrations, token times, finishes,
 clock arithmetic and one step record per step.
@@ -40,7 +41,10 @@ def _apply_run(engine, now: float) -> bool | None:
     scheduler = engine.scheduler
     running = scheduler.running
     config = engine.config
-    if scheduler.waiting or not running or len(running) > config.max_num_batched_tokens:
+    # Waiting requests are admitted only once a running one finishes when max_num_seqs run: until then the
+    # steps are the pure-decode steps of the running ones (a saturated replica with a queue).
+    waiting = len(scheduler.waiting)
+    if (waiting and len(running) < config.max_num_seqs) or not running or len(running) > config.max_num_batched_tokens:
         return None
     # The latest arrival, last in running, is the one likeliest still in its prompt (chunked prefill): a run
     # that cannot start is told at once, not after a pass over every decoding sequence.
@@ -145,6 +149,7 @@ def _apply_run(engine, now: float) -> bool | None:
         manager.num_blocks,
         executor.cuda_graph_batch_size(num_seqs),
         state_after_finish,
+        waiting,
     )
     engine.clock.sleep_until(end)
     return state_after_finish is not None and (next_arrival is None or end < next_arrival)

@@ -321,7 +321,11 @@ class Engine:
         manager.num_query_tokens = old_manager.num_query_tokens
         manager.num_hit_tokens = old_manager.num_hit_tokens
         manager.num_evictions = old_manager.num_evictions
+        manager.peak_num_used_blocks = old_manager.peak_num_used_blocks
         scheduler = Scheduler(self.config, manager)
+        scheduler.peak_num_running = old_scheduler.peak_num_running
+        scheduler.num_kv_refusals = old_scheduler.num_kv_refusals
+        scheduler.num_preemptions = old_scheduler.num_preemptions
         scheduler.advance_steps(old_scheduler.advance_steps(0))
         self.block_manager, self.scheduler = manager, scheduler
         self._in_flight = None

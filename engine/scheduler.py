@@ -47,6 +47,12 @@ class Scheduler:
         self._step = 0
         self.last_stats = ScheduleStats(0, 0)
         self.state_before_schedule = (0, 0, 0)
+        self.peak_num_running = 0
+        """The most sequences ever running at once (statistics: whether max_num_seqs was ever reached)."""
+        self.num_kv_refusals = 0
+        """Admissions refused for want of KV blocks (statistics: with num_preemptions, whether the cache's size
+        ever decided anything)."""
+        self.num_preemptions = 0
         """(running, waiting, KV blocks used) as the last schedule began: the state after the step before
         it, which asynchronous scheduling records for that step (its update comes after this schedule)."""
 
@@ -90,6 +96,8 @@ class Scheduler:
         self._running_keys.insert(index, key)
         self.running.insert(index, seq)
         seq.status = RequestStatus.RUNNING
+        if len(self.running) > self.peak_num_running:
+            self.peak_num_running = len(self.running)
 
     def _remove_running(self, seq: Sequence) -> None:
         index = bisect.bisect_left(self._running_keys, (seq.arrival_time, seq.seq_id))
@@ -158,6 +166,7 @@ class Scheduler:
                     break
                 num_new = min(num_new, budget)
                 if not block_manager.can_allocate(seq, cached, num_new):
+                    self.num_kv_refusals += 1
                     break
                 self.waiting.popleft()
                 block_manager.allocate(seq, cached, num_new)
@@ -171,6 +180,7 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
 
+        self.num_preemptions += num_preempted
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
         append = sequences.append

@@ -30,7 +30,7 @@ class StepLog:
         # Decode runs, one entry per run in each list: the row where it starts, its first step number,
         # [start, end of step 0, end of step 1, ...], decoding sequences, context read by its first step,
         # blocks used before it, its steps that allocate a block (one entry per block), blocks in all,
-        # and its CUDA-graph batch size.
+        # its CUDA-graph batch size, and the requests waiting all along (a saturated batch with a queue).
         self._run_rows: list[int] = []
         self._run_rows_before: list[int] = []
         """Rows of earlier runs, for each run (to find a plain row's index)."""
@@ -42,6 +42,7 @@ class StepLog:
         self._run_allocations: list[list[int]] = []
         self._run_total: list[int] = []
         self._run_graph: list[int] = []
+        self._run_waiting: list[int] = []
         self._run_states_after_finish: dict[int, tuple[int, int]] = {}
         """(running, KV blocks used) after the last step of each run in which sequences finish, by run."""
         self._num_run_rows = 0
@@ -88,8 +89,10 @@ class StepLog:
         kv_blocks_total: int,
         cuda_graph_batch_size: int,
         state_after_finish: tuple[int, int] | None = None,
+        num_waiting: int = 0,
     ) -> None:
-        """Add len(times) - 1 pure-decode steps of num_seqs sequences each, without waiting or preempted ones.
+        """Add len(times) - 1 pure-decode steps of num_seqs sequences each (num_waiting requests waiting all
+        along), without preempted ones.
 
         Step j starts at times[j] and ends at times[j + 1]; its decode context is decode_context_tokens
         + j * num_seqs; its blocks used count kv_blocks_used plus the entries of allocation_steps <= j.
@@ -108,6 +111,7 @@ class StepLog:
         self._run_allocations.append(allocation_steps)
         self._run_total.append(kv_blocks_total)
         self._run_graph.append(cuda_graph_batch_size)
+        self._run_waiting.append(num_waiting)
         num_steps = len(times) - 1
         self._num_rows += num_steps
         self._num_run_rows += num_steps
@@ -154,7 +158,7 @@ class StepLog:
                 prefill_context_tokens=0,
                 prefill_attention_work=0.0,
                 num_running=num_running,
-                num_waiting=0,
+                num_waiting=self._run_waiting[run],
                 kv_blocks_used=used,
                 kv_blocks_total=self._run_total[run],
                 num_preempted=0,
@@ -226,6 +230,7 @@ class StepLog:
             ("num_batched_tokens", self._run_seqs),
             ("kv_blocks_total", self._run_total),
             ("cuda_graph_batch_size", self._run_graph),
+            ("num_waiting", self._run_waiting),
         ):
             result[name] = segments(plain[name], run_values)
         # Position of each row within its segment (0 for plain rows).
@@ -292,7 +297,6 @@ _ZERO_IN_RUNS = (
     "num_prefill_tokens",
     "prefill_context_tokens",
     "prefill_attention_work",
-    "num_waiting",
     "num_preempted",
     "prefix_cache_hit_tokens",
 )

@@ -39,6 +39,7 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         raise ValueError(f"tensor_parallel_size {tp} must divide both {model}'s attention heads ({heads}) and "
                          f"its key/value heads ({kv_heads}), as the real engine shards them")
     dtype = _dtype_name(args.dtype)
+    shared_cost_model = cost_model is not None
     try:
         spec = gpu_spec(gpu)
     except KeyError as unknown:
@@ -89,10 +90,12 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
         "enforce_eager": eager,
         "mixed_cuda_graphs": bool(mixed),
     }
-    if cost_model.provenance == "roofline":
-        log.info(f"UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
-    elif cost_model.provenance == "composed":
-        log.info(f"composed simulation ({cost_model.label}): step times composed from timed operators")
+    # A cost model given was announced by the engine that built it (a planner builds hundreds of replicas of one).
+    if not shared_cost_model:
+        if cost_model.provenance == "roofline":
+            log.info(f"UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
+        elif cost_model.provenance == "composed":
+            log.info(f"composed simulation ({cost_model.label}): step times composed from timed operators")
     return engine, metadata
 
 

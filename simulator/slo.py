@@ -89,6 +89,8 @@ class SloMonitor:
             n = num_tpot if slo.metric == "tpot" else num_requests
             self._threshold.append(n - math.floor(slo.percentile / 100 * (n - 1)) if n else math.inf)
         self._limits = [slo.limit_ms / 1000 for slo in self.slos]
+        self.fewest_violators = min(self._threshold, default=math.inf)
+        """Requests over a limit that break an SLO (the smallest such count over the SLOs watched)."""
         self._settled = [0] * len(self.slos)
         self._open: list = []
         self._seen: list[int] = []

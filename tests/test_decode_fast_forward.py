@@ -193,3 +193,17 @@ def test_a_batch_draining_before_the_next_arrival_takes_one_engine_step():
     assert calls == 2  # the prefill step, then the four runs of the drain
     assert len(engine.step_records) == 70
     assert engine.num_finished == 4
+
+
+def test_a_full_batch_with_a_queue_is_fast_forwarded_as_stepping_gives():
+    """max_num_seqs sequences running and more waiting: nothing can be admitted until one finishes, so the
+    steps between are skipped through, each recorded with the queue it had (as stepping records it)."""
+    workload = dict(seed=7, block_size=4, max_num_seqs=2, budget=400, num_kv_blocks=300, prefix_caching=True,
+                    num_requests=8, span=0.0)
+    stepped, skipped = run(workload, fast_forward=False), run(workload, fast_forward=True)
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    assert requests_table(list(skipped.request_records.values())).equals(
+        requests_table(list(stepped.request_records.values())))
+    waiting = steps_table(stepped.step_records).column("num_waiting").to_pylist()
+    assert max(waiting) >= 5
+    assert len(skipped.executor.steps) < len(stepped.step_records) / 3

@@ -97,6 +97,25 @@ def test_early_stop_only_when_the_slo_is_surely_broken():
     assert easy.sustained and not easy.stopped_early
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_probes_stopped_early_give_the_verdicts_of_running_to_the_end(replicas):
+    """Across rates on both sides of a configuration's edge: a probe that stops once an SLO is decided says
+    sustained or not exactly as the same simulation run to its end and judged whole."""
+    settings = _settings()
+    requests = _requests(_trace(600), settings)
+    build, _ = replica_builder(PlanConfig("h100", 1, 8), settings)
+    verdicts = []
+    for rate in (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 120.0, 240.0):
+        probe = run_probe(build, settings, requests, rate * replicas, replicas, "verify")
+        engines = [build() for _ in range(replicas)]
+        ClusterRun(requests.at_rate(rate * replicas), engines, make_router("least-outstanding")).run()
+        whole = slo_values(settings.slos, engines, now=0.0)
+        sustained = all(whole[slo.name] <= slo.limit_ms for slo in settings.slos)
+        assert probe.sustained == sustained, (rate, probe.reason, whole)
+        verdicts.append((probe.sustained, probe.stopped_early))
+    assert (True, False) in verdicts and (False, True) in verdicts
+
+
 def test_a_request_rejected_after_the_monitors_last_look_still_fails_the_probe():
     # 201 requests: the monitor looks every 2 arrivals, so not after the last one, a prompt too long for
     # max_model_len arriving when every other request is done. No rate can serve it.
