@@ -280,6 +280,25 @@ def test_decode_graphs_are_as_wide_as_the_engines_max_model_len(profile, qwen3_8
     assert narrow.predict(step, 0) == qwen3_8b.predict(step, 0)  # eager steps never used the graph's tables
 
 
+def test_decode_graphs_wider_than_the_profiles_pay_for_their_empty_programs_only(profile):
+    """An engine may be wider than the profile's 32,768-token tables (Qwen3's max_position_embeddings is 40,960,
+    Qwen2.5's 131,072). At the profile's own width no empty program was timed: a context there costs what an
+    empty program cost at the context below, never the whole difference once per token past the profile's width;
+    past 65,536 tokens the kernel's partitions double, so its programs stop growing with the table."""
+    qwen3 = ModelShape.load("qwen3-8b")
+    wide = ComposedCostModel(qwen3, profile, max_model_len=40960)
+    floor = ComposedCostModel(qwen3, profile).step_breakdown(decode(64, 32768), 0)["attention"]
+    # The synthetic graph kernel is 1 us a layer over its exact table at every context: 32 empty programs at 16,384
+    # tokens, so 1/32 us each; at 32,768 the 40,960-wide table has 16 of them.
+    assert wide.step_breakdown(decode(64, 32768), 64)["attention"] - floor == pytest.approx(36 * 16e-6 / 32, rel=1e-6)
+    qwen25 = ModelShape.load("qwen2.5-7b")
+    longest = ComposedCostModel(qwen25, profile, max_model_len=131072)
+    floor = ComposedCostModel(qwen25, profile).step_breakdown(decode(40, 1024), 0)["attention"]
+    # 62 empty programs of 512 tokens timed at 1,024 tokens; 127 of 1,024 tokens in a 131,072-wide table.
+    extra = longest.step_breakdown(decode(40, 1024), 40)["attention"] - floor
+    assert extra == pytest.approx(qwen25.num_layers * 1e-6 * 127 / 62, rel=1e-6)
+
+
 def test_asynchronous_scheduling_overlaps_host_and_device(profile, qwen3_8b):
     """With the host preparing each step while the device runs the one before, a step lasts the longer of the
     two: a large model's decode step its GPU part, a tiny model's mostly host; the stored model keeps the mode."""
