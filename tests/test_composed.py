@@ -211,6 +211,11 @@ def test_interpolation_rules():
     curve = grid_of(table, np.arange(4), ("m",))
     # Repeats averaged (16: 3.0), then non-decreasing; flat below the first point; last segment continued.
     assert curve.at([1, 8, 12, 16, 24, 32, 48]).tolist() == [1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0]
+    # A slow first sample is pooled with the faster ones after it, not carried up the line.
+    slow_first = OperatorProfile.from_json({"source": "t", "rows": {
+        "op": ["gemm"] * 4, "variant": [""] * 4, "dtype": ["bfloat16"] * 4, "graph": [True] * 4,
+        "m": [1, 2, 4, 8], "n": [1] * 4, "k": [1] * 4, "seconds": [13.0, 6.0, 6.0, 7.0]}})
+    assert grid_of(slow_first, np.arange(4), ("m",)).at([1, 2, 4, 8, 16]).tolist() == [8.0, 8.0, 8.0, 8.0, 8.0]
     two_axes = Grid((np.array([1.0, 2.0]), np.array([10.0, 20.0])), np.array([[1.0, 2.0], [3.0, 5.0]]))
     assert float(two_axes.at(1.5, 15)) == pytest.approx(2.75)
     assert float(two_axes.at(3, 30)) == pytest.approx(11.0)  # both last segments continued
