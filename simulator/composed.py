@@ -14,8 +14,9 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                context ((decode_context + prefill_context + P) / R); else the prefill kernel at P sequences of mean
                query N_prefill / P and mean context prefill_context / P, scaled by prefill_attention_work over the
                work of P such mean sequences, plus the decode kernel over D rows at mean context decode_context / D.
-               Variants by kind of step (simulator/model_operators.py): decode graphs "", eager steps "exact_table"
-               (else ""), mixed-step graphs "work_map" and prefill "tile_map" (else "")
+               Variants by kind of step (simulator/model_operators.py): decode graphs "" (tables as wide as the
+               profile's, brought to the engine's max_model_len with "exact_table": decode_graph_at_width), eager
+               steps "exact_table" (else ""), mixed-step graphs "work_map" and prefill "tile_map" (else "")
   gpu        = tokens(T) + (head(H) + sampler(R)) + attention
   host       = step + decode_seq D + prefill_seq P + prefill_token N_prefill + mixed_step [P and D]
                + (eager_step - probe launches) [no graph]                    (the profile's host_step terms)
@@ -25,12 +26,12 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
   duration   = host + (gpu + graph_replay(K) - K * spacing)                 in a CUDA graph of K kernels
                (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds)
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
-  with asynchronous scheduling the host's work for a step overlaps the device's previous one, so a step lasts
+               launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
+               when the profile does not time the launchers apart; kernels counted per layer x L plus those around
+  With asynchronous scheduling the host's work for a step overlaps the device's previous one, so a step lasts
   the longer of the two: max(host, gpu + replay term) in a graph, max(host + launches, gpu) eagerly (H200,
   Qwen3-8B on the Azure slice: the real decode steps lasted the composed GPU part + 0.1 ms, where the same
   load served synchronously took host + GPU).
-               launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
-               when the profile does not time the launchers apart; kernels counted per layer x L plus those around
 
 Every operator is interpolated from its table by simulator/operator_tables.py's rules. The token-proportional
 terms are precomputed per T (arrays grown on demand), so predict() is a few list lookups and one small
