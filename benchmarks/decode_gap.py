@@ -115,12 +115,14 @@ def wall_ms(step, iters: int = 30) -> float:
     return 1e3 * statistics.median(times)
 
 
-def composed_classes(model: str, num_seqs: int, context_tokens: int, graph: int) -> dict[str, float]:
+def composed_classes(gpu: str, model: str, num_seqs: int, context_tokens: int, graph: int,
+                     max_model_len: int) -> dict[str, float]:
+    """The composed step's ms by operator class, for the engine's max_model_len (its decode graphs' table width)."""
     from engine.stats import BatchFeatures
     from simulator.gpu_specs import gpu_key
     from simulator.profile_library import composed_model
 
-    cost = composed_model(gpu_key(torch.cuda.get_device_name()), model)
+    cost = composed_model(gpu_key(gpu), model, max_model_len=max_model_len)
     parts = cost.step_breakdown(BatchFeatures(0, 0, num_seqs, num_seqs, context_tokens, 0, 0, num_seqs), graph)
     gemm = sum(parts[name] for name in ("qkv", "o", "gate_up", "down", "lm_head"))
     host = parts["host"]
@@ -157,10 +159,10 @@ def isolated(model: str, max_model_len: int, graph_sizes: tuple[int, ...], devic
 
 def isolated_step(times: dict, model: str, num_seqs: int, graph: int) -> dict[str, float]:
     """ms per step of the isolated timings: attention x layers, and the GEMMs (LM head at the graph's rows)."""
+    from simulator.model_shape import ModelShape
     from simulator.operator_shapes import dims_of
-    from simulator.profile_library import composed_model
 
-    dims, layers = dims_of(model), composed_model("h200", model).shape.num_layers
+    dims, layers = dims_of(model), ModelShape.load(model).num_layers
     gemm = 0.0
     for name, (n, k) in dims.linear_shapes(1).items():  # inside a decode graph every GEMM runs on its G rows
         gemm += times.get((n, k, graph), float("nan")) * (1 if name == "lm_head" else layers)
@@ -185,7 +187,8 @@ def measure(model: str, eager: bool, max_model_len: int, rng_seed: int = 0) -> l
                    "context_tokens": int(sum(lens)), "max_context": int(max(lens)), "graph_size": graph,
                    "step_ms": wall_ms(lambda: runner.execute(batch)), "sm_clock_mhz": sm_clock_mhz(),
                    "kernels": profile_classes(lambda: runner.execute(batch)),
-                   "composed": composed_classes(model, num_seqs, int(sum(lens)), graph)}
+                   "composed": composed_classes(torch.cuda.get_device_name(), model, num_seqs, int(sum(lens)),
+                                                graph, max_model_len)}
             rows.append(row)
             print(f"R={num_seqs} spread={spread}: top kernels {row['kernels']['top'][:4]}", flush=True)
     if not eager:
