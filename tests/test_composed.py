@@ -63,10 +63,15 @@ def random_step(rng: random.Random) -> tuple[BatchFeatures, int]:
     return features, graph
 
 
-@pytest.mark.parametrize("tp,overlap", [(1, False), (2, False), (1, True)])
+# (tp, async scheduling, max_model_len): 8,192 brings the decode graphs' tables in from the profile's 32,768.
+ENGINES = [(1, False, None), (2, False, None), (1, True, None), (1, False, 8192)]
+
+
+@pytest.mark.parametrize("tp,overlap,width", ENGINES)
 @pytest.mark.parametrize("graph", [True, False])
-def test_decode_runs_are_bit_for_bit_predict(profile, tp, overlap, graph):
-    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap)
+def test_decode_runs_are_bit_for_bit_predict(profile, tp, overlap, width, graph):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap,
+                              max_model_len=width)
     executor = CostModelExecutor(model, 100_000, graphs=DECODE_GRAPHS_ONLY if graph else GraphDispatch())
     rng = random.Random(tp)
     # Runs that start below the first measured context, cross measured contexts (16, 64) and pass the last (32768).
@@ -100,9 +105,10 @@ def test_engine_fast_forward_matches_stepping(qwen3_8b):
     assert {record.status for record in stepped.request_records.values()} == {"finished"}
 
 
-@pytest.mark.parametrize("tp,overlap", [(1, False), (2, False), (1, True)])
-def test_vectorized_columns_equal_predict(profile, tp, overlap):
-    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap)
+@pytest.mark.parametrize("tp,overlap,width", ENGINES)
+def test_vectorized_columns_equal_predict(profile, tp, overlap, width):
+    model = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, tp=tp, async_scheduling=overlap,
+                              max_model_len=width)
     rng = random.Random(11)
     steps = [random_step(rng) for _ in range(400)]
     columns = {name: np.array([getattr(features, name) for features, _ in steps])

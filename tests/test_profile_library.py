@@ -88,16 +88,21 @@ def test_an_explicit_file_wins_and_its_kind_is_checked(operators_dir):
         cost_model_for("h200", "qwen3-8b", profile_path=operators, kind="calibrated")
 
 
-@pytest.mark.parametrize("cost_model, provenance", [("auto", "composed"), ("roofline", "roofline")])
+@pytest.mark.parametrize("cost_model, provenance, flags", [
+    ("auto", "composed", []), ("roofline", "roofline", []),
+    # The engine's table width and host/device overlap reach the composed model, its run's metadata, and back.
+    ("auto", "composed", ["--max-model-len", "4096", "--async-scheduling"])])
 def test_a_simulated_run_stores_its_cost_model_and_predicts_its_own_steps_back(tmp_path, operators_dir, cost_model,
-                                                                                provenance):
-    args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused"])
+                                                                                provenance, flags):
+    args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused", *flags])
     profile = str(operators_dir / "h200_operators.parquet") if cost_model == "auto" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine, metadata = build_simulated_engine(engine_args_from(args), gpu="h200", profile=profile,
                                                   cost_model_kind=cost_model)
     assert metadata["provenance"] == provenance and metadata["calibrated"] is False
+    if flags:
+        assert (engine.executor.cost_model.max_model_len, engine.executor.cost_model.async_scheduling) == (4096, True)
     trace = random_workload(num_prompts=40, input_len=500, output_len=40, range_ratio=0.9, arrivals=Poisson(rate=30.0),
                             seed=2)
     path = replay(trace, engine, tmp_path / "run", executor_kind="sim", show_progress=False, metadata=metadata).path
