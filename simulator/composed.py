@@ -326,17 +326,14 @@ class ComposedCostModel:
         head_rows = np.where(~eager & single, tokens, rows)
         gpu = self._token_np[tokens] + (self._head_np[head_rows] + self._sampler_np[rows])
         gpu = gpu + self._attention_columns(get, single, eager)
-        host = self.host_columns(get)
+        host = self._host_columns(get)
         replay = np.where(single, self._replay_decode, self._replay_mixed)
         launches = np.where(single, self._launch_single, np.where(decode > 0, self._launch_mixed, self._launch_prefill))
         if self.async_scheduling:
             return np.where(eager, np.maximum(host + launches, gpu), np.maximum(host, gpu + replay))
         return host + np.where(eager, np.maximum(launches, gpu), gpu + replay)
 
-    def host_columns(self, columns: dict) -> np.ndarray:
-        """The host terms of predict_columns() alone."""
-        get = {name: np.asarray(columns[name], dtype=np.float64) for name in (
-            "num_prefill_seqs", "num_prefill_tokens", "num_decode_seqs", "cuda_graph_batch_size")}
+    def _host_columns(self, get: dict) -> np.ndarray:
         prefill, decode, eager = get["num_prefill_seqs"], get["num_decode_seqs"], get["cuda_graph_batch_size"] <= 0
         terms = self._host_terms
         return (terms["step"] + terms["prefill_seq"] * prefill + terms["decode_seq"] * decode
