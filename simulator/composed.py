@@ -364,7 +364,9 @@ class ComposedCostModel:
 
     def step_breakdown(self, features: BatchFeatures, cuda_graph_batch_size: int = 0) -> dict[str, float]:
         """Seconds of each part of one step, to find which operator a prediction's error comes from: the
-        per-token operators, head, sampler and attention run on the GPU; host; graph replay or eager launches."""
+        per-token operators, head, sampler and attention run on the GPU; host; graph replay or eager launches.
+        They add up as a synchronous step's (predict() without async_scheduling); an asynchronous step lasts the
+        longer of host (with the launches, eagerly) and the rest."""
         graph = cuda_graph_batch_size
         tokens = graph or features.num_batched_tokens
         if tokens >= self._size:
