@@ -178,7 +178,7 @@ def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, d
     decode, prefill = _attention_grids(find, heads, kv_heads, head_dim, shape.num_layers)
     profiled_width = int(profile.metadata.get("decode_table_tokens", 0) or 0)
     if (decode_table_tokens and profiled_width and decode_table_tokens != profiled_width
-            and find.variant("decode_attention", ("exact_table",), head_dim) == "exact_table"
+            and find.variant("decode_attention", DECODE_VARIANTS["eager"], head_dim) == "exact_table"
             and decode["decode_graph"] is not None and decode["eager"] is not None):
         decode["decode_graph"] = decode_graph_at_width(decode["decode_graph"], decode["eager"], profiled_width,
                                                        decode_table_tokens)
