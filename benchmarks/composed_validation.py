@@ -7,6 +7,11 @@ bundled profile), the real run's KV block count and engine options, and `twinfer
 
     python benchmarks/composed_validation.py --runs DIR [--kind composed|calibrated] [--json OUT]
     python benchmarks/composed_validation.py --print-load MODEL CASE      (gpu_replays.sh's trace options)
+
+The reference runs of today's engine are session 11's, 20 s of arrivals each: unpack
+benchmarks/data/h200/session11/runs/*.tgz (each holds runs-CASE/real-MODEL-CASE), gather the real-* folders in
+one DIR and pass --duration 20. Session 8's runs (benchmarks/data/h200/composed/runs, 40 s) ran an engine
+without its fused norms, rotary and SwiGLU gate (BENCHMARKS.md, issue 15, session 11): a record, not a reference.
 """
 
 import argparse
