@@ -8,7 +8,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import FinishReason, RequestStatus, Sequence
-from engine.stats import summarize_batch
+from engine.stats import BatchFeatures
 
 
 class ScheduleStats(NamedTuple):
@@ -186,13 +186,17 @@ class Scheduler:
         append = sequences.append
         finishing = self._finishing
         has_token_history = False
+        # The batch's features are summed here, in summarize_batch's order and arithmetic, saving it a pass.
+        num_prefill_seqs = num_prefill_tokens = num_decode_seqs = decode_context_tokens = prefill_context_tokens = 0
+        prefill_attention_work = 0.0
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
             token_ids = seq.token_ids
             pending = seq.num_pending_tokens
-            num_outputs = len(token_ids) + pending - seq.num_prompt_tokens
-            samples = end - seq.num_prompt_tokens == num_outputs
+            num_prompt_tokens = seq.num_prompt_tokens
+            num_outputs = len(token_ids) + pending - num_prompt_tokens
+            samples = end - num_prompt_tokens == num_outputs
             new_tokens = token_ids[start:end]
             params = seq.sampling_params
             if samples:
@@ -201,18 +205,30 @@ class Scheduler:
                 seq.num_pending_tokens = pending + 1
                 if num_outputs + 1 >= params.max_tokens:
                     finishing.append(seq)
-            scheduled_seq = ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table,
-                                              num_new == 1 and start >= seq.num_prompt_tokens, samples, num_outputs,
-                                              params)
-            if params.needs_token_history or (params.prompt_logprobs is not None and start < seq.num_prompt_tokens):
+            is_decode = num_new == 1 and start >= num_prompt_tokens
+            scheduled_seq = ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table, is_decode, samples,
+                                              num_outputs, params)
+            if params.needs_token_history or (params.prompt_logprobs is not None and start < num_prompt_tokens):
                 scheduled_seq.token_history = token_ids[:]
-                scheduled_seq.num_prompt_tokens = seq.num_prompt_tokens
+                scheduled_seq.num_prompt_tokens = num_prompt_tokens
                 has_token_history = True
             append(scheduled_seq)
             seq.num_computed_tokens = end
+            num_tokens = len(new_tokens)
+            if is_decode:
+                num_decode_seqs += 1
+                decode_context_tokens += start + num_tokens
+            else:
+                num_prefill_seqs += 1
+                num_prefill_tokens += num_tokens
+                prefill_context_tokens += start
+                prefill_attention_work += num_tokens * (start + (num_tokens + 1) / 2)
         released, self._released_seq_ids = self._released_seq_ids, []
+        features = BatchFeatures(num_prefill_seqs, num_prefill_tokens, num_decode_seqs, num_decode_seqs,
+                                 decode_context_tokens, prefill_context_tokens, prefill_attention_work,
+                                 num_prefill_tokens + num_decode_seqs)
         output = SchedulerOutput(
-            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences),
+            step=self._step, sequences=sequences, finished_seq_ids=released, features=features,
             has_token_history=has_token_history,
         )
         self._step += 1
