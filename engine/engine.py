@@ -378,7 +378,8 @@ class Engine:
         if self._last_step_busy and self.step_records:
             self.step_records.end_last_step_at(now)
         # Fast-forwarding appends tokens in bulk: never with a tokenizer, which reads them one by one.
-        if self._fast_forward and self.tokenizer is None and fast_forward_decodes(self, now):
+        if self._fast_forward and self.tokenizer is None and (
+                fast_forward_decodes(self, now) or self._step_beside_decodes(now)):
             self._last_step_busy = True
             return True
 
@@ -397,6 +398,55 @@ class Engine:
             self._release_forks()
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         self._last_step_busy = True
+        return True
+
+    def _step_beside_decodes(self, now: float) -> bool:
+        """Run one step that admits waiting requests beside running sequences that all decode, their decodes
+        applied here in bulk as fast-forward applies them (no ScheduledSequence, sample or update of their own):
+        the step schedule() and update() would make, at a fraction of the cost per running sequence. False, with
+        nothing done, where that step could differ: a preemption, a prompt chunk running, the prefix cache (whose
+        registrations and frees would come in another order), or nothing to admit."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        config = self.config
+        manager = self.block_manager
+        if (manager.enable_prefix_caching or not scheduler.waiting or not running
+                or len(running) >= config.max_num_seqs or len(running) >= config.max_num_batched_tokens):
+            return False
+        block_size = manager.block_size
+        num_new_blocks = 0
+        for seq in running:
+            computed = seq.num_computed_tokens
+            if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
+                return False
+            if computed == len(seq.block_table) * block_size:
+                num_new_blocks += 1
+        if num_new_blocks > manager.num_free_blocks:
+            return False
+        decoders, output = scheduler.schedule_beside_decodes(now)
+        # Not flagged as in the executor: a failure anywhere here aborts every request (the decodes are half done).
+        result = self.executor.execute(output)
+        end = self.clock.advance(result.duration)
+        token = self.executor.token_id
+        finished = []
+        # As update() applies them, the decodes first; without a tokenizer no detokenizer reads the tokens.
+        for seq in decoders:
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            seq.token_times.append(end)
+            params = seq.sampling_params
+            if params.stops_on_tokens:
+                reason = scheduler.finish_reason(seq, token)
+                if reason is not None:
+                    finished.append((seq, reason))
+            elif len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:
+                finished.append((seq, FinishReason.LENGTH))
+        for seq, reason in finished:
+            scheduler.finish(seq, reason, end)
+        self.num_finished += len(finished) + len(scheduler.update(output, result, end))
+        if self._held_forks:
+            self._release_forks()
+        self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         return True
 
     def _step_async(self) -> bool:

@@ -116,15 +116,18 @@ class Scheduler:
         self._released_seq_ids.append(victim.seq_id)
         return victim
 
-    def schedule(self, now: float = 0.0) -> SchedulerOutput:
-        """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+    def _begin_schedule(self) -> None:
         if self._in_flight:
             self._commit_in_flight()
         if self._finishing:
             self._release_finishing()
+        self.state_before_schedule = (len(self.running), len(self.waiting), self.block_manager.num_used_blocks)
+
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+        self._begin_schedule()
         config = self.config
         block_manager = self.block_manager
-        self.state_before_schedule = (len(self.running), len(self.waiting), block_manager.num_used_blocks)
         budget = config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         num_preempted = 0
@@ -154,32 +157,70 @@ class Scheduler:
                 budget -= num_new
                 index += 1
 
-        num_hit_tokens = 0
-        if num_preempted == 0:
-            while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
-                seq = self.waiting[0]
-                # Prompt logprobs need every prompt position computed (vLLM skips the cache for them too).
-                cached = block_manager.find_cached_prefix(seq) if seq.sampling_params.prompt_logprobs is None else []
-                num_cached = len(cached) * block_manager.block_size
-                num_new = seq.num_tokens - num_cached
-                if not config.enable_chunked_prefill and num_new > budget:
-                    break
-                num_new = min(num_new, budget)
-                if not block_manager.can_allocate(seq, cached, num_new):
-                    self.num_kv_refusals += 1
-                    break
-                self.waiting.popleft()
-                block_manager.allocate(seq, cached, num_new)
-                block_manager.record_lookup(seq.num_tokens, num_cached)
-                seq.num_computed_tokens = num_cached
-                if seq.num_cached_tokens is None:
-                    seq.num_cached_tokens = num_cached
-                    seq.first_scheduled_time = now
-                num_hit_tokens += num_cached
-                self._insert_running(seq)
-                scheduled.append((seq, num_new))
-                budget -= num_new
+        num_hit_tokens = self._admit_waiting(scheduled, budget, now) if num_preempted == 0 else 0
+        return self._make_output(scheduled, num_preempted, num_hit_tokens)
 
+    def schedule_beside_decodes(self, now: float) -> tuple[list[Sequence], SchedulerOutput]:
+        """schedule() for a step in which every running sequence decodes (its prompt computed, one token known
+        and not computed), with fewer of them than the token budget and a free KV block for each that needs one
+        (the caller checks; nothing is preempted): the running sequences are scheduled, their blocks taken, and
+        waiting ones admitted as schedule() would, but the output lists only the admitted ones, its features
+        counting the decodes too. Returns the decoding sequences, whose samples the caller applies (decode
+        fast-forward, for executors that answer every decode alike) before update() applies the output's."""
+        self._begin_schedule()
+        block_manager = self.block_manager
+        block_size = block_manager.block_size
+        decoders = self.running[:]
+        needing = []
+        decode_context_tokens = 0
+        for seq in decoders:
+            computed = seq.num_computed_tokens
+            decode_context_tokens += computed + 1
+            if computed == len(seq.block_table) * block_size:
+                needing.append(seq)
+            seq.num_computed_tokens = computed + 1
+        if needing:  # in running order, as append_slots takes them one by one
+            for seq, block_id in zip(needing, block_manager.take(len(needing))):
+                seq.block_table.append(block_id)
+        scheduled: list[tuple[Sequence, int]] = []
+        num_hit_tokens = self._admit_waiting(scheduled, self.config.max_num_batched_tokens - len(decoders), now)
+        return decoders, self._make_output(scheduled, 0, num_hit_tokens, len(decoders), decode_context_tokens)
+
+    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int, now: float) -> int:
+        """Admit waiting sequences into the budget left, appending them to scheduled; returns the prefix-cache hit
+        tokens."""
+        config = self.config
+        block_manager = self.block_manager
+        num_hit_tokens = 0
+        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
+            seq = self.waiting[0]
+            # Prompt logprobs need every prompt position computed (vLLM skips the cache for them too).
+            cached = block_manager.find_cached_prefix(seq) if seq.sampling_params.prompt_logprobs is None else []
+            num_cached = len(cached) * block_manager.block_size
+            num_new = seq.num_tokens - num_cached
+            if not config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not block_manager.can_allocate(seq, cached, num_new):
+                self.num_kv_refusals += 1
+                break
+            self.waiting.popleft()
+            block_manager.allocate(seq, cached, num_new)
+            block_manager.record_lookup(seq.num_tokens, num_cached)
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = now
+            num_hit_tokens += num_cached
+            self._insert_running(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return num_hit_tokens
+
+    def _make_output(self, scheduled: list[tuple[Sequence, int]], num_preempted: int, num_hit_tokens: int,
+                     num_decode_seqs: int = 0, decode_context_tokens: int = 0) -> SchedulerOutput:
+        """The step's output for the scheduled (sequence, new tokens), each then counted as computed; its
+        features start from the decodes schedule_beside_decodes leaves out of it."""
         self.num_preemptions += num_preempted
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
@@ -187,7 +228,7 @@ class Scheduler:
         finishing = self._finishing
         has_token_history = False
         # The batch's features are summed here, in summarize_batch's order and arithmetic, saving it a pass.
-        num_prefill_seqs = num_prefill_tokens = num_decode_seqs = decode_context_tokens = prefill_context_tokens = 0
+        num_prefill_seqs = num_prefill_tokens = prefill_context_tokens = 0
         prefill_attention_work = 0.0
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
