@@ -401,29 +401,45 @@ class Engine:
         return True
 
     def _step_beside_decodes(self, now: float) -> bool:
-        """Run one step that admits waiting requests beside running sequences that all decode, their decodes
-        applied here in bulk as fast-forward applies them (no ScheduledSequence, sample or update of their own):
-        the step schedule() and update() would make, at a fraction of the cost per running sequence. False, with
-        nothing done, where that step could differ: a preemption, a prompt chunk running, the prefix cache (whose
-        registrations and frees would come in another order), or nothing to admit."""
+        """Run one step in which every running sequence decodes but perhaps the last (a prompt being chunked),
+        with any admissions, the decodes applied here in bulk as fast-forward applies them (no
+        ScheduledSequence, sample or update of their own): the step schedule() and update() would make, at a
+        fraction of the cost per running sequence. False, with nothing done, where that step could differ: a
+        preemption, the prefix cache (whose registrations and frees would come in another order), or nothing but
+        decodes (fast-forward's, or an ordinary step)."""
         scheduler = self.scheduler
         running = scheduler.running
         config = self.config
         manager = self.block_manager
-        if (manager.enable_prefix_caching or not scheduler.waiting or not running
-                or len(running) >= config.max_num_seqs or len(running) >= config.max_num_batched_tokens):
+        budget = config.max_num_batched_tokens
+        if manager.enable_prefix_caching or not running or len(running) > budget:
             return False
         block_size = manager.block_size
-        num_new_blocks = 0
+        num_decodes = num_new_blocks = 0
         for seq in running:
             computed = seq.num_computed_tokens
             if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
-                return False
+                break
+            num_decodes += 1
             if computed == len(seq.block_table) * block_size:
                 num_new_blocks += 1
+        if num_decodes == len(running):  # a step of decodes alone is worth it only to admit
+            if not scheduler.waiting or num_decodes >= config.max_num_seqs or num_decodes >= budget:
+                return False
+        else:
+            if num_decodes != len(running) - 1 or num_decodes >= budget:
+                return False
+            # The last is in its prompt: its chunk is what the decodes leave of the budget.
+            last = running[-1]
+            computed = last.num_computed_tokens
+            remaining = len(last.token_ids) - computed
+            num_new = min(remaining, budget - num_decodes)
+            if num_new < remaining and not config.enable_chunked_prefill:
+                return False
+            num_new_blocks += max(0, -(-(computed + num_new) // block_size) - len(last.block_table))
         if num_new_blocks > manager.num_free_blocks:
             return False
-        decoders, output = scheduler.schedule_beside_decodes(now)
+        decoders, output = scheduler.schedule_beside_decodes(now, num_decodes)
         # Not flagged as in the executor: a failure anywhere here aborts every request (the decodes are half done).
         result = self.executor.execute(output)
         end = self.clock.advance(result.duration)

@@ -126,16 +126,49 @@ class Scheduler:
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
         self._begin_schedule()
-        config = self.config
-        block_manager = self.block_manager
-        budget = config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
-        num_preempted = 0
+        budget, num_preempted = self._schedule_running(scheduled, 0, self.config.max_num_batched_tokens)
+        num_hit_tokens = self._admit_waiting(scheduled, budget, now) if num_preempted == 0 else 0
+        return self._make_output(scheduled, num_preempted, num_hit_tokens)
 
+    def schedule_beside_decodes(self, now: float, num_decodes: int) -> tuple[list[Sequence], SchedulerOutput]:
+        """schedule() for a step in which the first num_decodes running sequences decode (prompt computed, one
+        token known and not computed) and no sequence is preempted (the caller checks the token budget and the
+        free KV blocks): every running sequence is scheduled, its blocks taken, and waiting ones admitted as
+        schedule() would, but the output lists only those after the decodes, its features counting the decodes
+        too. Returns the decoding sequences, whose samples the caller applies (as decode fast-forward does, for
+        executors that answer every decode alike) before update() applies the output's."""
+        self._begin_schedule()
+        block_manager = self.block_manager
         block_size = block_manager.block_size
-        chunked = config.enable_chunked_prefill
+        decoders = self.running[:num_decodes]
+        needing = []
+        decode_context_tokens = 0
+        for seq in decoders:
+            computed = seq.num_computed_tokens
+            decode_context_tokens += computed + 1
+            if computed == len(seq.block_table) * block_size:
+                needing.append(seq)
+            seq.num_computed_tokens = computed + 1
+        if needing:  # in running order, as append_slots takes them one by one
+            for seq, block_id in zip(needing, block_manager.take(len(needing))):
+                seq.block_table.append(block_id)
+        scheduled: list[tuple[Sequence, int]] = []
+        budget, num_preempted = self._schedule_running(scheduled, num_decodes,
+                                                       self.config.max_num_batched_tokens - num_decodes)
+        if num_preempted:
+            raise RuntimeError(f"step {self._step}: a step beside decodes preempted {num_preempted} sequence(s)")
+        num_hit_tokens = self._admit_waiting(scheduled, budget, now)
+        return decoders, self._make_output(scheduled, 0, num_hit_tokens, num_decodes, decode_context_tokens)
+
+    def _schedule_running(self, scheduled: list[tuple[Sequence, int]], index: int, budget: int) -> tuple[int, int]:
+        """Schedule the running sequences from index on into budget, preempting the latest for blocks; returns
+        the budget left and the number preempted."""
+        block_manager = self.block_manager
+        block_size = block_manager.block_size
+        chunked = self.config.enable_chunked_prefill
         running = self.running
-        index = 0
+        num_preempted = 0
         while index < len(running) and budget > 0:
             seq = running[index]
             remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
@@ -156,35 +189,7 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
                 index += 1
-
-        num_hit_tokens = self._admit_waiting(scheduled, budget, now) if num_preempted == 0 else 0
-        return self._make_output(scheduled, num_preempted, num_hit_tokens)
-
-    def schedule_beside_decodes(self, now: float) -> tuple[list[Sequence], SchedulerOutput]:
-        """schedule() for a step in which every running sequence decodes (its prompt computed, one token known
-        and not computed), with fewer of them than the token budget and a free KV block for each that needs one
-        (the caller checks; nothing is preempted): the running sequences are scheduled, their blocks taken, and
-        waiting ones admitted as schedule() would, but the output lists only the admitted ones, its features
-        counting the decodes too. Returns the decoding sequences, whose samples the caller applies (decode
-        fast-forward, for executors that answer every decode alike) before update() applies the output's."""
-        self._begin_schedule()
-        block_manager = self.block_manager
-        block_size = block_manager.block_size
-        decoders = self.running[:]
-        needing = []
-        decode_context_tokens = 0
-        for seq in decoders:
-            computed = seq.num_computed_tokens
-            decode_context_tokens += computed + 1
-            if computed == len(seq.block_table) * block_size:
-                needing.append(seq)
-            seq.num_computed_tokens = computed + 1
-        if needing:  # in running order, as append_slots takes them one by one
-            for seq, block_id in zip(needing, block_manager.take(len(needing))):
-                seq.block_table.append(block_id)
-        scheduled: list[tuple[Sequence, int]] = []
-        num_hit_tokens = self._admit_waiting(scheduled, self.config.max_num_batched_tokens - len(decoders), now)
-        return decoders, self._make_output(scheduled, 0, num_hit_tokens, len(decoders), decode_context_tokens)
+        return budget, num_preempted
 
     def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int, now: float) -> int:
         """Admit waiting sequences into the budget left, appending them to scheduled; returns the prefix-cache hit
