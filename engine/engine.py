@@ -404,15 +404,14 @@ class Engine:
         """Run one step in which every running sequence decodes but perhaps the last (a prompt being chunked),
         with any admissions, the decodes applied here in bulk as fast-forward applies them (no
         ScheduledSequence, sample or update of their own): the step schedule() and update() would make, at a
-        fraction of the cost per running sequence. False, with nothing done, where that step could differ: a
-        preemption, the prefix cache (whose registrations and frees would come in another order), or nothing but
-        decodes (fast-forward's, or an ordinary step)."""
+        fraction of the cost per running sequence. False, with nothing done, where that step could preempt, or
+        runs nothing but decodes (fast-forward's, or an ordinary step)."""
         scheduler = self.scheduler
         running = scheduler.running
         config = self.config
         manager = self.block_manager
         budget = config.max_num_batched_tokens
-        if manager.enable_prefix_caching or not running or len(running) > budget:
+        if not running or len(running) > budget:
             return False
         block_size = manager.block_size
         num_decodes = num_new_blocks = 0
@@ -444,8 +443,10 @@ class Engine:
         result = self.executor.execute(output)
         end = self.clock.advance(result.duration)
         token = self.executor.token_id
+        commit = manager.commit_computed if manager.enable_prefix_caching else None
         finished = []
-        # As update() applies them, the decodes first; without a tokenizer no detokenizer reads the tokens.
+        # As update() applies them, the decodes first (each finished after every commit of the step); without a
+        # tokenizer no detokenizer reads the tokens.
         for seq in decoders:
             token_ids = seq.token_ids
             token_ids.append(token)
@@ -457,9 +458,9 @@ class Engine:
                     finished.append((seq, reason))
             elif len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:
                 finished.append((seq, FinishReason.LENGTH))
-        for seq, reason in finished:
-            scheduler.finish(seq, reason, end)
-        self.num_finished += len(finished) + len(scheduler.update(output, result, end))
+            if commit is not None and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
+                commit(seq)
+        self.num_finished += len(scheduler.update(output, result, end, finished_first=finished))
         if self._held_forks:
             self._release_forks()
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)

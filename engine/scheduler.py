@@ -2,6 +2,7 @@
 
 import bisect
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from engine.block_manager import BlockManager
@@ -315,11 +316,15 @@ class Scheduler:
         self._in_flight.clear()
         self._finishing = []
 
-    def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
-        """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks."""
+    def update(self, output: SchedulerOutput, result: StepResult, now: float,
+               finished_first: Iterable[tuple[Sequence, FinishReason]] = ()) -> list[Sequence]:
+        """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks.
+
+        finished_first: (sequence, reason) of the decodes applied in bulk beside this output (schedule_beside_decodes),
+        finished before the output's own, after every commit, as when they are in it."""
         finish_reason = self.finish_reason
         block_manager = self.block_manager
-        finished: list[tuple[Sequence, FinishReason]] = []
+        finished: list[tuple[Sequence, FinishReason]] = list(finished_first)
         sampled = result.sampled_token_ids
         logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None

@@ -210,13 +210,14 @@ def test_a_full_batch_with_a_queue_is_fast_forwarded_as_stepping_gives():
     assert len(skipped.executor.steps) < len(stepped.step_records) / 3
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
 @pytest.mark.parametrize("budget", [128, 16])
-def test_a_step_beside_running_decodes_applies_them_in_bulk_as_stepping_does(budget):
-    """Without the prefix cache, a step where others decode beside a prompt (admitted now, or its next chunk under
-    a small budget) has its decodes applied by the engine: the executor is handed the prompt alone, and every
-    table is as stepping's."""
-    workload = dict(seed=11, block_size=4, max_num_seqs=8, budget=budget, num_kv_blocks=300, prefix_caching=False,
-                    num_requests=12, span=2.0)
+def test_a_step_beside_running_decodes_applies_them_in_bulk_as_stepping_does(budget, prefix_caching):
+    """A step where others decode beside a prompt (admitted now, or its next chunk under a small budget) has its
+    decodes applied by the engine: the executor is handed the prompt alone, and every table, and the prefix cache,
+    is as stepping's."""
+    workload = dict(seed=11, block_size=4, max_num_seqs=8, budget=budget, num_kv_blocks=300,
+                    prefix_caching=prefix_caching, num_requests=12, span=2.0)
     stepped, skipped = run(workload, fast_forward=False), run(workload, fast_forward=True)
     assert requests_table(list(skipped.request_records.values())).equals(
         requests_table(list(stepped.request_records.values())))
@@ -227,3 +228,5 @@ def test_a_step_beside_running_decodes_applies_them_in_bulk_as_stepping_does(bud
     assert all(output.features.num_prefill_seqs == len(output.sequences) for output in beside)
     if budget == 16:  # prompts longer than the budget: later chunks of a running prompt go this way too
         assert any(seq.num_computed_tokens > 0 for output in beside for seq in output.sequences)
+    assert list(skipped.block_manager.free_queue) == list(stepped.block_manager.free_queue)
+    assert skipped.block_manager.hash_to_block == stepped.block_manager.hash_to_block
