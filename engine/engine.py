@@ -406,38 +406,12 @@ class Engine:
         ScheduledSequence, sample or update of their own): the step schedule() and update() would make, at a
         fraction of the cost per running sequence. False, with nothing done, where that step could preempt, or
         runs nothing but decodes (fast-forward's, or an ordinary step)."""
+        num_decodes = self._num_bulk_decodes()
+        if num_decodes is None:
+            return False
         scheduler = self.scheduler
-        running = scheduler.running
-        config = self.config
         manager = self.block_manager
-        budget = config.max_num_batched_tokens
-        if not running or len(running) > budget:
-            return False
         block_size = manager.block_size
-        num_decodes = num_new_blocks = 0
-        for seq in running:
-            computed = seq.num_computed_tokens
-            if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
-                break
-            num_decodes += 1
-            if computed == len(seq.block_table) * block_size:
-                num_new_blocks += 1
-        if num_decodes == len(running):  # a step of decodes alone is worth it only to admit
-            if not scheduler.waiting or num_decodes >= config.max_num_seqs or num_decodes >= budget:
-                return False
-        else:
-            if num_decodes != len(running) - 1 or num_decodes >= budget:
-                return False
-            # The last is in its prompt: its chunk is what the decodes leave of the budget.
-            last = running[-1]
-            computed = last.num_computed_tokens
-            remaining = len(last.token_ids) - computed
-            num_new = min(remaining, budget - num_decodes)
-            if num_new < remaining and not config.enable_chunked_prefill:
-                return False
-            num_new_blocks += max(0, -(-(computed + num_new) // block_size) - len(last.block_table))
-        if num_new_blocks > manager.num_free_blocks:
-            return False
         decoders, output = scheduler.schedule_beside_decodes(now, num_decodes)
         # Not flagged as in the executor: a failure anywhere here aborts every request (the decodes are half done).
         result = self.executor.execute(output)
@@ -465,6 +439,41 @@ class Engine:
             self._release_forks()
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         return True
+
+    def _num_bulk_decodes(self) -> int | None:
+        """How many leading running sequences a step beside decodes would apply in bulk; None where that step
+        could preempt (blocks or budget short), has more than one prompt running, or nothing to run but decodes."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        config = self.config
+        manager = self.block_manager
+        budget = config.max_num_batched_tokens
+        if not running or len(running) > budget:
+            return None
+        block_size = manager.block_size
+        num_decodes = num_new_blocks = 0
+        for seq in running:
+            computed = seq.num_computed_tokens
+            if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
+                break
+            num_decodes += 1
+            if computed == len(seq.block_table) * block_size:
+                num_new_blocks += 1
+        if num_decodes == len(running):  # a step of decodes alone is worth it only to admit
+            if not scheduler.waiting or num_decodes >= config.max_num_seqs or num_decodes >= budget:
+                return None
+        else:
+            if num_decodes != len(running) - 1 or num_decodes >= budget:
+                return None
+            # The last is in its prompt: its chunk is what the decodes leave of the budget.
+            last = running[-1]
+            computed = last.num_computed_tokens
+            remaining = len(last.token_ids) - computed
+            num_new = min(remaining, budget - num_decodes)
+            if num_new < remaining and not config.enable_chunked_prefill:
+                return None
+            num_new_blocks += max(0, -(-(computed + num_new) // block_size) - len(last.block_table))
+        return num_decodes if num_new_blocks <= manager.num_free_blocks else None
 
     def _step_async(self) -> bool:
         """Schedule and launch the next step, then apply the one in flight: the host's work for a step
