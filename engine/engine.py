@@ -404,8 +404,7 @@ class Engine:
         """Run one step in which every running sequence decodes but perhaps the last (a prompt being chunked),
         with any admissions, the decodes applied here in bulk as fast-forward applies them (no
         ScheduledSequence, sample or update of their own): the step schedule() and update() would make, at a
-        fraction of the cost per running sequence. False, with nothing done, where that step could preempt, or
-        runs nothing but decodes (fast-forward's, or an ordinary step)."""
+        fraction of the cost per running sequence. False, with nothing done, where that step could preempt."""
         num_decodes = self._num_bulk_decodes()
         if num_decodes is None:
             return False
@@ -442,7 +441,8 @@ class Engine:
 
     def _num_bulk_decodes(self) -> int | None:
         """How many leading running sequences a step beside decodes would apply in bulk; None where that step
-        could preempt (blocks or budget short), has more than one prompt running, or nothing to run but decodes."""
+        could preempt (blocks or budget short) or has more than one prompt running. A step of decodes alone, which
+        fast-forward turned down (a sequence finishes in it, or it admits), goes this way too."""
         scheduler = self.scheduler
         running = scheduler.running
         config = self.config
@@ -459,10 +459,7 @@ class Engine:
             num_decodes += 1
             if computed == len(seq.block_table) * block_size:
                 num_new_blocks += 1
-        if num_decodes == len(running):  # a step of decodes alone is worth it only to admit
-            if not scheduler.waiting or num_decodes >= config.max_num_seqs or num_decodes >= budget:
-                return None
-        else:
+        if num_decodes < len(running):
             if num_decodes != len(running) - 1 or num_decodes >= budget:
                 return None
             # The last is in its prompt: its chunk is what the decodes leave of the budget.
