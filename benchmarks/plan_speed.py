@@ -1,8 +1,9 @@
 """Time `twinfer plan` over 24 configurations (2 GPUs x 3 TP x 4 max-num-seqs) of the Azure conversation
 trace (19,366 requests, about 58 minutes) on this machine's cores (issue 19's target: under 20 s; 52 s in
 session 9, 57 s at the start of session 10 with another job on the cores; 39.7 s before session 11's planner work,
-21.2 s after, both at load 2-3). From a git worktree run it as `PYTHONPATH=. python benchmarks/plan_speed.py`, or
-the editable install's code runs instead of the worktree's."""
+21.2 s after, both at load 2-3; 26.3 s before the steps beside decodes and 16.7 s after, min of 3 alternating
+on a slow half hour of the shared machine). From a git worktree run it as
+`PYTHONPATH=. python benchmarks/plan_speed.py`, or the editable install's code runs instead of the worktree's."""
 
 import argparse
 import sys

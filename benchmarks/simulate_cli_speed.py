@@ -1,5 +1,6 @@
 """Wall-clock and CPU time of a whole `twinfer simulate` (issue 19: >= 2,000x real time end to end, i.e. 1.75 s
-on the Azure conversation hour; 330x in session 9, 660x measured again at the start of session 10).
+on the Azure conversation hour; 330x in session 9, 660x measured again at the start of session 10, 761x in session
+11 with the peer case at 871x, both on a shared machine).
 
 Each repeat runs the command in a fresh process and reports its wall-clock time and CPU time (user + sys, as
 the machine bills it; the Parquet row groups are written on a second thread, so CPU can exceed wall) from

@@ -53,18 +53,19 @@ def _apply_run(engine, now: float) -> bool | None:
         return None
     executor = engine.executor
     token = executor.token_id
+    # Every step samples one token of each sequence: the run may end with the step where the first ones
+    # finish (a token that stops a sequence finishes it in the first step, leaving no run). Asked first: in a
+    # saturated replica one finishes nearly every step, and the pass below is then not needed.
+    steps_to_first_finish = scheduler.num_samples_to_first_finish(token)
+    max_steps = steps_to_first_finish
+    if max_steps < MIN_STEPS:
+        return None
     context = 0
     for seq in running:
         computed = seq.num_computed_tokens
         if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
             return None
         context += computed + 1
-    # Every step samples one token of each sequence: the run may end with the step where the first ones
-    # finish (a token that stops a sequence finishes it in the first step, leaving no run).
-    steps_to_first_finish = scheduler.num_samples_to_first_finish(token)
-    max_steps = steps_to_first_finish
-    if max_steps < MIN_STEPS:
-        return None
 
     manager = engine.block_manager
     block_size = manager.block_size

@@ -378,7 +378,8 @@ class Engine:
         if self._last_step_busy and self.step_records:
             self.step_records.end_last_step_at(now)
         # Fast-forwarding appends tokens in bulk: never with a tokenizer, which reads them one by one.
-        if self._fast_forward and self.tokenizer is None and fast_forward_decodes(self, now):
+        if self._fast_forward and self.tokenizer is None and (
+                fast_forward_decodes(self, now) or self._step_beside_decodes(now)):
             self._last_step_busy = True
             return True
 
@@ -398,6 +399,78 @@ class Engine:
         self._record_step(output, now, end - now, result.cuda_graph_batch_size)
         self._last_step_busy = True
         return True
+
+    def _step_beside_decodes(self, now: float) -> bool:
+        """Run one step in which every running sequence decodes but perhaps the last (a prompt being chunked),
+        with any admissions, the decodes applied here in bulk as fast-forward applies them (no
+        ScheduledSequence, sample or update of their own): the step schedule() and update() would make, at a
+        fraction of the cost per running sequence. False, with nothing done, where that step could preempt."""
+        num_decodes = self._num_bulk_decodes()
+        if num_decodes is None:
+            return False
+        scheduler = self.scheduler
+        manager = self.block_manager
+        block_size = manager.block_size
+        decoders, output = scheduler.schedule_beside_decodes(now, num_decodes)
+        # Not flagged as in the executor: a failure anywhere here aborts every request (the decodes are half done).
+        result = self.executor.execute(output)
+        end = self.clock.advance(result.duration)
+        token = self.executor.token_id
+        commit = manager.commit_computed if manager.enable_prefix_caching else None
+        finished = []
+        # As update() applies them, the decodes first (each finished after every commit of the step); without a
+        # tokenizer no detokenizer reads the tokens.
+        for seq in decoders:
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            seq.token_times.append(end)
+            params = seq.sampling_params
+            if params.stops_on_tokens:
+                reason = scheduler.finish_reason(seq, token)
+                if reason is not None:
+                    finished.append((seq, reason))
+            elif len(token_ids) - seq.num_prompt_tokens >= params.max_tokens:
+                finished.append((seq, FinishReason.LENGTH))
+            if commit is not None and seq.num_computed_tokens // block_size > seq.num_committed_blocks:
+                commit(seq)
+        self.num_finished += len(scheduler.update(output, result, end, finished_first=finished))
+        if self._held_forks:
+            self._release_forks()
+        self._record_step(output, now, end - now, result.cuda_graph_batch_size)
+        return True
+
+    def _num_bulk_decodes(self) -> int | None:
+        """How many leading running sequences a step beside decodes would apply in bulk; None where that step
+        could preempt (blocks or budget short) or has more than one prompt running. A step of decodes alone, which
+        fast-forward turned down (a sequence finishes in it, or it admits), goes this way too."""
+        scheduler = self.scheduler
+        running = scheduler.running
+        config = self.config
+        manager = self.block_manager
+        budget = config.max_num_batched_tokens
+        if not running or len(running) > budget:
+            return None
+        block_size = manager.block_size
+        num_decodes = num_new_blocks = 0
+        for seq in running:
+            computed = seq.num_computed_tokens
+            if computed != len(seq.token_ids) - 1 or computed < seq.num_prompt_tokens:
+                break
+            num_decodes += 1
+            if computed == len(seq.block_table) * block_size:
+                num_new_blocks += 1
+        if num_decodes < len(running):
+            if num_decodes != len(running) - 1 or num_decodes >= budget:
+                return None
+            # The last is in its prompt: its chunk is what the decodes leave of the budget.
+            last = running[-1]
+            computed = last.num_computed_tokens
+            remaining = len(last.token_ids) - computed
+            num_new = min(remaining, budget - num_decodes)
+            if num_new < remaining and not config.enable_chunked_prefill:
+                return None
+            num_new_blocks += max(0, -(-(computed + num_new) // block_size) - len(last.block_table))
+        return num_decodes if num_new_blocks <= manager.num_free_blocks else None
 
     def _step_async(self) -> bool:
         """Schedule and launch the next step, then apply the one in flight: the host's work for a step

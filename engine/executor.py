@@ -39,7 +39,11 @@ class AsyncExecutor(Protocol):
 @runtime_checkable
 class DecodeRunPredictor(Protocol):
     """An executor that can tell how long a run of pure-decode steps takes without executing them (a cost
-    model), so the engine may fast-forward through them."""
+    model), so the engine may fast-forward through them.
+
+    Its execute() reads a step's batch from engine.stats.batch_features(output) alone and returns token_id for
+    each sequence listed that samples: the engine may hand it a step whose running decodes it applies itself,
+    the output listing only the prompts admitted beside them and its features counting every sequence."""
 
     token_id: int
     """The token it returns for every sampling sequence."""

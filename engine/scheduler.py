@@ -2,13 +2,14 @@
 
 import bisect
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.scheduler_output import PENDING_TOKEN, ScheduledSequence, SchedulerOutput, StepResult
 from engine.sequence import FinishReason, RequestStatus, Sequence
-from engine.stats import summarize_batch
+from engine.stats import BatchFeatures
 
 
 class ScheduleStats(NamedTuple):
@@ -116,23 +117,59 @@ class Scheduler:
         self._released_seq_ids.append(victim.seq_id)
         return victim
 
-    def schedule(self, now: float = 0.0) -> SchedulerOutput:
-        """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+    def _begin_schedule(self) -> None:
         if self._in_flight:
             self._commit_in_flight()
         if self._finishing:
             self._release_finishing()
-        config = self.config
-        block_manager = self.block_manager
-        self.state_before_schedule = (len(self.running), len(self.waiting), block_manager.num_used_blocks)
-        budget = config.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
-        num_preempted = 0
+        self.state_before_schedule = (len(self.running), len(self.waiting), self.block_manager.num_used_blocks)
 
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        """Pick the sequences and token counts of the next step (starting at now) and reserve their KV."""
+        self._begin_schedule()
+        scheduled: list[tuple[Sequence, int]] = []
+        budget, num_preempted = self._schedule_running(scheduled, 0, self.config.max_num_batched_tokens)
+        num_hit_tokens = self._admit_waiting(scheduled, budget, now) if num_preempted == 0 else 0
+        return self._make_output(scheduled, num_preempted, num_hit_tokens)
+
+    def schedule_beside_decodes(self, now: float, num_decodes: int) -> tuple[list[Sequence], SchedulerOutput]:
+        """schedule() for a step in which the first num_decodes running sequences decode (prompt computed, one
+        token known and not computed) and no sequence is preempted (the caller checks the token budget and the
+        free KV blocks): every running sequence is scheduled, its blocks taken, and waiting ones admitted as
+        schedule() would, but the output lists only those after the decodes, its features counting the decodes
+        too. Returns the decoding sequences, whose samples the caller applies (as decode fast-forward does, for
+        executors that answer every decode alike) before update() applies the output's."""
+        self._begin_schedule()
+        block_manager = self.block_manager
         block_size = block_manager.block_size
-        chunked = config.enable_chunked_prefill
+        decoders = self.running[:num_decodes]
+        needing = []
+        decode_context_tokens = 0
+        for seq in decoders:
+            computed = seq.num_computed_tokens
+            decode_context_tokens += computed + 1
+            if computed == len(seq.block_table) * block_size:
+                needing.append(seq)
+            seq.num_computed_tokens = computed + 1
+        if needing:  # in running order, as append_slots takes them one by one
+            for seq, block_id in zip(needing, block_manager.take(len(needing))):
+                seq.block_table.append(block_id)
+        scheduled: list[tuple[Sequence, int]] = []
+        budget, num_preempted = self._schedule_running(scheduled, num_decodes,
+                                                       self.config.max_num_batched_tokens - num_decodes)
+        if num_preempted:
+            raise RuntimeError(f"step {self._step}: a step beside decodes preempted {num_preempted} sequence(s)")
+        num_hit_tokens = self._admit_waiting(scheduled, budget, now)
+        return decoders, self._make_output(scheduled, 0, num_hit_tokens, num_decodes, decode_context_tokens)
+
+    def _schedule_running(self, scheduled: list[tuple[Sequence, int]], index: int, budget: int) -> tuple[int, int]:
+        """Schedule the running sequences from index on into budget, preempting the latest for blocks; returns
+        the budget left and the number preempted."""
+        block_manager = self.block_manager
+        block_size = block_manager.block_size
+        chunked = self.config.enable_chunked_prefill
         running = self.running
-        index = 0
+        num_preempted = 0
         while index < len(running) and budget > 0:
             seq = running[index]
             remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
@@ -153,46 +190,60 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
                 index += 1
+        return budget, num_preempted
 
+    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int, now: float) -> int:
+        """Admit waiting sequences into the budget left, appending them to scheduled; returns the prefix-cache hit
+        tokens."""
+        config = self.config
+        block_manager = self.block_manager
         num_hit_tokens = 0
-        if num_preempted == 0:
-            while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
-                seq = self.waiting[0]
-                # Prompt logprobs need every prompt position computed (vLLM skips the cache for them too).
-                cached = block_manager.find_cached_prefix(seq) if seq.sampling_params.prompt_logprobs is None else []
-                num_cached = len(cached) * block_manager.block_size
-                num_new = seq.num_tokens - num_cached
-                if not config.enable_chunked_prefill and num_new > budget:
-                    break
-                num_new = min(num_new, budget)
-                if not block_manager.can_allocate(seq, cached, num_new):
-                    self.num_kv_refusals += 1
-                    break
-                self.waiting.popleft()
-                block_manager.allocate(seq, cached, num_new)
-                block_manager.record_lookup(seq.num_tokens, num_cached)
-                seq.num_computed_tokens = num_cached
-                if seq.num_cached_tokens is None:
-                    seq.num_cached_tokens = num_cached
-                    seq.first_scheduled_time = now
-                num_hit_tokens += num_cached
-                self._insert_running(seq)
-                scheduled.append((seq, num_new))
-                budget -= num_new
+        while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
+            seq = self.waiting[0]
+            # Prompt logprobs need every prompt position computed (vLLM skips the cache for them too).
+            cached = block_manager.find_cached_prefix(seq) if seq.sampling_params.prompt_logprobs is None else []
+            num_cached = len(cached) * block_manager.block_size
+            num_new = seq.num_tokens - num_cached
+            if not config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not block_manager.can_allocate(seq, cached, num_new):
+                self.num_kv_refusals += 1
+                break
+            self.waiting.popleft()
+            block_manager.allocate(seq, cached, num_new)
+            block_manager.record_lookup(seq.num_tokens, num_cached)
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = now
+            num_hit_tokens += num_cached
+            self._insert_running(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return num_hit_tokens
 
+    def _make_output(self, scheduled: list[tuple[Sequence, int]], num_preempted: int, num_hit_tokens: int,
+                     num_decode_seqs: int = 0, decode_context_tokens: int = 0) -> SchedulerOutput:
+        """The step's output for the scheduled (sequence, new tokens), each then counted as computed; its
+        features start from the decodes schedule_beside_decodes leaves out of it."""
         self.num_preemptions += num_preempted
         self.last_stats = ScheduleStats(num_preempted, num_hit_tokens)
         sequences = []
         append = sequences.append
         finishing = self._finishing
         has_token_history = False
+        # The batch's features are summed here, in summarize_batch's order and arithmetic, saving it a pass.
+        num_prefill_seqs = num_prefill_tokens = prefill_context_tokens = 0
+        prefill_attention_work = 0.0
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             end = start + num_new
             token_ids = seq.token_ids
             pending = seq.num_pending_tokens
-            num_outputs = len(token_ids) + pending - seq.num_prompt_tokens
-            samples = end - seq.num_prompt_tokens == num_outputs
+            num_prompt_tokens = seq.num_prompt_tokens
+            num_outputs = len(token_ids) + pending - num_prompt_tokens
+            samples = end - num_prompt_tokens == num_outputs
             new_tokens = token_ids[start:end]
             params = seq.sampling_params
             if samples:
@@ -201,18 +252,30 @@ class Scheduler:
                 seq.num_pending_tokens = pending + 1
                 if num_outputs + 1 >= params.max_tokens:
                     finishing.append(seq)
-            scheduled_seq = ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table,
-                                              num_new == 1 and start >= seq.num_prompt_tokens, samples, num_outputs,
-                                              params)
-            if params.needs_token_history or (params.prompt_logprobs is not None and start < seq.num_prompt_tokens):
+            is_decode = num_new == 1 and start >= num_prompt_tokens
+            scheduled_seq = ScheduledSequence(seq.seq_id, new_tokens, start, seq.block_table, is_decode, samples,
+                                              num_outputs, params)
+            if params.needs_token_history or (params.prompt_logprobs is not None and start < num_prompt_tokens):
                 scheduled_seq.token_history = token_ids[:]
-                scheduled_seq.num_prompt_tokens = seq.num_prompt_tokens
+                scheduled_seq.num_prompt_tokens = num_prompt_tokens
                 has_token_history = True
             append(scheduled_seq)
             seq.num_computed_tokens = end
+            num_tokens = len(new_tokens)
+            if is_decode:
+                num_decode_seqs += 1
+                decode_context_tokens += start + num_tokens
+            else:
+                num_prefill_seqs += 1
+                num_prefill_tokens += num_tokens
+                prefill_context_tokens += start
+                prefill_attention_work += num_tokens * (start + (num_tokens + 1) / 2)
         released, self._released_seq_ids = self._released_seq_ids, []
+        features = BatchFeatures(num_prefill_seqs, num_prefill_tokens, num_decode_seqs, num_decode_seqs,
+                                 decode_context_tokens, prefill_context_tokens, prefill_attention_work,
+                                 num_prefill_tokens + num_decode_seqs)
         output = SchedulerOutput(
-            step=self._step, sequences=sequences, finished_seq_ids=released, features=summarize_batch(sequences),
+            step=self._step, sequences=sequences, finished_seq_ids=released, features=features,
             has_token_history=has_token_history,
         )
         self._step += 1
@@ -253,11 +316,15 @@ class Scheduler:
         self._in_flight.clear()
         self._finishing = []
 
-    def update(self, output: SchedulerOutput, result: StepResult, now: float) -> list[Sequence]:
-        """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks."""
+    def update(self, output: SchedulerOutput, result: StepResult, now: float,
+               finished_first: Iterable[tuple[Sequence, FinishReason]] = ()) -> list[Sequence]:
+        """Apply the oldest step in flight's result: append samples, finish sequences, commit computed blocks.
+
+        finished_first: (sequence, reason) of the decodes applied in bulk beside this output (schedule_beside_decodes),
+        finished before the output's own, after every commit, as when they are in it."""
         finish_reason = self.finish_reason
         block_manager = self.block_manager
-        finished: list[tuple[Sequence, FinishReason]] = []
+        finished: list[tuple[Sequence, FinishReason]] = list(finished_first)
         sampled = result.sampled_token_ids
         logprobs, prompt_logprobs = result.logprobs, result.prompt_logprobs
         commit = block_manager.commit_computed if block_manager.enable_prefix_caching else None

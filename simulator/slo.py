@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,7 +106,11 @@ class SloMonitor:
                 return f"{engine.num_rejected} request(s) rejected ({record.reason})"
             count = len(engine.sequences)
             if count > self._seen[index]:
-                self._open.extend(list(engine.sequences.values())[self._seen[index]:])
+                # The newest, read from the end: a copy of every sequence served so far, each call, cost a
+                # whole-trace check a second.
+                added = list(islice(reversed(engine.sequences.values()), count - self._seen[index]))
+                added.reverse()
+                self._open.extend(added)
                 self._seen[index] = count
         pending = [0] * len(self.slos)
         still_open = []

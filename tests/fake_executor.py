@@ -7,6 +7,7 @@ a wrong block table, a prefix-cache hit on the wrong block or a lost recompute c
 import xxhash
 
 from engine.scheduler_output import PENDING_TOKEN, SchedulerOutput, StepResult
+from engine.stats import batch_features
 
 
 class PagedEchoExecutor:
@@ -87,11 +88,12 @@ class PredictingExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepResult:
         self.steps.append(scheduler_output)
-        decodes = [seq for seq in scheduler_output.sequences if seq.is_decode]
-        prefill_tokens = sum(len(seq.token_ids) for seq in scheduler_output.sequences if not seq.is_decode)
-        duration = self._duration(len(decodes), sum(seq.context_len for seq in decodes), prefill_tokens)
+        # The batch as a DecodeRunPredictor reads it: its features (the sequences may leave decodes out).
+        features = batch_features(scheduler_output)
+        prefill_tokens = features.num_prefill_tokens
+        duration = self._duration(features.num_decode_seqs, features.decode_context_tokens, prefill_tokens)
         sampled = {seq.seq_id: self.token_id for seq in scheduler_output.sequences if seq.samples}
-        graph = self.cuda_graph_batch_size(len(decodes)) if not prefill_tokens else 0
+        graph = self.cuda_graph_batch_size(features.num_decode_seqs) if not prefill_tokens else 0
         return StepResult(sampled_token_ids=sampled, duration=duration, cuda_graph_batch_size=graph)
 
     def predict_decode_run(self, num_decode_seqs: int, decode_context_tokens: int, num_steps: int) -> list[float]:

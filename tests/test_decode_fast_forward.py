@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -207,3 +208,25 @@ def test_a_full_batch_with_a_queue_is_fast_forwarded_as_stepping_gives():
     waiting = steps_table(stepped.step_records).column("num_waiting").to_pylist()
     assert max(waiting) >= 5
     assert len(skipped.executor.steps) < len(stepped.step_records) / 3
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+@pytest.mark.parametrize("budget", [128, 16])
+def test_a_step_beside_running_decodes_applies_them_in_bulk_as_stepping_does(budget, prefix_caching):
+    """A step where others decode beside a prompt (admitted now, or its next chunk under a small budget) has its
+    decodes applied by the engine: the executor is handed the prompt alone, and every table, and the prefix cache,
+    is as stepping's."""
+    workload = dict(seed=11, block_size=4, max_num_seqs=8, budget=budget, num_kv_blocks=300,
+                    prefix_caching=prefix_caching, num_requests=12, span=2.0)
+    stepped, skipped = run(workload, fast_forward=False), run(workload, fast_forward=True)
+    assert requests_table(list(skipped.request_records.values())).equals(
+        requests_table(list(stepped.request_records.values())))
+    assert steps_table(skipped.step_records).equals(steps_table(stepped.step_records))
+    beside = [output for output in skipped.executor.steps
+              if output.features.num_decode_seqs and not any(seq.is_decode for seq in output.sequences)]
+    assert beside, "no step ran a prompt beside decodes applied in bulk"
+    assert all(output.features.num_prefill_seqs == len(output.sequences) for output in beside)
+    if budget == 16:  # prompts longer than the budget: later chunks of a running prompt go this way too
+        assert any(seq.num_computed_tokens > 0 for output in beside for seq in output.sequences)
+    assert list(skipped.block_manager.free_queue) == list(stepped.block_manager.free_queue)
+    assert skipped.block_manager.hash_to_block == stepped.block_manager.hash_to_block

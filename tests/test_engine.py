@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestStatus
+from engine.stats import summarize_batch
 from tests.fake_executor import PagedEchoExecutor, assert_output_as_recorded, reference_outputs
 
 
@@ -88,6 +89,8 @@ def test_random_workloads_finish_exactly_once_with_correct_outputs(async_schedul
             assert output.num_batched_tokens <= config.max_num_batched_tokens
             assert len(output.sequences) <= config.max_num_seqs
             assert len({seq.seq_id for seq in output.sequences}) == len(output.sequences)
+            # What the step log and cost models read: the scheduler sums it while building the step.
+            assert output.features == summarize_batch(output.sequences)
 
     manager = engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks, "blocks leaked after every request finished"
