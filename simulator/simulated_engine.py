@@ -96,6 +96,10 @@ def build_simulated_engine(args: EngineArgs, *, gpu: str, profile: str | None = 
             log.info(f"UNCALIBRATED simulation ({cost_model.label}): step times come from an analytic roofline")
         elif cost_model.provenance == "composed":
             log.info(f"composed simulation ({cost_model.label}): step times composed from timed operators")
+        if config.async_scheduling and not getattr(cost_model, "async_scheduling", False):
+            log.warning(f"asynchronous scheduling with {cost_model.label}: its step times are of synchronous steps "
+                        "(host then device), so they come out long where the host's work would overlap the device's "
+                        "(a composed model overlaps them)")
     return engine, metadata
 
 

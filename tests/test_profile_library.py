@@ -141,3 +141,15 @@ def test_the_bundled_h200_operator_profile_composes_every_preset():
     assert decode_ms["qwen3-0.6b"] < decode_ms["qwen3-8b"] < decode_ms["qwen3-32b"] < decode_ms["qwen2.5-72b"]
     # An 8B decode step of 32 sequences on an H200 reads 16 GB of weights: several milliseconds, not one or fifty.
     assert 4 < decode_ms["qwen3-8b"] < 15
+
+
+@pytest.mark.parametrize("cost_model, warned", [("roofline", True), ("auto", False)])
+def test_asynchronous_scheduling_on_a_model_of_synchronous_steps_is_said(operators_dir, caplog, cost_model, warned):
+    """Only a composed model overlaps host and device; with any other, asynchronous scheduling is warned about."""
+    args = build_parser().parse_args(["simulate", "unused", "--model", "qwen3-0.6b", "--out", "unused",
+                                      "--async-scheduling"])
+    profile = str(operators_dir / "h200_operators.parquet") if cost_model == "auto" else None
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("ignore")
+        build_simulated_engine(engine_args_from(args), gpu="h200", profile=profile, cost_model_kind=cost_model)
+    assert ("come out long where the host's work would overlap" in caplog.text) == warned
