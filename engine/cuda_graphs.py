@@ -9,6 +9,7 @@ so any sequence fits.
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.kernels.decode_tiling import DecodeTiling
 
 
 @torch.inference_mode()
@@ -79,8 +80,6 @@ class MixedStepGraphs:
 
     def __init__(self, model, token_sizes: tuple[int, ...], max_seqs: int, max_blocks_per_seq: int, block_q: int,
                  device: torch.device, min_work_capacity: int = 1024) -> None:
-        from engine.kernels.decode_attention import DecodeTiling  # Triton only where the graphs are built
-
         self.model = model
         self.min_work_capacity = min_work_capacity
         self.token_sizes = sorted(token_sizes)

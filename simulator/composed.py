@@ -173,19 +173,16 @@ class ComposedCostModel:
         spacing = (float(replay.at(nodes[-1])) - float(replay.at(nodes[0]))) / (nodes[-1] - nodes[0]) \
             if len(nodes) > 1 else 0.0
 
-        def graph_kernels(single: bool) -> int:
-            return kernel_counts(layers, sharded, "decode" if single else "mixed", head=single, row_gather=False)["all"]
-
-        def replayed(single: bool) -> float:
-            kernels = graph_kernels(single)
+        def replayed(attention: str, head: bool) -> float:
+            kernels = kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]
             return max(0.0, float(replay.at(kernels)) - kernels * spacing)
 
         def launched(attention: str) -> float:
             counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)
             return sum(float(curve.at(counts[launcher])) for launcher, curve in launch.items())
 
-        self._set("_replay_decode", replayed(single=True))  # decode graphs capture the LM head
-        self._set("_replay_mixed", replayed(single=False))
+        self._set("_replay_decode", replayed("decode", head=True))  # decode graphs capture the LM head
+        self._set("_replay_mixed", replayed("mixed", head=False))
         self._set("_launch_single", launched("decode"))
         self._set("_launch_prefill", launched("prefill"))
         self._set("_launch_mixed", launched("mixed"))

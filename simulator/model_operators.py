@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.kernels.decode_tiling import DecodeTiling, decode_partition_size
 from simulator.model_shape import ModelShape, dtype_bytes
 from simulator.operator_tables import Grid, OperatorProfile, choose_shape, grid_of
 from simulator.roofline import HostOverheads
@@ -207,20 +208,6 @@ def _attention_grids(find: _Finder, heads: int, kv_heads: int, head_dim: int, la
     return decode, prefill
 
 
-# The engine's decode kernel tiling (engine/kernels/decode_attention.py DecodeTiling, which imports Triton): a program
-# per 512 table tokens, the partition doubled until at most 128 remain.
-DECODE_PARTITION_TOKENS = 512
-DECODE_MAX_PARTITIONS = 128
-
-
-def decode_partition_tokens(table_tokens: int) -> int:
-    """Table tokens per program of the engine's decode kernel over block tables this wide."""
-    size = DECODE_PARTITION_TOKENS
-    while -(-table_tokens // size) > DECODE_MAX_PARTITIONS:
-        size *= 2
-    return size
-
-
 def decode_graph_at_width(graph: Grid, exact: Grid, profiled_width: int, width: int) -> Grid:
     """The decode kernel of a CUDA graph whose block tables are `width` tokens wide, from the profile's (tables
     profiled_width wide) and its exact-width variant: the kernel runs a program per table partition, and those past
@@ -229,15 +216,16 @@ def decode_graph_at_width(graph: Grid, exact: Grid, profiled_width: int, width: 
     programs where the two widths' partitions differ. A context at or past the profile's width left no empty
     program to time: it takes the cost per empty program of the nearest context below."""
     rows, contexts = graph.axes
+    tiling = DecodeTiling()  # the engine's default, which its decode graphs run
     exact_seconds = exact.at(rows[:, None], contexts[None, :])
     measured = contexts < profiled_width
     per_program = np.zeros_like(graph.seconds)
     if measured.any():
-        empty_profiled = (profiled_width - contexts[measured]) / decode_partition_tokens(profiled_width)
+        empty_profiled = (profiled_width - contexts[measured]) / decode_partition_size(profiled_width, tiling)
         per_program[:, measured] = np.maximum(graph.seconds[:, measured] - exact_seconds[:, measured], 0.0) \
             / empty_profiled
         per_program[:, ~measured] = per_program[:, np.flatnonzero(measured)[-1:]]
-    empty = np.maximum(width - contexts, 0.0) / decode_partition_tokens(width)
+    empty = np.maximum(width - contexts, 0.0) / decode_partition_size(width, tiling)
     seconds = exact_seconds + per_program * empty[None, :]
     # Kept non-decreasing along both axes, as every grid is.
     return Grid(graph.axes, np.maximum.accumulate(np.maximum.accumulate(seconds, axis=0), axis=1))

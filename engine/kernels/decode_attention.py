@@ -10,42 +10,13 @@ instead runs over a work map (decode_work_map): the (sequence, partition) pairs 
 listed on the host, in a buffer of fixed capacity, with the partition size chosen per step so they fit.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from engine.kernels.attention_inputs import check_attention_inputs, entries_by_owner
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeTiling:
-    """Partition and tile shape of the decode kernels; the defaults measured fastest on an H100 for head_dim 64 and 128.
-
-    Partitions of 512 rather than the 2% faster 1024 (at 256 x 1024 tokens) keep small batches spread over the SMs.
-    """
-
-    partition_size: int = 512
-    """Context tokens per program; grown for very long contexts so at most max_partitions remain (over a work
-    map: grown until the step's partitions fit the map, max_partitions aside)."""
-    block_n: int = 128
-    """Keys per inner-loop step."""
-    max_partitions: int = 128
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("partition_size", "block_n", "max_partitions"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"DecodeTiling.{name} must be a power of two, got {value}")
-        if self.block_n < 16 or self.partition_size % self.block_n:
-            raise ValueError(
-                f"DecodeTiling: block_n ({self.block_n}) must be >= 16 "
-                f"and divide partition_size ({self.partition_size})"
-            )
+from engine.kernels.decode_tiling import DecodeTiling, decode_partition_size  # noqa: F401 (re-exported)
 
 
 # The table's width and the partition count change with the batch in eager steps: specializing on
@@ -196,14 +167,6 @@ def _decode_reduce_kernel(
     parts = tl.load(partial_out_ptr + rows[:, None] * HEAD_DIM_PADDED + dims[None, :], mask=valid[:, None], other=0.0)
     out = tl.sum(parts * weights[:, None], 0) / total
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
-
-
-def decode_partition_size(max_context_len: int, tiling: DecodeTiling) -> int:
-    """Partition size for contexts up to max_context_len: tiling's, doubled until max_partitions suffice."""
-    size = tiling.partition_size
-    while triton.cdiv(max_context_len, size) > tiling.max_partitions:
-        size *= 2
-    return size
 
 
 def decode_work_map(
