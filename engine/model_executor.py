@@ -25,6 +25,11 @@ class PendingResult:
         self._pending = pending
         self._start = time.perf_counter()
 
+    @property
+    def device_seconds(self) -> float | None:
+        """After result(), where the runner times device work (ModelRunner.time_device_work): its seconds."""
+        return self._pending.device_seconds
+
     def result(self) -> StepResult:
         pending = self._pending
         sampled, graph_size = pending.result()

@@ -71,16 +71,28 @@ class PendingStep:
         self.prompt_logprobs: dict[int, tuple[int, list[TokenLogprobs]]] | None = None
         """After result(): StepResult.prompt_logprobs."""
         self._event = None
+        self._work_started = self._work_ended = None
+        self.device_seconds: float | None = None
+        """After result(), where the runner times device work: from the step's upload to its end."""
         if on_cuda:
             # Every step is waited for, sampling or not: the staging buffers are reused on the
             # promise that the step before last has finished (and durations include the GPU work).
             self._event = torch.cuda.Event()
             self._event.record()
 
+    def time_from(self, started) -> None:
+        """Time the device's work for this step from `started` (a timing event recorded before its upload)."""
+        self._work_started = started
+        self._work_ended = torch.cuda.Event(enable_timing=True)
+        self._work_ended.record()
+
     def result(self) -> tuple[dict[int, int], int]:
         """(sampled token per seq id, CUDA-graph batch size or 0), waiting for this step only."""
         if self._event is not None:
             self._event.synchronize()
+        if self._work_ended is not None:
+            self._work_ended.synchronize()
+            self.device_seconds = self._work_started.elapsed_time(self._work_ended) / 1e3
         if self._prompt_logprobs is not None:
             computed, plan = self._prompt_logprobs
             entries = to_token_logprobs(plan.targets.tolist(), computed,
@@ -158,6 +170,10 @@ class ModelRunner:
         self._last_rows: dict[int, int] = {}
         """seq id -> row of _last_tokens, the samples of the step launched last (PENDING_TOKEN's values)."""
         self._token_turn = 0
+        self.time_device_work = False
+        """On a GPU, time each step's device work with CUDA events (PendingStep.device_seconds): the operator
+        profile's host-step probe sets it to tell the host's time from the device's."""
+        self._work_started = None
         self._token_buffers = [
             torch.empty(engine_config.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda")
             for _ in range(2)
@@ -398,6 +414,9 @@ class ModelRunner:
             last_rows = self._last_rows
             arrays["pending_rows"] = pending_rows
             arrays["pending_sources"] = np.asarray([last_rows[seqs[row].seq_id] for row in pending_rows], np.int32)
+        if self.time_device_work and self.device.type == "cuda":
+            self._work_started = torch.cuda.Event(enable_timing=True)
+            self._work_started.record()
         dev = self.staging.upload(arrays)
         if pending_rows.size:
             pending_tokens = self._last_tokens[dev["pending_sources"].long()].to(torch.int32)
@@ -420,13 +439,20 @@ class ModelRunner:
 
         return read
 
-    @torch.inference_mode()
     def launch(self, scheduler_output: SchedulerOutput) -> "PendingStep":
         """Queue one step on the device and return at once; the PendingStep gives its samples.
 
         A PENDING_TOKEN input is the token its sequence sampled in the step launched just before, taken
         from the device: the next step can be queued before this one's samples reach the host.
         """
+        pending = self._launch(scheduler_output)
+        if self._work_started is not None:
+            pending.time_from(self._work_started)
+            self._work_started = None
+        return pending
+
+    @torch.inference_mode()
+    def _launch(self, scheduler_output: SchedulerOutput) -> "PendingStep":
         for seq_id in scheduler_output.finished_seq_ids:
             self._block_table_rows.pop(seq_id, None)
         if not scheduler_output.sequences:

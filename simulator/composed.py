@@ -173,9 +173,13 @@ class ComposedCostModel:
         spacing = (float(replay.at(nodes[-1])) - float(replay.at(nodes[0]))) / (nodes[-1] - nodes[0]) \
             if len(nodes) > 1 else 0.0
 
+        # A graph step's device work also holds a little per kernel that its operators, each timed alone, do not
+        # (graph_gap, fitted on the probe's serving steps against this composition).
+        gaps = self.operators.graph_gap
+
         def replayed(attention: str, head: bool) -> float:
             kernels = kernel_counts(layers, sharded, attention, head, row_gather=False)["all"]
-            return max(0.0, float(replay.at(kernels)) - kernels * spacing)
+            return max(0.0, float(replay.at(kernels)) - kernels * spacing) + kernels * gaps[attention]
 
         def launched(attention: str) -> float:
             counts = kernel_counts(layers, sharded, attention, head=True, row_gather=True)

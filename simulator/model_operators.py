@@ -75,6 +75,9 @@ class ModelOperators:
     """Seconds to launch m kernels by launcher ("torch", "triton"), or of any kernel ("all") when the profile
     does not tell them apart."""
     host: dict[str, float]
+    graph_gap: dict[str, float]
+    """Seconds per kernel a CUDA-graph step's device work holds beyond its operators' times, by kind of graph
+    ("decode", "mixed"; fitted on the probe's serving steps), 0 where the profile has no graph_gap rows."""
     all_reduce_measured: Grid | None
     all_reduce_source: str
     """"measured" (the profile's all_reduce rows at this tp), "nccl-ring-formula", or "none" at tp 1."""
@@ -189,12 +192,13 @@ def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, d
     launchers = ("torch", "triton") if split else ("all",)
     launch = {launcher: find.untyped("launch", "m", variant=launcher if split else None) for launcher in launchers}
     host = _host_terms(find)
+    graph_gap = _graph_gaps(find)
     measured, source = _all_reduce(find, tp, interconnect_bandwidth)
     if find.problems:
         raise ValueError(f"operator profile {profile.source} cannot compose {shape.name} tp{tp} {dtype}: "
                          + "; ".join(dict.fromkeys(find.problems)))
     return ModelOperators(token_curves, lm_head, sampler_curve, decode, prefill, graph_replay, launch, host,
-                          measured, source, np.unique(np.concatenate(find.used)))
+                          graph_gap, measured, source, np.unique(np.concatenate(find.used)))
 
 
 def _attention_grids(find: _Finder, heads: int, kv_heads: int, head_dim: int, layers: int):
@@ -246,6 +250,22 @@ def _host_terms(find: _Finder) -> dict[str, float]:
     return {term: terms.get(term, 0.0) for term in HOST_TERMS}
 
 
+GRAPH_KINDS = ("decode", "mixed")
+
+
+def _graph_gaps(find: _Finder) -> dict[str, float]:
+    """graph_gap rows by kind of graph (a profile without them: none, as profiles before session 12)."""
+    rows = find.profile.rows_of("graph_gap", variant=None)
+    columns = find.profile.columns
+    gaps = {}
+    for kind in GRAPH_KINDS:
+        selected = rows[columns["variant"][rows] == kind]
+        if len(selected):
+            find.used.append(selected)
+        gaps[kind] = float(np.mean(columns["seconds"][selected])) if len(selected) else 0.0
+    return gaps
+
+
 def _all_reduce(find: _Finder, tp: int, interconnect_bandwidth: float | None) -> tuple[Grid | None, str]:
     if tp == 1:
         return None, "none"
@@ -266,8 +286,9 @@ def activation_bytes(dtype: str) -> int:
 
 def host_probe_layers(profile: OperatorProfile) -> int:
     """Layers of the probe model whose serving steps the host_step terms were fitted on (metadata "host_step"), or
-    0 when the profile does not say. Its host time is each step's duration less the wait for the device, so an
-    eager step's terms include launching the probe's kernels: the composition takes those out again."""
+    0 when the profile does not say. An eager step's host time is its duration less the host's wait for the device
+    after its launches returned (simulator/host_step_profile.py host_seconds), so its terms include launching the
+    probe's kernels: the composition takes those out again."""
     try:
         report = json.loads(profile.metadata.get("host_step", ""))
     except json.JSONDecodeError:

@@ -70,21 +70,25 @@ TABLES = (
 
 
 def profile_operators(out_path, *, device: str = "cuda", dtype: str = "bfloat16", max_seconds: float = 420.0,
-                      grid: OperatorGrid | None = None, tables: tuple[str, ...] | None = None, log=print) -> Path:
+                      grid: OperatorGrid | None = None, tables: tuple[str, ...] | None = None, base=None,
+                      log=print) -> Path:
     """Time every table (or those named) within max_seconds (setup and writing included) and write the Parquet
-    file; its path."""
+    file; its path. base: the profile these tables will be merged into (--update), for the fits that compose
+    from the whole profile (the host-step table's graph gaps)."""
     import torch
 
     started = time.perf_counter()
     out_path = Path(out_path)
     with one_thread_on_cpu(torch.device(device)), torch.inference_mode():
         context = profile_context(torch.device(device), getattr(torch, dtype), grid)
+        if base is not None:
+            context.base_table = read_operator_profile(base)
         metadata = _metadata(context, max_seconds)
         log(f"operator profile: {metadata['gpu_name']}, {context.dtype_name}, {len(context.models)} models, "
             f"budget {max_seconds:.0f} s; ceilings {context.ceilings.flops / 1e12:.0f} TFLOP/s, "
             f"{context.ceilings.bandwidth / 1e12:.2f} TB/s, L2 {context.ceilings.l2_bytes >> 20} MiB")
         usable = max_seconds - min(10.0, 0.03 * max_seconds)  # time to write the file and exit
-        rows, summary = [], []
+        rows, summary = context.measured_rows, []
         for name, deadline, table in _schedule(context, started, usable, tables):
             run = TableRun(name, deadline, context, log)
             try:

@@ -27,6 +27,9 @@ Operators (the columns each one sets):
                       profile's metadata names them; never a model the profile is validated on): seconds is
                       the fitted coefficient of `variant` (step, decode_seq, prefill_seq, prefill_token,
                       mixed_step, eager_step)
+  graph_gap           variant "decode" or "mixed" (kind of CUDA graph), m (the probe's kernels in that graph):
+                      seconds per kernel that the probe's graph steps took on the device (CUDA events) beyond
+                      what the composition of this profile gives them, fitted with host_step
 The Parquet file's metadata holds FORMAT, VERSION and the machine (gpu name, torch/triton/CUDA versions,
 date, wall seconds the profile took, the command).
 """
@@ -50,6 +53,7 @@ OPERATORS = (
     "graph_replay",
     "launch",
     "host_step",
+    "graph_gap",
 )
 
 OPERATOR_PROFILE_SCHEMA = pa.schema(

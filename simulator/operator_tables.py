@@ -100,6 +100,10 @@ class OperatorProfile:
         return OperatorProfile(self.source, {name: values[indices] for name, values in self.columns.items()},
                                self.metadata)
 
+    def without(self, op: str) -> "OperatorProfile":
+        """The same profile with no rows of this operator."""
+        return self.subset(np.flatnonzero(self.columns["op"] != op))
+
     def to_json(self) -> dict:
         """Rows as lists per column, with the source and metadata."""
         rows = {}

@@ -129,6 +129,27 @@ class ProfileContext:
     """The host-step fit's report (steps, error, the probe), once that table ran."""
     all_reduce_note: str = "not measured"
     mixed_graph_cache: dict = dataclasses.field(default_factory=dict)
+    measured_rows: list = dataclasses.field(default_factory=list)
+    """Rows of the tables this run has finished (the profiler appends them)."""
+    base_table: object = None
+    """With --update, the profile whose other tables this run's are merged into (a pyarrow Table), else None."""
+
+    def profile_so_far(self, rows: list[dict]):
+        """An OperatorProfile of what the finished profile will hold, as far as timed now: the base's rows of the
+        operators this run does not time (with --update), the finished tables' rows and these."""
+        import pyarrow as pa
+
+        from simulator.operator_tables import OperatorProfile
+
+        timed = self.measured_rows + rows
+        table = pa.Table.from_pylist(timed, schema=OPERATOR_PROFILE_SCHEMA)
+        if self.base_table is not None:
+            import pyarrow.compute as pc
+
+            ops = pa.array(sorted({row["op"] for row in timed}), pa.string())
+            kept = self.base_table.filter(pc.invert(pc.is_in(self.base_table.column("op"), value_set=ops)))
+            table = pa.concat_tables([kept.select(table.column_names).cast(table.schema), table])
+        return OperatorProfile.from_table(table, source="this profile run")
 
     def mixed_graphs(self, layout):
         """The engine's MixedStepGraphs for a head layout (its buffers only, nothing captured): its work-map and

@@ -4,8 +4,11 @@ a partial profile lacks."""
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from engine.config import EngineConfig
@@ -15,8 +18,11 @@ from engine.sampling_params import SamplingParams
 from engine.stats import BatchFeatures
 from simulator.composed import ComposedCostModel
 from simulator.executor import DECODE_GRAPHS_ONLY, CostModelExecutor
+from simulator.host_step_profile import fit_graph_gaps
+from simulator.model_operators import kernel_counts
 from simulator.model_shape import ModelShape
 from simulator.operator_tables import Grid, OperatorProfile, choose_shape, grid_of
+from simulator.operator_timing import operator_row
 from tests.synthetic_operators import NVLINK, synthetic_operator_profile
 
 GEMMS = ("qkv", "o", "gate_up", "down")
@@ -341,3 +347,50 @@ def test_a_slow_sample_is_averaged_into_its_line_not_carried_to_every_larger_sha
     assert fitted.mean() == pytest.approx(measured.mean())  # least squares keeps the line's total
     monotone = np.array([1.0, 2.0, 2.0, 5.0])
     np.testing.assert_array_equal(non_decreasing(monotone, np.ones(4)), monotone)
+
+
+def _with_graph_gaps(source: Path, target: Path, gaps: dict[str, float]) -> Path:
+    """source's profile with graph_gap rows added (seconds per kernel by kind of graph)."""
+    table = pq.read_table(source)
+    rows = [operator_row("graph_gap", seconds, 100, variant=kind, graph=True, dtype="bfloat16", m=300)
+            for kind, seconds in gaps.items()]
+    extra = pa.Table.from_pylist(rows, schema=table.schema.remove_metadata())
+    pq.write_table(pa.concat_tables([table.replace_schema_metadata(None), extra])
+                   .replace_schema_metadata(table.schema.metadata), target)
+    return target
+
+
+def test_graph_gaps_lengthen_graph_steps_by_their_kernels(tmp_path, qwen3_8b):
+    """A profile's graph_gap rows add seconds per kernel to steps run as CUDA graphs, each kind its own; eager steps
+    (launch-bound or not) keep their time."""
+    source = synthetic_operator_profile(tmp_path / "plain.parquet")
+    gapped = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        _with_graph_gaps(source, tmp_path / "gapped.parquet", {"decode": 1e-6, "mixed": 0.5e-6})))
+    decode_kernels = kernel_counts(36, False, "decode", True, row_gather=False)["all"]
+    mixed_kernels = kernel_counts(36, False, "mixed", False, row_gather=False)["all"]
+    assert gapped.predict(decode(64, 1000), 64) - qwen3_8b.predict(decode(64, 1000), 64) == pytest.approx(
+        decode_kernels * 1e-6)
+    mixed = BatchFeatures(1, 300, 20, 20, 20 * 800, 0, 300 * 150.5, 320)
+    assert gapped.predict(mixed, 384) - qwen3_8b.predict(mixed, 384) == pytest.approx(mixed_kernels * 0.5e-6)
+    assert gapped.predict(mixed, 0) == qwen3_8b.predict(mixed, 0)
+    assert gapped.predict(decode(64, 1000), 0) == qwen3_8b.predict(decode(64, 1000), 0)
+
+
+def test_graph_gaps_are_fitted_per_kernel_on_the_probes_device_time(tmp_path):
+    """fit_graph_gaps recovers a per-kernel excess planted in a probe's graph steps over the profile's own
+    composition of them, and leaves eager steps out."""
+    profile = OperatorProfile.read(synthetic_operator_profile(tmp_path / "plain.parquet"))
+    probe = ComposedCostModel(ModelShape.load("qwen3-8b"), profile, max_model_len=4096)
+    rng = random.Random(3)
+    steps = []
+    for _ in range(1200):
+        features, graph = random_step(rng)
+        parts = probe.step_breakdown(features, graph)
+        kind = "decode" if features.num_prefill_seqs == 0 else "mixed"
+        kernels = kernel_counts(36, False, kind, kind == "decode", row_gather=False)["all"]
+        device = sum(parts.values()) - parts["host"] + (kernels * (0.7e-6 if kind == "decode" else 0.3e-6)
+                                                        if graph else 0.05)
+        steps.append(dict(features._asdict(), cuda_graph_batch_size=graph, device_seconds=device))
+    gaps, report = fit_graph_gaps(steps, profile, "qwen3-8b", 4096)
+    assert gaps["decode"][0] == pytest.approx(0.7e-6, rel=1e-6) and gaps["mixed"][0] == pytest.approx(0.3e-6, rel=1e-6)
+    assert report["decode"]["steps"] + report["mixed"]["steps"] == sum(1 for step in steps if step["cuda_graph_batch_size"])

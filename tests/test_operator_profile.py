@@ -25,7 +25,7 @@ from simulator.operator_shapes import (FULL_GRID, attention_layouts, coarse_firs
                                        preset_gemm_shapes, quick_grid, supported_models)
 from simulator.operator_timing import Ceilings, OperatorTimer, ProfileContext, TableRun, operator_row
 
-EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce"}  # all-reduce needs several GPUs
+EXPECTED_OPERATORS = set(OPERATORS) - {"all_reduce", "graph_gap"}  # several GPUs; device times (a GPU)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,28 @@ def test_fit_host_terms_recovers_known_costs():
     assert report["median_relative_error"] < 0.02 and report["unmeasured"] == []
     for term, value in truth.items():
         assert fitted[term] == pytest.approx(value, rel=0.15), term
+
+
+def test_fit_host_terms_takes_a_graph_steps_device_work_where_it_was_timed():
+    """With CUDA-event device times a graph step's host is its duration less the device's work, not less the host's
+    wait after the launch (which misses the device work done while the launch was returning); an eager step's
+    host stays its duration less that wait (its launches are the host's)."""
+    rng = np.random.default_rng(1)
+    steps = []
+    for index in range(300):
+        decodes, eager = int(rng.integers(1, 200)), index % 3 == 0
+        host = (300e-6 + 4e-6 * decodes + 5e-3 * eager) * rng.normal(1.0, 0.01)
+        device = float(rng.uniform(2e-3, 2e-2))
+        overlap = 0.0 if eager else 7e-6 * decodes  # device work done before the launch returned
+        steps.append({"duration": host + device, "device_seconds": device if not eager else device + 5e-3,
+                      "device_wait": device - overlap, "num_decode_seqs": decodes, "num_prefill_seqs": 0,
+                      "num_prefill_tokens": 0, "cuda_graph_batch_size": 0 if eager else 8})
+    fitted, report = fit_host_terms(steps)
+    assert report["measure"] == "graph_device_work"
+    assert fitted["step"] == pytest.approx(300e-6, rel=0.1) and fitted["decode_seq"] == pytest.approx(4e-6, rel=0.1)
+    assert fitted["eager_step"] == pytest.approx(5e-3, rel=0.05)
+    waited, report = fit_host_terms([dict(step, device_seconds=None) for step in steps])
+    assert report["measure"] == "device_wait" and waited["decode_seq"] > 8e-6
 
 
 class _HostClockEvent:

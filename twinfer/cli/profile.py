@@ -108,7 +108,7 @@ def _operators(args: argparse.Namespace) -> int:
         raise ValueError("--update re-measures some tables of a profile: name them with --tables")
     timed = Path(args.out).with_name(Path(args.out).name + ".timed") if args.update else args.out
     path = profile_operators(timed, device=device, dtype=dtype, max_seconds=args.max_seconds or 420.0,
-                             grid=quick_grid() if args.quick else None, tables=tables)
+                             grid=quick_grid() if args.quick else None, tables=tables, base=args.update)
     if args.update is not None:
         _update(args, path)
         Path(path).unlink()
