@@ -157,9 +157,11 @@ def _metrics(path: Path) -> dict:
             "ttft_mean_ms": metrics.ttft.mean * 1000, "tpot_mean_ms": metrics.tpot.mean * 1000}
 
 
-def split(http: Path, server: Path) -> dict:
+def split(http: Path, server: Path, inproc: Path | None = None) -> dict:
     """Per request, on the machine's one clock: the way in (client sends -> the engine has it) and the way out (the
-    engine's first token -> the client reads it), p50 and p90 in ms. Each client request is paired with the
+    engine's first token -> the client reads it), p50 and p90 in ms; with the in-process run, also how late the
+    client sent (its send time less the trace's arrival, which its TTFT counts) and the server's TTFT less the
+    same request's in-process TTFT (the engine's share: the step it joined). Each client request is paired with the
     server's request of the same prompt and output length arriving nearest in time."""
     import numpy as np
     import pandas as pd
@@ -171,7 +173,8 @@ def split(http: Path, server: Path) -> dict:
     if None in origins:
         return {}
     keys = ["prompt_len", "max_tokens"]
-    sent = client.requests.to_pandas()[keys + ["first_scheduled_time", "first_token_time"]]
+    sent = client.requests.to_pandas()[keys + ["request_id", "arrival_time", "first_scheduled_time",
+                                               "first_token_time"]].rename(columns={"arrival_time": "trace_time"})
     got = served.requests.to_pandas()[keys + ["arrival_time", "first_token_time"]]
     got = got.assign(time=got["arrival_time"] + origins[1] - origins[0])  # on the client's clock
     sent = sent.assign(time=sent["first_scheduled_time"])
@@ -187,7 +190,13 @@ def split(http: Path, server: Path) -> dict:
         values = values[np.isfinite(values)] * 1000
         return {"p50_ms": float(np.percentile(values, 50)), "p90_ms": float(np.percentile(values, 90))}
 
-    return {"way_in": stats(way_in), "way_out": stats(way_out)}
+    parts = {"way_in": stats(way_in), "way_out": stats(way_out)}
+    if inproc is not None:
+        alone = read_run(inproc).requests.to_pandas().set_index("request_id")["ttft"]
+        server_ttft = paired["first_token_time_server"] - paired["arrival_time"]
+        parts["late"] = stats(paired["first_scheduled_time"] - paired["trace_time"])
+        parts["server_less_inproc"] = stats(server_ttft.to_numpy() - alone.reindex(paired["request_id"]).to_numpy())
+    return parts
 
 
 def summary(runs: Path, model: str, variants: list[str]) -> dict:
@@ -195,7 +204,7 @@ def summary(runs: Path, model: str, variants: list[str]) -> dict:
     inproc = measured["inproc"]
     for variant in variants:
         http, server = runs / f"http-{model}-{variant}", runs / f"server-{model}-{variant}"
-        result = {"http": _metrics(http), "server": _metrics(server), "split": split(http, server)}
+        result = {"http": _metrics(http), "server": _metrics(server), "split": split(http, server, runs / f"inproc-{model}")}
         result["throughput_ratio"] = result["http"]["output_throughput"] / inproc["output_throughput"]
         result["ttft_p50_overhead_ms"] = result["http"]["ttft_p50_ms"] - inproc["ttft_p50_ms"]
         result["tpot_p50_overhead_ms"] = result["http"]["tpot_p50_ms"] - inproc["tpot_p50_ms"]

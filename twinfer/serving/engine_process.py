@@ -7,7 +7,9 @@ steps: on an H200 with Qwen3-0.6B that was 1.5-2.2 ms each way, most of the HTTP
 
 The child builds the engine from EngineArgs and runs an EngineDriver on its main thread; a reader thread turns the
 parent's commands into the driver's. The driver's batches of deltas (one per step) go back through a pipe, keyed by
-request id, and a reader thread here hands each batch to the event loop in one wake-up. Arrivals cross on
+request id, that the event loop here watches itself: a batch wakes the loop directly, not a reader thread that
+then has to take the interpreter lock and wake the loop in turn (on this CPU that second hand-over was ~0.15-0.2 ms
+of the ~0.45-0.6 ms from the engine's first token to the loop, benchmarks/serve_way_out.py). Arrivals cross on
 time.perf_counter's clock (system-wide on Linux): stamped here, moved onto the engine's clock there. Ctrl-C belongs
 to the parent: the child ignores SIGINT, and stops when told, on SIGTERM, or when the parent's end of the pipe closes;
 it writes the request log itself (the engine's records never cross).
@@ -83,7 +85,8 @@ class EngineProcess:
         self._replies: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader: threading.Thread | None = None
+        self._watched = False
+        """True while the event loop watches the outputs pipe."""
         self._stopped = threading.Event()
         self._log_path: Path | None = None
         try:
@@ -108,11 +111,10 @@ class EngineProcess:
     # ---- EngineDriver's surface, on the event loop
 
     def start(self) -> None:
-        """Start handing the child's deltas to the running event loop."""
+        """Start handing the child's deltas to the running event loop (which reads them off the pipe)."""
         self._loop = asyncio.get_running_loop()
-        shorten_switch_interval()  # the reader thread and the event loop share this process's interpreter
-        self._reader = threading.Thread(target=self._read, name="twinfer-engine-outputs", daemon=True)
-        self._reader.start()
+        self._loop.add_reader(self._outputs.fileno(), self._on_readable)
+        self._watched = True
 
     @property
     def is_running(self) -> bool:
@@ -158,10 +160,12 @@ class EngineProcess:
                 self._send(("stop", "server shutdown"))
             except EngineUnavailable:
                 pass
-        if self._reader is not None:
-            self._reader.join(STOP_TIMEOUT_S)
-        else:  # never started: read up to the child's last word here
-            self._read()
+        if self._watched and self._loop.is_running():  # the loop reads up to the child's last word
+            self._stopped.wait(STOP_TIMEOUT_S)
+        else:  # never started, or the loop has ended: read up to the child's last word here
+            self._unwatch()
+            while not self._stopped.is_set() and self._take(self._outputs_message(), self._call_soon):
+                pass
         self._process.join(STOP_TIMEOUT_S)
         if self._process.is_alive():
             self._kill()
@@ -186,34 +190,67 @@ class EngineProcess:
         self._send((what, token))
         return await future
 
-    def _read(self) -> None:
-        """The reader thread: each batch of deltas to the event loop, replies to their askers, until the child
-        says it stopped or its pipe closes."""
-        while True:
+    def _on_readable(self) -> None:
+        """On the event loop, when the child has written: take every message the pipe holds. Each is written whole
+        at once, so a message begun is read to its end without waiting on the child."""
+        try:
+            while self._watched and self._outputs.poll(0):
+                if not self._take(self._outputs_message(), _call_now):
+                    return
+        except OSError:  # the pipe is closed: close() has ended this process's side
+            self._unwatch()
+
+    def _outputs_message(self) -> tuple:
+        """The child's next message; ("gone",) once its end of the pipe has closed."""
+        try:
+            return self._outputs.recv()
+        except (EOFError, OSError):
+            return ("gone",)
+
+    def _take(self, message: tuple, dispatch) -> bool:
+        """Act on one message of the child's (dispatch(callback, *args) runs it on the event loop); False once the
+        child has said it stopped or has gone."""
+        kind = message[0]
+        if kind == "deltas":
+            dispatch(self._deliver, message[1])
+        elif kind == "reply":
+            dispatch(self._answer, message[1], message[2], message[3])
+        elif kind == "unavailable":  # asked while the child's engine stops: no answer will come
+            dispatch(self._answer, message[1], None, message[2])
+        elif kind == "stopped":
+            _, path, error = message
+            self._log_path = Path(path) if path is not None else None
+            if error is not None:
+                self.error = error
+            self._unwatch()
+            self._stopped.set()
+            dispatch(self._fail_all, error or "the server is shutting down")
+            return False
+        elif kind == "gone":
+            self._unwatch()
+            if self._stopped.is_set():
+                pass
+            elif dispatch is _call_now:  # on the event loop: the child's exit is waited for off it
+                threading.Thread(target=self._lost, name="twinfer-engine-exit", daemon=True).start()
+            else:
+                self._lost()
+            return False
+        return True
+
+    def _lost(self) -> None:
+        """The child closed its pipe without saying it stopped: fail everything, with its exit code."""
+        self._process.join(5)
+        self.error = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+        self._stopped.set()
+        self._call_soon(self._fail_all, self.error)
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            self._watched = False
             try:
-                message = self._outputs.recv()
-            except (EOFError, OSError):
-                self._process.join(5)
-                if not self._stopped.is_set():
-                    self.error = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
-                    self._call_soon(self._fail_all, self.error)
-                self._stopped.set()
-                return
-            kind = message[0]
-            if kind == "deltas":
-                self._call_soon(self._deliver, message[1])
-            elif kind == "reply":
-                self._call_soon(self._answer, message[1], message[2], message[3])
-            elif kind == "unavailable":  # asked while the child's engine stops: no answer will come
-                self._call_soon(self._answer, message[1], None, message[2])
-            elif kind == "stopped":
-                _, path, error = message
-                self._log_path = Path(path) if path is not None else None
-                if error is not None:
-                    self.error = error
-                self._stopped.set()
-                self._call_soon(self._fail_all, error or "the server is shutting down")
-                return
+                self._loop.remove_reader(self._outputs.fileno())
+            except (RuntimeError, OSError, ValueError):
+                pass  # the loop is closed, or the pipe is: nothing is watched any more
 
     def _call_soon(self, callback, *args) -> None:
         if self._loop is None:
@@ -265,6 +302,10 @@ class EngineProcess:
     def _kill(self) -> None:
         self._process.kill()
         self._process.join()
+
+
+def _call_now(callback, *args) -> None:
+    callback(*args)
 
 
 def _child_main(engine_args: EngineArgs, tokenizer: str | None, log_spec: RequestLogSpec | None,
