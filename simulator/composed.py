@@ -8,6 +8,8 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
                     + 2 all_reduce(T * hidden bytes))  + embedding + rms_norm + all_reduce(T * hidden bytes)
                (all-reduces only at tp > 1: measured by message size where the profile has them, else NCCL's
                ring formula over the card's interconnect)
+               + gemms(T) * (power_cap(gemms(T)) - 1): GEMMs that run back to back for tens of milliseconds slow
+               toward the card's power cap (the profile's power_ramp rows; 1 for short steps)
   head(H)    = gemm(H, vocab / tp, hidden) + all_gather of the logits (as an all-reduce of half their bytes)
                H = G inside a decode graph (the LM head is captured in it), else R
   attention  = L calls of: a step of one-token rows only (N == R): the decode kernel over R rows at their mean
@@ -20,11 +22,13 @@ all shapes per tensor-parallel rank (simulator/model_operators.py says which ope
   gpu        = tokens(T) + (head(H) + sampler(R)) + attention
   host       = step + decode_seq D + prefill_seq P + prefill_token N_prefill + mixed_step [P and D]
                + (eager_step - probe launches) [no graph]                    (the profile's host_step terms)
-               (host_step was fitted as serving steps' durations less their wait for the device, so an eager
-               step's terms include launching the probe model's kernels: taken out when the metadata names the
-               probe's layers, since this model's own launches are in the max below)
-  duration   = host + (gpu + graph_replay(K) - K * spacing)                 in a CUDA graph of K kernels
-               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds)
+               (host_step was fitted as a graph step's duration less its device work, an eager step's less the
+               host's wait after its launches, so an eager step's terms include launching the probe model's
+               kernels: taken out when the metadata names the probe's layers, since this model's own launches
+               are in the max below)
+  duration   = host + (gpu + graph_replay(K) - K * spacing + K * graph_gap)  in a CUDA graph of K kernels
+               (spacing: graph_replay's slope per kernel, which every operator timed in a graph already holds;
+               graph_gap: what the probe's graph steps took on the device beyond this composition, per kernel)
              = host + max(launches, gpu)                                    eagerly: launches overlap the GPU
                launches = launch_torch(torch kernels) + launch_triton(Triton kernels), or launch(all kernels)
                when the profile does not time the launchers apart; kernels counted per layer x L plus those around
@@ -51,7 +55,10 @@ from simulator.model_operators import (
     find_model_operators,
     host_probe_layers,
     kernel_counts,
+    power_cap_factor,
 )
+
+GEMM_PARTS = ("qkv", "o", "gate_up", "down")
 from simulator.model_shape import ModelShape
 from simulator.operator_shapes import BLOCK_SIZE
 from simulator.operator_tables import OperatorProfile, linear, linear_increasing, position
@@ -134,6 +141,11 @@ class ComposedCostModel:
     def _token_parts(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """Seconds per step of each token-proportional operator at these padded token counts."""
         parts = {name: calls * curve.at(tokens) for name, (curve, calls) in self.operators.token_curves.items()}
+        # A step's GEMMs run back to back for as long as they take: past tens of milliseconds the card slows toward
+        # its power cap, which the gemm rows (short bursts) never see (power_ramp rows).
+        if self.operators.power_ramp is not None:
+            gemm = sum(parts[name] for name in GEMM_PARTS if name in parts)
+            parts["power_cap"] = gemm * (power_cap_factor(self.operators.power_ramp, gemm) - 1.0)
         if self.tp > 1:
             message = tokens * (self.shape.hidden_size * activation_bytes(self.dtype))
             parts["all_reduce"] = (2 * self.shape.num_layers + 1) * self._all_reduce(message)

@@ -38,3 +38,45 @@ def _gemm_shapes(run: TableRun, context: ProfileContext, shapes, ms) -> None:
                 run.time("gemm", lambda i: F.linear(x, weights[i % copies]), calls=context.calls(estimate, copies),
                          m=m, n=n, k=k)
             del weights
+
+
+POWER_RAMP_MS = (3.0, 30.0, 100.0, 300.0)
+"""Chains a prefill GEMM runs back to back for, in milliseconds: the card holds its clock for tens of milliseconds
+of full-rate matmuls, then slows toward its power cap (H200, session 12: 1.00x at 30 ms, 1.05-1.09x at 100 ms,
+1.09-1.14x at 300 ms, SM clock 1,980 -> 1,500-1,700 MHz)."""
+POWER_RAMP_PAUSE_S = 0.3
+"""Idle before each chain, so that each starts from a card near its full clock."""
+
+
+def power_ramp_table(run: TableRun, context: ProfileContext) -> None:
+    """The largest prefill GEMMs of the presets (m 2,048) run back to back for each of POWER_RAMP_MS after an idle
+    pause, the whole chain timed with CUDA events: seconds per call against how long the chain ran (width, in
+    microseconds). A step of long compute-bound work pays the card's power cap that the profile's short bursts
+    do not (on the CPU the chains are short and mean nothing)."""
+    import time
+
+    import torch.nn.functional as F
+
+    m = 2048
+    # The MLP's GEMMs of the presets at tp 1, the largest, the middle and the smallest: the power they draw differs.
+    mlp = sorted({dims.linear_shapes(1)[name] for dims in context.models for name in ("gate_up", "down")},
+                 key=lambda shape: shape[0] * shape[1])
+    shapes = list(dict.fromkeys([mlp[-1], mlp[len(mlp) // 2], mlp[0]]))
+    for n, k in shapes:
+        if not run.open():
+            return
+        with run.guard(f"power_ramp n={n} k={k}"):
+            copies = max(2, context.copies(n * k * context.itemsize))
+            weights, x = context.random(copies, n, k), context.random(m, k)
+            calls_per_graph = 10
+            burst = context.timer.seconds(lambda i: F.linear(x, weights[i % copies]), calls=calls_per_graph)[0]
+            chain = context.timer.chain(lambda i: F.linear(x, weights[i % copies]), calls_per_graph)
+            for milliseconds in POWER_RAMP_MS if context.timer.on_cuda else POWER_RAMP_MS[:1]:
+                if not run.open():
+                    return
+                replays = max(1, round(milliseconds / 1e3 / (burst * calls_per_graph)))
+                time.sleep(POWER_RAMP_PAUSE_S if context.timer.on_cuda else 0.0)
+                seconds = chain(replays) / (replays * calls_per_graph)
+                run.add("power_ramp", seconds, 1, graph=context.timer.on_cuda, m=m, n=n, k=k,
+                        width=round(1e6 * seconds * replays * calls_per_graph))
+            del weights

@@ -78,6 +78,9 @@ class ModelOperators:
     graph_gap: dict[str, float]
     """Seconds per kernel a CUDA-graph step's device work holds beyond its operators' times, by kind of graph
     ("decode", "mixed"; fitted on the probe's serving steps), 0 where the profile has no graph_gap rows."""
+    power_ramp: tuple[np.ndarray, np.ndarray] | None
+    """(seconds a prefill GEMM ran back to back, its time per call over that run / over the shortest run): the
+    card's slowdown toward its power cap; None where the profile has no power_ramp rows."""
     all_reduce_measured: Grid | None
     all_reduce_source: str
     """"measured" (the profile's all_reduce rows at this tp), "nccl-ring-formula", or "none" at tp 1."""
@@ -193,12 +196,13 @@ def find_model_operators(profile: OperatorProfile, shape: ModelShape, tp: int, d
     launch = {launcher: find.untyped("launch", "m", variant=launcher if split else None) for launcher in launchers}
     host = _host_terms(find)
     graph_gap = _graph_gaps(find)
+    power_ramp = _power_ramp(find)
     measured, source = _all_reduce(find, tp, interconnect_bandwidth)
     if find.problems:
         raise ValueError(f"operator profile {profile.source} cannot compose {shape.name} tp{tp} {dtype}: "
                          + "; ".join(dict.fromkeys(find.problems)))
     return ModelOperators(token_curves, lm_head, sampler_curve, decode, prefill, graph_replay, launch, host,
-                          graph_gap, measured, source, np.unique(np.concatenate(find.used)))
+                          graph_gap, power_ramp, measured, source, np.unique(np.concatenate(find.used)))
 
 
 def _attention_grids(find: _Finder, heads: int, kv_heads: int, head_dim: int, layers: int):
@@ -264,6 +268,37 @@ def _graph_gaps(find: _Finder) -> dict[str, float]:
             find.used.append(selected)
         gaps[kind] = float(np.mean(columns["seconds"][selected])) if len(selected) else 0.0
     return gaps
+
+
+def _power_ramp(find: _Finder) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per run length (the i-th shortest of every shape's runs), the median over shapes of its time per call over
+    the shortest run's, forced non-decreasing; the run lengths are the shapes' median at that rank."""
+    rows = find.profile.rows_of("power_ramp", variant=None)
+    if not len(rows):
+        return None
+    find.used.append(rows)
+    columns = find.profile.columns
+    runs: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for row in rows:
+        runs.setdefault((columns["n"][row], columns["k"][row]), []).append(
+            (columns["width"][row] / 1e6, columns["seconds"][row]))
+    lengths = min(len(run) for run in runs.values())
+    if lengths < 2:
+        return None
+    ordered = [sorted(run)[:lengths] for run in runs.values()]
+    durations = np.array([np.median([run[i][0] for run in ordered]) for i in range(lengths)])
+    ratios = np.array([np.median([run[i][1] / run[0][1] for run in ordered]) for i in range(lengths)])
+    return durations, np.maximum.accumulate(np.maximum(ratios, 1.0))
+
+
+def power_cap_factor(ramp: tuple[np.ndarray, np.ndarray] | None, seconds) -> np.ndarray:
+    """Time per call of compute-bound work that runs `seconds` back to back, over its time in a short burst: 1 up
+    to the ramp's shortest run, interpolated in log time between its runs, held past the longest."""
+    seconds = np.asarray(seconds, dtype=np.float64)
+    if ramp is None:
+        return np.ones_like(seconds)
+    durations, ratios = ramp
+    return np.interp(np.log(np.maximum(seconds, 1e-9)), np.log(durations), ratios, left=1.0, right=ratios[-1])
 
 
 def _all_reduce(find: _Finder, tp: int, interconnect_bandwidth: float | None) -> tuple[Grid | None, str]:

@@ -12,11 +12,12 @@ timed eagerly.
 
 Tables run in order of importance, each until its share of the time budget is spent (a cut table keeps what
 it has, and the metadata names it): gemm of the presets' linear layers, decode and prefill attention of their
-head layouts, the elementwise operators, graph-replay and launch overheads, the engine's host time per step
+head layouts, the elementwise operators, graph-replay and launch overheads, the slowdown of long matmul runs
+toward the power cap, the engine's host time per step and its graph steps' device time beyond the composition
 (the real engine serving a Poisson load on a probe model no profile is validated on), all-reduce where several
 GPUs are lent, then a general gemm grid for unseen sizes. On the CPU, --quick runs tiny grids end to end.
 This module runs them and writes the file; the shapes are operator_shapes.py's, the timing operator_timing.py's,
-the tables gemm_profile, attention_profile, elementwise_profile, overhead_profile, host_step_profile and
+the tables gemm_profile (power_ramp too), attention_profile, elementwise_profile, overhead_profile, host_step_profile and
 all_reduce_profile.
 
     twinfer profile --operators --out FILE.parquet [--max-seconds 420] [--quick] [--tables gemm,...]
@@ -40,7 +41,7 @@ from simulator.host_step_profile import host_step_table
 from simulator.attention_profile import decode_attention_table, prefill_attention_table
 from simulator.elementwise_profile import (embedding_table, kv_store_table, rms_norm_table, rotary_table, sampler_table,
                                            silu_and_mul_table)
-from simulator.gemm_profile import gemm_table, general_gemm_table
+from simulator.gemm_profile import gemm_table, general_gemm_table, power_ramp_table
 from simulator.operator_profile_schema import FORMAT, OPERATOR_PROFILE_SCHEMA, VERSION
 from simulator.operator_shapes import BLOCK_SIZE, FULL_GRID, OperatorGrid, quick_grid, supported_models
 from simulator.overhead_profile import graph_replay_table, launch_table
@@ -63,7 +64,8 @@ TABLES = (
     ("sampler", 0.02, sampler_table),
     ("graph_replay", 0.01, graph_replay_table),
     ("launch", 0.01, launch_table),
-    ("host_step", 0.21, host_step_table),
+    ("power_ramp", 0.02, power_ramp_table),
+    ("host_step", 0.19, host_step_table),
     ("all_reduce", 0.04, all_reduce_table),
     ("gemm_general", 0.08, general_gemm_table),
 )

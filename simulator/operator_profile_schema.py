@@ -27,6 +27,9 @@ Operators (the columns each one sets):
                       profile's metadata names them; never a model the profile is validated on): seconds is
                       the fitted coefficient of `variant` (step, decode_seq, prefill_seq, prefill_token,
                       mixed_step, eager_step)
+  power_ramp          m, n, k (a prefill GEMM), width (microseconds it ran back to back, after an idle pause):
+                      seconds per call over that chain; the card slows toward its power cap after tens of
+                      milliseconds of full-rate matmuls, where the gemm rows' short bursts do not
   graph_gap           variant "decode" or "mixed" (kind of CUDA graph), m (the probe's kernels in that graph):
                       seconds per kernel that the probe's graph steps took on the device (CUDA events) beyond
                       what the composition of this profile gives them, fitted with host_step
@@ -54,6 +57,7 @@ OPERATORS = (
     "launch",
     "host_step",
     "graph_gap",
+    "power_ramp",
 )
 
 OPERATOR_PROFILE_SCHEMA = pa.schema(

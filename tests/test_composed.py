@@ -19,7 +19,7 @@ from engine.stats import BatchFeatures
 from simulator.composed import ComposedCostModel
 from simulator.executor import DECODE_GRAPHS_ONLY, CostModelExecutor
 from simulator.host_step_profile import fit_graph_gaps
-from simulator.model_operators import kernel_counts
+from simulator.model_operators import kernel_counts, power_cap_factor
 from simulator.model_shape import ModelShape
 from simulator.operator_tables import Grid, OperatorProfile, choose_shape, grid_of
 from simulator.operator_timing import operator_row
@@ -349,15 +349,18 @@ def test_a_slow_sample_is_averaged_into_its_line_not_carried_to_every_larger_sha
     np.testing.assert_array_equal(non_decreasing(monotone, np.ones(4)), monotone)
 
 
-def _with_graph_gaps(source: Path, target: Path, gaps: dict[str, float]) -> Path:
-    """source's profile with graph_gap rows added (seconds per kernel by kind of graph)."""
+def _with_rows(source: Path, target: Path, rows: list[dict]) -> Path:
     table = pq.read_table(source)
-    rows = [operator_row("graph_gap", seconds, 100, variant=kind, graph=True, dtype="bfloat16", m=300)
-            for kind, seconds in gaps.items()]
     extra = pa.Table.from_pylist(rows, schema=table.schema.remove_metadata())
     pq.write_table(pa.concat_tables([table.replace_schema_metadata(None), extra])
                    .replace_schema_metadata(table.schema.metadata), target)
     return target
+
+
+def _with_graph_gaps(source: Path, target: Path, gaps: dict[str, float]) -> Path:
+    """source's profile with graph_gap rows added (seconds per kernel by kind of graph)."""
+    return _with_rows(source, target, [operator_row("graph_gap", seconds, 100, variant=kind, graph=True,
+                                                    dtype="bfloat16", m=300) for kind, seconds in gaps.items()])
 
 
 def test_graph_gaps_lengthen_graph_steps_by_their_kernels(tmp_path, qwen3_8b):
@@ -394,3 +397,27 @@ def test_graph_gaps_are_fitted_per_kernel_on_the_probes_device_time(tmp_path):
     gaps, report = fit_graph_gaps(steps, profile, "qwen3-8b", 4096)
     assert gaps["decode"][0] == pytest.approx(0.7e-6, rel=1e-6) and gaps["mixed"][0] == pytest.approx(0.3e-6, rel=1e-6)
     assert report["decode"]["steps"] + report["mixed"]["steps"] == sum(1 for step in steps if step["cuda_graph_batch_size"])
+
+
+def test_long_compute_bound_steps_pay_the_power_cap_that_short_ones_do_not(tmp_path, qwen3_8b):
+    """With power_ramp rows (a GEMM 1.00x its burst time after 3 and 30 ms back to back, 1.08x after 100 ms, 1.12x
+    after 300 ms) a step's GEMMs are lengthened by the factor of their own duration: a decode step's few
+    milliseconds not at all, a prefill of 16k tokens (about 140 ms of GEMMs here) by 8-12%."""
+    source = synthetic_operator_profile(tmp_path / "plain.parquet")
+    ramp = [operator_row("power_ramp", seconds, 1, variant="", graph=True, dtype="bfloat16", m=2048, n=n, k=4096,
+                         width=width)
+            for n in (12288, 24576) for width, seconds in ((3000, 1e-4), (30000, 1e-4), (100000, 1.08e-4),
+                                                           (300000, 1.12e-4))]
+    ramped = ComposedCostModel(ModelShape.load("qwen3-8b"), OperatorProfile.read(
+        _with_rows(source, tmp_path / "ramped.parquet", ramp)))
+    assert ramped.predict(decode(64, 1000), 64) == qwen3_8b.predict(decode(64, 1000), 64)
+    long = prefill(16384)
+    parts = qwen3_8b.step_breakdown(long, 0)
+    gemm = sum(parts[name] for name in ("qkv", "o", "gate_up", "down"))
+    assert 0.1 < gemm < 0.3
+    added = ramped.predict(long, 0) - qwen3_8b.predict(long, 0)
+    assert 0.08 * gemm < added < 0.12 * gemm
+    assert ramped.step_breakdown(long, 0)["power_cap"] == pytest.approx(added)
+    # The factor is 1 up to the shortest run, grows in log time, holds past the longest.
+    factor = power_cap_factor(ramped.operators.power_ramp, [1e-3, 0.03, 0.1, 0.3, 3.0])
+    assert factor.tolist() == pytest.approx([1.0, 1.0, 1.08, 1.12, 1.12])
