@@ -250,9 +250,14 @@ def read_operator_profile(path) -> pa.Table:
     return table
 
 
+TABLE_METADATA = {"host_step": "host_step", "all_reduce": "all_reduce"}
+"""Metadata keys that give a table's own account (the host fit's report and its probe; how all-reduce was timed)."""
+
+
 def replace_tables(base: pa.Table, update: pa.Table, *, base_name: str = "base", update_name: str = "update") -> pa.Table:
     """The base profile with every operator the update holds re-measured: the base's rows of those operators
-    dropped, the update's appended; the metadata stays the base's, with "remeasured" naming each replaced table's
+    dropped, the update's appended; the metadata stays the base's but for the replaced tables' own accounts
+    (TABLE_METADATA), with "remeasured" naming each replaced table's
     date and command. Both must come from the same kind of GPU and dtype."""
     meta = {key.decode(): value.decode() for key, value in (base.schema.metadata or {}).items()}
     new = {key.decode(): value.decode() for key, value in (update.schema.metadata or {}).items()}
@@ -269,6 +274,10 @@ def replace_tables(base: pa.Table, update: pa.Table, *, base_name: str = "base",
     remeasured.update({op: {"date": new.get("date"), "command": new.get("command"), "gpu_name": new.get("gpu_name")}
                        for op in ops})
     meta["remeasured"] = json.dumps(remeasured)
+    # A table's account in the metadata follows its rows.
+    for op, key in TABLE_METADATA.items():
+        if op in ops and key in new:
+            meta[key] = new[key]
     tables, updated_tables = json.loads(meta.get("tables", "{}")), json.loads(new.get("tables", "{}"))
     meta["tables"] = json.dumps({**tables, **{op: updated_tables[op] for op in ops if op in updated_tables}})
     return rows.replace_schema_metadata(meta)

@@ -119,6 +119,14 @@ def test_re_measured_tables_replace_their_rows_and_are_named(quick_profile, tmp_
     assert merged.num_rows == len(columns["op"])
     remeasured = json.loads(dict(merged.schema.metadata)[b"remeasured"])
     assert list(remeasured) == ["rms_norm"] and remeasured["rms_norm"]["date"] == "2026-12-03T13:07:37+00:00"
+    assert dict(merged.schema.metadata)[b"host_step"].decode() == metadata["host_step"]
+    # A re-measured host-step table brings its own report (fit, probe) with it; the others keep the base's.
+    host = [dict(row, seconds=row["seconds"] * 2) for row in _rows(columns, op="host_step")]
+    profiler.write_operator_profile(host, {**metadata, "host_step": '{"probe": "other", "probe_layers": 3}'},
+                                    update_path)
+    merged = profiler.update_operator_profile(out, update_path, out)
+    assert json.loads(dict(merged.schema.metadata)[b"host_step"]) == {"probe": "other", "probe_layers": 3}
+    assert set(json.loads(dict(merged.schema.metadata)[b"remeasured"])) == {"rms_norm", "host_step"}
     profiler.write_operator_profile(norms, {**metadata, "dtype": "float16"}, update_path)
     with pytest.raises(ValueError, match="dtype"):
         profiler.update_operator_profile(base_path, update_path, out)
