@@ -12,33 +12,22 @@ against a short burst's, per T, with the SM clock read after the chain.
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from decode_gap import sm_clock_mhz  # noqa: E402
+from simulator.operator_timing import OperatorTimer  # noqa: E402
+
 # (m, n, k): gate_up at 2,048 prompt tokens of Qwen3-0.6B, Qwen3-8B, Qwen3-32B; Qwen3-32B's down.
 SHAPES = [(2048, 6144, 1024), (2048, 24576, 4096), (2048, 51200, 5120), (2048, 5120, 25600)]
 CHAIN_MS = (1, 3, 10, 30, 100, 300)
 PAUSE_S = 0.3
-
-
-def sm_clock_mhz() -> int | None:
-    try:
-        return int(torch.cuda.clock_rate())
-    except Exception:  # noqa: BLE001 - NVML may be missing: the clock is a side reading
-        return None
-
-
-def chain_seconds(replay, replays: int) -> float:
-    """Event-timed seconds of `replays` graph replays back to back."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def measure(shape, calls_per_graph: int = 10) -> list[dict]:
@@ -47,21 +36,17 @@ def measure(shape, calls_per_graph: int = 10) -> list[dict]:
     weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(4)]
     torch.nn.functional.linear(a, weights[0])
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for index in range(calls_per_graph):
-            torch.nn.functional.linear(a, weights[index % len(weights)])
-    graph.replay()
-    torch.cuda.synchronize()
+    chain = OperatorTimer(on_cuda=True).chain(lambda i: torch.nn.functional.linear(a, weights[i % len(weights)]),
+                                              calls_per_graph)
     time.sleep(PAUSE_S)
-    burst = statistics.median(chain_seconds(graph.replay, 1) for _ in range(5)) / calls_per_graph
+    burst = statistics.median(chain(1) for _ in range(5)) / calls_per_graph
     rows = []
     for chain_ms in CHAIN_MS:
         replays = max(1, round(chain_ms / 1e3 / (burst * calls_per_graph)))
         samples, clocks = [], []
         for _ in range(3):
             time.sleep(PAUSE_S)
-            samples.append(chain_seconds(graph.replay, replays) / (replays * calls_per_graph))
+            samples.append(chain(replays) / (replays * calls_per_graph))
             clocks.append(sm_clock_mhz())
         per_call = statistics.median(samples)
         rows.append({"m": m, "n": n, "k": k, "chain_ms": 1e3 * per_call * replays * calls_per_graph,

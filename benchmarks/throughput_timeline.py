@@ -16,22 +16,18 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from twinfer.throughput_benchmark import make_workload
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_gap import kernel_class  # noqa: E402
+from twinfer.throughput_benchmark import make_workload  # noqa: E402
 
 WINDOW_STEPS = 24
 WINDOW_STARTS = (150, 450, 800)
 """Decode-step indexes (counted from the run's first step) where a profiled window opens."""
-
-
-def kernel_class(name: str) -> str:
-    lowered = name.lower()
-    if "decode_partition" in lowered or "decode_reduce" in lowered or "attention" in lowered:
-        return "attention"
-    if any(key in lowered for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")):
-        return "gemm"
-    return "other"
 
 
 def summarize(kernels: list[tuple[float, float, str]], wall: float, steps: int) -> dict:
