@@ -365,3 +365,21 @@ def test_triton_variants_run_under_the_interpreter():
     assert {("decode_attention", ""), ("decode_attention", "exact_table"), ("decode_attention", "work_map"),
             ("prefill_attention", ""), ("prefill_attention", "tile_map"), ("kv_store", ""), ("rms_norm", ""),
             ("rotary", "qk_norm"), ("silu_and_mul", ""), ("sampler", "random")} <= variants
+
+
+def test_the_profile_so_far_holds_the_bases_other_tables_and_this_runs(quick_profile):
+    """What the host-step table composes its probe from in an --update run: the base profile's rows of the tables
+    this run does not time, and this run's rows in their place."""
+    columns, metadata, _ = quick_profile
+    base = pa.Table.from_pydict(columns, schema=profiler.OPERATOR_PROFILE_SCHEMA.with_metadata(metadata))
+    context = ProfileContext(torch.device("cpu"), torch.float32, FULL_GRID, OperatorTimer(False), Ceilings(1, 1, 0),
+                             None, ())
+    context.base_table = base
+    context.measured_rows += [dict(row, seconds=1.0) for row in _rows(columns, op="rms_norm")]
+    host = [operator_row("host_step", 2.0, 1, variant="step", graph=False, dtype="float32", tp=1)]
+    profile = context.profile_so_far(host)
+    ops = profile.columns["op"]
+    assert (profile.columns["seconds"][ops == "rms_norm"] == 1.0).all()
+    assert (ops == "rms_norm").sum() == len(_rows(columns, op="rms_norm"))
+    assert profile.columns["seconds"][ops == "host_step"].tolist() == [2.0]
+    assert (ops == "gemm").sum() == len(_rows(columns, op="gemm"))
