@@ -8,9 +8,10 @@ bundled profile), the real run's KV block count and engine options, and `twinfer
     python benchmarks/composed_validation.py --runs DIR [--kind composed|calibrated] [--json OUT]
     python benchmarks/composed_validation.py --print-load MODEL CASE      (gpu_replays.sh's trace options)
 
-The reference runs of today's engine are session 11's, 20 s of arrivals each: unpack
-benchmarks/data/h200/session11/runs/*.tgz (each holds runs-CASE/real-MODEL-CASE), gather the real-* folders in
-one DIR and pass --duration 20. Session 8's runs (benchmarks/data/h200/composed/runs, 40 s) ran an engine
+The reference runs of today's engine are session 12's, 20 s of arrivals each, replayed on the machine start that
+timed the bundled profile's power_ramp, host_step and graph_gap tables: unpack
+benchmarks/data/h200/session12/runs-call4.tgz (runs-s12/real-MODEL-CASE) and pass --runs runs-s12 --duration 20.
+Session 11's (benchmarks/data/h200/session11/runs/*.tgz, another machine start) give the cross-machine figures. Session 8's runs (benchmarks/data/h200/composed/runs, 40 s) ran an engine
 without its fused norms, rotary and SwiGLU gate (BENCHMARKS.md, issue 15, session 11): a record, not a reference.
 """
 
