@@ -38,7 +38,6 @@ def main() -> None:
         finally:
             _release_executor(executor)
     frame = pd.DataFrame(steps)
-    frame.attrs = {"probe": args.probe, "layers": layers, "max_model_len": config.max_model_len}
     frame["probe"], frame["max_model_len"] = args.probe, config.max_model_len
     frame.to_parquet(args.out)
     print(f"{len(frame)} steps of {args.probe} ({layers} layers) to {args.out}; columns {list(frame.columns)}")

@@ -239,15 +239,21 @@ def decode_graph_at_width(graph: Grid, exact: Grid, profiled_width: int, width: 
     return Grid(graph.axes, np.maximum.accumulate(np.maximum.accumulate(seconds, axis=0), axis=1))
 
 
-def _host_terms(find: _Finder) -> dict[str, float]:
-    rows = find.rows("host_step", variant=None, typed=False)
+def _variant_means(find: _Finder, rows: np.ndarray, variants) -> dict[str, float]:
+    """Mean seconds of these rows per variant, for the variants that have rows (those rows marked used)."""
     columns = find.profile.columns
-    terms = {}
-    for term in HOST_TERMS:
-        selected = rows[columns["variant"][rows] == term]
+    means = {}
+    for variant in variants:
+        selected = rows[columns["variant"][rows] == variant]
         if len(selected):
             find.used.append(selected)
-            terms[term] = float(np.mean(columns["seconds"][selected]))
+            means[variant] = float(np.mean(columns["seconds"][selected]))
+    return means
+
+
+def _host_terms(find: _Finder) -> dict[str, float]:
+    rows = find.rows("host_step", variant=None, typed=False)
+    terms = _variant_means(find, rows, HOST_TERMS)
     # The profiler leaves out a term no serving step exercised: it adds nothing then. The per-step base must be there.
     if len(rows) and "step" not in terms:
         find.problems.append("no host_step row of variant 'step'")
@@ -259,15 +265,8 @@ GRAPH_KINDS = ("decode", "mixed")
 
 def _graph_gaps(find: _Finder) -> dict[str, float]:
     """graph_gap rows by kind of graph (a profile without them: none, as profiles before session 12)."""
-    rows = find.profile.rows_of("graph_gap", variant=None)
-    columns = find.profile.columns
-    gaps = {}
-    for kind in GRAPH_KINDS:
-        selected = rows[columns["variant"][rows] == kind]
-        if len(selected):
-            find.used.append(selected)
-        gaps[kind] = float(np.mean(columns["seconds"][selected])) if len(selected) else 0.0
-    return gaps
+    gaps = _variant_means(find, find.profile.rows_of("graph_gap", variant=None), GRAPH_KINDS)
+    return {kind: gaps.get(kind, 0.0) for kind in GRAPH_KINDS}
 
 
 def _power_ramp(find: _Finder) -> tuple[np.ndarray, np.ndarray] | None:

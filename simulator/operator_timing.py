@@ -105,21 +105,10 @@ class OperatorTimer:
                 return time.perf_counter() - start
 
             return run_eagerly
-        import torch
-
         replay = self.capture(call, calls)
         replay()
-
-        def run_replays(replays: int) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-
-        return run_replays
+        # One event-timed sample of `replays` replays back to back.
+        return lambda replays: median_event_seconds(replay, 1, replays, warm=False) * replays
 
     @staticmethod
     def capture(call, calls: int):
